@@ -108,23 +108,23 @@ def validate_prompt(prompt: Any, node_classes: Mapping[str, type],
     if not outputs:
         return _refused(prompt_error("prompt_no_outputs", "Prompt has no outputs"), prompt)
 
-    ancestors = {output: _ancestors(prompt, output) for output in outputs}
+    upstream = {output: ancestors(prompt, output) for output in outputs}
     own_errors: dict[str, list[dict]] = {}
-    for node_id in set().union(*ancestors.values()):
+    for node_id in set().union(*upstream.values()):
         errors = _node_errors(prompt, node_id, node_classes)
         if errors:
             own_errors[node_id] = errors
-    for node_id in _nodes_on_cycles(prompt, set().union(*ancestors.values())):
+    for node_id in _nodes_on_cycles(prompt, set().union(*upstream.values())):
         own_errors.setdefault(node_id, []).append({
             "type": "dependency_cycle", "message": "Node is part of a dependency cycle",
             "details": f"Node ID '#{node_id}' depends on its own output", "extra_info": {}})
 
     node_errors = {
         node_id: {"errors": errors, "class_type": prompt[node_id]["class_type"],
-                  "dependent_outputs": [o for o in outputs if node_id in ancestors[o]]}
+                  "dependent_outputs": [o for o in outputs if node_id in upstream[o]]}
         for node_id, errors in own_errors.items()
     }
-    valid = [o for o in outputs if not ancestors[o] & own_errors.keys()]
+    valid = [o for o in outputs if not upstream[o] & own_errors.keys()]
     if not valid:
         details = "\n".join(f"{prompt[n]['class_type']} {n}: {e['message']} ({e['details']})"
                             for n, entry in node_errors.items() for e in entry["errors"])
@@ -142,7 +142,7 @@ def _links(node: dict) -> list[tuple[str, list]]:
     return [(name, value) for name, value in node["inputs"].items() if is_link(value)]
 
 
-def _ancestors(prompt: dict, output: str) -> set[str]:
+def ancestors(prompt: dict, output: str) -> set[str]:
     """``output`` and every node it reaches through links, lazy ones included."""
     seen, todo = {output}, [output]
     while todo:

@@ -1,0 +1,73 @@
+"""The headless command line: python -m web run."""
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from web.builtin_nodes import read_png_metadata
+from web.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_BASICS = os.path.join(ROOT, "workflows", "image_basics.json")
+
+
+def output_paths(stdout):
+    return [line.removeprefix("output: ") for line in stdout.splitlines() if line.startswith("output: ")]
+
+
+def test_image_basics_runs_as_the_readme_says(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "web", "run", IMAGE_BASICS, "--data-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [path] = output_paths(done.stdout)
+    assert path == str(tmp_path / "output" / "image_basics_00001_.png")
+    with Image.open(path) as image:
+        assert image.size == (256, 192)  # 512x384 scaled to width 256, aspect kept
+        assert image.getpixel((10, 10)) == (255 - 0x2A, 255 - 0x6F, 255 - 0x97)  # the inverted canvas colour
+    metadata = read_png_metadata(path)
+    assert metadata["workflow"] == json.load(open(IMAGE_BASICS))
+    assert metadata["prompt"]["1"]["inputs"] == {"width": 512, "height": 384, "batch_size": 1, "color": 0x2A6F97}
+
+
+def test_set_by_title_and_by_id(tmp_path, capsys):
+    code = main(["run", IMAGE_BASICS, "--data-dir", str(tmp_path), "--set", "Canvas.width=1024",
+                 "--set", "4.filename_prefix=night/sky", "--set", "Canvas.color=16711680"])
+    assert code == 0
+    [path] = output_paths(capsys.readouterr().out)
+    assert path == str(tmp_path / "output" / "night" / "sky_00001_.png")
+    with Image.open(path) as image:
+        assert image.size == (256, 96) and image.getpixel((0, 0)) == (0, 255, 255)
+
+
+def test_output_dir(tmp_path, capsys):
+    assert main(["run", IMAGE_BASICS, "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")]) == 0
+    assert output_paths(capsys.readouterr().out) == [str(tmp_path / "out" / "image_basics_00001_.png")]
+
+
+def test_invalid_workflow_exits_non_zero_with_readable_node_errors(tmp_path, capsys):
+    code = main(["run", IMAGE_BASICS, "--data-dir", str(tmp_path), "--set", "Canvas.width=0",
+                 "--set", "3.upscale_method=sideways"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: Prompt outputs failed validation" in err
+    assert "node 1 (EmptyImage, 'Canvas'): Value 0 smaller than min of 1: width" in err
+    assert "node 3 (ImageScale, 'ImageScale'): Value not in list: upscale_method: 'sideways' not in" in err
+
+
+def test_api_format_file(tmp_path, capsys):
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 0}},
+              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "api"}}}
+    path = tmp_path / "prompt.json"
+    path.write_text(json.dumps(prompt))
+    assert main(["run", str(path), "--data-dir", str(tmp_path)]) == 0
+    assert [os.path.basename(p) for p in output_paths(capsys.readouterr().out)] == ["api_00001_.png", "api_00002_.png"]
+
+
+def test_unknown_set_target_is_a_usage_error(tmp_path, capsys):
+    assert main(["run", IMAGE_BASICS, "--data-dir", str(tmp_path), "--set", "Nowhere.width=3"]) == 2
+    assert "no node has the id or title 'Nowhere'" in capsys.readouterr().err
+    assert main(["run", IMAGE_BASICS, "--data-dir", str(tmp_path), "--set", "Canvas.depth=3"]) == 2
+    assert "EmptyImage has no input 'depth'" in capsys.readouterr().err

@@ -1,0 +1,203 @@
+"""Atelier's command line.
+
+    python -m web run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--output-dir D] [--data-dir D]
+
+``run`` executes a workflow file headlessly, in the API format or in the editor's UI format. It shows a
+progress bar per node and per step on stderr and prints one ``output: PATH`` line on stdout for each file it
+saved. A workflow that fails validation exits with 1 and lists the errors per node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import uuid
+from typing import Any
+
+from tqdm import tqdm
+
+from nodes.common.paths import confine
+
+from .executor import Executor
+from .folders import DataFolders
+from .node_info import input_specs
+from .registry import node_classes
+from .validation import ancestors
+from .workflow import WorkflowError, is_ui_workflow, ui_to_api
+
+logger = logging.getLogger(__name__)
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m web", description="Atelier: run workflows headlessly.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a workflow file (API or UI format) and save its outputs")
+    run.add_argument("workflow", help="path of the workflow .json file")
+    run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                     help="override an input; NODE is a node id or title, VALUE is JSON or plain text")
+    run.add_argument("--output-dir", help="where saved images go (default: DATA_DIR/output)")
+    run.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/ and user/")
+    run.add_argument("--verbose", action="store_true", help="log engine details")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return run_workflow(args)
+
+
+def say(line: str) -> None:
+    """Write one result line on stdout without breaking the progress bars on stderr."""
+    tqdm.write(line, file=sys.stdout)
+
+
+def run_workflow(args: argparse.Namespace) -> int:
+    folders = DataFolders.under(args.data_dir, args.output_dir)
+    classes = node_classes(folders)
+    try:
+        prompt, extra_data = load_workflow(args.workflow, classes)
+        for assignment in args.set:
+            apply_override(prompt, assignment, classes)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+    executor = Executor(classes)
+    checked = executor.validate(prompt)
+    if checked.node_errors or checked.error:
+        print(format_errors(checked.error, checked.node_errors, checked.prompt), file=sys.stderr)
+    if not checked.ok:
+        return EXIT_FAILED
+
+    needed = set().union(*(ancestors(checked.prompt, output) for output in checked.outputs))
+    progress = _Progress(len(needed), checked.prompt, folders)
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("result", executor.execute(
+        checked.prompt, uuid.uuid4().hex, checked.outputs, progress.on_event, extra_data)))
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        executor.interrupt()
+        worker.join()
+    finally:
+        progress.close()
+    result = outcome["result"]
+    if result.status == "interrupted":
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0 if result.status == "success" else EXIT_FAILED
+
+
+def load_workflow(path: str, classes: dict[str, type]) -> tuple[dict, dict]:
+    """Read a workflow file as an API prompt, plus the ``extra_data`` that saved images embed."""
+    with open(path, encoding="utf-8") as file:
+        try:
+            data = json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if is_ui_workflow(data):
+        try:
+            return ui_to_api(data, classes), {"extra_pnginfo": {"workflow": data}}
+        except WorkflowError as error:
+            raise ValueError(f"{path}: {error}") from error
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict):  # the body of a POST /prompt
+        data = data["prompt"]
+    return data, {}
+
+
+def apply_override(prompt: dict, assignment: str, classes: dict[str, type]) -> None:
+    """Apply one ``NODE.INPUT=VALUE``, where NODE is a node id or a node title.
+
+    Example:
+        >>> prompt = {"4": {"class_type": "EmptyImage", "inputs": {"width": 64}, "_meta": {"title": "Canvas"}}}
+        >>> from web.builtin_nodes import EmptyImage
+        >>> apply_override(prompt, "Canvas.width=128", {"EmptyImage": EmptyImage})
+        >>> prompt["4"]["inputs"]["width"]
+        128
+    """
+    target, equals, text = assignment.partition("=")
+    node, dot, name = target.rpartition(".")
+    if not equals or not dot or not node or not name:
+        raise ValueError(f"--set takes NODE.INPUT=VALUE; got {assignment!r}")
+    if node in prompt:
+        node_id = node
+    else:
+        matches = [i for i, n in prompt.items() if n.get("_meta", {}).get("title") == node]
+        if len(matches) != 1:
+            known = ", ".join(f"{i} ({n.get('_meta', {}).get('title', n['class_type'])})" for i, n in prompt.items())
+            reason = "no node" if not matches else f"{len(matches)} nodes ({', '.join(matches)})"
+            raise ValueError(f"--set {assignment!r}: {reason} has the id or title {node!r}; nodes: {known}")
+        node_id = matches[0]
+    class_type = prompt[node_id]["class_type"]
+    if class_type not in classes:
+        raise ValueError(f"--set {assignment!r}: node {node_id} has the unknown type {class_type!r}")
+    names = [spec.name for spec in input_specs(classes[class_type]) if spec.section != "hidden"]
+    if name not in names:
+        raise ValueError(f"--set {assignment!r}: {class_type} has no input {name!r}; it has {names}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    prompt[node_id]["inputs"][name] = value
+
+
+def format_errors(error: dict | None, node_errors: dict, prompt: dict) -> str:
+    """The validation result as readable lines, one per node error."""
+    lines = [f"error: {error['message']}"] if error else []
+    if error and not node_errors and error.get("details"):
+        lines.append(f"  {error['details']}")
+    for node_id, entry in node_errors.items():
+        title = prompt.get(node_id, {}).get("_meta", {}).get("title")
+        label = f"node {node_id} ({entry['class_type']}{', ' + repr(title) if title else ''})"
+        for item in entry["errors"]:
+            lines.append(f"  {label}: {item['message']}: {item['details']}")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """Two bars on stderr, nodes done and the running node's steps, plus the ``output:`` lines on stdout."""
+
+    def __init__(self, total_nodes: int, prompt: dict, folders: DataFolders):
+        self.prompt = prompt
+        self.folders = folders
+        self.nodes = tqdm(total=total_nodes, desc="nodes", unit="node", position=0, file=sys.stderr)
+        self.steps: tqdm | None = None
+
+    def on_event(self, event: str, data: dict) -> None:
+        if event == "execution_cached":
+            self.nodes.update(len(data["nodes"]))
+        elif event == "executing":
+            self._close_steps()
+            self.nodes.set_postfix_str(f"{data['node']} {self.prompt[data['node']]['class_type']}")
+            self.nodes.update(1)
+        elif event == "progress":
+            if self.steps is None:
+                self.steps = tqdm(total=data["max"], desc="steps", unit="step", position=1, leave=False,
+                                  file=sys.stderr)
+            self.steps.total = data["max"]
+            self.steps.n = data["value"]
+            self.steps.refresh()
+        elif event == "executed":
+            for image in (data["output"] or {}).get("images", []):
+                if image.get("type") == "output":
+                    say(f"output: {confine(self.folders.output, os.path.join(image['subfolder'], image['filename']))}")
+        elif event == "execution_error":
+            self._close_steps()
+            message = f"error in node {data['node_id']} ({data['node_type']}): {data['exception_type']}: " \
+                        f"{data['exception_message']}"
+            tqdm.write(message, file=sys.stderr)
+
+    def _close_steps(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None
+
+    def close(self) -> None:
+        self._close_steps()
+        self.nodes.close()

@@ -1,6 +1,10 @@
 """Atelier's command line.
 
+    python -m web [serve] [--port 8188] [--listen ADDR] [--data-dir D] [--models-dir M] [--open]
     python -m web run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--output-dir D] [--data-dir D]
+
+``serve`` (also a bare ``python -m web``) starts the editor's server and prints its URL. Bound to 127.0.0.1 it
+needs no token; with ``--listen`` beyond loopback it makes a per-launch token and prints a URL that carries it.
 
 ``run`` executes a workflow file headlessly, in the API format or in the editor's UI format. It shows a
 progress bar per node and per step on stderr and prints one ``output: PATH`` line on stdout for each file it
@@ -13,11 +17,14 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
 import uuid
+import webbrowser
 from typing import Any
 
+from aiohttp import web
 from tqdm import tqdm
 
 from nodes.common.paths import confine
@@ -26,17 +33,37 @@ from .executor import Executor
 from .folders import DataFolders
 from .node_info import input_specs
 from .registry import node_classes
+from .security import LOOPBACK_HOSTS, is_loopback
+from .server import create_app
+from .server_state import ServerConfig
 from .validation import ancestors
 from .workflow import WorkflowError, is_ui_workflow, ui_to_api
 
 logger = logging.getLogger(__name__)
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+DEFAULT_PORT = 8188  # ComfyUI's, so existing ComfyUI clients and scripts find us
+WILDCARD_ADDRESSES = ("0.0.0.0", "::")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m web", description="Atelier: run workflows headlessly.")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["serve", *argv]  # a bare `python -m web` starts the editor
+    parser = argparse.ArgumentParser(prog="python -m web", description="Atelier: the editor's server, or "
+                                     "workflows run headlessly.")
     commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the editor's server (the default)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    serve.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
+                       help="address to listen on; beyond loopback every request needs the printed token")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="another host name browsers may use to reach the server (repeatable)")
+    serve.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/ and user/")
+    serve.add_argument("--models-dir", default="models", help="folder laid out like ComfyUI's models/")
+    serve.add_argument("--max-upload-mb", type=int, default=100, help="largest upload accepted, in MB")
+    serve.add_argument("--open", action="store_true", help="open the editor in the default browser")
+    serve.add_argument("--verbose", action="store_true", help="log engine and server details")
     run = commands.add_parser("run", help="run a workflow file (API or UI format) and save its outputs")
     run.add_argument("workflow", help="path of the workflow .json file")
     run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
@@ -47,12 +74,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return run_workflow(args)
+    return serve_editor(args) if args.command == "serve" else run_workflow(args)
 
 
 def say(line: str) -> None:
     """Write one result line on stdout without breaking the progress bars on stderr."""
     tqdm.write(line, file=sys.stdout)
+
+
+def serve_editor(args: argparse.Namespace) -> int:
+    loopback = is_loopback(args.listen)
+    token = None if loopback else secrets.token_urlsafe(24)
+    allowed = set(LOOPBACK_HOSTS) | set(args.allow_host)
+    if args.listen not in WILDCARD_ADDRESSES:
+        allowed.add(args.listen)
+    config = ServerConfig(folders=DataFolders.under(args.data_dir), models_dir=os.path.realpath(args.models_dir),
+                          allowed_hosts=frozenset(allowed), token=token, max_upload_bytes=args.max_upload_mb << 20)
+    shown_host = "127.0.0.1" if loopback or args.listen in WILDCARD_ADDRESSES else args.listen
+    url = f"http://{shown_host}:{args.port}/" + (f"?token={token}" if token else "")
+    app = create_app(config)
+
+    async def announce(_app) -> None:
+        say(f"Atelier is running: open {url}")
+        if token and args.listen in WILDCARD_ADDRESSES:
+            say("Listening on every interface: start with --allow-host NAME for each host name or address "
+                "that browsers use to reach this machine.")
+        if args.open:
+            webbrowser.open(url)
+
+    app.on_startup.append(announce)
+    web.run_app(app, host=args.listen, port=args.port, print=None)
+    return 0
 
 
 def run_workflow(args: argparse.Namespace) -> int:

@@ -1,0 +1,436 @@
+"""The server's file routes: images (view, upload), the user's files and settings, models, example workflows.
+
+Every name that comes from a request goes through :func:`nodes.common.paths.confine`, so ``..``, absolute
+paths, URL-encoded traversal and symlinks that point out of a folder are all refused. Every write is atomic.
+Responses never carry absolute server paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import mimetypes
+import os
+from typing import Any
+
+from aiohttp import web
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from nodes.common.paths import PathOutsideFolderError, atomic_write, confine
+
+from .server_state import CONFIG, STATE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS_DIR = os.path.join(ROOT, "workflows")
+TEMPLATE_MODULE = "atelier"
+USER = "default"  # single-user mode: ComfyUI's default user folder
+SETTINGS_FILE = "comfy.settings.json"
+VIEW_PREVIEW_MAX_SIZE = 1024  # a re-encoded ?preview= image is for a node's thumbnail, not for saving
+SCRIPT_TYPES = ("text/html", "text/javascript", "application/javascript", "text/css")  # never served as such
+# An offline tool does not ask api.comfy.org for release notes unless the user turns it back on.
+DEFAULT_SETTINGS = {"Comfy.Notification.ShowVersionUpdates": False}
+
+routes = web.RouteTableDef()
+
+
+def _refuse_path(error: Exception) -> web.Response:
+    return web.json_response({"error": str(error)}, status=403)
+
+
+def _not_found(what: str) -> web.Response:
+    return web.json_response({"error": f"{what} not found"}, status=404)
+
+
+async def _in_thread(request: web.Request, function, *args):
+    return await request.app[STATE].loop.run_in_executor(None, function, *args)
+
+
+# --- images -------------------------------------------------------------------------------------------------------
+
+def _file_in(request: web.Request, kind: str, subfolder: str, filename: str) -> str:
+    """The confined path of ``subfolder/filename`` in the data folder ``kind``; raises web errors."""
+    try:
+        base = request.app[CONFIG].folders.folder(kind)
+    except ValueError as error:
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(error)}), content_type="application/json") from None
+    try:
+        return confine(base, os.path.join(subfolder, filename) if subfolder else filename)
+    except PathOutsideFolderError as error:
+        raise web.HTTPForbidden(text=json.dumps({"error": str(error)}), content_type="application/json") from None
+
+
+@routes.get("/view")
+async def view(request: web.Request) -> web.StreamResponse:
+    filename = request.query.get("filename", "")
+    kind = request.query.get("type") or "output"
+    for annotation in ("input", "output", "temp"):  # "name.png [output]", as the mask editor sends it
+        if filename.endswith(f" [{annotation}]"):
+            filename, kind = filename[: -len(annotation) - 3], annotation
+    if not filename:
+        return web.json_response({"error": "filename is required"}, status=400)
+    path = _file_in(request, kind, request.query.get("subfolder", ""), filename)
+    if not os.path.isfile(path):
+        return _not_found(f"{kind} file {filename!r}")
+    preview, channel = request.query.get("preview"), request.query.get("channel", "rgba")
+    if preview or channel != "rgba":
+        try:
+            body, content_type = await _in_thread(request, _reencode, path, preview, channel)
+        except (UnidentifiedImageError, ValueError) as error:
+            return web.json_response({"error": f"cannot re-encode {filename!r}: {error}"}, status=400)
+        return web.Response(body=body, content_type=content_type)
+    content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    if content_type in SCRIPT_TYPES:
+        content_type = "application/octet-stream"
+    return web.FileResponse(path, headers={"Content-Type": content_type,
+                                           "Content-Disposition": f'inline; filename="{os.path.basename(path)}"'})
+
+
+def _reencode(path: str, preview: str | None, channel: str) -> tuple[bytes, str]:
+    """The image at ``path`` as a smaller webp or jpeg (``preview="webp;90"``) or reduced to some channels."""
+    if channel not in ("rgba", "rgb", "a"):
+        raise ValueError(f"channel must be rgba, rgb or a; got {channel!r}")
+    with Image.open(path) as image:
+        image.load()
+    buffer = io.BytesIO()
+    if channel == "a":
+        alpha = image.getchannel("A") if "A" in image.getbands() else Image.new("L", image.size, 255)
+        Image.merge("RGBA", (alpha, alpha, alpha, alpha)).save(buffer, format="PNG")
+        return buffer.getvalue(), "image/png"
+    if channel == "rgb":
+        image = image.convert("RGB")
+    if not preview:
+        image.save(buffer, format="PNG")
+        return buffer.getvalue(), "image/png"
+    format_, _, quality = preview.partition(";")
+    if format_ not in ("webp", "jpeg") or not (quality or "90").isdigit():
+        raise ValueError(f"preview must be webp;QUALITY or jpeg;QUALITY; got {preview!r}")
+    image.thumbnail((VIEW_PREVIEW_MAX_SIZE, VIEW_PREVIEW_MAX_SIZE))
+    if format_ == "jpeg" or "A" not in image.getbands():
+        image = image.convert("RGB") if format_ == "jpeg" else image
+    image.save(buffer, format=format_.upper(), quality=int(quality or 90))
+    return buffer.getvalue(), f"image/{format_}"
+
+
+async def _read_upload(request: web.Request) -> tuple[bytes, str, str, str, bool, Any]:
+    """The multipart upload's image bytes, file name, folder kind, subfolder, overwrite flag and whole form."""
+    form = await request.post()
+    image = form.get("image")
+    if not isinstance(image, web.FileField):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "the form needs an 'image' file field"}),
+                                 content_type="application/json")
+    kind = str(form.get("type") or "input")
+    if kind not in ("input", "temp", "output"):
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"type must be input, temp or output; got {kind!r}"}),
+                                 content_type="application/json")
+    return (image.file.read(), image.filename, kind, str(form.get("subfolder") or ""),
+            str(form.get("overwrite")).lower() in ("true", "1"), form)
+
+
+def _check_image_bytes(data: bytes) -> None:
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()
+
+
+def _free_name(path: str, data: bytes) -> str:
+    """``path``, or ``name (1).ext`` and so on when a different file already has that name."""
+    stem, extension = os.path.splitext(path)
+    candidate, number = path, 1
+    while os.path.exists(candidate):
+        with open(candidate, "rb") as existing:
+            if hashlib.sha256(existing.read()).digest() == hashlib.sha256(data).digest():
+                return candidate  # the same bytes: keep one copy
+        candidate = f"{stem} ({number}){extension}"
+        number += 1
+    return candidate
+
+
+async def _store_upload(request: web.Request, data: bytes, filename: str, kind: str, subfolder: str,
+                        overwrite: bool, prepare=None) -> web.Response:
+    path = _file_in(request, kind, subfolder, filename)
+    try:
+        await _in_thread(request, _check_image_bytes, data)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        return web.json_response({"error": f"{filename!r} is not an image: {error}"}, status=400)
+    if prepare is not None:
+        data = await _in_thread(request, prepare, data)
+    if not overwrite:
+        path = _free_name(path, data)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    await _in_thread(request, atomic_write, path, data)
+    request.app[STATE].object_info = None  # LoadImage's list of files changed
+    return web.json_response({"name": os.path.basename(path), "subfolder": subfolder, "type": kind})
+
+
+@routes.post("/upload/image")
+async def upload_image(request: web.Request) -> web.Response:
+    data, filename, kind, subfolder, overwrite, _ = await _read_upload(request)
+    return await _store_upload(request, data, filename, kind, subfolder, overwrite)
+
+
+@routes.post("/upload/mask")
+async def upload_mask(request: web.Request) -> web.Response:
+    """The mask editor's save: the uploaded image's alpha put onto the referenced original."""
+    data, filename, kind, subfolder, overwrite, form = await _read_upload(request)
+    try:
+        reference = json.loads(str(form.get("original_ref") or ""))
+        original = _file_in(request, reference.get("type") or "input", reference.get("subfolder") or "",
+                            reference["filename"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return web.json_response({"error": "original_ref must be JSON with a filename"}, status=400)
+    if not os.path.isfile(original):
+        return _not_found("the original image")
+    return await _store_upload(request, data, filename, kind, subfolder, overwrite,
+                               prepare=lambda mask: _apply_mask(original, mask))
+
+
+def _apply_mask(original_path: str, mask_png: bytes) -> bytes:
+    with Image.open(original_path) as original, Image.open(io.BytesIO(mask_png)) as mask:
+        metadata = PngImagePlugin.PngInfo()
+        for key, value in getattr(original, "text", {}).items():
+            metadata.add_text(key, value)
+        result = original.convert("RGBA")
+        result.putalpha(mask.convert("RGBA").getchannel("A").resize(result.size))
+    buffer = io.BytesIO()
+    result.save(buffer, format="PNG", pnginfo=metadata)
+    return buffer.getvalue()
+
+
+async def internal_files(request: web.Request) -> web.Response:
+    """``/internal/files/{input,output,temp}``: the folder's file names, newest first (the assets panel)."""
+    try:
+        folder = request.app[CONFIG].folders.folder(request.match_info["kind"])
+    except ValueError as error:
+        return web.json_response({"error": str(error)}, status=404)
+    entries = [entry for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith(".")]
+    return web.json_response([e.name for e in sorted(entries, key=lambda e: e.stat().st_mtime, reverse=True)])
+
+
+# --- the user's files and settings ---------------------------------------------------------------------------------
+
+def _user_dir(request: web.Request) -> str:
+    folder = os.path.join(request.app[CONFIG].folders.user, USER)
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _user_path(request: web.Request, name: str) -> str:
+    try:
+        return confine(_user_dir(request), name)
+    except PathOutsideFolderError as error:
+        raise web.HTTPForbidden(text=json.dumps({"error": str(error)}), content_type="application/json") from None
+
+
+def _file_info(path: str, relative: str) -> dict[str, Any]:
+    """A user file's listing entry; the editor reads the times as milliseconds."""
+    stat = os.stat(path)
+    return {"path": relative, "size": stat.st_size, "modified": int(stat.st_mtime * 1000),
+            "created": int(stat.st_ctime * 1000)}
+
+
+@routes.get("/users")
+async def users(request: web.Request) -> web.Response:
+    return web.json_response({"storage": "server", "migrated": True})
+
+
+@routes.post("/users")
+async def create_user(request: web.Request) -> web.Response:
+    return web.json_response({"error": "Atelier runs in single-user mode"}, status=400)
+
+
+def _settings_path(request: web.Request) -> str:
+    return os.path.join(_user_dir(request), SETTINGS_FILE)
+
+
+def is_new_user(request: web.Request) -> bool:
+    """Whether the user has never saved a setting, which the editor does on its first start."""
+    return not os.path.exists(_settings_path(request))
+
+
+def _read_settings(request: web.Request) -> dict:
+    path = _settings_path(request)
+    if not os.path.exists(path):
+        return dict(DEFAULT_SETTINGS)
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def _write_settings(request: web.Request, settings: dict) -> None:
+    atomic_write(_settings_path(request), json.dumps(settings, indent=2).encode())
+
+
+@routes.get("/settings")
+async def get_settings(request: web.Request) -> web.Response:
+    return web.json_response(_read_settings(request))
+
+
+@routes.get("/settings/{id}")
+async def get_setting(request: web.Request) -> web.Response:
+    return web.json_response(_read_settings(request).get(request.match_info["id"]))
+
+
+@routes.post("/settings")
+async def post_settings(request: web.Request) -> web.Response:
+    changes = await request.json()
+    if not isinstance(changes, dict):
+        return web.json_response({"error": "settings must be a JSON object"}, status=400)
+    _write_settings(request, {**_read_settings(request), **changes})
+    return web.Response()
+
+
+@routes.post("/settings/{id}")
+async def post_setting(request: web.Request) -> web.Response:
+    _write_settings(request, {**_read_settings(request), request.match_info["id"]: await request.json()})
+    return web.Response()
+
+
+def _flag(request: web.Request, name: str, default: bool) -> bool:
+    value = request.query.get(name)
+    return default if value is None else value.lower() in ("true", "1")
+
+
+@routes.get("/userdata")
+async def list_userdata(request: web.Request) -> web.Response:
+    directory = request.query.get("dir")
+    if not directory:
+        return web.json_response({"error": "dir is required"}, status=400)
+    folder = _user_path(request, directory)
+    if not os.path.isdir(folder):
+        return _not_found(f"folder {directory!r}")
+    recurse, full_info, split = (_flag(request, n, False) for n in ("recurse", "full_info", "split"))
+    entries = []
+    for current, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            relative = os.path.relpath(os.path.join(current, name), folder).replace(os.sep, "/")
+            if full_info:
+                entries.append(_file_info(os.path.join(current, name), relative))
+            elif split:
+                entries.append([relative, *relative.split("/")])
+            else:
+                entries.append(relative)
+        if not recurse:
+            break
+    return web.json_response(entries)
+
+
+@routes.get("/v2/userdata")
+async def list_userdata_v2(request: web.Request) -> web.Response:
+    relative = request.query.get("path", "").strip("/")
+    folder = _user_path(request, relative) if relative else _user_dir(request)
+    if not os.path.isdir(folder):
+        return _not_found(f"folder {relative!r}")
+    entries = []
+    for entry in sorted(os.scandir(folder), key=lambda e: (not e.is_dir(), e.name)):
+        path = f"{relative}/{entry.name}" if relative else entry.name
+        item = {"name": entry.name, "path": path, "type": "directory" if entry.is_dir() else "file"}
+        if entry.is_file():
+            stat = entry.stat()
+            item.update(size=stat.st_size, modified=int(stat.st_mtime * 1000))
+        entries.append(item)
+    return web.json_response(entries)
+
+
+@routes.get("/userdata/{file}")
+async def get_userdata(request: web.Request) -> web.StreamResponse:
+    path = _user_path(request, request.match_info["file"])
+    if not os.path.isfile(path):
+        return _not_found(f"user file {request.match_info['file']!r}")
+    return web.FileResponse(path)
+
+
+@routes.post("/userdata/{file}")
+async def post_userdata(request: web.Request) -> web.Response:
+    relative = request.match_info["file"]
+    path = _user_path(request, relative)
+    if os.path.exists(path) and not _flag(request, "overwrite", True):
+        return web.json_response({"error": f"{relative!r} exists"}, status=409)
+    data = await request.read()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    await _in_thread(request, atomic_write, path, data)
+    return web.json_response(_file_info(path, relative) if _flag(request, "full_info", False) else relative)
+
+
+@routes.delete("/userdata/{file}")
+async def delete_userdata(request: web.Request) -> web.Response:
+    path = _user_path(request, request.match_info["file"])
+    if not os.path.isfile(path):
+        return _not_found(f"user file {request.match_info['file']!r}")
+    os.remove(path)
+    return web.Response(status=204)
+
+
+@routes.post("/userdata/{file}/move/{dest}")
+async def move_userdata(request: web.Request) -> web.Response:
+    source = _user_path(request, request.match_info["file"])
+    relative = request.match_info["dest"]
+    destination = _user_path(request, relative)
+    if not os.path.isfile(source):
+        return _not_found(f"user file {request.match_info['file']!r}")
+    if os.path.exists(destination) and not _flag(request, "overwrite", True):
+        return web.json_response({"error": f"{relative!r} exists"}, status=409)
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    os.replace(source, destination)
+    return web.json_response(_file_info(destination, relative) if _flag(request, "full_info", False) else relative)
+
+
+# --- models and example workflows ----------------------------------------------------------------------------------
+
+def _model_folders(request: web.Request) -> list[str]:
+    base = request.app[CONFIG].models_dir
+    return sorted(entry.name for entry in os.scandir(base) if entry.is_dir()) if os.path.isdir(base) else []
+
+
+def _model_files(request: web.Request, folder: str) -> list[str]:
+    base = os.path.join(request.app[CONFIG].models_dir, folder)
+    return sorted(os.path.relpath(os.path.join(current, name), base).replace(os.sep, "/")
+                  for current, _, names in os.walk(base) for name in names if not name.startswith("."))
+
+
+@routes.get("/models")
+async def models(request: web.Request) -> web.Response:
+    return web.json_response(_model_folders(request))
+
+
+@routes.get("/models/{folder}")
+async def models_in(request: web.Request) -> web.Response:
+    folder = request.match_info["folder"]
+    if folder not in _model_folders(request):
+        return _not_found(f"model folder {folder!r}")
+    return web.json_response(await _in_thread(request, _model_files, request, folder))
+
+
+@routes.get("/experiment/models")
+async def experiment_models(request: web.Request) -> web.Response:
+    return web.json_response([{"name": folder, "folders": [f"models/{folder}"]} for folder in _model_folders(request)])
+
+
+@routes.get("/experiment/models/{folder}")
+async def experiment_models_in(request: web.Request) -> web.Response:
+    folder = request.match_info["folder"]
+    if folder not in _model_folders(request):
+        return _not_found(f"model folder {folder!r}")
+    base = os.path.join(request.app[CONFIG].models_dir, folder)
+    files = []
+    for name in await _in_thread(request, _model_files, request, folder):
+        stat = os.stat(os.path.join(base, name))
+        files.append({"name": name, "pathIndex": 0, "modified": stat.st_mtime, "created": stat.st_ctime,
+                      "size": stat.st_size})
+    return web.json_response(files)
+
+
+def example_workflows() -> list[str]:
+    return sorted(name.removesuffix(".json") for name in os.listdir(WORKFLOWS_DIR) if name.endswith(".json"))
+
+
+@routes.get("/workflow_templates")
+async def workflow_templates(request: web.Request) -> web.Response:
+    return web.json_response({TEMPLATE_MODULE: example_workflows()})
+
+
+@routes.get("/workflow_templates/" + TEMPLATE_MODULE + "/{name}")
+async def workflow_template(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name.removesuffix(".json") not in example_workflows() or not name.endswith(".json"):
+        return _not_found(f"example workflow {name!r}")
+    return web.FileResponse(os.path.join(WORKFLOWS_DIR, name))

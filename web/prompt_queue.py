@@ -1,0 +1,219 @@
+"""The prompt queue, its worker thread and the history (``comfyui-protocol.md`` §5.1).
+
+One worker thread runs prompts one at a time, in priority order. Every change to the queue and every execution
+event goes out through one ``send(event, data, client_id)`` callback, which the server turns into websocket
+messages; it is called from the worker thread and from request handlers alike, so it must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .executor import ExecutionResult, Executor
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[str, dict[str, Any], str | None], None]
+HISTORY_LIMIT = 10_000  # ComfyUI's: the oldest entries go first beyond this
+SECRET_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")  # comfy.org credentials: never stored, never echoed
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclasses.dataclass
+class QueueItem:
+    """One queued prompt, already validated."""
+
+    number: float
+    prompt_id: str
+    prompt: dict
+    extra_data: dict
+    outputs: list[str]
+    client_id: str | None
+    create_time: int = dataclasses.field(default_factory=now_ms)
+    start_time: int | None = None  # set when the worker takes it
+
+    def as_task(self) -> list:
+        """ComfyUI's raw queue entry: ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+
+@dataclasses.dataclass
+class HistoryRecord:
+    item: QueueItem
+    result: ExecutionResult
+    end_time: int
+
+    def as_history(self) -> dict:
+        """ComfyUI's history entry."""
+        return {
+            "prompt": self.item.as_task(),
+            "outputs": self.result.outputs,
+            "status": {"status_str": "success" if self.result.status == "success" else "error",
+                       "completed": self.result.status == "success",
+                       "messages": [[event, data] for event, data in self.result.messages]},
+            "meta": {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
+                     for node in self.result.outputs},
+        }
+
+
+class PromptQueue:
+    """Queued prompts, the running one, and the history of finished ones."""
+
+    def __init__(self, executor: Executor, send: Send, history_limit: int = HISTORY_LIMIT):
+        self.executor = executor
+        self.send = send
+        self.history_limit = history_limit
+        self._lock = threading.Condition()
+        self._pending: list[tuple[float, int, QueueItem]] = []  # a heap; the counter keeps equal numbers in order
+        self._order = itertools.count()
+        self._numbers = itertools.count()
+        self._running: QueueItem | None = None
+        self._history: collections.OrderedDict[str, HistoryRecord] = collections.OrderedDict()
+        self._free_after: dict[str, bool] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="atelier-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        self.executor.interrupt()
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- queue ---------------------------------------------------------------------------------------------------
+
+    def submit(self, prompt: dict, outputs: list[str], extra_data: dict, client_id: str | None,
+               number: float | None = None, front: bool = False, prompt_id: str | None = None) -> QueueItem:
+        """Queue a validated prompt; ``front`` puts it before everything pending."""
+        extra_data = {key: value for key, value in extra_data.items() if key not in SECRET_KEYS}
+        with self._lock:
+            counter = next(self._numbers)
+            if number is None:
+                number = -counter if front else counter
+            item = QueueItem(number, prompt_id or str(uuid.uuid4()), prompt, extra_data, outputs, client_id)
+            heapq.heappush(self._pending, (item.number, next(self._order), item))
+            self._lock.notify_all()
+        self._queue_changed()
+        return item
+
+    def remaining(self) -> int:
+        with self._lock:
+            return len(self._pending) + (self._running is not None)
+
+    def snapshot(self) -> tuple[list[QueueItem], list[QueueItem]]:
+        """The running item (a list of at most one) and the pending ones in the order they will run."""
+        with self._lock:
+            return ([self._running] if self._running else []), [item for *_, item in sorted(self._pending)]
+
+    def delete(self, prompt_ids: list[str]) -> None:
+        """Drop pending prompts; a running one is stopped with :meth:`interrupt` instead."""
+        with self._lock:
+            self._pending = [entry for entry in self._pending if entry[2].prompt_id not in set(prompt_ids)]
+            heapq.heapify(self._pending)
+        self._queue_changed()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pending = []
+        self._queue_changed()
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Stop the running prompt, or only if it is ``prompt_id``; returns whether an interrupt was sent."""
+        with self._lock:
+            running = self._running
+        if running is None or (prompt_id is not None and running.prompt_id != prompt_id):
+            return False
+        self.executor.interrupt()
+        return True
+
+    def free(self, unload_models: bool = False, free_memory: bool = False) -> None:
+        """Drop cached results (and loaded models) once the running prompt, if any, has finished."""
+        with self._lock:
+            self._free_after["unload_models"] = self._free_after.get("unload_models", False) or unload_models
+            self._free_after["free_memory"] = self._free_after.get("free_memory", False) or free_memory
+            idle = self._running is None
+        if idle:
+            self._apply_free()
+
+    # --- history -------------------------------------------------------------------------------------------------
+
+    def history(self, max_items: int | None = None, offset: int | None = None) -> dict[str, dict]:
+        """Finished prompts, oldest first; ``max_items`` without ``offset`` gives the newest ones, as ComfyUI does."""
+        with self._lock:
+            records = list(self._history.values())
+        if max_items is not None and offset is None:
+            records = records[-max_items:] if max_items > 0 else []
+        elif offset is not None:
+            records = records[offset:] if max_items is None else records[offset:offset + max_items]
+        return {record.item.prompt_id: record.as_history() for record in records}
+
+    def history_records(self) -> list[HistoryRecord]:
+        with self._lock:
+            return list(self._history.values())
+
+    def history_record(self, prompt_id: str) -> HistoryRecord | None:
+        with self._lock:
+            return self._history.get(prompt_id)
+
+    def delete_history(self, prompt_ids: list[str]) -> None:
+        with self._lock:
+            for prompt_id in prompt_ids:
+                self._history.pop(prompt_id, None)
+
+    def clear_history(self) -> None:
+        with self._lock:
+            self._history.clear()
+
+    # --- the worker ----------------------------------------------------------------------------------------------
+
+    def _queue_changed(self) -> None:
+        self.send("status", {"status": {"exec_info": {"queue_remaining": self.remaining()}}}, None)
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                *_, item = heapq.heappop(self._pending)
+                item.start_time = now_ms()
+                self._running = item
+            self._queue_changed()
+            result = self.executor.execute(item.prompt, item.prompt_id, item.outputs,
+                                           lambda event, data: self.send(event, data, item.client_id),
+                                           item.extra_data)
+            with self._lock:
+                self._history[item.prompt_id] = HistoryRecord(item, result, now_ms())
+                while len(self._history) > self.history_limit:
+                    self._history.popitem(last=False)
+                self._running = None
+            self._queue_changed()
+            self.send("executing", {"node": None, "prompt_id": item.prompt_id}, item.client_id)
+            self._apply_free()
+
+    def _apply_free(self) -> None:
+        with self._lock:
+            flags, self._free_after = self._free_after, {}
+        if flags.get("free_memory") or flags.get("unload_models"):
+            self.executor.free()
+            logger.info("freed cached results")

@@ -1,0 +1,478 @@
+"""The standalone server: ComfyUI's HTTP and websocket API (``comfyui-protocol.md`` §1, §2, §7), so that the
+official ComfyUI frontend runs on it unchanged, plus our ``js/`` extensions.
+
+``create_app(config)`` builds the aiohttp application; ``python -m web serve`` runs it. Every API route answers
+both at ``/path`` and at ``/api/path``. One worker thread executes prompts (``prompt_queue.py``); its events
+reach the websockets through one queue drained by one task, so they keep their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import importlib.resources
+import io
+import json
+import logging
+import os
+import platform
+import re
+import struct
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from aiohttp import web
+from PIL import Image
+
+from .executor import Executor
+from .node_info import object_info
+from .prompt_queue import PromptQueue
+from .registry import display_names, node_classes
+from .security import security_middleware
+from .server_state import CONFIG, STATE, Client, ServerConfig, ServerState
+from . import files, jobs
+
+logger = logging.getLogger(__name__)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JS_DIR = os.path.join(ROOT, "js")
+EXTENSION_NAME = "atelier"
+PACK_MODULE = f"custom_nodes.{EXTENSION_NAME}"
+FRONTEND_PACKAGE = "comfyui-frontend-package"
+COMFYUI_VERSION = "0.3.64"  # the ComfyUI API version whose contract we implement (comfyui-protocol.md §0)
+PREVIEW_MAX_SIZE = 512  # ComfyUI's default --preview-size
+PREVIEW_JPEG_QUALITY = 85  # a preview is looked at once, while the next step is being computed
+BINARY_PREVIEW, BINARY_PREVIEW_WITH_METADATA, JPEG = 1, 4, 1  # websocket binary event types and image format
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+# Execution events that go to the submitting client only, and nowhere when the prompt named no client.
+DIRECT_EVENTS = frozenset({"execution_start", "execution_cached", "executing", "executed", "execution_success",
+                           "execution_error"})
+
+routes = web.RouteTableDef()
+CLASSES = web.AppKey("classes", dict)
+
+
+def pinned_frontend_version() -> str:
+    """The frontend version that requirements.txt pins: what /system_stats reports as required."""
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as file:
+        for line in file:
+            if line.startswith(f"{FRONTEND_PACKAGE}=="):
+                return line.split("==", 1)[1].strip()
+    raise RuntimeError(f"requirements.txt pins no {FRONTEND_PACKAGE} version")
+
+
+def frontend_root() -> str:
+    return str(importlib.resources.files("comfyui_frontend_package") / "static")
+
+
+def create_app(config: ServerConfig, classes: dict[str, type] | None = None) -> web.Application:
+    """The aiohttp application for ``config``; start and stop it with aiohttp's runner or test client.
+
+    ``classes`` replaces the registry's node classes (built-ins and Atelier's pack), for tests and benchmarks
+    that bring node classes of their own.
+    """
+    app = web.Application(middlewares=[security_middleware(config.allowed_hosts, config.token)],
+                          client_max_size=config.max_upload_bytes)
+    app[CONFIG] = config
+    app[CLASSES] = node_classes(config.folders) if classes is None else dict(classes)
+    app.cleanup_ctx.append(_worker_context)
+    app.on_shutdown.append(_close_sockets)
+    api = [*routes, *files.routes, *jobs.routes]
+    app.add_routes(api)
+    app.add_routes([web.RouteDef(r.method, "/api" + r.path, r.handler, r.kwargs) for r in api
+                    if isinstance(r, web.RouteDef)])
+    app.add_routes([web.get("/", _index), web.get("/templates/index.json", _core_templates),
+                    web.get("/templates/index_logo.json", _core_templates),
+                    web.get("/internal/files/{kind}", files.internal_files),
+                    web.static(f"/extensions/{EXTENSION_NAME}", JS_DIR), web.static("/", frontend_root())])
+    return app
+
+
+async def _worker_context(app: web.Application) -> AsyncIterator[None]:
+    """Start the executor's worker thread and the task that sends its events; stop both on shutdown."""
+    classes = app[CLASSES]
+    executor = Executor(classes)
+    loop = asyncio.get_running_loop()
+    state = ServerState(executor=executor, queue=None, node_classes=classes, display_names=display_names(),
+                        loop=loop, outbox=asyncio.Queue())
+    state.queue = PromptQueue(executor, _Sender(state))
+    app[STATE] = state
+    state.queue.start()
+    publisher = asyncio.create_task(_publish(state))
+    yield
+    publisher.cancel()
+    await loop.run_in_executor(None, state.queue.stop)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for client in list(app[STATE].clients.values()):
+        await client.socket.close(code=web.WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+# --- events to websockets ------------------------------------------------------------------------------------------
+
+class _Sender:
+    """Turns queue and executor events into websocket messages; runs on the worker thread.
+
+    It adds ``progress_state`` (the per-node progress map of newer frontends) and encodes previews as JPEG
+    here, off the event loop.
+    """
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.nodes: dict[str, dict] = {}
+        self.running: str | None = None
+
+    def __call__(self, event: str, data: dict, client_id: str | None) -> None:
+        if event == "status":
+            self._post("json", {"type": "status", "data": data}, None)
+            return
+        prompt_id = data.get("prompt_id")
+        if event == "execution_start":
+            self.nodes, self.running = {}, None
+        elif event == "execution_cached":
+            for node in data["nodes"]:
+                self._node_state(prompt_id, node, "finished", 1, 1)
+            self._progress_state(prompt_id, client_id)
+        elif event == "executing" and data["node"] is not None:
+            self._finish_running(prompt_id)
+            self.running = data["node"]
+            self._node_state(prompt_id, data["node"], "running", 0, 1)
+            self._progress_state(prompt_id, client_id)
+        elif event in ("executed", "execution_success"):
+            if self._finish_running(prompt_id):
+                self._progress_state(prompt_id, client_id)
+        elif event in ("execution_error", "execution_interrupted") and self.running is not None:
+            self._node_state(prompt_id, self.running, "error", 0, 1)
+            self.running = None
+            self._progress_state(prompt_id, client_id)
+        if event == "preview":
+            self._post("preview", self._encode_preview(data), client_id)
+            return
+        self._route(event, data, client_id)
+        if event == "progress":
+            self._node_state(prompt_id, data["node"], "running", data["value"], data["max"])
+            self._progress_state(prompt_id, client_id)
+
+    def _route(self, event: str, data: dict, client_id: str | None) -> None:
+        if client_id is None and event in DIRECT_EVENTS:
+            return  # ComfyUI sends these only to the client that queued the prompt
+        self._post("json", {"type": event, "data": data}, client_id)
+
+    def _node_state(self, prompt_id: str, node: str, state: str, value: int, maximum: int) -> None:
+        self.nodes[node] = {"value": value, "max": maximum, "state": state, "node_id": node, "prompt_id": prompt_id,
+                            "display_node_id": node, "parent_node_id": None, "real_node_id": node}
+
+    def _finish_running(self, prompt_id: str) -> bool:
+        if self.running is None:
+            return False
+        done = self.nodes.get(self.running, {})
+        self._node_state(prompt_id, self.running, "finished", done.get("max", 1), done.get("max", 1))
+        self.running = None
+        return True
+
+    def _progress_state(self, prompt_id: str, client_id: str | None) -> None:
+        nodes = {node: dict(entry) for node, entry in self.nodes.items()}
+        self._route("progress_state", {"prompt_id": prompt_id, "nodes": nodes}, client_id)
+
+    @staticmethod
+    def _encode_preview(data: dict) -> tuple[bytes, dict]:
+        image: Image.Image = data["image"].convert("RGB")
+        if max(image.size) > PREVIEW_MAX_SIZE:
+            image = image.copy()
+            image.thumbnail((PREVIEW_MAX_SIZE, PREVIEW_MAX_SIZE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
+        node = data["node"]
+        meta = {"node_id": node, "prompt_id": data["prompt_id"], "display_node_id": node, "parent_node_id": None,
+                "real_node_id": node, "image_type": "image/jpeg"}
+        return buffer.getvalue(), meta
+
+    def _post(self, kind: str, payload: Any, client_id: str | None) -> None:
+        self.state.loop.call_soon_threadsafe(self.state.outbox.put_nowait, (kind, payload, client_id))
+
+
+def preview_frame(jpeg: bytes, meta: dict, with_metadata: bool) -> bytes:
+    """A binary preview message: type 4 with its metadata header, or the plain type 1 (§2).
+
+    Example:
+        >>> preview_frame(b"JPEG", {"node_id": "3"}, False)
+        b'\\x00\\x00\\x00\\x01\\x00\\x00\\x00\\x01JPEG'
+        >>> preview_frame(b"JPEG", {"node_id": "3"}, True)[:8]
+        b'\\x00\\x00\\x00\\x04\\x00\\x00\\x00\\x0f'
+    """
+    if with_metadata:
+        header = json.dumps(meta, separators=(",", ":")).encode()
+        return struct.pack(">II", BINARY_PREVIEW_WITH_METADATA, len(header)) + header + jpeg
+    return struct.pack(">II", BINARY_PREVIEW, JPEG) + jpeg
+
+
+async def _publish(state: ServerState) -> None:
+    """Send the worker's messages in order; a client that went away is skipped."""
+    while True:
+        kind, payload, client_id = await state.outbox.get()
+        if client_id is None:
+            targets = list(state.clients.values())
+        else:
+            targets = [state.clients[client_id]] if client_id in state.clients else []
+        for client in targets:
+            if client.socket.closed:
+                continue
+            try:
+                if kind == "json":
+                    await client.socket.send_json(payload)
+                else:
+                    jpeg, meta = payload
+                    await client.socket.send_bytes(preview_frame(jpeg, meta,
+                                                                 bool(client.flags.get("supports_preview_metadata"))))
+            except (ConnectionError, RuntimeError) as error:  # the socket closed between the check and the send
+                logger.debug("dropped a message to a closed websocket: %s", error)
+
+
+@routes.get("/ws")
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    state = request.app[STATE]
+    socket = web.WebSocketResponse(heartbeat=30)
+    await socket.prepare(request)
+    client_id = request.query.get("clientId") or uuid.uuid4().hex
+    client = Client(socket)
+    state.clients[client_id] = client  # a reconnecting client takes its id back
+    try:
+        await socket.send_json({"type": "status", "data": {
+            "status": {"exec_info": {"queue_remaining": state.queue.remaining()}}, "sid": client_id}})
+        first = True
+        async for message in socket:
+            if first and message.type == web.WSMsgType.TEXT:
+                first = False
+                try:
+                    announced = json.loads(message.data)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(announced, dict) and announced.get("type") == "feature_flags":
+                    client.flags = announced.get("data") or {}
+                    await socket.send_json({"type": "feature_flags", "data": feature_flags(request.app[CONFIG])})
+    finally:
+        if state.clients.get(client_id) is client:
+            del state.clients[client_id]
+    return socket
+
+
+# --- the editor's boot routes -----------------------------------------------------------------------------------
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    """The editor's page; a new user is sent to our example workflow instead of the template browser."""
+    first = request.app[CONFIG].first_workflow
+    if first and set(request.query) <= {"token"} and files.is_new_user(request):
+        # A response, not a raised HTTPFound, so that the security middleware can still set the token cookie.
+        return web.Response(status=302, headers={"Location": f"./?template={first}&source={files.TEMPLATE_MODULE}"})
+    return web.FileResponse(os.path.join(frontend_root(), "index.html"), headers={"Cache-Control": "no-cache"})
+
+
+async def _core_templates(request: web.Request) -> web.Response:
+    """The core template index: we ship none of ComfyUI's templates, so it is empty, not missing."""
+    return web.json_response({} if request.path.endswith("index_logo.json") else [])
+
+
+def feature_flags(config: ServerConfig) -> dict[str, Any]:
+    return {"supports_preview_metadata": True, "max_upload_size": config.max_upload_bytes}
+
+
+@routes.get("/features")
+async def features(request: web.Request) -> web.Response:
+    return web.json_response(feature_flags(request.app[CONFIG]))
+
+
+@routes.get("/extensions")
+async def extensions(request: web.Request) -> web.Response:
+    scripts = sorted(os.path.relpath(os.path.join(folder, name), JS_DIR).replace(os.sep, "/")
+                     for folder, _, names in os.walk(JS_DIR) for name in names if name.endswith(".js"))
+    return web.json_response([f"/extensions/{EXTENSION_NAME}/{script}" for script in scripts])
+
+
+@routes.get("/object_info")
+async def all_object_info(request: web.Request) -> web.Response:
+    return web.json_response(await _object_info(request.app))
+
+
+@routes.get("/object_info/{node_class}")
+async def one_object_info(request: web.Request) -> web.Response:
+    info = await _object_info(request.app)
+    name = request.match_info["node_class"]
+    return web.json_response({name: info[name]} if name in info else {})
+
+
+async def _object_info(app: web.Application) -> dict:
+    """Every node's metadata, computed off the event loop (INPUT_TYPES may scan folders) and kept."""
+    state = app[STATE]
+    if state.object_info is None:
+        state.object_info = await state.loop.run_in_executor(None, _compute_object_info, state)
+    return state.object_info
+
+
+def _compute_object_info(state: ServerState) -> dict:
+    import nodes
+    info = {}
+    for name, cls in state.node_classes.items():
+        module = PACK_MODULE if name in nodes.NODE_CLASS_MAPPINGS else "nodes"
+        try:
+            info[name] = object_info(name, cls, state.display_names.get(name), module)
+        except Exception as error:  # one broken node class must not hide every other node from the editor
+            logger.error("node %s left out of object_info: %s", name, error)
+    return info
+
+
+@routes.get("/system_stats")
+async def system_stats(request: web.Request) -> web.Response:
+    pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    devices = [{"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0,
+                "torch_vram_total": 0, "torch_vram_free": 0}]
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        devices = [{"name": torch.cuda.get_device_name(), "type": "cuda", "index": torch.cuda.current_device(),
+                    "vram_total": total, "vram_free": free, "torch_vram_total": torch.cuda.memory_reserved(),
+                    "torch_vram_free": torch.cuda.memory_reserved() - torch.cuda.memory_allocated()}]
+    return web.json_response({
+        "system": {
+            "os": sys.platform, "ram_total": pages * page_size,
+            "ram_free": os.sysconf("SC_AVPHYS_PAGES") * page_size,
+            "comfyui_version": COMFYUI_VERSION, "required_frontend_version": pinned_frontend_version(),
+            "installed_templates_version": None, "required_templates_version": None,
+            "python_version": platform.python_version(), "pytorch_version": torch.__version__,
+            "embedded_python": False, "argv": ["atelier"],  # never the real argv: it may hold paths and tokens
+        },
+        "devices": devices,
+    })
+
+
+@routes.get("/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    return web.json_response([])
+
+
+@routes.get("/i18n")
+async def i18n(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+@routes.get("/global_subgraphs")
+async def global_subgraphs(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+# --- running prompts ----------------------------------------------------------------------------------------------
+
+def _bad_request(message: str, type_: str = "invalid_prompt", status: int = 400) -> web.Response:
+    return web.json_response({"error": {"type": type_, "message": message, "details": "", "extra_info": {}},
+                              "node_errors": {}}, status=status)
+
+
+@routes.get("/prompt")
+async def prompt_status(request: web.Request) -> web.Response:
+    return web.json_response({"exec_info": {"queue_remaining": request.app[STATE].queue.remaining()}})
+
+
+@routes.post("/prompt")
+async def queue_prompt(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+        return _bad_request(f"POST /prompt needs Content-Type application/json; got {request.content_type!r}",
+                            "invalid_content_type", status=415)
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as error:
+        return _bad_request(f"the body is not valid JSON: {error}")
+    if not isinstance(body, dict):
+        return _bad_request(f"the body must be a JSON object; got {type(body).__name__}")
+    prompt_id = body.get("prompt_id")
+    if prompt_id is not None and not (isinstance(prompt_id, str) and UUID_RE.match(prompt_id)):
+        return _bad_request(f"prompt_id must be a lowercase canonical UUID; got {prompt_id!r}", "invalid_prompt_id")
+    extra_data = body.get("extra_data", {})
+    client_id = body.get("client_id")
+    number = body.get("number")
+    targets = body.get("partial_execution_targets")
+    if not isinstance(extra_data, dict) or not isinstance(client_id, (str, type(None))) \
+            or not isinstance(number, (int, float, type(None))) or isinstance(number, bool) \
+            or not isinstance(targets, (list, type(None))):
+        return _bad_request("extra_data must be an object, client_id a string, number a number and "
+                            "partial_execution_targets a list")
+    state = request.app[STATE]
+    checked = await state.loop.run_in_executor(None, state.executor.validate, body.get("prompt"), targets)
+    if not checked.ok:
+        return web.json_response({"error": checked.error, "node_errors": checked.node_errors}, status=400)
+    item = state.queue.submit(checked.prompt, checked.outputs, extra_data, client_id, number,
+                              front=bool(body.get("front")), prompt_id=prompt_id)
+    return web.json_response({"prompt_id": item.prompt_id, "number": item.number, "node_errors": checked.node_errors})
+
+
+@routes.get("/queue")
+async def get_queue(request: web.Request) -> web.Response:
+    running, pending = request.app[STATE].queue.snapshot()
+    return web.json_response({"queue_running": [item.as_task() for item in running],
+                              "queue_pending": [item.as_task() for item in pending]})
+
+
+@routes.post("/queue")
+async def change_queue(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    queue = request.app[STATE].queue
+    if body.get("clear"):
+        queue.clear()
+    if isinstance(body.get("delete"), list):
+        queue.delete([str(i) for i in body["delete"]])
+    return web.Response()
+
+
+@routes.post("/interrupt")
+async def interrupt(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    request.app[STATE].queue.interrupt(body.get("prompt_id"))
+    return web.Response()
+
+
+@routes.post("/free")
+async def free(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    request.app[STATE].queue.free(bool(body.get("unload_models")), bool(body.get("free_memory")))
+    return web.Response()
+
+
+@routes.get("/history")
+async def get_history(request: web.Request) -> web.Response:
+    try:
+        max_items = int(request.query["max_items"]) if "max_items" in request.query else None
+        offset = int(request.query["offset"]) if "offset" in request.query else None
+    except ValueError:
+        return web.json_response({"error": "max_items and offset must be integers"}, status=400)
+    return web.json_response(request.app[STATE].queue.history(max_items, offset))
+
+
+@routes.get("/history/{prompt_id}")
+async def get_history_item(request: web.Request) -> web.Response:
+    record = request.app[STATE].queue.history_record(request.match_info["prompt_id"])
+    return web.json_response({record.item.prompt_id: record.as_history()} if record else {})
+
+
+@routes.post("/history")
+async def change_history(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    queue = request.app[STATE].queue
+    if body.get("clear"):
+        queue.clear_history()
+    if isinstance(body.get("delete"), list):
+        queue.delete_history([str(i) for i in body["delete"]])
+    return web.Response()
+
+
+async def _json_object(request: web.Request) -> dict:
+    """An optional JSON object body; anything else counts as empty, as ComfyUI's routes treat it."""
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "the body is not valid JSON"}),
+                                 content_type="application/json") from None
+    return body if isinstance(body, dict) else {}

@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from nodes.common.paths import PathOutsideFolderError, atomic_write, confine
 
-from .server_state import CONFIG, STATE
+from .server_state import CONFIG, STATE, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS_DIR = os.path.join(ROOT, "workflows")
@@ -118,6 +118,10 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str, str, str, bool
     image = form.get("image")
     if not isinstance(image, web.FileField):
         raise web.HTTPBadRequest(text=json.dumps({"error": "the form needs an 'image' file field"}),
+                                 content_type="application/json")
+    if not image.filename or os.path.basename(image.filename) != image.filename or "\\" in image.filename:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"the file name must be a plain name; got "
+                                                           f"{image.filename!r} (put folders in 'subfolder')"}),
                                  content_type="application/json")
     kind = str(form.get("type") or "input")
     if kind not in ("input", "temp", "output"):
@@ -271,7 +275,7 @@ async def get_setting(request: web.Request) -> web.Response:
 
 @routes.post("/settings")
 async def post_settings(request: web.Request) -> web.Response:
-    changes = await request.json()
+    changes = await read_json(request)
     if not isinstance(changes, dict):
         return web.json_response({"error": "settings must be a JSON object"}, status=400)
     _write_settings(request, {**_read_settings(request), **changes})
@@ -280,7 +284,7 @@ async def post_settings(request: web.Request) -> web.Response:
 
 @routes.post("/settings/{id}")
 async def post_setting(request: web.Request) -> web.Response:
-    _write_settings(request, {**_read_settings(request), request.match_info["id"]: await request.json()})
+    _write_settings(request, {**_read_settings(request), request.match_info["id"]: await read_json(request)})
     return web.Response()
 
 

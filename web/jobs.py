@@ -7,13 +7,12 @@ first.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from .prompt_queue import HistoryRecord, QueueItem
-from .server_state import STATE
+from .server_state import STATE, read_json
 
 STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
 DEFAULT_LIMIT = 100
@@ -27,6 +26,11 @@ def _job(item: QueueItem, status: str, record: HistoryRecord | None = None) -> d
     previews = [(node, key, entry) for node, ui in outputs.items() for key, values in ui.items()
                 if key in PREVIEWABLE for entry in values if isinstance(entry, dict)]
     workflow = (item.extra_data.get("extra_pnginfo") or {}).get("workflow") or {}
+    preview = None
+    if previews:
+        node, key, entry = previews[0]
+        preview = {**{k: entry[k] for k in ("filename", "subfolder", "type") if k in entry},
+                   "nodeId": node, "mediaType": key}
     return {
         "id": item.prompt_id,
         "status": status,
@@ -36,8 +40,7 @@ def _job(item: QueueItem, status: str, record: HistoryRecord | None = None) -> d
         "execution_end_time": record.end_time if record else None,
         "outputs_count": sum(len(values) for ui in outputs.values() for values in ui.values()),
         "previewable_outputs_count": len(previews),
-        "preview_output": ({**{k: entry[k] for k in ("filename", "subfolder", "type") if k in entry},
-                            "nodeId": node, "mediaType": key} if previews else None),
+        "preview_output": preview,
         "execution_error": _error(record),
         "workflow_id": workflow.get("id") if isinstance(workflow, dict) else None,
     }
@@ -125,10 +128,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 @routes.post("/jobs/cancel")
 async def cancel_jobs(request: web.Request) -> web.Response:
-    try:
-        body = await request.json()
-    except json.JSONDecodeError:
-        return web.json_response({"error": "the body must be JSON {\"job_ids\": [...]}"}, status=400)
+    body = await read_json(request)
     ids = body.get("job_ids") if isinstance(body, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         return web.json_response({"error": "job_ids must be a list of strings"}, status=400)

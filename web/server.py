@@ -32,7 +32,7 @@ from .node_info import object_info
 from .prompt_queue import PromptQueue
 from .registry import display_names, node_classes
 from .security import security_middleware
-from .server_state import CONFIG, STATE, Client, ServerConfig, ServerState
+from .server_state import CONFIG, STATE, Client, ServerConfig, ServerState, read_json
 from . import files, jobs
 
 logger = logging.getLogger(__name__)
@@ -134,10 +134,6 @@ class _Sender:
         prompt_id = data.get("prompt_id")
         if event == "execution_start":
             self.nodes, self.running = {}, None
-        elif event == "execution_cached":
-            for node in data["nodes"]:
-                self._node_state(prompt_id, node, "finished", 1, 1)
-            self._progress_state(prompt_id, client_id)
         elif event == "executing" and data["node"] is not None:
             self._finish_running(prompt_id)
             self.running = data["node"]
@@ -154,7 +150,11 @@ class _Sender:
             self._post("preview", self._encode_preview(data), client_id)
             return
         self._route(event, data, client_id)
-        if event == "progress":
+        if event == "execution_cached" and data["nodes"]:
+            for node in data["nodes"]:
+                self._node_state(prompt_id, node, "finished", 1, 1)
+            self._progress_state(prompt_id, client_id)
+        elif event == "progress":
             self._node_state(prompt_id, data["node"], "running", data["value"], data["max"])
             self._progress_state(prompt_id, client_id)
 
@@ -181,9 +181,12 @@ class _Sender:
 
     @staticmethod
     def _encode_preview(data: dict) -> tuple[bytes, dict]:
-        image: Image.Image = data["image"].convert("RGB")
+        image: Image.Image = data["image"]
+        if image.mode != "RGB":
+            image = image.convert("RGB")  # a new image, ours to shrink in place
+        elif max(image.size) > PREVIEW_MAX_SIZE:
+            image = image.copy()  # never shrink the node's own image
         if max(image.size) > PREVIEW_MAX_SIZE:
-            image = image.copy()
             image.thumbnail((PREVIEW_MAX_SIZE, PREVIEW_MAX_SIZE))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
@@ -380,10 +383,7 @@ async def queue_prompt(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         return _bad_request(f"POST /prompt needs Content-Type application/json; got {request.content_type!r}",
                             "invalid_content_type", status=415)
-    try:
-        body = await request.json()
-    except json.JSONDecodeError as error:
-        return _bad_request(f"the body is not valid JSON: {error}")
+    body = await read_json(request)
     if not isinstance(body, dict):
         return _bad_request(f"the body must be a JSON object; got {type(body).__name__}")
     prompt_id = body.get("prompt_id")
@@ -470,9 +470,5 @@ async def _json_object(request: web.Request) -> dict:
     """An optional JSON object body; anything else counts as empty, as ComfyUI's routes treat it."""
     if not request.can_read_body:
         return {}
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "the body is not valid JSON"}),
-                                 content_type="application/json") from None
+    body = await read_json(request)
     return body if isinstance(body, dict) else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from typing import Any
 
 from aiohttp import web
@@ -47,3 +48,12 @@ class ServerState:
 
 CONFIG = web.AppKey("config", ServerConfig)
 STATE = web.AppKey("state", ServerState)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body; a body that is not UTF-8 JSON is a 400 that says so, never a 500."""
+    try:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"the body is not valid JSON: {error}"}),
+                                 content_type="application/json") from None

@@ -1,0 +1,98 @@
+"""What the server tests share: node classes that report progress, and an app on a temporary data folder."""
+
+import asyncio
+import io
+import threading
+import time
+
+from PIL import Image
+
+from nodes.common.progress import progress
+from web.folders import DataFolders
+from web.registry import node_classes
+from web.server import create_app
+from web.server_state import ServerConfig
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class Steps:
+    """Reports ``steps`` progress calls with a preview each, sleeping ``pause_ms`` between them."""
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+    started = threading.Event()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"steps": ("INT", {"default": 3, "min": 1, "max": 10_000, "step": 1}),
+                             "pause_ms": ("INT", {"default": 0, "min": 0, "max": 1000, "step": 1})}}
+
+    def run(self, steps, pause_ms):
+        for step in range(1, steps + 1):
+            Steps.started.set()
+            progress(step, steps, Image.new("RGB", (600, 300), (step % 255, 80, 160)))
+            time.sleep(pause_ms / 1000)
+        return {"ui": {"text": [f"{steps} steps"]}}
+
+
+class Explode:
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",)}}
+
+    def run(self, image):
+        raise RuntimeError("this node always fails")
+
+
+def make_app(root, token=None, allowed_hosts=LOOPBACK):
+    folders = DataFolders.under(str(root / "data"))
+    config = ServerConfig(folders=folders, models_dir=str(root / "models"), allowed_hosts=allowed_hosts, token=token)
+    return create_app(config, {**node_classes(folders), "Steps": Steps, "Explode": Explode})
+
+
+def solid_prompt(prefix="test", width=16, color=0x336699):
+    return {"1": {"class_type": "EmptyImage", "inputs": {"width": width, "height": 8, "batch_size": 1, "color": color}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}
+
+
+def png_bytes(size=(8, 8), color=(255, 0, 0, 255)):
+    buffer = io.BytesIO()
+    Image.new("RGBA", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def messages_until_done(socket, prompt_id, timeout=60):
+    """Every message on ``socket`` up to ``executing {node: null}`` for ``prompt_id``: JSON as dicts, binary as bytes."""
+    received = []
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await socket.receive()
+            if message.type.name == "BINARY":
+                received.append(message.data)
+                continue
+            data = message.json()
+            received.append(data)
+            if data["type"] == "executing" and data["data"]["node"] is None and data["data"]["prompt_id"] == prompt_id:
+                return received
+
+
+async def connect(client, client_id, with_metadata=True):
+    socket = await client.ws_connect(f"/ws?clientId={client_id}")
+    hello = await socket.receive_json()
+    assert hello["type"] == "status" and hello["data"]["sid"] == client_id
+    if with_metadata:
+        await socket.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+        assert (await socket.receive_json())["type"] == "feature_flags"
+    return socket
+
+
+async def queue(client, prompt, client_id=None, **extra):
+    response = await client.post("/api/prompt", json={"prompt": prompt, "client_id": client_id, **extra})
+    assert response.status == 200, await response.text()
+    return (await response.json())["prompt_id"]

@@ -1,7 +1,7 @@
 """Install what Atelier needs into the running Python, and never touch an installed torch.
 
     python install.py            # what the nodes and the app need
-    python install.py --tests    # the same, plus what the tests need
+    python install.py --tests    # the same, plus what the tests need (and Debian's chromium, as root)
 
 ComfyUI users run CUDA builds of torch, and a node pack that swaps one for a CPU build is the worst bug a pack
 can ship. So every ``pip install`` here runs with a constraints file that pins the torch (and torchvision,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,21 @@ def installed_versions() -> dict[str, str]:
 
 def pip_install(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args], check=True)
+
+
+def install_chromium() -> bool:
+    """Debian's chromium for the browser tests (Playwright drives it; it never downloads a browser of its own)."""
+    if shutil.which("chromium"):
+        return True
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        print("install.py: the browser tests need Debian's chromium: run `apt-get install chromium` as root",
+              file=sys.stderr)
+        return False
+    print("install.py: installing Debian's chromium for the browser tests", flush=True)
+    subprocess.run(["apt-get", "update"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "chromium"], check=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         found = [name for name in NEVER if importlib.util.find_spec(name) is not None]
         if found:
             print(f"install.py: {found} installed; Atelier never depends on them", file=sys.stderr)
+            return 1
+        if not install_chromium():
             return 1
     print(f"install.py: ready, with torch {after['torch']}", flush=True)
     return 0

@@ -14,6 +14,7 @@ def pip_calls(monkeypatch):
         calls.append((args, open(constraints).read() if constraints else None))
 
     monkeypatch.setattr(install, "pip_install", record)
+    monkeypatch.setattr(install, "install_chromium", lambda: True)  # apt-get is not this test's business
     return calls
 
 

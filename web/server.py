@@ -416,13 +416,8 @@ async def get_queue(request: web.Request) -> web.Response:
 
 @routes.post("/queue")
 async def change_queue(request: web.Request) -> web.Response:
-    body = await _json_object(request)
     queue = request.app[STATE].queue
-    if body.get("clear"):
-        queue.clear()
-    if isinstance(body.get("delete"), list):
-        queue.delete([str(i) for i in body["delete"]])
-    return web.Response()
+    return await _clear_or_delete(request, queue.clear, queue.delete)
 
 
 @routes.post("/interrupt")
@@ -457,12 +452,17 @@ async def get_history_item(request: web.Request) -> web.Response:
 
 @routes.post("/history")
 async def change_history(request: web.Request) -> web.Response:
-    body = await _json_object(request)
     queue = request.app[STATE].queue
+    return await _clear_or_delete(request, queue.clear_history, queue.delete_history)
+
+
+async def _clear_or_delete(request: web.Request, clear, delete) -> web.Response:
+    """POST /queue and POST /history: ``{"clear": true}`` and/or ``{"delete": [prompt ids]}``."""
+    body = await _json_object(request)
     if body.get("clear"):
-        queue.clear_history()
+        clear()
     if isinstance(body.get("delete"), list):
-        queue.delete_history([str(i) for i in body["delete"]])
+        delete([str(i) for i in body["delete"]])
     return web.Response()
 
 

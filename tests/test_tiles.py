@@ -1,0 +1,62 @@
+"""Tiles: covering starts, and tiled results equal to the untiled ones for functions that act locally."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nodes.common.progress import use_sink
+from nodes.common.tiles import tile_starts, tiled_apply
+
+
+@pytest.mark.parametrize("size, tile, overlap, align", [(100, 40, 8, 1), (512, 96, 32, 8), (97, 96, 8, 1),
+                                                         (1000, 128, 0, 1), (64, 64, 16, 8)])
+def test_tiles_cover_everything_with_at_least_the_overlap(size, tile, overlap, align):
+    starts = tile_starts(size, tile, overlap, align)
+    assert starts[0] == 0 and starts[-1] + min(tile, size) == size
+    assert all(start % align == 0 for start in starts)
+    assert all(a + tile - b >= overlap for a, b in zip(starts, starts[1:]))
+    assert starts == sorted(set(starts))
+
+
+@pytest.mark.parametrize("args", [(0, 8, 0, 1), (10, 8, 8, 1), (10, 8, -1, 1), (20, 8, 2, 8)])
+def test_bad_tiling_is_refused(args):
+    with pytest.raises(ValueError):
+        tile_starts(*args)
+
+
+def test_tiled_upsampling_equals_the_whole():
+    x = torch.randn(2, 4, 37, 53)
+    upsample = lambda t: F.interpolate(t, scale_factor=8, mode="nearest")  # noqa: E731
+    assert torch.allclose(tiled_apply(upsample, x, 16, 4, Fraction(8)), upsample(x))
+
+
+def test_tiled_downsampling_keeps_the_output_grid():
+    x = torch.randn(1, 3, 128, 200)
+    pool = lambda t: F.avg_pool2d(t, 8)  # noqa: E731
+    assert torch.allclose(tiled_apply(pool, x, 64, 16, Fraction(1, 8)), pool(x), atol=1e-6)
+
+
+def test_overlaps_are_cross_faded_not_cut():
+    x = torch.zeros(1, 1, 8, 24)
+    calls = iter([0.0, 1.0])
+    constant = lambda t: torch.full_like(t, next(calls))  # noqa: E731 (tile 1 gives 0, tile 2 gives 1)
+    row = tiled_apply(constant, x, 16, 8, Fraction(1))[0, 0, 0]
+    assert torch.equal(row[:8], torch.zeros(8)) and torch.equal(row[16:], torch.ones(8))
+    assert (row[8:16].diff() > 0).all()  # a ramp across the overlap
+
+
+def test_progress_is_reported_per_tile():
+    seen = []
+
+    class Sink:
+        def progress(self, step, total, preview):
+            seen.append((step, total))
+
+        def interrupted(self):
+            return False
+
+    with use_sink(Sink()):
+        tiled_apply(lambda t: t, torch.zeros(1, 1, 30, 30), 16, 2, Fraction(1))  # 2 × 2 tiles overlapping by 2
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]

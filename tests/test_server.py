@@ -115,7 +115,7 @@ async def test_userdata_save_list_open_rename_delete(client, tmp_path):
         {"name": "sub", "path": "workflows/sub", "type": "directory"}]
     assert (await client.delete("/api/userdata/workflows%2Fsub%2Ftheirs.json")).status == 204
     assert (await client.get("/api/userdata/workflows%2Fsub%2Ftheirs.json")).status == 404
-    assert (await client.get("/api/userdata?dir=nothing")).status == 404
+    assert await (await client.get("/api/userdata?dir=nothing")).json() == []
     assert (tmp_path / "data" / "user" / "default" / "workflows" / "sub").is_dir()
 
 

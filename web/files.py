@@ -300,7 +300,7 @@ async def list_userdata(request: web.Request) -> web.Response:
         return web.json_response({"error": "dir is required"}, status=400)
     folder = _user_path(request, directory)
     if not os.path.isdir(folder):
-        return _not_found(f"folder {directory!r}")
+        return web.json_response([])  # a new user has no workflows/ yet: an empty list, not an error
     recurse, full_info, split = (_flag(request, n, False) for n in ("recurse", "full_info", "split"))
     entries = []
     for current, dirs, names in os.walk(folder):

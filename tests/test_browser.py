@@ -1,0 +1,446 @@
+"""The editor in a real browser: the official ComfyUI frontend on our server, driven by headless Chromium.
+
+One server (``python -m web serve`` on a free loopback port, with an empty data folder, so a brand-new user) and
+one Chromium for the whole module. The tests run in file order on the same page, as a user would: the example
+workflow opens, a node is added and connected, Run shows its image, the workflow is saved and reopened, and an
+output PNG dropped on the canvas brings its graph back. The last test checks the console and every HTTP answer.
+
+Chromium is Debian's (``apt-get install chromium``), driven by the ``playwright`` package; ``playwright install``
+is never needed. Every request that does not go to loopback is aborted and listed. Screenshots go to
+``tests/e2e/screenshots/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from PIL import Image
+
+try:
+    from playwright.sync_api import Error as PlaywrightError, TimeoutError as PlaywrightTimeoutError, expect, \
+        sync_playwright
+except ImportError:  # reported by the chromium fixture, with how to install it
+    sync_playwright = None
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = ROOT / "tests" / "e2e" / "screenshots"
+EXAMPLE = json.loads((ROOT / "workflows" / "image_basics.json").read_text(encoding="utf-8"))
+SKIP_VARIABLE = "ATELIER_SKIP_BROWSER"
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+SERVER_START_TIMEOUT_S = 60  # importing torch on a loaded 2-core machine takes a while
+STEP_TIMEOUT_MS = 20_000  # any one wait in the page; a healthy run needs well under a second for each
+VIEWPORT = {"width": 1280, "height": 800}
+EMPTY_SPOT = (400, 650)  # viewport pixels below the example's nodes and left of the minimap: empty canvas
+SAVED_NAME = "browser_test"
+NEW_SCALE_WIDTH = 200  # set on the example's ImageScale before Run, so the output proves the edited graph ran
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+]
+
+# 4xx answers the frontend asks for and handles, each with why it is fine. Matched on path plus query.
+TOLERATED_4XX = {
+    r"/user\.css": "index.html links an optional user stylesheet; ComfyUI answers 404 too",
+    r"/api/userdata/user\.css": "the same optional stylesheet, looked up in the user's files",
+    r"/api/userdata/comfy\.templates\.json": "the core nodeTemplates extension's saved node templates; none yet",
+    r"/api/userdata/workflows%2F\.index\.json": "the workflow bookmarks file, written on the first bookmark",
+    r"/api/workflow_templates/atelier/[\w.-]+\.jpg":
+        "template thumbnails are optional; the templates dialog draws a placeholder",
+}
+
+# Serialized graph of the live page: what the assertions compare. Links as [origin, slot, target, slot].
+GRAPH_JS = """() => {
+    const graph = app.graph.serialize();
+    return {
+        nodes: graph.nodes.map(n => ({id: String(n.id), type: n.type, widgets: n.widgets_values ?? []})),
+        links: graph.links.map(l => Array.isArray(l)
+            ? [String(l[1]), l[2], String(l[3]), l[4]]
+            : [String(l.origin_id), l.origin_slot, String(l.target_id), l.target_slot]),
+    };
+}"""
+
+
+def graph_summary(workflow: dict) -> dict:
+    """A UI workflow's nodes (id, type, widget values) and links, in the form GRAPH_JS returns."""
+    nodes = [{"id": str(n["id"]), "type": n["type"], "widgets": n.get("widgets_values") or []}
+             for n in workflow["nodes"]]
+    links = [[str(link[1]), link[2], str(link[3]), link[4]] for link in workflow["links"]]
+    return {"nodes": nodes, "links": links}
+
+
+def canonical(summary: dict) -> dict:
+    """Order-independent form of a graph summary."""
+    return {"nodes": sorted(summary["nodes"], key=lambda n: int(n["id"])),
+            "links": sorted(summary["links"], key=lambda link: (int(link[0]), link[1], int(link[2]), link[3]))}
+
+
+# --- the server and the browser ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Server:
+    url: str
+    data_dir: Path
+    log_path: Path
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium, and the playwright package that drives it; missing means a failure, not a skip."""
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    missing = []
+    if not os.access(path, os.X_OK):
+        missing.append("Chromium is not installed: apt-get install chromium (Debian's package; never run "
+                       "'playwright install')")
+    if sync_playwright is None:
+        missing.append("the playwright package is missing: pip install -r requirements-test.txt")
+    if missing:
+        if os.environ.get(SKIP_VARIABLE) == "1":
+            pytest.skip(f"{SKIP_VARIABLE}=1 and " + "; ".join(missing))
+        pytest.fail("; ".join(missing) + f" (or set {SKIP_VARIABLE}=1 to skip the browser tests)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(chromium: str, tmp_path_factory: pytest.TempPathFactory):
+    """The real server in a subprocess, on a free loopback port, with an empty data folder (a new user)."""
+    data_dir = tmp_path_factory.mktemp("browser_data")
+    log_path = data_dir.parent / f"{data_dir.name}_server.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "web", "serve", "--port", str(port), "--listen", "127.0.0.1",
+             "--data-dir", str(data_dir)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    running = Server(url, data_dir, log_path)
+    try:
+        wait_until_ready(process, running)
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_until_ready(process: subprocess.Popen, running: Server) -> None:
+    """Poll GET /api/users until it answers 200; the wait between polls also watches the process."""
+    deadline = SERVER_START_TIMEOUT_S * 10
+    for _ in range(deadline):
+        try:
+            with urllib.request.urlopen(f"{running.url}/api/users", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        try:
+            code = process.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.fail(f"the server exited with {code} before answering /api/users:\n{running.log_tail()}")
+    pytest.fail(f"the server did not answer /api/users within {SERVER_START_TIMEOUT_S} s:\n{running.log_tail()}")
+
+
+@dataclasses.dataclass
+class Editor:
+    """The one page of the module, what it recorded, and what earlier steps left for later ones."""
+
+    page: object
+    server: Server
+    console_errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (text, location url)
+    page_errors: list[str] = dataclasses.field(default_factory=list)
+    bad_responses: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # (status, method, url)
+    blocked: list[str] = dataclasses.field(default_factory=list)
+    first_response: object = None
+    done: set[str] = dataclasses.field(default_factory=set)
+    added_node_id: str | None = None
+    ran_graph: dict | None = None
+    output_file: Path | None = None
+
+    def require(self, step: str) -> None:
+        if step not in self.done:
+            pytest.skip(f"needs the step {step!r}, which failed or did not run")
+
+    def screenshot(self, name: str) -> None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+    def wait_until(self, expression: str, failure: str, arg=None) -> None:
+        """Wait for a JS condition in the page; on timeout fail with ``failure``, not a bare timeout."""
+        try:
+            self.page.wait_for_function(expression, arg=arg)
+        except PlaywrightTimeoutError:
+            pytest.fail(f"{failure} (waited {STEP_TIMEOUT_MS / 1000:.0f} s for {expression.strip()}); "
+                        f"page errors: {self.page_errors[-3:]}; console errors: {self.console_errors[-3:]}; "
+                        f"HTTP errors: {self.bad_responses[-3:]}")
+
+    def graph(self) -> dict:
+        return canonical(self.page.evaluate(GRAPH_JS))
+
+    def to_screen(self, node_id: str, is_input: bool, slot: int) -> tuple[float, float]:
+        """Viewport position of a node's slot, from litegraph's canvas coordinates."""
+        x, y = self.page.evaluate("""([id, isInput, slot]) => {
+            const node = app.graph.getNodeById(id);
+            const offset = app.canvas.ds.convertOffsetToCanvas(node.getConnectionPos(isInput, slot));
+            const box = app.canvas.canvas.getBoundingClientRect();
+            return [box.left + offset[0], box.top + offset[1]];
+        }""", [node_id, is_input, slot])
+        return x, y
+
+
+@pytest.fixture(scope="module")
+def editor(chromium: str, server: Server):
+    """Chromium with every non-loopback request aborted, one page opened on ``/`` as a brand-new user."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        context = browser.new_context(service_workers="block", viewport=VIEWPORT)
+        blocked: list[str] = []
+
+        def only_loopback(route) -> None:
+            if urlsplit(route.request.url).hostname in LOOPBACK:
+                route.continue_()
+            else:
+                blocked.append(route.request.url)
+                route.abort()
+
+        context.route("**/*", only_loopback)
+        page = context.new_page()
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        session = Editor(page, server, blocked=blocked)
+        page.on("console", lambda message: session.console_errors.append(
+            (message.text, message.location.get("url", ""))) if message.type == "error" else None)
+        page.on("pageerror", lambda error: session.page_errors.append(str(error)))
+        page.on("response", lambda response: session.bad_responses.append(
+            (response.status, response.request.method, response.url)) if response.status >= 400 else None)
+        try:
+            session.first_response = page.goto(server.url + "/")
+            session.wait_until("window.app && window.app.graph && window.app.vueAppReady", "the editor did not boot")
+            page.locator("#splash-loader").wait_for(state="hidden")  # it covers the canvas and eats clicks
+            yield session
+        finally:
+            # The frontend may call external hosts (api.comfy.org and the like); list them, do not fail on them.
+            logger.log(logging.WARNING if blocked else logging.INFO, "aborted requests to non-loopback hosts: %s",
+                       blocked or "none")
+            try:
+                session.screenshot("last")
+            except PlaywrightError as error:  # the screenshot only helps debugging; a dead page must not hide why
+                logger.warning("no final screenshot: %s", error)
+            finally:
+                context.close()
+                browser.close()
+
+
+# --- the steps -----------------------------------------------------------------------------------------------------
+
+def test_new_user_is_redirected_to_the_example_workflow(editor: Editor):
+    response = editor.first_response
+    assert response is not None and response.ok, f"GET / failed: {response and response.status}"
+    redirected = response.request.redirected_from
+    assert redirected is not None and urlsplit(redirected.url).path == "/", \
+        f"a new user's GET / was not redirected; it ended at {response.url}"
+    query = parse_qs(urlsplit(response.url).query)
+    assert query == {"template": ["image_basics"], "source": ["atelier"]}, f"redirected to {response.url}"
+
+    editor.wait_until("app.graph.nodes.length > 0", "the first graph is empty")
+    assert editor.graph() == canonical(graph_summary(EXAMPLE)), \
+        "the first graph is not workflows/image_basics.json (node types, widget values or links differ)"
+    assert "image_basics" in editor.page.title(), f"the active tab is {editor.page.title()!r}, not the example"
+    dialogs = editor.page.locator("[role=dialog]:visible")
+    assert dialogs.count() == 0, f"a dialog covers the example workflow: {dialogs.all_inner_texts()}"
+    editor.screenshot("1_example_workflow")
+    editor.done.add("boot")
+
+
+def test_node_added_from_search_box_is_connected(editor: Editor):
+    editor.require("boot")
+    page = editor.page
+    before = {n["id"] for n in editor.graph()["nodes"]}
+
+    page.mouse.dblclick(*EMPTY_SPOT)
+    search = page.get_by_role("combobox", name="Add a node...")
+    search.fill("Preview Image")
+    # The list filters as the query is typed; Enter adds the first result once it is the one asked for.
+    expect(page.locator("#results-list [role=option]").first).to_have_text(re.compile(r"^Preview Image"),
+                                                                           timeout=STEP_TIMEOUT_MS)
+    search.press("Enter")
+    search.wait_for(state="hidden")
+    # The new node follows the cursor (Comfy.NodeSearchBoxImpl.FollowCursor) until a click places it.
+    page.mouse.click(*EMPTY_SPOT)
+    editor.wait_until("app.canvas.state.ghostNodeId == null", "a click on the canvas did not place the new node")
+    added = [n for n in editor.graph()["nodes"] if n["id"] not in before]
+    assert [n["type"] for n in added] == ["PreviewImage"], f"nodes added by the search box: {added}"
+    node_id = added[0]["id"]
+
+    # Drag from Upscale Image's output to the new node's input, as a user connects two nodes.
+    page.mouse.move(*editor.to_screen("3", False, 0))
+    page.mouse.down()
+    page.mouse.move(*editor.to_screen(node_id, True, 0), steps=10)
+    page.mouse.up()
+    assert ["3", 0, node_id, 0] in editor.graph()["links"], \
+        f"dragging ImageScale's output onto node {node_id}'s input made no link"
+    editor.added_node_id = node_id
+    editor.screenshot("2_node_added")
+    editor.done.add("node")
+
+
+def test_run_shows_the_output_image_in_the_node(editor: Editor):
+    editor.require("node")
+    page, node_id = editor.page, editor.added_node_id
+    # Edit a widget so the output's size proves that the edited graph ran, not the example as shipped.
+    page.evaluate("""(width) => {
+        const widget = app.graph.getNodeById(3).widgets.find(w => w.name === "width");
+        widget.value = width;
+        widget.callback?.(width);
+    }""", NEW_SCALE_WIDTH)
+    editor.ran_graph = editor.graph()
+
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/api/prompt" and r.request.method == "POST") as info:
+        page.get_by_test_id("queue-button").click()
+    answer = info.value
+    assert answer.status == 200, f"POST /api/prompt answered {answer.status}: {answer.text()}"
+    assert answer.json()["node_errors"] == {}, f"the server refused nodes: {answer.json()['node_errors']}"
+
+    editor.wait_until("(id) => app.nodeOutputs[id]?.images?.length > 0",
+                      f"no 'executed' images reached the added node {node_id}", node_id)
+    editor.wait_until("(id) => app.graph.getNodeById(id).imgs?.[0]?.naturalWidth > 0",
+                      f"the added node {node_id} got an output but its image did not load (GET /api/view)", node_id)
+    shown = page.evaluate("(id) => { const img = app.graph.getNodeById(id).imgs[0];"
+                          " return [img.naturalWidth, img.naturalHeight, img.src] }", node_id)
+    canvas_width, canvas_height = EXAMPLE["nodes"][0]["widgets_values"][:2]  # EmptyImage; height 0 keeps the aspect
+    expected_height = canvas_height * NEW_SCALE_WIDTH // canvas_width
+    assert shown[:2] == [NEW_SCALE_WIDTH, expected_height], f"the image in node {node_id} is {shown}"
+    assert "/api/view?" in shown[2], f"the node's image does not come from /api/view: {shown[2]}"
+
+    editor.wait_until("() => app.nodeOutputs['4']?.images?.length > 0", "no 'executed' images reached SaveImage")
+    saved = page.evaluate("() => app.nodeOutputs['4'].images[0]")
+    assert saved["type"] == "output" and saved["filename"].startswith("image_basics_"), f"SaveImage output: {saved}"
+    editor.output_file = editor.server.data_dir / "output" / saved["subfolder"] / saved["filename"]
+    with Image.open(editor.output_file) as image:
+        assert image.size == (NEW_SCALE_WIDTH, expected_height), f"{editor.output_file} is {image.size}"
+    editor.screenshot("3_after_run")
+    editor.done.add("run")
+
+
+def test_workflow_saved_from_file_menu_reopens_from_workflows_sidebar(editor: Editor):
+    editor.require("run")
+    page = editor.page
+    page.get_by_test_id("comfy-menu-button").click()
+    page.get_by_role("menuitem", name="File").hover()
+    # The accessible name carries the shortcut ("Save Ctrl + s"); "Save As" is another item.
+    page.get_by_role("menuitem", name=re.compile(r"^Save(?! As)")).click()
+    name_input = page.locator(".prompt-dialog-content input")
+    name_input.fill(SAVED_NAME)
+    with page.expect_response(lambda r: r.request.method == "POST"
+                              and f"/api/userdata/workflows%2F{SAVED_NAME}.json" in r.url) as info:
+        name_input.press("Enter")
+    assert info.value.status == 200, f"saving answered {info.value.status}: {info.value.text()}"
+    editor.wait_until("(name) => document.title.startsWith(name + ' - ')",
+                      "the tab did not take the saved workflow's name", SAVED_NAME)
+
+    saved_file = editor.server.data_dir / "user" / "default" / "workflows" / f"{SAVED_NAME}.json"
+    assert saved_file.is_file(), f"{saved_file} was not written"
+    try:
+        saved = canonical(graph_summary(json.loads(saved_file.read_text(encoding="utf-8"))))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        pytest.fail(f"{saved_file} is not the workflow the editor sent: {error!r}")
+    assert saved == editor.graph(), "the saved file differs from the graph in the editor"
+
+    page.evaluate("() => app.extensionManager.command.execute('Workspace.CloseWorkflow')")
+    editor.wait_until("(name) => !document.title.startsWith(name + ' - ')",
+                      "Workspace.CloseWorkflow did not close the saved workflow", SAVED_NAME)
+    assert editor.added_node_id not in {n["id"] for n in editor.graph()["nodes"]}, "the saved workflow is still open"
+
+    page.get_by_test_id("workflows-tab-button").click()
+    item = page.locator(".comfyui-workflows-browse").get_by_role("treeitem", name=SAVED_NAME)
+    with page.expect_response(lambda r: r.request.method == "GET"
+                              and f"/api/userdata/workflows%2F{SAVED_NAME}.json" in r.url) as info:
+        item.click()
+    assert info.value.status == 200, f"reading the saved workflow answered {info.value.status}"
+    editor.wait_until("(name) => document.title.startsWith(name + ' - ')",
+                      "clicking the saved workflow in the Workflows sidebar did not open it", SAVED_NAME)
+    assert editor.graph() == saved, "the reopened workflow differs from the saved file"
+    editor.screenshot("4_reopened")
+    page.get_by_test_id("workflows-tab-button").click()
+    editor.done.add("save")
+
+
+def test_dropping_a_saved_output_png_restores_its_graph(editor: Editor):
+    editor.require("run")
+    page = editor.page
+    data = editor.output_file.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        assert "workflow" in image.text, f"{editor.output_file.name} carries no workflow: {sorted(image.text)}"
+
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.NewBlankWorkflow')")
+    editor.wait_until("app.graph.nodes.length == 0", "Comfy.NewBlankWorkflow did not open an empty graph")
+    page.evaluate("""([name, encoded]) => {
+        const bytes = Uint8Array.from(atob(encoded), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, {type: "image/png"}));
+        const canvas = document.getElementById("graph-canvas");
+        const box = canvas.getBoundingClientRect();
+        canvas.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true,
+                                                    clientX: box.x + box.width / 2, clientY: box.y + box.height / 2}));
+    }""", [editor.output_file.name, base64.b64encode(data).decode()])
+    editor.wait_until("app.graph.nodes.length > 0", f"dropping {editor.output_file.name} loaded no graph")
+    assert editor.graph() == editor.ran_graph, "the dropped PNG restored a different graph than the one that ran"
+    editor.screenshot("5_png_dropped")
+    editor.done.add("drop")
+
+
+def test_no_console_errors_or_failed_responses_from_our_routes(editor: Editor):
+    """Every 4xx is one the frontend asks for and handles (TOLERATED_4XX); no 5xx; no page errors."""
+    server_errors = [r for r in editor.bad_responses if r[0] >= 500]
+    assert server_errors == [], f"5xx answers: {server_errors}"
+
+    def relative(url: str) -> str:
+        parts = urlsplit(url)
+        return parts.path + (f"?{parts.query}" if parts.query else "")
+
+    def tolerated(url: str) -> bool:
+        return any(re.fullmatch(pattern, relative(url)) for pattern in TOLERATED_4XX)
+
+    unexpected = [r for r in editor.bad_responses if not tolerated(r[2])]
+    assert unexpected == [], f"4xx answers the frontend does not expect: {unexpected}"
+    assert editor.page_errors == [], f"uncaught errors in the page: {editor.page_errors}"
+
+    blocked_hosts = {urlsplit(url).hostname for url in editor.blocked}
+
+    def explained(text: str, location: str) -> bool:
+        """A failed load we allowed above, or anything that names a host we blocked."""
+        if any(host and host in text + location for host in blocked_hosts):
+            return True
+        return text.startswith("Failed to load resource") and (
+            urlsplit(location).hostname not in LOOPBACK or tolerated(location))
+
+    ours = [(text, location) for text, location in editor.console_errors if not explained(text, location)]
+    assert ours == [], f"console errors: {ours}"

@@ -3,5 +3,7 @@
 Only relative imports live here: inside ComfyUI, ``import nodes`` is ComfyUI's own module.
 """
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from .generation import nodes as generation
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {**generation.NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**generation.NODE_DISPLAY_NAME_MAPPINGS}

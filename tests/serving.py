@@ -53,7 +53,7 @@ class Explode:
 def make_app(root, token=None, allowed_hosts=LOOPBACK):
     folders = DataFolders.under(str(root / "data"))
     config = ServerConfig(folders=folders, models_dir=str(root / "models"), allowed_hosts=allowed_hosts, token=token)
-    return create_app(config, {**node_classes(folders), "Steps": Steps, "Explode": Explode})
+    return create_app(config, {**node_classes(folders, config.models_dir), "Steps": Steps, "Explode": Explode})
 
 
 def solid_prompt(prefix="test", width=16, color=0x336699):

@@ -33,7 +33,9 @@ LOAD_AS_COMFYUI = """
 import importlib.util, json, os, sys
 sys.path.insert(0, os.environ["FAKE_COMFY"])
 import nodes as comfy_nodes  # ComfyUI's nodes.py
-spec = importlib.util.spec_from_file_location("custom_nodes.atelier_x", os.path.join(os.environ["PACK"], "__init__.py"),
+# ComfyUI names the module after the folder's full path, dots replaced (nodes.py, load_custom_node).
+name = os.path.join(os.environ["PACK"]).replace(".", "_x_")
+spec = importlib.util.spec_from_file_location(name, os.path.join(os.environ["PACK"], "__init__.py"),
                                               submodule_search_locations=[os.environ["PACK"]])
 pack = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = pack
@@ -64,7 +66,7 @@ def test_exported_names_are_prefixed_and_never_core_names():
 
 
 def all_node_classes(tmp_path):
-    return node_classes(DataFolders.under(str(tmp_path)))
+    return node_classes(DataFolders.under(str(tmp_path)), str(tmp_path / "models"))
 
 
 def test_every_number_input_declares_its_bounds(tmp_path):

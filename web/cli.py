@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="override an input; NODE is a node id or title, VALUE is JSON or plain text")
     run.add_argument("--output-dir", help="where saved images go (default: DATA_DIR/output)")
     run.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/ and user/")
+    run.add_argument("--models-dir", default="models", help="folder laid out like ComfyUI's models/")
     run.add_argument("--verbose", action="store_true", help="log engine details")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -109,7 +110,7 @@ def serve_editor(args: argparse.Namespace) -> int:
 
 def run_workflow(args: argparse.Namespace) -> int:
     folders = DataFolders.under(args.data_dir, args.output_dir)
-    classes = node_classes(folders)
+    classes = node_classes(folders, args.models_dir)
     try:
         prompt, extra_data = load_workflow(args.workflow, classes)
         for assignment in args.set:

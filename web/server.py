@@ -78,7 +78,7 @@ def create_app(config: ServerConfig, classes: dict[str, type] | None = None) -> 
     app = web.Application(middlewares=[security_middleware(config.allowed_hosts, config.token)],
                           client_max_size=config.max_upload_bytes)
     app[CONFIG] = config
-    app[CLASSES] = node_classes(config.folders) if classes is None else dict(classes)
+    app[CLASSES] = node_classes(config.folders, config.models_dir) if classes is None else dict(classes)
     app.cleanup_ctx.append(_worker_context)
     app.on_shutdown.append(_close_sockets)
     api = [*routes, *files.routes, *jobs.routes]

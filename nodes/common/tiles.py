@@ -107,3 +107,4 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         total[y:y + result.shape[-2], x0:x0 + result.shape[-1]] += weight
         progress(number + 1, len(rows) * len(columns))
     return (out / total).to(result.dtype)
+

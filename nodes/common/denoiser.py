@@ -1,0 +1,217 @@
+"""The small seam every technique works through: a denoiser, its noise schedule, and a latent codec (the VAE).
+
+A technique calls a denoiser with ``(x_t, t, conditioning)`` and gets the model's raw prediction, in the
+family's prediction type; :class:`NoiseSchedule` converts it to the noise ε that samplers step with. diffusers
+is the first implementation (:class:`DiffusersDenoiser`); an adapter for ComfyUI's own MODEL can come later
+behind the same two protocols, so keep them small.
+
+Notation (as in ``techniques.md`` §4): ᾱ_t = ``alphas_cumprod[t]``; the VP noise std σ_t = √(1−ᾱ_t); the VE
+sigma s_t = σ_t / √ᾱ_t; ε is the noise prediction after classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+    """A discrete variance-preserving schedule and what the model predicts on it.
+
+    Example:
+        >>> betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled_linear
+        >>> schedule = NoiseSchedule(torch.cumprod(1 - betas, 0), "epsilon")
+        >>> round(float(schedule.ve_sigmas()[999]), 3)
+        14.615
+    """
+
+    alphas_cumprod: torch.Tensor  # (T,), float64
+    prediction_type: str
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {self.prediction_type!r}")
+        if self.alphas_cumprod.ndim != 1:
+            raise ValueError(f"alphas_cumprod must be 1-D; got shape {tuple(self.alphas_cumprod.shape)}")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def ve_sigmas(self) -> torch.Tensor:
+        """s_t = √((1−ᾱ_t)/ᾱ_t) for every training timestep."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ at (possibly fractional) timesteps, linearly interpolated between the integer ones."""
+        t = t.to(torch.float64).clamp(0, self.num_train_timesteps - 1)
+        low = t.floor().long()
+        high = (low + 1).clamp(max=self.num_train_timesteps - 1)
+        weight = t - low
+        table = self.alphas_cumprod.to(t.device)
+        return table[low] * (1 - weight) + table[high] * weight
+
+    def eps_from_prediction(self, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """The noise ε implied by the model's raw ``prediction`` at ``x_t``, timestep ``t`` (shape (B,) or ())."""
+        if self.prediction_type == "epsilon":
+            return prediction
+        alpha_bar = self.alpha_bar(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if self.prediction_type == "v_prediction":  # v = a·ε − s·x0, x_t = a·x0 + s·ε  ⇒  ε = s·x_t + a·v
+            return s * x_t + a * prediction
+        return (x_t - a * prediction) / s  # "sample": the model predicts x0
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """What a denoiser is conditioned on, batched like the latents it goes with.
+
+    ``embeds`` are the cross-attention states (B, L, D). SDXL adds ``pooled`` (B, P) text embeddings and
+    ``time_ids`` (B, 6): original size, crop corner and target size.
+    """
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.embeds.ndim != 3:
+            raise ValueError(f"embeds must have shape (B, L, D); got {tuple(self.embeds.shape)}")
+        if (self.pooled is None) != (self.time_ids is None):
+            raise ValueError("pooled and time_ids come together (SDXL) or not at all")
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeds.shape[0]
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        """This conditioning on ``device``."""
+        def move(tensor):
+            return None if tensor is None else tensor.to(device)
+
+        return Conditioning(move(self.embeds), move(self.pooled), move(self.time_ids))
+
+    def repeat_to(self, batch_size: int) -> Conditioning:
+        """This conditioning for ``batch_size`` latents: a batch of 1 is repeated, a matching batch kept."""
+        if self.batch_size == batch_size:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(f"conditioning has batch {self.batch_size}; it must be 1 or the latents' {batch_size}")
+
+        def expand(tensor):
+            return None if tensor is None else tensor.expand(batch_size, *tensor.shape[1:])
+
+        return Conditioning(expand(self.embeds), expand(self.pooled), expand(self.time_ids))
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """Batch conditionings together (for one UNet call over the guided and the unguided halves).
+
+        Sequence lengths may differ (a long prompt against an empty one): the shorter ones are padded by
+        repeating their last token, which the cross-attention then sees twice. Departure: ComfyUI repeats the
+        whole shorter sequence instead; both keep each half's attention distribution close to its own.
+        """
+        length = max(part.embeds.shape[1] for part in parts)
+        embeds = [torch.cat([p.embeds, p.embeds[:, -1:].expand(-1, length - p.embeds.shape[1], -1)], dim=1)
+                  for p in parts]
+        if any(part.pooled is not None for part in parts):
+            return Conditioning(torch.cat(embeds), torch.cat([p.pooled for p in parts]),
+                                torch.cat([p.time_ids for p in parts]))
+        return Conditioning(torch.cat(embeds))
+
+
+class Denoiser(Protocol):
+    """A noise-prediction network on a discrete VP schedule."""
+
+    schedule: NoiseSchedule
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The raw prediction (of ``schedule.prediction_type``) for latents ``x_t`` (B, C, h, w) at timesteps ``t``
+        (B,), as the model sees them (already multiplied by the codec's scaling factor)."""
+        ...
+
+
+class LatentCodec(Protocol):
+    """A VAE: images (B, 3, H, W) in 0..1 to latents (B, C, H/f, W/f) and back, latents unscaled as ComfyUI keeps them."""
+
+    latent_channels: int
+    downscale: int  # f
+    scaling_factor: float  # latents × this (after subtracting shift_factor) are what the denoiser sees
+    shift_factor: float
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor: ...
+
+
+def guided_eps(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, positive: Conditioning,
+               negative: Conditioning, cfg: float) -> torch.Tensor:
+    """Classifier-free guided ε: ε_u + cfg·(ε_c − ε_u), both halves in one batched denoiser call.
+
+    With ``cfg == 1`` the unguided half is skipped: the result is ε_c exactly, at half the cost.
+
+    Args:
+        x_t: latents (B, C, h, w) as the denoiser sees them.
+        t: timesteps, shape (B,) or a scalar.
+        positive, negative: conditionings of batch 1 or B.
+        cfg: guidance scale, >= 0.
+    Returns:
+        ε of shape (B, C, h, w).
+    """
+    if cfg < 0:
+        raise ValueError(f"cfg must be >= 0; got {cfg}")
+    batch = x_t.shape[0]
+    t = t.expand(batch) if t.ndim == 0 else t
+    if cfg == 1:
+        return denoiser.schedule.eps_from_prediction(x_t, t, denoiser(x_t, t, positive.repeat_to(batch)))
+    both = Conditioning.cat([positive.repeat_to(batch), negative.repeat_to(batch)])
+    x_both, t_both = torch.cat([x_t, x_t]), torch.cat([t, t])
+    eps = denoiser.schedule.eps_from_prediction(x_both, t_both, denoiser(x_both, t_both, both))
+    eps_positive, eps_negative = eps.chunk(2)
+    return eps_negative + cfg * (eps_positive - eps_negative)
+
+
+class DiffusersDenoiser:
+    """:class:`Denoiser` over a diffusers ``UNet2DConditionModel``."""
+
+    def __init__(self, unet, schedule: NoiseSchedule):
+        self.unet = unet
+        self.schedule = schedule
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        dtype = self.unet.dtype
+        added = None
+        if conditioning.pooled is not None:  # SDXL's micro-conditioning
+            added = {"text_embeds": conditioning.pooled.to(dtype), "time_ids": conditioning.time_ids.to(dtype)}
+        with torch.no_grad():
+            prediction = self.unet(x_t.to(dtype), t, encoder_hidden_states=conditioning.embeds.to(dtype),
+                                   added_cond_kwargs=added).sample
+        return prediction.to(x_t.dtype)
+
+
+class DiffusersCodec:
+    """:class:`LatentCodec` over a diffusers ``AutoencoderKL``; encoding takes the posterior's mean."""
+
+    def __init__(self, vae):
+        if getattr(vae.config, "force_upcast", False) and vae.dtype == torch.float16:
+            vae.to(torch.float32)  # SDXL's VAE overflows in float16 (diffusers' force_upcast says so)
+        self.vae = vae
+        self.latent_channels = vae.config.latent_channels
+        self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = vae.config.scaling_factor
+        self.shift_factor = vae.config.shift_factor or 0.0
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            posterior = self.vae.encode((image * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
+        return posterior.mean.float()
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            image = self.vae.decode(latent.to(self.vae.device, self.vae.dtype)).sample
+        return ((image.float() + 1) / 2).clamp(0, 1)

@@ -1,0 +1,62 @@
+"""Text-to-image and image-to-image sampling on a denoiser and a latent codec.
+
+This is the KSampler of the pack: seeded noise, classifier-free guidance in one batched call per step, a
+sampler from :mod:`nodes.sampling`, and a preview through the progress hook every step. Latents come in and go
+out unscaled, as ComfyUI keeps them in LATENT; the denoiser sees them scaled by the codec's factor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..common.denoiser import Conditioning, Denoiser, LatentCodec, guided_eps
+from ..sampling.previews import progress_reporter
+from ..sampling.samplers import STOCHASTIC_SAMPLERS, sample
+from .latents import seeded_noise
+
+
+def with_image_size(conditioning: Conditioning, height: int, width: int) -> Conditioning:
+    """SDXL's time ids for an image of ``height`` × ``width``: original and target size, crop (0, 0)."""
+    if conditioning.time_ids is None:
+        return conditioning
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=conditioning.time_ids.dtype,
+                            device=conditioning.time_ids.device).expand(conditioning.time_ids.shape[0], -1)
+    return dataclasses.replace(conditioning, time_ids=time_ids)
+
+
+def generate(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Conditioning, negative: Conditioning,
+             latent: torch.Tensor, seed: int, steps: int, cfg: float, sampler: str, scheduler: str,
+             denoise: float = 1.0, momentum: float | None = None) -> torch.Tensor:
+    """Sample latents for ``positive`` against ``negative``.
+
+    Args:
+        denoiser, codec: the model's denoiser and VAE.
+        family: "sd1", "sd2" or "sdxl" (previews and the F-scheduler depend on it).
+        positive, negative: conditionings of batch 1 or the latent's batch.
+        latent: unscaled latents (B, C, h, w) on the model's device: zeros for text-to-image, an encoded image
+            for image-to-image.
+        seed: the noise seed; the same seed and settings give bit-identical latents on one device.
+        steps, cfg, sampler, scheduler, denoise, momentum: as :func:`nodes.sampling.samplers.sample` takes them;
+            ``denoise`` 1 ignores ``latent``'s content (text-to-image), below 1 starts from it.
+    Returns:
+        Unscaled latents of ``latent``'s shape, on its device.
+    """
+    if latent.ndim != 4 or latent.shape[1] != codec.latent_channels:
+        raise ValueError(f"latent must have shape (B, {codec.latent_channels}, h, w) for this model; "
+                         f"got {tuple(latent.shape)}")
+    device = latent.device
+    height, width = latent.shape[-2] * codec.downscale, latent.shape[-1] * codec.downscale
+    positive, negative = (with_image_size(c, height, width).to(device) for c in (positive, negative))
+    scaled = (latent.float() - codec.shift_factor) * codec.scaling_factor
+    noise = seeded_noise(seed, tuple(latent.shape)).to(device)
+    generator = torch.Generator("cpu").manual_seed(seed) if sampler in STOCHASTIC_SAMPLERS else None
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_eps(denoiser, x, t.to(device), positive, negative, cfg)
+
+    result = sample(eps_fn, denoiser.schedule, noise, steps, sampler, scheduler,
+                    latent=scaled if denoise < 1 else None, denoise=denoise, generator=generator,
+                    momentum=momentum, family=family, on_step=progress_reporter(family))
+    return result / codec.scaling_factor + codec.shift_factor

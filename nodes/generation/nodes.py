@@ -1,0 +1,316 @@
+"""The generation nodes: load a checkpoint and LoRAs, encode prompts, make and resize latents, sample, and go
+through the VAE. They are thin: each converts its inputs, calls the functions of ``nodes.models``,
+``nodes.sampling`` and this package, and returns a tuple.
+
+Our values are diffusers objects, not ComfyUI's, so their socket types have names of their own
+(``ATELIER_MODEL``, ``ATELIER_CLIP``, ``ATELIER_VAE``, ``ATELIER_CONDITIONING``); LATENT and IMAGE are
+ComfyUI's own types and values (LATENT holds the unscaled VAE latent under ``"samples"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from typing import ClassVar
+
+import torch
+
+from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
+from ..common.tiles import tiled_apply
+from ..models.loading import LoadedModel, list_checkpoints, list_models, load_checkpoint, resolve_model_path
+from ..models.lora import LoraSpec, set_loras
+from ..sampling.samplers import MOMENTUM_DEFAULTS, MOMENTUM_RANGES, SAMPLERS, SCHEDULERS, check_sampler_settings
+from ..sampling.schedules import F_SCHEDULER_FAMILIES
+from .generate import generate
+from .latents import LATENT_UPSCALE_METHODS, empty_latent, upscale_latent
+from .text import LONGALIGN_TOKENS, encode_prompt
+
+CATEGORY = "atelier/generation"
+MAX_RESOLUTION = 16384  # ComfyUI's MAX_RESOLUTION: the largest side a node accepts
+MAX_BATCH = 4096  # ComfyUI's EmptyLatentImage limit
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's: seeds are 64-bit
+MAX_STEPS = 10_000
+MAX_CFG = 100.0
+MAX_LORA_STRENGTH = 100.0  # as nodes.models.lora.MAX_STRENGTH
+DEFAULT_TILE_PX, DEFAULT_OVERLAP_PX = 512, 64  # a 512 px tile decodes in about 1 GB on SD's VAE
+PREDICTIONS = ("auto", "epsilon", "v_prediction")
+MAX_MOMENTUM = max(high for _, high in MOMENTUM_RANGES.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """A loaded model and the LoRAs to run on it; LoRA nodes make new refs, never change the shared model."""
+
+    model: LoadedModel
+    loras: tuple[LoraSpec, ...] = ()
+
+    def with_lora(self, lora: LoraSpec) -> ModelRef:
+        return ModelRef(self.model, (*self.loras, lora))
+
+
+class _ModelsFolder:
+    """Nodes that list model files; the standalone app binds ``models_dir``, inside ComfyUI it stays None."""
+
+    models_dir: ClassVar[str | None] = None
+
+
+class AtelierCheckpointLoader(_ModelsFolder):
+    DESCRIPTION = ("Loads a Stable Diffusion 1.x, 2.x or SDXL checkpoint (a .safetensors file or a diffusers folder) "
+                   "fully offline, shared by every node that loads the same file.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ATELIER_MODEL", "ATELIER_CLIP", "ATELIER_VAE")
+    RETURN_NAMES = ("model", "clip", "vae")
+    OUTPUT_TOOLTIPS = ("The denoising UNet.", "The text encoder(s), for prompts.", "The VAE, for pixels.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "ckpt_name": (list_checkpoints(cls.models_dir), {
+                "tooltip": "A checkpoint in models/checkpoints (.safetensors only), or a diffusers folder."}),
+            "prediction": (list(PREDICTIONS), {
+                "tooltip": "What the UNet predicts; 'auto' reads it from the file (SD2 768 models predict v)."}),
+        }}
+
+    def load(self, ckpt_name: str, prediction: str) -> tuple[ModelRef, ModelRef, DiffusersCodec]:
+        model = load_checkpoint(ckpt_name, self.models_dir,
+                                prediction_type=None if prediction == "auto" else prediction)
+        return ModelRef(model), ModelRef(model), DiffusersCodec(model.vae)
+
+
+class AtelierLoraLoader(_ModelsFolder):
+    DESCRIPTION = ("Adds a LoRA to the model and the text encoder without reloading or changing the base weights: "
+                   "it runs beside them as a separate branch, so switching or removing it is instant and exact.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ATELIER_MODEL", "ATELIER_CLIP")
+    RETURN_NAMES = ("model", "clip")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA.", "The text encoder with the LoRA.")
+    FUNCTION = "add"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        strength = {"default": 1.0, "min": -MAX_LORA_STRENGTH, "max": MAX_LORA_STRENGTH, "step": 0.01, "round": 0.001}
+        return {"required": {
+            "model": ("ATELIER_MODEL", {"tooltip": "The model to add the LoRA to."}),
+            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder to add the LoRA to."}),
+            "lora_name": (list_models("loras", cls.models_dir), {"tooltip": "A .safetensors LoRA in models/loras."}),
+            "strength_model": ("FLOAT", {**strength, "tooltip": "How strongly the LoRA changes the UNet; 0 is off."}),
+            "strength_clip": ("FLOAT", {**strength, "tooltip": "How strongly it changes the text encoder."}),
+        }}
+
+    def add(self, model: ModelRef, clip: ModelRef, lora_name: str, strength_model: float,
+            strength_clip: float) -> tuple[ModelRef, ModelRef]:
+        path = resolve_model_path("loras", lora_name, self.models_dir)
+        return (model.with_lora(LoraSpec(path, strength_model, 0.0)),
+                clip.with_lora(LoraSpec(path, 0.0, strength_clip)))
+
+
+class AtelierTextEncode:
+    DESCRIPTION = ("Encodes a prompt. Prompts longer than CLIP's 77 tokens are encoded sentence by sentence "
+                   "(LongAlign's segment-level encoding) instead of being cut off.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ATELIER_CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("The encoded prompt, for the sampler's positive or negative input.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder of the checkpoint."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                "tooltip": "The prompt; sentences end with '.' or '?'."}),
+        }}
+
+    def encode(self, clip: ModelRef, text: str) -> tuple[Conditioning]:
+        set_loras(clip.model, clip.loras)
+        return (encode_prompt(clip.model.tokenizers, clip.model.text_encoders, clip.model.family, text,
+                              max_tokens=LONGALIGN_TOKENS).to("cpu"),)
+
+
+def _size(default: int, tooltip: str) -> tuple[str, dict]:
+    return ("INT", {"default": default, "min": 8, "max": MAX_RESOLUTION, "step": 8, "tooltip": tooltip})
+
+
+class AtelierEmptyLatent:
+    DESCRIPTION = "A blank latent canvas of the given size, for text-to-image."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Zeros of shape (batch, 4, height / 8, width / 8).",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "width": _size(512, "Image width in pixels, a multiple of 8."),
+            "height": _size(512, "Image height in pixels, a multiple of 8."),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH, "step": 1,
+                                   "tooltip": "How many images to make at once."}),
+        }}
+
+    def make(self, width: int, height: int, batch_size: int) -> tuple[dict]:
+        return ({"samples": empty_latent(batch_size, 4, height, width)},)
+
+
+class AtelierLatentUpscale:
+    DESCRIPTION = "Resizes latents, for a second, higher-resolution sampling pass (hires fix)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The resized latents.",)
+    FUNCTION = "upscale"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "samples": ("LATENT", {"tooltip": "The latents to resize."}),
+            "upscale_method": (list(LATENT_UPSCALE_METHODS), {"tooltip": "The resampling filter."}),
+            "width": _size(1024, "Target width in pixels, a multiple of 8."),
+            "height": _size(1024, "Target height in pixels, a multiple of 8."),
+        }}
+
+    def upscale(self, samples: dict, upscale_method: str, width: int, height: int) -> tuple[dict]:
+        return ({**samples, "samples": upscale_latent(samples["samples"], height // 8, width // 8, upscale_method)},)
+
+
+class AtelierSampler:
+    DESCRIPTION = ("Denoises latents with the model, guided by the positive prompt against the negative one. "
+                   "Includes diffusers' samplers, heavy-ball momentum samplers (HB, GHVB) and the truncated "
+                   "F-scheduler; denoise below 1 starts from the input latents (image-to-image).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latents.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("ATELIER_MODEL", {"tooltip": "The model to denoise with."}),
+            "positive": ("ATELIER_CONDITIONING", {"tooltip": "What the image should show."}),
+            "negative": ("ATELIER_CONDITIONING", {"tooltip": "What it should not show."}),
+            "latent_image": ("LATENT", {"tooltip": "An empty latent, or an encoded image for image-to-image."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
+                             "tooltip": "The noise seed; the same seed and settings give the same image."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "step": 1,
+                              "tooltip": "Denoising steps (the F-scheduler takes 5, 6 or 8)."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": MAX_CFG, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale; 1 skips the negative pass."}),
+            "sampler_name": (list(SAMPLERS), {"tooltip": "The solver."}),
+            "scheduler": (list(SCHEDULERS), {"tooltip": "The noise levels the solver visits."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "round": 0.001,
+                                  "tooltip": "1 for text-to-image; lower keeps more of the input latents."}),
+            "momentum": ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_MOMENTUM, "step": 0.05, "round": 0.001,
+                                   "tooltip": "Momentum samplers only: m for hb_plms and ghvb, β for hb_dpmpp_2m; "
+                                              f"0 takes the default {dict(MOMENTUM_DEFAULTS)}."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **inputs) -> bool | str:
+        try:
+            # The family is known only when the model arrives, so the F-scheduler's family check waits for
+            # sample(); every other setting is checked here, before anything runs.
+            check_sampler_settings(inputs["sampler_name"], inputs["scheduler"], inputs["steps"],
+                                   denoise=inputs["denoise"], momentum=inputs["momentum"] or None,
+                                   family=F_SCHEDULER_FAMILIES[0] if inputs["scheduler"] == "f_scheduler" else None)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    def sample(self, model: ModelRef, positive: Conditioning, negative: Conditioning, latent_image: dict, seed: int,
+               steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
+               momentum: float) -> tuple[dict]:
+        loaded = model.model
+        set_loras(loaded, model.loras)
+        latent = generate(DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae), loaded.family,
+                          positive, negative, latent_image["samples"].to(loaded.device), seed, steps, cfg,
+                          sampler_name, scheduler, denoise, momentum or None)
+        return ({**latent_image, "samples": latent.cpu()},)
+
+
+def _tiling_inputs() -> dict[str, tuple]:
+    return {
+        "tiled": ("BOOLEAN", {"default": False, "tooltip": "Work in tiles, so large images fit in memory."}),
+        "tile_size": ("INT", {"default": DEFAULT_TILE_PX, "min": 64, "max": 4096, "step": 64,
+                              "tooltip": "Tile side in pixels (tiled mode)."}),
+        "overlap": ("INT", {"default": DEFAULT_OVERLAP_PX, "min": 0, "max": 1024, "step": 8,
+                            "tooltip": "How far tiles overlap, in pixels; overlaps are cross-faded."}),
+    }
+
+
+def _check_tiling(tile_size: int, overlap: int) -> bool | str:
+    return True if overlap < tile_size else f"overlap must be smaller than tile_size; got {overlap} >= {tile_size}"
+
+
+class AtelierVAEDecode:
+    DESCRIPTION = "Turns latents into images with the VAE; tiled mode decodes tile by tile with cross-faded seams."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The decoded images.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {"samples": ("LATENT", {"tooltip": "The latents to decode."}),
+                             "vae": ("ATELIER_VAE", {"tooltip": "The checkpoint's VAE."}),
+                             **_tiling_inputs()}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **inputs) -> bool | str:
+        return _check_tiling(inputs["tile_size"], inputs["overlap"])
+
+    def decode(self, samples: dict, vae: DiffusersCodec, tiled: bool, tile_size: int, overlap: int
+               ) -> tuple[torch.Tensor]:
+        latent = samples["samples"]
+        if tiled:
+            image = tiled_apply(vae.decode, latent, tile_size // vae.downscale, overlap // vae.downscale,
+                                Fraction(vae.downscale))
+        else:
+            image = vae.decode(latent)
+        return (image.cpu().permute(0, 2, 3, 1),)
+
+
+class AtelierVAEEncode:
+    DESCRIPTION = "Turns images into latents with the VAE, for image-to-image; tiled mode encodes tile by tile."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The encoded latents.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {"pixels": ("IMAGE", {"tooltip": "The images to encode; sides must be multiples of 8."}),
+                             "vae": ("ATELIER_VAE", {"tooltip": "The checkpoint's VAE."}),
+                             **_tiling_inputs()}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **inputs) -> bool | str:
+        return _check_tiling(inputs["tile_size"], inputs["overlap"])
+
+    def encode(self, pixels: torch.Tensor, vae: DiffusersCodec, tiled: bool, tile_size: int, overlap: int
+               ) -> tuple[dict]:
+        image = pixels.permute(0, 3, 1, 2)
+        f = vae.downscale
+        height, width = image.shape[-2] // f * f, image.shape[-1] // f * f
+        if (height, width) != tuple(image.shape[-2:]):
+            raise ValueError(f"image sides must be multiples of {f}; got {tuple(image.shape[-2:])} "
+                             f"(scale or crop it to {height}×{width} first)")
+        if tiled:
+            latent = tiled_apply(vae.encode, image, tile_size, overlap, Fraction(1, f))
+        else:
+            latent = vae.encode(image)
+        return ({"samples": latent.cpu()},)
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
+    AtelierCheckpointLoader, AtelierLoraLoader, AtelierTextEncode, AtelierEmptyLatent, AtelierLatentUpscale,
+    AtelierSampler, AtelierVAEDecode, AtelierVAEEncode)}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AtelierCheckpointLoader": "Load Checkpoint (Atelier)", "AtelierLoraLoader": "Load LoRA (Atelier)",
+    "AtelierTextEncode": "Encode Prompt (Atelier)", "AtelierEmptyLatent": "Empty Latent (Atelier)",
+    "AtelierLatentUpscale": "Upscale Latent (Atelier)", "AtelierSampler": "Sampler (Atelier)",
+    "AtelierVAEDecode": "VAE Decode (Atelier)", "AtelierVAEEncode": "VAE Encode (Atelier)",
+}

@@ -1,0 +1,267 @@
+"""Apply and remove LoRAs on a loaded model without reloading it and without touching its base weights.
+
+Each LoRA is kept as a separate low-rank branch beside the layer it adapts, y = W·x + s·B(A·x), as a named
+adapter (diffusers' PEFT integration: ``load_lora_weights``, ``set_adapters``, ``disable_lora``,
+``unload_lora_weights``). Switching LoRAs or strengths is then a change of which branches run, not a reload
+or a weight patch, and removing every LoRA gives the base model back bit for bit. This is SwiftDiffusion's
+"no weight patching" hot-swap (techniques.md §4.14 (c)).
+
+Adapters stay resident on the :class:`~nodes.models.loading.LoadedModel` once loaded; :func:`set_loras` chooses
+which run, with what strengths. Because one loaded model is shared by every node that loads the same file, a
+caller activates its own LoRA list right before it runs the model (``set_loras(model, specs)``; an empty list
+runs the base weights).
+
+Requires the ``peft`` package (diffusers' LoRA backend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .loading import LoadedModel, check_safetensors
+
+logger = logging.getLogger(__name__)
+
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+MAX_STRENGTH = 100.0  # far beyond any useful strength; larger values are typing mistakes
+MESSAGE_LINES = 3  # of a diffusers loading error, quoted in ours
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to run: its file and how strongly it acts on the UNet and on the text encoder(s)."""
+
+    path: str
+    strength_model: float = 1.0
+    strength_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("strength_model", "strength_clip"):
+            value = getattr(self, name)
+            if not -MAX_STRENGTH <= value <= MAX_STRENGTH:
+                raise ValueError(f"{name} must be in [-{MAX_STRENGTH}, {MAX_STRENGTH}]; got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA resident on a model as a named adapter."""
+
+    name: str  # the adapter name in diffusers/PEFT
+    path: str  # real path of the file
+    signature: tuple[int, int]  # (size, mtime_ns) when it was read
+    components: tuple[str, ...]  # which of LORA_COMPONENTS it adapts
+
+
+def _require_peft() -> None:
+    try:
+        import peft  # noqa: F401  (only whether it imports)
+    except ImportError as error:
+        raise ImportError("LoRAs need the 'peft' package (diffusers' LoRA backend): pip install peft") from error
+
+
+def _signature(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _adapter_name(path: str, signature: tuple[int, int]) -> str:
+    # PEFT keeps adapters in ModuleDicts keyed by name: no dots. A hash of the file's identity is stable and unique.
+    digest = hashlib.sha1(f"{path}|{signature}".encode()).hexdigest()[:12]
+    return f"lora_{digest}"
+
+
+def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a LoRA's tensors into CPU memory without touching any model.
+
+    Safe to call on a background thread while the model runs; :func:`load_lora` then only injects them.
+
+    Raises:
+        FileNotFoundError: no such file.
+        nodes.models.loading.UnsafeModelFormatError: not a ``.safetensors`` file.
+    """
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    check_safetensors(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no LoRA file at {path!r}")
+    return load_file(path)
+
+
+def find_adapter(model: LoadedModel, path: str | os.PathLike) -> LoraAdapter | None:
+    """The resident adapter of LoRA file ``path`` on ``model``, if it is loaded and unchanged on disk."""
+    path = os.path.realpath(os.fspath(path))
+    signature = _signature(path) if os.path.isfile(path) else None
+    for adapter in model.lora_adapters.values():
+        if adapter.path == path and adapter.signature == signature:
+            return adapter
+    return None
+
+
+def load_lora(model: LoadedModel, path: str | os.PathLike,
+              tensors: dict[str, torch.Tensor] | None = None) -> LoraAdapter:
+    """Make LoRA file ``path`` resident on ``model`` as a named adapter; what runs is left as it was.
+
+    Accepts the formats diffusers reads: kohya/A1111 (``lora_unet_…``, ``lora_te_…``), diffusers and PEFT.
+
+    Args:
+        model: the loaded model to add it to.
+        path: a ``.safetensors`` LoRA file.
+        tensors: its tensors, if already read by :func:`read_lora_file` (for example on a background thread);
+            by default the file is read here.
+    Returns:
+        The adapter; the same one if the file is already resident and unchanged.
+    Raises:
+        nodes.models.loading.UnsafeModelFormatError: not a ``.safetensors`` file.
+        ValueError: the LoRA does not fit this model (another family, or no layer of it matched).
+        ImportError: ``peft`` is not installed.
+    """
+    _require_peft()
+    path = os.path.realpath(os.fspath(path))
+    check_safetensors(path)
+    existing = find_adapter(model, path)
+    if existing is not None:
+        return existing
+    stale = [adapter for adapter in model.lora_adapters.values() if adapter.path == path]
+    if stale:  # the file changed on disk since it was loaded: drop the old contents first
+        logger.info("LoRA %s changed on disk; reloading it", os.path.basename(path))
+        _drop_adapters(model, [adapter.name for adapter in stale])
+        model.active_loras = tuple(spec for spec in model.active_loras if os.path.realpath(spec.path) != path)
+    if tensors is None:
+        tensors = read_lora_file(path)
+    signature = _signature(path)
+    name = _adapter_name(path, signature)
+    pipeline = model.pipeline
+    try:
+        with warnings.catch_warnings():
+            # PEFT warns whenever a second adapter joins a model; several resident adapters are the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            # load_lora_weights pops entries from the dict it is given: hand it a shallow copy.
+            pipeline.load_lora_weights(dict(tensors), adapter_name=name)
+    except (ValueError, RuntimeError, KeyError) as error:
+        _delete_partial(model, name)
+        lines = str(error).splitlines()  # a shape mismatch lists every layer: keep the first ones
+        detail = " ".join(line.strip() for line in lines[:MESSAGE_LINES])
+        if len(lines) > MESSAGE_LINES:
+            detail += f" … and {len(lines) - MESSAGE_LINES} more lines"
+        raise ValueError(f"LoRA {os.path.basename(path)!r} does not fit this {model.family} model: {detail}") from error
+    components = tuple(component for component, names in pipeline.get_list_adapters().items() if name in names)
+    if not components:
+        _delete_partial(model, name)
+        raise ValueError(f"LoRA {os.path.basename(path)!r} matched no layer of this {model.family} model; "
+                         f"is it a LoRA for another family?")
+    adapter = LoraAdapter(name, path, signature, components)
+    model.lora_adapters[name] = adapter
+    _activate(model, model.active_loras)  # loading switched the new adapter on; restore what was running
+    logger.info("LoRA %s resident on %s (%s)", os.path.basename(path), os.path.basename(model.source),
+                ", ".join(components))
+    return adapter
+
+
+def _delete_partial(model: LoadedModel, name: str) -> None:
+    """Remove whatever part of a failed load was injected, so the model is as it was."""
+    present = {adapter for names in model.pipeline.get_list_adapters().values() for adapter in names}
+    if name in present:
+        model.pipeline.delete_adapters(name)
+    if not model.lora_adapters:
+        model.pipeline.unload_lora_weights()
+
+
+def _merge(specs: Sequence[LoraSpec]) -> list[LoraSpec]:
+    """One entry per file; the same file twice adds its strengths (the branches are linear in s, so this is exact)."""
+    merged: dict[str, LoraSpec] = {}
+    for spec in specs:
+        path = os.path.realpath(spec.path)
+        if path in merged:
+            first = merged[path]
+            spec = LoraSpec(path, first.strength_model + spec.strength_model, first.strength_clip + spec.strength_clip)
+        merged[path] = dataclasses.replace(spec, path=path)
+    return list(merged.values())
+
+
+def _activate(model: LoadedModel, specs: Sequence[LoraSpec]) -> None:
+    """Switch exactly ``specs``' adapters on, each component with its strength; everything else off."""
+    from diffusers.loaders.lora_base import (disable_lora_for_text_encoder, enable_lora_for_text_encoder,
+                                             set_adapters_for_text_encoder)
+
+    if not model.lora_adapters:
+        return  # no adapter layers exist: the model is its base
+    by_path = {adapter.path: adapter for adapter in model.lora_adapters.values()}
+    adapters = [(by_path[os.path.realpath(spec.path)], spec) for spec in specs]
+    pipeline = model.pipeline
+    for component in LORA_COMPONENTS:
+        module = getattr(pipeline, component, None)
+        if module is None or not any(component in adapter.components for adapter in model.lora_adapters.values()):
+            continue
+        chosen = [(adapter.name, spec.strength_model if component == "unet" else spec.strength_clip)
+                  for adapter, spec in adapters if component in adapter.components]
+        names, weights = [name for name, _ in chosen], [weight for _, weight in chosen]
+        if component == "unet":
+            if names:
+                module.enable_lora()
+                module.set_adapters(names, weights)
+            else:
+                module.disable_lora()
+        elif names:
+            enable_lora_for_text_encoder(module)
+            set_adapters_for_text_encoder(names, module, weights)
+        else:
+            disable_lora_for_text_encoder(module)
+
+
+def set_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> None:
+    """Run exactly these LoRAs on ``model`` from now on, loading any that are not resident yet.
+
+    An empty list runs the base weights (the adapters stay resident, switched off). The same file listed twice
+    acts once with the summed strengths.
+
+    Raises:
+        see :func:`load_lora`.
+    """
+    specs = _merge(specs)
+    for spec in specs:
+        load_lora(model, spec.path)
+    _activate(model, specs)
+    model.active_loras = tuple(specs)
+
+
+def remove_lora(model: LoadedModel, path: str | os.PathLike) -> None:
+    """Unload one LoRA from ``model`` (and stop running it); removing the last restores the original layers.
+
+    Raises:
+        ValueError: that LoRA is not resident on ``model``.
+    """
+    path = os.path.realpath(os.fspath(path))
+    names = [adapter.name for adapter in model.lora_adapters.values() if adapter.path == path]
+    if not names:
+        resident = sorted(os.path.basename(adapter.path) for adapter in model.lora_adapters.values())
+        raise ValueError(f"LoRA {os.path.basename(path)!r} is not loaded on this model; loaded: {resident or 'none'}")
+    model.active_loras = tuple(spec for spec in model.active_loras if os.path.realpath(spec.path) != path)
+    _drop_adapters(model, names)
+    _activate(model, model.active_loras)
+
+
+def _drop_adapters(model: LoadedModel, names: list[str]) -> None:
+    """Delete adapters; when none remain, take the adapter layers out so the original modules are back."""
+    for name in names:
+        del model.lora_adapters[name]
+    if model.lora_adapters:
+        model.pipeline.delete_adapters(names)
+    else:
+        model.pipeline.unload_lora_weights()
+
+
+def remove_all_loras(model: LoadedModel) -> None:
+    """Unload every LoRA: the adapter layers are taken out and the original modules put back, so the model's
+    parameters and outputs are exactly the base model's again."""
+    if model.lora_adapters:
+        model.pipeline.unload_lora_weights()
+    model.lora_adapters.clear()
+    model.active_loras = ()

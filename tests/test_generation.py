@@ -1,0 +1,155 @@
+"""The generation nodes end to end on tiny models: text-to-image and image-to-image through the executor,
+determinism, previews, interrupts, long prompts and the tiled VAE."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fixtures_models import tiny_sd1, tiny_sdxl  # noqa: F401  (session fixtures)
+from nodes.common.denoiser import DiffusersCodec
+from nodes.common.progress import InterruptedByUser, use_sink
+from nodes.generation.nodes import AtelierTextEncode, AtelierVAEDecode, ModelRef
+from nodes.models.loading import load_model
+from web.executor import Executor
+from web.folders import DataFolders
+from web.registry import node_classes
+
+LONG_PROMPT = " ".join(f"A small red circle number {i} sits on a striped blue background near a tree." for i in
+                       range(1, 16))  # about 250 tokens
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_sd1):  # noqa: F811
+    models = tmp_path / "models"
+    (models / "diffusers").mkdir(parents=True)
+    shutil.copytree(tiny_sd1.folder, models / "diffusers" / "tiny_sd1")
+    folders = DataFolders.under(str(tmp_path / "data"))
+    return folders, Executor(node_classes(folders, str(models)))
+
+
+def text_to_image(seed=1, sampler="euler", scheduler="normal", steps=3, width=64, prompt="a red circle"):
+    return {
+        "1": {"class_type": "AtelierCheckpointLoader", "inputs": {"ckpt_name": "diffusers/tiny_sd1", "prediction": "auto"}},
+        "2": {"class_type": "AtelierTextEncode", "inputs": {"clip": ["1", 1], "text": prompt}},
+        "3": {"class_type": "AtelierTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "AtelierEmptyLatent", "inputs": {"width": width, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "AtelierSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
+            "steps": steps, "cfg": 5.0, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0,
+            "momentum": 0.0}},
+        "6": {"class_type": "AtelierVAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2], "tiled": False,
+                                                          "tile_size": 512, "overlap": 64}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "t2i"}},
+    }
+
+
+def run(executor, prompt, events=None):
+    checked = executor.validate(prompt)
+    assert checked.ok, (checked.error, checked.node_errors)
+    listener = (lambda event, data: events.append((event, data))) if events is not None else None
+    result = executor.execute(checked.prompt, "test", checked.outputs, listener)
+    assert result.status == "success", result.messages[-1]
+    return result
+
+
+def saved_pixels(folders, result, node="7"):
+    image = result.outputs[node]["images"][0]
+    return np.asarray(Image.open(os.path.join(folders.output, image["subfolder"], image["filename"])))
+
+
+def test_text_to_image_runs_through_the_executor_with_previews(setup):
+    folders, executor = setup
+    events = []
+    result = run(executor, text_to_image(), events)
+    assert saved_pixels(folders, result).shape == (64, 64, 3)
+    previews = [data for event, data in events if event == "preview" and data["node"] == "5"]
+    progress = [data["value"] for event, data in events if event == "progress" and data["node"] == "5"]
+    assert progress == [1, 2, 3] and len(previews) == 3 and previews[0]["image"].size == (8, 8)
+
+
+def test_same_seed_same_bits_other_seed_other_image(setup):
+    folders, executor = setup
+    first = saved_pixels(folders, run(executor, text_to_image(seed=5)))
+    executor.free()  # run everything again, not from the cache
+    again = saved_pixels(folders, run(executor, text_to_image(seed=5)))
+    other = saved_pixels(folders, run(executor, text_to_image(seed=6)))
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+@pytest.mark.parametrize("sampler, scheduler, steps", [("euler_ancestral", "normal", 3), ("dpmpp_2m", "karras", 3),
+                                                        ("ghvb", "normal", 3), ("hb_dpmpp_2m", "f_scheduler", 5)])
+def test_samplers_run_end_to_end(setup, sampler, scheduler, steps):
+    folders, executor = setup
+    assert saved_pixels(folders, run(executor, text_to_image(sampler=sampler, scheduler=scheduler, steps=steps))).any()
+
+
+def test_image_to_image(setup):
+    folders, executor = setup
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(os.path.join(folders.input, "red.png"))
+    prompt = text_to_image()
+    prompt["8"] = {"class_type": "LoadImage", "inputs": {"image": "red.png"}}
+    prompt["9"] = {"class_type": "AtelierVAEEncode", "inputs": {"pixels": ["8", 0], "vae": ["1", 2], "tiled": False,
+                                                               "tile_size": 512, "overlap": 64}}
+    prompt["5"]["inputs"].update(latent_image=["9", 0], denoise=0.5, steps=4)
+    events = []
+    run(executor, prompt, events)
+    steps = [data["value"] for event, data in events if event == "progress" and data["node"] == "5"]
+    assert steps == [1, 2]  # half of the 4-step schedule
+
+
+def test_interrupt_stops_sampling_within_one_step(setup):
+    folders, executor = setup
+
+    def listener(event, data):
+        if event == "progress" and data["node"] == "5" and data["value"] == 2:
+            executor.interrupt()
+
+    checked = executor.validate(text_to_image(steps=30))
+    result = executor.execute(checked.prompt, "stop", checked.outputs, listener)
+    assert result.status == "interrupted"
+    stopped = dict(result.messages)["execution_interrupted"]
+    assert stopped["node_id"] == "5"
+
+
+def test_a_200_token_prompt_encodes_to_longaligns_length(tiny_sd1):  # noqa: F811
+    clip = ModelRef(load_model(tiny_sd1.folder))
+    (long,) = AtelierTextEncode().encode(clip, LONG_PROMPT)
+    (short,) = AtelierTextEncode().encode(clip, "a red circle")
+    width = clip.model.text_encoders[0].config.hidden_size
+    assert long.embeds.shape == (1, 240, width) and short.embeds.shape == (1, 77, width)
+
+
+def test_sdxl_prompt_carries_pooled_text_and_size(tiny_sdxl):  # noqa: F811
+    clip = ModelRef(load_model(tiny_sdxl.folder))
+    (encoded,) = AtelierTextEncode().encode(clip, "a blue square")
+    widths = [encoder.config.hidden_size for encoder in clip.model.text_encoders]
+    assert encoded.embeds.shape == (1, 77, sum(widths)) and encoded.pooled.shape[0] == 1
+    assert encoded.time_ids.shape == (1, 6)
+
+
+def test_tiled_decode_with_one_tile_equals_the_untiled_decode(tiny_sd1):  # noqa: F811
+    vae = DiffusersCodec(load_model(tiny_sd1.folder).vae)
+    samples = {"samples": torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0))}
+    (whole,) = AtelierVAEDecode().decode(samples, vae, tiled=False, tile_size=512, overlap=64)
+    (one_tile,) = AtelierVAEDecode().decode(samples, vae, tiled=True, tile_size=128, overlap=64)
+    (tiled,) = AtelierVAEDecode().decode(samples, vae, tiled=True, tile_size=64, overlap=32)
+    assert torch.equal(one_tile, whole) and tiled.shape == whole.shape == (1, 64, 96, 3)
+    assert 0 <= float(tiled.min()) and float(tiled.max()) <= 1
+
+
+def test_interrupt_in_a_long_tiled_decode(tiny_sd1):  # noqa: F811
+    vae = DiffusersCodec(load_model(tiny_sd1.folder).vae)
+
+    class StopAtOnce:
+        def progress(self, step, total, preview):
+            pass
+
+        def interrupted(self):
+            return True
+
+    with use_sink(StopAtOnce()), pytest.raises(InterruptedByUser):
+        AtelierVAEDecode().decode({"samples": torch.zeros(1, 4, 32, 32)}, vae, tiled=True, tile_size=128, overlap=32)

@@ -1,0 +1,514 @@
+"""Offline model loading: formats, family detection, the tokenizer, the cache, model folders and LoRA hot-swap."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import netguard
+from fixtures_models import tiny_sd1, tiny_sd1_loras, tiny_sd2, tiny_sdxl, tiny_sdxl_lora  # noqa: F401, F811
+from nodes.common.paths import PathOutsideFolderError
+from nodes.models import families, loading, lora
+from nodes.models.families import UnknownModelLayoutError
+from nodes.models.loading import UnsafeModelFormatError
+from tiny_models import write_full_size_sd15
+
+TOKENIZER_SHA256 = {  # environment.md §2
+    "vocab.json": "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69",
+    "merges.txt": "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
+}
+A_PHOTO_OF_A_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
+TINY = {"sd1": "tiny_sd1", "sd2": "tiny_sd2", "sdxl": "tiny_sdxl"}
+
+
+def state_dicts_equal(first: torch.nn.Module, second: torch.nn.Module) -> list[str]:
+    """The names of tensors that differ (or exist in only one) between two modules' state dicts."""
+    a, b = first.state_dict(), second.state_dict()
+    return sorted(set(a) ^ set(b)) + [key for key in a.keys() & b.keys() if not torch.equal(a[key], b[key])]
+
+
+def unet_output(model: loading.LoadedModel, seed: int = 0) -> torch.Tensor:
+    """One UNet call on fixed random inputs (with SDXL's added conditioning)."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = model.unet
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    extra = {}
+    if model.family == "sdxl":
+        pooled = torch.randn(2, model.text_encoders[1].config.projection_dim, generator=generator)
+        extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * 2)}
+    with torch.no_grad():
+        return unet(sample, torch.tensor([999, 500]), context, **extra).sample
+
+
+def text_output(model: loading.LoadedModel) -> list[torch.Tensor]:
+    ids = model.tokenizers[0]("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return [encoder(ids)[0] for encoder in model.text_encoders]
+
+
+# --- the tokenizer ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(TOKENIZER_SHA256))
+def test_shipped_tokenizer_files_have_the_reference_sha256(name):
+    with open(os.path.join(loading.SD1_TOKENIZER_DIR, name), "rb") as file:
+        assert hashlib.sha256(file.read()).hexdigest() == TOKENIZER_SHA256[name]
+
+
+@pytest.mark.parametrize("family, subfolder, pad_id", [("sd1", "tokenizer", 49407), ("sd2", "tokenizer", 0),
+                                                        ("sdxl", "tokenizer", 49407), ("sdxl", "tokenizer_2", 0)])
+def test_shipped_tokenizers_encode_a_photo_of_a_cat_as_sd_does(family, subfolder, pad_id):
+    tokenizer = loading.load_tokenizer(loading.shipped_config_dir(family), subfolder)
+    assert tokenizer("a photo of a cat").input_ids == A_PHOTO_OF_A_CAT
+    padded = tokenizer("a photo of a cat", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    assert tokenizer.model_max_length == 77 and len(padded) == 77
+    assert padded[7:] == [pad_id] * 70  # SD1 pads with <|endoftext|>, OpenCLIP encoders with "!"
+
+
+def test_make_tokenizer_rebuilds_the_shipped_files_from_a_bpe_file(tmp_path):
+    """The converter's vocabulary order on a two-merge BPE file: bytes, bytes with </w>, merges, the specials."""
+    from nodes.models.make_tokenizer import convert
+
+    size = convert(gzip.compress("#version header\nc a\nca t</w>".encode()), str(tmp_path))
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    assert size == len(vocab) == 256 * 2 + 2 + 2
+    assert vocab["ca"] == 512 and vocab["cat</w>"] == 513 and vocab["<|endoftext|>"] == 515
+    assert (tmp_path / "merges.txt").read_text(encoding="utf-8") == "#version: 0.2\nc a\nca t</w>\n"
+
+
+# --- the shipped configs ---------------------------------------------------------------------------------------------
+
+# Parameter counts of the real models' components, which these configs must rebuild exactly.
+REAL_PARAMETER_COUNTS = {
+    ("sd1", "unet"): 859_520_964, ("sd1", "vae"): 83_653_863, ("sd1", "text_encoder"): 123_060_480,
+    ("sd2", "unet"): 865_910_724, ("sd2", "vae"): 83_653_863, ("sd2", "text_encoder"): 340_387_840,
+    ("sdxl", "unet"): 2_567_463_684, ("sdxl", "vae"): 83_653_863, ("sdxl", "text_encoder"): 123_060_480,
+    ("sdxl", "text_encoder_2"): 694_659_840,
+}
+
+
+@pytest.mark.parametrize("family, component", sorted(REAL_PARAMETER_COUNTS))
+def test_shipped_configs_build_the_real_architectures(family, component):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config_dir = loading.shipped_config_dir(family)
+    with torch.device("meta"):  # shapes only, no memory
+        if component in ("unet", "vae"):
+            cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
+            model = cls.from_config(cls.load_config(config_dir, subfolder=component))
+        else:
+            config = CLIPTextConfig.from_pretrained(os.path.join(config_dir, component))
+            model = (CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel)(config)
+    assert sum(p.numel() for p in model.parameters()) == REAL_PARAMETER_COUNTS[family, component]
+
+
+def test_shipped_configs_hold_each_familys_defining_settings():
+    sd2, sdxl = loading.shipped_config_dir("sd2"), loading.shipped_config_dir("sdxl")
+    read = loading._read_json
+    assert read(os.path.join(sd2, "unet", "config.json"))["use_linear_projection"] is True
+    assert read(os.path.join(sdxl, "unet", "config.json"))["addition_embed_type"] == "text_time"
+    vae = read(os.path.join(sdxl, "vae", "config.json"))
+    assert vae["scaling_factor"] == 0.13025 and vae["force_upcast"] is True
+    for family in families.FAMILIES:
+        scheduler = read(os.path.join(loading.shipped_config_dir(family), "scheduler", "scheduler_config.json"))
+        assert (scheduler["beta_schedule"], scheduler["beta_start"], scheduler["beta_end"]) == \
+            ("scaled_linear", 0.00085, 0.012)
+        assert families.family_from_diffusers_folder(loading.shipped_config_dir(family)) == family
+    weights = [name for _, _, names in os.walk(loading.SHIPPED_CONFIGS) for name in names
+               if name.endswith((".safetensors", ".bin", ".ckpt"))]
+    assert weights == []
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_single_file_loads_to_the_same_weights_as_the_diffusers_folder(family, request):
+    tiny = request.getfixturevalue(TINY[family])
+    from_folder = loading.load_model(tiny.folder)
+    from_file = loading.load_model(tiny.single_file, config_dir=tiny.config_dir)
+    assert from_folder.family == from_file.family == family
+    pairs = [(from_folder.unet, from_file.unet), (from_folder.vae, from_file.vae),
+             *zip(from_folder.text_encoders, from_file.text_encoders, strict=True)]
+    assert len(pairs) == (4 if family == "sdxl" else 3)
+    for ours, theirs in pairs:
+        assert state_dicts_equal(ours, theirs) == []
+    assert [t.pad_token_id for t in from_file.tokenizers] == [t.pad_token_id for t in from_folder.tokenizers]
+    latents = [model.pipeline("a cat", num_inference_steps=1, height=64, width=64, output_type="latent",
+                              generator=torch.Generator().manual_seed(0)).images for model in (from_folder, from_file)]
+    assert torch.equal(latents[0], latents[1]) and torch.isfinite(latents[0]).all()
+
+
+def test_loading_makes_no_network_attempt(tiny_sd2):
+    loading.unload_all()
+    loading.load_model(tiny_sd2.single_file, config_dir=tiny_sd2.config_dir)
+    loading.load_model(tiny_sd2.folder)
+    assert netguard.ATTEMPTS == []
+
+
+def test_loaded_model_is_float32_on_the_cpu_with_the_familys_schedule(tiny_sdxl):
+    model = loading.load_model(tiny_sdxl.single_file, config_dir=tiny_sdxl.config_dir)
+    assert model.dtype == torch.float32 and model.device == torch.device("cpu")
+    assert all(p.dtype == torch.float32 for p in model.unet.parameters())
+    assert model.schedule.prediction_type == "epsilon" and model.schedule.num_train_timesteps == 1000
+    assert round(float(model.schedule.ve_sigmas()[-1]), 3) == 14.615  # SD's scaled_linear schedule
+    assert model.scheduler_config["prediction_type"] == "epsilon"
+
+
+def test_default_dtype_is_half_on_a_gpu_and_float32_on_the_cpu():
+    assert loading.default_dtype(torch.device("cuda")) == torch.float16
+    assert loading.default_dtype(torch.device("cpu")) == torch.float32
+    assert loading.default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_config_dir_of_another_family_is_refused(tiny_sd1, tiny_sd2):
+    with pytest.raises(ValueError, match="is a sd1 checkpoint, but config_dir .* describes a sd2 model"):
+        loading.load_model(tiny_sd1.single_file, config_dir=tiny_sd2.config_dir)
+
+
+@pytest.mark.parametrize("extension", [".ckpt", ".pt", ".pth", ".bin", ".pkl"])
+def test_pickle_based_files_are_refused_and_never_unpickled(tmp_path, extension):
+    marker = tmp_path / "unpickled"
+
+    class Payload:  # unpickling this would create the marker file
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / f"model{extension}"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UnsafeModelFormatError, match=rf"'model\{extension}' is a pickle-based file .*run any code"):
+        loading.load_model(path)
+    with pytest.raises(UnsafeModelFormatError, match="pickle-based"):
+        lora.read_lora_file(path)
+    assert not marker.exists()
+
+
+def test_other_extensions_are_refused_with_what_is_accepted(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    with pytest.raises(UnsafeModelFormatError, match=r"'model.gguf' has extension '.gguf'; only .safetensors"):
+        loading.load_model(path)
+
+
+def test_diffusers_folder_with_only_bin_weights_is_refused(tmp_path, tiny_sd1):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_sd1.folder, folder)
+    unet = folder / "unet"
+    for name in os.listdir(unet):
+        if name.endswith(".safetensors"):
+            os.replace(unet / name, unet / "diffusion_pytorch_model.bin")
+    with pytest.raises(UnsafeModelFormatError, match=r"only pickle-based weights \['diffusion_pytorch_model.bin'\]"):
+        loading.load_model(folder)
+
+
+def test_missing_model_is_reported_with_its_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at .*absent.safetensors"):
+        loading.load_model(tmp_path / "absent.safetensors")
+
+
+def test_bad_prediction_type_and_dtype_are_refused(tiny_sd1):
+    with pytest.raises(ValueError, match="prediction_type must be one of .*got 'v'"):
+        loading.load_model(tiny_sd1.folder, prediction_type="v")
+    with pytest.raises(ValueError, match="dtype must be one of .*got torch.int8"):
+        loading.load_model(tiny_sd1.folder, dtype=torch.int8)
+
+
+# --- the cache -------------------------------------------------------------------------------------------------------
+
+def test_cache_returns_the_same_object_for_the_same_file_and_options(tiny_sd1, tmp_path):
+    first = loading.load_model(tiny_sd1.single_file, config_dir=tiny_sd1.config_dir)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(tiny_sd1.single_file)  # the same file by another name: the real path decides
+    assert loading.load_model(link, config_dir=tiny_sd1.config_dir) is first
+    assert first in loading.cached_models()
+    other = loading.load_model(tiny_sd1.single_file, config_dir=tiny_sd1.config_dir, dtype=torch.bfloat16)
+    assert other is not first and other.unet.dtype == torch.bfloat16
+    assert loading.unload_all() >= 2 and loading.cached_models() == []
+    assert loading.load_model(tiny_sd1.single_file, config_dir=tiny_sd1.config_dir) is not first
+
+
+def test_cache_reloads_a_file_that_changed_on_disk(tiny_sd1, tmp_path):
+    path = tmp_path / "copy.safetensors"
+    shutil.copyfile(tiny_sd1.single_file, path)
+    first = loading.load_model(path, config_dir=tiny_sd1.config_dir)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert loading.load_model(path, config_dir=tiny_sd1.config_dir) is not first
+
+
+# --- family detection ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_family_is_detected_from_single_files_and_folders(family, request):
+    tiny = request.getfixturevalue(TINY[family])
+    info = families.inspect_single_file(tiny.single_file)
+    assert (info.family, info.prediction_type) == (family, "epsilon")
+    assert families.family_from_diffusers_folder(tiny.folder) == family
+
+
+def shapes_of(path: str) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in load_file(path).items()}
+
+
+def test_unknown_layout_error_lists_what_was_found(tiny_sd1):
+    vae_only = {k: v for k, v in shapes_of(tiny_sd1.single_file).items() if k.startswith("first_stage_model.")}
+    with pytest.raises(UnknownModelLayoutError, match=r"no UNet under 'model.diffusion_model.'.*first_stage_model\.\w+ "
+                                                      r"\(\d+\)"):
+        families.family_from_shapes(vae_only)
+    unet_only = {k: v for k, v in shapes_of(tiny_sd1.single_file).items() if k.startswith("model.")}
+    with pytest.raises(UnknownModelLayoutError, match="a UNet without a text encoder .*found: model.diffusion_model"):
+        families.family_from_shapes(unet_only)
+
+
+def test_lora_file_given_as_a_checkpoint_is_named_as_a_lora(tiny_sd1_loras):
+    with pytest.raises(UnknownModelLayoutError, match="holds LoRA weights, not a checkpoint"):
+        families.family_from_shapes(shapes_of(tiny_sd1_loras[0]))
+
+
+def test_mismatched_text_encoder_width_is_refused(tiny_sd1):
+    shapes = shapes_of(tiny_sd1.single_file)
+    shapes["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = (49408, 48)
+    with pytest.raises(UnknownModelLayoutError, match="cross-attention width is 32 while its text encoder.* give 48"):
+        families.family_from_shapes(shapes)
+
+
+def test_inpainting_unet_is_refused(tiny_sd1):
+    shapes = shapes_of(tiny_sd1.single_file)
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (32, 9, 3, 3)
+    with pytest.raises(UnknownModelLayoutError, match="takes 9 input channels"):
+        families.family_from_shapes(shapes)
+
+
+def with_probe_std(source: str, target: str, std: float) -> str:
+    tensors = load_file(source)
+    probe = tensors[families.V_PREDICTION_PROBE_KEY]
+    noise = torch.randn(probe.shape, generator=torch.Generator().manual_seed(0))
+    tensors[families.V_PREDICTION_PROBE_KEY] = noise * std
+    save_file(tensors, target)
+    return target
+
+
+def test_sd2_v_prediction_is_detected_by_comfyuis_heuristic_and_can_be_overridden(tiny_sd2, tmp_path):
+    v_file = with_probe_std(tiny_sd2.single_file, str(tmp_path / "v.safetensors"), 0.3)
+    info = families.inspect_single_file(v_file)
+    assert info.prediction_type == "v_prediction" and "> 0.09" in info.reason
+    eps_file = with_probe_std(tiny_sd2.single_file, str(tmp_path / "eps.safetensors"), 0.01)
+    assert families.inspect_single_file(eps_file).prediction_type == "epsilon"
+    model = loading.load_model(v_file, config_dir=tiny_sd2.config_dir)
+    assert model.schedule.prediction_type == model.scheduler_config["prediction_type"] == "v_prediction"
+    forced = loading.load_model(v_file, config_dir=tiny_sd2.config_dir, prediction_type="epsilon")
+    assert forced.schedule.prediction_type == forced.scheduler_config["prediction_type"] == "epsilon"
+
+
+def test_comfyui_v_pred_marker_makes_any_family_v_prediction(tiny_sdxl, tmp_path):
+    tensors = load_file(tiny_sdxl.single_file)
+    tensors[families.V_PREDICTION_MARKER_KEY] = torch.tensor([])
+    save_file(tensors, tmp_path / "xl_v.safetensors")
+    assert families.inspect_single_file(tmp_path / "xl_v.safetensors").prediction_type == "v_prediction"
+
+
+# --- where models come from ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def models_dir(tmp_path, tiny_sd1, tiny_sd1_loras):
+    """A ComfyUI-style models folder. Hard links, not symlinks: confine() refuses symlinks that point out."""
+    for folder in loading.MODEL_FOLDERS:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "checkpoints" / "sub").mkdir()
+    os.link(tiny_sd1.single_file, tmp_path / "checkpoints" / "sub" / "tiny.safetensors")
+    (tmp_path / "checkpoints" / "old.ckpt").write_bytes(b"not loaded")
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not a model")
+    shutil.copytree(tiny_sd1.folder, tmp_path / "diffusers" / "tiny", copy_function=os.link)
+    os.link(tiny_sd1_loras[0], tmp_path / "loras" / "a.safetensors")
+    return tmp_path
+
+
+def test_checkpoint_list_holds_single_files_and_diffusers_folders(models_dir):
+    assert loading.list_checkpoints(models_dir) == ["old.ckpt", "sub/tiny.safetensors", "diffusers/tiny"]
+    assert loading.list_models("loras", models_dir) == ["a.safetensors"]
+
+
+def test_checkpoints_load_by_their_listed_names(models_dir, tiny_sd1):
+    folder_model = loading.load_checkpoint("diffusers/tiny", models_dir)
+    assert folder_model.source == os.path.realpath(models_dir / "diffusers" / "tiny")
+    assert state_dicts_equal(folder_model.unet, loading.load_model(tiny_sd1.folder).unet) == []
+    assert loading.resolve_checkpoint("sub/tiny.safetensors", models_dir) == str(models_dir / "checkpoints" / "sub" /
+                                                                                 "tiny.safetensors")
+    with pytest.raises(UnsafeModelFormatError, match="'old.ckpt' is a pickle-based file"):
+        loading.load_checkpoint("old.ckpt", models_dir)
+
+
+def test_model_names_cannot_leave_their_folder(models_dir):
+    with pytest.raises(PathOutsideFolderError):
+        loading.resolve_model_path("checkpoints", "../loras/a.safetensors", models_dir)
+    with pytest.raises(FileNotFoundError, match=r"no loras model 'b.safetensors'; available: \['a.safetensors'\]"):
+        loading.resolve_model_path("loras", "b.safetensors", models_dir)
+    with pytest.raises(ValueError, match="model folder must be one of .*got 'embeddings'"):
+        loading.list_models("embeddings", models_dir)
+
+
+def test_without_models_dir_outside_comfyui_the_error_says_what_to_pass():
+    with pytest.raises(ValueError, match="pass models_dir .* or run inside ComfyUI"):
+        loading.list_checkpoints()
+
+
+def test_inside_comfyui_models_come_from_folder_paths(models_dir, monkeypatch):
+    calls = []
+    fake = types.ModuleType("folder_paths")
+    fake.get_folder_paths = lambda folder: [str(models_dir / folder)]
+
+    def get_full_path(folder, name):
+        calls.append((folder, name))
+        path = models_dir / folder / name
+        return str(path) if path.is_file() else None
+
+    fake.get_full_path = get_full_path
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    assert loading.resolve_model_path("loras", "a.safetensors") == str(models_dir / "loras" / "a.safetensors")
+    assert calls == [("loras", "a.safetensors")]
+    assert loading.resolve_checkpoint("diffusers/tiny") == str(models_dir / "diffusers" / "tiny")
+    assert "sub/tiny.safetensors" in loading.list_checkpoints()
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sd1_model(tiny_sd1):
+    model = loading.load_model(tiny_sd1.single_file, config_dir=tiny_sd1.config_dir)
+    yield model
+    lora.remove_all_loras(model)
+
+
+def test_lora_applied_then_removed_restores_the_base_weights_exactly(sd1_model, tiny_sd1_loras):
+    base_state = {key: value.clone() for key, value in sd1_model.unet.state_dict().items()}
+    base_unet, base_text = unet_output(sd1_model), text_output(sd1_model)
+    lora.set_loras(sd1_model, [lora.LoraSpec(tiny_sd1_loras[0])])
+    assert not torch.equal(unet_output(sd1_model), base_unet)
+    assert not torch.equal(text_output(sd1_model)[0], base_text[0])
+    lora.remove_all_loras(sd1_model)
+    state = sd1_model.unet.state_dict()
+    assert state.keys() == base_state.keys()
+    assert [key for key in state if not torch.equal(state[key], base_state[key])] == []
+    assert torch.equal(unet_output(sd1_model), base_unet) and torch.equal(text_output(sd1_model)[0], base_text[0])
+
+
+def test_an_empty_lora_list_runs_the_base_while_adapters_stay_resident(sd1_model, tiny_sd1_loras):
+    base = unet_output(sd1_model)
+    lora.set_loras(sd1_model, [lora.LoraSpec(tiny_sd1_loras[0])])
+    with_lora = unet_output(sd1_model)
+    lora.set_loras(sd1_model, [])
+    assert torch.equal(unet_output(sd1_model), base) and len(sd1_model.lora_adapters) == 1
+    lora.set_loras(sd1_model, [lora.LoraSpec(tiny_sd1_loras[0])])
+    assert torch.equal(unet_output(sd1_model), with_lora)
+
+
+def test_hot_swap_from_a_to_b_equals_b_alone(sd1_model, tiny_sd1_loras):
+    a, b = (lora.LoraSpec(path, strength_model=0.8) for path in tiny_sd1_loras)
+    lora.set_loras(sd1_model, [a])
+    lora.set_loras(sd1_model, [b])
+    swapped = unet_output(sd1_model)
+    lora.remove_all_loras(sd1_model)
+    lora.set_loras(sd1_model, [b])
+    assert torch.equal(swapped, unet_output(sd1_model))
+
+
+def test_lora_strength_scales_the_branch_and_zero_model_strength_leaves_the_unet(sd1_model, tiny_sd1_loras):
+    base_unet, base_text = unet_output(sd1_model), text_output(sd1_model)
+    path = tiny_sd1_loras[0]
+    lora.set_loras(sd1_model, [lora.LoraSpec(path, strength_model=1.0)])
+    once = unet_output(sd1_model) - base_unet
+    lora.set_loras(sd1_model, [lora.LoraSpec(path, strength_model=2.0)])
+    twice = unet_output(sd1_model) - base_unet
+    assert not torch.allclose(once, twice, atol=1e-6)
+    lora.set_loras(sd1_model, [lora.LoraSpec(path, 1.0, 0.5), lora.LoraSpec(path, 1.0, 0.5)])  # listed twice: summed
+    assert torch.equal(unet_output(sd1_model) - base_unet, twice)
+    lora.set_loras(sd1_model, [lora.LoraSpec(path, strength_model=0.0, strength_clip=1.0)])
+    assert torch.equal(unet_output(sd1_model), base_unet)
+    assert not torch.equal(text_output(sd1_model)[0], base_text[0])
+
+
+def test_removing_one_of_two_loras_keeps_the_other(sd1_model, tiny_sd1_loras):
+    a, b = (lora.LoraSpec(path) for path in tiny_sd1_loras)
+    lora.set_loras(sd1_model, [b])
+    b_alone = unet_output(sd1_model)
+    lora.set_loras(sd1_model, [a, b])
+    lora.remove_lora(sd1_model, a.path)
+    assert sd1_model.active_loras == (lora.LoraSpec(os.path.realpath(b.path)),)
+    assert torch.equal(unet_output(sd1_model), b_alone)
+    with pytest.raises(ValueError, match=r"'a.safetensors' is not loaded on this model; loaded: \['b.safetensors'\]"):
+        lora.remove_lora(sd1_model, a.path)
+
+
+def test_lora_read_ahead_then_attached_equals_a_direct_load(sd1_model, tiny_sd1_loras):
+    base = unet_output(sd1_model)
+    lora.set_loras(sd1_model, [lora.LoraSpec(tiny_sd1_loras[1])])
+    direct = unet_output(sd1_model)
+    lora.remove_all_loras(sd1_model)
+    tensors = lora.read_lora_file(tiny_sd1_loras[1])
+    adapter = lora.load_lora(sd1_model, tiny_sd1_loras[1], tensors=tensors)
+    assert lora.load_lora(sd1_model, tiny_sd1_loras[1]) is adapter  # resident once
+    assert torch.equal(unet_output(sd1_model), base)  # resident, not running yet
+    lora.set_loras(sd1_model, [lora.LoraSpec(tiny_sd1_loras[1])])
+    assert torch.equal(unet_output(sd1_model), direct)
+
+
+def test_lora_of_another_family_is_refused_and_the_model_is_unchanged(sd1_model, tiny_sdxl_lora):
+    base = unet_output(sd1_model)
+    with pytest.raises(ValueError, match="does not fit this sd1 model|matched no layer of this sd1 model"):
+        lora.set_loras(sd1_model, [lora.LoraSpec(tiny_sdxl_lora)])
+    assert sd1_model.lora_adapters == {} and torch.equal(unet_output(sd1_model), base)
+
+
+def test_lora_strength_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"strength_model must be in \[-100.0, 100.0\]; got 1000.0"):
+        lora.LoraSpec("x.safetensors", strength_model=1000.0)
+
+
+def test_sdxl_lora_reaches_both_text_encoders_and_is_removed_exactly(tiny_sdxl, tiny_sdxl_lora):
+    model = loading.load_model(tiny_sdxl.single_file, config_dir=tiny_sdxl.config_dir)
+    base_unet, base_text = unet_output(model), text_output(model)
+    try:
+        lora.set_loras(model, [lora.LoraSpec(tiny_sdxl_lora)])
+        adapter, = model.lora_adapters.values()
+        assert adapter.components == ("unet", "text_encoder", "text_encoder_2")
+        changed = text_output(model)
+        assert not torch.equal(changed[0], base_text[0]) and not torch.equal(changed[1], base_text[1])
+        assert not torch.equal(unet_output(model), base_unet)
+    finally:
+        lora.remove_all_loras(model)
+    assert torch.equal(unet_output(model), base_unet)
+    assert all(torch.equal(x, y) for x, y in zip(text_output(model), base_text, strict=True))
+
+
+# --- the real layout -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_full_size_sd15_single_file_loads_offline_and_runs_one_step(tmp_path):
+    """SD1.5's real architecture (1.07 B random parameters, float16 on disk) through the shipped configs."""
+    path = tmp_path / "sd15_random.safetensors"
+    write_full_size_sd15(path)
+    assert families.inspect_single_file(path).family == "sd1"
+    model = loading.load_model(path)
+    try:
+        assert model.family == "sd1" and model.unet.dtype == torch.float32
+        assert sum(p.numel() for p in model.unet.parameters()) == REAL_PARAMETER_COUNTS["sd1", "unet"]
+        (embeds,) = text_output(model)
+        assert embeds.shape == (1, 77, 768)
+        with torch.no_grad():
+            out = model.unet(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),  # a 64×64 image
+                             torch.tensor([999]), embeds).sample
+        assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+        assert netguard.ATTEMPTS == []
+    finally:
+        loading.unload_all()
+        os.remove(path)

@@ -153,3 +153,16 @@ def test_interrupt_in_a_long_tiled_decode(tiny_sd1):  # noqa: F811
 
     with use_sink(StopAtOnce()), pytest.raises(InterruptedByUser):
         AtelierVAEDecode().decode({"samples": torch.zeros(1, 4, 32, 32)}, vae, tiled=True, tile_size=128, overlap=32)
+
+
+def test_text_to_image_workflow_runs_headless(tmp_path, tiny_sd1, capsys):  # noqa: F811
+    from web.cli import main
+
+    shutil.copytree(tiny_sd1.folder, tmp_path / "models" / "diffusers" / "tiny_sd1")
+    workflow = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
+                            "text_to_image.json")
+    code = main(["run", workflow, "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"),
+                 "--set", "Sampler.steps=3"])
+    assert code == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("output: ")]
+    assert Image.open(line.removeprefix("output: ")).size == (64, 64)

@@ -28,7 +28,7 @@ def types_of(messages):
     ("/i18n", {}),
     ("/global_subgraphs", {}),
     ("/extensions", ["/extensions/atelier/atelier.js"]),
-    ("/workflow_templates", {"atelier": ["image_basics"]}),
+    ("/workflow_templates", {"atelier": ["image_basics", "text_to_image"]}),
     ("/prompt", {"exec_info": {"queue_remaining": 0}}),
     ("/queue", {"queue_running": [], "queue_pending": []}),
     ("/history", {}),

@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from nodes.models.loading import unload_all
+
 from .executor import ExecutionResult, Executor
 
 logger = logging.getLogger(__name__)
@@ -217,3 +219,5 @@ class PromptQueue:
         if flags.get("free_memory") or flags.get("unload_models"):
             self.executor.free()
             logger.info("freed cached results")
+        if flags.get("unload_models"):
+            logger.info("unloaded %d models", unload_all())

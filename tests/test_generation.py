@@ -166,3 +166,20 @@ def test_text_to_image_workflow_runs_headless(tmp_path, tiny_sd1, capsys):  # no
     assert code == 0
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("output: ")]
     assert Image.open(line.removeprefix("output: ")).size == (64, 64)
+
+
+@pytest.mark.parametrize("node, inputs, message", [
+    ("5", {"sampler_name": "euler_ancestral", "scheduler": "karras"}, "runs with schedulers ('normal',)"),
+    ("5", {"scheduler": "f_scheduler", "sampler_name": "dpmpp_2m", "steps": 7}, "steps in (5, 6, 8)"),
+    ("5", {"sampler_name": "hb_dpmpp_2m", "momentum": 1.5}, "must be in (0, 1]"),
+    ("5", {"sampler_name": "euler", "momentum": 0.5}, "momentum applies to the samplers"),
+    ("6", {"tiled": True, "tile_size": 128, "overlap": 128}, "overlap must be smaller than tile_size"),
+])
+def test_bad_settings_are_node_errors_before_anything_runs(setup, node, inputs, message):
+    _, executor = setup
+    prompt = text_to_image()
+    prompt[node]["inputs"].update(inputs)
+    result = executor.validate(prompt)
+    assert not result.ok
+    [error] = result.node_errors[node]["errors"]
+    assert error["type"] == "custom_validation_failed" and message in error["details"]

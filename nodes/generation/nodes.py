@@ -229,21 +229,26 @@ class AtelierSampler:
         return ({**latent_image, "samples": latent.cpu()},)
 
 
-def _tiling_inputs() -> dict[str, tuple]:
-    return {
-        "tiled": ("BOOLEAN", {"default": False, "tooltip": "Work in tiles, so large images fit in memory."}),
-        "tile_size": ("INT", {"default": DEFAULT_TILE_PX, "min": 64, "max": 4096, "step": 64,
-                              "tooltip": "Tile side in pixels (tiled mode)."}),
-        "overlap": ("INT", {"default": DEFAULT_OVERLAP_PX, "min": 0, "max": 1024, "step": 8,
-                            "tooltip": "How far tiles overlap, in pixels; overlaps are cross-faded."}),
-    }
+class _Tiling:
+    """The VAE nodes' tiled mode: its inputs and the check that tiles overlap less than their own size."""
+
+    @staticmethod
+    def tiling_inputs() -> dict[str, tuple]:
+        return {
+            "tiled": ("BOOLEAN", {"default": False, "tooltip": "Work in tiles, so large images fit in memory."}),
+            "tile_size": ("INT", {"default": DEFAULT_TILE_PX, "min": 64, "max": 4096, "step": 64,
+                                  "tooltip": "Tile side in pixels (tiled mode)."}),
+            "overlap": ("INT", {"default": DEFAULT_OVERLAP_PX, "min": 0, "max": 1024, "step": 8,
+                                "tooltip": "How far tiles overlap, in pixels; overlaps are cross-faded."}),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **inputs) -> bool | str:
+        tile_size, overlap = inputs["tile_size"], inputs["overlap"]
+        return True if overlap < tile_size else f"overlap must be smaller than tile_size; got {overlap} >= {tile_size}"
 
 
-def _check_tiling(tile_size: int, overlap: int) -> bool | str:
-    return True if overlap < tile_size else f"overlap must be smaller than tile_size; got {overlap} >= {tile_size}"
-
-
-class AtelierVAEDecode:
+class AtelierVAEDecode(_Tiling):
     DESCRIPTION = "Turns latents into images with the VAE; tiled mode decodes tile by tile with cross-faded seams."
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
@@ -255,11 +260,7 @@ class AtelierVAEDecode:
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {"samples": ("LATENT", {"tooltip": "The latents to decode."}),
                              "vae": ("ATELIER_VAE", {"tooltip": "The checkpoint's VAE."}),
-                             **_tiling_inputs()}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, **inputs) -> bool | str:
-        return _check_tiling(inputs["tile_size"], inputs["overlap"])
+                             **cls.tiling_inputs()}}
 
     def decode(self, samples: dict, vae: DiffusersCodec, tiled: bool, tile_size: int, overlap: int
                ) -> tuple[torch.Tensor]:
@@ -272,7 +273,7 @@ class AtelierVAEDecode:
         return (image.cpu().permute(0, 2, 3, 1),)
 
 
-class AtelierVAEEncode:
+class AtelierVAEEncode(_Tiling):
     DESCRIPTION = "Turns images into latents with the VAE, for image-to-image; tiled mode encodes tile by tile."
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
@@ -284,11 +285,7 @@ class AtelierVAEEncode:
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {"pixels": ("IMAGE", {"tooltip": "The images to encode; sides must be multiples of 8."}),
                              "vae": ("ATELIER_VAE", {"tooltip": "The checkpoint's VAE."}),
-                             **_tiling_inputs()}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, **inputs) -> bool | str:
-        return _check_tiling(inputs["tile_size"], inputs["overlap"])
+                             **cls.tiling_inputs()}}
 
     def encode(self, pixels: torch.Tensor, vae: DiffusersCodec, tiled: bool, tile_size: int, overlap: int
                ) -> tuple[dict]:

@@ -171,7 +171,7 @@ def test_text_to_image_workflow_runs_headless(tmp_path, tiny_sd1, capsys):  # no
 @pytest.mark.parametrize("node, inputs, message", [
     ("5", {"sampler_name": "euler_ancestral", "scheduler": "karras"}, "runs with schedulers ('normal',)"),
     ("5", {"scheduler": "f_scheduler", "sampler_name": "dpmpp_2m", "steps": 7}, "steps in (5, 6, 8)"),
-    ("5", {"sampler_name": "hb_dpmpp_2m", "momentum": 1.5}, "must be in (0, 1]"),
+    ("5", {"sampler_name": "hb_dpmpp_2m", "momentum": 1.5}, "must be in (0.0, 1.0]; got 1.5"),
     ("5", {"sampler_name": "euler", "momentum": 0.5}, "momentum applies to the samplers"),
     ("6", {"tiled": True, "tile_size": 128, "overlap": 128}, "overlap must be smaller than tile_size"),
 ])

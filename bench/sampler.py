@@ -6,13 +6,13 @@ our text-encode node), the start noise (``seeded_noise`` of one seed), guidance 
 the "normal" grid, which is diffusers' ``EulerDiscreteScheduler`` with ``timestep_spacing="trailing"``. Ours is
 ``AtelierSampler().sample`` on a ``ModelRef``, the node's whole path (LoRA switch, guidance, preview callback,
 return to the CPU); the peer is ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL) with
-``output_type="latent"``, so neither side decodes. Runs alternate, ours then diffusers, after one warm-up each,
-and the medians are compared. The two results are also compared: same shape, and their largest difference.
+``output_type="latent"``, so neither side decodes. After one warm-up each, runs alternate (ours, diffusers,
+diffusers, ours, ...) and the medians are compared. So are the two results: same shape, and the largest difference.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` per side (weights included); on the CPU, the process's
 peak RSS from ``getrusage``, which covers both sides and the model build, so it cannot tell them apart.
 
-    python bench/sampler.py [--quick] [--family sd15|sdxl] [--size PX] [--steps N] [--device cuda|cpu]
+    python bench/sampler.py [--quick] [--family sd15|sdxl] [--size PX] [--steps N] [--runs N] [--device cuda|cpu]
 
 ``--quick`` (256², 2 steps, 2 timed runs each) finishes within 60 s on 2 CPU cores; the full run is 512², 4 steps,
 3 timed runs each. Ends with ``BENCH sampler ratio_vs_diffusers=... ours_s=... diffusers_s=... size=... steps=...
@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Before diffusers imports huggingface_hub, as nodes.models.loading does: everything here is built offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,  # noqa: E402
@@ -47,9 +49,10 @@ CFG = 7.5  # diffusers' StableDiffusionPipeline default guidance
 PROMPT = "a photo of a cat sitting on a wooden table, soft light"
 NEGATIVE = "blurry, low quality"
 TARGET_RATIO = 1.05  # the issue's target
-QUICK = {"size": 256, "steps": 2, "runs": 2}  # 256² is the smallest size at which the UNet, not overhead, dominates
+# At 128² a CPU UNet step costs about half of a 256² one: reading the weights, not the image's activations,
+# dominates it there. 256² keeps the activations the main cost and the quick run inside 60 s.
+QUICK = {"size": 256, "steps": 2, "runs": 2}
 FULL = {"size": 512, "steps": 4, "runs": 3}
-WARMUPS = 1  # oneDNN / cuDNN pick their kernels on the first calls (environment.md §3)
 
 
 def report(line: str) -> None:
@@ -64,30 +67,33 @@ def build_pipeline(family: str, device: torch.device, dtype: torch.dtype):
     ``dtype``. Its scheduler is Euler on the trailing grid, the one our "normal" scheduler runs.
     """
     config_dir = shipped_config_dir(FAMILIES[family])
+    encoder_classes = {"text_encoder": CLIPTextModel}
+    if family == "sdxl":
+        encoder_classes["text_encoder_2"] = CLIPTextModelWithProjection
     torch.manual_seed(SEED)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder"))
-        if family == "sdxl":
-            text_encoder_2 = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder_2"))
+        encoders = {name: cls(CLIPTextConfig.from_pretrained(config_dir, subfolder=name))
+                    for name, cls in encoder_classes.items()}
+    if dtype != torch.float32:  # the modules are made in float32; diffusers warns on every cast, so cast if needed
+        for module in (unet, vae, *encoders.values()):
+            module.to(dtype)
     scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(config_dir,
                                                                                       subfolder="scheduler"),
                                                    timestep_spacing="trailing", prediction_type="epsilon")
-    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler,
-             "tokenizer": load_tokenizer(config_dir, "tokenizer")}
+    tokenizers = {name.replace("text_encoder", "tokenizer"): load_tokenizer(config_dir,
+                                                                            name.replace("text_encoder", "tokenizer"))
+                  for name in encoders}
     if family == "sdxl":
-        pipeline = StableDiffusionXLPipeline(**parts, text_encoder_2=text_encoder_2,
-                                             tokenizer_2=load_tokenizer(config_dir, "tokenizer_2"))
+        pipeline = StableDiffusionXLPipeline(unet=unet, vae=vae, scheduler=scheduler, **encoders, **tokenizers)
     else:
-        pipeline = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+        pipeline = StableDiffusionPipeline(unet=unet, vae=vae, scheduler=scheduler, **encoders, **tokenizers,
+                                           safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-    pipeline.to(device, dtype)
     pipeline.set_progress_bar_config(disable=True)
-    for module in pipeline.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False)  # as load_model leaves a loaded model
+    for module in (unet, vae, *encoders.values()):
+        module.requires_grad_(False)  # as load_model leaves a loaded model
     return pipeline
 
 
@@ -165,7 +171,8 @@ def main() -> None:
         return pipeline(**peer_inputs, height=size, width=size, num_inference_steps=steps, guidance_scale=CFG,
                         latents=noise, output_type="latent").images
 
-    # 3. One warm-up each, then alternate
+    # 3. One full warm-up each (oneDNN / cuDNN pick their kernels on the first calls: environment.md §3), then
+    #    alternate
     sides = {"ours": ours, "diffusers": diffusers}
     times: dict[str, list[float]] = {name: [] for name in sides}
     peaks: dict[str, int] = dict.fromkeys(sides, 0)
@@ -174,7 +181,10 @@ def main() -> None:
         elapsed, results[name], _ = timed(fn, device)
         report(f"warm-up {name}: {elapsed:.2f} s")
     for run in range(1, runs + 1):
-        for name, fn in sides.items():
+        # Alternate who goes first (ours, diffusers, diffusers, ours, ...), so that a drift in the machine's speed
+        # during the run does not favour one side.
+        order = list(sides.items()) if run % 2 else list(sides.items())[::-1]
+        for name, fn in order:
             elapsed, _, peak = timed(fn, device)
             times[name].append(elapsed)
             peaks[name] = max(peaks[name], peak)

@@ -19,9 +19,9 @@ import netguard
 from fixtures_models import tiny_sd1, tiny_sd1_loras, tiny_sd2, tiny_sdxl, tiny_sdxl_lora  # noqa: F401, F811
 from nodes.common.paths import PathOutsideFolderError
 from nodes.models import families, loading, lora
+from nodes.models.export import write_random_single_file
 from nodes.models.families import UnknownModelLayoutError
 from nodes.models.loading import UnsafeModelFormatError
-from tiny_models import write_full_size_sd15
 
 TOKENIZER_SHA256 = {  # environment.md §2
     "vocab.json": "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69",
@@ -496,7 +496,7 @@ def test_sdxl_lora_reaches_both_text_encoders_and_is_removed_exactly(tiny_sdxl, 
 def test_full_size_sd15_single_file_loads_offline_and_runs_one_step(tmp_path):
     """SD1.5's real architecture (1.07 B random parameters, float16 on disk) through the shipped configs."""
     path = tmp_path / "sd15_random.safetensors"
-    write_full_size_sd15(path)
+    write_random_single_file("sd1", path)
     assert families.inspect_single_file(path).family == "sd1"
     model = loading.load_model(path)
     try:

@@ -8,16 +8,14 @@ The SD1 UNet and VAE are environment.md §3's ``"sd1"`` layout. Building one tak
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 
 import torch
 from safetensors.torch import save_file
 
-from nodes.models.export import clip_to_ldm, export_single_file, unet_to_ldm, vae_to_ldm
-from nodes.models.families import SD1_TEXT_PREFIX
-from nodes.models.loading import SD1_TOKENIZER_DIR, SHIPPED_CONFIGS
+from nodes.models.export import export_single_file
+from nodes.models.loading import SD1_TOKENIZER_DIR
 
 TINY_FAMILIES = ("sd1", "sd2", "sdxl")
 _SD1_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -115,42 +113,6 @@ def save_tiny_model(family: str, root: str | os.PathLike, seed: int = 0) -> Tiny
     _copy_configs(folder, config_dir)
     export_single_file(folder, single_file)
     return TinyModel(family, folder, config_dir, single_file)
-
-
-def write_full_size_sd15(out_file: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float16) -> None:
-    """Write an SD1.5-architecture original-layout single file with random weights, from the shipped configs.
-
-    The models are built on the meta device (no initialisation cost) and every tensor is a copy of a slice of one
-    random block, at a different offset each, so the 1.07 B parameters cost a memory copy, not random-number
-    generation. ``float16`` (2.1 GB, like the common pruned SD1.5 files) keeps the test's disk and memory use down.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config_dir = os.path.join(SHIPPED_CONFIGS, "sd15")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae"))
-        with open(os.path.join(config_dir, "text_encoder", "config.json"), encoding="utf-8") as file:
-            text = CLIPTextModel(CLIPTextConfig(**json.load(file)))
-    models = (unet, vae, text)
-    largest = max(meta.numel() for model in models for meta in model.state_dict().values())
-    offsets = 8191  # a prime: tensors start at different places in the block
-    generator = torch.Generator().manual_seed(seed)
-    block = (torch.randn(largest + offsets, generator=generator) * 0.02).to(dtype)
-
-    def fill(model) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for index, (name, meta) in enumerate(model.state_dict().items()):
-            if meta.is_floating_point():
-                start = index * 7919 % offsets
-                tensors[name] = block[start:start + meta.numel()].reshape(meta.shape).clone()
-        return tensors
-
-    state = {**unet_to_ldm(fill(unet), dict(unet.config)), **vae_to_ldm(fill(vae), dict(vae.config)),
-             **clip_to_ldm(fill(text), SD1_TEXT_PREFIX)}
-    save_file(state, os.fspath(out_file))
-
 
 
 def write_tiny_lora(pipeline, out_file: str | os.PathLike, style: str = "kohya", seed: int = 0, rank: int = 4,

@@ -260,3 +260,49 @@ def export_single_file(pipeline_dir: str | os.PathLike, out_file: str | os.PathL
         _verify(family, folder, ldm, parts)
     save_file({key: value.contiguous() for key, value in ldm.items()}, os.fspath(out_file))
     return family
+
+
+def write_random_single_file(family: str, out_file: str | os.PathLike, seed: int = 0,
+                             dtype: torch.dtype = torch.float16) -> None:
+    """Write a full-size ``family`` ("sd1", "sd2" or "sdxl") original-layout single file with random weights.
+
+    For tests and benchmarks of real architectures: speed and memory do not depend on weight values. The models
+    are built on the meta device from the shipped configs (no initialisation cost), and every tensor is a copy
+    of a slice of one random block at its own offset, so the 1–3.5 B parameters cost a memory copy, not random
+    number generation. ``float16`` on disk, as released checkpoints are (SD1.5 2.1 GB, SDXL 6.9 GB).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .loading import shipped_config_dir
+
+    config_dir = shipped_config_dir(family)
+    encoders = {"sd1": [("text_encoder", CLIPTextModel)], "sd2": [("text_encoder", CLIPTextModel)],
+                "sdxl": [("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)]}[family]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae"))
+        texts = [cls(CLIPTextConfig(**_read_config(config_dir, name))) for name, cls in encoders]
+    models = (unet, vae, *texts)
+    largest = max(meta.numel() for model in models for meta in model.state_dict().values())
+    offsets = 8191  # a prime: tensors start at different places in the block
+    generator = torch.Generator().manual_seed(seed)
+    block = (torch.randn(largest + offsets, generator=generator) * 0.02).to(dtype)
+
+    def fill(model) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for index, (name, meta) in enumerate(model.state_dict().items()):
+            if meta.is_floating_point():
+                start = index * 7919 % offsets
+                tensors[name] = block[start:start + meta.numel()].reshape(meta.shape).clone()
+        return tensors
+
+    state = {**unet_to_ldm(fill(unet), dict(unet.config)), **vae_to_ldm(fill(vae), dict(vae.config))}
+    if family == "sd1":
+        state.update(clip_to_ldm(fill(texts[0]), SD1_TEXT_PREFIX))
+    elif family == "sd2":
+        state.update(open_clip_to_ldm(fill(texts[0]), SD2_TEXT_PREFIX))
+    else:
+        state.update(clip_to_ldm(fill(texts[0]), SDXL_TEXT_PREFIXES[0]))
+        state.update(open_clip_to_ldm(fill(texts[1]), SDXL_TEXT_PREFIXES[1]))
+    save_file(state, os.fspath(out_file))

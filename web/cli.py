@@ -1,7 +1,7 @@
 """Atelier's command line.
 
     python -m web [serve] [--port 8188] [--listen ADDR] [--data-dir D] [--models-dir M] [--open]
-    python -m web run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--output-dir D] [--data-dir D]
+    python -m web run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--output-dir D] [--data-dir D] [--models-dir M]
 
 ``serve`` (also a bare ``python -m web``) starts the editor's server and prints its URL. Bound to 127.0.0.1 it
 needs no token; with ``--listen`` beyond loopback it makes a per-launch token and prints a URL that carries it.

@@ -27,6 +27,8 @@ import torch
 from aiohttp import web
 from PIL import Image
 
+import nodes
+
 from .executor import Executor
 from .node_info import object_info
 from .prompt_queue import PromptQueue
@@ -94,6 +96,10 @@ def create_app(config: ServerConfig, classes: dict[str, type] | None = None) -> 
 
 async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     """Start the executor's worker thread and the task that sends its events; stop both on shutdown."""
+    installed, pinned = importlib.metadata.version(FRONTEND_PACKAGE), pinned_frontend_version()
+    if installed != pinned:
+        logger.warning("%s %s is installed but requirements.txt pins %s; run install.py", FRONTEND_PACKAGE,
+                       installed, pinned)
     classes = app[CLASSES]
     executor = Executor(classes)
     loop = asyncio.get_running_loop()
@@ -317,7 +323,6 @@ async def _object_info(app: web.Application) -> dict:
 
 
 def _compute_object_info(state: ServerState) -> dict:
-    import nodes
     info = {}
     for name, cls in state.node_classes.items():
         module = PACK_MODULE if name in nodes.NODE_CLASS_MAPPINGS else "nodes"

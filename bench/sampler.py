@@ -153,7 +153,7 @@ def main() -> None:
     positive, = AtelierTextEncode().encode(model, PROMPT)
     negative, = AtelierTextEncode().encode(model, NEGATIVE)
     latent_image = {"samples": empty_latent(1, pipeline.unet.config.in_channels, size, size)}
-    noise = seeded_noise(SEED, tuple(latent_image["samples"].shape)).to(device, dtype)
+    noise = seeded_noise(SEED, tuple(latent_image["samples"].shape))[0].to(device, dtype)
     peer_inputs = {"prompt_embeds": positive.embeds.to(device, dtype),
                    "negative_prompt_embeds": negative.embeds.to(device, dtype)}
     if family == "sdxl":

@@ -3,7 +3,7 @@
 Only relative imports live here: inside ComfyUI, ``import nodes`` is ComfyUI's own module.
 """
 
-from .generation import nodes as generation
+from .generation import nodes as generation_nodes
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {**generation.NODE_CLASS_MAPPINGS}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**generation.NODE_DISPLAY_NAME_MAPPINGS}
+NODE_CLASS_MAPPINGS: dict[str, type] = {**generation_nodes.NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**generation_nodes.NODE_DISPLAY_NAME_MAPPINGS}

@@ -436,11 +436,12 @@ def test_scale_image_center_crop_takes_the_middle():
 def test_scale_image_refuses_both_sizes_zero(node):
     with pytest.raises(ValueError, match="both 0"):
         scale_image(torch.rand(1, 4, 4, 3), 0, 0, "bilinear")
-    verdict = node("ImageScale").VALIDATE_INPUTS(image=None, upscale_method="bilinear", width=0, height=0,
-                                                 crop="disabled")
+    verdict = node("ImageScale").VALIDATE_INPUTS(width=0, height=0)
     assert isinstance(verdict, str) and "both 0" in verdict
-    assert node("ImageScale").VALIDATE_INPUTS(image=None, upscale_method="bilinear", width=0, height=5,
-                                              crop="disabled") is True
+    assert node("ImageScale").VALIDATE_INPUTS(width=0, height=5) is True
+    # Naming width and height switches off the built-in range checks, so the node checks them itself.
+    assert "width must be in [0, 16384]; got 16385" in node("ImageScale").VALIDATE_INPUTS(width=16385, height=5)
+    assert node("ImageScale").VALIDATE_INPUTS(width=None, height=0) is True  # linked: checked at run time
 
 
 def test_scale_image_refuses_aspect_size_beyond_max_resolution():

@@ -307,6 +307,16 @@ def test_validate_inputs_replaces_built_in_range_check():
     assert Executor(CLASSES).validate(prompt).ok  # above max, but VALIDATE_INPUTS declares `value`
 
 
+def test_validate_inputs_with_kwargs_replaces_every_built_in_check():
+    class TakesAll(Even):
+        @classmethod
+        def VALIDATE_INPUTS(cls, **inputs):  # ComfyUI: **kwargs switches off min/max/list checks for all inputs
+            return True
+
+    prompt = {"1": {"class_type": "TakesAll", "inputs": {"value": 103}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    assert Executor({**CLASSES, "TakesAll": TakesAll}).validate(prompt).ok
+
+
 def test_exception_during_validation():
     prompt = {"1": {"class_type": "BrokenValidation", "inputs": {"value": 2}},
               "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}

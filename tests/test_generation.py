@@ -12,7 +12,7 @@ from PIL import Image
 from fixtures_models import tiny_sd1, tiny_sdxl  # noqa: F401  (session fixtures)
 from nodes.common.denoiser import DiffusersCodec
 from nodes.common.progress import InterruptedByUser, use_sink
-from nodes.generation.nodes import AtelierTextEncode, AtelierVAEDecode, ModelRef
+from nodes.generation.nodes import AtelierSampler, AtelierTextEncode, AtelierVAEDecode, ModelRef
 from nodes.models.loading import load_model
 from web.executor import Executor
 from web.folders import DataFolders
@@ -183,3 +183,26 @@ def test_bad_settings_are_node_errors_before_anything_runs(setup, node, inputs, 
     assert not result.ok
     [error] = result.node_errors[node]["errors"]
     assert error["type"] == "custom_validation_failed" and message in error["details"]
+
+
+def test_longalign_keeps_every_word_even_a_pad_character(tiny_sdxl):  # noqa: F811
+    from nodes.generation.text import encode_long, split_sentences
+
+    model = load_model(tiny_sdxl.folder)
+    prompt = "Wow! A fox. It jumps!"
+    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):  # the second pads with "!"
+        states, _ = encode_long(tokenizer, encoder, prompt, -2, 40)
+        # every segment keeps its start token and its words, "!" included; the pad embedding fills the rest
+        kept = sum(len(tokenizer(segment)["input_ids"]) - 1 for segment in split_sentences(prompt))
+        pads = states[0, kept:]
+        assert torch.allclose(pads, pads[:1].expand_as(pads))
+        assert not torch.allclose(states[0, kept - 1], pads[0])
+
+
+def test_linked_settings_pass_validation_and_widget_limits_still_hold(setup):
+    _, executor = setup
+    prompt = text_to_image()
+    result = executor.validate({**prompt, "5": {**prompt["5"], "inputs": {**prompt["5"]["inputs"], "steps": 20000}}})
+    assert "steps must be in [1, 10000]; got 20000" in result.node_errors["5"]["errors"][0]["details"]
+    assert AtelierSampler.VALIDATE_INPUTS(sampler_name="euler", scheduler="normal", steps=None, denoise=None,
+                                          momentum=0.0) is True

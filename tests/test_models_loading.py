@@ -115,7 +115,7 @@ def test_shipped_configs_build_the_real_architectures(family, component):
 
 def test_shipped_configs_hold_each_familys_defining_settings():
     sd2, sdxl = loading.shipped_config_dir("sd2"), loading.shipped_config_dir("sdxl")
-    read = loading._read_json
+    read = families.read_json
     assert read(os.path.join(sd2, "unet", "config.json"))["use_linear_projection"] is True
     assert read(os.path.join(sdxl, "unet", "config.json"))["addition_embed_type"] == "text_time"
     vae = read(os.path.join(sdxl, "vae", "config.json"))

@@ -387,7 +387,7 @@ def test_momentum_number_splits_into_order_and_beta(m, expected):
     (dict(sampler="lcm", scheduler="f_scheduler", steps=5), "'f_scheduler'"),
     (dict(sampler="hb_plms", scheduler="karras", steps=10), "'karras'"),
     (dict(sampler="dpmpp_2m", scheduler="f_scheduler", steps=7, family="sd1"), "got 7"),
-    (dict(sampler="dpmpp_2m", scheduler="f_scheduler", steps=8), "got None"),
+    (dict(sampler="dpmpp_2m", scheduler="f_scheduler", steps=8, family="sd3"), "got 'sd3'"),
     (dict(sampler="ddim", scheduler="normal", steps=0), "got 0"),
     (dict(sampler="lcm", scheduler="normal", steps=60), "got 60"),
     (dict(sampler="ddim", scheduler="normal", steps=10, denoise=1.5), "got 1.5"),
@@ -402,6 +402,12 @@ def test_refused_settings_name_the_bad_value(settings, message):
         check_sampler_settings(**settings)
     with pytest.raises(ValueError, match=message):
         sample(gaussian_eps(SCHEDULE), SCHEDULE, make_noise(), **settings)
+
+
+def test_an_unknown_family_waits_for_the_f_scheduler_schedule():
+    check_sampler_settings("dpmpp_2m", "f_scheduler", 8)  # a node's validation: the model has not arrived yet
+    with pytest.raises(ValueError, match="family"):
+        sample(gaussian_eps(SCHEDULE), SCHEDULE, make_noise(), 8, "dpmpp_2m", "f_scheduler")
 
 
 def test_sample_refuses_missing_generator_missing_latent_and_mismatched_shapes():

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
+from nodes.common.checks import range_errors
 from nodes.common.paths import PathOutsideFolderError, atomic_write, confine
 
 from .folders import DataFolders
@@ -591,11 +592,13 @@ class ImageScale:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, **inputs: Any) -> bool | str:
-        # **inputs rather than named ones: naming width and height would switch off their min/max checks
-        if inputs.get("width") == 0 and inputs.get("height") == 0:
-            return "width and height are both 0; set at least one (a 0 size follows the other)"
-        return True
+    def VALIDATE_INPUTS(cls, width: int | None, height: int | None) -> bool | str:
+        # Naming width and height switches off their built-in min/max checks (ComfyUI's rule): check them here.
+        errors = range_errors({"width": width, "height": height},
+                              {"width": (0, MAX_RESOLUTION), "height": (0, MAX_RESOLUTION)})
+        if width == 0 and height == 0:
+            errors.append("width and height are both 0; set at least one (a 0 size follows the other)")
+        return "; ".join(errors) or True
 
     def upscale(self, image: torch.Tensor, upscale_method: str, width: int, height: int,
                 crop: str) -> tuple[torch.Tensor]:

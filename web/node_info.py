@@ -124,3 +124,9 @@ def declared_parameters(function) -> set[str]:
     """The named parameters of ``function``; for ``VALIDATE_INPUTS`` these switch off built-in checks."""
     return {name for name, p in inspect.signature(function).parameters.items()
             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def takes_any_keyword(function) -> bool:
+    """Whether ``function`` has ``**kwargs``; a ``VALIDATE_INPUTS`` that has switches off every built-in check,
+    as in ComfyUI (``execution.py``, ``validate_has_kwargs``)."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(function).parameters.values())

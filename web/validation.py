@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .node_info import InputSpec, call_with_declared, declared_parameters, input_specs
+from .node_info import InputSpec, call_with_declared, declared_parameters, input_specs, takes_any_keyword
 
 MAX_LISTED_CHOICES = 20  # upstream echoes a combo's options only when there are this few
 
@@ -183,6 +183,7 @@ def _node_errors(prompt: dict, node_id: str, node_classes: Mapping[str, type]) -
         return [_exception_error(error, "")]
     validate = getattr(cls, "VALIDATE_INPUTS", None)
     custom = declared_parameters(validate) if validate else set()
+    checks_everything = bool(validate) and takes_any_keyword(validate)
     errors, received_types = [], {}
 
     for spec in specs:
@@ -209,7 +210,7 @@ def _node_errors(prompt: dict, node_id: str, node_classes: Mapping[str, type]) -
                                        f"{spec.name}, {value!r}, {error}", received_value=value))
             continue
         node["inputs"][spec.name] = value
-        if spec.name not in custom:
+        if spec.name not in custom and not checks_everything:
             errors.extend(_range_errors(spec, value))
 
     if validate and not errors:

@@ -201,8 +201,6 @@ class DiffusersCodec:
     """:class:`LatentCodec` over a diffusers ``AutoencoderKL``; encoding takes the posterior's mean."""
 
     def __init__(self, vae):
-        if getattr(vae.config, "force_upcast", False) and vae.dtype == torch.float16:
-            vae.to(torch.float32)  # SDXL's VAE overflows in float16 (diffusers' force_upcast says so)
         self.vae = vae
         self.latent_channels = vae.config.latent_channels
         self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -50,15 +50,14 @@ def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]
 def _ramp(length: int, start: int, starts: list[int], tile: int, scale: Fraction) -> torch.Tensor:
     """Blend weights along one axis of one output tile: rising over the overlap with the previous tile and
     falling over the overlap with the next, never quite zero so every pixel keeps some weight."""
-    weights = torch.ones(length, dtype=torch.float64)
+    weights = torch.ones(length)
     index = starts.index(start)
     if index > 0:
         rise = int((starts[index - 1] + tile - start) * scale)
-        weights[:rise] = torch.linspace(0, 1, rise + 2, dtype=torch.float64)[1:-1]
+        weights[:rise] = torch.linspace(0, 1, rise + 2)[1:-1]
     if index < len(starts) - 1:
         fall = int((start + tile - starts[index + 1]) * scale)
-        weights[length - fall:] = torch.minimum(weights[length - fall:],
-                                                torch.linspace(1, 0, fall + 2, dtype=torch.float64)[1:-1])
+        weights[length - fall:] = torch.minimum(weights[length - fall:], torch.linspace(1, 0, fall + 2)[1:-1])
     return weights
 
 
@@ -73,13 +72,14 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         overlap: overlap between neighbouring tiles in input pixels, 0 <= overlap < tile.
         scale: output pixels per input pixel; ``tile``·scale and ``overlap``·scale must be whole numbers.
     Returns:
-        Shape (B, C', H·scale, W·scale), in ``function``'s dtype, on ``x``'s device.
+        Shape (B, C', H·scale, W·scale), in ``function``'s dtype, on the CPU: the whole result is gathered in CPU
+        memory, so an accelerator holds one tile at a time.
     Raises:
         ValueError: a size out of range, or a tile that does not map to whole output pixels.
     Example:
         >>> x = torch.arange(2 * 10 * 12, dtype=torch.float32).reshape(1, 2, 10, 12)
         >>> upsample = lambda t: t.repeat_interleave(2, -1).repeat_interleave(2, -2)
-        >>> torch.equal(tiled_apply(upsample, x, tile=6, overlap=2, scale=Fraction(2)), upsample(x))
+        >>> torch.allclose(tiled_apply(upsample, x, tile=6, overlap=2, scale=Fraction(2)), upsample(x))
         True
     """
     if x.ndim != 4:
@@ -96,15 +96,16 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     out, total = None, None
     for number, (top, left) in enumerate((r, c) for r in rows for c in columns):
         result = function(x[..., top:top + tile_h, left:left + tile_w])
+        dtype = result.dtype
+        result = result.to("cpu", torch.float32)
         if out is None:
-            out = torch.zeros(*result.shape[:2], int(height * scale), int(width * scale), dtype=torch.float64,
-                              device=result.device)
-            total = torch.zeros(int(height * scale), int(width * scale), dtype=torch.float64, device=result.device)
+            out = torch.zeros(*result.shape[:2], int(height * scale), int(width * scale))
+            total = torch.zeros(int(height * scale), int(width * scale))
         weight = torch.outer(_ramp(result.shape[-2], top, rows, tile_h, scale),
-                             _ramp(result.shape[-1], left, columns, tile_w, scale)).to(result.device)
+                             _ramp(result.shape[-1], left, columns, tile_w, scale))
         y, x0 = int(top * scale), int(left * scale)
-        out[..., y:y + result.shape[-2], x0:x0 + result.shape[-1]] += result.to(torch.float64) * weight
+        out[..., y:y + result.shape[-2], x0:x0 + result.shape[-1]] += result * weight
         total[y:y + result.shape[-2], x0:x0 + result.shape[-1]] += weight
         progress(number + 1, len(rows) * len(columns))
-    return (out / total).to(result.dtype)
+    return (out / total).to(dtype)
 

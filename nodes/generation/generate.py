@@ -50,13 +50,16 @@ def generate(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Cond
     height, width = latent.shape[-2] * codec.downscale, latent.shape[-1] * codec.downscale
     positive, negative = (with_image_size(c, height, width).to(device) for c in (positive, negative))
     scaled = (latent.float() - codec.shift_factor) * codec.scaling_factor
-    noise = seeded_noise(seed, tuple(latent.shape)).to(device)
-    generator = torch.Generator("cpu").manual_seed(seed) if sampler in STOCHASTIC_SAMPLERS else None
+    # One stream: the step noise of stochastic samplers continues after the starting noise instead of repeating
+    # it (two generators on one seed would make the first step's noise equal to x_T).
+    noise, generator = seeded_noise(seed, tuple(latent.shape))
+    noise = noise.to(device)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return guided_eps(denoiser, x, t.to(device), positive, negative, cfg)
 
     result = sample(eps_fn, denoiser.schedule, noise, steps, sampler, scheduler,
-                    latent=scaled if denoise < 1 else None, denoise=denoise, generator=generator,
+                    latent=scaled if denoise < 1 else None, denoise=denoise,
+                    generator=generator if sampler in STOCHASTIC_SAMPLERS else None,
                     momentum=momentum, family=family, on_step=progress_reporter(family))
     return result / codec.scaling_factor + codec.shift_factor

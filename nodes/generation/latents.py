@@ -42,12 +42,15 @@ def upscale_latent(samples: torch.Tensor, height: int, width: int, method: str) 
     return F.interpolate(samples, size=(height, width), mode=method, antialias=antialias)
 
 
-def seeded_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Gaussian noise from ``seed``, drawn on the CPU so a seed gives the same picture on every device.
+def seeded_noise(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
+    """Gaussian noise from ``seed``, drawn on the CPU so a seed gives the same picture on every device, and the
+    generator that continues the same stream (for samplers that draw noise every step).
 
     Example:
-        >>> torch.equal(seeded_noise(7, (1, 4, 2, 2)), seeded_noise(7, (1, 4, 2, 2)))
-        True
+        >>> a, _ = seeded_noise(7, (1, 4, 2, 2))
+        >>> b, generator = seeded_noise(7, (1, 4, 2, 2))
+        >>> torch.equal(a, b), torch.equal(torch.randn(2, generator=generator), a.flatten()[:2])
+        (True, False)
     """
     generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator), generator

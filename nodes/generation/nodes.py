@@ -15,12 +15,13 @@ from typing import ClassVar
 
 import torch
 
+from ..common.checks import range_errors
 from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
 from ..common.tiles import tiled_apply
 from ..models.loading import LoadedModel, list_checkpoints, list_models, load_checkpoint, resolve_model_path
+from ..models.lora import MAX_STRENGTH as MAX_LORA_STRENGTH
 from ..models.lora import LoraSpec, set_loras
 from ..sampling.samplers import MOMENTUM_DEFAULTS, MOMENTUM_RANGES, SAMPLERS, SCHEDULERS, check_sampler_settings
-from ..sampling.schedules import F_SCHEDULER_FAMILIES
 from .generate import generate
 from .latents import LATENT_UPSCALE_METHODS, empty_latent, upscale_latent
 from .text import LONGALIGN_TOKENS, encode_prompt
@@ -31,7 +32,6 @@ MAX_BATCH = 4096  # ComfyUI's EmptyLatentImage limit
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's: seeds are 64-bit
 MAX_STEPS = 10_000
 MAX_CFG = 100.0
-MAX_LORA_STRENGTH = 100.0  # as nodes.models.lora.MAX_STRENGTH
 DEFAULT_TILE_PX, DEFAULT_OVERLAP_PX = 512, 64  # a 512 px tile decodes in about 1 GB on SD's VAE
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
 MAX_MOMENTUM = max(high for _, high in MOMENTUM_RANGES.values())
@@ -39,7 +39,8 @@ MAX_MOMENTUM = max(high for _, high in MOMENTUM_RANGES.values())
 
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
-    """A loaded model and the LoRAs to run on it; LoRA nodes make new refs, never change the shared model."""
+    """A loaded model and the LoRAs to run on it. LoRA nodes make new refs; the nodes that run the model switch
+    the shared model to their ref's LoRAs under the model's lock, right before they use it."""
 
     model: LoadedModel
     loras: tuple[LoraSpec, ...] = ()
@@ -123,9 +124,10 @@ class AtelierTextEncode:
         }}
 
     def encode(self, clip: ModelRef, text: str) -> tuple[Conditioning]:
-        set_loras(clip.model, clip.loras)
-        return (encode_prompt(clip.model.tokenizers, clip.model.text_encoders, clip.model.family, text,
-                              max_tokens=LONGALIGN_TOKENS).to("cpu"),)
+        with clip.model.lock:
+            set_loras(clip.model, clip.loras)
+            return (encode_prompt(clip.model.tokenizers, clip.model.text_encoders, clip.model.family, text,
+                                  max_tokens=LONGALIGN_TOKENS).to("cpu"),)
 
 
 def _size(default: int, tooltip: str) -> tuple[str, dict]:
@@ -207,13 +209,20 @@ class AtelierSampler:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, **inputs) -> bool | str:
-        try:
-            # The family is known only when the model arrives, so the F-scheduler's family check waits for
-            # sample(); every other setting is checked here, before anything runs.
-            check_sampler_settings(inputs["sampler_name"], inputs["scheduler"], inputs["steps"],
-                                   denoise=inputs["denoise"], momentum=inputs["momentum"] or None,
-                                   family=F_SCHEDULER_FAMILIES[0] if inputs["scheduler"] == "f_scheduler" else None)
+    def VALIDATE_INPUTS(cls, sampler_name: str | None, scheduler: str | None, steps: int | None,
+                        denoise: float | None, momentum: float | None) -> bool | str:
+        # Naming these switches off their built-in checks (ComfyUI's rule): check_sampler_settings checks the
+        # combos and the ranges that depend on each other, range_errors the widgets' own limits.
+        required = cls.INPUT_TYPES()["required"]
+        errors = range_errors({"steps": steps, "denoise": denoise, "momentum": momentum},
+                              {name: (required[name][1]["min"], required[name][1]["max"])
+                               for name in ("steps", "denoise", "momentum")})
+        if errors:
+            return "; ".join(errors)
+        if None in (sampler_name, scheduler, steps, denoise, momentum):
+            return True  # a linked setting: sample() checks the combination when it runs
+        try:  # the family is not known before the model arrives; sample() checks it then
+            check_sampler_settings(sampler_name, scheduler, steps, denoise=denoise, momentum=momentum or None)
         except ValueError as error:
             return str(error)
         return True
@@ -221,11 +230,15 @@ class AtelierSampler:
     def sample(self, model: ModelRef, positive: Conditioning, negative: Conditioning, latent_image: dict, seed: int,
                steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
                momentum: float) -> tuple[dict]:
+        if "noise_mask" in latent_image:
+            raise ValueError("AtelierSampler does not support a LATENT noise_mask (inpainting) yet; remove the "
+                             "mask or use a latent without one")
         loaded = model.model
-        set_loras(loaded, model.loras)
-        latent = generate(DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae), loaded.family,
-                          positive, negative, latent_image["samples"].to(loaded.device), seed, steps, cfg,
-                          sampler_name, scheduler, denoise, momentum or None)
+        with loaded.lock:
+            set_loras(loaded, model.loras)
+            latent = generate(DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae),
+                              loaded.family, positive, negative, latent_image["samples"].to(loaded.device), seed,
+                              steps, cfg, sampler_name, scheduler, denoise, momentum or None)
         return ({**latent_image, "samples": latent.cpu()},)
 
 
@@ -243,9 +256,14 @@ class _Tiling:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, **inputs) -> bool | str:
-        tile_size, overlap = inputs["tile_size"], inputs["overlap"]
-        return True if overlap < tile_size else f"overlap must be smaller than tile_size; got {overlap} >= {tile_size}"
+    def VALIDATE_INPUTS(cls, tile_size: int | None, overlap: int | None) -> bool | str:
+        # Naming the inputs switches off their built-in min/max checks (ComfyUI's rule): check them here.
+        limits = {name: (options["min"], options["max"]) for name, (_, options) in cls.tiling_inputs().items()
+                  if name != "tiled"}
+        errors = range_errors({"tile_size": tile_size, "overlap": overlap}, limits)
+        if tile_size is not None and overlap is not None and overlap >= tile_size:
+            errors.append(f"overlap must be smaller than tile_size; got {overlap} >= {tile_size}")
+        return "; ".join(errors) or True
 
 
 class AtelierVAEDecode(_Tiling):

@@ -85,13 +85,15 @@ def encode_long(tokenizer, text_encoder, prompt: str, layer: int, max_tokens: in
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1; got {max_tokens}")
-    dropped = torch.tensor(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id}))  # SDXL's second pads with "!"
     kept, pooled = [], None
     with torch.no_grad():
         for segment in split_sentences(prompt):
             ids = _tokens(tokenizer, segment)
+            # Cut at the first end token, by position: some tokenizers pad with an id that also stands for a real
+            # character (SD2's and SDXL's second pad with "!"), so dropping ids would drop words too.
+            length = int((ids[0] == tokenizer.eos_token_id).nonzero()[0])
             states, segment_pooled = _hidden_states(text_encoder, ids, layer)
-            kept.append(states[0, ~torch.isin(ids[0], dropped).to(states.device)])
+            kept.append(states[0, :length])
             pooled = segment_pooled if pooled is None else pooled
         empty_states, _ = _hidden_states(text_encoder, _tokens(tokenizer, ""), layer)
     joined = torch.cat(kept)[:max_tokens]

@@ -32,14 +32,13 @@ Inside UNet attentions the transformer blocks keep their diffusers names.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .families import (SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT_PREFIXES, UNET_PREFIX,
-                       family_from_diffusers_folder)
+                       family_from_diffusers_folder, read_json)
 
 VAE_PREFIX = "first_stage_model."
 UNET_RESNET_RENAMES = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
@@ -183,8 +182,7 @@ def open_clip_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[s
 
 
 def _read_config(folder: str, component: str, name: str = "config.json") -> dict:
-    with open(os.path.join(folder, component, name), encoding="utf-8") as file:
-        return json.load(file)
+    return read_json(os.path.join(folder, component, name))
 
 
 def _load_weights(folder: str, component: str) -> dict[str, torch.Tensor]:

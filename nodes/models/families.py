@@ -185,7 +185,8 @@ def inspect_single_file(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(family, prediction_type, reason)
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """A JSON config file's content."""
     with open(path, encoding="utf-8") as file:
         return json.load(file)
 
@@ -204,7 +205,7 @@ def family_from_diffusers_folder(folder: str | os.PathLike) -> str:
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: it has no model_index.json")
-    class_name = _read_json(index_path).get("_class_name")
+    class_name = read_json(index_path).get("_class_name")
     if class_name not in DIFFUSERS_PIPELINE_CLASSES:
         raise UnknownModelLayoutError(
             f"{folder!r} holds a {class_name!r}; accepted pipeline classes are {sorted(DIFFUSERS_PIPELINE_CLASSES)}")
@@ -213,10 +214,10 @@ def family_from_diffusers_folder(folder: str | os.PathLike) -> str:
     unet_config_path = os.path.join(folder, "unet", "config.json")
     if not os.path.isfile(unet_config_path):
         raise FileNotFoundError(f"{folder!r} has no unet/config.json")
-    return "sd2" if _read_json(unet_config_path).get("use_linear_projection") else "sd1"
+    return "sd2" if read_json(unet_config_path).get("use_linear_projection") else "sd1"
 
 
 def prediction_type_from_diffusers_folder(folder: str | os.PathLike) -> str:
     """The prediction type a diffusers folder declares in ``scheduler/scheduler_config.json`` (epsilon if unset)."""
     path = os.path.join(os.fspath(folder), "scheduler", "scheduler_config.json")
-    return _read_json(path).get("prediction_type", "epsilon") if os.path.isfile(path) else "epsilon"
+    return read_json(path).get("prediction_type", "epsilon") if os.path.isfile(path) else "epsilon"

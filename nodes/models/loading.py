@@ -19,7 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -32,7 +31,7 @@ from transformers import CLIPTokenizer  # noqa: E402
 
 from ..common.denoiser import PREDICTION_TYPES, NoiseSchedule  # noqa: E402
 from ..common.paths import confine  # noqa: E402
-from .families import (FAMILIES, family_from_diffusers_folder, inspect_single_file,  # noqa: E402
+from .families import (FAMILIES, family_from_diffusers_folder, inspect_single_file, read_json,  # noqa: E402
                        prediction_type_from_diffusers_folder)
 
 if TYPE_CHECKING:
@@ -80,6 +79,9 @@ class LoadedModel:
     # LoRAs resident as adapters (by adapter name) and the ones running now; managed by nodes.models.lora.
     lora_adapters: dict[str, LoraAdapter] = dataclasses.field(default_factory=dict, repr=False)
     active_loras: tuple[LoraSpec, ...] = ()
+    # Held while choosing LoRAs and running the model: the model is shared, and a LoRA switch in another thread
+    # must not land in the middle of a sampling loop.
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -135,11 +137,6 @@ def check_safetensors(path: str | os.PathLike) -> None:
                                  f"files (or diffusers folders of them) are loaded")
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
-
-
 def _check_folder_weights(folder: str) -> str | None:
     """Require safetensors weights for every model component of a diffusers folder; return the variant to load.
 
@@ -150,7 +147,7 @@ def _check_folder_weights(folder: str) -> str | None:
         UnsafeModelFormatError: a component holds only pickle-based weights (``.bin``, ``.ckpt``, …).
         FileNotFoundError: a component holds no weights at all.
     """
-    index = _read_json(os.path.join(folder, "model_index.json"))
+    index = read_json(os.path.join(folder, "model_index.json"))
     variant = None
     for component in WEIGHT_COMPONENTS:
         if component not in index:
@@ -196,7 +193,7 @@ def load_tokenizer(config_dir: str | os.PathLike, subfolder: str = "tokenizer") 
     config_path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{folder!r} has no vocab.json, tokenizer.json or tokenizer_config.json")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     pad = config.get("pad_token", "<|endoftext|>")
     pad = pad["content"] if isinstance(pad, dict) else pad
     return CLIPTokenizer.from_pretrained(SD1_TOKENIZER_DIR, local_files_only=True, pad_token=pad,
@@ -256,7 +253,7 @@ def _load_single_file(path: str, config_dir: str | None, prediction_type: str | 
         if config_family != info.family:
             raise ValueError(f"{os.path.basename(path)!r} is a {info.family} checkpoint, but config_dir "
                              f"{config_dir!r} describes a {config_family} model; give a {info.family} config folder")
-    index = _read_json(os.path.join(config_dir, "model_index.json"))
+    index = read_json(os.path.join(config_dir, "model_index.json"))
     tokenizers = {name: load_tokenizer(config_dir, name) for name in ("tokenizer", "tokenizer_2") if name in index}
     pipeline = _pipeline_class(info.family).from_single_file(
         path, config=config_dir, local_files_only=True, dtype=dtype, **tokenizers, **_sd_extras(info.family))
@@ -326,6 +323,9 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
             pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
                                                                       prediction_type=resolved)
         pipeline.to(device)
+        if getattr(pipeline.vae.config, "force_upcast", False) and dtype == torch.float16:
+            pipeline.vae.to(torch.float32)  # SDXL's VAE overflows in float16; diffusers marks it force_upcast
+            logger.info("%s: VAE kept in float32 (force_upcast)", os.path.basename(path))
         pipeline.set_progress_bar_config(disable=True)
         for module in pipeline.components.values():
             if isinstance(module, torch.nn.Module):

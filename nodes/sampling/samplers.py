@@ -110,7 +110,8 @@ def check_sampler_settings(sampler: str, scheduler: str, steps: int, *, denoise:
         steps: number of steps, >= 1; 5, 6 or 8 for ``f_scheduler``; at most 50 for ``lcm`` and ``tcd``.
         denoise: in (0, 1], with int(steps·denoise) >= 1.
         momentum: only for the momentum samplers, within ``MOMENTUM_RANGES``; None means the default.
-        family: needed by ``f_scheduler`` (``"sd1"``, ``"sd2"``, ``"sdxl"``).
+        family: ``f_scheduler``'s schedule depends on it (``"sd1"``, ``"sd2"``, ``"sdxl"``); None means not known
+            yet (a node's validation, before the model arrives): building the schedule checks it then.
     Raises:
         ValueError: the message names the value and what is accepted.
     Example:
@@ -129,7 +130,7 @@ def check_sampler_settings(sampler: str, scheduler: str, steps: int, *, denoise:
     if scheduler == "f_scheduler":
         if steps not in F_SCHEDULER_STEPS:
             raise ValueError(f"the f_scheduler supports steps in {F_SCHEDULER_STEPS}; got {steps}")
-        if family not in F_SCHEDULER_FAMILIES:
+        if family is not None and family not in F_SCHEDULER_FAMILIES:
             raise ValueError(f"the f_scheduler needs the model family, one of {F_SCHEDULER_FAMILIES}; got {family!r}")
     if sampler in ("lcm", "tcd") and steps > CONSISTENCY_ORIGINAL_STEPS:
         raise ValueError(f"{sampler} picks its steps from a {CONSISTENCY_ORIGINAL_STEPS}-step schedule, so steps must "

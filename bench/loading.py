@@ -42,8 +42,8 @@ def check(family: str, folder: str) -> dict[str, float]:
     model = load_model(path)
     loaded = time.perf_counter()
     clip = ModelRef(model)
-    (positive,) = AtelierTextEncode().encode(clip, "a red circle on a blue background")
-    (negative,) = AtelierTextEncode().encode(clip, "")
+    (positive,) = AtelierTextEncode().encode(clip, "a red circle on a blue background", "auto")
+    (negative,) = AtelierTextEncode().encode(clip, "", "auto")
     (latent,) = AtelierSampler().sample(ModelRef(model), positive, negative,
                                         {"samples": empty_latent(1, 4, SIZE, SIZE)}, seed=0, steps=1, cfg=7.5,
                                         sampler_name="euler", scheduler="normal", denoise=1.0, momentum=0.0)

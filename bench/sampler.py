@@ -150,8 +150,8 @@ def main() -> None:
            f"on {device}) in {time.perf_counter() - started:.1f} s")
 
     # 2. The same inputs for both sides
-    positive, = AtelierTextEncode().encode(model, PROMPT)
-    negative, = AtelierTextEncode().encode(model, NEGATIVE)
+    positive, = AtelierTextEncode().encode(model, PROMPT, "auto")
+    negative, = AtelierTextEncode().encode(model, NEGATIVE, "auto")
     latent_image = {"samples": empty_latent(1, pipeline.unet.config.in_channels, size, size)}
     noise = seeded_noise(SEED, tuple(latent_image["samples"].shape))[0].to(device, dtype)
     peer_inputs = {"prompt_embeds": positive.embeds.to(device, dtype),

@@ -34,8 +34,8 @@ def setup(tmp_path, tiny_sd1):  # noqa: F811
 def text_to_image(seed=1, sampler="euler", scheduler="normal", steps=3, width=64, prompt="a red circle"):
     return {
         "1": {"class_type": "AtelierCheckpointLoader", "inputs": {"ckpt_name": "diffusers/tiny_sd1", "prediction": "auto"}},
-        "2": {"class_type": "AtelierTextEncode", "inputs": {"clip": ["1", 1], "text": prompt}},
-        "3": {"class_type": "AtelierTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "2": {"class_type": "AtelierTextEncode", "inputs": {"clip": ["1", 1], "text": prompt, "encoding": "auto"}},
+        "3": {"class_type": "AtelierTextEncode", "inputs": {"clip": ["1", 1], "text": "", "encoding": "auto"}},
         "4": {"class_type": "AtelierEmptyLatent", "inputs": {"width": width, "height": 64, "batch_size": 1}},
         "5": {"class_type": "AtelierSampler", "inputs": {
             "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
@@ -117,15 +117,18 @@ def test_interrupt_stops_sampling_within_one_step(setup):
 
 def test_a_200_token_prompt_encodes_to_longaligns_length(tiny_sd1):  # noqa: F811
     clip = ModelRef(load_model(tiny_sd1.folder))
-    (long,) = AtelierTextEncode().encode(clip, LONG_PROMPT)
-    (short,) = AtelierTextEncode().encode(clip, "a red circle")
+    (long,) = AtelierTextEncode().encode(clip, LONG_PROMPT, "auto")
+    (short,) = AtelierTextEncode().encode(clip, "a red circle", "auto")
+    (empty,) = AtelierTextEncode().encode(clip, "", "longalign")  # the paper's negative for a long prompt
     width = clip.model.text_encoders[0].config.hidden_size
-    assert long.embeds.shape == (1, 240, width) and short.embeds.shape == (1, 77, width)
+    assert long.embeds.shape == empty.embeds.shape == (1, 240, width) and short.embeds.shape == (1, 77, width)
+    pads = empty.embeds[0, 1:]  # the start token, then one pad embedding repeated
+    assert torch.allclose(pads, pads[:1].expand_as(pads))
 
 
 def test_sdxl_prompt_carries_pooled_text_and_size(tiny_sdxl):  # noqa: F811
     clip = ModelRef(load_model(tiny_sdxl.folder))
-    (encoded,) = AtelierTextEncode().encode(clip, "a blue square")
+    (encoded,) = AtelierTextEncode().encode(clip, "a blue square", "auto")
     widths = [encoder.config.hidden_size for encoder in clip.model.text_encoders]
     assert encoded.embeds.shape == (1, 77, sum(widths)) and encoded.pooled.shape[0] == 1
     assert encoded.time_ids.shape == (1, 6)

@@ -112,9 +112,11 @@ class Conditioning:
     def cat(parts: list[Conditioning]) -> Conditioning:
         """Batch conditionings together (for one UNet call over the guided and the unguided halves).
 
-        Sequence lengths may differ (a long prompt against an empty one): the shorter ones are padded by
-        repeating their last token, which the cross-attention then sees twice. Departure: ComfyUI repeats the
-        whole shorter sequence instead; both keep each half's attention distribution close to its own.
+        Sequence lengths may differ (a LongAlign prompt against a standard 77-token one): the shorter ones are
+        padded by repeating their last token. Departure: LongAlign encodes the negative with the same function
+        (the text-encode node's "longalign" encoding does), and ComfyUI repeats the whole shorter sequence to a
+        common multiple; repeating the last (padding) token keeps the short half's attention close to its own at
+        no extra length.
         """
         length = max(part.embeds.shape[1] for part in parts)
         embeds = [torch.cat([p.embeds, p.embeds[:, -1:].expand(-1, length - p.embeds.shape[1], -1)], dim=1)

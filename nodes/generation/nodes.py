@@ -24,7 +24,7 @@ from ..models.lora import LoraSpec, set_loras
 from ..sampling.samplers import MOMENTUM_DEFAULTS, MOMENTUM_RANGES, SAMPLERS, SCHEDULERS, check_sampler_settings
 from .generate import generate
 from .latents import LATENT_UPSCALE_METHODS, empty_latent, upscale_latent
-from .text import LONGALIGN_TOKENS, encode_prompt
+from .text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt
 
 CATEGORY = "atelier/generation"
 MAX_RESOLUTION = 16384  # ComfyUI's MAX_RESOLUTION: the largest side a node accepts
@@ -121,13 +121,16 @@ class AtelierTextEncode:
             "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder of the checkpoint."}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                 "tooltip": "The prompt; sentences end with '.' or '?'."}),
+            "encoding": (list(ENCODINGS), {
+                "tooltip": "auto: LongAlign only past 77 tokens; longalign: always, as the paper encodes the "
+                           "negative of a long prompt, so both have the same length."}),
         }}
 
-    def encode(self, clip: ModelRef, text: str) -> tuple[Conditioning]:
+    def encode(self, clip: ModelRef, text: str, encoding: str) -> tuple[Conditioning]:
         with clip.model.lock:
             set_loras(clip.model, clip.loras)
             return (encode_prompt(clip.model.tokenizers, clip.model.text_encoders, clip.model.family, text,
-                                  max_tokens=LONGALIGN_TOKENS).to("cpu"),)
+                                  max_tokens=LONGALIGN_TOKENS, encoding=encoding).to("cpu"),)
 
 
 def _size(default: int, tooltip: str) -> tuple[str, dict]:

@@ -101,9 +101,13 @@ def encode_long(tokenizer, text_encoder, prompt: str, layer: int, max_tokens: in
     return torch.cat([joined, pad.expand(max_tokens - joined.shape[0], -1)])[None], pooled
 
 
+ENCODINGS = ("auto", "longalign")  # auto: LongAlign only for prompts over 77 tokens
+
+
 def encode_prompt(tokenizers: Sequence, text_encoders: Sequence, family: str, prompt: str,
-                  size: tuple[int, int] = (1024, 1024), max_tokens: int = LONGALIGN_TOKENS) -> Conditioning:
-    """Encode a prompt for a model family, with LongAlign when it is longer than 77 tokens.
+                  size: tuple[int, int] = (1024, 1024), max_tokens: int = LONGALIGN_TOKENS,
+                  encoding: str = "auto") -> Conditioning:
+    """Encode a prompt for a model family, with LongAlign when it is longer than 77 tokens (or always).
 
     - "sd1": the last layer of CLIP ViT-L, normalised.
     - "sd2": the last layer of the 23-layer OpenCLIP ViT-H (the penultimate of the original 24).
@@ -114,6 +118,8 @@ def encode_prompt(tokenizers: Sequence, text_encoders: Sequence, family: str, pr
         tokenizers, text_encoders: one each for SD1/SD2, two for SDXL, in the model's order.
         family: "sd1", "sd2" or "sdxl".
         prompt: the text; over 77 tokens (in any tokenizer) switches to LongAlign.
+        encoding: "auto", or "longalign" to use LongAlign for any length, as the paper does for the negative
+            prompt of a long positive one (an empty prompt becomes the start token and L − 1 pad embeddings).
         size: (height, width) of the image, for SDXL's time ids.
         max_tokens: LongAlign's length L.
     Returns:
@@ -122,10 +128,12 @@ def encode_prompt(tokenizers: Sequence, text_encoders: Sequence, family: str, pr
     layers = {"sd1": [-1], "sd2": [-1], "sdxl": [-2, -2]}
     if family not in layers:
         raise ValueError(f"family must be one of {sorted(layers)}; got {family!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}; got {encoding!r}")
     if len(tokenizers) != len(layers[family]) or len(text_encoders) != len(layers[family]):
         raise ValueError(f"{family} needs {len(layers[family])} tokenizer(s) and text encoder(s); got "
                          f"{len(tokenizers)} and {len(text_encoders)}")
-    long = any(token_count(tokenizer, prompt) > CLIP_TOKENS for tokenizer in tokenizers)
+    long = encoding == "longalign" or any(token_count(tokenizer, prompt) > CLIP_TOKENS for tokenizer in tokenizers)
     encoded = [encode_long(tok, enc, prompt, layer, max_tokens) if long else encode_standard(tok, enc, prompt, layer)
                for tok, enc, layer in zip(tokenizers, text_encoders, layers[family])]
     embeds = torch.cat([states for states, _ in encoded], dim=-1)

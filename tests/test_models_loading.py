@@ -230,6 +230,9 @@ def test_cache_returns_the_same_object_for_the_same_file_and_options(tiny_sd1, t
     link = tmp_path / "link.safetensors"
     link.symlink_to(tiny_sd1.single_file)  # the same file by another name: the real path decides
     assert loading.load_model(link, config_dir=tiny_sd1.config_dir) is first
+    # "auto" resolves before the cache lookup: naming the type it resolves to shares the same copy
+    assert loading.load_model(tiny_sd1.single_file, config_dir=tiny_sd1.config_dir,
+                              prediction_type=first.schedule.prediction_type) is first
     assert first in loading.cached_models()
     other = loading.load_model(tiny_sd1.single_file, config_dir=tiny_sd1.config_dir, dtype=torch.bfloat16)
     assert other is not first and other.unet.dtype == torch.bfloat16

@@ -243,8 +243,7 @@ def _file_signature(path: str) -> tuple:
     return tuple(sorted(entries))
 
 
-def _load_single_file(path: str, config_dir: str | None, prediction_type: str | None,
-                      dtype: torch.dtype) -> tuple[Any, str, str]:
+def _load_single_file(path: str, config_dir: str | None, dtype: torch.dtype) -> tuple[Any, str]:
     info = inspect_single_file(path)
     if config_dir is None:
         config_dir = shipped_config_dir(info.family)
@@ -257,19 +256,25 @@ def _load_single_file(path: str, config_dir: str | None, prediction_type: str | 
     tokenizers = {name: load_tokenizer(config_dir, name) for name in ("tokenizer", "tokenizer_2") if name in index}
     pipeline = _pipeline_class(info.family).from_single_file(
         path, config=config_dir, local_files_only=True, dtype=dtype, **tokenizers, **_sd_extras(info.family))
-    if prediction_type is None:
-        prediction_type = info.prediction_type
-        logger.info("%s: %s, %s (%s)", os.path.basename(path), info.family, prediction_type, info.reason)
-    return pipeline, info.family, prediction_type
+    return pipeline, info.family
 
 
-def _load_folder(folder: str, prediction_type: str | None, dtype: torch.dtype) -> tuple[Any, str, str]:
+def _load_folder(folder: str, dtype: torch.dtype) -> tuple[Any, str]:
     family = family_from_diffusers_folder(folder)
     variant = _check_folder_weights(folder)
     pipeline = _pipeline_class(family).from_pretrained(
         folder, local_files_only=True, use_safetensors=True, dtype=dtype, variant=variant,
         **_sd_extras(family))
-    return pipeline, family, prediction_type or prediction_type_from_diffusers_folder(folder)
+    return pipeline, family
+
+
+def _prediction_type(path: str, is_folder: bool) -> str:
+    """What the model predicts, read from the folder's scheduler config or the file's weights."""
+    if is_folder:
+        return prediction_type_from_diffusers_folder(path)
+    info = inspect_single_file(path)
+    logger.info("%s: %s, %s (%s)", os.path.basename(path), info.family, info.prediction_type, info.reason)
+    return info.prediction_type
 
 
 def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
@@ -309,16 +314,18 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
     if dtype not in ACCEPTED_DTYPES:
         raise ValueError(f"dtype must be one of {ACCEPTED_DTYPES}; got {dtype}")
     config_dir = os.path.realpath(os.fspath(config_dir)) if config_dir is not None else None
+    # Resolved before the cache lookup, so "auto" and the type it resolves to share one copy.
+    resolved = prediction_type or _prediction_type(path, is_folder)
 
-    key = (path, _file_signature(path), config_dir, prediction_type, dtype, device)
+    key = (path, _file_signature(path), config_dir, resolved, dtype, device)
     with _CACHE_LOCK:  # one load at a time: two nodes asking for the same file wait for one copy
         if key in _CACHE:
             return _CACHE[key]
         started = time.perf_counter()
         if is_folder:
-            pipeline, family, resolved = _load_folder(path, prediction_type, dtype)
+            pipeline, family = _load_folder(path, dtype)
         else:
-            pipeline, family, resolved = _load_single_file(path, config_dir, prediction_type, dtype)
+            pipeline, family = _load_single_file(path, config_dir, dtype)
         if pipeline.scheduler.config.get("prediction_type") != resolved:
             pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
                                                                       prediction_type=resolved)

@@ -1,0 +1,317 @@
+"""Train the embedded default model on the CPU: an autoencoder first, then the UNet and text encoder jointly.
+
+    python -m nodes.embedded.train --out DIR [--steps-vae N] [--steps-unet N] [--seed S] [--resume]
+
+writes ``DIR/diffusers`` (a ``StableDiffusionPipeline`` folder, safetensors, with its scheduler and tokenizer
+configs, which ``nodes.models.loading.load_model`` loads offline) and ``DIR/embedded_sd1.safetensors`` (the same
+weights in the original LDM layout). Checkpoints go to ``DIR/checkpoint.pt`` every ``--checkpoint-every`` steps
+and at the end of each stage; ``--resume`` continues from it exactly (weights, optimizer state, RNG state and the
+step; every step's data and noise come from generators seeded by (seed, stage, step)).
+
+The model (SD1 layout, narrow):
+- AutoencoderKL, 4 latent channels, factor 8, ``(32, 64, 64, 64)``, 1 layer per block: 1.25 M parameters.
+  Factor 8, not 4: environment.md §7 measured both at the same cost per step (1.14 vs 1.18 s at batch 32), and
+  factor 8 gives 8×8 latents, so the UNet's self-attention sees 64 tokens instead of 256; ComfyUI's empty
+  latent and our ``AtelierEmptyLatent`` also assume 8. Its first width is 32, as §7 advises for CPU work.
+- UNet2DConditionModel ``(32, 64, 64)``, 1 layer per block, cross-attention at the two finer levels,
+  64-wide context: 1.49 M parameters.
+- CLIPTextModel, vocabulary 49408 (the real SD1 tokenizer), width 64, 2 layers: 3.23 M parameters, almost
+  all in the token embedding.
+Weights are stored in float16 (the loader upcasts to float32 on the CPU): both shipped forms together must stay
+within :data:`MAX_TOTAL_MB` (a smoke run wrote 24.0 MB: about 12 MB each).
+
+Time estimate for the defaults on 2 CPU cores (environment.md §7 figures, 2 threads, idle machine):
+- stage 1, 2,000 VAE steps at batch 16: 0.53 s/step (§7, factor 8, batch 16) ≈ 18 min;
+- stage 2, 18,000 UNet steps at batch 32: §7 measured 0.44 s/step for a ``(32, 64, 64)`` UNet on 16×16 latents;
+  ours runs on 8×8 latents, and a warm 6-step smoke run measured 0.30 s/step, text encoder backward pass over
+  77 tokens and VAE encoding included ≈ 90 min;
+- in all about 1 h 50 min, plus a minute for checkpoints and the export: about two hours. A smoke run measured
+  0.61 s/step for stage 1, so stage 1 may take 20 min; the progress log's ETA tells early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from ..models.export import export_single_file
+from ..models.loading import SD1_TOKENIZER_DIR
+from .dataset import IMAGE_SIZE, make_batch
+
+logger = logging.getLogger(__name__)
+
+MAX_TOTAL_MB = 25.0  # the issue's limit on the shipped weights, folder and single file together
+CHECKPOINT_NAME = "checkpoint.pt"
+FOLDER_NAME = "diffusers"
+SINGLE_FILE_NAME = "embedded_sd1.safetensors"
+# Source: Stable Diffusion v1 training schedule (scaled_linear, 1000 steps); diffusers' SD1 scheduler config.
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+TEXT_TOKENS = 77  # CLIP's context length; training pads as encode_standard does at inference
+STAGES = ("vae", "unet")
+SCALING_BATCHES = 8  # batches of 32 used to measure the latent scale after stage 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run depends on; the defaults are the shipped model's run."""
+
+    out: str
+    steps_vae: int = 2_000
+    steps_unet: int = 18_000
+    seed: int = 0
+    resume: bool = False
+    batch_vae: int = 16
+    batch_unet: int = 32
+    lr_vae: float = 1e-3  # a tiny model tolerates a higher rate than SD's 4.5e-6; it must learn in 2,000 steps
+    lr_unet: float = 5e-4
+    warmup_steps: int = 100  # linear warm-up, then constant: the rate never depends on the total step count
+    kl_weight: float = 1e-6  # environment.md §7's VAE objective: L1 + 1e-6·KL
+    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    checkpoint_every: int = 500
+    log_every: int = 50
+    text_width: int = 64
+    dtype: str = "float16"  # of the shipped weights
+
+
+def build_models(config: TrainConfig):
+    """Fresh (vae, unet, text_encoder), initialised from ``config.seed``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                        block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=IMAGE_SIZE)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                           "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=config.text_width, attention_head_dim=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=config.text_width, intermediate_size=2 * config.text_width,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TEXT_TOKENS, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    return vae, unet, text_encoder
+
+
+def _step_generators(seed: int, stage: str, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The data and noise generators of one step: the same (seed, stage, step) always gives the same batch."""
+    entropy = [seed, STAGES.index(stage), step]
+    torch_seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return np.random.default_rng(entropy), torch.Generator().manual_seed(torch_seed)
+
+
+def _learning_rate(base: float, step: int, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def _save_checkpoint(path: str, payload: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    temporary = path + ".tmp"
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+class _Progress:
+    """Logs a stage's smoothed loss, speed and ETA every ``every`` steps."""
+
+    def __init__(self, stage: str, start: int, total: int, every: int):
+        self.stage, self.start, self.total, self.every = stage, start, total, every
+        self.began, self.loss = time.perf_counter(), None
+
+    def update(self, step: int, loss: float) -> None:
+        self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
+        done = step + 1
+        if done % self.every and done != self.total:
+            return
+        rate = (done - self.start) / max(time.perf_counter() - self.began, 1e-9)
+        logger.info("%s step %d/%d loss %.4f (smoothed %.4f) %.2f steps/s ETA %.0f min", self.stage, done,
+                    self.total, loss, self.loss, rate, (self.total - done) / rate / 60)
+
+
+def _vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: float) -> torch.Tensor:
+    posterior = vae.encode(images * 2 - 1).latent_dist
+    reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+    return (reconstruction - (images * 2 - 1)).abs().mean() + kl_weight * posterior.kl().mean()
+
+
+def _encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=TEXT_TOKENS, truncation=True,
+                    return_tensors="pt")["input_ids"]
+    return text_encoder(ids).last_hidden_state
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae, seed: int) -> float:
+    """1 / std of the latents over fixed batches, as SD chose its 0.18215, so the UNet sees unit-variance input."""
+    rng = np.random.default_rng([seed, 0x5CA1E])
+    latents = [vae.encode(make_batch(rng, 32)[0] * 2 - 1).latent_dist.mean for _ in range(SCALING_BATCHES)]
+    return float(1.0 / torch.cat(latents).std())
+
+
+def _folder_megabytes(paths: list[str]) -> float:
+    total = 0
+    for path in paths:
+        if os.path.isfile(path):
+            total += os.path.getsize(path)
+            continue
+        for current, _, names in os.walk(path):
+            total += sum(os.path.getsize(os.path.join(current, n)) for n in names if n.endswith(".safetensors"))
+    return total / 1e6
+
+
+def export(vae, unet, text_encoder, out: str, dtype: torch.dtype) -> tuple[str, str, float]:
+    """Write the diffusers folder and the single file under ``out``; returns their paths and total size in MB.
+
+    Raises:
+        RuntimeError: the two together exceed :data:`MAX_TOTAL_MB`.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    folder, single_file = os.path.join(out, FOLDER_NAME), os.path.join(out, SINGLE_FILE_NAME)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, unet=unet,
+        tokenizer=CLIPTokenizer.from_pretrained(SD1_TOKENIZER_DIR, model_max_length=TEXT_TOKENS),
+        scheduler=DDIMScheduler(**SCHEDULE, steps_offset=1, clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.to(dtype)
+    staging = folder + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    export_single_file(folder, single_file + ".tmp")
+    os.replace(single_file + ".tmp", single_file)
+    pipeline.to(torch.float32)
+    megabytes = _folder_megabytes([folder, single_file])
+    if megabytes > MAX_TOTAL_MB:
+        raise RuntimeError(f"the shipped weights take {megabytes:.1f} MB (folder and single file); the limit is "
+                           f"{MAX_TOTAL_MB} MB: make the model narrower or store it in a smaller dtype")
+    return folder, single_file, megabytes
+
+
+def train(config: TrainConfig) -> tuple[str, str, float]:
+    """Run (or resume) both stages and export; returns the folder, the single file and their total MB.
+
+    Raises:
+        ValueError: negative step counts, or ``resume`` without a checkpoint.
+    """
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    if config.steps_vae < 1 or config.steps_unet < 1:
+        raise ValueError(f"steps_vae and steps_unet must be at least 1; got {config.steps_vae} and "
+                         f"{config.steps_unet}")
+    os.makedirs(config.out, exist_ok=True)
+    checkpoint_path = os.path.join(config.out, CHECKPOINT_NAME)
+    vae, unet, text_encoder = build_models(config)
+    vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr_vae)
+    unet_optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=config.lr_unet)
+    stage, step, scaling_factor = "vae", 0, None
+    if config.resume:
+        if not os.path.isfile(checkpoint_path):
+            raise ValueError(f"--resume needs a checkpoint; there is none at {checkpoint_path!r}")
+        state = torch.load(checkpoint_path, weights_only=True)
+        for module, key in ((vae, "vae"), (unet, "unet"), (text_encoder, "text_encoder")):
+            module.load_state_dict(state[key])
+        vae_optimizer.load_state_dict(state["vae_optimizer"])
+        unet_optimizer.load_state_dict(state["unet_optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        stage, step, scaling_factor = state["stage"], state["step"], state["scaling_factor"]
+        logger.info("resumed from %s: stage %s, step %d", checkpoint_path, stage, step)
+
+    def checkpoint() -> None:
+        _save_checkpoint(checkpoint_path, {
+            "stage": stage, "step": step, "scaling_factor": scaling_factor, "vae": vae.state_dict(),
+            "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+            "vae_optimizer": vae_optimizer.state_dict(), "unet_optimizer": unet_optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(config)})
+
+    # 1. The autoencoder.
+    if stage == "vae":
+        vae.train()
+        progress = _Progress("vae", step, config.steps_vae, config.log_every)
+        while step < config.steps_vae:
+            rng, generator = _step_generators(config.seed, "vae", step)
+            images = make_batch(rng, config.batch_vae)[0]
+            for group in vae_optimizer.param_groups:
+                group["lr"] = _learning_rate(config.lr_vae, step, config.warmup_steps)
+            loss = _vae_loss(vae, images, generator, config.kl_weight)
+            vae_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            vae_optimizer.step()
+            progress.update(step, loss.item())
+            step += 1
+            if step % config.checkpoint_every == 0:
+                checkpoint()
+        vae.eval()
+        scaling_factor = measure_scaling_factor(vae, config.seed)
+        logger.info("latent scaling factor %.5f", scaling_factor)
+        stage, step = "unet", 0
+        checkpoint()
+    vae.register_to_config(scaling_factor=scaling_factor)
+    vae.eval().requires_grad_(False)
+
+    # 2. The UNet and the text encoder, jointly: DDPM ε-prediction with caption dropout.
+    tokenizer = CLIPTokenizer.from_pretrained(SD1_TOKENIZER_DIR, model_max_length=TEXT_TOKENS)
+    noise_schedule = DDPMScheduler(**SCHEDULE)
+    unet.train()
+    text_encoder.train()
+    progress = _Progress("unet", step, config.steps_unet, config.log_every)
+    trained = [*unet.parameters(), *text_encoder.parameters()]
+    while step < config.steps_unet:
+        rng, generator = _step_generators(config.seed, "unet", step)
+        images, captions, _ = make_batch(rng, config.batch_unet)
+        captions = ["" if rng.random() < config.caption_dropout else caption for caption in captions]
+        with torch.no_grad():
+            latents = vae.encode(images * 2 - 1).latent_dist.sample(generator=generator) * scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (latents.shape[0],), generator=generator)
+        noisy = noise_schedule.add_noise(latents, noise, timesteps)
+        for group in unet_optimizer.param_groups:
+            group["lr"] = _learning_rate(config.lr_unet, step, config.warmup_steps)
+        prediction = unet(noisy, timesteps, _encode_text(tokenizer, text_encoder, captions)).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        unet_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        unet_optimizer.step()
+        progress.update(step, loss.item())
+        step += 1
+        if step % config.checkpoint_every == 0 or step == config.steps_unet:
+            checkpoint()
+    unet.eval()
+    text_encoder.eval()
+    dtype = getattr(torch, config.dtype)
+    return export(vae, unet, text_encoder, config.out, dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for the checkpoint and the exported model")
+    parser.add_argument("--steps-vae", type=int, default=TrainConfig.steps_vae)
+    parser.add_argument("--steps-unet", type=int, default=TrainConfig.steps_unet)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    folder, single_file, megabytes = train(TrainConfig(
+        out=args.out, steps_vae=args.steps_vae, steps_unet=args.steps_unet, seed=args.seed, resume=args.resume,
+        checkpoint_every=args.checkpoint_every))
+    print(f"wrote {folder} and {single_file} ({megabytes:.1f} MB in all)")
+
+
+if __name__ == "__main__":
+    main()

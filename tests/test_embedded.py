@@ -1,0 +1,120 @@
+"""The embedded model's dataset, scorer and training script, on smoke runs of a few steps (no real training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nodes.embedded import dataset
+from nodes.embedded.dataset import (COLOURS, POSITIONS, SHAPES, held_out_captions, is_held_out, make_batch,
+                                    render, score_image)
+
+SMOKE = dict(steps_vae=3, steps_unet=3, batch_vae=2, batch_unet=2, checkpoint_every=1, log_every=1)
+
+
+def test_make_batch_same_seed_same_batch_and_shapes():
+    images, captions, scenes = make_batch(np.random.default_rng(7), 3)
+    again, captions_again, _ = make_batch(np.random.default_rng(7), 3)
+    other = make_batch(np.random.default_rng(8), 3)[0]
+    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.float32
+    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    assert torch.equal(images, again) and captions == captions_again
+    assert not torch.equal(images, other)
+    assert [scene.caption for scene in scenes] == captions
+
+
+def test_make_batch_rejects_empty_batch():
+    with pytest.raises(ValueError, match="got 0"):
+        make_batch(np.random.default_rng(0), 0)
+
+
+def test_captions_name_their_labels():
+    _, captions, scenes = make_batch(np.random.default_rng(1), 200)
+    for caption, scene in zip(captions, scenes):
+        words = caption.replace(",", "").split()
+        assert words[words.index(scene.shape) - 1] == scene.colour, caption
+        assert (scene.size in words) or not any(size in words for size in dataset.SIZES), caption
+        assert any(phrase in caption for phrase in dataset._POSITION_PHRASES[scene.position]), caption
+        assert scene.background_colour != scene.colour
+
+
+def test_held_out_captions_never_drawn_for_training():
+    held = held_out_captions(200)
+    assert len(held) == 200 and held == held_out_captions(200)
+    assert all(is_held_out(s.shape, s.colour, s.position) for s in held)
+    held_captions = {scene.caption for scene in held}
+    _, captions, scenes = make_batch(np.random.default_rng(2), 3000)
+    assert not held_captions & set(captions)
+    assert not any(is_held_out(s.shape, s.colour, s.position) for s in scenes)
+    # Every shape, colour and position still occurs in training, only not in the held-out combinations.
+    assert {s.shape for s in scenes} == set(SHAPES) and {s.colour for s in scenes} == set(COLOURS)
+    assert {s.position for s in scenes} == set(POSITIONS)
+
+
+def test_score_image_oracle_is_near_perfect():
+    held = held_out_captions(200)
+    scores = [score_image(render(scene)) for scene in held]
+    assert np.mean([score.colour == s.colour for score, s in zip(scores, held)]) >= 0.95
+    assert np.mean([score.position == s.position for score, s in zip(scores, held)]) >= 0.95
+
+
+def test_score_image_finds_no_shape_in_a_plain_image():
+    assert score_image(torch.full((3, 64, 64), 0.3)).colour is None
+
+
+def _config(out, **changes):
+    from nodes.embedded.train import TrainConfig
+
+    return dataclasses.replace(TrainConfig(out=os.fspath(out), **SMOKE), **changes)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    from nodes.embedded.train import train
+
+    out = tmp_path_factory.mktemp("embedded_smoke")
+    return out, train(_config(out))
+
+
+def test_smoke_training_writes_a_loadable_model_that_generates(smoke_run):
+    from bench.embedded_model import NodeGenerator
+    from nodes.embedded.train import MAX_TOTAL_MB
+
+    _, (folder, single_file, megabytes) = smoke_run
+    assert os.path.isfile(single_file) and 0 < megabytes <= MAX_TOTAL_MB
+    image = NodeGenerator(folder, steps=2, cfg=7.5)("a red circle", seed=0)
+    assert image.shape == (3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_single_file_loads_with_the_folders_config(smoke_run):
+    from nodes.models.loading import load_model
+
+    _, (folder, single_file, _) = smoke_run
+    from_folder, from_file = load_model(folder), load_model(single_file, config_dir=folder)
+    for a, b in zip(from_folder.unet.state_dict().values(), from_file.unet.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_continues_exactly(smoke_run, tmp_path):
+    from nodes.embedded.train import CHECKPOINT_NAME, train
+
+    out, _ = smoke_run
+    train(_config(tmp_path, steps_unet=2))  # an interrupted run: stops after 2 of the 3 UNet steps
+    train(_config(tmp_path, resume=True))
+    straight = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
+    resumed = torch.load(os.path.join(tmp_path, CHECKPOINT_NAME), weights_only=True)
+    assert resumed["step"] == straight["step"] == 3
+    for key in ("unet", "text_encoder"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name}"
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    from nodes.embedded.train import train
+
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        train(_config(tmp_path, resume=True))

@@ -4,9 +4,12 @@
 
 writes ``DIR/diffusers`` (a ``StableDiffusionPipeline`` folder, safetensors, with its scheduler and tokenizer
 configs, which ``nodes.models.loading.load_model`` loads offline) and ``DIR/embedded_sd1.safetensors`` (the same
-weights in the original LDM layout). Checkpoints go to ``DIR/checkpoint.pt`` every ``--checkpoint-every`` steps
-and at the end of each stage; ``--resume`` continues from it exactly (weights, optimizer state, RNG state and the
-step; every step's data and noise come from generators seeded by (seed, stage, step)).
+weights in the original LDM layout). Checkpoints go to ``DIR/checkpoint.safetensors`` every ``--checkpoint-every``
+steps and at the end of each stage; ``--resume`` continues from it exactly (weights, optimizer state, RNG state and
+the step; every step's data and noise come from generators seeded by (seed, stage, step)). The checkpoint holds no
+pickle: its tensors are flat keys (``model.unet.<name>``, ``optim.unet.state.<index>.<key>``, ``rng.torch``), and
+everything else (stage, step, scaling factor, config, the optimizers' param groups) is JSON under the header
+metadata key ``atelier``.
 
 The model (SD1 layout, narrow):
 - AutoencoderKL, 4 latent channels, factor 8, ``(32, 64, 64, 64)``, 1 layer per block: 1.25 M parameters.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -41,6 +45,8 @@ import time
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..models.export import export_single_file
 from ..models.loading import SD1_TOKENIZER_DIR
@@ -49,7 +55,7 @@ from .dataset import IMAGE_SIZE, make_batch
 logger = logging.getLogger(__name__)
 
 MAX_TOTAL_MB = 25.0  # the issue's limit on the shipped weights, folder and single file together
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.safetensors"
 FOLDER_NAME = "diffusers"
 SINGLE_FILE_NAME = "embedded_sd1.safetensors"
 # Source: Stable Diffusion v1 training schedule (scaled_linear, 1000 steps); diffusers' SD1 scheduler config.
@@ -114,11 +120,44 @@ def _learning_rate(base: float, step: int, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
 
-def _save_checkpoint(path: str, payload: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+def _save_checkpoint(path: str, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                     header: dict) -> None:
+    """Write the weights, optimizer state and torch RNG state as tensors, ``header`` and the optimizers' param
+    groups as JSON metadata; atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for name, module in modules.items():
+        tensors.update({f"model.{name}.{key}": value for key, value in module.state_dict().items()})
+    param_groups = {}
+    for name, optimizer in optimizers.items():
+        state = optimizer.state_dict()
+        for index, entries in state["state"].items():
+            tensors.update({f"optim.{name}.state.{index}.{key}": value for key, value in entries.items()})
+        param_groups[name] = state["param_groups"]
     temporary = path + ".tmp"
-    torch.save(payload, temporary)
+    save_file(tensors, temporary, metadata={"atelier": json.dumps({**header, "param_groups": param_groups})})
     os.replace(temporary, path)
+
+
+def _load_checkpoint(path: str, modules: dict[str, torch.nn.Module],
+                     optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    """Restore what :func:`_save_checkpoint` wrote into ``modules``, ``optimizers`` and the torch RNG; returns the
+    header."""
+    with safe_open(path, "pt") as file:
+        header = json.loads(file.metadata()["atelier"])
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    for name, module in modules.items():
+        prefix = f"model.{name}."
+        module.load_state_dict({key.removeprefix(prefix): value for key, value in tensors.items()
+                                if key.startswith(prefix)})
+    for name, optimizer in optimizers.items():
+        prefix, state = f"optim.{name}.state.", {}
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                index, entry = key.removeprefix(prefix).split(".", 1)
+                state.setdefault(int(index), {})[entry] = value
+        optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"][name]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return header
 
 
 class _Progress:
@@ -217,25 +256,19 @@ def train(config: TrainConfig) -> tuple[str, str, float]:
     vae, unet, text_encoder = build_models(config)
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr_vae)
     unet_optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=config.lr_unet)
+    modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+    optimizers = {"vae": vae_optimizer, "unet": unet_optimizer}
     stage, step, scaling_factor = "vae", 0, None
     if config.resume:
         if not os.path.isfile(checkpoint_path):
             raise ValueError(f"--resume needs a checkpoint; there is none at {checkpoint_path!r}")
-        state = torch.load(checkpoint_path, weights_only=True)
-        for module, key in ((vae, "vae"), (unet, "unet"), (text_encoder, "text_encoder")):
-            module.load_state_dict(state[key])
-        vae_optimizer.load_state_dict(state["vae_optimizer"])
-        unet_optimizer.load_state_dict(state["unet_optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        stage, step, scaling_factor = state["stage"], state["step"], state["scaling_factor"]
+        header = _load_checkpoint(checkpoint_path, modules, optimizers)
+        stage, step, scaling_factor = header["stage"], header["step"], header["scaling_factor"]
         logger.info("resumed from %s: stage %s, step %d", checkpoint_path, stage, step)
 
     def checkpoint() -> None:
-        _save_checkpoint(checkpoint_path, {
-            "stage": stage, "step": step, "scaling_factor": scaling_factor, "vae": vae.state_dict(),
-            "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-            "vae_optimizer": vae_optimizer.state_dict(), "unet_optimizer": unet_optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(config)})
+        _save_checkpoint(checkpoint_path, modules, optimizers, {
+            "stage": stage, "step": step, "scaling_factor": scaling_factor, "config": dataclasses.asdict(config)})
 
     # 1. The autoencoder.
     if stage == "vae":
@@ -303,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-vae", type=int, default=TrainConfig.steps_vae)
     parser.add_argument("--steps-unet", type=int, default=TrainConfig.steps_unet)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

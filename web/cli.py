@@ -53,25 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m web", description="Atelier: the editor's server, or "
                                      "workflows run headlessly.")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="start the editor's server (the default)")
+    folders = argparse.ArgumentParser(add_help=False)  # what both commands take
+    folders.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/ and user/")
+    folders.add_argument("--models-dir", default="models", help="folder laid out like ComfyUI's models/")
+    folders.add_argument("--verbose", action="store_true", help="log engine and server details")
+    serve = commands.add_parser("serve", parents=[folders], help="start the editor's server (the default)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     serve.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
                        help="address to listen on; beyond loopback every request needs the printed token")
     serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                        help="another host name browsers may use to reach the server (repeatable)")
-    serve.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/ and user/")
-    serve.add_argument("--models-dir", default="models", help="folder laid out like ComfyUI's models/")
     serve.add_argument("--max-upload-mb", type=int, default=100, help="largest upload accepted, in MB")
     serve.add_argument("--open", action="store_true", help="open the editor in the default browser")
-    serve.add_argument("--verbose", action="store_true", help="log engine and server details")
-    run = commands.add_parser("run", help="run a workflow file (API or UI format) and save its outputs")
+    run = commands.add_parser("run", parents=[folders],
+                              help="run a workflow file (API or UI format) and save its outputs")
     run.add_argument("workflow", help="path of the workflow .json file")
     run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                      help="override an input; NODE is a node id or title, VALUE is JSON or plain text")
     run.add_argument("--output-dir", help="where saved images go (default: DATA_DIR/output)")
-    run.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/ and user/")
-    run.add_argument("--models-dir", default="models", help="folder laid out like ComfyUI's models/")
-    run.add_argument("--verbose", action="store_true", help="log engine details")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -40,7 +40,7 @@ from PIL.PngImagePlugin import PngInfo
 from nodes.common.checks import range_errors
 from nodes.common.paths import PathOutsideFolderError, atomic_write, confine
 
-from .folders import DataFolders
+from .folders import DataFolders, split_annotation
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 CROP_METHODS = ("disabled", "center")
 ANTIALIASED_METHODS = ("bilinear", "bicubic")  # the modes torch's interpolate can antialias
 OVERSHOOTING_METHODS = ("bicubic", "lanczos")  # kernels with negative lobes ring past 0..1 at sharp edges
-FOLDER_ANNOTATIONS = {" [input]": "input", " [output]": "output", " [temp]": "temp"}  # "x.png [output]"
 
 
 # --- image maths --------------------------------------------------------------------------------------------------
@@ -443,10 +442,7 @@ class LoadImage:
     @classmethod
     def _path(cls, image: str) -> str:
         """The confined path of a combo value; "name [output]" and "name [temp]" read from those folders."""
-        kind = "input"
-        for suffix, annotated in FOLDER_ANNOTATIONS.items():
-            if image.endswith(suffix):
-                image, kind = image[:-len(suffix)], annotated
+        image, kind = split_annotation(image, "input")
         return confine(_data_folders(cls).folder(kind), image)
 
     @classmethod

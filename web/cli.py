@@ -35,7 +35,7 @@ from .node_info import input_specs
 from .registry import node_classes
 from .security import LOOPBACK_HOSTS, is_loopback
 from .server import create_app
-from .server_state import ServerConfig
+from .server_state import MAX_UPLOAD_BYTES, ServerConfig
 from .validation import ancestors
 from .workflow import WorkflowError, is_ui_workflow, ui_to_api
 
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="address to listen on; beyond loopback every request needs the printed token")
     serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                        help="another host name browsers may use to reach the server (repeatable)")
-    serve.add_argument("--max-upload-mb", type=int, default=100, help="largest upload accepted, in MB")
+    serve.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES >> 20,
+                       help=f"largest upload accepted, in MB (default {MAX_UPLOAD_BYTES >> 20})")
     serve.add_argument("--open", action="store_true", help="open the editor in the default browser")
     run = commands.add_parser("run", parents=[folders],
                               help="run a workflow file (API or UI format) and save its outputs")

@@ -19,7 +19,8 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from nodes.common.paths import PathOutsideFolderError, atomic_write, confine
 
-from .server_state import CONFIG, STATE, read_json
+from .folders import FILE_KINDS, split_annotation
+from .server_state import CONFIG, STATE, json_error, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS_DIR = os.path.join(ROOT, "workflows")
@@ -32,10 +33,6 @@ SCRIPT_TYPES = ("text/html", "text/javascript", "application/javascript", "text/
 DEFAULT_SETTINGS = {"Comfy.Notification.ShowVersionUpdates": False}
 
 routes = web.RouteTableDef()
-
-
-def _refuse_path(error: Exception) -> web.Response:
-    return web.json_response({"error": str(error)}, status=403)
 
 
 def _not_found(what: str) -> web.Response:
@@ -53,20 +50,16 @@ def _file_in(request: web.Request, kind: str, subfolder: str, filename: str) -> 
     try:
         base = request.app[CONFIG].folders.folder(kind)
     except ValueError as error:
-        raise web.HTTPBadRequest(text=json.dumps({"error": str(error)}), content_type="application/json") from None
+        raise json_error(web.HTTPBadRequest, str(error)) from None
     try:
         return confine(base, os.path.join(subfolder, filename) if subfolder else filename)
     except PathOutsideFolderError as error:
-        raise web.HTTPForbidden(text=json.dumps({"error": str(error)}), content_type="application/json") from None
+        raise json_error(web.HTTPForbidden, str(error)) from None
 
 
 @routes.get("/view")
 async def view(request: web.Request) -> web.StreamResponse:
-    filename = request.query.get("filename", "")
-    kind = request.query.get("type") or "output"
-    for annotation in ("input", "output", "temp"):  # "name.png [output]", as the mask editor sends it
-        if filename.endswith(f" [{annotation}]"):
-            filename, kind = filename[: -len(annotation) - 3], annotation
+    filename, kind = split_annotation(request.query.get("filename", ""), request.query.get("type") or "output")
     if not filename:
         return web.json_response({"error": "filename is required"}, status=400)
     path = _file_in(request, kind, request.query.get("subfolder", ""), filename)
@@ -117,16 +110,13 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str, str, str, bool
     form = await request.post()
     image = form.get("image")
     if not isinstance(image, web.FileField):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "the form needs an 'image' file field"}),
-                                 content_type="application/json")
+        raise json_error(web.HTTPBadRequest, "the form needs an 'image' file field")
     if not image.filename or os.path.basename(image.filename) != image.filename or "\\" in image.filename:
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"the file name must be a plain name; got "
-                                                           f"{image.filename!r} (put folders in 'subfolder')"}),
-                                 content_type="application/json")
+        raise json_error(web.HTTPBadRequest, f"the file name must be a plain name; got {image.filename!r} "
+                                             "(put folders in 'subfolder')")
     kind = str(form.get("type") or "input")
-    if kind not in ("input", "temp", "output"):
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"type must be input, temp or output; got {kind!r}"}),
-                                 content_type="application/json")
+    if kind not in FILE_KINDS:
+        raise json_error(web.HTTPBadRequest, f"type must be one of {', '.join(FILE_KINDS)}; got {kind!r}")
     return (image.file.read(), image.filename, kind, str(form.get("subfolder") or ""),
             str(form.get("overwrite")).lower() in ("true", "1"), form)
 
@@ -222,7 +212,7 @@ def _user_path(request: web.Request, name: str) -> str:
     try:
         return confine(_user_dir(request), name)
     except PathOutsideFolderError as error:
-        raise web.HTTPForbidden(text=json.dumps({"error": str(error)}), content_type="application/json") from None
+        raise json_error(web.HTTPForbidden, str(error)) from None
 
 
 def _file_info(path: str, relative: str) -> dict[str, Any]:

@@ -16,6 +16,20 @@ logger = logging.getLogger(__name__)
 FILE_KINDS = ("input", "output", "temp")  # the ``type`` values of uploads, ``/view`` and ``ui.images`` items
 
 
+def split_annotation(name: str, kind: str) -> tuple[str, str]:
+    """A file name and its folder kind, reading an editor annotation such as ``"x.png [output]"``.
+
+    Example:
+        >>> split_annotation("cat.png [output]", "input"), split_annotation("cat.png", "input")
+        (('cat.png', 'output'), ('cat.png', 'input'))
+    """
+    for annotated in FILE_KINDS:
+        suffix = f" [{annotated}]"
+        if name.endswith(suffix):
+            return name[:-len(suffix)], annotated
+    return name, kind
+
+
 @dataclasses.dataclass(frozen=True)
 class DataFolders:
     """Absolute, symlink-resolved paths of the four data folders.

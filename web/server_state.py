@@ -50,10 +50,14 @@ CONFIG = web.AppKey("config", ServerConfig)
 STATE = web.AppKey("state", ServerState)
 
 
+def json_error(status: type[web.HTTPException], message: str) -> web.HTTPException:
+    """An HTTP error with a ``{"error": message}`` JSON body, for a handler's helpers to raise."""
+    return status(text=json.dumps({"error": message}), content_type="application/json")
+
+
 async def read_json(request: web.Request) -> Any:
     """The request's JSON body; a body that is not UTF-8 JSON is a 400 that says so, never a 500."""
     try:
         return json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"the body is not valid JSON: {error}"}),
-                                 content_type="application/json") from None
+        raise json_error(web.HTTPBadRequest, f"the body is not valid JSON: {error}") from None

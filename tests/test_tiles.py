@@ -38,6 +38,20 @@ def test_tiled_downsampling_keeps_the_output_grid():
     assert torch.allclose(tiled_apply(pool, x, 64, 16, Fraction(1, 8)), pool(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [Fraction(1), Fraction(2)])
+def test_a_margin_as_deep_as_the_receptive_field_gives_the_whole_result(scale):
+    weight = torch.randn(3, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+
+    def network(t):  # two zero-padded 3×3 convolutions: each output pixel sees 2 input pixels around it
+        t = F.interpolate(t, scale_factor=int(scale), mode="nearest")
+        return F.conv2d(F.conv2d(t, weight, padding=1), weight, padding=1)
+
+    x = torch.randn(1, 3, 30, 41, generator=torch.Generator().manual_seed(1))
+    whole = network(x)
+    assert torch.allclose(tiled_apply(network, x, 12, 4, scale, margin=2), whole, atol=1e-4)
+    assert not torch.allclose(tiled_apply(network, x, 12, 4, scale), whole, atol=1e-2)  # zero padding shows
+
+
 def test_overlaps_are_cross_faded_not_cut():
     x = torch.zeros(1, 1, 8, 24)
     calls = iter([0.0, 1.0])

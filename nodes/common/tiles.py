@@ -62,8 +62,12 @@ def _ramp(length: int, start: int, starts: list[int], tile: int, scale: Fraction
 
 
 def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-                scale: Fraction) -> torch.Tensor:
+                scale: Fraction, margin: int = 0) -> torch.Tensor:
     """``function`` applied to overlapping tiles of ``x`` and cross-faded into one result.
+
+    Each tile is widened by ``margin`` input pixels of real context on every side (less at the image's edges)
+    before ``function`` sees it, and its result is cropped back to the tile: a convolutional network then sees
+    the same neighbourhood as on the whole input, instead of zero padding, up to ``margin`` pixels deep.
 
     Args:
         function: maps (B, C, h, w) to (B, C', h·scale, w·scale), as a VAE decoder (scale 8) or encoder (1/8).
@@ -71,6 +75,7 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         tile: tile side in input pixels; tiles larger than ``x`` shrink to it.
         overlap: overlap between neighbouring tiles in input pixels, 0 <= overlap < tile.
         scale: output pixels per input pixel; ``tile``·scale and ``overlap``·scale must be whole numbers.
+        margin: context added around each tile, in input pixels; ``margin``·scale must be a whole number.
     Returns:
         Shape (B, C', H·scale, W·scale), in ``function``'s dtype, on the CPU: the whole result is gathered in CPU
         memory, so an accelerator holds one tile at a time.
@@ -86,8 +91,10 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         raise ValueError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
     height, width = x.shape[-2:]
     tile_h, tile_w = min(tile, height), min(tile, width)
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0; got {margin}")
     for name, value in (("tile", tile_h * scale), ("tile", tile_w * scale), ("overlap", overlap * scale),
-                        ("height", height * scale), ("width", width * scale)):
+                        ("margin", margin * scale), ("height", height * scale), ("width", width * scale)):
         if value.denominator != 1:
             raise ValueError(f"{name} × scale must be a whole number of output pixels; got {value}")
     align = scale.denominator  # input pixels per output pixel: tiles must start on the output grid
@@ -95,8 +102,11 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     columns = tile_starts(width, tile_w, min(overlap, tile_w - align), align)
     out, total = None, None
     for number, (top, left) in enumerate((r, c) for r in rows for c in columns):
-        result = function(x[..., top:top + tile_h, left:left + tile_w])
-        dtype = result.dtype
+        context_top, context_left = max(top - margin, 0), max(left - margin, 0)
+        padded = function(x[..., context_top:top + tile_h + margin, context_left:left + tile_w + margin])
+        dtype = padded.dtype
+        crop_y, crop_x = int((top - context_top) * scale), int((left - context_left) * scale)
+        result = padded[..., crop_y:crop_y + int(tile_h * scale), crop_x:crop_x + int(tile_w * scale)]
         result = result.to("cpu", torch.float32)
         if out is None:
             out = torch.zeros(*result.shape[:2], int(height * scale), int(width * scale))

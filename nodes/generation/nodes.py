@@ -10,14 +10,13 @@ ComfyUI's own types and values (LATENT holds the unscaled VAE latent under ``"sa
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
 from typing import ClassVar
 
 import torch
 
 from ..common.checks import range_errors
 from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
-from ..common.tiles import tiled_apply
+from ..common.tiled_vae import tiled_decode, tiled_encode
 from ..models.loading import LoadedModel, list_checkpoints, list_models, load_checkpoint, resolve_model_path
 from ..models.lora import MAX_STRENGTH as MAX_LORA_STRENGTH
 from ..models.lora import LoraSpec, set_loras
@@ -270,7 +269,8 @@ class _Tiling:
 
 
 class AtelierVAEDecode(_Tiling):
-    DESCRIPTION = "Turns latents into images with the VAE; tiled mode decodes tile by tile with cross-faded seams."
+    DESCRIPTION = ("Turns latents into images with the VAE; tiled mode decodes tile by tile, with the whole "
+                   "image's normalisation statistics and cross-faded overlaps, so colours match and no seam shows.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -287,15 +287,15 @@ class AtelierVAEDecode(_Tiling):
                ) -> tuple[torch.Tensor]:
         latent = samples["samples"]
         if tiled:
-            image = tiled_apply(vae.decode, latent, tile_size // vae.downscale, overlap // vae.downscale,
-                                Fraction(vae.downscale))
+            image = tiled_decode(vae, latent, tile_size // vae.downscale, overlap // vae.downscale)
         else:
             image = vae.decode(latent)
         return (image.cpu().permute(0, 2, 3, 1),)
 
 
 class AtelierVAEEncode(_Tiling):
-    DESCRIPTION = "Turns images into latents with the VAE, for image-to-image; tiled mode encodes tile by tile."
+    DESCRIPTION = ("Turns images into latents with the VAE, for image-to-image; tiled mode encodes tile by tile, "
+                   "with the whole image's normalisation statistics.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -317,7 +317,7 @@ class AtelierVAEEncode(_Tiling):
             raise ValueError(f"image sides must be multiples of {f}; got {tuple(image.shape[-2:])} "
                              f"(scale or crop it to {height}×{width} first)")
         if tiled:
-            latent = tiled_apply(vae.encode, image, tile_size, overlap, Fraction(1, f))
+            latent = tiled_encode(vae, image, tile_size, overlap)
         else:
             latent = vae.encode(image)
         return ({"samples": latent.cpu()},)

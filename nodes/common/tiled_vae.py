@@ -1,0 +1,140 @@
+"""Tiled VAE decoding and encoding whose colours and seams match the whole-image pass.
+
+Run tile by tile, a VAE differs from the whole-image pass in two ways. Each GroupNorm normalises a tile by that
+tile's own statistics, so colours shift from tile to tile; and every convolution sees zero padding at the tile's
+borders, which leaves seams. The functions here remove both:
+
+1. **Shared GroupNorm statistics.** A first pass over the whole input records every GroupNorm's per-sample,
+   per-group mean and variance, and every tile is then normalised with those, as the whole-image pass normalises
+   it. Up to ``statistics_size`` (by default SDXL's native 1024², which every SDXL user decodes whole anyway)
+   the statistics are exact, and tiles reproduce the whole-image pass. A larger input is downsampled to that size
+   first (area averaging): the Tiled VAE extension's "fast mode" estimate (highres.md §4), which keeps the pass's
+   memory bounded. Doubtful: on random-weight test VAEs the estimate is poor (further off than plain tiling); the
+   extension's users find it good on trained VAEs, which we cannot check without SD weights.
+2. **Context margins.** Each tile runs with ``margin`` pixels of its real neighbourhood around it and is cropped
+   back, and the overlaps are cross-faded (:func:`nodes.common.tiles.tiled_apply`). The defaults are the
+   extension's paddings: 11 latent pixels for the decoder, 32 image pixels for the encoder.
+
+Departure from the whole-image pass, as in every tiled VAE (ComfyUI's, diffusers', the extension's): the VAE's
+mid-block self-attention sees one padded tile, not the whole image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+from .denoiser import DiffusersCodec
+from .tiles import tiled_apply
+
+DECODER_MARGIN = 11  # latent pixels; the Tiled VAE extension's decoder padding
+ENCODER_MARGIN = 32  # image pixels; its encoder padding (a multiple of the VAE's factor 8)
+STATISTICS_SIDE_PX = 1024  # the largest image whose statistics pass runs at full size: SDXL's native side
+
+
+@contextlib.contextmanager
+def shared_group_norm_statistics(module: torch.nn.Module, measure: Callable[[], object]) -> Iterator[None]:
+    """Inside the block, every GroupNorm of ``module`` normalises with the statistics it saw while ``measure()``
+    ran, whatever its input, so each tile of an image is normalised as the whole image is.
+
+    Args:
+        module: the network whose GroupNorms to share; each must run once per ``measure()`` call.
+        measure: runs ``module`` once on the whole (or downsampled) input.
+    Example:
+        >>> norm = torch.nn.GroupNorm(2, 4)
+        >>> whole = torch.randn(1, 4, 8, 8)
+        >>> with shared_group_norm_statistics(norm, lambda: norm(whole)):
+        ...     left, right = norm(whole[..., :4]), norm(whole[..., 4:])
+        >>> torch.allclose(torch.cat([left, right], -1), norm(whole), atol=1e-5)
+        True
+    """
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    statistics: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(norm: torch.nn.GroupNorm, args: tuple) -> None:
+        grouped = args[0].float().reshape(args[0].shape[0], norm.num_groups, -1)
+        variance, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
+        statistics[norm] = (mean[..., None], variance[..., None])
+
+    def normalise(norm: torch.nn.GroupNorm, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        mean, variance = statistics[norm]
+        grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
+        y = ((grouped - mean) * torch.rsqrt(variance + norm.eps)).reshape(x.shape)
+        if norm.affine:
+            broadcast = (1, -1) + (1,) * (x.ndim - 2)
+            y = y * norm.weight.float().reshape(broadcast) + norm.bias.float().reshape(broadcast)
+        return y.to(output.dtype)
+
+    hooks = [norm.register_forward_pre_hook(record) for norm in norms]
+    try:
+        measure()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hooks = [norm.register_forward_hook(normalise) for norm in norms]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _statistics_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` itself when its long side is at most ``size``, else an area-averaged copy that fits."""
+    height, width = x.shape[-2:]
+    if max(height, width) <= size:
+        return x
+    ratio = size / max(height, width)
+    return F.interpolate(x, size=(max(1, round(height * ratio)), max(1, round(width * ratio))), mode="area")
+
+
+def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap: int,
+                 margin: int = DECODER_MARGIN, statistics_size: int | None = None) -> torch.Tensor:
+    """Decode ``latent`` tile by tile, with the whole latent's GroupNorm statistics and context margins.
+
+    Args:
+        codec: the model's VAE.
+        latent: (B, C, h, w) unscaled latents.
+        tile, overlap, margin: in latent pixels (see :func:`nodes.common.tiles.tiled_apply`).
+        statistics_size: the statistics pass runs on the latent when its long side is at most this, else on a
+            downsampled copy; by default :data:`STATISTICS_SIDE_PX` in latent pixels, or one padded tile if larger.
+    Returns:
+        (B, 3, h·f, w·f) images in 0..1, on the CPU.
+    Example:
+        >>> from diffusers import AutoencoderKL
+        >>> vae = AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4,
+        ...                     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+        >>> tiled_decode(DiffusersCodec(vae), torch.randn(1, 4, 12, 20), tile=8, overlap=2).shape
+        torch.Size([1, 3, 24, 40])
+    """
+    if max(latent.shape[-2:]) <= tile:
+        return codec.decode(latent).cpu()  # one tile covers it: the whole-image pass itself
+    statistics_size = statistics_size or max(STATISTICS_SIDE_PX // codec.downscale, tile + 2 * margin)
+    with shared_group_norm_statistics(codec.vae.decoder,
+                                      lambda: codec.decode(_statistics_input(latent, statistics_size))):
+        return tiled_apply(codec.decode, latent, tile, overlap, Fraction(codec.downscale), margin)
+
+
+def tiled_encode(codec: DiffusersCodec, image: torch.Tensor, tile: int, overlap: int,
+                 margin: int = ENCODER_MARGIN, statistics_size: int | None = None) -> torch.Tensor:
+    """Encode ``image`` tile by tile, with the whole image's GroupNorm statistics and context margins.
+
+    Args:
+        codec: the model's VAE.
+        image: (B, 3, H, W) in 0..1; sides, ``tile``, ``overlap`` and ``margin`` multiples of the VAE's factor.
+        tile, overlap, margin: in image pixels (see :func:`nodes.common.tiles.tiled_apply`).
+        statistics_size: as for :func:`tiled_decode`, in image pixels.
+    Returns:
+        (B, C, H/f, W/f) unscaled latents (the posterior's mean), on the CPU.
+    """
+    if max(image.shape[-2:]) <= tile:
+        return codec.encode(image).cpu()
+    statistics_size = statistics_size or max(STATISTICS_SIDE_PX, tile + 2 * margin)
+    with shared_group_norm_statistics(codec.vae.encoder,
+                                      lambda: codec.encode(_statistics_input(image, statistics_size))):
+        return tiled_apply(codec.encode, image, tile, overlap, Fraction(1, codec.downscale), margin)

@@ -7,7 +7,9 @@ from a per-row median background), names its nearest palette colour and the posi
 centroid, and both are compared with the caption's labels. ``--oracle`` scores the dataset's own renderings of
 the same scenes instead of generated images; it must give 1.0 for both, which validates the scorer.
 
-    python bench/embedded_model.py --model DIR [--quick] [--oracle] [--steps N] [--cfg X]
+    python bench/embedded_model.py [--model FOLDER] [--quick] [--oracle] [--steps N] [--cfg X]
+
+``--model`` is a diffusers folder (a training run's ``OUT/diffusers``); by default the shipped model.
 
 Ends with ``BENCH embedded_model colour_acc=... position_acc=... ms_per_image=... n=... quick=...``; the issue's
 targets are colour ≥ 0.80 and position ≥ 0.70.
@@ -28,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers imports hugging
 import torch  # noqa: E402
 
 from nodes.embedded.dataset import IMAGE_SIZE, Scene, held_out_captions, render, score_image  # noqa: E402
+from nodes.embedded.train import SHIPPED_NAME  # noqa: E402
+from nodes.models.loading import SHIPPED_MODELS  # noqa: E402
 
 logger = logging.getLogger("bench.embedded_model")
 FULL_CAPTIONS, QUICK_CAPTIONS = 200, 40  # the issue's 200 held-out captions; 40 keep --quick within 60 s
@@ -74,7 +78,7 @@ def accuracy(scenes: list[Scene], images: list[torch.Tensor]) -> tuple[float, fl
     return colour, position
 
 
-def run(model_dir: str | None, count: int, oracle: bool, steps: int, cfg: float) -> tuple[float, float, float]:
+def run(model_dir: str, count: int, oracle: bool, steps: int, cfg: float) -> tuple[float, float, float]:
     """Score ``count`` held-out captions; returns (colour_acc, position_acc, ms_per_image)."""
     scenes = held_out_captions(count)
     if oracle:
@@ -94,14 +98,13 @@ def run(model_dir: str | None, count: int, oracle: bool, steps: int, cfg: float)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="the trained model's diffusers folder (train's OUT/diffusers)")
+    parser.add_argument("--model", default=os.path.join(SHIPPED_MODELS, "diffusers", SHIPPED_NAME),
+                        help="a trained model's diffusers folder (train's OUT/diffusers); default: the shipped one")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_CAPTIONS} captions instead of {FULL_CAPTIONS}")
     parser.add_argument("--oracle", action="store_true", help="score the dataset's own images (validates the scorer)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--cfg", type=float, default=DEFAULT_CFG)
     args = parser.parse_args(argv)
-    if not args.oracle and not args.model:
-        parser.error("--model is required unless --oracle is given")
     logging.basicConfig(level=logging.WARNING)
     count = QUICK_CAPTIONS if args.quick else FULL_CAPTIONS
     colour, position, ms = run(args.model, count, args.oracle, args.steps, args.cfg)

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "tests" / "e2e" / "screenshots"
-EXAMPLE = json.loads((ROOT / "workflows" / "image_basics.json").read_text(encoding="utf-8"))
+EXAMPLE_NAME = "text_to_image"  # the first graph: the embedded model draws a batch of 64×64 images
+EXAMPLE = json.loads((ROOT / "workflows" / f"{EXAMPLE_NAME}.json").read_text(encoding="utf-8"))
 SKIP_VARIABLE = "ATELIER_SKIP_BROWSER"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SERVER_START_TIMEOUT_S = 60  # importing torch on a loaded 2-core machine takes a while
@@ -50,7 +51,8 @@ VIEWPORT = {"width": 1280, "height": 800}
 SEARCH_OPEN_ATTEMPTS, SEARCH_OPEN_WAIT_MS = 3, 5_000
 EMPTY_SPOT = (400, 650)  # viewport pixels below the example's nodes and left of the minimap: empty canvas
 SAVED_NAME = "browser_test"
-NEW_SCALE_WIDTH = 200  # set on the example's ImageScale before Run, so the output proves the edited graph ran
+NEW_WIDTH = 96  # set on the example's empty latent before Run, so the output proves the edited graph ran
+LATENT_NODE, DECODE_NODE, SAVE_NODE = "4", "6", "7"  # the example's node ids
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -269,12 +271,12 @@ def test_new_user_is_redirected_to_the_example_workflow(editor: Editor):
     assert redirected is not None and urlsplit(redirected.url).path == "/", \
         f"a new user's GET / was not redirected; it ended at {response.url}"
     query = parse_qs(urlsplit(response.url).query)
-    assert query == {"template": ["image_basics"], "source": ["atelier"]}, f"redirected to {response.url}"
+    assert query == {"template": [EXAMPLE_NAME], "source": ["atelier"]}, f"redirected to {response.url}"
 
     editor.wait_until("app.graph.nodes.length > 0", "the first graph is empty")
     assert editor.graph() == canonical(graph_summary(EXAMPLE)), \
-        "the first graph is not workflows/image_basics.json (node types, widget values or links differ)"
-    assert "image_basics" in editor.page.title(), f"the active tab is {editor.page.title()!r}, not the example"
+        f"the first graph is not workflows/{EXAMPLE_NAME}.json (node types, widget values or links differ)"
+    assert EXAMPLE_NAME in editor.page.title(), f"the active tab is {editor.page.title()!r}, not the example"
     dialogs = editor.page.locator("[role=dialog]:visible")
     assert dialogs.count() == 0, f"a dialog covers the example workflow: {dialogs.all_inner_texts()}"
     editor.screenshot("1_example_workflow")
@@ -310,13 +312,13 @@ def test_node_added_from_search_box_is_connected(editor: Editor):
     assert [n["type"] for n in added] == ["PreviewImage"], f"nodes added by the search box: {added}"
     node_id = added[0]["id"]
 
-    # Drag from Upscale Image's output to the new node's input, as a user connects two nodes.
-    page.mouse.move(*editor.to_screen("3", False, 0))
+    # Drag from VAE Decode's output to the new node's input, as a user connects two nodes.
+    page.mouse.move(*editor.to_screen(DECODE_NODE, False, 0))
     page.mouse.down()
     page.mouse.move(*editor.to_screen(node_id, True, 0), steps=10)
     page.mouse.up()
-    assert ["3", 0, node_id, 0] in editor.graph()["links"], \
-        f"dragging ImageScale's output onto node {node_id}'s input made no link"
+    assert [DECODE_NODE, 0, node_id, 0] in editor.graph()["links"], \
+        f"dragging VAE Decode's output onto node {node_id}'s input made no link"
     editor.added_node_id = node_id
     editor.screenshot("2_node_added")
     editor.done.add("node")
@@ -326,11 +328,11 @@ def test_run_shows_the_output_image_in_the_node(editor: Editor):
     editor.require("node")
     page, node_id = editor.page, editor.added_node_id
     # Edit a widget so the output's size proves that the edited graph ran, not the example as shipped.
-    page.evaluate("""(width) => {
-        const widget = app.graph.getNodeById(3).widgets.find(w => w.name === "width");
+    page.evaluate("""([id, width]) => {
+        const widget = app.graph.getNodeById(id).widgets.find(w => w.name === "width");
         widget.value = width;
         widget.callback?.(width);
-    }""", NEW_SCALE_WIDTH)
+    }""", [int(LATENT_NODE), NEW_WIDTH])
     editor.ran_graph = editor.graph()
 
     with page.expect_response(lambda r: urlsplit(r.url).path == "/api/prompt" and r.request.method == "POST") as info:
@@ -345,17 +347,18 @@ def test_run_shows_the_output_image_in_the_node(editor: Editor):
                       f"the added node {node_id} got an output but its image did not load (GET /api/view)", node_id)
     shown = page.evaluate("(id) => { const img = app.graph.getNodeById(id).imgs[0];"
                           " return [img.naturalWidth, img.naturalHeight, img.src] }", node_id)
-    canvas_width, canvas_height = EXAMPLE["nodes"][0]["widgets_values"][:2]  # EmptyImage; height 0 keeps the aspect
-    expected_height = canvas_height * NEW_SCALE_WIDTH // canvas_width
-    assert shown[:2] == [NEW_SCALE_WIDTH, expected_height], f"the image in node {node_id} is {shown}"
+    [latent] = [node for node in EXAMPLE["nodes"] if str(node["id"]) == LATENT_NODE]
+    expected = (NEW_WIDTH, latent["widgets_values"][1])  # the empty latent's width (edited) and height
+    assert tuple(shown[:2]) == expected, f"the image in node {node_id} is {shown}"
     assert "/api/view?" in shown[2], f"the node's image does not come from /api/view: {shown[2]}"
 
-    editor.wait_until("() => app.nodeOutputs['4']?.images?.length > 0", "no 'executed' images reached SaveImage")
-    saved = page.evaluate("() => app.nodeOutputs['4'].images[0]")
-    assert saved["type"] == "output" and saved["filename"].startswith("image_basics_"), f"SaveImage output: {saved}"
+    editor.wait_until("(id) => app.nodeOutputs[id]?.images?.length > 0", "no 'executed' images reached SaveImage",
+                      SAVE_NODE)
+    saved = page.evaluate("(id) => app.nodeOutputs[id].images[0]", SAVE_NODE)
+    assert saved["type"] == "output" and saved["filename"].startswith(f"{EXAMPLE_NAME}_"), f"SaveImage output: {saved}"
     editor.output_file = editor.server.data_dir / "output" / saved["subfolder"] / saved["filename"]
     with Image.open(editor.output_file) as image:
-        assert image.size == (NEW_SCALE_WIDTH, expected_height), f"{editor.output_file} is {image.size}"
+        assert image.size == expected, f"{editor.output_file} is {image.size}"
     editor.screenshot("3_after_run")
     editor.done.add("run")
 

@@ -120,3 +120,47 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="needs a checkpoint"):
         train(_config(tmp_path, resume=True))
+
+
+# --- the shipped model --------------------------------------------------------------------------------------------
+
+def _dominant_colours(ckpt_name: str, models_dir: str, prompt: str, seed: int) -> list[str | None]:
+    """Through the generation nodes, as a workflow runs them: four 64×64 images for ``prompt``, scored."""
+    from nodes.generation.nodes import (AtelierCheckpointLoader, AtelierEmptyLatent, AtelierSampler,
+                                        AtelierTextEncode, AtelierVAEDecode)
+
+    loader = type("Loader", (AtelierCheckpointLoader,), {"models_dir": models_dir})()
+    model, clip, vae = loader.load(ckpt_name, "auto")
+    positive, negative = (AtelierTextEncode().encode(clip, text, "auto")[0] for text in (prompt, ""))
+    latent = AtelierEmptyLatent().make(64, 64, 4)[0]
+    latent = AtelierSampler().sample(model, positive, negative, latent, seed, 20, 7.5, "euler", "normal", 1.0,
+                                     0.0)[0]
+    images = AtelierVAEDecode().decode(latent, vae, False, 512, 64)[0]
+    return [score_image(image.permute(2, 0, 1)).colour for image in images]
+
+
+@pytest.mark.parametrize("prompt, colour", [("a red circle", "red"), ("a blue square", "blue")])
+def test_shipped_model_draws_the_colour_it_is_asked_for(tmp_path, prompt, colour):
+    from nodes.embedded.train import SHIPPED_NAME
+    from nodes.models.loading import list_checkpoints
+
+    models_dir = str(tmp_path / "models")  # empty: the checkpoint comes from the pack itself
+    assert f"{SHIPPED_NAME}.safetensors" in list_checkpoints(models_dir)
+    colours = _dominant_colours(f"{SHIPPED_NAME}.safetensors", models_dir, prompt, seed=0)
+    assert colours.count(colour) >= 3, f"{prompt!r} gave {colours}"
+
+
+def test_shipped_folder_and_single_file_hold_the_same_weights(tmp_path):
+    from nodes.embedded.train import SHIPPED_NAME
+    from nodes.models.loading import load_checkpoint
+
+    models_dir = str(tmp_path / "models")
+    folder = load_checkpoint(f"diffusers/{SHIPPED_NAME}", models_dir)
+    single_file = load_checkpoint(f"{SHIPPED_NAME}.safetensors", models_dir)
+    assert single_file.family == folder.family == "sd1"
+    pairs = {"unet": (folder.unet, single_file.unet), "vae": (folder.vae, single_file.vae),
+             "text_encoder": (folder.text_encoders[0], single_file.text_encoders[0])}
+    for name, (one, other) in pairs.items():
+        a, b = one.state_dict(), other.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+    assert single_file.vae.config.scaling_factor == folder.vae.config.scaling_factor

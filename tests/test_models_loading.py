@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -337,7 +338,9 @@ def models_dir(tmp_path, tiny_sd1, tiny_sd1_loras):
 
 
 def test_checkpoint_list_holds_single_files_and_diffusers_folders(models_dir):
-    assert loading.list_checkpoints(models_dir) == ["old.ckpt", "sub/tiny.safetensors", "diffusers/tiny"]
+    shipped = ["atelier_embedded_sd1.safetensors"], ["diffusers/atelier_embedded_sd1"]  # after the user's own
+    assert loading.list_checkpoints(models_dir) == ["old.ckpt", "sub/tiny.safetensors", *shipped[0],
+                                                    "diffusers/tiny", *shipped[1]]
     assert loading.list_models("loras", models_dir) == ["a.safetensors"]
 
 
@@ -381,6 +384,17 @@ def test_inside_comfyui_models_come_from_folder_paths(models_dir, monkeypatch):
     assert calls == [("loras", "a.safetensors")]
     assert loading.resolve_checkpoint("diffusers/tiny") == str(models_dir / "diffusers" / "tiny")
     assert "sub/tiny.safetensors" in loading.list_checkpoints()
+    shipped = loading.resolve_checkpoint("atelier_embedded_sd1.safetensors")  # ComfyUI has none by that name
+    assert shipped == os.path.join(loading.SHIPPED_MODELS, "checkpoints", "atelier_embedded_sd1.safetensors")
+
+
+def test_a_single_file_of_unknown_width_asks_for_a_diffusers_folder(tiny_sd1):
+    info = families.inspect_single_file(tiny_sd1.single_file)  # a narrow test model: no shipped config fits it
+    message = f"{info.unet_width} channels wide .{info.unet_parameters:,} parameters"
+    with pytest.raises(families.UnknownModelLayoutError, match=message):
+        loading.single_file_config_dir(info)
+    assert loading.single_file_config_dir(dataclasses.replace(info, unet_width=320)) == \
+        loading.shipped_config_dir("sd1")
 
 
 # --- LoRA ------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def types_of(messages):
     ("/i18n", {}),
     ("/global_subgraphs", {}),
     ("/extensions", ["/extensions/atelier/atelier.js"]),
-    ("/workflow_templates", {"atelier": ["image_basics", "text_to_image"]}),
+    ("/workflow_templates", {"atelier": ["image_basics", "prompt_router", "text_to_image"]}),
     ("/prompt", {"exec_info": {"queue_remaining": 0}}),
     ("/queue", {"queue_running": [], "queue_pending": []}),
     ("/history", {}),
@@ -73,7 +73,7 @@ async def test_frontend_extension_and_templates_are_served(client):
 
 async def test_a_new_user_starts_on_the_example_workflow(client):
     first = await client.get("/", allow_redirects=False)
-    assert first.status == 302 and first.headers["Location"] == "./?template=image_basics&source=atelier"
+    assert first.status == 302 and first.headers["Location"] == "./?template=text_to_image&source=atelier"
     await client.post("/api/settings/Comfy.TutorialCompleted", data="true")
     assert (await client.get("/", allow_redirects=False)).status == 200
 

@@ -152,12 +152,3 @@ def write_tiny_lora(pipeline, out_file: str | os.PathLike, style: str = "kohya",
                 tensors.update({f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up})
     save_file(tensors, os.fspath(out_file))
 
-
-if __name__ == "__main__":
-    # The stand-in model of workflows/text_to_image.json until the embedded model ships:
-    #     PYTHONPATH=. python tests/tiny_models.py [MODELS_DIR]   ->   MODELS_DIR/diffusers/tiny_sd1 (random weights)
-    import sys
-
-    target = os.path.join(sys.argv[1] if len(sys.argv) > 1 else "models", "diffusers", "tiny_sd1")
-    build_tiny_pipeline("sd1").save_pretrained(target, safe_serialization=True)
-    print(f"wrote {target}")

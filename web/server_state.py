@@ -23,7 +23,7 @@ class ServerConfig:
     allowed_hosts: frozenset[str]
     token: str | None = None  # required on every request when set: listening beyond loopback
     max_upload_bytes: int = MAX_UPLOAD_BYTES
-    first_workflow: str | None = "image_basics"  # a new user's first graph: a file of workflows/, without .json
+    first_workflow: str | None = "text_to_image"  # a new user's first graph: a file of workflows/, without .json
 
 
 @dataclasses.dataclass

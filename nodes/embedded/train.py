@@ -1,6 +1,6 @@
 """Train the embedded default model on the CPU: an autoencoder first, then the UNet and text encoder jointly.
 
-    python -m nodes.embedded.train --out DIR [--steps-vae N] [--steps-unet N] [--seed S] [--resume]
+    python -m nodes.embedded.train --out DIR [--steps-vae N] [--steps-unet N] [--seed S] [--resume] [--ship]
 
 writes ``DIR/diffusers`` (a ``StableDiffusionPipeline`` folder, safetensors, with its scheduler and tokenizer
 configs, which ``nodes.models.loading.load_model`` loads offline) and ``DIR/embedded_sd1.safetensors`` (the same
@@ -9,7 +9,8 @@ steps and at the end of each stage; ``--resume`` continues from it exactly (weig
 the step; every step's data and noise come from generators seeded by (seed, stage, step)). The checkpoint holds no
 pickle: its tensors are flat keys (``model.unet.<name>``, ``optim.unet.state.<index>.<key>``, ``rng.torch``), and
 everything else (stage, step, scaling factor, config, the optimizers' param groups) is JSON under the header
-metadata key ``atelier``.
+metadata key ``atelier``. ``--ship`` then copies both forms into the pack (:func:`ship`), where every checkpoint
+loader lists them; ``--resume --ship`` on a finished run only exports and ships again.
 
 The model (SD1 layout, narrow):
 - AutoencoderKL, 4 latent channels, factor 8, ``(32, 64, 64, 64)``, 1 layer per block: 1.25 M parameters.
@@ -49,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.export import export_single_file
-from ..models.loading import SD1_TOKENIZER_DIR
+from ..models.loading import SD1_TOKENIZER_DIR, SHIPPED_MODELS
 from .dataset import IMAGE_SIZE, make_batch
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ MAX_TOTAL_MB = 25.0  # the issue's limit on the shipped weights, folder and sing
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FOLDER_NAME = "diffusers"
 SINGLE_FILE_NAME = "embedded_sd1.safetensors"
+SHIPPED_NAME = "atelier_embedded_sd1"  # in the pack: diffusers/<name>/ and checkpoints/<name>.safetensors
 # Source: Stable Diffusion v1 training schedule (scaled_linear, 1000 steps); diffusers' SD1 scheduler config.
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 TEXT_TOKENS = 77  # CLIP's context length; training pads as encode_standard does at inference
@@ -239,6 +241,22 @@ def export(vae, unet, text_encoder, out: str, dtype: torch.dtype) -> tuple[str, 
     return folder, single_file, megabytes
 
 
+def ship(folder: str, single_file: str) -> tuple[str, str]:
+    """Copy an exported model into the pack's shipped models (``nodes/models/shipped``); returns the new paths.
+    Each copy is staged next to its target and moved into place, so a failed copy leaves the old model whole."""
+    shipped_folder = os.path.join(SHIPPED_MODELS, "diffusers", SHIPPED_NAME)
+    shipped_file = os.path.join(SHIPPED_MODELS, "checkpoints", SHIPPED_NAME + ".safetensors")
+    os.makedirs(os.path.dirname(shipped_file), exist_ok=True)
+    staging = shipped_folder + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging)
+    shutil.rmtree(shipped_folder, ignore_errors=True)
+    os.replace(staging, shipped_folder)
+    shutil.copyfile(single_file, shipped_file + ".tmp")
+    os.replace(shipped_file + ".tmp", shipped_file)
+    return shipped_folder, shipped_file
+
+
 def train(config: TrainConfig) -> tuple[str, str, float]:
     """Run (or resume) both stages and export; returns the folder, the single file and their total MB.
 
@@ -338,12 +356,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    parser.add_argument("--ship", action="store_true", help="copy the exported model into the pack, as the default "
+                                                            "model of every loader")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     folder, single_file, megabytes = train(TrainConfig(
         out=args.out, steps_vae=args.steps_vae, steps_unet=args.steps_unet, seed=args.seed, resume=args.resume,
         checkpoint_every=args.checkpoint_every))
     print(f"wrote {folder} and {single_file} ({megabytes:.1f} MB in all)")
+    if args.ship:
+        print("shipped as {} and {}".format(*ship(folder, single_file)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -24,6 +25,7 @@ SD1_TEXT_PREFIX = "cond_stage_model.transformer."  # OpenAI CLIP, transformers l
 SD2_TEXT_PREFIX = "cond_stage_model.model."  # OpenCLIP layout
 SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 SDXL_LABEL_EMB_PREFIX = UNET_PREFIX + "label_emb."
+UNET_IN_CONV_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 
 # The token-embedding tensor of each text encoder: its second dimension is the encoder's width.
 _TEXT_WIDTH_KEYS = {
@@ -54,6 +56,8 @@ class CheckpointInfo:
     family: str  # one of FAMILIES
     prediction_type: str  # "epsilon" or "v_prediction"
     reason: str  # how the prediction type was decided, for the log
+    unet_width: int  # the UNet's first block width (SD: 320)
+    unet_parameters: int  # with the width, what tells a narrow shipped model's file from other narrow files
 
 
 def _prefix_summary(keys: Sequence[str], depth: int = 2, limit: int = 12) -> str:
@@ -89,6 +93,7 @@ def family_from_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
             inpainting model, another architecture); the message lists the prefixes found.
     Example:
         >>> family_from_shapes({
+        ...     "model.diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3),
         ...     "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (32, 32),
         ...     "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 32)})
         'sd1'
@@ -121,8 +126,11 @@ def family_from_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
             f"a UNet without a text encoder that SD1 ({SD1_TEXT_PREFIX!r}), SD2 ({SD2_TEXT_PREFIX!r}) or SDXL "
             f"({SDXL_TEXT_PREFIXES[1]!r} with label_emb) would have (found: {found})")
 
-    in_conv = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if in_conv is not None and int(in_conv[1]) != 4:
+    in_conv = shapes.get(UNET_IN_CONV_KEY)
+    if in_conv is None:
+        raise UnknownModelLayoutError(f"looks like {family} but its UNet has no input convolution "
+                                      f"{UNET_IN_CONV_KEY!r}: the file is incomplete (found: {found})")
+    if int(in_conv[1]) != 4:
         raise UnknownModelLayoutError(
             f"the UNet takes {int(in_conv[1])} input channels (an inpainting or other conditioned model); "
             f"accepted are text-to-image models with 4 latent channels")
@@ -182,7 +190,8 @@ def inspect_single_file(path: str | os.PathLike) -> CheckpointInfo:
         shapes = {key: tuple(file.get_slice(key).get_shape()) for key in keys}
         family = family_from_shapes(shapes)
         prediction_type, reason = prediction_type_from_weights(family, keys, file.get_tensor)
-    return CheckpointInfo(family, prediction_type, reason)
+    unet_parameters = sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(UNET_PREFIX))
+    return CheckpointInfo(family, prediction_type, reason, int(shapes[UNET_IN_CONV_KEY][0]), unet_parameters)
 
 
 def read_json(path: str) -> dict:

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
@@ -31,8 +32,9 @@ from transformers import CLIPTokenizer  # noqa: E402
 
 from ..common.denoiser import PREDICTION_TYPES, NoiseSchedule  # noqa: E402
 from ..common.paths import confine  # noqa: E402
-from .families import (FAMILIES, family_from_diffusers_folder, inspect_single_file, read_json,  # noqa: E402
-                       prediction_type_from_diffusers_folder)
+from .families import (FAMILIES, CheckpointInfo, UnknownModelLayoutError,  # noqa: E402
+                       family_from_diffusers_folder, inspect_single_file, prediction_type_from_diffusers_folder,
+                       read_json)
 
 if TYPE_CHECKING:
     from .lora import LoraAdapter, LoraSpec
@@ -44,6 +46,9 @@ if not huggingface_hub.constants.HF_HUB_OFFLINE:
                    "local_files_only=True, but diffusers may try the Hub when a config is missing")
 
 SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# Models that ship with Atelier (the embedded default model), laid out like a models folder; listed after the
+# user's own, so a user's model of the same name wins.
+SHIPPED_MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 FAMILY_CONFIG_DIRS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
 # The one copy of CLIP's BPE vocabulary (environment.md §2); other tokenizer folders hold only their config.
 SD1_TOKENIZER_DIR = os.path.join(SHIPPED_CONFIGS, "sd15", "tokenizer")
@@ -176,6 +181,41 @@ def shipped_config_dir(family: str) -> str:
     return os.path.join(SHIPPED_CONFIGS, FAMILY_CONFIG_DIRS[family])
 
 
+def single_file_config_dir(info: CheckpointInfo) -> str:
+    """The config folder for a single file given without one: a shipped diffusers folder whose UNet has the file's
+    family and parameter count (the embedded model's single file reads its architecture from its own folder), or
+    else the shipped configs of its family at SD's real widths.
+
+    Raises:
+        UnknownModelLayoutError: a UNet that is neither: no shipped config describes it.
+    """
+    shipped_folders = os.path.join(SHIPPED_MODELS, "diffusers")
+    for name in sorted(os.listdir(shipped_folders)) if os.path.isdir(shipped_folders) else []:
+        folder = os.path.join(shipped_folders, name)
+        if (family_from_diffusers_folder(folder) == info.family
+                and _safetensors_parameters(os.path.join(folder, "unet")) == info.unet_parameters):
+            return folder
+    folder = shipped_config_dir(info.family)
+    if read_json(os.path.join(folder, "unet", "config.json"))["block_out_channels"][0] == info.unet_width:
+        return folder
+    raise UnknownModelLayoutError(
+        f"a {info.family} checkpoint whose UNet is {info.unet_width} channels wide ({info.unet_parameters:,} "
+        f"parameters), which no shipped config describes: use it as a diffusers folder (models/diffusers/), which "
+        f"carries its own configs")
+
+
+def _safetensors_parameters(folder: str) -> int:
+    """How many numbers the ``.safetensors`` files of ``folder`` hold, read from their headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in os.listdir(folder):
+        if name.endswith(SAFE_EXTENSION):
+            with safe_open(os.path.join(folder, name), framework="pt") as file:
+                total += sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())
+    return total
+
+
 def load_tokenizer(config_dir: str | os.PathLike, subfolder: str = "tokenizer") -> CLIPTokenizer:
     """The CLIP tokenizer of a config folder's ``subfolder``, built offline.
 
@@ -246,7 +286,7 @@ def _file_signature(path: str) -> tuple:
 def _load_single_file(path: str, config_dir: str | None, dtype: torch.dtype) -> tuple[Any, str]:
     info = inspect_single_file(path)
     if config_dir is None:
-        config_dir = shipped_config_dir(info.family)
+        config_dir = single_file_config_dir(info)
     else:
         config_family = family_from_diffusers_folder(config_dir)
         if config_family != info.family:
@@ -383,14 +423,16 @@ def _check_folder_name(folder: str) -> None:
 
 
 def _bases(folder: str, models_dir: str | os.PathLike | None) -> list[str]:
-    """The folders that hold ``folder``'s models: ``models_dir/folder``, or ComfyUI's paths for it."""
+    """The folders that hold ``folder``'s models: ``models_dir/folder``, or ComfyUI's paths for it, then the
+    shipped models' ``folder``."""
+    shipped = os.path.join(SHIPPED_MODELS, folder)
     if models_dir is not None:
-        return [os.path.join(os.fspath(models_dir), folder)]
+        return [os.path.join(os.fspath(models_dir), folder), shipped]
     folder_paths = _comfy_folder_paths()
     if folder_paths is None:
         raise ValueError(f"no models folder to look in for {folder!r}: pass models_dir (standalone, "
                          f"--models-dir) or run inside ComfyUI")
-    return list(folder_paths.get_folder_paths(folder))
+    return [*folder_paths.get_folder_paths(folder), shipped]
 
 
 def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | None = None) -> str:
@@ -398,7 +440,7 @@ def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | N
 
     With ``models_dir``, the name is confined to ``models_dir/folder`` (no ``..``, absolute paths or symlinks
     out). Without it, inside ComfyUI, ComfyUI's ``folder_paths`` resolves it (``get_full_path``; for diffusers
-    folders, each of ``get_folder_paths("diffusers")``).
+    folders, each of ``get_folder_paths("diffusers")``). The shipped models (:data:`SHIPPED_MODELS`) come last.
 
     Raises:
         ValueError: an unknown ``folder``, or no ``models_dir`` outside ComfyUI.
@@ -409,7 +451,7 @@ def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | N
     folder_paths = _comfy_folder_paths() if models_dir is None else None
     if folder_paths is not None and folder != "diffusers":
         path = folder_paths.get_full_path(folder, name)
-        candidates = [path] if path else []
+        candidates = ([path] if path else []) + [confine(os.path.join(SHIPPED_MODELS, folder), name)]
     else:
         candidates = [confine(base, name) for base in _bases(folder, models_dir)]
     for path in candidates:
@@ -421,28 +463,35 @@ def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | N
 
 def list_models(folder: str, models_dir: str | os.PathLike | None = None) -> list[str]:
     """The model names in ``folder``, for a combo: files with a model extension (relative paths with ``/``), or
-    for "diffusers" the folders holding a ``model_index.json``.
+    for "diffusers" the folders holding a ``model_index.json``. The user's models come first, sorted, then the
+    shipped ones, so a loader's default is the user's own model when there is one.
 
     Pickle-based files are listed too, so that choosing one explains why it is refused instead of hiding it.
     """
     _check_folder_name(folder)
+    *user_bases, shipped_base = _bases(folder, models_dir)
+    users = sorted(set().union(*(_model_names(folder, base) for base in user_bases)))
+    return users + sorted(_model_names(folder, shipped_base) - set(users))
+
+
+def _model_names(folder: str, base: str) -> set[str]:
+    """The names :func:`list_models` lists from one base folder."""
     extensions = (SAFE_EXTENSION, *PICKLE_EXTENSIONS)
     names: set[str] = set()
-    for base in _bases(folder, models_dir):
-        if not os.path.isdir(base):
+    if not os.path.isdir(base):
+        return names
+    for current, directories, files in os.walk(base, followlinks=True):
+        directories[:] = [name for name in directories if not name.startswith(".")]
+        relative = os.path.relpath(current, base).replace(os.sep, "/")
+        if folder == "diffusers":
+            if "model_index.json" in files and relative != ".":
+                names.add(relative)
+                directories[:] = []
             continue
-        for current, directories, files in os.walk(base, followlinks=True):
-            directories[:] = [name for name in directories if not name.startswith(".")]
-            relative = os.path.relpath(current, base).replace(os.sep, "/")
-            if folder == "diffusers":
-                if "model_index.json" in files and relative != ".":
-                    names.add(relative)
-                    directories[:] = []
-                continue
-            for name in files:
-                if name.lower().endswith(extensions) and not name.startswith("."):
-                    names.add(name if relative == "." else f"{relative}/{name}")
-    return sorted(names)
+        for name in files:
+            if name.lower().endswith(extensions) and not name.startswith("."):
+                names.add(name if relative == "." else f"{relative}/{name}")
+    return names
 
 
 def list_checkpoints(models_dir: str | os.PathLike | None = None) -> list[str]:

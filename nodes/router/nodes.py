@@ -1,0 +1,336 @@
+"""The router's nodes: fit a router from prompts, save and load it, route one prompt or a list of prompts, and
+switch between graph branches lazily, so that only the chosen pipeline variant runs.
+
+They are thin: each parses its widgets, calls :mod:`.routing` and returns a tuple. A router travels on the
+``ATELIER_ROUTER`` socket as a :class:`~.routing.Router`. Router files live in the ``routers`` folder of the
+models folder (``--models-dir`` standalone, ComfyUI's ``models/routers`` inside ComfyUI), as ``.safetensors``.
+
+A graph builds its variants as parallel branches (for example three samplers with 4, 8 and 20 steps) and
+feeds them to a Route Switch; the Prompt Router's branch index picks one, and the switch asks for that branch
+alone (a lazy input), so the other samplers never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, ClassVar
+
+import torch
+
+from ..common.paths import confine
+from ..generation.nodes import MAX_SEED, ModelRef
+from ..models.lora import set_loras
+from .routing import (FIT_METHODS, Router, fit_router, load_router, pooled_text_embeddings, route_batch,
+                      route_single, save_router, token_lengths)
+
+CATEGORY = "atelier/router"
+MAX_BRANCHES = 8  # Source: APTP's shipped configs use K = 8 architecture codes; Route Switch has 8 inputs
+MAX_COST = 100.0  # costs are relative to a reference variant (1.0); 100× covers any sensible variant
+ROUTERS_FOLDER = "routers"
+ROUTER_EXTENSION = ".safetensors"
+DEFAULT_VARIANTS = "4 steps = 0.2\n8 steps = 0.4\n20 steps = 1.0"  # the example workflow's sampler branches
+DEFAULT_BUDGET = 0.6  # Source: APTP's pruning_target 0.6 (configs/pruning/*.yaml)
+
+
+class _AnyType(str):
+    """ComfyUI's usual wildcard type: equal to nothing, but never unequal either, so that a "*" socket links
+    with any type in ComfyUI's validator (which compares with ``!=``) as in ours."""
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+ANY = _AnyType("*")
+
+
+def parse_variants(text: str) -> tuple[list[str], list[float]]:
+    """The variants of a router, one ``label = cost`` per line in branch order; blank lines are skipped.
+
+    Args:
+        text: for example "4 steps = 0.2" and "20 steps = 1.0" on two lines; costs in (0, 100].
+    Returns:
+        (labels, costs).
+    Raises:
+        ValueError: a line without "=", an empty or repeated label, a cost that is not a number in (0, 100], or
+            a count outside [1, 8].
+    Example:
+        >>> parse_variants("4 steps = 0.2\\n\\n20 steps = 1")
+        (['4 steps', '20 steps'], [0.2, 1.0])
+    """
+    labels, costs = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        label, equals, cost_text = (part.strip() for part in line.rpartition("="))
+        try:
+            cost = float(cost_text)
+        except ValueError:
+            cost = float("nan")
+        if not equals or not label or not 0 < cost <= MAX_COST:
+            raise ValueError(f"variants line {number} must read 'label = cost' with a cost in (0, {MAX_COST:g}]; "
+                             f"got {line.strip()!r}")
+        if label in labels:
+            raise ValueError(f"variants line {number} repeats the label {label!r}; each variant needs its own")
+        labels.append(label)
+        costs.append(cost)
+    if not 1 <= len(labels) <= MAX_BRANCHES:
+        raise ValueError(f"give 1 to {MAX_BRANCHES} variants (Route Switch has {MAX_BRANCHES} branches); "
+                         f"got {len(labels)}")
+    return labels, costs
+
+
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a multiline widget, one per non-blank line.
+
+    Example:
+        >>> prompt_lines("a red circle\\n\\n  a blue star  ")
+        ['a red circle', 'a blue star']
+    """
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _embed(clip: ModelRef, prompts: list[str]) -> torch.Tensor:
+    with clip.model.lock:
+        set_loras(clip.model, clip.loras)
+        return pooled_text_embeddings(clip.model.tokenizers, clip.model.text_encoders, prompts)
+
+
+def _budget_input() -> tuple[str, dict]:
+    return ("FLOAT", {"default": DEFAULT_BUDGET, "min": 0.0, "max": MAX_COST, "step": 0.01, "round": 0.001,
+                      "tooltip": "The mean cost to spend per prompt, in the variants' cost units; it must lie "
+                                 "between the cheapest and the dearest variant's cost."})
+
+
+class _RoutersFolder:
+    """Nodes that read or write router files; the standalone app binds ``models_dir``, inside ComfyUI it stays
+    None and ComfyUI's models folder is used."""
+
+    models_dir: ClassVar[str | None] = None
+
+    @classmethod
+    def routers_folder(cls) -> str:
+        if cls.models_dir is not None:
+            return os.path.join(cls.models_dir, ROUTERS_FOLDER)
+        try:
+            import folder_paths  # ComfyUI's
+        except ImportError:
+            raise ValueError("no models folder for router files: pass --models-dir (standalone) or run inside "
+                             "ComfyUI") from None
+        return os.path.join(folder_paths.models_dir, ROUTERS_FOLDER)
+
+    @classmethod
+    def router_names(cls) -> list[str]:
+        folder = cls.routers_folder()
+        names = []
+        for current, directories, files in os.walk(folder, followlinks=True):
+            directories[:] = [name for name in directories if not name.startswith(".")]
+            relative = os.path.relpath(current, folder).replace(os.sep, "/")
+            names += [name if relative == "." else f"{relative}/{name}" for name in files
+                      if name.endswith(ROUTER_EXTENSION) and not name.startswith(".")]
+        return sorted(names)
+
+
+class AtelierFitRouter:
+    DESCRIPTION = ("Builds a prompt router without training: clusters calibration prompts (embedded by the "
+                   "checkpoint's text encoder) into one group per variant, gives the groups of longer, more "
+                   "detailed prompts to the dearer variants, and calibrates the cost bias for single prompts.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ATELIER_ROUTER",)
+    RETURN_NAMES = ("router",)
+    OUTPUT_TOOLTIPS = ("The router: one prototype, cost and label per variant, in branch order.",)
+    FUNCTION = "fit"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder that will embed the prompts to route."}),
+            "prompts": ("STRING", {"multiline": True, "default": "",
+                                   "tooltip": "Calibration prompts, one per line, like the ones you will route "
+                                              "(paste a prompt file here); at least one per variant."}),
+            "variants": ("STRING", {"multiline": True, "default": DEFAULT_VARIANTS,
+                                    "tooltip": "One 'label = cost' line per variant, in the order of the Route "
+                                               "Switch's branches; cost is relative, e.g. steps / 20."}),
+            "method": (list(FIT_METHODS), {"tooltip": "kmeans: clusters follow the prompts; sinkhorn: clusters of "
+                                                      "equal size (APTP's balanced codes)."}),
+            "cluster_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1,
+                                     "tooltip": "Seeds the k-means++ start; the same seed gives the same router."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompts: str | None, variants: str | None) -> bool | str:
+        if variants is None:
+            return True  # a linked text: fit() checks it when it arrives
+        try:
+            labels, _ = parse_variants(variants)
+        except ValueError as error:
+            return str(error)
+        if prompts is not None and len(prompt_lines(prompts)) < len(labels):
+            return (f"give at least one calibration prompt per variant ({len(labels)}); got "
+                    f"{len(prompt_lines(prompts))}")
+        return True
+
+    def fit(self, clip: ModelRef, prompts: str, variants: str, method: str, cluster_seed: int) -> tuple[Router]:
+        labels, costs = parse_variants(variants)
+        lines = prompt_lines(prompts)
+        embeddings = _embed(clip, lines)
+        encoder = f"{clip.model.family} text encoder of {os.path.basename(clip.model.source)}"
+        return (fit_router(embeddings, token_lengths(clip.model.tokenizers[-1], lines),
+                           torch.tensor(costs, dtype=torch.float64), labels, method,
+                           torch.Generator().manual_seed(cluster_seed), embedding=encoder),)
+
+
+class AtelierSaveRouter(_RoutersFolder):
+    DESCRIPTION = "Saves a router as a .safetensors file in the models folder's routers/, for Load Router."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    RETURN_NAMES = ()
+    OUTPUT_TOOLTIPS = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "router": ("ATELIER_ROUTER", {"tooltip": "The router to save."}),
+            "filename": ("STRING", {"default": "router", "tooltip": "The file name inside models/routers; "
+                                                                      ".safetensors is added when missing."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename: str | None) -> bool | str:
+        if filename is not None and not filename.strip():
+            return "filename must name a file inside models/routers; got an empty name"
+        return True
+
+    def save(self, router: Router, filename: str) -> dict:
+        name = filename.strip()
+        name = name if name.endswith(ROUTER_EXTENSION) else name + ROUTER_EXTENSION
+        folder = self.routers_folder()
+        path = confine(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_router(router, path)
+        return {"ui": {"text": [f"{ROUTERS_FOLDER}/{os.path.relpath(path, os.path.realpath(folder))}"]},
+                "result": ()}
+
+
+class AtelierLoadRouter(_RoutersFolder):
+    DESCRIPTION = "Loads a router file (.safetensors) from the models folder's routers/."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ATELIER_ROUTER",)
+    RETURN_NAMES = ("router",)
+    OUTPUT_TOOLTIPS = ("The router, as it was saved.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "router_name": (cls.router_names(), {"tooltip": "A router file in models/routers."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, router_name: str) -> str:
+        with open(confine(cls.routers_folder(), router_name), "rb") as file:
+            return hashlib.sha256(file.read()).hexdigest()
+
+    def load(self, router_name: str) -> tuple[Router]:
+        return (load_router(confine(self.routers_folder(), router_name)),)
+
+
+class AtelierRoutePrompt:
+    DESCRIPTION = ("Prompt Router: picks the pipeline variant for one prompt, the nearest prototype after a cost "
+                   "bias calibrated so that prompts like the router's own average the budget (APTP's router, "
+                   "training-free). Feed the branch to a Route Switch.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("INT", "STRING", "STRING")
+    RETURN_NAMES = ("branch", "label", "prompt")
+    OUTPUT_TOOLTIPS = ("The chosen variant's index, for Route Switch.", "The chosen variant's label.",
+                       "The prompt, unchanged, so that one text box feeds the router and the prompt encoder.")
+    FUNCTION = "route"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder the router was fitted with."}),
+            "router": ("ATELIER_ROUTER", {"tooltip": "From Fit Router or Load Router."}),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                  "tooltip": "The prompt to route."}),
+            "budget": _budget_input(),
+        }}
+
+    def route(self, clip: ModelRef, router: Router, prompt: str, budget: float) -> tuple[int, str, str]:
+        branch = int(route_single(_embed(clip, [prompt]), router, budget)[0])
+        return branch, router.labels[branch], prompt
+
+
+class AtelierRoutePrompts:
+    DESCRIPTION = ("Prompt Router (batch): routes a list of prompts together with a budgeted Sinkhorn assignment "
+                   "and a repair pass, so that the list's mean cost is within ±0.01 of the budget (for 40 prompts "
+                   "or more over costs 0.2 to 1).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("INT", "STRING", "STRING")
+    RETURN_NAMES = ("branches", "labels", "prompts")
+    OUTPUT_TOOLTIPS = ("Each prompt's variant index, as a list.", "Each prompt's variant label, as a list.",
+                       "The prompts, as a list in the same order.")
+    OUTPUT_IS_LIST = (True, True, True)
+    FUNCTION = "route"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder the router was fitted with."}),
+            "router": ("ATELIER_ROUTER", {"tooltip": "From Fit Router or Load Router."}),
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompts, one per line."}),
+            "budget": _budget_input(),
+        }}
+
+    def route(self, clip: ModelRef, router: Router, prompts: str, budget: float
+              ) -> tuple[list[int], list[str], list[str]]:
+        lines = prompt_lines(prompts)
+        branches = route_batch(_embed(clip, lines), router, budget).tolist()
+        return branches, [router.labels[branch] for branch in branches], lines
+
+
+class AtelierRouteSwitch:
+    DESCRIPTION = ("Route Switch: passes on the input of the chosen branch. Its inputs are lazy, so only the "
+                   "chosen branch of the graph runs; the others are never computed.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (ANY,)
+    RETURN_NAMES = ("output",)
+    OUTPUT_TOOLTIPS = ("The chosen branch's value, of whatever type the branches carry.",)
+    FUNCTION = "switch"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {
+            "required": {"branch": ("INT", {"default": 0, "min": 0, "max": MAX_BRANCHES - 1, "step": 1,
+                                            "tooltip": "Which branch to pass on, from the Prompt Router."})},
+            "optional": {f"branch_{index}": (ANY, {"lazy": True, "tooltip": f"Branch {index}; runs only when "
+                                                                             f"chosen."})
+                         for index in range(MAX_BRANCHES)},
+        }
+
+    def check_lazy_status(self, branch: int, **branches: Any) -> list[str]:
+        name = f"branch_{branch}"
+        return [name] if branches.get(name) is None else []
+
+    def switch(self, branch: int, **branches: Any) -> tuple[Any]:
+        name = f"branch_{branch}"
+        if not 0 <= branch < MAX_BRANCHES:
+            raise ValueError(f"branch must be in [0, {MAX_BRANCHES - 1}]; got {branch}")
+        if branches.get(name) is None:
+            raise ValueError(f"branch {branch} was chosen but its input {name} is not connected; connect it, or "
+                             f"give the router only as many variants as there are connected branches")
+        return (branches[name],)
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
+    AtelierFitRouter, AtelierSaveRouter, AtelierLoadRouter, AtelierRoutePrompt, AtelierRoutePrompts,
+    AtelierRouteSwitch)}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AtelierFitRouter": "Fit Router (Atelier)", "AtelierSaveRouter": "Save Router (Atelier)",
+    "AtelierLoadRouter": "Load Router (Atelier)", "AtelierRoutePrompt": "Prompt Router (Atelier)",
+    "AtelierRoutePrompts": "Prompt Router, batch (Atelier)", "AtelierRouteSwitch": "Route Switch (Atelier)",
+}

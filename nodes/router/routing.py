@@ -1,0 +1,731 @@
+"""Routing prompts to pipeline variants under a compute budget: APTP's router, training-free (``router.md``).
+
+A router holds K prototypes (APTP's "architecture codes"), one per pipeline variant, and each variant's cost
+(for example its steps times its model's cost, relative to the full pipeline). A prompt is embedded by the
+pipeline's own text encoder and compared with the prototypes by cosine similarity, as APTP compares prompts
+with its codes.
+
+- A batch is routed by :func:`route_batch`: Sinkhorn over the similarities with column masses set by the budget
+  (:func:`budget_marginals`, :func:`sinkhorn`), the plan's argmax, then :func:`repair_to_budget`, so that the
+  batch's mean cost lands within ±0.01 of the budget.
+- A single prompt is routed by :func:`route_single`: the nearest prototype after a cost bias λ_single·c_k, whose
+  strength was calibrated on the prompts the router was fitted on (:func:`single_prompt_bias`), so that routing
+  those prompts one at a time meets the budget on average.
+- Prototypes are fitted from calibration prompts (:func:`fit_router`); a router is saved and loaded as
+  ``.safetensors`` (:func:`save_router`, :func:`load_router`), never pickled.
+
+Source: APTP (Ganjdanesh et al., "Not All Prompts Are Made Equal: Prompt-based Pruning of Text-to-Image
+Diffusion Models", ICLR 2025, arXiv 2406.12042); official code rezashkv/diffusion_pruning (commit d0709c3),
+``pdm/models/vq/quantizer.py``: ``get_optimal_transport_min_encoding_indices`` (training: Sinkhorn, ε 0.05, 3
+iterations, after SwAV's ``main_swav.py``) and ``get_cosine_sim_min_encoding_indices`` (inference: argmax of
+the cosine similarity).
+
+Notation, code name → symbol:
+    ``similarity``  S ∈ [−1, 1]^(N×K), the cosine of prompt i and prototype k
+    ``costs``       c_k, the cost of variant k
+    ``budget``      b, the target mean cost per prompt (APTP's pruning target p)
+    ``epsilon``     ε, Sinkhorn's entropic temperature
+    ``plan``        Q, the transport plan (N×K), each row summing to 1/N
+    ``masses``      Q's column sums, one per variant
+    ``tilt``        λ in the column masses' exp(−λ·c) tilt
+    ``bias``        λ_single, the cost bias of single-prompt routing
+
+Departures from APTP, each on purpose (APTP prunes and trains its experts; we route among existing variants):
+
+- The experts are pipeline variants built in the graph (fewer steps, a speed-up, a smaller UNet) with known
+  costs: no pruning, no mask predictor, no training. So prototypes live in the prompt-embedding space (APTP
+  compares predicted masks with the codes' masks), and the embedding is the pipeline's own text encoder (APTP:
+  all-mpnet-base-v2), which needs no extra model.
+- APTP's Sinkhorn gives every code the mass 1/K and only serves training (inference is a plain argmax). Ours
+  sets the column masses from the budget and runs at inference, so that a batch meets its budget.
+- APTP runs 3 Sinkhorn iterations; we iterate to convergence, because the budget rides on the column masses and
+  3 iterations leave them, and so the batch's mean cost, visibly off.
+- APTP holds its budget on average through a loss term; we hold it for every batch with a repair pass.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from ..common.paths import atomic_write
+from ..generation.text import CLIP_TOKENS, token_count
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Router", "cosine_similarity", "budget_marginals", "sinkhorn", "repair_to_budget", "route_batch",
+    "single_prompt_bias", "route_single", "fit_prototypes", "fit_router", "save_router", "load_router",
+    "pooled_text_embeddings", "token_lengths", "BUDGET_TOLERANCE", "FIT_METHODS",
+]
+
+DEFAULT_EPSILON = 0.05  # Source: APTP quantizer.py, sinkhorn_epsilon default (SwAV's value)
+BUDGET_TOLERANCE = 0.01  # router.md, target 1: |mean cost − budget| ≤ 0.01 per batch
+SINKHORN_TOLERANCE = 1e-6  # largest column-mass error at which Sinkhorn counts as converged
+# Enough for the ~100 iterations a skewed budget takes at ε 0.05, and a bound on the time when similarities spread
+# so widely (tight, far-apart prompt clusters) that convergence crawls; the repair pass needs no exact plan.
+MAX_SINKHORN_ITERATIONS = 1000
+PREFERENCE_FLOOR = 1e-3  # Source: router.md §5.1; a variant no prompt prefers can still take mass
+TILT_SATURATION = 1000.0  # λ·(cost gap) at which exp(−λ·c) has underflowed: the masses sit on one end
+BISECTION_STEPS = 60  # halvings of the λ interval; 2^-60 of it is below float64's resolution of λ
+BIAS_TABLE_POINTS = 101  # budgets at which λ_single is calibrated: steps of 1 % of the cost range
+BIAS_CHUNK_NUMBERS = 4_000_000  # biased similarities held at once while calibrating λ_single (32 MB)
+FIT_METHODS = ("kmeans", "sinkhorn")
+MAX_FIT_ITERATIONS = 100  # Lloyd iterations; fits of a few thousand prompts settle in a few dozen
+ENCODE_BATCH = 64  # prompts per text-encoder call, which bounds memory on long prompt files
+ROUTER_FORMAT, ROUTER_VERSION = "atelier.router", "1"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Router:
+    """K pipeline variants, each with a prototype embedding, a cost and a label, plus the single-prompt bias.
+
+    ``bias_lambdas[g]`` is λ_single for the budget ``bias_budgets[g]``; the budgets run from the cheapest to the
+    dearest cost. ``embedding`` says which text encoder made the prototypes, for people reading the file.
+    """
+
+    prototypes: torch.Tensor  # (K, D); only their directions count
+    costs: torch.Tensor  # (K,), > 0
+    labels: tuple[str, ...]  # K names, shown on the router's label output
+    bias_budgets: torch.Tensor  # (G,), non-decreasing
+    bias_lambdas: torch.Tensor  # (G,)
+    embedding: str = ""
+
+    def __post_init__(self) -> None:
+        _check_matrix(self.prototypes, "prototypes")
+        count = self.prototypes.shape[0]
+        _check_costs(self.costs)
+        if self.costs.shape[0] != count or len(self.labels) != count:
+            raise ValueError(f"a router needs one cost and one label per prototype; got {count} prototypes, "
+                             f"{self.costs.shape[0]} costs and {len(self.labels)} labels")
+        if self.bias_budgets.ndim != 1 or self.bias_budgets.shape != self.bias_lambdas.shape or \
+                self.bias_budgets.shape[0] < 1:
+            raise ValueError(f"bias_budgets and bias_lambdas must be 1-D of one equal, non-zero length; got "
+                             f"{tuple(self.bias_budgets.shape)} and {tuple(self.bias_lambdas.shape)}")
+        if bool((self.bias_budgets.diff() < 0).any()):
+            raise ValueError("bias_budgets must be non-decreasing")
+
+
+# --- checks -----------------------------------------------------------------------------------------------------------
+
+def _check_matrix(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (rows >= 1, dim >= 1); got {shape}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite; got NaN or infinite values")
+
+
+def _check_costs(costs: torch.Tensor) -> None:
+    if not isinstance(costs, torch.Tensor) or costs.ndim != 1 or costs.shape[0] < 1:
+        shape = tuple(costs.shape) if isinstance(costs, torch.Tensor) else type(costs).__name__
+        raise ValueError(f"costs must have shape (K,) with K >= 1; got {shape}")
+    if not bool((torch.isfinite(costs) & (costs > 0)).all()):
+        raise ValueError(f"every cost must be a finite number > 0; got {costs.tolist()}")
+
+
+def _check_budget(costs: torch.Tensor, budget: float) -> None:
+    low, high = float(costs.min()), float(costs.max())
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and low <= budget <= high):
+        raise ValueError(f"budget must be in [{low:g}, {high:g}], between the cheapest and the dearest variant's "
+                         f"cost; got {budget}")
+
+
+def _check_similarity(similarity: torch.Tensor, costs: torch.Tensor) -> None:
+    _check_matrix(similarity, "similarity")
+    _check_costs(costs)
+    if similarity.shape[1] != costs.shape[0]:
+        raise ValueError(f"similarity has {similarity.shape[1]} columns but there are {costs.shape[0]} costs; "
+                         f"they must match")
+
+
+def _unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    norms = x.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError(f"{name} row {int((norms[:, 0] == 0).nonzero()[0])} is all zeros; a direction is needed")
+    return x / norms
+
+
+# --- similarities and the batch's transport plan ----------------------------------------------------------------------
+
+def cosine_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every prompt embedding with every prototype, in float64.
+
+    Args:
+        embeddings: (N, D) prompt embeddings, no row all zeros.
+        prototypes: (K, D) prototypes, no row all zeros.
+    Returns:
+        S of shape (N, K), values in [−1, 1], float64.
+    Raises:
+        ValueError: a shape is not 2-D, D differs, or a row is zero or not finite.
+    Example:
+        >>> cosine_similarity(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+        tensor([[1.0000, 0.0000],
+                [0.7071, 0.7071]], dtype=torch.float64)
+    """
+    _check_matrix(embeddings, "embeddings")
+    _check_matrix(prototypes, "prototypes")
+    if embeddings.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but prototypes {prototypes.shape[1]}; "
+                         f"the router was fitted with another text encoder")
+    return _unit_rows(embeddings.double(), "embeddings") @ _unit_rows(prototypes.double(), "prototypes").T
+
+
+def _expected_cost(log_preference: torch.Tensor, costs: torch.Tensor, tilt: float) -> float:
+    return float(torch.softmax(log_preference - tilt * costs, dim=0) @ costs)
+
+
+def budget_marginals(similarity: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
+    """Column masses whose expected cost is the budget: the natural preference tilted by exp(−λ·c).
+
+    The natural preference of variant k is the share of prompts whose nearest prototype is k, plus a floor of
+    1e-3 so that every variant stays reachable. The masses are preference·exp(−λ·c), normalised, with λ found by
+    bisection so that Σ_k mass_k·c_k = b. λ may be negative: a budget above the natural mean cost tilts the
+    masses toward the dearer variants.
+
+    Source: ``router.md`` §5.1 (``budget_marginals``). Departure: λ is searched on both sides of 0 (the note's
+    demo searches [0, 50], which cannot raise the cost), in the log domain, so that no mass underflows to 0 on
+    the way.
+
+    Args:
+        similarity: S, (N, K).
+        costs: c, (K,), each > 0.
+        budget: b in [min c, max c].
+    Returns:
+        The masses, (K,), float64, summing to 1. At b = min c (or max c) all the mass sits on the cheapest
+        (dearest) variants.
+    Raises:
+        ValueError: bad shapes, costs or a budget outside [min c, max c].
+    Example:
+        >>> similarity = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9]])
+        >>> masses = budget_marginals(similarity, torch.tensor([1.0, 0.5]), 0.6)
+        >>> round(float(masses @ torch.tensor([1.0, 0.5], dtype=torch.float64)), 6)
+        0.6
+    """
+    _check_similarity(similarity, costs)
+    _check_budget(costs, budget)
+    costs = costs.double()
+    count = similarity.shape[1]
+    nearest = torch.bincount(similarity.argmax(dim=1), minlength=count).double() / similarity.shape[0]
+    log_preference = (nearest + PREFERENCE_FLOOR).log()
+    distinct = costs.unique()
+    if distinct.numel() == 1:
+        return torch.softmax(log_preference, dim=0)  # every variant costs the budget
+    limit = TILT_SATURATION / float(distinct.diff().min())
+    low, high = -limit, limit  # expected cost: max c at low, min c at high; it falls as λ grows
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        if _expected_cost(log_preference, costs, middle) > budget:
+            low = middle
+        else:
+            high = middle
+    return torch.softmax(log_preference - (low + high) / 2 * costs, dim=0)
+
+
+def sinkhorn(similarity: torch.Tensor, masses: torch.Tensor, epsilon: float = DEFAULT_EPSILON,
+             tolerance: float = SINKHORN_TOLERANCE, max_iterations: int = MAX_SINKHORN_ITERATIONS) -> torch.Tensor:
+    """The entropic transport plan between N prompts (mass 1/N each) and K variants (``masses``).
+
+    Q = diag(e^u) · exp(S/ε) · diag(e^v), with u and v from alternating Sinkhorn–Knopp updates in the log domain
+    (column update, then row update, as in APTP), so rows sum to 1/N exactly and columns to ``masses`` once
+    converged.
+
+    Source: APTP ``quantizer.py`` ``sinkhorn`` (after SwAV ``main_swav.py``), ε = 0.05. Departure: APTP stops
+    after 3 iterations; we iterate until every column mass is within ``tolerance`` (or ``max_iterations``),
+    because the budget rides on the column masses. The log domain keeps exp(S/ε) = e^{±20} and tiny masses from
+    overflowing or vanishing.
+
+    Args:
+        similarity: S, (N, K).
+        masses: (K,), non-negative, summing to 1.
+        epsilon: ε > 0; smaller follows S more sharply.
+        tolerance: the largest column-mass error accepted, > 0.
+        max_iterations: ≥ 1; a plan that has not converged by then is returned as it is (convergence slows
+            as exp(−spread of S / ε); :func:`route_batch`'s repair pass holds the budget either way).
+    Returns:
+        Q, (N, K), float64.
+    Raises:
+        ValueError: bad shapes, masses that are negative or do not sum to 1, or ε, tolerance or max_iterations
+            out of range.
+    Example:
+        >>> plan = sinkhorn(torch.tensor([[0.9, 0.1], [0.8, 0.2]]), torch.tensor([0.5, 0.5]))
+        >>> plan.sum(dim=0), plan.argmax(dim=1)
+        (tensor([0.5000, 0.5000], dtype=torch.float64), tensor([0, 1]))
+    """
+    _check_matrix(similarity, "similarity")
+    if masses.ndim != 1 or masses.shape[0] != similarity.shape[1]:
+        raise ValueError(f"masses must have shape ({similarity.shape[1]},); got {tuple(masses.shape)}")
+    if bool((masses < 0).any()) or abs(float(masses.sum()) - 1) > 1e-9:
+        raise ValueError(f"masses must be non-negative and sum to 1; got {masses.tolist()}")
+    if not (epsilon > 0 and tolerance > 0 and max_iterations >= 1):
+        raise ValueError(f"epsilon and tolerance must be > 0 and max_iterations >= 1; got {epsilon}, {tolerance}, "
+                         f"{max_iterations}")
+    masses = masses.double()
+    log_kernel = similarity.double() / epsilon
+    log_masses = masses.log()
+    log_row = -math.log(similarity.shape[0])
+    u = torch.zeros(similarity.shape[0], dtype=torch.float64)
+    v = torch.zeros(similarity.shape[1], dtype=torch.float64)
+    for iteration in range(max_iterations + 1):
+        # log of each column's sum without v: it gives the current column masses and the next v alike
+        column_sums = torch.logsumexp(log_kernel + u[:, None], dim=0)
+        error = float(((v + column_sums).exp() - masses).abs().max())
+        if iteration > 0 and error <= tolerance:
+            break
+        if iteration == max_iterations:
+            logger.debug("Sinkhorn stopped after %d iterations with a column-mass error of %.2g", max_iterations,
+                         error)
+            break
+        v = log_masses - column_sums
+        u = log_row - torch.logsumexp(log_kernel + v[None, :], dim=1)
+    return (log_kernel + u[:, None] + v[None, :]).exp()
+
+
+# --- hard assignment under the budget ---------------------------------------------------------------------------------
+
+def repair_to_budget(similarity: torch.Tensor, assignment: torch.Tensor, costs: torch.Tensor, budget: float,
+                     tolerance: float = BUDGET_TOLERANCE) -> torch.Tensor:
+    """Move prompts between variants, one at a time, until the batch's mean cost is within ``tolerance`` of b.
+
+    Each step takes, among the moves (prompt i from its variant a_i to variant k) that bring the mean cost
+    strictly closer to the budget, the one with the smallest similarity loss per unit of cost change,
+    (S[i, a_i] − S[i, k]) / |c_k − c_{a_i}| (a negative loss, a gain, comes first). It works in both directions:
+    toward cheaper variants above the budget, toward dearer ones below it. Ties go to the lowest prompt index,
+    then the lowest variant index, so the result is deterministic.
+
+    Guarantee: every step lowers |mean − b|, so the pass ends; when N ≥ (max c − min c) / (2·tolerance) (40
+    prompts for costs in [0.2, 1] and tolerance 0.01) no admissible step can jump over the band, so it ends
+    with |mean − b| ≤ tolerance for any b in [min c, max c]. A smaller batch ends as close as single moves get.
+
+    Source: ``router.md`` §5.2 ("greedy repair until the mean cost is within the budget"); APTP has no repair.
+
+    Args:
+        similarity: S, (N, K).
+        assignment: (N,) int64 variant indices in [0, K).
+        costs: c, (K,), each > 0.
+        budget: b in [min c, max c].
+        tolerance: ≥ 0.
+    Returns:
+        The repaired assignment, (N,) int64; the input is not changed.
+    Raises:
+        ValueError: bad shapes, indices out of range, a budget outside [min c, max c] or a negative tolerance.
+    Example:
+        >>> similarity = torch.tensor([[0.9, 0.8], [0.9, 0.1], [0.5, 0.4], [0.7, 0.2]])
+        >>> repair_to_budget(similarity, torch.zeros(4, dtype=torch.long), torch.tensor([1.0, 0.5]), 0.75)
+        tensor([1, 0, 1, 0])
+    """
+    _check_similarity(similarity, costs)
+    _check_budget(costs, budget)
+    count, variants = similarity.shape
+    if assignment.shape != (count,) or assignment.dtype != torch.int64:
+        raise ValueError(f"assignment must be int64 of shape ({count},); got {assignment.dtype} "
+                         f"{tuple(assignment.shape)}")
+    if bool(((assignment < 0) | (assignment >= variants)).any()):
+        raise ValueError(f"assignment values must be in [0, {variants}); got {assignment.tolist()}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0; got {tolerance}")
+    similarity, costs = similarity.double(), costs.double()
+    assignment = assignment.clone()
+    prompts = torch.arange(count)
+    target, slack = budget * count, tolerance * count  # in total cost, so no mean is divided at every step
+    while True:
+        current = costs[assignment]
+        gap = float(current.sum()) - target
+        if abs(gap) <= slack:
+            break
+        change = costs[None, :] - current[:, None]  # (N, K): total-cost change of moving prompt i to variant k
+        closer = (gap + change).abs() < abs(gap)
+        loss = similarity[prompts, assignment][:, None] - similarity
+        ratio = torch.where(closer, loss / change.abs(), torch.full_like(loss, math.inf)).flatten()
+        best = int(ratio.argmin())  # the first minimum: lowest prompt, then lowest variant
+        if ratio[best] == math.inf:
+            break
+        assignment[best // variants] = best % variants
+    return assignment
+
+
+def route_batch(embeddings: torch.Tensor, router: Router, budget: float, epsilon: float = DEFAULT_EPSILON,
+                tolerance: float = BUDGET_TOLERANCE) -> torch.Tensor:
+    """Route a batch of prompts so that its mean cost is within ``tolerance`` of the budget.
+
+    1. S = cosine similarity of the prompts with the prototypes.
+    2. Column masses from the budget (:func:`budget_marginals`).
+    3. The Sinkhorn plan (:func:`sinkhorn`) and its argmax per prompt (APTP's hard assignment).
+    4. The greedy repair (:func:`repair_to_budget`).
+
+    Args:
+        embeddings: (N, D) prompt embeddings from the router's text encoder.
+        router: the router.
+        budget: b in [min c, max c].
+        epsilon: Sinkhorn's ε.
+        tolerance: the budget band; see :func:`repair_to_budget` for when it is guaranteed.
+    Returns:
+        (N,) int64 variant indices.
+    Raises:
+        ValueError: bad shapes or a budget outside the router's cost range.
+    Example:
+        >>> router = fit_router(torch.eye(4), torch.arange(4.0), torch.tensor([0.25, 0.5, 0.75, 1.0]),
+        ...                     ["a", "b", "c", "d"], "kmeans", torch.Generator().manual_seed(0))
+        >>> route_batch(torch.eye(4), router, 0.625).tolist()
+        [0, 1, 2, 3]
+    """
+    similarity = cosine_similarity(embeddings, router.prototypes)
+    plan = sinkhorn(similarity, budget_marginals(similarity, router.costs, budget), epsilon)
+    return repair_to_budget(similarity, plan.argmax(dim=1), router.costs, budget, tolerance)
+
+
+# --- one prompt at a time ---------------------------------------------------------------------------------------------
+
+def single_prompt_bias(similarity: torch.Tensor, costs: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """λ_single per budget b, such that routing these prompts one at a time, by argmax_k S[i, k] − λ_single·c_k,
+    costs b on average.
+
+    The mean cost of that rule falls in steps as λ_single grows. A bisection finds the step edge at the budget
+    and keeps the side whose mean cost is closer to it (the cheaper side on a tie); two more bisections find
+    that step's ends, and λ_single is its middle, so that new prompts near a decision boundary do not flip on a
+    hair. No λ beyond ±(2/gap + 1), gap the smallest difference between two distinct costs, changes anything,
+    since |S[i, k] − S[i, j]| ≤ 2. All budgets are bisected together.
+
+    Departure: APTP routes one prompt by plain argmax, which ignores the budget; the bias is ours.
+
+    Args:
+        similarity: S of the calibration prompts, (N, K).
+        costs: c, (K,), each > 0.
+        budgets: (G,), each in [min c, max c].
+    Returns:
+        λ_single per budget, (G,), float64 (0 when all costs are equal).
+    Raises:
+        ValueError: bad shapes or costs, or a budget outside [min c, max c].
+    Example:
+        >>> similarity = torch.tensor([[0.9, 0.1], [0.6, 0.5], [0.1, 0.9]])
+        >>> costs = torch.tensor([1.0, 0.5])
+        >>> bias = single_prompt_bias(similarity, costs, torch.tensor([2 / 3, 1.0]))
+        >>> (similarity[None] - bias[:, None, None] * costs).argmax(dim=2).tolist()
+        [[0, 1, 1], [0, 0, 0]]
+    """
+    _check_similarity(similarity, costs)
+    if budgets.ndim != 1:
+        raise ValueError(f"budgets must be 1-D; got shape {tuple(budgets.shape)}")
+    for budget in budgets.tolist():
+        _check_budget(costs, budget)
+    similarity, costs, budgets = similarity.double(), costs.double(), budgets.double()
+    distinct = costs.unique()
+    if distinct.numel() == 1:
+        return torch.zeros_like(budgets)
+    # Budgets per chunk, so that the (chunk, N, K) tensor of biased similarities stays near 4M numbers.
+    chunk = max(1, BIAS_CHUNK_NUMBERS // similarity.numel())
+    return torch.cat([_bias_for_budgets(similarity, costs, budgets[start:start + chunk], float(distinct.diff().min()))
+                      for start in range(0, budgets.shape[0], chunk)])
+
+
+def _bias_for_budgets(similarity: torch.Tensor, costs: torch.Tensor, budgets: torch.Tensor,
+                      gap: float) -> torch.Tensor:
+    def mean_costs(biases: torch.Tensor) -> torch.Tensor:
+        choices = (similarity[None] - biases[:, None, None] * costs).argmax(dim=2)
+        return costs[choices].mean(dim=1)
+
+    def edge(low: torch.Tensor, high: torch.Tensor, above: Callable[[torch.Tensor], torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bisect [low, high] per budget, where ``above`` holds at low and fails at high."""
+        for _ in range(BISECTION_STEPS):
+            middle = (low + high) / 2
+            holds = above(middle)
+            low, high = torch.where(holds, middle, low), torch.where(holds, high, middle)
+        return low, high
+
+    limit = torch.full_like(budgets, 2 / gap + 1)  # mean cost: max c at −limit, min c at +limit
+    low, high = edge(-limit, limit, lambda bias: mean_costs(bias) > budgets)
+    mean_low, mean_high = mean_costs(low), mean_costs(high)
+    start = edge(-limit, low, lambda bias: mean_costs(bias) > mean_low)[1]
+    end = edge(high, limit, lambda bias: mean_costs(bias) >= mean_high)[0]
+    closer_below = (mean_low - budgets).abs() < (mean_high - budgets).abs()
+    return torch.where(closer_below, (start + low) / 2, (high + end) / 2)
+
+
+def _bias_at(router: Router, budget: float) -> float:
+    """λ_single for ``budget``, linearly interpolated in the router's table (its end values beyond its ends)."""
+    budgets, lambdas = router.bias_budgets.tolist(), router.bias_lambdas.tolist()
+    upper = bisect.bisect_left(budgets, budget)  # the first table budget >= budget
+    if upper == 0:
+        return lambdas[0]
+    if upper == len(budgets):
+        return lambdas[-1]
+    weight = (budget - budgets[upper - 1]) / (budgets[upper] - budgets[upper - 1])  # budgets[upper - 1] < budget
+    return lambdas[upper - 1] + weight * (lambdas[upper] - lambdas[upper - 1])
+
+
+def route_single(embeddings: torch.Tensor, router: Router, budget: float) -> torch.Tensor:
+    """Route each prompt on its own: argmax_k S[k] − λ_single(b)·c_k, with no coupling between prompts.
+
+    λ_single(b) comes from the router's table, calibrated on the prompts it was fitted on, so that those prompts
+    routed one at a time cost b on average; new prompts from the same population do too, approximately. A single
+    prompt's own cost is one of the variants' costs, not b.
+
+    Args:
+        embeddings: (N, D) prompt embeddings; N = 1 for one prompt.
+        router: the router.
+        budget: b in [min c, max c].
+    Returns:
+        (N,) int64 variant indices.
+    Raises:
+        ValueError: bad shapes or a budget outside the router's cost range.
+    Example:
+        >>> router = fit_router(torch.eye(2), torch.arange(2.0), torch.tensor([0.5, 1.0]), ["fast", "full"],
+        ...                     "kmeans", torch.Generator().manual_seed(0))
+        >>> route_single(torch.tensor([[0.2, 1.0]]), router, 1.0).tolist(), route_single(torch.eye(2), router, 0.5)
+        ([1], tensor([0, 0]))
+    """
+    _check_budget(router.costs, budget)
+    similarity = cosine_similarity(embeddings, router.prototypes)
+    return (similarity - _bias_at(router, budget) * router.costs).argmax(dim=1)
+
+
+# --- fitting prototypes -----------------------------------------------------------------------------------------------
+
+def _kmeans_plus_plus(points: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding on the unit sphere, with the cosine distance 1 − cos (Arthur & Vassilvitskii, 2007)."""
+    first = int(torch.randint(points.shape[0], (1,), generator=generator))
+    centres = [points[first]]
+    distance = 1 - points @ centres[0]
+    for _ in range(1, count):
+        weights = distance.clamp(min=0) ** 2
+        if float(weights.sum()) == 0:
+            raise ValueError(f"the prompts have fewer than {count} distinct embeddings; give more varied prompts "
+                             f"or fewer variants")
+        chosen = int(torch.multinomial(weights, 1, generator=generator))
+        centres.append(points[chosen])
+        distance = torch.minimum(distance, 1 - points @ centres[-1])
+    return torch.stack(centres)
+
+
+def _update_centres(points: torch.Tensor, weights: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Weighted mean directions; a cluster with no weight keeps its previous centre."""
+    sums = weights.T @ points
+    norms = sums.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, sums / norms.clamp(min=torch.finfo(sums.dtype).tiny), previous)
+
+
+def fit_prototypes(embeddings: torch.Tensor, count: int, method: str, generator: torch.Generator,
+                   max_iterations: int = MAX_FIT_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster prompt embeddings into ``count`` groups on the unit sphere; the centres become prototypes.
+
+    Both methods seed with k-means++ from ``generator`` and alternate assignment and centre updates (centre =
+    the normalised mean of its members) until the assignment stops changing:
+
+    - "kmeans": each prompt joins its nearest centre (spherical k-means). Clusters follow the data, so a
+      frequent kind of prompt gets a large cluster.
+    - "sinkhorn": the assignment is the Sinkhorn plan with equal masses 1/K (APTP's balanced codes, ε 0.05),
+      and centres are the plan-weighted means, so clusters come out of about equal size.
+
+    Args:
+        embeddings: (N, D), N ≥ count, no row all zeros.
+        count: K ≥ 1 clusters.
+        method: "kmeans" or "sinkhorn".
+        generator: seeds the k-means++ draw; the same seed gives the same prototypes.
+        max_iterations: ≥ 1.
+    Returns:
+        (prototypes (K, D) with unit rows, float64; each prompt's cluster, (N,) int64).
+    Raises:
+        ValueError: an unknown method, K < 1, fewer prompts than K or fewer than K distinct embeddings.
+    Example:
+        >>> points = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]])
+        >>> prototypes, clusters = fit_prototypes(points, 2, "kmeans", torch.Generator().manual_seed(0))
+        >>> prototypes.shape, len(set(clusters[:2].tolist())), len(set(clusters.tolist()))
+        (torch.Size([2, 2]), 1, 2)
+    """
+    if method not in FIT_METHODS:
+        raise ValueError(f"method must be one of {FIT_METHODS}; got {method!r}")
+    _check_matrix(embeddings, "embeddings")
+    if not 1 <= count <= embeddings.shape[0]:
+        raise ValueError(f"count must be in [1, {embeddings.shape[0]}] (at least one prompt per cluster); got {count}")
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be >= 1; got {max_iterations}")
+    points = _unit_rows(embeddings.double(), "embeddings")
+    centres = _kmeans_plus_plus(points, count, generator)
+    clusters = None
+    for _ in range(max_iterations):
+        similarity = points @ centres.T
+        if method == "kmeans":
+            new_clusters = similarity.argmax(dim=1)
+            weights = torch.nn.functional.one_hot(new_clusters, count).double()
+        else:
+            weights = sinkhorn(similarity, torch.full((count,), 1 / count, dtype=torch.float64))
+            new_clusters = weights.argmax(dim=1)
+        centres = _update_centres(points, weights, centres)
+        if clusters is not None and torch.equal(new_clusters, clusters):
+            break
+        clusters = new_clusters
+    return centres, clusters
+
+
+def fit_router(embeddings: torch.Tensor, difficulty: torch.Tensor, costs: torch.Tensor, labels: Sequence[str],
+               method: str, generator: torch.Generator, embedding: str = "") -> Router:
+    """Fit a router from calibration prompts: cluster them, give clusters to variants by difficulty, calibrate λ.
+
+    1. :func:`fit_prototypes` clusters the embeddings into K clusters, K = the number of variants.
+    2. Clusters go to variants by ordering: the cluster with the i-th lowest mean difficulty goes to the variant
+       with the i-th lowest cost (ties by index). Clusters carry no variant of their own, so some order is
+       needed; this one sends the prompts that need more compute to the variants that spend more, which is
+       what APTP's learned router does (it sends known-hard prompts to the higher-capacity codes).
+       ``difficulty`` is any per-prompt score: the prompt's token count needs nothing but the tokenizer;
+       ``router.md``'s option (a), the cost of the cheapest variant that already renders the prompt well,
+       needs one generation per variant.
+    3. λ_single is calibrated at 101 budgets across the cost range (:func:`single_prompt_bias`).
+
+    Departure: APTP learns its codes jointly with the pruned experts; ours are cluster centres of prompts,
+    with no training.
+
+    Args:
+        embeddings: (N, D) calibration prompt embeddings, N ≥ K.
+        difficulty: (N,) finite scores, higher = needs more compute.
+        costs: (K,) variant costs, each > 0, in branch order.
+        labels: K variant names, in branch order.
+        method: "kmeans" or "sinkhorn" (see :func:`fit_prototypes`).
+        generator: seeds the clustering.
+        embedding: which text encoder made the embeddings, recorded in the router.
+    Returns:
+        The router; prototype k belongs to variant k.
+    Raises:
+        ValueError: mismatched lengths, bad costs, or see :func:`fit_prototypes`.
+    Example:
+        >>> router = fit_router(torch.eye(3), torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0.9, 0.3, 0.6]),
+        ...                     ["full", "fast", "mid"], "kmeans", torch.Generator().manual_seed(0))
+        >>> route_single(torch.eye(3), router, 0.6).tolist()  # the hardest prompt to the dearest variant
+        [0, 1, 2]
+    """
+    _check_costs(costs)
+    count = costs.shape[0]
+    if len(labels) != count:
+        raise ValueError(f"labels must name each of the {count} variants; got {len(labels)} labels")
+    _check_matrix(embeddings, "embeddings")
+    if difficulty.shape != (embeddings.shape[0],) or not bool(torch.isfinite(difficulty).all()):
+        raise ValueError(f"difficulty must hold one finite score per prompt, shape ({embeddings.shape[0]},); got "
+                         f"{tuple(difficulty.shape)}")
+    centres, clusters = fit_prototypes(embeddings, count, method, generator)
+    difficulty = difficulty.double()
+    members = torch.nn.functional.one_hot(clusters, count).double()
+    mean_difficulty = (members.T @ difficulty) / members.sum(dim=0).clamp(min=1)
+    prototypes = torch.empty_like(centres)
+    # stable sorts: equal difficulties and equal costs keep their index order, so the fit stays deterministic
+    prototypes[torch.sort(costs, stable=True).indices] = centres[torch.sort(mean_difficulty, stable=True).indices]
+    costs = costs.double()
+    similarity = cosine_similarity(embeddings, prototypes)
+    budgets = torch.linspace(float(costs.min()), float(costs.max()), BIAS_TABLE_POINTS, dtype=torch.float64)
+    lambdas = single_prompt_bias(similarity, costs, budgets)
+    return Router(prototypes, costs, tuple(labels), budgets, lambdas, embedding)
+
+
+# --- router files -----------------------------------------------------------------------------------------------------
+
+def save_router(router: Router, path: str | os.PathLike) -> None:
+    """Write ``router`` as a ``.safetensors`` file, atomically (readers see the old file or the whole new one).
+
+    Tensors: ``prototypes`` (K, D), ``costs`` (K,), ``bias_budgets`` and ``bias_lambdas`` (G,), all float64 so
+    that a load gives back the same routes. Metadata (strings): ``format`` "atelier.router", ``version``,
+    ``labels`` (a JSON list) and ``embedding``.
+
+    Raises:
+        OSError: the folder is missing or not writable.
+    """
+    tensors = {"prototypes": router.prototypes, "costs": router.costs, "bias_budgets": router.bias_budgets,
+               "bias_lambdas": router.bias_lambdas}
+    metadata = {"format": ROUTER_FORMAT, "version": ROUTER_VERSION, "labels": json.dumps(list(router.labels)),
+                "embedding": router.embedding}
+    atomic_write(path, safetensors_bytes({name: t.double().contiguous() for name, t in tensors.items()}, metadata))
+
+
+def load_router(path: str | os.PathLike) -> Router:
+    """Read a router that :func:`save_router` wrote; nothing is unpickled.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a safetensors file, not a router, another version, or inconsistent tensors.
+    Example:
+        >>> import tempfile
+        >>> router = fit_router(torch.eye(2), torch.arange(2.0), torch.tensor([0.5, 1.0]), ["fast", "full"],
+        ...                     "kmeans", torch.Generator().manual_seed(0))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_router(router, os.path.join(folder, "r.safetensors"))
+        ...     loaded = load_router(os.path.join(folder, "r.safetensors"))
+        >>> loaded.labels, torch.equal(loaded.prototypes, router.prototypes)
+        (('fast', 'full'), True)
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no router file {os.fspath(path)!r}")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{os.fspath(path)!r} is not a safetensors file: {error}") from error
+    if metadata.get("format") != ROUTER_FORMAT or metadata.get("version") != ROUTER_VERSION:
+        raise ValueError(f"{os.fspath(path)!r} is not an Atelier router of version {ROUTER_VERSION}; its metadata "
+                         f"says format {metadata.get('format')!r}, version {metadata.get('version')!r}")
+    needed = {"prototypes", "costs", "bias_budgets", "bias_lambdas"}
+    if needed - tensors.keys():
+        raise ValueError(f"{os.fspath(path)!r} lacks the tensors {sorted(needed - tensors.keys())}")
+    try:
+        labels = json.loads(metadata.get("labels", ""))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{os.fspath(path)!r} has unreadable labels: {error}") from error
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"{os.fspath(path)!r} labels must be a JSON list of strings; got {labels!r}")
+    return Router(tensors["prototypes"], tensors["costs"], tuple(labels), tensors["bias_budgets"],
+                  tensors["bias_lambdas"], metadata.get("embedding", ""))
+
+
+# --- prompt embeddings ------------------------------------------------------------------------------------------------
+
+def pooled_text_embeddings(tokenizers: Sequence, text_encoders: Sequence, prompts: Sequence[str]) -> torch.Tensor:
+    """One embedding per prompt: the pooled output of the pipeline's last text encoder.
+
+    SD1 and SD2 have one encoder and pool at the end token (``pooler_output``); SDXL's second encoder has a
+    projection, whose output (``text_embeds``) is what SDXL itself conditions on. Prompts are cut at 77 tokens:
+    the pooled vector reads the end token, which the encoder places at most at position 76.
+
+    Departure: APTP embeds prompts with all-mpnet-base-v2; the pipeline's own encoder needs no other model.
+
+    Args:
+        tokenizers, text_encoders: the model's, in its order (one each for SD1/SD2, two for SDXL).
+        prompts: one or more texts.
+    Returns:
+        (N, D) float32 on the CPU, where routing runs.
+    Raises:
+        ValueError: no prompts, or no encoder.
+    """
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt; got none")
+    if not tokenizers or not text_encoders:
+        raise ValueError("a tokenizer and a text encoder are needed to embed prompts")
+    tokenizer, text_encoder = tokenizers[-1], text_encoders[-1]
+    pooled = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), ENCODE_BATCH):
+            ids = tokenizer(list(prompts[start:start + ENCODE_BATCH]), padding="max_length", max_length=CLIP_TOKENS,
+                            truncation=True, return_tensors="pt")["input_ids"]
+            output = text_encoder(ids.to(text_encoder.device))
+            projected = getattr(output, "text_embeds", None)
+            pooled.append((output.pooler_output if projected is None else projected).float().cpu())
+    return torch.cat(pooled)
+
+
+def token_lengths(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Each prompt's length in tokens (start and end included, no cut): a difficulty score needing no model.
+
+    Example:
+        >>> class Words:  # a stand-in tokenizer: one token per word, plus start and end
+        ...     def __call__(self, text, truncation=False):
+        ...         return {"input_ids": [0, *range(len(text.split())), 1]}
+        >>> token_lengths(Words(), ["a cat", "a red cat on a mat"]).tolist()
+        [4.0, 8.0]
+    """
+    return torch.tensor([float(token_count(tokenizer, prompt)) for prompt in prompts], dtype=torch.float64)

@@ -93,6 +93,17 @@ def _statistics_input(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(max(1, round(height * ratio)), max(1, round(width * ratio))), mode="area")
 
 
+def _tiled_with_shared_statistics(function: Callable[[torch.Tensor], torch.Tensor], network: torch.nn.Module,
+                                  x: torch.Tensor, tile: int, overlap: int, scale: Fraction, margin: int,
+                                  statistics_size: int) -> torch.Tensor:
+    """``function`` (which runs ``network``) over tiles of ``x``, every tile normalised with the statistics of
+    the whole ``x`` (or of its copy downsampled to ``statistics_size``)."""
+    if max(x.shape[-2:]) <= tile:
+        return function(x).cpu()  # one tile covers it: the whole-image pass itself
+    with shared_group_norm_statistics(network, lambda: function(_statistics_input(x, statistics_size))):
+        return tiled_apply(function, x, tile, overlap, scale, margin)
+
+
 def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap: int,
                  margin: int = DECODER_MARGIN, statistics_size: int | None = None) -> torch.Tensor:
     """Decode ``latent`` tile by tile, with the whole latent's GroupNorm statistics and context margins.
@@ -112,12 +123,9 @@ def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap
         >>> tiled_decode(DiffusersCodec(vae), torch.randn(1, 4, 12, 20), tile=8, overlap=2).shape
         torch.Size([1, 3, 24, 40])
     """
-    if max(latent.shape[-2:]) <= tile:
-        return codec.decode(latent).cpu()  # one tile covers it: the whole-image pass itself
     statistics_size = statistics_size or max(STATISTICS_SIDE_PX // codec.downscale, tile + 2 * margin)
-    with shared_group_norm_statistics(codec.vae.decoder,
-                                      lambda: codec.decode(_statistics_input(latent, statistics_size))):
-        return tiled_apply(codec.decode, latent, tile, overlap, Fraction(codec.downscale), margin)
+    return _tiled_with_shared_statistics(codec.decode, codec.vae.decoder, latent, tile, overlap,
+                                         Fraction(codec.downscale), margin, statistics_size)
 
 
 def tiled_encode(codec: DiffusersCodec, image: torch.Tensor, tile: int, overlap: int,
@@ -132,9 +140,6 @@ def tiled_encode(codec: DiffusersCodec, image: torch.Tensor, tile: int, overlap:
     Returns:
         (B, C, H/f, W/f) unscaled latents (the posterior's mean), on the CPU.
     """
-    if max(image.shape[-2:]) <= tile:
-        return codec.encode(image).cpu()
     statistics_size = statistics_size or max(STATISTICS_SIDE_PX, tile + 2 * margin)
-    with shared_group_norm_statistics(codec.vae.encoder,
-                                      lambda: codec.encode(_statistics_input(image, statistics_size))):
-        return tiled_apply(codec.encode, image, tile, overlap, Fraction(1, codec.downscale), margin)
+    return _tiled_with_shared_statistics(codec.encode, codec.vae.encoder, image, tile, overlap,
+                                         Fraction(1, codec.downscale), margin, statistics_size)

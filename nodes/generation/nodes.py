@@ -48,13 +48,13 @@ class ModelRef:
         return ModelRef(self.model, (*self.loras, lora))
 
 
-class _ModelsFolder:
+class ModelsFolder:
     """Nodes that list model files; the standalone app binds ``models_dir``, inside ComfyUI it stays None."""
 
     models_dir: ClassVar[str | None] = None
 
 
-class AtelierCheckpointLoader(_ModelsFolder):
+class AtelierCheckpointLoader(ModelsFolder):
     DESCRIPTION = ("Loads a Stable Diffusion 1.x, 2.x or SDXL checkpoint (a .safetensors file or a diffusers folder) "
                    "fully offline, shared by every node that loads the same file.")
     CATEGORY = CATEGORY
@@ -78,7 +78,7 @@ class AtelierCheckpointLoader(_ModelsFolder):
         return ModelRef(model), ModelRef(model), DiffusersCodec(model.vae)
 
 
-class AtelierLoraLoader(_ModelsFolder):
+class AtelierLoraLoader(ModelsFolder):
     DESCRIPTION = ("Adds a LoRA to the model and the text encoder without reloading or changing the base weights: "
                    "it runs beside them as a separate branch, so switching or removing it is instant and exact.")
     CATEGORY = CATEGORY

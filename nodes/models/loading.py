@@ -408,7 +408,7 @@ def cached_models() -> list[LoadedModel]:
 
 # --- where models come from ------------------------------------------------------------------------------------------
 
-def _comfy_folder_paths():
+def comfy_folder_paths():
     """ComfyUI's ``folder_paths`` module when running inside ComfyUI, else None."""
     try:
         import folder_paths
@@ -428,7 +428,7 @@ def _bases(folder: str, models_dir: str | os.PathLike | None) -> list[str]:
     shipped = os.path.join(SHIPPED_MODELS, folder)
     if models_dir is not None:
         return [os.path.join(os.fspath(models_dir), folder), shipped]
-    folder_paths = _comfy_folder_paths()
+    folder_paths = comfy_folder_paths()
     if folder_paths is None:
         raise ValueError(f"no models folder to look in for {folder!r}: pass models_dir (standalone, "
                          f"--models-dir) or run inside ComfyUI")
@@ -448,7 +448,7 @@ def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | N
         FileNotFoundError: no such model.
     """
     _check_folder_name(folder)
-    folder_paths = _comfy_folder_paths() if models_dir is None else None
+    folder_paths = comfy_folder_paths() if models_dir is None else None
     if folder_paths is not None and folder != "diffusers":
         path = folder_paths.get_full_path(folder, name)
         candidates = ([path] if path else []) + [confine(os.path.join(SHIPPED_MODELS, folder), name)]
@@ -476,21 +476,27 @@ def list_models(folder: str, models_dir: str | os.PathLike | None = None) -> lis
 
 def _model_names(folder: str, base: str) -> set[str]:
     """The names :func:`list_models` lists from one base folder."""
-    extensions = (SAFE_EXTENSION, *PICKLE_EXTENSIONS)
+    if folder != "diffusers":
+        return files_under(base, (SAFE_EXTENSION, *PICKLE_EXTENSIONS))
     names: set[str] = set()
-    if not os.path.isdir(base):
-        return names
     for current, directories, files in os.walk(base, followlinks=True):
         directories[:] = [name for name in directories if not name.startswith(".")]
         relative = os.path.relpath(current, base).replace(os.sep, "/")
-        if folder == "diffusers":
-            if "model_index.json" in files and relative != ".":
-                names.add(relative)
-                directories[:] = []
-            continue
-        for name in files:
-            if name.lower().endswith(extensions) and not name.startswith("."):
-                names.add(name if relative == "." else f"{relative}/{name}")
+        if "model_index.json" in files and relative != ".":
+            names.add(relative)
+            directories[:] = []
+    return names
+
+
+def files_under(base: str, extensions: tuple[str, ...]) -> set[str]:
+    """The files under ``base`` whose names end with one of ``extensions`` (any case), as relative paths with
+    ``/``; hidden files and folders are skipped, and a missing ``base`` holds none."""
+    names: set[str] = set()
+    for current, directories, files in os.walk(base, followlinks=True):
+        directories[:] = [name for name in directories if not name.startswith(".")]
+        relative = os.path.relpath(current, base).replace(os.sep, "/")
+        names.update(name if relative == "." else f"{relative}/{name}" for name in files
+                     if name.lower().endswith(extensions) and not name.startswith("."))
     return names
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from ..common.paths import confine
-from ..generation.nodes import MAX_SEED, ModelRef
+from ..generation.nodes import MAX_SEED, ModelRef, ModelsFolder
+from ..models.loading import comfy_folder_paths, files_under
 from ..models.lora import set_loras
 from .routing import (FIT_METHODS, Router, fit_router, load_router, pooled_text_embeddings, route_batch,
                       route_single, save_router, token_lengths)
@@ -104,33 +105,22 @@ def _budget_input() -> tuple[str, dict]:
                                  "between the cheapest and the dearest variant's cost."})
 
 
-class _RoutersFolder:
-    """Nodes that read or write router files; the standalone app binds ``models_dir``, inside ComfyUI it stays
-    None and ComfyUI's models folder is used."""
-
-    models_dir: ClassVar[str | None] = None
+class _RoutersFolder(ModelsFolder):
+    """Nodes that read or write router files: ``models_dir/routers``, or ComfyUI's ``models/routers``."""
 
     @classmethod
     def routers_folder(cls) -> str:
         if cls.models_dir is not None:
             return os.path.join(cls.models_dir, ROUTERS_FOLDER)
-        try:
-            import folder_paths  # ComfyUI's
-        except ImportError:
+        folder_paths = comfy_folder_paths()
+        if folder_paths is None:
             raise ValueError("no models folder for router files: pass --models-dir (standalone) or run inside "
-                             "ComfyUI") from None
+                             "ComfyUI")
         return os.path.join(folder_paths.models_dir, ROUTERS_FOLDER)
 
     @classmethod
     def router_names(cls) -> list[str]:
-        folder = cls.routers_folder()
-        names = []
-        for current, directories, files in os.walk(folder, followlinks=True):
-            directories[:] = [name for name in directories if not name.startswith(".")]
-            relative = os.path.relpath(current, folder).replace(os.sep, "/")
-            names += [name if relative == "." else f"{relative}/{name}" for name in files
-                      if name.endswith(ROUTER_EXTENSION) and not name.startswith(".")]
-        return sorted(names)
+        return sorted(files_under(cls.routers_folder(), (ROUTER_EXTENSION,)))
 
 
 class AtelierFitRouter:

@@ -18,11 +18,12 @@ from nodes.common.paths import PathOutsideFolderError
 from nodes.generation.nodes import AtelierSampler, ModelRef
 from nodes.models.loading import load_model
 from nodes.router import routing
-from nodes.router.nodes import (AtelierFitRouter, AtelierLoadRouter, AtelierRoutePrompt, AtelierRoutePrompts,
-                                AtelierRouteSwitch, AtelierSaveRouter, parse_variants)
+from nodes.models.loading import UnsafeModelFormatError
+from nodes.router.nodes import (AtelierFitRouter, AtelierLoadRouter, AtelierLoadSentenceEncoder, AtelierRoutePrompt,
+                                AtelierRoutePrompts, AtelierRouteSwitch, AtelierSaveRouter, parse_variants)
 from nodes.router.routing import (Router, budget_marginals, cosine_similarity, fit_prototypes, fit_router,
                                   load_router, pooled_text_embeddings, repair_to_budget, route_batch, route_single,
-                                  save_router, sinkhorn)
+                                  save_router, sentence_embeddings, sinkhorn)
 from web.executor import Executor
 from web.folders import DataFolders
 from web.registry import node_classes
@@ -342,6 +343,54 @@ def test_prompt_router_nodes_equal_the_maths(tiny_sd1):  # noqa: F811
     branches, labels, prompts = AtelierRoutePrompts().route(clip, router, "\n".join(CALIBRATION) + "\n\n", 0.5)
     assert branches == route_batch(embed(CALIBRATION), router, 0.5).tolist() and prompts == CALIBRATION
     assert labels == [router.labels[branch] for branch in branches]
+
+
+def save_tiny_sentence_encoder(folder) -> None:
+    """A 2-layer BERT with a word-level vocabulary of the calibration prompts, saved as sentence-transformers
+    saves all-mpnet-base-v2 (safetensors weights, tokenizer files, 1_Pooling/config.json)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({word.strip(",") for prompt in CALIBRATION for word in prompt.split()})
+    os.makedirs(os.path.join(folder, "1_Pooling"))
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as file:
+        file.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", *words]) + "\n")
+    BertTokenizerFast(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words) + 6, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(folder, safe_serialization=True)
+    with open(os.path.join(folder, "1_Pooling", "config.json"), "w", encoding="utf-8") as file:
+        file.write('{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}')
+
+
+def test_a_local_sentence_encoder_embeds_fits_and_routes(tiny_sd1, tmp_path):  # noqa: F811
+    save_tiny_sentence_encoder(tmp_path / "sentence_encoders" / "mini")
+    loader = type("Load", (AtelierLoadSentenceEncoder,), {"models_dir": str(tmp_path)})
+    assert loader.INPUT_TYPES()["required"]["encoder_name"][0] == ["mini"]
+    encoder = loader().load("mini")[0]
+    assert encoder.pooling == "mean" and encoder.name == "mini"
+    # Mean pooling over real tokens only: a prompt padded in a batch embeds as it does alone.
+    alone, batched = sentence_embeddings(encoder, CALIBRATION[:1]), sentence_embeddings(encoder, CALIBRATION)
+    assert batched.shape == (len(CALIBRATION), 32)
+    torch.testing.assert_close(batched[:1], alone, rtol=0, atol=1e-5)
+
+    clip = ModelRef(load_model(tiny_sd1.folder))
+    router = AtelierFitRouter().fit(clip, "\n".join(CALIBRATION), STEP_VARIANTS, "kmeans", 0, encoder)[0]
+    assert router.prototypes.shape == (3, 32) and router.embedding == "sentence encoder mini"
+    expected = route_single(alone, router, 0.5).item()
+    assert AtelierRoutePrompt().route(clip, router, CALIBRATION[0], 0.5, encoder)[0] == expected
+    assert AtelierRoutePrompts().route(clip, router, "\n".join(CALIBRATION), 0.5, encoder)[0] == \
+        route_batch(batched, router, 0.5).tolist()
+    # The tiny checkpoint's text encoder is 32 wide too: only the router's record of its encoder catches this.
+    with pytest.raises(ValueError, match="fitted with the sentence encoder mini but .* sd1 text encoder"):
+        AtelierRoutePrompt().route(clip, router, CALIBRATION[0], 0.5)
+    text_router = AtelierFitRouter().fit(clip, "\n".join(CALIBRATION), STEP_VARIANTS, "kmeans", 0)[0]
+    with pytest.raises(ValueError, match="but prompts would be embedded with the sentence encoder mini"):
+        AtelierRoutePrompts().route(clip, text_router, "\n".join(CALIBRATION), 0.5, encoder)
+
+    os.remove(tmp_path / "sentence_encoders" / "mini" / "model.safetensors")
+    (tmp_path / "sentence_encoders" / "mini" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UnsafeModelFormatError, match="only safetensors"):
+        loader().load("mini")
 
 
 def test_save_and_load_router_nodes_round_trip_inside_the_models_folder(fitted, tmp_path):

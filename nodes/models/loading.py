@@ -56,7 +56,9 @@ SD1_TOKENIZER_DIR = os.path.join(SHIPPED_CONFIGS, "sd15", "tokenizer")
 SAFE_EXTENSION = ".safetensors"
 # Formats read with torch.load / pickle, which can run arbitrary code while loading.
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-MODEL_FOLDERS = ("checkpoints", "diffusers", "loras", "vae")
+MODEL_FOLDERS = ("checkpoints", "diffusers", "loras", "vae", "dinov2", "sentence_encoders")
+# The folders whose models are themselves folders, each known by the file it holds; the others hold files.
+FOLDER_MODEL_MARKERS = {"diffusers": "model_index.json", "dinov2": "config.json", "sentence_encoders": "config.json"}
 DIFFUSERS_PREFIX = "diffusers/"  # how diffusers folders are named in the checkpoint list
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -317,6 +319,42 @@ def _prediction_type(path: str, is_folder: bool) -> str:
     return info.prediction_type
 
 
+def load_transformers_folder(folder: str | os.PathLike, model_class: type | None = None,
+                             device: torch.device | str | None = None) -> tuple[Any, torch.nn.Module]:
+    """A transformers model and its tokenizer or image processor from a ``save_pretrained`` folder, offline and
+    from ``.safetensors`` weights only (a DINOv2 backbone in ``models/dinov2``, a sentence encoder in
+    ``models/sentence_encoders``).
+
+    Args:
+        folder: holds ``config.json`` and ``model.safetensors`` (or sharded safetensors).
+        model_class: the transformers class to build; by default ``AutoModel`` picks it from the config.
+        device: by default :func:`default_device`. The model is in eval mode, in float32.
+    Returns:
+        (the tokenizer, or the image processor when the folder has no tokenizer, or None; the model).
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``folder``.
+        UnsafeModelFormatError: the folder has only pickle-based weights.
+    """
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    folder = os.path.realpath(os.fspath(folder))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder!r} is not a transformers model folder: it has no config.json")
+    if not any(name.lower().endswith(SAFE_EXTENSION) for name in os.listdir(folder)):
+        raise UnsafeModelFormatError(f"{folder!r} holds no .safetensors weights; only safetensors are loaded "
+                                     f"(convert pickle-based weights first)")
+    model = (model_class or AutoModel).from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                       dtype=torch.float32)
+    preprocessor = None
+    for loader in (AutoTokenizer, AutoImageProcessor):
+        try:
+            preprocessor = loader.from_pretrained(folder, local_files_only=True)
+            break
+        except (OSError, ValueError, KeyError):
+            continue
+    return preprocessor, model.to(device if device is not None else default_device()).eval()
+
+
 def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
                prediction_type: str | None = None, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> LoadedModel:
@@ -432,15 +470,17 @@ def _bases(folder: str, models_dir: str | os.PathLike | None) -> list[str]:
     if folder_paths is None:
         raise ValueError(f"no models folder to look in for {folder!r}: pass models_dir (standalone, "
                          f"--models-dir) or run inside ComfyUI")
+    if folder not in folder_paths.folder_names_and_paths:  # a kind ComfyUI has no setting for: its models/<folder>
+        return [os.path.join(folder_paths.models_dir, folder), shipped]
     return [*folder_paths.get_folder_paths(folder), shipped]
 
 
 def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | None = None) -> str:
-    """The absolute path of model ``name`` in ``folder`` ("checkpoints", "diffusers", "loras" or "vae").
+    """The absolute path of model ``name`` in ``folder`` (one of :data:`MODEL_FOLDERS`).
 
     With ``models_dir``, the name is confined to ``models_dir/folder`` (no ``..``, absolute paths or symlinks
-    out). Without it, inside ComfyUI, ComfyUI's ``folder_paths`` resolves it (``get_full_path``; for diffusers
-    folders, each of ``get_folder_paths("diffusers")``). The shipped models (:data:`SHIPPED_MODELS`) come last.
+    out). Without it, inside ComfyUI, ComfyUI's ``folder_paths`` resolves it (``get_full_path``; for folder models
+    such as diffusers folders, each of :func:`_bases`). The shipped models (:data:`SHIPPED_MODELS`) come last.
 
     Raises:
         ValueError: an unknown ``folder``, or no ``models_dir`` outside ComfyUI.
@@ -449,13 +489,13 @@ def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | N
     """
     _check_folder_name(folder)
     folder_paths = comfy_folder_paths() if models_dir is None else None
-    if folder_paths is not None and folder != "diffusers":
+    if folder_paths is not None and folder not in FOLDER_MODEL_MARKERS:
         path = folder_paths.get_full_path(folder, name)
         candidates = ([path] if path else []) + [confine(os.path.join(SHIPPED_MODELS, folder), name)]
     else:
         candidates = [confine(base, name) for base in _bases(folder, models_dir)]
     for path in candidates:
-        if os.path.isdir(path) if folder == "diffusers" else os.path.isfile(path):
+        if os.path.isdir(path) if folder in FOLDER_MODEL_MARKERS else os.path.isfile(path):
             return path
     available = list_models(folder, models_dir)
     raise FileNotFoundError(f"no {folder} model {name!r}; available: {available[:20] or 'none'}")
@@ -463,7 +503,8 @@ def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | N
 
 def list_models(folder: str, models_dir: str | os.PathLike | None = None) -> list[str]:
     """The model names in ``folder``, for a combo: files with a model extension (relative paths with ``/``), or
-    for "diffusers" the folders holding a ``model_index.json``. The user's models come first, sorted, then the
+    for the folders of :data:`FOLDER_MODEL_MARKERS` the sub-folders holding their marker file (a diffusers
+    folder's ``model_index.json``, a transformers model's ``config.json``). The user's models come first, sorted, then the
     shipped ones, so a loader's default is the user's own model when there is one.
 
     Pickle-based files are listed too, so that choosing one explains why it is refused instead of hiding it.
@@ -476,13 +517,14 @@ def list_models(folder: str, models_dir: str | os.PathLike | None = None) -> lis
 
 def _model_names(folder: str, base: str) -> set[str]:
     """The names :func:`list_models` lists from one base folder."""
-    if folder != "diffusers":
+    marker = FOLDER_MODEL_MARKERS.get(folder)
+    if marker is None:
         return files_under(base, (SAFE_EXTENSION, *PICKLE_EXTENSIONS))
     names: set[str] = set()
     for current, directories, files in os.walk(base, followlinks=True):
         directories[:] = [name for name in directories if not name.startswith(".")]
         relative = os.path.relpath(current, base).replace(os.sep, "/")
-        if "model_index.json" in files and relative != ".":
+        if marker in files and relative != ".":
             names.add(relative)
             directories[:] = []
     return names

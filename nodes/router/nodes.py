@@ -20,9 +20,10 @@ import torch
 
 from ..common.paths import confine
 from ..generation.nodes import MAX_SEED, ModelRef, ModelsFolder
-from ..models.loading import comfy_folder_paths, files_under
+from ..models.loading import comfy_folder_paths, files_under, list_models, load_transformers_folder, resolve_model_path
 from ..models.lora import set_loras
-from .routing import (FIT_METHODS, Router, fit_router, load_router, pooled_text_embeddings, route_batch,
+from .routing import (FIT_METHODS, Router, SentenceEncoder, fit_router, load_router, pooled_text_embeddings,
+                      route_batch, sentence_embeddings, sentence_encoder_pooling,
                       route_single, save_router, token_lengths)
 
 CATEGORY = "atelier/router"
@@ -31,6 +32,7 @@ MAX_COST = 100.0  # costs are relative to a reference variant (1.0); 100× cover
 ROUTERS_FOLDER = "routers"
 ROUTER_EXTENSION = ".safetensors"
 DEFAULT_VARIANTS = "4 steps = 0.2\n8 steps = 0.4\n20 steps = 1.0"  # the example workflow's sampler branches
+SENTENCE_ENCODER_PREFIX = "sentence encoder "  # how a router file names a sentence encoder it was fitted with
 DEFAULT_BUDGET = 0.6  # Source: APTP's pruning_target 0.6 (configs/pruning/*.yaml)
 
 
@@ -93,10 +95,37 @@ def prompt_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _embed(clip: ModelRef, prompts: list[str]) -> torch.Tensor:
+def _embedding_name(clip: ModelRef, sentence_encoder: SentenceEncoder | None) -> str:
+    if sentence_encoder is not None:
+        return f"{SENTENCE_ENCODER_PREFIX}{sentence_encoder.name}"
+    return f"{clip.model.family} text encoder of {os.path.basename(clip.model.source)}"
+
+
+def _embed(clip: ModelRef, prompts: list[str], sentence_encoder: SentenceEncoder | None) -> torch.Tensor:
+    if sentence_encoder is not None:
+        return sentence_embeddings(sentence_encoder, prompts)
     with clip.model.lock:
         set_loras(clip.model, clip.loras)
         return pooled_text_embeddings(clip.model.tokenizers, clip.model.text_encoders, prompts)
+
+
+def _route_embeddings(clip: ModelRef, router: Router, prompts: list[str],
+                      sentence_encoder: SentenceEncoder | None) -> torch.Tensor:
+    """The prompts' embeddings, after checking they come from the kind of encoder the router was fitted with: a
+    text encoder and a sentence encoder of the same width would otherwise route silently at random."""
+    fitted_with_sentences = router.embedding.startswith(SENTENCE_ENCODER_PREFIX)
+    if fitted_with_sentences or sentence_encoder is not None:
+        wanted, given = router.embedding, _embedding_name(clip, sentence_encoder)
+        if wanted != given:
+            raise ValueError(f"sentence_encoder: the router was fitted with the {wanted or 'checkpoint text encoder'}"
+                             f" but prompts would be embedded with the {given}; route with the same encoder")
+    return _embed(clip, prompts, sentence_encoder)
+
+
+def _sentence_encoder_input() -> dict[str, tuple]:
+    return {"sentence_encoder": ("ATELIER_SENTENCE_ENCODER", {
+        "tooltip": "Optional: embed prompts with this sentence encoder instead of the checkpoint's text encoder. "
+                   "Route with the same encoder the router was fitted with."})}
 
 
 def _budget_input() -> tuple[str, dict]:
@@ -147,7 +176,7 @@ class AtelierFitRouter:
                                                       "equal size (APTP's balanced codes)."}),
             "cluster_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1,
                                      "tooltip": "Seeds the k-means++ start; the same seed gives the same router."}),
-        }}
+        }, "optional": _sentence_encoder_input()}
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompts: str | None, variants: str | None) -> bool | str:
@@ -162,14 +191,14 @@ class AtelierFitRouter:
                     f"{len(prompt_lines(prompts))}")
         return True
 
-    def fit(self, clip: ModelRef, prompts: str, variants: str, method: str, cluster_seed: int) -> tuple[Router]:
+    def fit(self, clip: ModelRef, prompts: str, variants: str, method: str, cluster_seed: int,
+            sentence_encoder: SentenceEncoder | None = None) -> tuple[Router]:
         labels, costs = parse_variants(variants)
         lines = prompt_lines(prompts)
-        embeddings = _embed(clip, lines)
-        encoder = f"{clip.model.family} text encoder of {os.path.basename(clip.model.source)}"
-        return (fit_router(embeddings, token_lengths(clip.model.tokenizers[-1], lines),
+        return (fit_router(_embed(clip, lines, sentence_encoder), token_lengths(clip.model.tokenizers[-1], lines),
                            torch.tensor(costs, dtype=torch.float64), labels, method,
-                           torch.Generator().manual_seed(cluster_seed), embedding=encoder),)
+                           torch.Generator().manual_seed(cluster_seed),
+                           embedding=_embedding_name(clip, sentence_encoder)),)
 
 
 class AtelierSaveRouter(_RoutersFolder):
@@ -229,6 +258,32 @@ class AtelierLoadRouter(_RoutersFolder):
         return (load_router(confine(self.routers_folder(), router_name)),)
 
 
+class AtelierLoadSentenceEncoder(ModelsFolder):
+    DESCRIPTION = ("Loads a sentence-embedding model (a transformers folder with .safetensors weights, such as "
+                   "APTP's all-mpnet-base-v2 saved by sentence-transformers) from models/sentence_encoders, for "
+                   "the router nodes' optional sentence_encoder input.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ATELIER_SENTENCE_ENCODER",)
+    RETURN_NAMES = ("sentence_encoder",)
+    OUTPUT_TOOLTIPS = ("The encoder; the router nodes embed prompts with it instead of the checkpoint's.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "encoder_name": (list_models("sentence_encoders", cls.models_dir), {
+                "tooltip": "A folder in models/sentence_encoders holding config.json, the tokenizer files and "
+                           "model.safetensors."}),
+        }}
+
+    def load(self, encoder_name: str) -> tuple[SentenceEncoder]:
+        folder = resolve_model_path("sentence_encoders", encoder_name, self.models_dir)
+        tokenizer, model = load_transformers_folder(folder)
+        if tokenizer is None or not callable(tokenizer):
+            raise ValueError(f"encoder_name {encoder_name!r} has no tokenizer files; a sentence encoder needs them")
+        return (SentenceEncoder(tokenizer, model, sentence_encoder_pooling(folder), encoder_name),)
+
+
 class AtelierRoutePrompt:
     DESCRIPTION = ("Prompt Router: picks the pipeline variant for one prompt, the nearest prototype after a cost "
                    "bias calibrated so that prompts like the router's own average the budget (APTP's router, "
@@ -248,10 +303,11 @@ class AtelierRoutePrompt:
             "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                   "tooltip": "The prompt to route."}),
             "budget": _budget_input(),
-        }}
+        }, "optional": _sentence_encoder_input()}
 
-    def route(self, clip: ModelRef, router: Router, prompt: str, budget: float) -> tuple[int, str, str]:
-        branch = int(route_single(_embed(clip, [prompt]), router, budget)[0])
+    def route(self, clip: ModelRef, router: Router, prompt: str, budget: float,
+              sentence_encoder: SentenceEncoder | None = None) -> tuple[int, str, str]:
+        branch = int(route_single(_route_embeddings(clip, router, [prompt], sentence_encoder), router, budget)[0])
         return branch, router.labels[branch], prompt
 
 
@@ -274,12 +330,12 @@ class AtelierRoutePrompts:
             "router": ("ATELIER_ROUTER", {"tooltip": "From Fit Router or Load Router."}),
             "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompts, one per line."}),
             "budget": _budget_input(),
-        }}
+        }, "optional": _sentence_encoder_input()}
 
-    def route(self, clip: ModelRef, router: Router, prompts: str, budget: float
-              ) -> tuple[list[int], list[str], list[str]]:
+    def route(self, clip: ModelRef, router: Router, prompts: str, budget: float,
+              sentence_encoder: SentenceEncoder | None = None) -> tuple[list[int], list[str], list[str]]:
         lines = prompt_lines(prompts)
-        branches = route_batch(_embed(clip, lines), router, budget).tolist()
+        branches = route_batch(_route_embeddings(clip, router, lines, sentence_encoder), router, budget).tolist()
         return branches, [router.labels[branch] for branch in branches], lines
 
 
@@ -317,10 +373,11 @@ class AtelierRouteSwitch:
 
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
-    AtelierFitRouter, AtelierSaveRouter, AtelierLoadRouter, AtelierRoutePrompt, AtelierRoutePrompts,
-    AtelierRouteSwitch)}
+    AtelierFitRouter, AtelierSaveRouter, AtelierLoadRouter, AtelierLoadSentenceEncoder, AtelierRoutePrompt,
+    AtelierRoutePrompts, AtelierRouteSwitch)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierFitRouter": "Fit Router (Atelier)", "AtelierSaveRouter": "Save Router (Atelier)",
-    "AtelierLoadRouter": "Load Router (Atelier)", "AtelierRoutePrompt": "Prompt Router (Atelier)",
+    "AtelierLoadRouter": "Load Router (Atelier)", "AtelierLoadSentenceEncoder": "Load Sentence Encoder (Atelier)",
+    "AtelierRoutePrompt": "Prompt Router (Atelier)",
     "AtelierRoutePrompts": "Prompt Router, batch (Atelier)", "AtelierRouteSwitch": "Route Switch (Atelier)",
 }

@@ -34,8 +34,8 @@ Departures from APTP, each on purpose (APTP prunes and trains its experts; we ro
 
 - The experts are pipeline variants built in the graph (fewer steps, a speed-up, a smaller UNet) with known
   costs: no pruning, no mask predictor, no training. So prototypes live in the prompt-embedding space (APTP
-  compares predicted masks with the codes' masks), and the embedding is the pipeline's own text encoder (APTP:
-  all-mpnet-base-v2), which needs no extra model.
+  compares predicted masks with the codes' masks). The embedding is by default the pipeline's own text encoder,
+  which needs no extra model; a local sentence encoder (APTP's all-mpnet-base-v2, for parity) is the option.
 - APTP's Sinkhorn gives every code the mass 1/K and only serves training (inference is a plain argmax). Ours
   sets the column masses from the budget and runs at inference, so that a batch meets its budget.
 - APTP runs 3 Sinkhorn iterations; we iterate to convergence, because the budget rides on the column masses and
@@ -52,6 +52,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -65,7 +66,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Router", "cosine_similarity", "budget_marginals", "sinkhorn", "repair_to_budget", "route_batch",
     "single_prompt_bias", "route_single", "fit_prototypes", "fit_router", "save_router", "load_router",
-    "pooled_text_embeddings", "token_lengths", "BUDGET_TOLERANCE", "FIT_METHODS",
+    "pooled_text_embeddings", "SentenceEncoder", "sentence_encoder_pooling", "sentence_embeddings", "token_lengths",
+    "BUDGET_TOLERANCE", "FIT_METHODS",
 ]
 
 DEFAULT_EPSILON = 0.05  # Source: APTP quantizer.py, sinkhorn_epsilon default (SwAV's value)
@@ -715,6 +717,53 @@ def pooled_text_embeddings(tokenizers: Sequence, text_encoders: Sequence, prompt
             output = text_encoder(ids.to(text_encoder.device))
             projected = getattr(output, "text_embeds", None)
             pooled.append((output.pooler_output if projected is None else projected).float().cpu())
+    return torch.cat(pooled)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SentenceEncoder:
+    """A local sentence-embedding model: a transformers encoder, its tokenizer, and how it pools its tokens."""
+
+    tokenizer: Any
+    model: torch.nn.Module
+    pooling: str  # "mean" over the real tokens (all-mpnet-base-v2, all-MiniLM-L6-v2) or "cls"
+    name: str  # shown in the routers fitted with it
+
+
+def sentence_encoder_pooling(folder: str | os.PathLike) -> str:
+    """How a sentence-transformers folder pools: "cls" when its ``1_Pooling/config.json`` says so, else "mean"
+    (what all-mpnet-base-v2, APTP's encoder, and a folder without that file use)."""
+    path = os.path.join(os.fspath(folder), "1_Pooling", "config.json")
+    if not os.path.isfile(path):
+        return "mean"
+    with open(path, encoding="utf-8") as file:
+        return "cls" if json.load(file).get("pooling_mode_cls_token") else "mean"
+
+
+def sentence_embeddings(encoder: SentenceEncoder, prompts: Sequence[str]) -> torch.Tensor:
+    """One embedding per prompt from a sentence encoder: its last hidden states pooled over the real tokens.
+
+    Routing compares directions only, so sentence-transformers' final normalisation is left out.
+
+    Returns:
+        (N, D) float32 on the CPU.
+    Raises:
+        ValueError: no prompts.
+    """
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt; got none")
+    device = next(encoder.model.parameters()).device
+    pooled = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), ENCODE_BATCH):
+            batch = encoder.tokenizer(list(prompts[start:start + ENCODE_BATCH]), padding=True, truncation=True,
+                                      return_tensors="pt").to(device)
+            hidden = encoder.model(**batch).last_hidden_state.float()
+            if encoder.pooling == "cls":
+                pooled.append(hidden[:, 0].cpu())
+                continue
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
     return torch.cat(pooled)
 
 

@@ -90,3 +90,12 @@ def test_statistics_hooks_are_removed_afterwards(codec, latent):
     with shared_group_norm_statistics(codec.vae.decoder, lambda: codec.decode(latent)):
         assert norm._forward_hooks
     assert not norm._forward_hooks and not norm._forward_pre_hooks
+
+
+def test_tiled_decode_streams_into_a_channels_last_image_buffer(codec, latent):
+    expected = tiled_decode(codec, latent, TILE, OVERLAP)
+    image = torch.full((1, 80, 112, 3), -1.0)  # ComfyUI's IMAGE layout, written through a (B, C, H, W) view
+    returned = tiled_decode(codec, latent, TILE, OVERLAP, out=image.permute(0, 3, 1, 2))
+    assert returned.data_ptr() == image.data_ptr()
+    assert torch.equal(image.permute(0, 3, 1, 2), expected)
+

@@ -74,3 +74,27 @@ def test_progress_is_reported_per_tile():
     with use_sink(Sink()):
         tiled_apply(lambda t: t, torch.zeros(1, 1, 30, 30), 16, 2, Fraction(1))  # 2 × 2 tiles overlapping by 2
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_image_tiles_stream_a_preview_that_fills_in_tile_by_tile():
+    import numpy as np
+
+    previews = []
+
+    class Sink:
+        def progress(self, step, total, preview):
+            previews.append(np.asarray(preview).astype(np.float32) / 255)
+
+        def interrupted(self):
+            return False
+
+    coarse = torch.rand(1, 3, 6, 4, generator=torch.Generator().manual_seed(0))
+    x = F.interpolate(coarse, size=(300, 200), mode="bilinear")  # smooth, so a pixel's shift in the preview is small
+    upsample = lambda t: F.interpolate(t, scale_factor=2, mode="nearest")  # noqa: E731  (600 × 400 output)
+    with use_sink(Sink()):
+        out = tiled_apply(upsample, x, 128, 16, Fraction(2))
+    assert len(previews) == 3 * 2 and previews[0].shape == (512, 341, 3)  # at most 512 px a side
+    filled = [float((preview > 0).mean()) for preview in previews]
+    assert filled == sorted(filled) and filled[0] < 0.5 and filled[-1] > 0.99  # the image fills in
+    expected = F.interpolate(out, size=(512, 341), mode="area")[0].permute(1, 2, 0).numpy()
+    assert float(np.abs(previews[-1] - expected).mean()) < 0.02

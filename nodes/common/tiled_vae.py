@@ -95,17 +95,22 @@ def _statistics_input(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _tiled_with_shared_statistics(function: Callable[[torch.Tensor], torch.Tensor], network: torch.nn.Module,
                                   x: torch.Tensor, tile: int, overlap: int, scale: Fraction, margin: int,
-                                  statistics_size: int) -> torch.Tensor:
+                                  statistics_size: int, out: torch.Tensor | None) -> torch.Tensor:
     """``function`` (which runs ``network``) over tiles of ``x``, every tile normalised with the statistics of
-    the whole ``x`` (or of its copy downsampled to ``statistics_size``)."""
+    the whole ``x`` (or of its copy downsampled to ``statistics_size``), written to ``out`` if given."""
     if max(x.shape[-2:]) <= tile:
-        return function(x).cpu()  # one tile covers it: the whole-image pass itself
+        whole = function(x).cpu()  # one tile covers it: the whole-image pass itself
+        if out is None:
+            return whole
+        out.copy_(whole)
+        return out
     with shared_group_norm_statistics(network, lambda: function(_statistics_input(x, statistics_size))):
-        return tiled_apply(function, x, tile, overlap, scale, margin)
+        return tiled_apply(function, x, tile, overlap, scale, margin, out)
 
 
 def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap: int,
-                 margin: int = DECODER_MARGIN, statistics_size: int | None = None) -> torch.Tensor:
+                 margin: int = DECODER_MARGIN, statistics_size: int | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode ``latent`` tile by tile, with the whole latent's GroupNorm statistics and context margins.
 
     Args:
@@ -114,8 +119,10 @@ def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap
         tile, overlap, margin: in latent pixels (see :func:`nodes.common.tiles.tiled_apply`).
         statistics_size: the statistics pass runs on the latent when its long side is at most this, else on a
             downsampled copy; by default :data:`STATISTICS_SIDE_PX` in latent pixels, or one padded tile if larger.
+        out: where to write the images, (B, 3, h·f, w·f) on the CPU, for example ``image.permute(0, 3, 1, 2)`` of
+            a ComfyUI IMAGE buffer: tiles stream into it, so the decode holds no second full-size copy.
     Returns:
-        (B, 3, h·f, w·f) images in 0..1, on the CPU.
+        (B, 3, h·f, w·f) images in 0..1, on the CPU (``out`` when given).
     Example:
         >>> from diffusers import AutoencoderKL
         >>> vae = AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4,
@@ -125,7 +132,7 @@ def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap
     """
     statistics_size = statistics_size or max(STATISTICS_SIDE_PX // codec.downscale, tile + 2 * margin)
     return _tiled_with_shared_statistics(codec.decode, codec.vae.decoder, latent, tile, overlap,
-                                         Fraction(codec.downscale), margin, statistics_size)
+                                         Fraction(codec.downscale), margin, statistics_size, out)
 
 
 def tiled_encode(codec: DiffusersCodec, image: torch.Tensor, tile: int, overlap: int,
@@ -142,4 +149,4 @@ def tiled_encode(codec: DiffusersCodec, image: torch.Tensor, tile: int, overlap:
     """
     statistics_size = statistics_size or max(STATISTICS_SIDE_PX, tile + 2 * margin)
     return _tiled_with_shared_statistics(codec.encode, codec.vae.encoder, image, tile, overlap,
-                                         Fraction(1, codec.downscale), margin, statistics_size)
+                                         Fraction(1, codec.downscale), margin, statistics_size, None)

@@ -1,7 +1,8 @@
 """Running a function over overlapping tiles and blending the results without seams.
 
-The tiled VAE decode and encode use it: each tile is processed alone, so peak memory follows the tile size,
-not the image size, and the overlaps are cross-faded with linear ramps so no seam shows.
+The tiled VAE decode and encode use it: each tile is processed alone and finished rows stream out, so work
+memory follows the tile size (times the output's width), not the image's area, and the overlaps are
+cross-faded with linear ramps so no seam shows.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from collections.abc import Callable
 from fractions import Fraction
 
 import torch
+from PIL import Image
 
-from .progress import progress
+from .progress import PREVIEW_MAX_SIZE, progress
 
 
 def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -62,12 +64,18 @@ def _ramp(length: int, start: int, starts: list[int], tile: int, scale: Fraction
 
 
 def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-                scale: Fraction, margin: int = 0) -> torch.Tensor:
-    """``function`` applied to overlapping tiles of ``x`` and cross-faded into one result.
+                scale: Fraction, margin: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``function`` applied to overlapping tiles of ``x`` and cross-faded into one result, streamed row by row.
 
     Each tile is widened by ``margin`` input pixels of real context on every side (less at the image's edges)
     before ``function`` sees it, and its result is cropped back to the tile: a convolutional network then sees
     the same neighbourhood as on the whole input, instead of zero padding, up to ``margin`` pixels deep.
+
+    Tiles run row by row. Output rows that no later tile reaches are normalised and written to ``out`` as soon as
+    their tile row is done, so besides ``out`` only one row of tiles is held in float32: work memory grows with
+    the tile size and the output's width, never with its area. Each tile is reported through
+    :func:`~nodes.common.progress.progress`; three-channel results (images) come with a preview that fills in
+    tile by tile.
 
     Args:
         function: maps (B, C, h, w) to (B, C', h·scale, w·scale), as a VAE decoder (scale 8) or encoder (1/8).
@@ -76,11 +84,14 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         overlap: overlap between neighbouring tiles in input pixels, 0 <= overlap < tile.
         scale: output pixels per input pixel; ``tile``·scale and ``overlap``·scale must be whole numbers.
         margin: context added around each tile, in input pixels; ``margin``·scale must be a whole number.
+        out: where to write the result, shape (B, C', H·scale, W·scale), on the CPU; it may be a view of another
+            layout (``image.permute(0, 3, 1, 2)`` of a (B, H, W, C) buffer writes that buffer). None: a new tensor
+            in ``function``'s dtype.
     Returns:
-        Shape (B, C', H·scale, W·scale), in ``function``'s dtype, on the CPU: the whole result is gathered in CPU
-        memory, so an accelerator holds one tile at a time.
+        ``out`` (or the new tensor), on the CPU: an accelerator holds one tile at a time.
     Raises:
-        ValueError: a size out of range, or a tile that does not map to whole output pixels.
+        ValueError: a size out of range, a tile that does not map to whole output pixels, or an ``out`` of the
+            wrong shape.
     Example:
         >>> x = torch.arange(2 * 10 * 12, dtype=torch.float32).reshape(1, 2, 10, 12)
         >>> upsample = lambda t: t.repeat_interleave(2, -1).repeat_interleave(2, -2)
@@ -100,22 +111,59 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     align = scale.denominator  # input pixels per output pixel: tiles must start on the output grid
     rows = tile_starts(height, tile_h, min(overlap, tile_h - align), align)
     columns = tile_starts(width, tile_w, min(overlap, tile_w - align), align)
-    out, total = None, None
-    for number, (top, left) in enumerate((r, c) for r in rows for c in columns):
-        context_top, context_left = max(top - margin, 0), max(left - margin, 0)
-        padded = function(x[..., context_top:top + tile_h + margin, context_left:left + tile_w + margin])
-        dtype = padded.dtype
-        crop_y, crop_x = int((top - context_top) * scale), int((left - context_left) * scale)
-        result = padded[..., crop_y:crop_y + int(tile_h * scale), crop_x:crop_x + int(tile_w * scale)]
-        result = result.to("cpu", torch.float32)
-        if out is None:
-            out = torch.zeros(*result.shape[:2], int(height * scale), int(width * scale))
-            total = torch.zeros(int(height * scale), int(width * scale))
-        weight = torch.outer(_ramp(result.shape[-2], top, rows, tile_h, scale),
-                             _ramp(result.shape[-1], left, columns, tile_w, scale))
-        y, x0 = int(top * scale), int(left * scale)
-        out[..., y:y + result.shape[-2], x0:x0 + result.shape[-1]] += result * weight
-        total[y:y + result.shape[-2], x0:x0 + result.shape[-1]] += weight
-        progress(number + 1, len(rows) * len(columns))
-    return (out / total).to(dtype)
+    out_h, out_w = int(height * scale), int(width * scale)
+    band_top, band, total, preview = 0, None, None, None  # the float32 rows not yet written, from band_top down
+    for row_index, top in enumerate(rows):
+        y = int(top * scale)
+        for column_index, left in enumerate(columns):
+            context_top, context_left = max(top - margin, 0), max(left - margin, 0)
+            padded = function(x[..., context_top:top + tile_h + margin, context_left:left + tile_w + margin])
+            crop_y, crop_x = int((top - context_top) * scale), int((left - context_left) * scale)
+            result = padded[..., crop_y:crop_y + int(tile_h * scale), crop_x:crop_x + int(tile_w * scale)]
+            result = result.to("cpu", torch.float32)
+            if out is None:
+                out = torch.empty(*result.shape[:2], out_h, out_w, dtype=padded.dtype)
+            if band is None:
+                if tuple(out.shape) != (*result.shape[:2], out_h, out_w):
+                    raise ValueError(f"out must have shape {(*result.shape[:2], out_h, out_w)}; got "
+                                     f"{tuple(out.shape)}")
+                band = torch.zeros(*result.shape[:2], result.shape[-2], out_w)
+                total = torch.zeros(result.shape[-2], out_w)
+            weight = torch.outer(_ramp(result.shape[-2], top, rows, tile_h, scale),
+                                 _ramp(result.shape[-1], left, columns, tile_w, scale))
+            x0, offset = int(left * scale), y - band_top
+            band[..., offset:offset + result.shape[-2], x0:x0 + result.shape[-1]] += result * weight
+            total[offset:offset + result.shape[-2], x0:x0 + result.shape[-1]] += weight
+            if result.shape[1] == 3:
+                preview = _paste_preview(preview, result, y, x0, out_h, out_w)
+            progress(row_index * len(columns) + column_index + 1, len(rows) * len(columns),
+                     None if preview is None else _preview_image(preview))
+        # Rows above the next tile row are final: write them and keep the rest of the band for that row.
+        done = (int(rows[row_index + 1] * scale) if row_index + 1 < len(rows) else out_h) - band_top
+        out[..., band_top:band_top + done, :] = (band[..., :done, :] / total[:done]).to(out.dtype)
+        kept = band.shape[-2] - done
+        band[..., :kept, :], total[:kept] = band[..., done:, :].clone(), total[done:].clone()
+        band[..., kept:, :], total[kept:] = 0, 0
+        band_top += done
+    return out
 
+
+def _paste_preview(preview: torch.Tensor | None, result: torch.Tensor, y: int, x: int, height: int,
+                   width: int) -> torch.Tensor:
+    """The preview canvas (3, h, w), at most ``PREVIEW_MAX_SIZE`` a side, with ``result``'s first image pasted at
+    output position (y, x)."""
+    ratio = min(1.0, PREVIEW_MAX_SIZE / max(height, width))
+    if preview is None:
+        preview = torch.zeros(3, max(1, round(height * ratio)), max(1, round(width * ratio)))
+    top, left = round(y * ratio), round(x * ratio)
+    size = (max(1, round(result.shape[-2] * ratio)), max(1, round(result.shape[-1] * ratio)))
+    small = torch.nn.functional.interpolate(result[:1], size=size, mode="area")[0]
+    bottom, right = min(top + size[0], preview.shape[-2]), min(left + size[1], preview.shape[-1])
+    preview[:, top:bottom, left:right] = small[:, :bottom - top, :right - left]
+    return preview
+
+
+def _preview_image(preview: torch.Tensor) -> Image.Image:
+    """The preview canvas, values in 0..1, as an RGB image."""
+    pixels = (preview.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels)

@@ -28,7 +28,8 @@ def with_image_size(conditioning: Conditioning, height: int, width: int) -> Cond
 
 def generate(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Conditioning, negative: Conditioning,
              latent: torch.Tensor, seed: int, steps: int, cfg: float, sampler: str, scheduler: str,
-             denoise: float = 1.0, momentum: float | None = None) -> torch.Tensor:
+             denoise: float = 1.0, momentum: float | None = None,
+             initial_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample latents for ``positive`` against ``negative``.
 
     Args:
@@ -40,6 +41,9 @@ def generate(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Cond
         seed: the noise seed; the same seed and settings give bit-identical latents on one device.
         steps, cfg, sampler, scheduler, denoise, momentum: as :func:`nodes.sampling.samplers.sample` takes them;
             ``denoise`` 1 ignores ``latent``'s content (text-to-image), below 1 starts from it.
+        initial_noise: the starting noise (unit variance, ``latent``'s shape) to use instead of the seeded one, as a
+            watermarked latent carries it (LATENT key ``INITIAL_NOISE_KEY``); ``seed`` still seeds the per-step
+            noise of stochastic samplers.
     Returns:
         Unscaled latents of ``latent``'s shape, on its device.
     """
@@ -53,6 +57,11 @@ def generate(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Cond
     # One stream: the step noise of stochastic samplers continues after the starting noise instead of repeating
     # it (two generators on one seed would make the first step's noise equal to x_T).
     noise, generator = seeded_noise(seed, tuple(latent.shape))
+    if initial_noise is not None:
+        if initial_noise.shape != latent.shape:
+            raise ValueError(f"initial_noise must have the latent's shape {tuple(latent.shape)}; "
+                             f"got {tuple(initial_noise.shape)}")
+        noise = initial_noise.float()
     noise = noise.to(device)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

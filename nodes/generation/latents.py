@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 
 LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
+# A LATENT may carry the starting noise (B, C, h, w) under this key, which the sampler then uses instead of its
+# seeded noise: the watermark injector (nodes.watermark) puts its marked noise there. Not a ComfyUI key.
+INITIAL_NOISE_KEY = "initial_noise"
 
 
 def empty_latent(batch_size: int, channels: int, height: int, width: int, downscale: int = 8) -> torch.Tensor:

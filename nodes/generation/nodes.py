@@ -22,7 +22,7 @@ from ..models.lora import MAX_STRENGTH as MAX_LORA_STRENGTH
 from ..models.lora import LoraSpec, set_loras
 from ..sampling.samplers import MOMENTUM_DEFAULTS, MOMENTUM_RANGES, SAMPLERS, SCHEDULERS, check_sampler_settings
 from .generate import generate
-from .latents import LATENT_UPSCALE_METHODS, empty_latent, upscale_latent
+from .latents import INITIAL_NOISE_KEY, LATENT_UPSCALE_METHODS, empty_latent, upscale_latent
 from .text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt
 
 CATEGORY = "atelier/generation"
@@ -240,8 +240,11 @@ class AtelierSampler:
             set_loras(loaded, model.loras)
             latent = generate(DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae),
                               loaded.family, positive, negative, latent_image["samples"].to(loaded.device), seed,
-                              steps, cfg, sampler_name, scheduler, denoise, momentum or None)
-        return ({**latent_image, "samples": latent.cpu()},)
+                              steps, cfg, sampler_name, scheduler, denoise, momentum or None,
+                              initial_noise=latent_image.get(INITIAL_NOISE_KEY))
+        # The output is no longer at its starting noise: a later pass (hires fix) draws its own.
+        kept = {key: value for key, value in latent_image.items() if key != INITIAL_NOISE_KEY}
+        return ({**kept, "samples": latent.cpu()},)
 
 
 class _Tiling:

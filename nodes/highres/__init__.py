@@ -1,0 +1,1 @@
+"""highres (being built)."""

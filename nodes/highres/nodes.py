@@ -1,0 +1,263 @@
+"""The highres nodes: tiled sampling (MultiDiffusion, Mixture of Diffusers, shifted tiles), LinFusion, and the
+Tiled 16K generator. They are thin: each checks its widgets, calls :mod:`.tiling`, :mod:`.linfusion` or
+:mod:`.generate`, and returns a tuple. Design note: ``highres.md``.
+
+LinFusion travels on its own socket, ``ATELIER_LINFUSION`` (:class:`LinFusion`): the shared model is never changed;
+the nodes that take it mount it on the UNet under the model's lock for their own run only, as LoRAs are switched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import torch
+
+from ..common.checks import range_errors
+from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
+from ..common.paths import confine
+from ..common.tiled_vae import tiled_decode
+from ..generation.generate import generate
+from ..generation.nodes import MAX_CFG, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, ModelRef, ModelsFolder
+from ..models.loading import LoadedModel, check_safetensors, comfy_folder_paths, files_under
+from ..models.lora import set_loras
+from ..sampling.samplers import SAMPLERS, SCHEDULERS, check_sampler_settings
+from .generate import SCHEDULES, generate_large, plan_stages
+from .linfusion import LayerConfig, linfusion_config, load_linfusion, mounted
+from .tiling import MODES, TiledDenoiser, TileSettings
+
+CATEGORY = "atelier/highres"
+LINFUSION_FOLDER = "linfusion"  # models/linfusion: the published diffusion_pytorch_model.safetensors, renamed
+MAX_TILE_PX = 4096
+MAX_TILE_BATCH = 64
+DEFAULT_TILE_PX = 512  # Source: FSTD's 64-latent tile (highres.md §2.1)
+DEFAULT_OVERLAP_PX = 128  # 16 latent; Source: the A1111 wiki's 16–32 latent for Mixture of Diffusers
+DEFAULT_OFFSET_STRIDE_PX = 256  # 32 latent; Source: FSTD's offset_stride for T = 64
+VAE_OVERLAP_DIVISOR = 8  # VAE tiles overlap by 1/8 of their side: the VAE Decode node's 64 px at 512 px
+
+
+@dataclasses.dataclass(frozen=True)
+class LinFusion:
+    """LinFusion layers loaded for one model's UNet, and the layers they replace."""
+
+    model: LoadedModel
+    layers: torch.nn.ModuleList
+    config: tuple[LayerConfig, ...]
+
+
+@contextlib.contextmanager
+def model_in_use(model: ModelRef, linfusion: LinFusion | None) -> Iterator[LoadedModel]:
+    """The model under its lock, with its ref's LoRAs and, if given, LinFusion mounted for the block."""
+    loaded = model.model
+    if linfusion is not None and linfusion.model is not loaded:
+        raise ValueError("linfusion was loaded for another checkpoint than model; load it from this model")
+    with loaded.lock:
+        set_loras(loaded, model.loras)
+        if linfusion is None:
+            yield loaded
+            return
+        with mounted(loaded.unet, linfusion.layers, list(linfusion.config)):
+            yield loaded
+
+
+def _tiling_inputs() -> dict[str, tuple]:
+    return {
+        "mode": (list(MODES), {"tooltip": "mixture: Mixture of Diffusers' Gaussian blend (no seams); "
+                                          "multidiffusion: uniform average; shifted: FSTD's non-overlapping tiles, "
+                                          "shifted every step (fewest UNet calls)."}),
+        "tile_size": ("INT", {"default": DEFAULT_TILE_PX, "min": 64, "max": MAX_TILE_PX, "step": 8,
+                              "tooltip": "Tile side in pixels; the model's native size works best."}),
+        "overlap": ("INT", {"default": DEFAULT_OVERLAP_PX, "min": 0, "max": MAX_TILE_PX - 8, "step": 8,
+                            "tooltip": "Least overlap between tiles in pixels (mixture, multidiffusion)."}),
+        "offset_stride": ("INT", {"default": DEFAULT_OFFSET_STRIDE_PX, "min": 8, "max": MAX_TILE_PX, "step": 8,
+                                  "tooltip": "Shifted mode: the grid moves in steps of this many pixels; "
+                                             "(tile / stride)² offsets per cycle."}),
+        "tile_batch_size": ("INT", {"default": 4, "min": 1, "max": MAX_TILE_BATCH, "step": 1,
+                                    "tooltip": "Tiles per UNet call; the result does not depend on it."}),
+    }
+
+
+def _sampling_inputs() -> dict[str, tuple]:
+    return {
+        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
+                         "tooltip": "The noise seed; it also seeds the shifted mode's offset schedule."}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "step": 1, "tooltip": "Denoising steps."}),
+        "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": MAX_CFG, "step": 0.1, "round": 0.01,
+                          "tooltip": "Classifier-free guidance scale; 1 skips the negative pass."}),
+        "sampler_name": (list(SAMPLERS), {"tooltip": "The solver."}),
+        "scheduler": (list(SCHEDULERS), {"tooltip": "The noise levels the solver visits."}),
+    }
+
+
+def _tile_settings(mode: str, tile_size: int, overlap: int, offset_stride: int, tile_batch_size: int, seed: int,
+                   downscale: int) -> TileSettings:
+    return TileSettings(mode, tile_size // downscale, overlap // downscale, tile_batch_size,
+                        offset_stride // downscale, seed)
+
+
+def _validate(cls: type, values: dict) -> bool | str:
+    """Widget limits of the named inputs (naming them switches ComfyUI's own checks off), then their relations."""
+    specs = {**cls.INPUT_TYPES()["required"]}
+    errors = range_errors(values, {name: (specs[name][1]["min"], specs[name][1]["max"]) for name in values})
+    tile, overlap, stride = values.get("tile_size"), values.get("overlap"), values.get("offset_stride")
+    if tile is not None and overlap is not None and overlap >= tile:
+        errors.append(f"overlap must be smaller than tile_size; got {overlap} >= {tile}")
+    if tile is not None and stride is not None and stride > tile:
+        errors.append(f"offset_stride must be at most tile_size; got {stride} > {tile}")
+    return "; ".join(errors) or True
+
+
+class AtelierTiledSample:
+    DESCRIPTION = ("Samples a latent of any size tile by tile and blends the tiles with weights that sum to 1 at "
+                   "every pixel: Mixture of Diffusers (Gaussian, seamless), MultiDiffusion (uniform) or FSTD-style "
+                   "shifted tiles, which need the fewest UNet calls. Optional LinFusion attention.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("latent", "report")
+    OUTPUT_TOOLTIPS = ("The denoised latents.", "Tiles the UNet evaluated per step.")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("ATELIER_MODEL", {"tooltip": "The model to denoise with."}),
+            "positive": ("ATELIER_CONDITIONING", {"tooltip": "What the image should show."}),
+            "negative": ("ATELIER_CONDITIONING", {"tooltip": "What it should not show."}),
+            "latent_image": ("LATENT", {"tooltip": "An empty latent, or an encoded image for image-to-image."}),
+            **_sampling_inputs(),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "round": 0.001,
+                                  "tooltip": "1 for text-to-image; lower keeps more of the input latents."}),
+            **_tiling_inputs(),
+        }, "optional": {
+            "linfusion": ("ATELIER_LINFUSION", {"tooltip": "LinFusion layers to use in place of self-attention."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_size: int | None, overlap: int | None, offset_stride: int | None) -> bool | str:
+        return _validate(cls, {"tile_size": tile_size, "overlap": overlap, "offset_stride": offset_stride})
+
+    def sample(self, model: ModelRef, positive: Conditioning, negative: Conditioning, latent_image: dict, seed: int,
+               steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float, mode: str, tile_size: int,
+               overlap: int, offset_stride: int, tile_batch_size: int,
+               linfusion: LinFusion | None = None) -> tuple[dict, str]:
+        if "noise_mask" in latent_image:
+            raise ValueError("AtelierTiledSample does not support a LATENT noise_mask (inpainting); remove the mask")
+        with model_in_use(model, linfusion) as loaded:
+            codec = DiffusersCodec(loaded.vae)
+            check_sampler_settings(sampler_name, scheduler, steps, denoise=denoise, family=loaded.family)
+            tiled = TiledDenoiser(DiffusersDenoiser(loaded.unet, loaded.schedule),
+                                  _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed,
+                                                 codec.downscale))
+            latent = generate(tiled, codec, loaded.family, positive, negative,
+                              latent_image["samples"].to(loaded.device), seed, steps, cfg, sampler_name, scheduler,
+                              denoise)
+        mean = sum(tiled.tiles_per_call) / len(tiled.tiles_per_call)
+        report = f"{mode}: {mean:g} tiles per step over {len(tiled.tiles_per_call)} steps"
+        return {"samples": latent.cpu()}, report
+
+
+class AtelierLoadLinFusion(ModelsFolder):
+    DESCRIPTION = ("Loads published LinFusion weights (SD1.5, SD2.1 or SDXL) for the model: linear attention in place "
+                   "of self-attention, so memory grows linearly with the image's pixels. The tiled sampler and the "
+                   "16K generator use it for their run; the model itself is left unchanged.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ATELIER_LINFUSION",)
+    RETURN_NAMES = ("linfusion",)
+    OUTPUT_TOOLTIPS = ("LinFusion layers for this model.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def linfusion_folder(cls) -> str | None:
+        if cls.models_dir is not None:
+            return os.path.join(cls.models_dir, LINFUSION_FOLDER)
+        folder_paths = comfy_folder_paths()
+        return None if folder_paths is None else os.path.join(folder_paths.models_dir, LINFUSION_FOLDER)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        folder = cls.linfusion_folder()
+        names = [] if folder is None else sorted(files_under(folder, (".safetensors",)))
+        return {"required": {
+            "model": ("ATELIER_MODEL", {"tooltip": "The model the LinFusion weights were trained for."}),
+            "linfusion_name": (names, {"tooltip": "A LinFusion .safetensors in models/linfusion (the published "
+                                                  "diffusion_pytorch_model.safetensors under any name)."}),
+        }}
+
+    def load(self, model: ModelRef, linfusion_name: str) -> tuple[LinFusion]:
+        folder = self.linfusion_folder()
+        if folder is None:
+            raise ValueError("no models folder for LinFusion files: pass --models-dir (standalone) or run inside "
+                             "ComfyUI")
+        path = confine(folder, linfusion_name)
+        check_safetensors(path)
+        loaded = model.model
+        with loaded.lock:
+            layers = load_linfusion(path, loaded.unet, loaded.family)
+            config = tuple(linfusion_config(loaded.unet, loaded.family))
+        return (LinFusion(loaded, layers, config),)
+
+
+class AtelierTiled16KGenerator:
+    DESCRIPTION = ("Makes an image of up to 16384 pixels a side: LinFusion's staged recipe (text-to-image at the base "
+                   "size, then ×2 per stage, re-noised less each time) or one direct pass, every stage sampled with "
+                   "tiled diffusion, then a tiled VAE decode with shared normalisation statistics.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "report")
+    OUTPUT_TOOLTIPS = ("The image.", "Per stage: size, strength, steps, tiles per step and tokens.")
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("ATELIER_MODEL", {"tooltip": "The model to sample with."}),
+            "vae": ("ATELIER_VAE", {"tooltip": "The checkpoint's VAE."}),
+            "positive": ("ATELIER_CONDITIONING", {"tooltip": "What the image should show."}),
+            "negative": ("ATELIER_CONDITIONING", {"tooltip": "What it should not show."}),
+            "width": ("INT", {"default": 2048, "min": 64, "max": MAX_RESOLUTION, "step": 8,
+                              "tooltip": "Image width in pixels; staged: it must halve to the base size."}),
+            "height": ("INT", {"default": 1024, "min": 64, "max": MAX_RESOLUTION, "step": 8,
+                               "tooltip": "Image height in pixels."}),
+            "schedule": (list(SCHEDULES), {"tooltip": "staged: LinFusion's ×2 stages from the base size; direct: one "
+                                                      "text-to-image pass at full size."}),
+            "base_size": ("INT", {"default": 1024, "min": 64, "max": MAX_RESOLUTION, "step": 8,
+                                  "tooltip": "Staged: the first stage's long side at most (LinFusion: 1024)."}),
+            **_sampling_inputs(),
+            **_tiling_inputs(),
+            "vae_tile_size": ("INT", {"default": 512, "min": 64, "max": MAX_TILE_PX, "step": 64,
+                                      "tooltip": "Tile side of the VAE decode in pixels."}),
+        }, "optional": {
+            "linfusion": ("ATELIER_LINFUSION", {"tooltip": "LinFusion layers to use in place of self-attention."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_size: int | None, overlap: int | None, offset_stride: int | None) -> bool | str:
+        return _validate(cls, {"tile_size": tile_size, "overlap": overlap, "offset_stride": offset_stride})
+
+    def generate(self, model: ModelRef, vae: DiffusersCodec, positive: Conditioning, negative: Conditioning,
+                 width: int, height: int, schedule: str, base_size: int, seed: int, steps: int, cfg: float,
+                 sampler_name: str, scheduler: str, mode: str, tile_size: int, overlap: int, offset_stride: int,
+                 tile_batch_size: int, vae_tile_size: int,
+                 linfusion: LinFusion | None = None) -> tuple[torch.Tensor, str]:
+        with model_in_use(model, linfusion) as loaded:
+            stages = plan_stages(loaded.family, width, height, schedule, steps, base_size, vae.downscale)
+            check_sampler_settings(sampler_name, scheduler, steps, family=loaded.family)
+            settings = _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed, vae.downscale)
+            latent, reports = generate_large(DiffusersDenoiser(loaded.unet, loaded.schedule), vae, loaded.family,
+                                             positive, negative, stages, seed, steps, cfg, sampler_name, scheduler,
+                                             settings, loaded.device)
+        vae_tile = vae_tile_size // vae.downscale
+        image = torch.empty(1, height, width, 3)  # the IMAGE itself: tiles stream into it, no second copy
+        tiled_decode(vae, latent.cpu(), vae_tile, vae_tile // VAE_OVERLAP_DIVISOR, out=image.permute(0, 3, 1, 2))
+        return image, "\n".join(report.line() for report in reports)
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AtelierTiledSample, AtelierLoadLinFusion,
+                                                     AtelierTiled16KGenerator)}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AtelierTiledSample": "Tiled Sampler (Atelier)",
+    "AtelierLoadLinFusion": "Load LinFusion (Atelier)",
+    "AtelierTiled16KGenerator": "Tiled 16K Generator (Atelier)",
+}

@@ -18,7 +18,7 @@
 There is no peer to run side by side here: ComfyUI-TiledDiffusion and LinFusion are not installable (highres.md
 §6); (a) compares our two modes on the same plans.
 
-    python bench/highres.py [--quick] [--sizes 1024 2048 4096 8192 16384] [--steps 2]
+    python bench/highres.py [--quick] [--sizes 1024 2048 4096 8192 16384] [--steps 2] [--decode-precision auto]
 
 Ends with ``BENCH highres tile_call_ratio=... mem_growth_4k_to_16k_mb=... s_per_mpix=...``.
 """
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from nodes.common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser  # noqa: E402
-from nodes.common.tiled_vae import tiled_decode  # noqa: E402
+from nodes.common.tiled_vae import DECODE_PRECISIONS, decode_dtype, tiled_decode  # noqa: E402
 from nodes.generation.text import encode_prompt  # noqa: E402
 from nodes.highres.generate import generate_large, plan_stages  # noqa: E402
 from nodes.highres.tiling import TileSettings, tile_calls_per_step  # noqa: E402
@@ -70,15 +70,15 @@ def tile_call_ratio() -> tuple[float, float, float]:
 
 
 def run_size(model, codec: DiffusersCodec, positive: Conditioning, negative: Conditioning, size: int,
-             steps: int) -> tuple[float, float]:
+             steps: int, decode_precision: str) -> tuple[float, float]:
     """(wall seconds, tiles per step) of one direct text-to-image run and streamed tiled decode at size²."""
     start = time.perf_counter()
     stages = plan_stages("sd1", size, size, "direct", steps, size, codec.downscale)
-    settings = TileSettings("shifted", tile=8, overlap=0, tile_batch_size=16, offset_stride=4)
+    settings = TileSettings("shifted", tile=8, overlap=0, tile_batch_size=64, offset_stride=4)
     latent, reports = generate_large(DiffusersDenoiser(model.unet, model.schedule), codec, "sd1", positive,
                                      negative, stages, 0, steps, 1.0, "euler", "normal", settings)
     image = torch.empty(1, size, size, 3)
-    tiled_decode(codec, latent, 64, 8, out=image.permute(0, 3, 1, 2))
+    tiled_decode(codec, latent, 64, 8, out=image.permute(0, 3, 1, 2), dtype=decode_dtype(decode_precision, codec))
     return time.perf_counter() - start, reports[0].tiles_per_step
 
 
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="sizes 256 and 512 px, one step")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="auto",
+                        help="the tiled decode's precision (the generator node's vae_precision)")
     parser.add_argument("--models-dir", default=os.path.join("/tmp", "atelier_bench_models"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -100,12 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     model = load_checkpoint(EMBEDDED, args.models_dir)
     codec = DiffusersCodec(model.vae)
     positive, negative = (encode_prompt(model.tokenizers, model.text_encoders, "sd1", text) for text in (PROMPT, ""))
-    run_size(model, codec, positive, negative, 64, 1)  # warm-up
+    run_size(model, codec, positive, negative, 64, 1, args.decode_precision)  # warm-up
     baseline = current_rss_mb()
     report("(b) size_px  wall_s  tiles_per_step  peak_rss_mb  output_mb  work_mb")
     work, seconds = {}, {}
     for size in sizes:
-        seconds[size], tiles = run_size(model, codec, positive, negative, size, steps)
+        seconds[size], tiles = run_size(model, codec, positive, negative, size, steps, args.decode_precision)
         output_mb = size * size * 3 * 4 / 2 ** 20
         work[size] = peak_rss_mb() - baseline - output_mb
         report(f"    {size:6d}  {seconds[size]:6.1f}  {tiles:14g}  {peak_rss_mb():11.0f}  {output_mb:9.0f}  "
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     small_growth = (f" mem_growth_{sizes[0]}px_to_{largest}px_mb={work[largest] - work[sizes[0]]:.0f}"
                     if len(sizes) > 1 else "")
     report(f"BENCH highres tile_call_ratio={ratio:.3f} mem_growth_4k_to_16k_mb={growth:.0f} "
-           f"s_per_mpix={s_per_mpix:.2f}{small_growth} steps={steps} quick={int(args.quick)}")
+           f"s_per_mpix={s_per_mpix:.2f}{small_growth} steps={steps} decode={args.decode_precision} "
+           f"quick={int(args.quick)}")
 
 
 if __name__ == "__main__":

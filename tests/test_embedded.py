@@ -15,7 +15,8 @@ from nodes.embedded import dataset
 from nodes.embedded.dataset import (COLOURS, POSITIONS, SHAPES, held_out_captions, is_held_out, make_batch,
                                     render, score_image)
 
-SMOKE = dict(steps_vae=3, steps_unet=3, batch_vae=2, batch_unet=2, checkpoint_every=1, log_every=1)
+SMOKE = dict(steps_vae=3, steps_unet=3, steps_decoder=3, batch_vae=2, batch_unet=2, batch_decoder=2,
+             checkpoint_every=1, log_every=1)
 
 
 def test_make_batch_same_seed_same_batch_and_shapes():
@@ -101,15 +102,33 @@ def test_single_file_loads_with_the_folders_config(smoke_run):
         assert torch.equal(a, b)
 
 
-def test_resume_continues_exactly(smoke_run, tmp_path):
-    from nodes.embedded.train import CHECKPOINT_NAME, train
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_exactly(smoke_run, tmp_path, monkeypatch):
+    from nodes.embedded import train as training
 
     out, _ = smoke_run
-    train(_config(tmp_path, steps_unet=2))  # an interrupted run: stops after 2 of the 3 UNet steps
-    train(_config(tmp_path, resume=True))
-    straight, resumed = (safe_open(os.path.join(folder, CHECKPOINT_NAME), "pt") for folder in (out, tmp_path))
-    assert json.loads(resumed.metadata()["atelier"])["step"] == json.loads(straight.metadata()["atelier"])["step"] == 3
-    weights = [key for key in straight.keys() if key.startswith(("model.unet.", "model.text_encoder."))]
+    update = training._Progress.update
+
+    def interrupt_at_the_third_unet_step(progress, step, loss):
+        if progress.stage == "unet" and step == 2:
+            raise Interrupted  # after the checkpoint of step 2, before step 3's
+        update(progress, step, loss)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training._Progress, "update", interrupt_at_the_third_unet_step)
+        with pytest.raises(Interrupted):
+            training.train(_config(tmp_path))
+    training.train(_config(tmp_path, resume=True))
+    straight, resumed = (safe_open(os.path.join(folder, training.CHECKPOINT_NAME), "pt")
+                         for folder in (out, tmp_path))
+    for header in (straight, resumed):
+        assert {k: v for k, v in json.loads(header.metadata()["atelier"]).items()
+                if k in ("stage", "step")} == {"stage": "decoder", "step": 3}
+    weights = [key for key in straight.keys() if key.startswith(("model.unet.", "model.text_encoder.",
+                                                                 "model.vae.decoder."))]
     assert weights and set(weights) <= set(resumed.keys())
     for key in weights:
         assert torch.equal(straight.get_tensor(key), resumed.get_tensor(key)), key

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from nodes.common.denoiser import DiffusersCodec
-from nodes.common.tiled_vae import DECODER_MARGIN, shared_group_norm_statistics, tiled_decode, tiled_encode
+from nodes.common.tiled_vae import (DECODER_MARGIN, decode_dtype, shared_group_norm_statistics, tiled_decode,
+                                     tiled_encode)
 from nodes.common.tiles import tile_starts, tiled_apply
 
 TILE, OVERLAP = 16, 4  # latent pixels: 3 × 5 tiles over the 40 × 56 latent below
@@ -99,3 +100,19 @@ def test_tiled_decode_streams_into_a_channels_last_image_buffer(codec, latent):
     assert returned.data_ptr() == image.data_ptr()
     assert torch.equal(image.permute(0, 3, 1, 2), expected)
 
+
+
+def test_a_bfloat16_decode_stays_within_a_few_8_bit_levels(codec, latent):
+    whole = tiled_decode(codec, latent, TILE, OVERLAP)
+    fast = tiled_decode(codec, latent, TILE, OVERLAP, dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32
+    assert 0 < (fast - whole).abs().mean() * 255 <= 2  # it did run in bfloat16, and stays close
+    assert colour_error(fast, whole) <= 0.01
+
+
+def test_decode_precision_names(codec):
+    assert decode_dtype("float32", codec) is None
+    assert decode_dtype("bfloat16", codec) == torch.bfloat16
+    assert decode_dtype("auto", codec) in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        decode_dtype("int8", codec)

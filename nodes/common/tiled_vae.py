@@ -34,6 +34,31 @@ from .tiles import tiled_apply
 DECODER_MARGIN = 11  # latent pixels; the Tiled VAE extension's decoder padding
 ENCODER_MARGIN = 32  # image pixels; its encoder padding (a multiple of the VAE's factor 8)
 STATISTICS_SIDE_PX = 1024  # the largest image whose statistics pass runs at full size: SDXL's native side
+DECODE_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 convolutions natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or
+    AMX (oneDNN's check)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def decode_dtype(precision: str, codec: DiffusersCodec) -> torch.dtype | None:
+    """The autocast dtype of a tiled decode for a ``DECODE_PRECISIONS`` name; None runs the VAE's own dtype.
+
+    ``"auto"`` picks bfloat16 for a float32 VAE on a device that runs it natively. The decode of a large image is
+    the 16K generator's longest part on a CPU; on this project's AVX512-BF16 CPU bfloat16 decodes the embedded
+    model's 256² images 1.5× faster (one thread), with a mean error of 0.5 and a largest of 5 8-bit levels.
+    """
+    if precision not in DECODE_PRECISIONS:
+        raise ValueError(f"precision must be one of {DECODE_PRECISIONS}; got {precision!r}")
+    if precision == "bfloat16" or (precision == "auto" and codec.vae.dtype == torch.float32
+                                   and native_bfloat16(codec.vae.device)):
+        return torch.bfloat16
+    return None
 
 
 @contextlib.contextmanager
@@ -110,7 +135,7 @@ def _tiled_with_shared_statistics(function: Callable[[torch.Tensor], torch.Tenso
 
 def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap: int,
                  margin: int = DECODER_MARGIN, statistics_size: int | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode ``latent`` tile by tile, with the whole latent's GroupNorm statistics and context margins.
 
     Args:
@@ -121,6 +146,7 @@ def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap
             downsampled copy; by default :data:`STATISTICS_SIDE_PX` in latent pixels, or one padded tile if larger.
         out: where to write the images, (B, 3, h·f, w·f) on the CPU, for example ``image.permute(0, 3, 1, 2)`` of
             a ComfyUI IMAGE buffer: tiles stream into it, so the decode holds no second full-size copy.
+        dtype: the decoder's autocast dtype (:func:`decode_dtype`); None runs the VAE's own.
     Returns:
         (B, 3, h·f, w·f) images in 0..1, on the CPU (``out`` when given).
     Example:
@@ -131,8 +157,9 @@ def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap
         torch.Size([1, 3, 24, 40])
     """
     statistics_size = statistics_size or max(STATISTICS_SIDE_PX // codec.downscale, tile + 2 * margin)
-    return _tiled_with_shared_statistics(codec.decode, codec.vae.decoder, latent, tile, overlap,
-                                         Fraction(codec.downscale), margin, statistics_size, out)
+    with torch.autocast(codec.vae.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return _tiled_with_shared_statistics(codec.decode, codec.vae.decoder, latent, tile, overlap,
+                                             Fraction(codec.downscale), margin, statistics_size, out)
 
 
 def tiled_encode(codec: DiffusersCodec, image: torch.Tensor, tile: int, overlap: int,

@@ -13,7 +13,7 @@
     Up to 1024 px the tiled VAE's statistics pass decodes the whole image once (exact GroupNorm statistics), so
     work memory grows up to 1024 px and stays flat above it, where that pass runs on a 1024 px copy. ``s_per_mpix`` is the largest
     size's wall time per output megapixel.
-(c) A 16K image: ``--sizes 16384`` (hours on this 2-core CPU: the VAE decode alone is ~2.5 s per 512² tile).
+(c) A 16K image: ``--sizes 16384`` (59 min on this shared 2-core CPU at one step, bfloat16 decode).
 
 There is no peer to run side by side here: ComfyUI-TiledDiffusion and LinFusion are not installable (highres.md
 §6); (a) compares our two modes on the same plans.

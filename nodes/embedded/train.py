@@ -88,10 +88,9 @@ class TrainConfig:
     lr_unet: float = 5e-4
     steps_decoder: int = 3_000
     batch_decoder: int = 16
-    lr_decoder: float = 5e-4
+    lr_decoder: float = 5e-4  # falls linearly to 0 over the whole stage
     warmup_steps: int = 100  # linear warm-up, then constant until the UNet's decay
     decay_steps_unet: int = 4_000  # the UNet's rate falls linearly to 0 over its last steps (see _learning_rate)
-    # the decoder's rate falls linearly over its whole stage
     kl_weight: float = 1e-6  # environment.md §7's VAE objective: L1 + 1e-6·KL
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     checkpoint_every: int = 500
@@ -198,9 +197,11 @@ class _Progress:
                     self.total, loss, self.loss, rate, (self.total - done) / rate / 60)
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
-                    loss: torch.Tensor) -> None:
-    """One update of every stage: gradients of ``loss``, clipped to norm 1, then ``optimizer``'s step."""
+def _optimizer_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], loss: torch.Tensor,
+                    rate: float) -> None:
+    """One update of every stage: gradients of ``loss``, clipped to norm 1, then ``optimizer``'s step at ``rate``."""
+    for group in optimizer.param_groups:
+        group["lr"] = rate
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -325,10 +326,9 @@ def train(config: TrainConfig) -> tuple[str, str, float]:
         while step < config.steps_vae:
             rng, generator = _step_generators(config.seed, "vae", step)
             images = make_batch(rng, config.batch_vae)[0]
-            for group in vae_optimizer.param_groups:
-                group["lr"] = _learning_rate(config.lr_vae, step, config.warmup_steps)
             loss = _vae_loss(vae, images, generator, config.kl_weight)
-            _optimizer_step(vae_optimizer, list(vae.parameters()), loss)
+            _optimizer_step(vae_optimizer, list(vae.parameters()), loss,
+                            _learning_rate(config.lr_vae, step, config.warmup_steps))
             progress.update(step, loss.item())
             step += 1
             if step % config.checkpoint_every == 0:
@@ -358,12 +358,10 @@ def train(config: TrainConfig) -> tuple[str, str, float]:
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (latents.shape[0],), generator=generator)
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
-        for group in unet_optimizer.param_groups:
-            group["lr"] = _learning_rate(config.lr_unet, step, config.warmup_steps, config.steps_unet,
-                                         config.decay_steps_unet)
         prediction = unet(noisy, timesteps, _encode_text(tokenizer, text_encoder, captions)).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
-        _optimizer_step(unet_optimizer, trained, loss)
+        _optimizer_step(unet_optimizer, trained, loss, _learning_rate(
+            config.lr_unet, step, config.warmup_steps, config.steps_unet, config.decay_steps_unet))
         progress.update(step, loss.item())
         step += 1
         if step % config.checkpoint_every == 0 or step == config.steps_unet:
@@ -385,11 +383,9 @@ def train(config: TrainConfig) -> tuple[str, str, float]:
         images = make_batch(rng, config.batch_decoder)[0] * 2 - 1
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample(generator=generator)
-        for group in decoder_optimizer.param_groups:
-            group["lr"] = _learning_rate(config.lr_decoder, step, config.warmup_steps, config.steps_decoder,
-                                         config.steps_decoder)
         loss = (vae.decode(latents).sample - images).abs().mean()
-        _optimizer_step(decoder_optimizer, decoder_parameters, loss)
+        _optimizer_step(decoder_optimizer, decoder_parameters, loss, _learning_rate(
+            config.lr_decoder, step, config.warmup_steps, config.steps_decoder, config.steps_decoder))
         progress.update(step, loss.item())
         step += 1
         if step % config.checkpoint_every == 0 or step == config.steps_decoder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -15,7 +16,7 @@ from nodes.embedded import dataset
 from nodes.embedded.dataset import (COLOURS, POSITIONS, SHAPES, held_out_captions, is_held_out, make_batch,
                                     render, score_image)
 
-SMOKE = dict(steps_vae=3, steps_unet=3, steps_decoder=3, batch_vae=2, batch_unet=2, batch_decoder=2,
+SMOKE = dict(steps_vae=3, steps_unet=3, steps_decoder=3, steps_focus=3, batch_vae=2, batch_unet=2, batch_decoder=2,
              checkpoint_every=1, log_every=1)
 
 
@@ -126,7 +127,7 @@ def test_resume_continues_exactly(smoke_run, tmp_path, monkeypatch):
                          for folder in (out, tmp_path))
     for header in (straight, resumed):
         assert {k: v for k, v in json.loads(header.metadata()["atelier"]).items()
-                if k in ("stage", "step")} == {"stage": "decoder", "step": 3}
+                if k in ("stage", "step")} == {"stage": "focus", "step": 3}
     weights = [key for key in straight.keys() if key.startswith(("model.unet.", "model.text_encoder.",
                                                                  "model.vae.decoder."))]
     assert weights and set(weights) <= set(resumed.keys())
@@ -144,14 +145,14 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 # --- the shipped model --------------------------------------------------------------------------------------------
 
 def _dominant_colours(ckpt_name: str, models_dir: str, prompt: str, seed: int) -> list[str | None]:
-    """Through the generation nodes, as a workflow runs them: four 64×64 images for ``prompt``, scored."""
+    """Through the generation nodes, as a workflow runs them: 32 64×64 images for ``prompt``, scored."""
     from nodes.generation.nodes import (AtelierCheckpointLoader, AtelierEmptyLatent, AtelierSampler,
                                         AtelierTextEncode, AtelierVAEDecode)
 
     loader = type("Loader", (AtelierCheckpointLoader,), {"models_dir": models_dir})()
     model, clip, vae = loader.load(ckpt_name, "auto")
     positive, negative = (AtelierTextEncode().encode(clip, text, "auto")[0] for text in (prompt, ""))
-    latent = AtelierEmptyLatent().make(64, 64, 4)[0]
+    latent = AtelierEmptyLatent().make(64, 64, 32)[0]
     latent = AtelierSampler().sample(model, positive, negative, latent, seed, 20, 7.5, "euler", "normal", 1.0,
                                      0.0)[0]
     images = AtelierVAEDecode().decode(latent, vae, False, 512, 64)[0]
@@ -166,7 +167,10 @@ def test_shipped_model_draws_the_colour_it_is_asked_for(tmp_path, prompt, colour
     models_dir = str(tmp_path / "models")  # empty: the checkpoint comes from the pack itself
     assert f"{SHIPPED_NAME}.safetensors" in list_checkpoints(models_dir)
     colours = _dominant_colours(f"{SHIPPED_NAME}.safetensors", models_dir, prompt, seed=0)
-    assert colours.count(colour) >= 3, f"{prompt!r} gave {colours}"
+    # Most of them, out of 32 rather than 4: the shipped model draws "a blue square" blue about 3 times in 4
+    # (purple otherwise), so one batch of 4 passes or fails by the seed's luck; a model that drew colours at
+    # random would get 4 of 32.
+    assert colours.count(colour) > len(colours) / 2, f"{prompt!r} gave {collections.Counter(colours)}"
 
 
 def test_shipped_folder_and_single_file_hold_the_same_weights(tmp_path):

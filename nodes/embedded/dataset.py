@@ -197,14 +197,18 @@ def _background(scene: Scene, size: int) -> np.ndarray:
     return np.broadcast_to(per_row[:, None, :], (size, size, 3)).copy()
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Render ``scene`` as a float32 image in 0..1 of shape (3, size, size)."""
-    canvas = _background(scene, size)
+def coverage(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The shape's coverage of ``scene``'s pixels in 0..1, float32 of shape (size, size)."""
     cx, cy = POSITION_CENTRE_PX[scene.position]
     scale = size / IMAGE_SIZE
     centre = ((cx + scene.offset[0]) * scale, (cy + scene.offset[1]) * scale)
-    coverage = shape_mask(scene.shape, SIZE_RADIUS_PX[scene.size] * scale, centre, size)[..., None]
-    image = canvas * (1 - coverage) + _colour(scene.colour)[None, None] * coverage
+    return shape_mask(scene.shape, SIZE_RADIUS_PX[scene.size] * scale, centre, size)
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Render ``scene`` as a float32 image in 0..1 of shape (3, size, size)."""
+    shape = coverage(scene, size)[..., None]
+    image = _background(scene, size) * (1 - shape) + _colour(scene.colour)[None, None] * shape
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 

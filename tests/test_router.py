@@ -161,6 +161,37 @@ def test_fit_gives_harder_prompts_to_dearer_variants():
     assert cosine_similarity(router.prototypes, centres).argmax(dim=1).tolist() == [3, 2, 1, 0]
 
 
+def test_difficulty_fit_with_quality_sends_the_prompts_that_need_it_to_the_dearer_variant():
+    # Two topics apart on one axis; on another, a weaker sign of whether a prompt needs 8 steps or 20.
+    generator = torch.Generator().manual_seed(0)
+    needs_full = torch.rand(600, generator=generator) < 1 / 3
+    topic = torch.rand(600, generator=generator) < 0.5
+    embeddings = torch.randn(600, 16, generator=generator, dtype=torch.float64) * 0.3
+    embeddings[:, 0] += torch.where(topic, 2.0, -2.0)
+    embeddings[:, 1] += 1.5 * needs_full.double()
+    costs = torch.tensor([0.2, 0.4, 1.0], dtype=torch.float64)
+    difficulty = torch.where(needs_full, 1.0, 0.4).double()
+    quality = torch.tensor([0.44, 0.72, 0.94])  # 4 steps are not worth their saving at budget 0.6
+    agreement = {}
+    for method in ("kmeans", "difficulty"):
+        router = fit_router(embeddings, difficulty, costs, ["4", "8", "20"], method, torch.Generator().manual_seed(0),
+                            quality=quality)
+        routes = route_batch(embeddings, router, 0.6)
+        assert abs(mean_cost(routes, costs) - 0.6) <= 0.01 + FLOAT_SLACK and int((routes == 0).sum()) == 0, routes.bincount()
+        agreement[method] = float((routes == torch.where(needs_full, 2, 1)).double().mean())
+    # k-means splits by topic; a prompt-blind split would agree 5/9 of the time
+    assert agreement["difficulty"] > 0.75 and agreement["kmeans"] < 0.65, agreement
+
+
+def test_hull_masses_skip_a_variant_under_the_hull_and_meet_the_budget():
+    costs = torch.tensor([0.2, 0.4, 1.0], dtype=torch.float64)
+    for quality, budget, expected in [([0.44, 0.72, 0.94], 0.6, [0.0, 2 / 3, 1 / 3]),
+                                      ([0.6, 0.62, 0.94], 0.4, [0.75, 0.0, 0.25]),  # 8 steps under the chord
+                                      ([0.44, 0.72, 0.94], 0.4, [0.0, 1.0, 0.0])]:
+        masses = routing.hull_masses(costs, torch.tensor(quality), budget)
+        assert masses.tolist() == pytest.approx(expected) and float(masses @ costs) == pytest.approx(budget)
+
+
 def test_sinkhorn_fit_balances_the_clusters_and_kmeans_follows_the_skew():
     embeddings, _ = synthetic_prompts(400)  # 70/15/10/5 %
     shares = {method: torch.bincount(fit_prototypes(embeddings, 4, method, torch.Generator().manual_seed(0))[1],
@@ -184,6 +215,17 @@ def test_router_survives_save_and_load(fitted, tmp_path):
         assert file.metadata()["format"] == "atelier.router" and set(file.keys()) == {
             "prototypes", "costs", "bias_budgets", "bias_lambdas"}
     assert os.listdir(tmp_path) == ["router.safetensors"]  # written atomically: no temporary file left
+
+
+def test_difficulty_router_keeps_its_centre_and_quality_through_save_and_load(tmp_path):
+    embeddings, clusters = synthetic_prompts(400)
+    router = fit_router(embeddings, clusters.double(), COSTS, LABELS, "difficulty", torch.Generator(),
+                        quality=torch.tensor([0.9, 0.8, 0.7, 0.5]))
+    save_router(router, tmp_path / "router.safetensors")
+    loaded = load_router(tmp_path / "router.safetensors")
+    assert torch.equal(loaded.centre, router.centre) and torch.equal(loaded.quality, router.quality)
+    fresh, _ = synthetic_prompts(seed=5)
+    assert torch.equal(route_batch(fresh, loaded, 0.6), route_batch(fresh, router, 0.6))
 
 
 def test_load_refuses_files_that_are_not_routers(tmp_path):
@@ -221,6 +263,10 @@ def refusals() -> list:
                             torch.Generator()), "method must be one of"),
         (lambda: fit_router(torch.ones(4, 3), torch.arange(4.0), torch.tensor([1.0, 0.5]), ["a", "b"], "kmeans",
                             torch.Generator()), "fewer than 2 distinct embeddings"),
+        (lambda: fit_router(torch.eye(2), torch.arange(2.0), torch.tensor([1.0, 0.5, 0.2]), ["a", "b", "c"],
+                            "difficulty", torch.Generator()), "at least one calibration prompt per variant (3)"),
+        (lambda: fit_router(torch.eye(3), torch.arange(3.0), torch.tensor([1.0, 0.5]), ["a", "b"], "kmeans",
+                            torch.Generator(), quality=torch.tensor([0.5])), "quality must hold one finite number"),
         (lambda: Router(torch.eye(2), torch.tensor([1.0]), ("a",), torch.zeros(1), torch.zeros(1)),
          "one cost and one label per prototype"),
     ]

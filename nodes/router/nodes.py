@@ -173,7 +173,8 @@ class AtelierFitRouter:
                                     "tooltip": "One 'label = cost' line per variant, in the order of the Route "
                                                "Switch's branches; cost is relative, e.g. steps / 20."}),
             "method": (list(FIT_METHODS), {"tooltip": "kmeans: clusters follow the prompts; sinkhorn: clusters of "
-                                                      "equal size (APTP's balanced codes)."}),
+                                                      "equal size (APTP's balanced codes); difficulty: one group per "
+                                                      "variant by prompt length, shortest to the cheapest."}),
             "cluster_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1,
                                      "tooltip": "Seeds the k-means++ start; the same seed gives the same router."}),
         }, "optional": _sentence_encoder_input()}

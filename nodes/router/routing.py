@@ -6,8 +6,9 @@ pipeline's own text encoder and compared with the prototypes by cosine similarit
 with its codes.
 
 - A batch is routed by :func:`route_batch`: Sinkhorn over the similarities with column masses set by the budget
-  (:func:`budget_marginals`, :func:`sinkhorn`), the plan's argmax, then :func:`repair_to_budget`, so that the
-  batch's mean cost lands within ±0.01 of the budget.
+  (:func:`budget_marginals`, or :func:`hull_masses` when the router knows each variant's quality;
+  :func:`sinkhorn`), the plan's argmax, then :func:`repair_to_budget`, so that the batch's mean cost lands
+  within ±0.01 of the budget.
 - A single prompt is routed by :func:`route_single`: the nearest prototype after a cost bias λ_single·c_k, whose
   strength was calibrated on the prompts the router was fitted on (:func:`single_prompt_bias`), so that routing
   those prompts one at a time meets the budget on average.
@@ -41,6 +42,10 @@ Departures from APTP, each on purpose (APTP prunes and trains its experts; we ro
 - APTP runs 3 Sinkhorn iterations; we iterate to convergence, because the budget rides on the column masses and
   3 iterations leave them, and so the batch's mean cost, visibly off.
 - APTP holds its budget on average through a loss term; we hold it for every batch with a repair pass.
+- Two additions of ours, for calibration prompts generated with every variant: prototypes from groups of equal
+  difficulty instead of clusters (``fit_router``'s "difficulty"), and column masses from the variants' measured
+  quality (:func:`hull_masses`). Together they are what made routing beat the best mix of single variants on
+  the embedded model (``bench/router.py``).
 """
 
 from __future__ import annotations
@@ -64,10 +69,10 @@ from ..generation.text import CLIP_TOKENS, token_count
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Router", "cosine_similarity", "budget_marginals", "sinkhorn", "repair_to_budget", "route_batch",
+    "Router", "cosine_similarity", "router_similarity", "budget_marginals", "hull_masses", "sinkhorn", "repair_to_budget", "route_batch",
     "single_prompt_bias", "route_single", "fit_prototypes", "fit_router", "save_router", "load_router",
     "pooled_text_embeddings", "SentenceEncoder", "sentence_encoder_pooling", "sentence_embeddings", "token_lengths",
-    "BUDGET_TOLERANCE", "FIT_METHODS",
+    "BUDGET_TOLERANCE", "CLUSTER_METHODS", "FIT_METHODS",
 ]
 
 DEFAULT_EPSILON = 0.05  # Source: APTP quantizer.py, sinkhorn_epsilon default (SwAV's value)
@@ -81,10 +86,12 @@ TILT_SATURATION = 1000.0  # λ·(cost gap) at which exp(−λ·c) has underflowe
 BISECTION_STEPS = 60  # halvings of the λ interval; 2^-60 of it is below float64's resolution of λ
 BIAS_TABLE_POINTS = 101  # budgets at which λ_single is calibrated: steps of 1 % of the cost range
 BIAS_CHUNK_NUMBERS = 4_000_000  # biased similarities held at once while calibrating λ_single (32 MB)
-FIT_METHODS = ("kmeans", "sinkhorn")
+CLUSTER_METHODS = ("kmeans", "sinkhorn")  # fit_prototypes's clusterings
+FIT_METHODS = CLUSTER_METHODS + ("difficulty",)  # fit_router's: a clustering, or groups by difficulty
 MAX_FIT_ITERATIONS = 100  # Lloyd iterations; fits of a few thousand prompts settle in a few dozen
 ENCODE_BATCH = 64  # prompts per text-encoder call, which bounds memory on long prompt files
-ROUTER_FORMAT, ROUTER_VERSION = "atelier.router", "1"
+ROUTER_FORMAT, ROUTER_VERSION = "atelier.router", "2"
+READABLE_VERSIONS = ("1", "2")  # version 1 is version 2 without the optional centre and quality
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -93,17 +100,31 @@ class Router:
 
     ``bias_lambdas[g]`` is λ_single for the budget ``bias_budgets[g]``; the budgets run from the cheapest to the
     dearest cost. ``embedding`` says which text encoder made the prototypes, for people reading the file.
+    ``centre``, when set, is subtracted from every embedding before the cosine (:func:`router_similarity`).
+    ``quality``, when set, is each variant's mean quality on the calibration prompts; a batch's column masses
+    then come from it (:func:`hull_masses`) rather than from the prototypes' natural shares.
     """
 
-    prototypes: torch.Tensor  # (K, D); only their directions count
+    prototypes: torch.Tensor  # (K, D); their lengths weight the similarity (router_similarity)
     costs: torch.Tensor  # (K,), > 0
     labels: tuple[str, ...]  # K names, shown on the router's label output
     bias_budgets: torch.Tensor  # (G,), non-decreasing
     bias_lambdas: torch.Tensor  # (G,)
     embedding: str = ""
+    centre: torch.Tensor | None = None  # (D,)
+    quality: torch.Tensor | None = None  # (K,)
 
     def __post_init__(self) -> None:
         _check_matrix(self.prototypes, "prototypes")
+        if self.quality is not None and (self.quality.shape != self.prototypes.shape[:1]
+                                         or not bool(torch.isfinite(self.quality).all())):
+            raise ValueError(f"quality must hold one finite number per prototype ({self.prototypes.shape[0]}); got "
+                             f"shape {tuple(self.quality.shape)}")
+        if self.centre is not None:
+            _check_matrix(self.centre[None], "centre")
+            if self.centre.shape != self.prototypes.shape[1:]:
+                raise ValueError(f"centre must have the prototypes' dimension {self.prototypes.shape[1]}; got "
+                                 f"shape {tuple(self.centre.shape)}")
         count = self.prototypes.shape[0]
         _check_costs(self.costs)
         if self.costs.shape[0] != count or len(self.labels) != count:
@@ -182,6 +203,23 @@ def cosine_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor) -> tor
     return _unit_rows(embeddings.double(), "embeddings") @ _unit_rows(prototypes.double(), "prototypes").T
 
 
+def router_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor,
+                      centre: torch.Tensor | None = None) -> torch.Tensor:
+    """S of prompts against a router's prototypes: the cosine of ``embeddings − centre`` with each prototype,
+    times the prototype's length. Clustered prototypes have unit length, so S is their plain cosine; a
+    "difficulty" router's are mean unit vectors, shorter where their group agrees less on a direction, so a
+    group with no direction of its own (the middle of an ordered scale) scores near 0 instead of at random.
+
+    Example:
+        >>> router_similarity(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
+        tensor([[0.6000, 0.4000]], dtype=torch.float64)
+    """
+    _check_matrix(embeddings, "embeddings")
+    if centre is not None and embeddings.shape[1] == centre.shape[0]:  # else cosine_similarity names the mismatch
+        embeddings = embeddings.double() - centre.double()
+    return cosine_similarity(embeddings, prototypes) * prototypes.double().norm(dim=1)
+
+
 def _expected_cost(log_preference: torch.Tensor, costs: torch.Tensor, tilt: float) -> float:
     return float(torch.softmax(log_preference - tilt * costs, dim=0) @ costs)
 
@@ -231,6 +269,57 @@ def budget_marginals(similarity: torch.Tensor, costs: torch.Tensor, budget: floa
         else:
             high = middle
     return torch.softmax(log_preference - (low + high) / 2 * costs, dim=0)
+
+
+def hull_masses(costs: torch.Tensor, quality: torch.Tensor, budget: float) -> torch.Tensor:
+    """Column masses of the best routing-free use of the variants at the budget: the mix of two variants on the
+    upper hull of (cost, quality) that costs the budget, or one variant that costs it exactly.
+
+    A prompt-blind mix of these two is the best any mix of single variants does at this budget, and the routing
+    that follows only decides which prompts take which of them: with prototypes that know nothing it matches
+    that mix, with prototypes that know which prompts gain from the dearer variant it beats it. A variant under
+    the hull (dearer and no better, or not worth its cost) gets no mass. The tilted natural shares
+    (:func:`budget_marginals`) know no quality, so they give a poor cheap variant as much mass as a good one.
+
+    Args:
+        costs: c, (K,), each > 0.
+        quality: (K,) finite, the variants' mean quality.
+        budget: b in [min c, max c].
+    Returns:
+        The masses, (K,), float64, summing to 1, at most two of them non-zero; Σ_k mass_k·c_k = b.
+    Raises:
+        ValueError: bad shapes, costs or a budget outside [min c, max c].
+    Example:
+        >>> masses = hull_masses(torch.tensor([0.2, 0.4, 1.0], dtype=torch.float64), torch.tensor([0.44, 0.72, 0.94]),
+        ...                      0.6)
+        >>> [round(mass, 4) for mass in masses.tolist()]  # the 4-step variant is not worth its saving
+        [0.0, 0.6667, 0.3333]
+    """
+    _check_costs(costs)
+    _check_budget(costs, budget)
+    if quality.shape != costs.shape or not bool(torch.isfinite(quality).all()):
+        raise ValueError(f"quality must hold one finite number per cost ({costs.shape[0]}); got shape "
+                         f"{tuple(quality.shape)}")
+    costs, quality = costs.double(), quality.double()
+    # The upper hull by the monotone chain, cheapest first; of equal costs only the best quality can be on it.
+    hull: list[int] = []
+    for k in sorted(range(costs.shape[0]), key=lambda k: (float(costs[k]), -float(quality[k]), k)):
+        if hull and float(costs[hull[-1]]) == float(costs[k]):
+            continue
+        while len(hull) >= 2:  # drop the last point while it lies on or under the chord to k
+            a, b = hull[-2], hull[-1]
+            if float((costs[b] - costs[a]) * (quality[k] - quality[a])
+                     - (quality[b] - quality[a]) * (costs[k] - costs[a])) < 0:
+                break
+            hull.pop()
+        hull.append(k)
+    position = min(bisect.bisect_left([float(costs[k]) for k in hull], budget), len(hull) - 1)
+    low, high = hull[max(position - 1, 0)], hull[position]
+    masses = torch.zeros_like(costs)
+    share = 1.0 if low == high else (budget - float(costs[low])) / float(costs[high] - costs[low])
+    masses[low] += 1 - share
+    masses[high] += share
+    return masses
 
 
 def sinkhorn(similarity: torch.Tensor, masses: torch.Tensor, epsilon: float = DEFAULT_EPSILON,
@@ -295,7 +384,7 @@ def sinkhorn(similarity: torch.Tensor, masses: torch.Tensor, epsilon: float = DE
 # --- hard assignment under the budget ---------------------------------------------------------------------------------
 
 def repair_to_budget(similarity: torch.Tensor, assignment: torch.Tensor, costs: torch.Tensor, budget: float,
-                     tolerance: float = BUDGET_TOLERANCE) -> torch.Tensor:
+                     tolerance: float = BUDGET_TOLERANCE, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Move prompts between variants, one at a time, until the batch's mean cost is within ``tolerance`` of b.
 
     Each step takes, among the moves (prompt i from its variant a_i to variant k) that bring the mean cost
@@ -316,6 +405,8 @@ def repair_to_budget(similarity: torch.Tensor, assignment: torch.Tensor, costs: 
         costs: c, (K,), each > 0.
         budget: b in [min c, max c].
         tolerance: ≥ 0.
+        allowed: (K,) bool, the variants prompts may move to (default all); the guarantee holds when the
+            allowed costs bracket b and the assignment uses allowed variants only.
     Returns:
         The repaired assignment, (N,) int64; the input is not changed.
     Raises:
@@ -335,6 +426,8 @@ def repair_to_budget(similarity: torch.Tensor, assignment: torch.Tensor, costs: 
         raise ValueError(f"assignment values must be in [0, {variants}); got {assignment.tolist()}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0; got {tolerance}")
+    if allowed is not None and (allowed.shape != (variants,) or allowed.dtype != torch.bool):
+        raise ValueError(f"allowed must be bool of shape ({variants},); got {allowed.dtype} {tuple(allowed.shape)}")
     similarity, costs = similarity.double(), costs.double()
     assignment = assignment.clone()
     prompts = torch.arange(count)
@@ -346,6 +439,8 @@ def repair_to_budget(similarity: torch.Tensor, assignment: torch.Tensor, costs: 
             break
         change = costs[None, :] - current[:, None]  # (N, K): total-cost change of moving prompt i to variant k
         closer = (gap + change).abs() < abs(gap)
+        if allowed is not None:
+            closer &= allowed[None, :]
         loss = similarity[prompts, assignment][:, None] - similarity
         ratio = torch.where(closer, loss / change.abs(), torch.full_like(loss, math.inf)).flatten()
         best = int(ratio.argmin())  # the first minimum: lowest prompt, then lowest variant
@@ -359,10 +454,13 @@ def route_batch(embeddings: torch.Tensor, router: Router, budget: float, epsilon
                 tolerance: float = BUDGET_TOLERANCE) -> torch.Tensor:
     """Route a batch of prompts so that its mean cost is within ``tolerance`` of the budget.
 
-    1. S = cosine similarity of the prompts with the prototypes.
-    2. Column masses from the budget (:func:`budget_marginals`).
+    1. S = the prompts' similarity with the prototypes (:func:`router_similarity`).
+    2. Column masses for the budget: from the variants' quality when the router knows it (:func:`hull_masses`),
+       else from the prototypes' natural shares (:func:`budget_marginals`).
     3. The Sinkhorn plan (:func:`sinkhorn`) and its argmax per prompt (APTP's hard assignment).
-    4. The greedy repair (:func:`repair_to_budget`).
+    4. The greedy repair (:func:`repair_to_budget`), among the variants with mass only when the masses came
+       from the quality: the argmax of a diffuse plan overfills the dearer variant, and a repair free to use a
+       variant off the hull would spend the saving there.
 
     Args:
         embeddings: (N, D) prompt embeddings from the router's text encoder.
@@ -380,9 +478,14 @@ def route_batch(embeddings: torch.Tensor, router: Router, budget: float, epsilon
         >>> route_batch(torch.eye(4), router, 0.625).tolist()
         [0, 1, 2, 3]
     """
-    similarity = cosine_similarity(embeddings, router.prototypes)
-    plan = sinkhorn(similarity, budget_marginals(similarity, router.costs, budget), epsilon)
-    return repair_to_budget(similarity, plan.argmax(dim=1), router.costs, budget, tolerance)
+    similarity = router_similarity(embeddings, router.prototypes, router.centre)
+    if router.quality is None:
+        masses, allowed = budget_marginals(similarity, router.costs, budget), None
+    else:
+        masses = hull_masses(router.costs, router.quality, budget)
+        allowed = masses > 0
+    plan = sinkhorn(similarity, masses, epsilon)
+    return repair_to_budget(similarity, plan.argmax(dim=1), router.costs, budget, tolerance, allowed)
 
 
 # --- one prompt at a time ---------------------------------------------------------------------------------------------
@@ -487,7 +590,7 @@ def route_single(embeddings: torch.Tensor, router: Router, budget: float) -> tor
         ([1], tensor([0, 0]))
     """
     _check_budget(router.costs, budget)
-    similarity = cosine_similarity(embeddings, router.prototypes)
+    similarity = router_similarity(embeddings, router.prototypes, router.centre)
     return (similarity - _bias_at(router, budget) * router.costs).argmax(dim=1)
 
 
@@ -544,8 +647,8 @@ def fit_prototypes(embeddings: torch.Tensor, count: int, method: str, generator:
         >>> prototypes.shape, len(set(clusters[:2].tolist())), len(set(clusters.tolist()))
         (torch.Size([2, 2]), 1, 2)
     """
-    if method not in FIT_METHODS:
-        raise ValueError(f"method must be one of {FIT_METHODS}; got {method!r}")
+    if method not in CLUSTER_METHODS:
+        raise ValueError(f"method must be one of {CLUSTER_METHODS}; got {method!r}")
     _check_matrix(embeddings, "embeddings")
     if not 1 <= count <= embeddings.shape[0]:
         raise ValueError(f"count must be in [1, {embeddings.shape[0]}] (at least one prompt per cluster); got {count}")
@@ -570,12 +673,21 @@ def fit_prototypes(embeddings: torch.Tensor, count: int, method: str, generator:
 
 
 def fit_router(embeddings: torch.Tensor, difficulty: torch.Tensor, costs: torch.Tensor, labels: Sequence[str],
-               method: str, generator: torch.Generator, embedding: str = "") -> Router:
-    """Fit a router from calibration prompts: cluster them, give clusters to variants by difficulty, calibrate λ.
+               method: str, generator: torch.Generator, embedding: str = "",
+               quality: torch.Tensor | None = None) -> Router:
+    """Fit a router from calibration prompts: group them, give groups to variants by difficulty, calibrate λ.
 
-    1. :func:`fit_prototypes` clusters the embeddings into K clusters, K = the number of variants.
-    2. Clusters go to variants by ordering: the cluster with the i-th lowest mean difficulty goes to the variant
-       with the i-th lowest cost (ties by index). Clusters carry no variant of their own, so some order is
+    1. The prompts fall into K groups, K = the number of variants, by ``method``:
+       - "kmeans" or "sinkhorn": :func:`fit_prototypes` clusters the embeddings, blind to difficulty;
+       - "difficulty": the prompts sorted by difficulty (ties by index) are cut into K groups of equal size.
+         Clusters of the embedding need not follow difficulty at all; these groups do by construction, so
+         their mean directions hold what the embedding knows of it (a nearest-class-mean rule). The router
+         then centres embeddings on the calibration mean: what all prompts share would otherwise swamp the
+         cosine, and what tells the groups apart is often a small part of the embedding.
+       A cluster's prototype is its members' mean direction; a group's is the mean of its members' unit
+       vectors, whose length says how much they agree (see :func:`router_similarity`).
+    2. Groups go to variants by ordering: the group with the i-th lowest mean difficulty goes to the variant
+       with the i-th lowest cost (ties by index). Groups carry no variant of their own, so some order is
        needed; this one sends the prompts that need more compute to the variants that spend more, which is
        what APTP's learned router does (it sends known-hard prompts to the higher-capacity codes).
        ``difficulty`` is any per-prompt score: the prompt's token count needs nothing but the tokenizer;
@@ -591,13 +703,15 @@ def fit_router(embeddings: torch.Tensor, difficulty: torch.Tensor, costs: torch.
         difficulty: (N,) finite scores, higher = needs more compute.
         costs: (K,) variant costs, each > 0, in branch order.
         labels: K variant names, in branch order.
-        method: "kmeans" or "sinkhorn" (see :func:`fit_prototypes`).
-        generator: seeds the clustering.
+        method: one of :data:`FIT_METHODS`: "kmeans", "sinkhorn" (see :func:`fit_prototypes`) or "difficulty".
+        generator: seeds the clustering ("difficulty" draws nothing).
         embedding: which text encoder made the embeddings, recorded in the router.
+        quality: (K,) each variant's mean quality on the calibration prompts (when they were generated with
+            every variant, as option (a) does); a batch's column masses then come from it (:func:`hull_masses`).
     Returns:
         The router; prototype k belongs to variant k.
     Raises:
-        ValueError: mismatched lengths, bad costs, or see :func:`fit_prototypes`.
+        ValueError: mismatched lengths, bad costs, an unknown method, or see :func:`fit_prototypes`.
     Example:
         >>> router = fit_router(torch.eye(3), torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0.9, 0.3, 0.6]),
         ...                     ["full", "fast", "mid"], "kmeans", torch.Generator().manual_seed(0))
@@ -612,18 +726,31 @@ def fit_router(embeddings: torch.Tensor, difficulty: torch.Tensor, costs: torch.
     if difficulty.shape != (embeddings.shape[0],) or not bool(torch.isfinite(difficulty).all()):
         raise ValueError(f"difficulty must hold one finite score per prompt, shape ({embeddings.shape[0]},); got "
                          f"{tuple(difficulty.shape)}")
-    centres, clusters = fit_prototypes(embeddings, count, method, generator)
-    difficulty = difficulty.double()
+    difficulty, centre = difficulty.double(), None
+    if method == "difficulty":
+        if count > embeddings.shape[0]:
+            raise ValueError(f"give at least one calibration prompt per variant ({count}); got {embeddings.shape[0]}")
+        ranks = torch.empty(difficulty.shape[0], dtype=torch.int64)
+        ranks[torch.sort(difficulty, stable=True).indices] = torch.arange(difficulty.shape[0])
+        clusters = ranks * count // difficulty.shape[0]
+        centre = embeddings.double().mean(dim=0)
+        members = torch.nn.functional.one_hot(clusters, count).double()
+        centres = members.T @ _unit_rows(embeddings.double() - centre, "centred embeddings") / members.sum(dim=0)[:, None]
+    elif method in CLUSTER_METHODS:
+        centres, clusters = fit_prototypes(embeddings, count, method, generator)
+    else:
+        raise ValueError(f"method must be one of {FIT_METHODS}; got {method!r}")
     members = torch.nn.functional.one_hot(clusters, count).double()
     mean_difficulty = (members.T @ difficulty) / members.sum(dim=0).clamp(min=1)
     prototypes = torch.empty_like(centres)
     # stable sorts: equal difficulties and equal costs keep their index order, so the fit stays deterministic
     prototypes[torch.sort(costs, stable=True).indices] = centres[torch.sort(mean_difficulty, stable=True).indices]
     costs = costs.double()
-    similarity = cosine_similarity(embeddings, prototypes)
+    similarity = router_similarity(embeddings, prototypes, centre)
     budgets = torch.linspace(float(costs.min()), float(costs.max()), BIAS_TABLE_POINTS, dtype=torch.float64)
     lambdas = single_prompt_bias(similarity, costs, budgets)
-    return Router(prototypes, costs, tuple(labels), budgets, lambdas, embedding)
+    return Router(prototypes, costs, tuple(labels), budgets, lambdas, embedding, centre,
+                  None if quality is None else quality.double())
 
 
 # --- router files -----------------------------------------------------------------------------------------------------
@@ -631,8 +758,8 @@ def fit_router(embeddings: torch.Tensor, difficulty: torch.Tensor, costs: torch.
 def save_router(router: Router, path: str | os.PathLike) -> None:
     """Write ``router`` as a ``.safetensors`` file, atomically (readers see the old file or the whole new one).
 
-    Tensors: ``prototypes`` (K, D), ``costs`` (K,), ``bias_budgets`` and ``bias_lambdas`` (G,), all float64 so
-    that a load gives back the same routes. Metadata (strings): ``format`` "atelier.router", ``version``,
+    Tensors: ``prototypes`` (K, D), ``costs`` (K,), ``bias_budgets`` and ``bias_lambdas`` (G,), and ``centre``
+    (D,) and ``quality`` (K,) when the router has them, all float64 so that a load gives back the same routes. Metadata (strings): ``format`` "atelier.router", ``version``,
     ``labels`` (a JSON list) and ``embedding``.
 
     Raises:
@@ -640,6 +767,9 @@ def save_router(router: Router, path: str | os.PathLike) -> None:
     """
     tensors = {"prototypes": router.prototypes, "costs": router.costs, "bias_budgets": router.bias_budgets,
                "bias_lambdas": router.bias_lambdas}
+    for name in ("centre", "quality"):
+        if getattr(router, name) is not None:
+            tensors[name] = getattr(router, name)
     metadata = {"format": ROUTER_FORMAT, "version": ROUTER_VERSION, "labels": json.dumps(list(router.labels)),
                 "embedding": router.embedding}
     atomic_write(path, safetensors_bytes({name: t.double().contiguous() for name, t in tensors.items()}, metadata))
@@ -669,7 +799,7 @@ def load_router(path: str | os.PathLike) -> Router:
             tensors = {name: file.get_tensor(name) for name in file.keys()}
     except SafetensorError as error:
         raise ValueError(f"{os.fspath(path)!r} is not a safetensors file: {error}") from error
-    if metadata.get("format") != ROUTER_FORMAT or metadata.get("version") != ROUTER_VERSION:
+    if metadata.get("format") != ROUTER_FORMAT or metadata.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{os.fspath(path)!r} is not an Atelier router of version {ROUTER_VERSION}; its metadata "
                          f"says format {metadata.get('format')!r}, version {metadata.get('version')!r}")
     needed = {"prototypes", "costs", "bias_budgets", "bias_lambdas"}
@@ -682,7 +812,7 @@ def load_router(path: str | os.PathLike) -> Router:
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise ValueError(f"{os.fspath(path)!r} labels must be a JSON list of strings; got {labels!r}")
     return Router(tensors["prototypes"], tensors["costs"], tuple(labels), tensors["bias_budgets"],
-                  tensors["bias_lambdas"], metadata.get("embedding", ""))
+                  tensors["bias_lambdas"], metadata.get("embedding", ""), tensors.get("centre"), tensors.get("quality"))
 
 
 # --- prompt embeddings ------------------------------------------------------------------------------------------------

@@ -177,7 +177,8 @@ def test_difficulty_fit_with_quality_sends_the_prompts_that_need_it_to_the_deare
         router = fit_router(embeddings, difficulty, costs, ["4", "8", "20"], method, torch.Generator().manual_seed(0),
                             quality=quality)
         routes = route_batch(embeddings, router, 0.6)
-        assert abs(mean_cost(routes, costs) - 0.6) <= 0.01 + FLOAT_SLACK and int((routes == 0).sum()) == 0, routes.bincount()
+        assert abs(mean_cost(routes, costs) - 0.6) <= 0.01 + FLOAT_SLACK, routes.bincount()
+        assert int((routes == 0).sum()) == 0, routes.bincount()
         agreement[method] = float((routes == torch.where(needs_full, 2, 1)).double().mean())
     # k-means splits by topic; a prompt-blind split would agree 5/9 of the time
     assert agreement["difficulty"] > 0.75 and agreement["kmeans"] < 0.65, agreement

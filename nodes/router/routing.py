@@ -69,7 +69,8 @@ from ..generation.text import CLIP_TOKENS, token_count
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Router", "cosine_similarity", "router_similarity", "budget_marginals", "hull_masses", "sinkhorn", "repair_to_budget", "route_batch",
+    "Router", "cosine_similarity", "router_similarity", "budget_marginals", "hull_masses", "sinkhorn",
+    "repair_to_budget", "route_batch",
     "single_prompt_bias", "route_single", "fit_prototypes", "fit_router", "save_router", "load_router",
     "pooled_text_embeddings", "SentenceEncoder", "sentence_encoder_pooling", "sentence_embeddings", "token_lengths",
     "BUDGET_TOLERANCE", "CLUSTER_METHODS", "FIT_METHODS",
@@ -735,7 +736,8 @@ def fit_router(embeddings: torch.Tensor, difficulty: torch.Tensor, costs: torch.
         clusters = ranks * count // difficulty.shape[0]
         centre = embeddings.double().mean(dim=0)
         members = torch.nn.functional.one_hot(clusters, count).double()
-        centres = members.T @ _unit_rows(embeddings.double() - centre, "centred embeddings") / members.sum(dim=0)[:, None]
+        centred = _unit_rows(embeddings.double() - centre, "centred embeddings")
+        centres = members.T @ centred / members.sum(dim=0)[:, None]
     elif method in CLUSTER_METHODS:
         centres, clusters = fit_prototypes(embeddings, count, method, generator)
     else:
@@ -759,8 +761,8 @@ def save_router(router: Router, path: str | os.PathLike) -> None:
     """Write ``router`` as a ``.safetensors`` file, atomically (readers see the old file or the whole new one).
 
     Tensors: ``prototypes`` (K, D), ``costs`` (K,), ``bias_budgets`` and ``bias_lambdas`` (G,), and ``centre``
-    (D,) and ``quality`` (K,) when the router has them, all float64 so that a load gives back the same routes. Metadata (strings): ``format`` "atelier.router", ``version``,
-    ``labels`` (a JSON list) and ``embedding``.
+    (D,) and ``quality`` (K,) when the router has them, all float64 so that a load gives back the same routes.
+    Metadata (strings): ``format`` "atelier.router", ``version``, ``labels`` (a JSON list) and ``embedding``.
 
     Raises:
         OSError: the folder is missing or not writable.
@@ -812,7 +814,8 @@ def load_router(path: str | os.PathLike) -> Router:
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise ValueError(f"{os.fspath(path)!r} labels must be a JSON list of strings; got {labels!r}")
     return Router(tensors["prototypes"], tensors["costs"], tuple(labels), tensors["bias_budgets"],
-                  tensors["bias_lambdas"], metadata.get("embedding", ""), tensors.get("centre"), tensors.get("quality"))
+                  tensors["bias_lambdas"], metadata.get("embedding", ""), tensors.get("centre"),
+                  tensors.get("quality"))
 
 
 # --- prompt embeddings ------------------------------------------------------------------------------------------------

@@ -5,8 +5,11 @@ import json
 import struct
 
 import pytest
+import torch
 from PIL import Image
 
+from nodes.correspondence.cache import FEATURE_CACHE
+from nodes.correspondence.features import FeatureMaps
 from serving import Steps, connect, make_app, messages_until_done, png_bytes, queue, solid_prompt
 
 
@@ -321,9 +324,11 @@ async def test_queue_delete_clear_and_history_delete(client):
 async def test_free_memory_empties_the_cache(client):
     socket = await connect(client, "alice")
     await messages_until_done(socket, await queue(client, solid_prompt(), "alice"))
+    FEATURE_CACHE.get_or_compute(("test", "free"), lambda: FeatureMaps((torch.zeros(1, 2, 2),), "test", (4, 4)))
     assert (await client.post("/api/free", json={"free_memory": True})).status == 200
     messages = await messages_until_done(socket, await queue(client, solid_prompt(), "alice"))
     assert next(m for m in messages if m["type"] == "execution_cached")["data"]["nodes"] == []
+    assert len(FEATURE_CACHE) == 0
 
 
 async def test_secrets_are_never_stored_or_echoed(client):

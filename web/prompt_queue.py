@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from nodes.correspondence.cache import FEATURE_CACHE
 from nodes.models.loading import unload_all
 
 from .executor import ExecutionResult, Executor
@@ -218,6 +219,7 @@ class PromptQueue:
             flags, self._free_after = self._free_after, {}
         if flags.get("free_memory") or flags.get("unload_models"):
             self.executor.free()
-            logger.info("freed cached results")
+            FEATURE_CACHE.clear()  # extracted feature maps, up to 2 GiB, are cached results too
+            logger.info("freed cached results and feature maps")
         if flags.get("unload_models"):
             logger.info("unloaded %d models", unload_all())

@@ -104,7 +104,7 @@ class TrainConfig:
     steps_focus: int = 6_000
     lr_focus: float = 3e-4
     decay_steps_focus: int = 3_000
-    shape_weight: float = 4.0  # focus stage: a latent cell the shape touches weighs 1 + this in the loss
+    shape_weight: float = 4.0  # focus stage: a latent cell weighs 1 + this × the shape's largest coverage in it
     snr_gamma: float = 5.0  # focus stage: Min-SNR-γ weighting (Hang et al. 2023), γ = 5 as the paper advises
     kl_weight: float = 1e-6  # environment.md §7's VAE objective: L1 + 1e-6·KL
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance

@@ -441,6 +441,48 @@ def test_our_extension_colours_atelier_nodes(editor: Editor):
     assert colours == ["#2f4a5c", "#1d2f3b", None], f"(Atelier color, bgcolor, a core node's color): {colours}"
 
 
+def test_our_widgets_show_their_nodes_results(editor: Editor):
+    """js/watermark.js, tile_map.js and correspondence.js, as the frontend loaded them, take their nodes' messages:
+    the detector's verdict, the tiled nodes' progress (cleared when the prompt ends), the matcher's picture and a
+    hover over image A; every one then draws without an error."""
+    editor.require("boot")
+    seen = editor.page.evaluate("""async () => {
+        const { api } = await import("/scripts/api.js");
+        const ctx = document.createElement("canvas").getContext("2d");
+        const add = (type) => { const node = LiteGraph.createNode(type); app.graph.add(node); return node; };
+
+        const detector = add("AtelierDetectWatermark");
+        detector.onExecuted({text: ["watermarked, p = 1e-09", "no watermark, p = 0.41"]});
+        detector.onDrawForeground(ctx);
+
+        const tiled = add("AtelierTiledSample");
+        api.dispatchEvent(new CustomEvent("progress", {detail: {node: String(tiled.id), value: 3, max: 16}}));
+        const during = {...tiled.atelierTileMap};
+        tiled.onDrawForeground(ctx);
+        api.dispatchEvent(new CustomEvent("executing", {detail: null}));
+
+        const matcher = add("AtelierMatchFeatures");
+        const side_by_side = document.createElement("canvas");
+        [side_by_side.width, side_by_side.height] = [8, 4];
+        matcher.onExecuted({atelier_correspondence: [{picture: side_by_side.toDataURL(), scale: 1, size_a: [4, 4],
+                                                      size_b: [4, 4], grid: [1, 1], targets: [1.5, 2.5],
+                                                      confidence: [0.9]}]});
+        await new Promise((resolve) => { const poll = () => matcher.atelierMatch ? resolve() : setTimeout(poll, 20);
+                                         poll(); });
+        const scale = (matcher.size[0] - 12) / 8, top = (matcher.widgets?.length ?? 0) * 24 + 36;
+        matcher.onMouseMove({}, [6 + 2 * scale, top + 2 * scale]);  // the centre of image A's pixel (1.5, 1.5)
+        matcher.onDrawForeground(ctx);
+
+        const seen = {verdict: detector.atelierVerdict, during, after: tiled.atelierTileMap ?? null,
+                      hover: matcher.atelierHover, grew: matcher.size[1] > top};
+        for (const node of [detector, tiled, matcher]) app.graph.remove(node);
+        return seen;
+    }""")
+    assert seen["verdict"] == ["watermarked, p = 1e-09", "no watermark, p = 0.41"], seen
+    assert seen["during"] == {"value": 3, "max": 16} and seen["after"] is None, seen
+    assert seen["hover"] == pytest.approx([1.5, 1.5]) and seen["grew"], seen
+
+
 def test_no_console_errors_or_failed_responses_from_our_routes(editor: Editor):
     """Every 4xx is one the frontend asks for and handles (TOLERATED_4XX); no 5xx; no page errors."""
     server_errors = [r for r in editor.bad_responses if r[0] >= 500]

@@ -483,6 +483,31 @@ def test_our_widgets_show_their_nodes_results(editor: Editor):
     assert seen["hover"] == pytest.approx([1.5, 1.5]) and seen["grew"], seen
 
 
+def test_panorama_viewer_opens_on_a_2_to_1_output_only(editor: Editor):
+    """js/panorama_viewer.js: a Preview Image node that shows a 2:1 image gets the drag-to-look view, read back
+    through /view; a square image gets none."""
+    editor.require("boot")
+    output = editor.server.data_dir / "output"
+    output.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 16), (200, 40, 40)).save(output / "viewer_panorama.png")
+    Image.new("RGB", (16, 16), (40, 40, 200)).save(output / "viewer_square.png")
+    widths = editor.page.evaluate("""async () => {
+        const show = async (filename) => {
+            const node = LiteGraph.createNode("PreviewImage");
+            app.graph.add(node);
+            node.onExecuted({images: [{filename, subfolder: "", type: "output"}]});
+            for (let waited = 0; waited < 5000 && !node.atelierPanorama?.source; waited += 50) {
+                await new Promise((resolve) => setTimeout(resolve, 50));
+            }
+            const width = node.atelierPanorama?.source?.width ?? null;
+            app.graph.remove(node);
+            return width;
+        };
+        return [await show("viewer_panorama.png"), await show("viewer_square.png")];
+    }""")
+    assert widths == [32, None], f"(2:1 panorama, square image) source widths: {widths}"
+
+
 def test_no_console_errors_or_failed_responses_from_our_routes(editor: Editor):
     """Every 4xx is one the frontend asks for and handles (TOLERATED_4XX); no 5xx; no page errors."""
     server_errors = [r for r in editor.bad_responses if r[0] >= 500]

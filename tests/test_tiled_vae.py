@@ -101,7 +101,6 @@ def test_tiled_decode_streams_into_a_channels_last_image_buffer(codec, latent):
     assert torch.equal(image.permute(0, 3, 1, 2), expected)
 
 
-
 def test_a_bfloat16_decode_stays_within_a_few_8_bit_levels(codec, latent):
     whole = tiled_decode(codec, latent, TILE, OVERLAP)
     fast = tiled_decode(codec, latent, TILE, OVERLAP, dtype=torch.bfloat16)

@@ -55,7 +55,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time

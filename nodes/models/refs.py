@@ -1,0 +1,48 @@
+"""What travels on the MODEL socket in the standalone app: a loaded checkpoint and the LoRAs to run on it.
+
+A loaded checkpoint is shared by every node that loads the same file, so a node never changes it: LoRA nodes make
+new refs, and the nodes that run the model enter :meth:`ModelRef.in_use`, which takes the model's lock and switches
+it to the ref's LoRAs for the duration of the call. Inside ComfyUI the MODEL socket carries ComfyUI's own
+``ModelPatcher`` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import ClassVar
+
+from .loading import LoadedModel
+from .lora import LoraSpec, set_loras
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """A loaded model and the LoRAs to run on it.
+
+    Example (the lock and the switch, for any node that runs the model)::
+
+        with ref.in_use() as loaded:
+            eps = loaded.unet(x, t, encoder_hidden_states=embeds).sample
+    """
+
+    model: LoadedModel
+    loras: tuple[LoraSpec, ...] = ()
+
+    def with_lora(self, lora: LoraSpec) -> ModelRef:
+        """This model with one more LoRA (the shared model is not touched until a node uses the ref)."""
+        return dataclasses.replace(self, loras=(*self.loras, lora))
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[LoadedModel]:
+        """Holds the model's lock with this ref's LoRAs active: another thread cannot switch them mid-call."""
+        with self.model.lock:
+            set_loras(self.model, self.loras)
+            yield self.model
+
+
+class ModelsFolder:
+    """Nodes that list model files; the standalone app binds ``models_dir``, inside ComfyUI it stays None."""
+
+    models_dir: ClassVar[str | None] = None

@@ -1,4 +1,5 @@
-"""The standalone app's ComfyUI-compatible image nodes (``web/builtin_nodes.py``) and their data folders."""
+"""The standalone app's ComfyUI-compatible image nodes (``web/builtin_nodes.py``, ``image_maths.py``,
+``image_files.py``) and their data folders."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import torch
 from PIL import Image
 
 from nodes.common.paths import PathOutsideFolderError, atomic_write
-from web.builtin_nodes import (BUILTIN_DISPLAY_NAMES, MAX_RESOLUTION, UPSCALE_METHODS, LoadImage, builtin_nodes,
-                               crop_image, empty_image, invert_image, load_image_file, read_png_metadata,
-                               scale_image)
+from web.builtin_nodes import BUILTIN_DISPLAY_NAMES, LoadImage, builtin_nodes
+from web.image_files import load_image_file, read_png_metadata
+from web.image_maths import MAX_RESOLUTION, UPSCALE_METHODS, crop_image, empty_image, invert_image, scale_image
 from web.executor import Executor
 from web.folders import DataFolders
 from web.node_info import input_specs, object_info

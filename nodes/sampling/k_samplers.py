@@ -1,0 +1,847 @@
+"""ComfyUI's samplers, by its names, as update rules on the VE probability-flow ODE/SDE (the k-diffusion convention).
+
+A sampling function is ``f(model, x, sigmas, extra_args=None, callback=None, disable=None, **options) -> x``:
+
+- ``model(x, sigma * ones(B), **extra_args)`` returns the guided denoised estimate x̂₀ (B, C, h, w);
+- ``x`` is the VE latent x = x₀ + σ·ε at ``sigmas[0]`` (already scaled by :meth:`noise_scaling`);
+- ``sigmas`` (n+1,) float32, descending, usually ending at 0;
+- ``extra_args["seed"]`` seeds the ancestral and SDE noise exactly as ComfyUI does (:mod:`.noise`);
+- ``callback`` gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per step, before the step;
+- ``disable`` is kept for the convention (it turns off k-diffusion's progress bar); progress goes through
+  ``callback`` here.
+
+Notation (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"): the ODE is
+dx/dσ = d(x, σ) = (x − x̂₀(x, σ))/σ (their Eq. 3 with σ(t) = t). DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast
+Solver for Guided Sampling of Diffusion Probabilistic Models") steps in λ = −log σ (the half log-SNR of the VE
+form), with h = λ_next − λ.
+
+:func:`run_sampler` is the one entry point the nodes call: it does what ComfyUI's ``KSAMPLER.sample`` does around the
+sampling function (max-denoise detection, noise scaling, the inpaint mask blend, inverse noise scaling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .model_sampling import DiscreteModelSampling
+from .noise import BrownianTreeNoiseSampler, NoiseSampler, default_noise_sampler
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+class Denoised(Protocol):
+    """The model a sampling function steps with: the guided x̂₀ at VE latents ``x`` (B, ...) and sigmas (B,)."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor: ...
+
+
+class SamplingFunction(Protocol):
+    def __call__(self, model: Denoised, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                 callback: StepCallback | None = None, disable: bool | None = None, **options: Any) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------------------------------- shared pieces
+
+def _batch_sigma(x: torch.Tensor) -> torch.Tensor:
+    """ones(B): the per-sample sigma is sigma·ones(B)."""
+    return x.new_ones([x.shape[0]])
+
+
+def _append_dims(value: torch.Tensor, ndim: int) -> torch.Tensor:
+    return value[(...,) + (None,) * (ndim - value.ndim)]
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """The ODE's derivative dx/dσ = (x − x̂₀)/σ (Karras et al. 2022, Eq. 3 with σ(t) = t)."""
+    return (x - denoised) / _append_dims(sigma, x.ndim)
+
+
+def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
+                   eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """Split a step σ_from → σ_to into a deterministic step to σ_down and fresh noise of std σ_up.
+
+    σ_up = min(σ_to, η·√(σ_to²(σ_from² − σ_to²)/σ_from²)), σ_down = √(σ_to² − σ_up²): with η = 1 this is DDPM's
+    ancestral sampling in VE form (the posterior q(x_to | x_from, x₀) variance, Ho et al. 2020, Eq. 7), η = 0 is
+    DDIM's deterministic step (Song et al. 2021, Eq. 16).
+    """
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def _churn(x: torch.Tensor, sigmas: torch.Tensor, i: int, s_churn: float, s_tmin: float, s_tmax: float,
+           s_noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Karras et al. 2022, Algorithm 2, lines 4-6: raise σ_i to σ̂ = (1 + γ)σ_i by adding fresh noise.
+
+    γ = min(S_churn/N, √2 − 1) inside [S_tmin, S_tmax], else 0. The noise comes from the global generator, as in
+    ComfyUI (churn is off by default).
+    """
+    gamma = 0.0
+    if s_churn > 0 and s_tmin <= sigmas[i] <= s_tmax:
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1)
+    sigma_hat = sigmas[i] * (gamma + 1) if gamma > 0 else sigmas[i]
+    if gamma > 0:
+        x = x + torch.randn_like(x) * s_noise * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+    return x, sigma_hat
+
+
+def _report(callback: StepCallback | None, x: torch.Tensor, i: int, sigma: torch.Tensor, denoised: torch.Tensor,
+            sigma_hat: torch.Tensor | None = None) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat,
+                  "denoised": denoised})
+
+
+def _seed(extra_args: Mapping[str, Any]) -> int | None:
+    return extra_args.get("seed")
+
+
+def _brownian_noise(x: torch.Tensor, sigmas: torch.Tensor, extra_args: Mapping[str, Any],
+                    cpu: bool) -> NoiseSampler:
+    """A Brownian tree over the run's positive sigma range, seeded with the run's seed."""
+    positive = sigmas[sigmas > 0]
+    return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=_seed(extra_args), cpu=cpu)
+
+
+# --------------------------------------------------------------------------------------------- first order, Euler
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=float("inf"), s_noise=1.0):
+    """Euler steps x ← x + d(x, σ̂)·(σ_next − σ̂) (Karras et al. 2022, Algorithm 2 without the Heun correction)."""
+    extra_args = {} if extra_args is None else extra_args
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised, sigma_hat)
+        x = x + to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                           noise_sampler=None):
+    """Euler to σ_down, then fresh noise of std σ_up (:func:`ancestral_step`); the last step to σ = 0 is x̂₀."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = denoised
+        else:
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+# ------------------------------------------------------------------------------------------ second order, one step
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                s_tmax=float("inf"), s_noise=1.0):
+    """Heun's method (Karras et al. 2022, Algorithm 2): average the slopes at both ends; Euler into σ = 0."""
+    extra_args = {} if extra_args is None else extra_args
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * ones, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        _report(callback, x, i, sigmas[i], denoised, sigma_hat)
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_euler = x + d * dt
+            d_next = to_d(x_euler, sigmas[i + 1], model(x_euler, sigmas[i + 1] * ones, **extra_args))
+            x = x + (d + d_next) / 2 * dt
+    return x
+
+
+def _log_midpoint(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
+    """√(σ_from·σ_to): the midpoint in log σ (DPM-Solver-2's intermediate point, Lu et al. 2022, Algorithm 1)."""
+    return sigma_from.log().lerp(sigma_to.log(), 0.5).exp()
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=float("inf"), s_noise=1.0):
+    """Midpoint steps: Euler to the log-midpoint σ_mid, then the full step with the slope there (DPM-Solver-2 in
+    Karras et al.'s form, their Algorithm 2 with the midpoint rule); Euler into σ = 0."""
+    extra_args = {} if extra_args is None else extra_args
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * ones, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        _report(callback, x, i, sigmas[i], denoised, sigma_hat)
+        if sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigma_hat)
+        else:
+            sigma_mid = _log_midpoint(sigma_hat, sigmas[i + 1])
+            x_mid = x + d * (sigma_mid - sigma_hat)
+            d_mid = to_d(x_mid, sigma_mid, model(x_mid, sigma_mid * ones, **extra_args))
+            x = x + d_mid * (sigmas[i + 1] - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                           noise_sampler=None):
+    """:func:`sample_dpm_2` to σ_down, then fresh noise of std σ_up (:func:`ancestral_step`)."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        _report(callback, x, i, sigmas[i], denoised)
+        d = to_d(x, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            sigma_mid = _log_midpoint(sigmas[i], sigma_down)
+            x_mid = x + d * (sigma_mid - sigmas[i])
+            d_mid = to_d(x_mid, sigma_mid, model(x_mid, sigma_mid * ones, **extra_args))
+            x = x + d_mid * (sigma_down - sigmas[i])
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- linear multistep
+
+def linear_multistep_coeff(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
+    """∫_{σ_i}^{σ_{i+1}} ℓ_j(σ) dσ, ℓ_j the Lagrange basis polynomial through σ_i, σ_{i−1}, ..., σ_{i−order+1}
+    that is 1 at σ_{i−j}: the weight of d_{i−j} in the order-``order`` Adams–Bashforth step in σ.
+
+    Integrated exactly (ComfyUI integrates numerically; both are exact to rounding for these cubics at most).
+    """
+    if order - 1 > i:
+        raise ValueError(f"order {order} is too high for step {i}: it needs {order - 1} earlier steps")
+    basis = np.polynomial.Polynomial([1.0])
+    for k in range(order):
+        if k != j:
+            basis = basis * np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / (sigmas[i - j] - sigmas[i - k])
+    antiderivative = basis.integ()
+    return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep (Adams–Bashforth in σ, up to ``order`` past slopes, Karras et al. 2022's LMS); the last
+    step to σ = 0 is x̂₀."""
+    extra_args = {} if extra_args is None else extra_args
+    ones = _batch_sigma(x)
+    sigmas_cpu = sigmas.detach().cpu().numpy().astype(np.float64)
+    slopes = []
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        slopes.append(to_d(x, sigmas[i], denoised))
+        if len(slopes) > order:
+            slopes.pop(0)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            current_order = min(i + 1, order)
+            coeffs = [linear_multistep_coeff(current_order, sigmas_cpu, i, j) for j in range(current_order)]
+            x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(slopes)))
+    return x
+
+
+# iPNDM's Adams–Bashforth weights for equal steps: (integer weights, newest slope first; common denominator).
+IPNDM_WEIGHTS = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """Improved PNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator", §4):
+    Adams–Bashforth steps in σ with the fixed weights of :data:`IPNDM_WEIGHTS`, warming up from Euler; the last
+    step to σ = 0 is x̂₀."""
+    if max_order not in IPNDM_WEIGHTS:
+        raise ValueError(f"max_order must be one of {tuple(IPNDM_WEIGHTS)}; got {max_order}")
+    extra_args = {} if extra_args is None else extra_args
+    ones = _batch_sigma(x)
+    past_slopes: list[torch.Tensor] = []  # oldest first, at most max_order − 1
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        d = (x - denoised) / sigmas[i]
+        if sigmas[i + 1] == 0:
+            x_next = denoised
+        else:
+            weights, denominator = IPNDM_WEIGHTS[min(max_order, i + 1)]
+            slopes = [d] + past_slopes[::-1]
+            combined = weights[0] * d
+            for weight, slope in zip(weights[1:], slopes[1:]):
+                combined = combined + weight * slope
+            x_next = x + (sigmas[i + 1] - sigmas[i]) * (combined / denominator if denominator > 1 else d)
+        past_slopes = (past_slopes + [d])[-(max_order - 1):] if max_order > 1 else []
+        x = x_next
+    return x
+
+
+# ------------------------------------------------------------------------------------------------ DPM-Solver++
+
+def _lambda(sigma: torch.Tensor) -> torch.Tensor:
+    """λ = −log σ, the half log-SNR log(α/σ_VP) of the VE form."""
+    return sigma.log().neg()
+
+
+def _sigma_of_lambda(lam: torch.Tensor) -> torch.Tensor:
+    return lam.neg().exp()
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                              noise_sampler=None):
+    """DPM-Solver++(2S) (Lu et al. 2022, Algorithm 1, r = 1/2) to σ_down, then fresh noise of std σ_up.
+
+    With h = λ_down − λ and s = λ + h/2: u = (σ_s/σ)·x − (e^{−h/2} − 1)·x̂₀(x, σ), then
+    x ← (σ_down/σ)·x − (e^{−h} − 1)·x̂₀(u, σ_s). Euler into σ = 0.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            lam, lam_next = _lambda(sigmas[i]), _lambda(sigma_down)
+            h = lam_next - lam
+            sigma_s = _sigma_of_lambda(lam + h / 2)
+            x_mid = (sigma_s / _sigma_of_lambda(lam)) * x - (-h / 2).expm1() * denoised
+            denoised_mid = model(x_mid, sigma_s * ones, **extra_args)
+            x = (_sigma_of_lambda(lam_next) / _sigma_of_lambda(lam)) * x - (-h).expm1() * denoised_mid
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                     noise_sampler=None, r=1 / 2, cpu_noise=True):
+    """Stochastic DPM-Solver++ (2S form, intermediate point at λ + r·h), each substep ancestral on the Brownian tree.
+
+    Each substep from λ_s to a target λ' splits as :func:`ancestral_step` on σ = e^{−λ}: a DPM-Solver++ step to
+    λ'_down, x' = (σ'/σ_s)·e^{−(λ'_down − λ_s)}·... written with α = σ·e^{λ} = 1 (the VE form), then
+    + σ'·σ'_up-scaled Brownian noise. The second substep uses x̂₀_d = (1 − 1/(2r))·x̂₀ + 1/(2r)·x̂₀(intermediate).
+    The last step to σ = 0 is x̂₀.
+    """
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _brownian_noise(x, sigmas, extra_args, cpu_noise) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+        h = lam_t - lam_s
+        lam_mid = lam_s + r * h
+        sigma_mid = _sigma_of_lambda(lam_mid)
+        # α = σ·e^λ, which is 1 in the VE form up to rounding; kept as computed for ComfyUI's rounding.
+        alpha_s, alpha_mid, alpha_t = sigmas[i] * lam_s.exp(), sigma_mid * lam_mid.exp(), sigmas[i + 1] * lam_t.exp()
+        # Step 1: to the intermediate point.
+        sigma_down, sigma_up = ancestral_step(_sigma_of_lambda(lam_s), _sigma_of_lambda(lam_mid), eta)
+        h_down = _lambda(sigma_down) - lam_s
+        x_mid = (alpha_mid / alpha_s) * (-h_down).exp() * x - alpha_mid * (-h_down).expm1() * denoised
+        if eta > 0 and s_noise > 0:
+            x_mid = x_mid + alpha_mid * noise_sampler(sigmas[i], sigma_mid) * s_noise * sigma_up
+        denoised_mid = model(x_mid, sigma_mid * ones, **extra_args)
+        # Step 2: the full step with the blended estimate.
+        sigma_down, sigma_up = ancestral_step(_sigma_of_lambda(lam_s), _sigma_of_lambda(lam_t), eta)
+        h_down = _lambda(sigma_down) - lam_s
+        blend = 1 / (2 * r)
+        denoised_blend = (1 - blend) * denoised + blend * denoised_mid
+        x = (alpha_t / alpha_s) * (-h_down).exp() * x - alpha_t * (-h_down).expm1() * denoised_blend
+        if eta > 0 and s_noise > 0:
+            x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): x ← (σ_next/σ)·x − (e^{−h} − 1)·D, with
+    D = (1 + 1/(2r))·x̂₀ − 1/(2r)·x̂₀_prev, r = h_prev/h (first order on the first step and into σ = 0)."""
+    extra_args = {} if extra_args is None else extra_args
+    ones = _batch_sigma(x)
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        lam, lam_next = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+        h = lam_next - lam
+        if old_denoised is None or sigmas[i + 1] == 0:
+            estimate = denoised
+        else:
+            r = (lam - _lambda(sigmas[i - 1])) / h
+            estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (_sigma_of_lambda(lam_next) / _sigma_of_lambda(lam)) * x - (-h).expm1() * estimate
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                        noise_sampler=None, solver_type="midpoint", cpu_noise=True):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, §5 / their released code; η = 1 is the exact SDE solution's noise).
+
+    With h = λ_next − λ, ĥ = (1 + η)h: x ← (σ_next/σ)·e^{−ηh}·x + (1 − e^{−ĥ})·x̂₀, plus the second-order term
+    ½(1 − e^{−ĥ})/r·(x̂₀ − x̂₀_prev) ("midpoint") or ((1 − e^{−ĥ})/ĥ − 1)... ("heun": ((1 − e^{−ĥ})/(−ĥ) + 1)/r),
+    plus σ_next·√(1 − e^{−2ηh})·s_noise of Brownian noise. The last step to σ = 0 is x̂₀.
+    """
+    if len(sigmas) <= 1:
+        return x
+    if solver_type not in ("heun", "midpoint"):
+        raise ValueError(f"solver_type must be 'heun' or 'midpoint'; got {solver_type!r}")
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _brownian_noise(x, sigmas, extra_args, cpu_noise) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    old_denoised, h, h_last = None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            lam, lam_next = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+            h = lam_next - lam
+            h_eta = h * (eta + 1)
+            alpha_next = sigmas[i + 1] * lam_next.exp()  # 1 in the VE form, up to rounding
+            one_minus_decay = (-h_eta).expm1().neg()
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_next * one_minus_decay * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + alpha_next * (one_minus_decay / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * alpha_next * one_minus_decay * (1 / r) * (denoised - old_denoised)
+            if eta > 0 and s_noise > 0:
+                noise_std = sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * noise_std
+        old_denoised = denoised
+        h_last = h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                        noise_sampler=None, cpu_noise=True):
+    """DPM-Solver++(3M) SDE: :func:`sample_dpmpp_2m_sde`'s first-order part plus φ₂·D1 − φ₃·D2, where D1, D2 are
+    the first and second divided differences of x̂₀ in λ over the last three steps (Lu et al. 2022, §4's multistep
+    third order), φ₂ = (1 − e^{−ĥ})/ĥ... written φ₂ = expm1(−ĥ)/ĥ + 1, φ₃ = φ₂/ĥ − ½. Second order on the second
+    step, first on the first; the last step to σ = 0 is x̂₀.
+    """
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _brownian_noise(x, sigmas, extra_args, cpu_noise) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    denoised_1, denoised_2 = None, None
+    h, h_1, h_2 = None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            lam, lam_next = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+            h = lam_next - lam
+            h_eta = h * (eta + 1)
+            alpha_next = sigmas[i + 1] * lam_next.exp()
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_next * (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + (alpha_next * phi_2) * d1 - (alpha_next * phi_3) * d2
+            elif h_1 is not None:
+                d = (denoised - denoised_1) / (h_1 / h)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x = x + (alpha_next * phi_2) * d
+            if eta > 0 and s_noise > 0:
+                noise_std = sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * noise_std
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+# ------------------------------------------------------------------------------------------- DDPM and LCM steps
+
+@torch.no_grad()
+def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """DDPM ancestral steps (Ho et al. 2020, Eq. 11 with the posterior variance β̃, Eq. 7) in VP form.
+
+    With ᾱ = 1/(σ² + 1), ᾱ' = 1/(σ_next² + 1), α = ᾱ/ᾱ' and ε = (x − x̂₀)/σ, on the VP latent z = x/√(1 + σ²):
+    z' = (z − (1 − α)/√(1 − ᾱ)·ε)/√α + √((1 − α)(1 − ᾱ')/(1 − ᾱ))·noise, back to VE by √(1 + σ_next²).
+    """
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * ones, **extra_args)
+        _report(callback, x, i, sigma, denoised)
+        eps = (x - denoised) / sigma
+        z = x / torch.sqrt(1.0 + sigma ** 2.0)
+        alpha_bar, alpha_bar_next = 1 / (sigma * sigma + 1), 1 / (sigma_next * sigma_next + 1)
+        alpha = alpha_bar / alpha_bar_next
+        z = (1.0 / alpha).sqrt() * (z - (1 - alpha) * eps / (1 - alpha_bar).sqrt())
+        if sigma_next > 0:
+            posterior_std = ((1 - alpha) * (1.0 - alpha_bar_next) / (1.0 - alpha_bar)).sqrt()
+            z = z + posterior_std * noise_sampler(sigma, sigma_next)
+        x = z * torch.sqrt(1.0 + sigma_next ** 2.0) if sigma_next != 0 else z
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, Algorithm 3): jump to x̂₀, re-noise it to the
+    next sigma with fresh noise (x = x̂₀ + σ_next·noise in VE form)."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] + x
+    return x
+
+
+# ------------------------------------------------------------------------------------------------------- UniPC
+
+def _vp_log_alpha(sigma: torch.Tensor) -> torch.Tensor:
+    """log α = ½·log ᾱ = ½·log(1/(σ² + 1)) of the VP form."""
+    return 0.5 * torch.log(1 / ((sigma * sigma) + 1))
+
+
+def _vp_std(sigma: torch.Tensor) -> torch.Tensor:
+    """σ_VP = √(1 − α²)."""
+    return torch.sqrt(1.0 - torch.exp(2.0 * _vp_log_alpha(sigma)))
+
+
+def _vp_lambda(sigma: torch.Tensor) -> torch.Tensor:
+    """λ = log α − log σ_VP (= −log σ, computed through the VP form as UniPC does)."""
+    log_alpha = _vp_log_alpha(sigma)
+    return log_alpha - 0.5 * torch.log(1.0 - torch.exp(2.0 * log_alpha))
+
+
+def _unipc_bh_update(data_prediction, x, previous_x0, previous_t, t, order, variant, use_corrector):
+    """One UniPC step with B(h) (Zhao et al. 2023, "UniPC", Algorithm 2 with data prediction, their Eq. 8-9).
+
+    UniP (predictor) of order p from the last p data predictions, then, if ``use_corrector``, UniC: evaluate the
+    model at the predicted point and correct with it (order p + 1 at no extra evaluation: the evaluation is reused
+    by the next step). B(h) = h ("bh1") or e^h − 1 ("bh2"), h taken as −(λ_t − λ_prev) for data prediction.
+
+    Args:
+        data_prediction: (z, t) -> x̂₀ on the VP latent z at times (B,).
+        x: (B, ...) VP latent at ``previous_t[-1]``.
+        previous_x0, previous_t: the last data predictions and their times (B,), oldest first.
+        t: (B,) the time to step to.
+    Returns:
+        (z at t, x̂₀ at t if the corrector evaluated it, else None).
+    """
+    dims = x.dim()
+    t_prev_0, x0_prev_0 = previous_t[-1], previous_x0[-1]
+    lam_prev_0, lam_t = _vp_lambda(t_prev_0), _vp_lambda(t)
+    std_prev_0, std_t = _vp_std(t_prev_0), _vp_std(t)
+    alpha_t = torch.exp(_vp_log_alpha(t))
+    h = lam_t - lam_prev_0
+
+    ratios, differences = [], []
+    for k in range(1, order):
+        r_k = ((_vp_lambda(previous_t[-(k + 1)]) - lam_prev_0) / h)[0]
+        ratios.append(r_k)
+        differences.append((previous_x0[-(k + 1)] - x0_prev_0) / r_k)
+    ratios.append(1.0)
+    ratios = torch.tensor(ratios, device=x.device)
+
+    hh = -h[0]
+    h_phi_1 = torch.expm1(hh)  # h·φ₁(h) = e^h − 1
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == "bh1" else torch.expm1(hh)
+    factorial = 1
+    rows, rhs = [], []
+    for k in range(1, order + 1):
+        rows.append(torch.pow(ratios, k - 1))
+        rhs.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    system = torch.stack(rows)
+    rhs = torch.tensor(rhs, device=x.device)
+
+    prediction = correction = 0
+    if order > 1:
+        differences = torch.stack(differences, dim=1)  # (B, K, ...)
+        # Order 2's predictor weight is fixed at 1/2 (the paper's simplified UniP-2).
+        rhos_p = torch.tensor([0.5], device=x.device) if order == 2 else torch.linalg.solve(system[:-1, :-1], rhs[:-1])
+        prediction = torch.tensordot(differences, rhos_p, dims=([1], [0]))
+
+    x_first_order = (_append_dims(std_t / std_prev_0, dims) * x
+                     - _append_dims(alpha_t * h_phi_1, dims) * x0_prev_0)
+    x_t = x_first_order - _append_dims(alpha_t * b_h, dims) * prediction
+    x0_t = None
+    if use_corrector:
+        # Order 1's corrector weight is fixed at 1/2 likewise.
+        rhos_c = torch.tensor([0.5], device=x.device) if order == 1 else torch.linalg.solve(system, rhs)
+        x0_t = data_prediction(x_t, t)
+        if order > 1:
+            correction = torch.tensordot(differences, rhos_c[:-1], dims=([1], [0]))
+        x_t = x_first_order - _append_dims(alpha_t * b_h, dims) * (correction + rhos_c[-1] * (x0_t - x0_prev_0))
+    return x_t, x0_t
+
+
+@torch.no_grad()
+def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None, variant="bh1"):
+    """UniPC multistep (Zhao et al. 2023), data prediction, order min(3, n − 1), lower order on the first and last
+    steps, in the VP form z = x/√(1 + σ²). A final sigma of 0 is replaced by 0.001 (log σ must stay finite); the
+    result is divided by that point's α, x̂₀-like.
+
+    ComfyUI converts the model to ε and back: ε = (x − x̂₀)/σ, x̂₀ = (z − σ_VP·ε)/α; done the same way here.
+    """
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2'; got {variant!r}")
+    extra_args = {} if extra_args is None else extra_args
+    times = sigmas.clone()
+    if times[-1] == 0:
+        times[-1] = 0.001
+    steps = len(times) - 1
+
+    def data_prediction(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = _append_dims(t, z.ndim)
+        x_ve = z * ((sigma ** 2 + 1.0) ** 0.5)
+        eps = (x_ve - model(x_ve, t, **extra_args)) / sigma
+        return (z - _append_dims(_vp_std(t), z.ndim) * eps) / _append_dims(torch.exp(_vp_log_alpha(t)), z.ndim)
+
+    z = x / torch.sqrt(1.0 + times[0] ** 2.0)
+    order = min(3, len(times) - 2)
+    batch = z.shape[0]
+    previous_x0: list[torch.Tensor] = []
+    previous_t: list[torch.Tensor] = []
+    for step_index in range(steps):
+        if step_index == 0:
+            t = times[0].expand(batch)
+            previous_x0, previous_t = [data_prediction(z, t)], [t]
+        elif step_index < order:  # warm-up: lower-order steps until `order` predictions are stored
+            t = times[step_index].expand(batch)
+            z, x0 = _unipc_bh_update(data_prediction, z, previous_x0, previous_t, t, step_index, variant, True)
+            previous_x0.append(data_prediction(z, t) if x0 is None else x0)
+            previous_t.append(t)
+        else:
+            # The last step also takes the final step to times[steps], without the corrector (no evaluation).
+            for step in range(step_index, step_index + 1 + (step_index == steps - 1)):
+                t = times[step].expand(batch)
+                step_order = min(order, steps + 1 - step)
+                z, x0 = _unipc_bh_update(data_prediction, z, previous_x0, previous_t, t, step_order, variant,
+                                         use_corrector=step != steps)
+                # Slide the window of the last `order` predictions; the final point needs none.
+                previous_x0, previous_t = previous_x0[1:] + previous_x0[-1:], previous_t[1:] + [t]
+                if step < steps:
+                    previous_x0[-1] = data_prediction(z, t) if x0 is None else x0
+        if callback is not None:
+            sigma = times[step_index]
+            callback({"x": z * torch.sqrt(1.0 + sigma ** 2.0), "i": step_index, "sigma": sigma, "sigma_hat": sigma,
+                      "denoised": previous_x0[-1]})
+    return z / torch.exp(_vp_log_alpha(times[-1]))
+
+
+@torch.no_grad()
+def sample_unipc_bh2(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """:func:`sample_unipc` with B(h) = e^h − 1."""
+    return sample_unipc(model, x, sigmas, extra_args, callback, disable, variant="bh2")
+
+
+# ---------------------------------------------------------------------------------------- names and entry point
+
+# ComfyUI's ddim is its euler; what differs is the inpaint blend, which draws fresh noise (Sampler.fresh_inpaint_noise).
+SAMPLING_FUNCTIONS: dict[str, SamplingFunction] = {
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpm_2": sample_dpm_2,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
+    "lms": sample_lms,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_sde_gpu": functools.partial(sample_dpmpp_sde, cpu_noise=False),
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_gpu": functools.partial(sample_dpmpp_2m_sde, cpu_noise=False),
+    "dpmpp_2m_sde_heun": functools.partial(sample_dpmpp_2m_sde, solver_type="heun"),
+    "dpmpp_2m_sde_heun_gpu": functools.partial(sample_dpmpp_2m_sde, solver_type="heun", cpu_noise=False),
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "dpmpp_3m_sde_gpu": functools.partial(sample_dpmpp_3m_sde, cpu_noise=False),
+    "ddpm": sample_ddpm,
+    "lcm": sample_lcm,
+    "ipndm": sample_ipndm,
+    "ddim": sample_euler,
+    "uni_pc": sample_unipc,
+    "uni_pc_bh2": sample_unipc_bh2,
+}
+# In ComfyUI's SAMPLER_NAMES order (KSampler's dropdown).
+SAMPLER_NAMES = tuple(SAMPLING_FUNCTIONS)
+# Samplers whose inpaint blend re-noises the kept region with noise of its own (seed + 1), not the run's noise.
+FRESH_INPAINT_NOISE_SAMPLERS = frozenset(("ddim",))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """What travels on a SAMPLER socket in the standalone app: a sampling function and its options.
+
+    ``Sampler.from_name("euler_ancestral", eta=0.5)`` is what KSamplerSelect (and KSampler) build; any function
+    that follows the convention in this module's docstring can be wrapped the same way (Atelier's own samplers).
+
+    Attributes:
+        function: the sampling function.
+        options: keyword options for it (``eta``, ``s_noise``, ``solver_type`` ...).
+        name: the name it was made from, for messages.
+        fresh_inpaint_noise: the inpaint blend re-noises the kept region with its own noise (ComfyUI's ddim).
+    """
+
+    function: SamplingFunction
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    name: str = ""
+    fresh_inpaint_noise: bool = False
+
+    @classmethod
+    def from_name(cls, name: str, **options: Any) -> Sampler:
+        """The sampler ComfyUI calls ``name`` (one of :data:`SAMPLER_NAMES`), with ``options``."""
+        if name not in SAMPLING_FUNCTIONS:
+            raise ValueError(f"sampler must be one of {SAMPLER_NAMES}; got {name!r}")
+        return cls(SAMPLING_FUNCTIONS[name], dict(options), name, name in FRESH_INPAINT_NOISE_SAMPLERS)
+
+    def sample(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               model_sampling: DiscreteModelSampling, sigmas: torch.Tensor, noise: torch.Tensor,
+               latent_image: torch.Tensor, seed: int, *, denoise_mask: torch.Tensor | None = None,
+               callback: StepCallback | None = None) -> torch.Tensor:
+        """Run this sampler as ComfyUI's ``KSAMPLER.sample`` does; see :func:`run_sampler`."""
+        _check_run(sigmas, noise, latent_image)
+        if sigmas.numel() == 0:
+            return latent_image
+        device = latent_image.device
+        noise, sigmas = noise.to(device), sigmas.to(device)
+        if denoise_mask is not None:
+            denoise_mask = prepare_mask(denoise_mask, noise.shape).to(device)
+        inpaint_noise = noise
+        if self.fresh_inpaint_noise:
+            generator = torch.manual_seed(seed + 1)
+            inpaint_noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise.dtype).to(device)
+        model = _InpaintDenoiser(model_fn, model_sampling, latent_image, inpaint_noise, denoise_mask)
+        x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, model_sampling.is_max_denoise(sigmas))
+        x = self.function(model, x, sigmas, extra_args={"seed": seed}, callback=callback, disable=True,
+                          **self.options)
+        return model_sampling.inverse_noise_scaling(sigmas[-1], x)
+
+
+def run_sampler(sampler: str | Sampler | SamplingFunction, model_fn: Callable[[torch.Tensor, torch.Tensor],
+                torch.Tensor], model_sampling: DiscreteModelSampling, sigmas: torch.Tensor, noise: torch.Tensor,
+                latent_image: torch.Tensor, seed: int, *, denoise_mask: torch.Tensor | None = None,
+                callback: StepCallback | None = None, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """Sample as ComfyUI's ``comfy.samplers.sample`` with ``KSAMPLER.sample`` does, given a guided denoiser.
+
+    1. A run starting at or above the model's σ_max is "max denoise": the noise is scaled by √(1 + σ₀²), else by σ₀,
+       and added to the latent (:meth:`DiscreteModelSampling.noise_scaling`).
+    2. With a ``denoise_mask`` (1 = repaint, 0 = keep), every model call sees x·m + (latent + σ·noise)·(1 − m) and
+       returns x̂₀·m + latent·(1 − m): the kept region follows the input latent noised to the current σ
+       (ComfyUI's ``KSamplerX0Inpaint``). ddim re-noises it with noise drawn from seed + 1.
+    3. The sampling function runs with ``extra_args={"seed": seed}``, so ancestral and SDE noise follow the seed.
+
+    Args:
+        sampler: a name from :data:`SAMPLER_NAMES`, a :class:`Sampler`, or a sampling function.
+        model_fn: (x (B, C, h, w) VE latents, σ (B,)) -> guided x̂₀; conditioning and CFG are inside it.
+        model_sampling: the model's sigma table (for max denoise and the noise scaling).
+        sigmas: (n + 1,) descending; empty means nothing to do (the latent comes back unchanged).
+        noise: (B, C, h, w), from :func:`~.noise.prepare_noise` (zeros for "disable noise").
+        latent_image: (B, C, h, w) the input latent as the model sees it (scaled by the VAE factor; zeros for
+            text-to-image).
+        seed: the run's seed.
+        denoise_mask: (B or 1, [1,] H, W) or any shape :func:`prepare_mask` accepts, values in [0, 1].
+        callback: called once per step with ``{"x", "i", "sigma", "sigma_hat", "denoised"}``.
+        options: extra keyword options for the sampling function (merged over a :class:`Sampler`'s own).
+    Returns:
+        (B, C, h, w) the sampled latent, as the model sees it.
+    """
+    if isinstance(sampler, str):
+        sampler = Sampler.from_name(sampler)
+    elif not isinstance(sampler, Sampler):
+        sampler = Sampler(sampler, name=getattr(sampler, "__name__", ""))
+    if options:
+        sampler = dataclasses.replace(sampler, options={**sampler.options, **options})
+    return sampler.sample(model_fn, model_sampling, sigmas, noise, latent_image, seed, denoise_mask=denoise_mask,
+                          callback=callback)
+
+
+def prepare_mask(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """A noise mask resized to latents of ``shape`` (B, C, h, w): bilinear to (h, w), repeated over the channels
+    and over (or cut to) the batch, as ComfyUI's ``reshape_mask`` does.
+
+    Args:
+        mask: (H, W), (B, H, W) or (B, 1, H, W).
+    Returns:
+        (B, C, h, w).
+    """
+    if mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
+        raise ValueError(f"mask must be (H, W), (B, H, W) or (B, 1, H, W); got {tuple(mask.shape)}")
+    batch, channels = shape[0], shape[1]
+    mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    mask = torch.nn.functional.interpolate(mask, size=tuple(shape[2:]), mode="bilinear")
+    mask = mask.repeat(1, channels, 1, 1)
+    if mask.shape[0] < batch:
+        mask = mask.repeat(math.ceil(batch / mask.shape[0]), 1, 1, 1)
+    return mask[:batch]
+
+
+class _InpaintDenoiser:
+    """The model a sampling function sees: ``model_fn`` with ComfyUI's inpaint blend around it (see run_sampler)."""
+
+    def __init__(self, model_fn, model_sampling: DiscreteModelSampling, latent_image: torch.Tensor,
+                 noise: torch.Tensor, denoise_mask: torch.Tensor | None):
+        self.model_fn = model_fn
+        self.model_sampling = model_sampling
+        self.latent_image = latent_image
+        self.noise = noise
+        self.denoise_mask = denoise_mask
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
+        mask = self.denoise_mask
+        if mask is None:
+            return self.model_fn(x, sigma)
+        keep = 1.0 - mask
+        per_sample = sigma.reshape([sigma.shape[0]] + [1] * (x.ndim - 1))
+        x = x * mask + self.model_sampling.noise_scaling(per_sample, self.noise, self.latent_image) * keep
+        return self.model_fn(x, sigma) * mask + self.latent_image * keep
+
+
+def _check_run(sigmas: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor) -> None:
+    if sigmas.ndim != 1:
+        raise ValueError(f"sigmas must be 1-D; got shape {tuple(sigmas.shape)}")
+    if noise.shape != latent_image.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} and latent {tuple(latent_image.shape)} must have one shape")
+    if latent_image.ndim != 4:
+        raise ValueError(f"latent_image must be (B, C, h, w); got {tuple(latent_image.shape)}")

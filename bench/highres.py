@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from nodes.common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser  # noqa: E402
 from nodes.common.tiled_vae import DECODE_PRECISIONS, decode_dtype, tiled_decode  # noqa: E402
-from nodes.generation.text import encode_prompt  # noqa: E402
+from nodes.models.text import encode_prompt  # noqa: E402
 from nodes.highres.generate import generate_large, plan_stages  # noqa: E402
 from nodes.highres.tiling import TileSettings, tile_calls_per_step  # noqa: E402
 from nodes.models.loading import load_checkpoint  # noqa: E402

@@ -39,7 +39,7 @@ from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPip
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from nodes.common.denoiser import NoiseSchedule  # noqa: E402
-from nodes.generation.latents import empty_latent, seeded_noise  # noqa: E402
+from nodes.sampling.latents import empty_latent, seeded_noise  # noqa: E402
 from nodes.generation.nodes import AtelierSampler, AtelierTextEncode, ModelRef  # noqa: E402
 from nodes.models.loading import LoadedModel, load_tokenizer, shipped_config_dir  # noqa: E402
 

@@ -12,6 +12,7 @@ sigma s_t = σ_t / √ᾱ_t; ε is the noise prediction after classifier-free gu
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol
 
 import torch
@@ -72,12 +73,15 @@ class Conditioning:
     """What a denoiser is conditioned on, batched like the latents it goes with.
 
     ``embeds`` are the cross-attention states (B, L, D). SDXL adds ``pooled`` (B, P) text embeddings and
-    ``time_ids`` (B, 6): original size, crop corner and target size.
+    ``time_ids`` (B, 6): original size, crop corner and target size (the refiner: (B, 5), with the aesthetic score
+    last). ``concat`` (B, C', h, w) is joined to the latents' channels before the UNet: the mask and masked image of
+    inpainting models.
     """
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    concat: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.embeds.ndim != 3:
@@ -94,7 +98,7 @@ class Conditioning:
         def move(tensor):
             return None if tensor is None else tensor.to(device)
 
-        return Conditioning(move(self.embeds), move(self.pooled), move(self.time_ids))
+        return Conditioning(move(self.embeds), move(self.pooled), move(self.time_ids), move(self.concat))
 
     def repeat_to(self, batch_size: int) -> Conditioning:
         """This conditioning for ``batch_size`` latents: a batch of 1 is repeated, a matching batch kept."""
@@ -106,25 +110,34 @@ class Conditioning:
         def expand(tensor):
             return None if tensor is None else tensor.expand(batch_size, *tensor.shape[1:])
 
-        return Conditioning(expand(self.embeds), expand(self.pooled), expand(self.time_ids))
+        return Conditioning(expand(self.embeds), expand(self.pooled), expand(self.time_ids), expand(self.concat))
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
         """Batch conditionings together (for one UNet call over the guided and the unguided halves).
 
-        Sequence lengths may differ (a LongAlign prompt against a standard 77-token one): the shorter ones are
-        padded by repeating their last token. Departure: LongAlign encodes the negative with the same function
-        (the text-encode node's "longalign" encoding does), and ComfyUI repeats the whole shorter sequence to a
-        common multiple; repeating the last (padding) token keeps the short half's attention close to its own at
-        no extra length.
+        Sequence lengths may differ (a LongAlign prompt against a standard 77-token one): each sequence is repeated
+        whole up to the least common multiple of the lengths, as ComfyUI pads. Repeating every key the same number
+        of times leaves each prompt's attention weights as they were; padding with one repeated token would give that
+        token the softmax mass of all its copies.
+
+        Example:
+            >>> short, long = Conditioning(torch.zeros(1, 77, 8)), Conditioning(torch.zeros(1, 154, 8))
+            >>> Conditioning.cat([short, long]).embeds.shape
+            torch.Size([2, 154, 8])
         """
-        length = max(part.embeds.shape[1] for part in parts)
-        embeds = [torch.cat([p.embeds, p.embeds[:, -1:].expand(-1, length - p.embeds.shape[1], -1)], dim=1)
-                  for p in parts]
-        if any(part.pooled is not None for part in parts):
-            return Conditioning(torch.cat(embeds), torch.cat([p.pooled for p in parts]),
-                                torch.cat([p.time_ids for p in parts]))
-        return Conditioning(torch.cat(embeds))
+        length = math.lcm(*(part.embeds.shape[1] for part in parts))
+        embeds = torch.cat([part.embeds.repeat(1, length // part.embeds.shape[1], 1) for part in parts])
+
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(part, name) for part in parts]
+            if all(value is None for value in values):
+                return None
+            if any(value is None for value in values):
+                raise ValueError(f"conditionings to batch must all have {name} or none")
+            return torch.cat(values)
+
+        return Conditioning(embeds, cat("pooled"), cat("time_ids"), cat("concat"))
 
 
 class Denoiser(Protocol):
@@ -193,6 +206,8 @@ class DiffusersDenoiser:
         added = None
         if conditioning.pooled is not None:  # SDXL's micro-conditioning
             added = {"text_embeds": conditioning.pooled.to(dtype), "time_ids": conditioning.time_ids.to(dtype)}
+        if conditioning.concat is not None:
+            x_t = torch.cat([x_t, conditioning.concat.to(x_t)], dim=1)
         with torch.no_grad():
             prediction = self.unet(x_t.to(dtype), t, encoder_hidden_states=conditioning.embeds.to(dtype),
                                    added_cond_kwargs=added).sample

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..common.denoiser import Conditioning, DiffusersCodec
+from ..common.denoiser import DiffusersCodec
+from ..common.limits import MAX_SEED
 from ..common.progress import progress
-from ..generation.nodes import MAX_SEED, ModelRef, ModelsFolder
 from ..models.loading import list_models, load_transformers_folder, resolve_model_path
-from ..models.lora import set_loras
+from ..models.refs import ModelRef, ModelsFolder
+from ..sampling.guidance import to_conditioning
 from .cache import FEATURE_CACHE, tensor_digest
 from .features import (DINO_IMAGE_SIZE, SD_FAMILIES, SD_IMAGE_SIZE, SD_LAYER_CHOICES, SD_LAYERS, SD_NOISE_SEED,
                        SD_TIMESTEP, SIFT_IMAGE_SIZE, SIFT_OCTAVES, SIFT_STRIDE, FeatureMaps, dense_sift_features,
@@ -122,9 +123,9 @@ class AtelierSDFeatures(_Extractor):
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "model": ("ATELIER_MODEL", {"tooltip": "An SD1.x or SD2.x checkpoint's UNet."}),
-            "vae": ("ATELIER_VAE", {"tooltip": "Its VAE, to encode the image."}),
-            "conditioning": ("ATELIER_CONDITIONING", {"tooltip": "The prompt: the empty prompt as in the paper, or "
+            "model": ("MODEL", {"tooltip": "An SD1.x or SD2.x checkpoint's UNet."}),
+            "vae": ("VAE", {"tooltip": "Its VAE, to encode the image."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "The prompt: the empty prompt as in the paper, or "
                                                                  "a caption of the image."}),
             "image": ("IMAGE", {"tooltip": "One image."}),
             "timestep": ("INT", {"default": SD_TIMESTEP, "min": 0, "max": 999, "step": 1,
@@ -149,19 +150,19 @@ class AtelierSDFeatures(_Extractor):
             return str(error)
         return True
 
-    def extract(self, model: ModelRef, vae: DiffusersCodec, conditioning: Conditioning, image: torch.Tensor,
+    def extract(self, model: ModelRef, vae: DiffusersCodec, conditioning: list, image: torch.Tensor,
                 timestep: int, fixed_noise_seed: int, size: int, layers: str) -> tuple[FeatureMaps]:
         loaded, pixels, chosen = model.model, _image(image, "image"), parse_layers(layers)
         if loaded.family not in SD_FAMILIES:
             raise ValueError(f"model must be an SD1.x or SD2.x checkpoint (families {SD_FAMILIES}); got "
                              f"{loaded.family!r}")
+        conditioning = to_conditioning(conditioning, loaded.family)
         key = ("sd", tensor_digest(pixels), loaded.source, model.loras, str(loaded.dtype), str(loaded.device),
                tensor_digest(next(vae.vae.parameters())), tensor_digest(conditioning.embeds), timestep,
                fixed_noise_seed, size, chosen)
 
         def compute() -> FeatureMaps:
-            with loaded.lock:
-                set_loras(loaded, model.loras)
+            with model.in_use():
                 return sd_unet_features(loaded.unet, vae, loaded.schedule, pixels.to(loaded.device),
                                         conditioning.to(loaded.device), timestep, fixed_noise_seed, size, chosen)
 

@@ -1,64 +1,43 @@
-"""The generation nodes: load a checkpoint and LoRAs, encode prompts, make and resize latents, sample, and go
-through the VAE. They are thin: each converts its inputs, calls the functions of ``nodes.models``,
-``nodes.sampling`` and this package, and returns a tuple.
+"""Atelier's own generation nodes: its checkpoint loader, LongAlign prompt encoding and its sampler.
 
-Our values are diffusers objects, not ComfyUI's, so their socket types have names of their own
-(``ATELIER_MODEL``, ``ATELIER_CLIP``, ``ATELIER_VAE``, ``ATELIER_CONDITIONING``); LATENT and IMAGE are
-ComfyUI's own types and values (LATENT holds the unscaled VAE latent under ``"samples"``).
+They speak ComfyUI's sockets (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE) and carry Atelier's objects on them,
+as the standalone app's core nodes do (``web/nodes_*.py``: CheckpointLoaderSimple, CLIPTextEncode, KSampler, ...):
+MODEL a :class:`~nodes.models.refs.ModelRef`, CLIP a :class:`~nodes.models.clip.Clip`, VAE a
+:class:`~nodes.common.denoiser.DiffusersCodec`, CONDITIONING ComfyUI's list of ``[embeds, options]``.
+The sampler offers what ComfyUI's KSampler does not: diffusers' TCD and the heavy-ball momentum samplers (HB,
+GHVB, HB-DPM++2M) and the truncated F-scheduler.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import ClassVar
-
 import torch
 
 from ..common.checks import range_errors
-from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
+from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
+from ..common.limits import MAX_BATCH, MAX_CFG, MAX_RESOLUTION, MAX_SEED, MAX_STEPS
 from ..common.tiled_vae import tiled_decode, tiled_encode
-from ..models.loading import LoadedModel, list_checkpoints, list_models, load_checkpoint, resolve_model_path
+from ..models.clip import Clip
+from ..models.loading import list_checkpoints, list_models, load_checkpoint, resolve_model_path
 from ..models.lora import MAX_STRENGTH as MAX_LORA_STRENGTH
-from ..models.lora import LoraSpec, set_loras
+from ..models.lora import LoraSpec
+from ..models.refs import ModelRef, ModelsFolder
+from ..models.text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt
+from ..sampling.generate import generate
+from ..sampling.guidance import from_conditioning, to_conditioning
+from ..sampling.latents import INITIAL_NOISE_KEY, LATENT_UPSCALE_METHODS, empty_latent, upscale_latent
 from ..sampling.samplers import MOMENTUM_DEFAULTS, MOMENTUM_RANGES, SAMPLERS, SCHEDULERS, check_sampler_settings
-from .generate import generate
-from .latents import INITIAL_NOISE_KEY, LATENT_UPSCALE_METHODS, empty_latent, upscale_latent
-from .text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt
 
 CATEGORY = "atelier/generation"
-MAX_RESOLUTION = 16384  # ComfyUI's MAX_RESOLUTION: the largest side a node accepts
-MAX_BATCH = 4096  # ComfyUI's EmptyLatentImage limit
-MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's: seeds are 64-bit
-MAX_STEPS = 10_000
-MAX_CFG = 100.0
 DEFAULT_TILE_PX, DEFAULT_OVERLAP_PX = 512, 64  # a 512 px tile decodes in about 1 GB on SD's VAE
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
 MAX_MOMENTUM = max(high for _, high in MOMENTUM_RANGES.values())
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRef:
-    """A loaded model and the LoRAs to run on it. LoRA nodes make new refs; the nodes that run the model switch
-    the shared model to their ref's LoRAs under the model's lock, right before they use it."""
-
-    model: LoadedModel
-    loras: tuple[LoraSpec, ...] = ()
-
-    def with_lora(self, lora: LoraSpec) -> ModelRef:
-        return ModelRef(self.model, (*self.loras, lora))
-
-
-class ModelsFolder:
-    """Nodes that list model files; the standalone app binds ``models_dir``, inside ComfyUI it stays None."""
-
-    models_dir: ClassVar[str | None] = None
 
 
 class AtelierCheckpointLoader(ModelsFolder):
     DESCRIPTION = ("Loads a Stable Diffusion 1.x, 2.x or SDXL checkpoint (a .safetensors file or a diffusers folder) "
                    "fully offline, shared by every node that loads the same file.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("ATELIER_MODEL", "ATELIER_CLIP", "ATELIER_VAE")
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("model", "clip", "vae")
     OUTPUT_TOOLTIPS = ("The denoising UNet.", "The text encoder(s), for prompts.", "The VAE, for pixels.")
     FUNCTION = "load"
@@ -72,17 +51,17 @@ class AtelierCheckpointLoader(ModelsFolder):
                 "tooltip": "What the UNet predicts; 'auto' reads it from the file (SD2 768 models predict v)."}),
         }}
 
-    def load(self, ckpt_name: str, prediction: str) -> tuple[ModelRef, ModelRef, DiffusersCodec]:
-        model = load_checkpoint(ckpt_name, self.models_dir,
-                                prediction_type=None if prediction == "auto" else prediction)
-        return ModelRef(model), ModelRef(model), DiffusersCodec(model.vae)
+    def load(self, ckpt_name: str, prediction: str) -> tuple[ModelRef, Clip, DiffusersCodec]:
+        model = ModelRef(load_checkpoint(ckpt_name, self.models_dir,
+                                         prediction_type=None if prediction == "auto" else prediction))
+        return model, Clip(model), DiffusersCodec(model.model.vae)
 
 
 class AtelierLoraLoader(ModelsFolder):
     DESCRIPTION = ("Adds a LoRA to the model and the text encoder without reloading or changing the base weights: "
                    "it runs beside them as a separate branch, so switching or removing it is instant and exact.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("ATELIER_MODEL", "ATELIER_CLIP")
+    RETURN_TYPES = ("MODEL", "CLIP")
     RETURN_NAMES = ("model", "clip")
     OUTPUT_TOOLTIPS = ("The model with the LoRA.", "The text encoder with the LoRA.")
     FUNCTION = "add"
@@ -91,15 +70,15 @@ class AtelierLoraLoader(ModelsFolder):
     def INPUT_TYPES(cls) -> dict[str, dict]:
         strength = {"default": 1.0, "min": -MAX_LORA_STRENGTH, "max": MAX_LORA_STRENGTH, "step": 0.01, "round": 0.001}
         return {"required": {
-            "model": ("ATELIER_MODEL", {"tooltip": "The model to add the LoRA to."}),
-            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder to add the LoRA to."}),
+            "model": ("MODEL", {"tooltip": "The model to add the LoRA to."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder to add the LoRA to."}),
             "lora_name": (list_models("loras", cls.models_dir), {"tooltip": "A .safetensors LoRA in models/loras."}),
             "strength_model": ("FLOAT", {**strength, "tooltip": "How strongly the LoRA changes the UNet; 0 is off."}),
             "strength_clip": ("FLOAT", {**strength, "tooltip": "How strongly it changes the text encoder."}),
         }}
 
-    def add(self, model: ModelRef, clip: ModelRef, lora_name: str, strength_model: float,
-            strength_clip: float) -> tuple[ModelRef, ModelRef]:
+    def add(self, model: ModelRef, clip: Clip, lora_name: str, strength_model: float,
+            strength_clip: float) -> tuple[ModelRef, Clip]:
         path = resolve_model_path("loras", lora_name, self.models_dir)
         return (model.with_lora(LoraSpec(path, strength_model, 0.0)),
                 clip.with_lora(LoraSpec(path, 0.0, strength_clip)))
@@ -109,7 +88,7 @@ class AtelierTextEncode:
     DESCRIPTION = ("Encodes a prompt. Prompts longer than CLIP's 77 tokens are encoded sentence by sentence "
                    "(LongAlign's segment-level encoding) instead of being cut off.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("ATELIER_CONDITIONING",)
+    RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
     OUTPUT_TOOLTIPS = ("The encoded prompt, for the sampler's positive or negative input.",)
     FUNCTION = "encode"
@@ -117,7 +96,7 @@ class AtelierTextEncode:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder of the checkpoint."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder of the checkpoint."}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                 "tooltip": "The prompt; sentences end with '.' or '?'."}),
             "encoding": (list(ENCODINGS), {
@@ -125,11 +104,10 @@ class AtelierTextEncode:
                            "negative of a long prompt, so both have the same length."}),
         }}
 
-    def encode(self, clip: ModelRef, text: str, encoding: str) -> tuple[Conditioning]:
-        with clip.model.lock:
-            set_loras(clip.model, clip.loras)
-            return (encode_prompt(clip.model.tokenizers, clip.model.text_encoders, clip.model.family, text,
-                                  max_tokens=LONGALIGN_TOKENS, encoding=encoding).to("cpu"),)
+    def encode(self, clip: Clip, text: str, encoding: str) -> tuple[list]:
+        with clip.ref.in_use() as loaded:
+            return (from_conditioning(encode_prompt(loaded.tokenizers, loaded.text_encoders, loaded.family, text,
+                                                    max_tokens=LONGALIGN_TOKENS, encoding=encoding).to("cpu")),)
 
 
 def _size(default: int, tooltip: str) -> tuple[str, dict]:
@@ -191,9 +169,9 @@ class AtelierSampler:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "model": ("ATELIER_MODEL", {"tooltip": "The model to denoise with."}),
-            "positive": ("ATELIER_CONDITIONING", {"tooltip": "What the image should show."}),
-            "negative": ("ATELIER_CONDITIONING", {"tooltip": "What it should not show."}),
+            "model": ("MODEL", {"tooltip": "The model to denoise with."}),
+            "positive": ("CONDITIONING", {"tooltip": "What the image should show."}),
+            "negative": ("CONDITIONING", {"tooltip": "What it should not show."}),
             "latent_image": ("LATENT", {"tooltip": "An empty latent, or an encoded image for image-to-image."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
                              "tooltip": "The noise seed; the same seed and settings give the same image."}),
@@ -229,15 +207,15 @@ class AtelierSampler:
             return str(error)
         return True
 
-    def sample(self, model: ModelRef, positive: Conditioning, negative: Conditioning, latent_image: dict, seed: int,
+    def sample(self, model: ModelRef, positive: list, negative: list, latent_image: dict, seed: int,
                steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
                momentum: float) -> tuple[dict]:
         if "noise_mask" in latent_image:
             raise ValueError("AtelierSampler does not support a LATENT noise_mask (inpainting) yet; remove the "
                              "mask or use a latent without one")
-        loaded = model.model
-        with loaded.lock:
-            set_loras(loaded, model.loras)
+        with model.in_use() as loaded:
+            positive, negative = (to_conditioning(c, loaded.family, name) for c, name in
+                                  ((positive, "positive"), (negative, "negative")))
             latent = generate(DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae),
                               loaded.family, positive, negative, latent_image["samples"].to(loaded.device), seed,
                               steps, cfg, sampler_name, scheduler, denoise, momentum or None,
@@ -283,7 +261,7 @@ class AtelierVAEDecode(_Tiling):
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {"samples": ("LATENT", {"tooltip": "The latents to decode."}),
-                             "vae": ("ATELIER_VAE", {"tooltip": "The checkpoint's VAE."}),
+                             "vae": ("VAE", {"tooltip": "The checkpoint's VAE."}),
                              **cls.tiling_inputs()}}
 
     def decode(self, samples: dict, vae: DiffusersCodec, tiled: bool, tile_size: int, overlap: int
@@ -308,7 +286,7 @@ class AtelierVAEEncode(_Tiling):
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {"pixels": ("IMAGE", {"tooltip": "The images to encode; sides must be multiples of 8."}),
-                             "vae": ("ATELIER_VAE", {"tooltip": "The checkpoint's VAE."}),
+                             "vae": ("VAE", {"tooltip": "The checkpoint's VAE."}),
                              **cls.tiling_inputs()}}
 
     def encode(self, pixels: torch.Tensor, vae: DiffusersCodec, tiled: bool, tile_size: int, overlap: int

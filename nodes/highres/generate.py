@@ -18,8 +18,8 @@ import dataclasses
 import torch
 
 from ..common.denoiser import Conditioning, Denoiser, LatentCodec
-from ..generation.generate import generate
-from ..generation.latents import empty_latent, upscale_latent
+from ..sampling.generate import generate
+from ..sampling.latents import empty_latent, upscale_latent
 from .linfusion import Stage, staged_recipe
 from .tiling import TiledDenoiser, TileSettings
 

@@ -19,10 +19,11 @@ from ..common.checks import range_errors
 from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
 from ..common.paths import confine
 from ..common.tiled_vae import DECODE_PRECISIONS, decode_dtype, tiled_decode
-from ..generation.generate import generate
-from ..generation.nodes import MAX_CFG, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, ModelRef, ModelsFolder
+from ..common.limits import MAX_CFG, MAX_RESOLUTION, MAX_SEED, MAX_STEPS
 from ..models.loading import LoadedModel, check_safetensors, comfy_folder_paths, files_under
-from ..models.lora import set_loras
+from ..models.refs import ModelRef, ModelsFolder
+from ..sampling.generate import generate
+from ..sampling.guidance import to_conditioning
 from ..sampling.samplers import SAMPLERS, SCHEDULERS, check_sampler_settings
 from .generate import SCHEDULES, generate_large, plan_stages
 from .linfusion import LayerConfig, linfusion_config, load_linfusion, mounted
@@ -50,16 +51,18 @@ class LinFusion:
 @contextlib.contextmanager
 def model_in_use(model: ModelRef, linfusion: LinFusion | None) -> Iterator[LoadedModel]:
     """The model under its lock, with its ref's LoRAs and, if given, LinFusion mounted for the block."""
-    loaded = model.model
-    if linfusion is not None and linfusion.model is not loaded:
+    if linfusion is not None and linfusion.model is not model.model:
         raise ValueError("linfusion was loaded for another checkpoint than model; load it from this model")
-    with loaded.lock:
-        set_loras(loaded, model.loras)
+    with model.in_use() as loaded:
         if linfusion is None:
             yield loaded
             return
         with mounted(loaded.unet, linfusion.layers, list(linfusion.config)):
             yield loaded
+
+
+def _plain_prompts(positive: list, negative: list, family: str) -> tuple[Conditioning, Conditioning]:
+    return to_conditioning(positive, family, "positive"), to_conditioning(negative, family, "negative")
 
 
 def _tiling_inputs() -> dict[str, tuple]:
@@ -122,9 +125,9 @@ class AtelierTiledSample:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "model": ("ATELIER_MODEL", {"tooltip": "The model to denoise with."}),
-            "positive": ("ATELIER_CONDITIONING", {"tooltip": "What the image should show."}),
-            "negative": ("ATELIER_CONDITIONING", {"tooltip": "What it should not show."}),
+            "model": ("MODEL", {"tooltip": "The model to denoise with."}),
+            "positive": ("CONDITIONING", {"tooltip": "What the image should show."}),
+            "negative": ("CONDITIONING", {"tooltip": "What it should not show."}),
             "latent_image": ("LATENT", {"tooltip": "An empty latent, or an encoded image for image-to-image."}),
             **_sampling_inputs(),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "round": 0.001,
@@ -138,7 +141,7 @@ class AtelierTiledSample:
     def VALIDATE_INPUTS(cls, tile_size: int | None, overlap: int | None, offset_stride: int | None) -> bool | str:
         return _validate(cls, {"tile_size": tile_size, "overlap": overlap, "offset_stride": offset_stride})
 
-    def sample(self, model: ModelRef, positive: Conditioning, negative: Conditioning, latent_image: dict, seed: int,
+    def sample(self, model: ModelRef, positive: list, negative: list, latent_image: dict, seed: int,
                steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float, mode: str, tile_size: int,
                overlap: int, offset_stride: int, tile_batch_size: int,
                linfusion: LinFusion | None = None) -> tuple[dict, str]:
@@ -147,6 +150,7 @@ class AtelierTiledSample:
         with model_in_use(model, linfusion) as loaded:
             codec = DiffusersCodec(loaded.vae)
             check_sampler_settings(sampler_name, scheduler, steps, denoise=denoise, family=loaded.family)
+            positive, negative = _plain_prompts(positive, negative, loaded.family)
             tiled = TiledDenoiser(DiffusersDenoiser(loaded.unet, loaded.schedule),
                                   _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed,
                                                  codec.downscale))
@@ -180,7 +184,7 @@ class AtelierLoadLinFusion(ModelsFolder):
         folder = cls.linfusion_folder()
         names = [] if folder is None else sorted(files_under(folder, (".safetensors",)))
         return {"required": {
-            "model": ("ATELIER_MODEL", {"tooltip": "The model the LinFusion weights were trained for."}),
+            "model": ("MODEL", {"tooltip": "The model the LinFusion weights were trained for."}),
             "linfusion_name": (names, {"tooltip": "A LinFusion .safetensors in models/linfusion (the published "
                                                   "diffusion_pytorch_model.safetensors under any name)."}),
         }}
@@ -192,8 +196,7 @@ class AtelierLoadLinFusion(ModelsFolder):
                              "ComfyUI")
         path = confine(folder, linfusion_name)
         check_safetensors(path)
-        loaded = model.model
-        with loaded.lock:
+        with model.in_use() as loaded:
             layers = load_linfusion(path, loaded.unet, loaded.family)
             config = tuple(linfusion_config(loaded.unet, loaded.family))
         return (LinFusion(loaded, layers, config),)
@@ -212,10 +215,10 @@ class AtelierTiled16KGenerator:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "model": ("ATELIER_MODEL", {"tooltip": "The model to sample with."}),
-            "vae": ("ATELIER_VAE", {"tooltip": "The checkpoint's VAE."}),
-            "positive": ("ATELIER_CONDITIONING", {"tooltip": "What the image should show."}),
-            "negative": ("ATELIER_CONDITIONING", {"tooltip": "What it should not show."}),
+            "model": ("MODEL", {"tooltip": "The model to sample with."}),
+            "vae": ("VAE", {"tooltip": "The checkpoint's VAE."}),
+            "positive": ("CONDITIONING", {"tooltip": "What the image should show."}),
+            "negative": ("CONDITIONING", {"tooltip": "What it should not show."}),
             "width": ("INT", {"default": 2048, "min": 64, "max": MAX_RESOLUTION, "step": 8,
                               "tooltip": "Image width in pixels; staged: it must halve to the base size."}),
             "height": ("INT", {"default": 1024, "min": 64, "max": MAX_RESOLUTION, "step": 8,
@@ -239,7 +242,7 @@ class AtelierTiled16KGenerator:
     def VALIDATE_INPUTS(cls, tile_size: int | None, overlap: int | None, offset_stride: int | None) -> bool | str:
         return _validate(cls, {"tile_size": tile_size, "overlap": overlap, "offset_stride": offset_stride})
 
-    def generate(self, model: ModelRef, vae: DiffusersCodec, positive: Conditioning, negative: Conditioning,
+    def generate(self, model: ModelRef, vae: DiffusersCodec, positive: list, negative: list,
                  width: int, height: int, schedule: str, base_size: int, seed: int, steps: int, cfg: float,
                  sampler_name: str, scheduler: str, mode: str, tile_size: int, overlap: int, offset_stride: int,
                  tile_batch_size: int, vae_tile_size: int, vae_precision: str,
@@ -247,6 +250,7 @@ class AtelierTiled16KGenerator:
         with model_in_use(model, linfusion) as loaded:
             stages = plan_stages(loaded.family, width, height, schedule, steps, base_size, vae.downscale)
             check_sampler_settings(sampler_name, scheduler, steps, family=loaded.family)
+            positive, negative = _plain_prompts(positive, negative, loaded.family)
             settings = _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed, vae.downscale)
             latent, reports = generate_large(DiffusersDenoiser(loaded.unet, loaded.schedule), vae, loaded.family,
                                              positive, negative, stages, seed, steps, cfg, sampler_name, scheduler,

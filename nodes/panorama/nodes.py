@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
-from ..generation.nodes import MAX_SEED, ModelRef
-from ..models.lora import set_loras
+from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
+from ..common.limits import MAX_SEED
+from ..models.refs import ModelRef
+from ..sampling.guidance import to_conditioning
 from .fidelity import gd_project
 from .metrics import ws_psnr, ws_ssim
 from .omnissr import GAMMA_E, GAMMA_L, omnissr_super_resolve
@@ -219,10 +220,10 @@ class AtelierOmniSSR:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "model": ("ATELIER_MODEL", {"tooltip": "The diffusion model run on the planes."}),
-            "vae": ("ATELIER_VAE", {"tooltip": "The model's VAE."}),
-            "positive": ("ATELIER_CONDITIONING", {"tooltip": "What the panorama shows (OmniSSR: empty prompt)."}),
-            "negative": ("ATELIER_CONDITIONING", {"tooltip": "What it should not show (unused at cfg 1)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model run on the planes."}),
+            "vae": ("VAE", {"tooltip": "The model's VAE."}),
+            "positive": ("CONDITIONING", {"tooltip": "What the panorama shows (OmniSSR: empty prompt)."}),
+            "negative": ("CONDITIONING", {"tooltip": "What it should not show (unused at cfg 1)."}),
             "panorama": ("IMAGE", {"tooltip": "The low-resolution equirectangular panorama (width = 2 × height)."}),
             "layout": (LAYOUT_TYPE, {"tooltip": "The planes (OmniSSR: 18 planes of 512², 66.41°); their size must "
                                                 "be a multiple of 8."}),
@@ -243,17 +244,17 @@ class AtelierOmniSSR:
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "tooltip": "Noise seed."}),
         }}
 
-    def super_resolve(self, model: ModelRef, vae: DiffusersCodec, positive: Conditioning, negative: Conditioning,
+    def super_resolve(self, model: ModelRef, vae: DiffusersCodec, positive: list, negative: list,
                       panorama: torch.Tensor, layout: PlaneLayout, scale: int, steps: int, cfg: float,
                       strength: float, every_k: int, gamma_l: float, gamma_e: float, seed: int
                       ) -> tuple[torch.Tensor]:
         if panorama.shape[2] != 2 * panorama.shape[1]:
             raise ValueError(f"panorama must be twice as wide as high; got {tuple(panorama.shape[1:3])}")
-        loaded = model.model
-        with loaded.lock:
-            set_loras(loaded, model.loras)
+        with model.in_use() as loaded:
             result = omnissr_super_resolve(DiffusersDenoiser(loaded.unet, loaded.schedule), vae, _bchw(panorama),
-                                           scale, layout, positive, negative, cfg, steps, strength, every_k,
+                                           scale, layout, to_conditioning(positive, loaded.family, "positive"),
+                                           to_conditioning(negative, loaded.family, "negative"), cfg, steps,
+                                           strength, every_k,
                                            gamma_l, gamma_e, torch.Generator().manual_seed(seed))
         return (_bhwc(result),)
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from ..common.limits import MAX_SEED
 from ..common.paths import confine
-from ..generation.nodes import MAX_SEED, ModelRef, ModelsFolder
+from ..models.clip import Clip
 from ..models.loading import comfy_folder_paths, files_under, list_models, load_transformers_folder, resolve_model_path
-from ..models.lora import set_loras
+from ..models.refs import ModelsFolder
 from .routing import (FIT_METHODS, Router, SentenceEncoder, fit_router, load_router, pooled_text_embeddings,
                       route_batch, sentence_embeddings, sentence_encoder_pooling,
                       route_single, save_router, token_lengths)
@@ -95,21 +96,20 @@ def prompt_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _embedding_name(clip: ModelRef, sentence_encoder: SentenceEncoder | None) -> str:
+def _embedding_name(clip: Clip, sentence_encoder: SentenceEncoder | None) -> str:
     if sentence_encoder is not None:
         return f"{SENTENCE_ENCODER_PREFIX}{sentence_encoder.name}"
-    return f"{clip.model.family} text encoder of {os.path.basename(clip.model.source)}"
+    return f"{clip.ref.model.family} text encoder of {os.path.basename(clip.ref.model.source)}"
 
 
-def _embed(clip: ModelRef, prompts: list[str], sentence_encoder: SentenceEncoder | None) -> torch.Tensor:
+def _embed(clip: Clip, prompts: list[str], sentence_encoder: SentenceEncoder | None) -> torch.Tensor:
     if sentence_encoder is not None:
         return sentence_embeddings(sentence_encoder, prompts)
-    with clip.model.lock:
-        set_loras(clip.model, clip.loras)
-        return pooled_text_embeddings(clip.model.tokenizers, clip.model.text_encoders, prompts)
+    with clip.ref.in_use() as loaded:
+        return pooled_text_embeddings(loaded.tokenizers, loaded.text_encoders, prompts)
 
 
-def _route_embeddings(clip: ModelRef, router: Router, prompts: list[str],
+def _route_embeddings(clip: Clip, router: Router, prompts: list[str],
                       sentence_encoder: SentenceEncoder | None) -> torch.Tensor:
     """The prompts' embeddings, after checking they come from the kind of encoder the router was fitted with: a
     text encoder and a sentence encoder of the same width would otherwise route silently at random."""
@@ -165,7 +165,7 @@ class AtelierFitRouter:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder that will embed the prompts to route."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder that will embed the prompts to route."}),
             "prompts": ("STRING", {"multiline": True, "default": "",
                                    "tooltip": "Calibration prompts, one per line, like the ones you will route "
                                               "(paste a prompt file here); at least one per variant."}),
@@ -192,11 +192,11 @@ class AtelierFitRouter:
                     f"{len(prompt_lines(prompts))}")
         return True
 
-    def fit(self, clip: ModelRef, prompts: str, variants: str, method: str, cluster_seed: int,
+    def fit(self, clip: Clip, prompts: str, variants: str, method: str, cluster_seed: int,
             sentence_encoder: SentenceEncoder | None = None) -> tuple[Router]:
         labels, costs = parse_variants(variants)
         lines = prompt_lines(prompts)
-        return (fit_router(_embed(clip, lines, sentence_encoder), token_lengths(clip.model.tokenizers[-1], lines),
+        return (fit_router(_embed(clip, lines, sentence_encoder), token_lengths(clip.ref.model.tokenizers[-1], lines),
                            torch.tensor(costs, dtype=torch.float64), labels, method,
                            torch.Generator().manual_seed(cluster_seed),
                            embedding=_embedding_name(clip, sentence_encoder)),)
@@ -299,14 +299,14 @@ class AtelierRoutePrompt:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder the router was fitted with."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder the router was fitted with."}),
             "router": ("ATELIER_ROUTER", {"tooltip": "From Fit Router or Load Router."}),
             "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                   "tooltip": "The prompt to route."}),
             "budget": _budget_input(),
         }, "optional": _sentence_encoder_input()}
 
-    def route(self, clip: ModelRef, router: Router, prompt: str, budget: float,
+    def route(self, clip: Clip, router: Router, prompt: str, budget: float,
               sentence_encoder: SentenceEncoder | None = None) -> tuple[int, str, str]:
         branch = int(route_single(_route_embeddings(clip, router, [prompt], sentence_encoder), router, budget)[0])
         return branch, router.labels[branch], prompt
@@ -327,13 +327,13 @@ class AtelierRoutePrompts:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "clip": ("ATELIER_CLIP", {"tooltip": "The text encoder the router was fitted with."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder the router was fitted with."}),
             "router": ("ATELIER_ROUTER", {"tooltip": "From Fit Router or Load Router."}),
             "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompts, one per line."}),
             "budget": _budget_input(),
         }, "optional": _sentence_encoder_input()}
 
-    def route(self, clip: ModelRef, router: Router, prompts: str, budget: float,
+    def route(self, clip: Clip, router: Router, prompts: str, budget: float,
               sentence_encoder: SentenceEncoder | None = None) -> tuple[list[int], list[str], list[str]]:
         lines = prompt_lines(prompts)
         branches = route_batch(_route_embeddings(clip, router, lines, sentence_encoder), router, budget).tolist()

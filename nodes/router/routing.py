@@ -64,7 +64,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ..common.paths import atomic_write
-from ..generation.text import CLIP_TOKENS, token_count
+from ..models.text import CLIP_TOKENS, token_count
 
 logger = logging.getLogger(__name__)
 

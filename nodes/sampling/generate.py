@@ -12,8 +12,8 @@ import dataclasses
 import torch
 
 from ..common.denoiser import Conditioning, Denoiser, LatentCodec, guided_eps
-from ..sampling.previews import progress_reporter
-from ..sampling.samplers import STOCHASTIC_SAMPLERS, sample
+from .previews import progress_reporter
+from .samplers import STOCHASTIC_SAMPLERS, sample
 from .latents import seeded_noise
 
 

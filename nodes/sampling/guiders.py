@@ -1,0 +1,118 @@
+"""The GUIDER socket of the standalone app: a model with its prompts, sampled as ComfyUI samples.
+
+:class:`Guider` is what ComfyUI's ``CFGGuider`` / ``BasicGuider`` give, over Atelier's diffusers-backed model:
+``Guider(model, {"positive": ..., "negative": ...}, cfg).sample(noise, latent, sampler, sigmas, ...)`` scales the
+latents into the model's space, resolves the CONDITIONING lists (:mod:`.guidance`), runs the sampler in the
+k-diffusion convention and scales back. The KSampler nodes build one and call it; so can any technique.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
+from ..models.refs import ModelRef
+from .guidance import CONDITIONING_KINDS, add_inpaint_concat, classifier_free_guidance, mirror_areas, \
+    resolve_conditioning
+from .k_samplers import Sampler, run_sampler
+from .model_sampling import DiscreteModelSampling
+from .previews import LATENT_RGB_MAPS, progress_reporter
+
+INPAINT_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
+
+
+def model_sampling_of(model: ModelRef) -> DiscreteModelSampling:
+    """The VE view (σ ↔ timestep, x̂₀ from the network's output) of a loaded model's training schedule."""
+    return DiscreteModelSampling.from_noise_schedule(model.model.schedule)
+
+
+def prepare_denoise_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A LATENT's ``noise_mask`` ((B,) h', w' or (B, 1, h', w')) resized to latents of ``shape`` (B, C, h, w)."""
+    mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
+    mask = F.interpolate(mask, size=tuple(shape[-2:]), mode="bilinear")
+    mask = mask.expand(-1, shape[1], -1, -1)
+    if mask.shape[0] < shape[0]:
+        mask = mask.repeat(-(-shape[0] // mask.shape[0]), 1, 1, 1)
+    return mask[:shape[0]]
+
+
+def _preview_family(family: str) -> str:
+    return family if family in LATENT_RGB_MAPS else "sdxl" if family.startswith("sdxl") else "sd1"
+
+
+@dataclasses.dataclass
+class Guider:
+    """A model, its prompts by kind ("positive", optionally "negative"), and the guidance scale.
+
+    ``cfg`` applies when a negative is present; a guider with a positive only (BasicGuider) returns its x̂₀.
+    """
+
+    model: ModelRef
+    conds: dict[str, list]
+    cfg: float = 1.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.conds) - set(CONDITIONING_KINDS)
+        if "positive" not in self.conds or unknown:
+            raise ValueError(f"a guider takes a positive and optionally a negative conditioning; got {sorted(self.conds)}")
+
+    def sample(self, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Sampler, sigmas: torch.Tensor, *,
+               denoise_mask: torch.Tensor | None = None, seed: int | None = None, preview: bool = True,
+               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+        """Sampled latents, unscaled as a LATENT holds them.
+
+        Args:
+            noise: the starting noise (B, C, h, w) (zeros when noise is disabled), from the NOISE socket.
+            latent_image: the LATENT's samples, unscaled (zeros for text-to-image).
+            sampler: from the SAMPLER socket.
+            sigmas: descending noise levels (the SIGMAS socket); an empty schedule returns ``latent_image``.
+            denoise_mask: the LATENT's noise_mask; 1 where to paint, 0 where to keep the image.
+            seed: seeds the step noise of ancestral and SDE samplers, as ComfyUI's ``extra_args["seed"]``.
+            preview: report progress with a preview every step.
+            callback: also called every step with the sampler's step dict (``"i"``, ``"x"``, ``"denoised"``, ...),
+                latents scaled as the model sees them (:meth:`unscale` turns them into a LATENT's).
+        """
+        if sigmas.numel() == 0:
+            return latent_image
+        if noise.shape != latent_image.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} and latent {tuple(latent_image.shape)} shapes differ")
+        with self.model.in_use() as loaded:
+            codec = DiffusersCodec(loaded.vae)
+            if latent_image.shape[1] != codec.latent_channels:
+                raise ValueError(f"this model's latents have {codec.latent_channels} channels; the LATENT has "
+                                 f"{latent_image.shape[1]}")
+            device = loaded.device
+            model_sampling = model_sampling_of(self.model)
+            latent = latent_image.to(device, torch.float32)
+            if torch.count_nonzero(latent) > 0:  # ComfyUI leaves an empty latent as it is
+                latent = (latent - codec.shift_factor) * codec.scaling_factor
+            mask = None if denoise_mask is None else prepare_denoise_mask(denoise_mask, latent.shape).to(device)
+            conds = {kind: resolve_conditioning(conditioning, kind, latent.shape, model_sampling,
+                                                family=loaded.family, downscale=codec.downscale, device=device)
+                     for kind, conditioning in self.conds.items()}
+            if loaded.unet.config.in_channels == INPAINT_UNET_CHANNELS:
+                add_inpaint_concat(conds, latent, mask)
+            mirror_areas(conds)
+            model_fn = classifier_free_guidance(DiffusersDenoiser(loaded.unet, loaded.schedule), model_sampling,
+                                                conds, self.cfg)
+            report = progress_reporter(_preview_family(loaded.family)) if preview else None
+            total = sigmas.numel() - 1
+
+            def on_step(step: dict) -> None:
+                if callback is not None:
+                    callback(step)
+                if report is not None:
+                    report(step["i"] + 1, total, step["denoised"])
+
+            samples = run_sampler(sampler, model_fn, model_sampling, sigmas.to(device), noise.to(device), latent,
+                                  seed, denoise_mask=mask, callback=on_step)
+        return self.unscale(samples)
+
+    def unscale(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latents as the model sees them, back to a LATENT's unscaled values (on the CPU)."""
+        codec = DiffusersCodec(self.model.model.vae)
+        return (latent.float() / codec.scaling_factor + codec.shift_factor).cpu()

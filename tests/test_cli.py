@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -18,10 +20,17 @@ def output_paths(stdout):
     return [line.removeprefix("output: ") for line in stdout.splitlines() if line.startswith("output: ")]
 
 
+def not_progress_bars(stderr):
+    """What stderr holds besides the tqdm bars (``nodes: ...``, ``steps: ...``), which redraw with carriage returns."""
+    return [part for part in re.split(r"[\r\n]+", stderr)
+            if part.strip() and not part.lstrip("\x1b[A").startswith(("nodes", "steps"))]
+
+
 def test_image_basics_runs_as_the_readme_says(tmp_path):
     done = subprocess.run([sys.executable, "-m", "web", "run", IMAGE_BASICS, "--data-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert not_progress_bars(done.stderr) == [], "warnings that are not about the user's work"
     [path] = output_paths(done.stdout)
     assert path == str(tmp_path / "output" / "image_basics_00001_.png")
     with Image.open(path) as image:
@@ -71,3 +80,43 @@ def test_unknown_set_target_is_a_usage_error(tmp_path, capsys):
     assert "no node has the id or title 'Nowhere'" in capsys.readouterr().err
     assert main(["run", IMAGE_BASICS, "--data-dir", str(tmp_path), "--set", "Canvas.depth=3"]) == 2
     assert "EmptyImage has no input 'depth'" in capsys.readouterr().err
+
+
+def test_every_unknown_node_type_is_listed_and_exits_1(tmp_path, capsys):
+    workflow = json.load(open(IMAGE_BASICS))
+    types = {node["id"]: node for node in workflow["nodes"]}
+    types[2]["type"], types[5]["type"] = "UltimateSDUpscale", "FaceDetailer"
+    path = tmp_path / "custom_nodes.json"
+    path.write_text(json.dumps(workflow))
+    assert main(["run", str(path), "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: Cannot execute because 2 node(s) have types that are not installed: FaceDetailer, " \
+           "UltimateSDUpscale" in err
+    assert "node 2 (UltimateSDUpscale, 'UltimateSDUpscale'): Node type 'UltimateSDUpscale' is not installed" in err
+    assert "node 5 (FaceDetailer, 'FaceDetailer'): Node type 'FaceDetailer' is not installed" in err
+
+
+def test_a_workflow_that_cannot_be_converted_exits_1_and_a_missing_file_2(tmp_path, capsys):
+    path = tmp_path / "dangling.json"
+    path.write_text(json.dumps({"nodes": [{"id": 1, "type": "SaveImage", "inputs": [{"name": "images", "link": 7}]}],
+                                "links": []}))
+    assert main(["run", str(path), "--data-dir", str(tmp_path)]) == 1
+    assert "node 1 input 'images' refers to link 7" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "absent.json"), "--data-dir", str(tmp_path)]) == 2
+
+
+def test_the_app_starts_without_warnings(tmp_path):
+    """``python -m web`` prints its URL and nothing else: no library notices that are not about the user's work."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "web", "--port", str(port), "--data-dir", str(tmp_path)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        first_line = process.stdout.readline()
+    finally:
+        process.terminate()
+        rest, _ = process.communicate(timeout=30)
+    assert first_line == f"Atelier is running: open http://127.0.0.1:{port}/\n", first_line + rest
+    assert rest == ""

@@ -232,7 +232,6 @@ def errors_of(prompt, node_id):
 
 
 @pytest.mark.parametrize("prompt, message", [
-    ({"1": {"class_type": "Nope", "inputs": {}}}, "node Nope does not exist"),
     ({"1": {"inputs": {}}}, "missing the class_type"),
     ([], "non-empty object"),
 ])
@@ -240,6 +239,24 @@ def test_invalid_prompt(prompt, message):
     result = Executor(CLASSES).validate(prompt)
     assert not result.ok and result.error["type"] == "invalid_prompt" and message in result.error["message"]
     assert result.node_errors == {}
+
+
+def test_every_node_of_an_unknown_type_is_a_node_error_naming_its_type():
+    prompt = chain()
+    prompt["2"]["class_type"] = "Nope"
+    prompt["4"] = {"class_type": "AlsoMissing", "inputs": {}, "_meta": {"title": "Lonely"}}
+    result = Executor(CLASSES).validate(prompt)
+    assert not result.ok and result.outputs == []
+    assert result.error["type"] == "missing_node_type" and result.error["message"].endswith(": AlsoMissing, Nope")
+    assert result.node_errors == {
+        "2": {"class_type": "Nope", "dependent_outputs": ["3"], "errors": [{
+            "type": "missing_node_type", "message": "Node type 'Nope' is not installed", "details": "Node ID '#2'",
+            "extra_info": {"node_id": "2", "class_type": "Nope", "node_title": "Nope"}}]},
+        "4": {"class_type": "AlsoMissing", "dependent_outputs": [], "errors": [{
+            "type": "missing_node_type", "message": "Node type 'AlsoMissing' is not installed",
+            "details": "Node ID '#4'", "extra_info": {"node_id": "4", "class_type": "AlsoMissing",
+                                                      "node_title": "Lonely"}}]},
+    }
 
 
 def test_prompt_without_outputs():
@@ -291,19 +308,22 @@ def test_constants_are_cast():
 
 @pytest.mark.parametrize("inputs", [{"legacy": "z", "modern": "p"}, {"legacy": "x", "modern": "z"}])
 def test_value_not_in_list_for_both_combo_forms(inputs):
-    prompt = {"1": {"class_type": "Choose", "inputs": inputs}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    prompt = {"1": {"class_type": "Choose", "inputs": inputs},
+              "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     types, entry = errors_of(prompt, "1")
     assert types == ["value_not_in_list"] and "'z' not in" in entry["errors"][0]["details"]
 
 
 def test_custom_validation_failed():
-    prompt = {"1": {"class_type": "Even", "inputs": {"value": 3}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    prompt = {"1": {"class_type": "Even", "inputs": {"value": 3}},
+              "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     types, entry = errors_of(prompt, "1")
     assert types == ["custom_validation_failed"] and entry["errors"][0]["details"] == "value must be even; got 3"
 
 
 def test_validate_inputs_replaces_built_in_range_check():
-    prompt = {"1": {"class_type": "Even", "inputs": {"value": 102}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    prompt = {"1": {"class_type": "Even", "inputs": {"value": 102}},
+              "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     assert Executor(CLASSES).validate(prompt).ok  # above max, but VALIDATE_INPUTS declares `value`
 
 
@@ -313,7 +333,8 @@ def test_validate_inputs_with_kwargs_replaces_every_built_in_check():
         def VALIDATE_INPUTS(cls, **inputs):  # ComfyUI: **kwargs switches off min/max/list checks for all inputs
             return True
 
-    prompt = {"1": {"class_type": "TakesAll", "inputs": {"value": 103}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    prompt = {"1": {"class_type": "TakesAll", "inputs": {"value": 103}},
+              "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     assert Executor({**CLASSES, "TakesAll": TakesAll}).validate(prompt).ok
 
 
@@ -438,7 +459,8 @@ def test_cache_budget_evicts_results():
 
 def test_progress_and_previews_reach_the_listener():
     events = []
-    prompt = {"1": {"class_type": "Steps", "inputs": {"steps": 3}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    prompt = {"1": {"class_type": "Steps", "inputs": {"steps": 3}},
+              "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     run(Executor(CLASSES), prompt, events)
     progress_events = [d for e, d in events if e == "progress"]
     assert progress_events == [{"value": i, "max": 3, "node": "1", "prompt_id": "id"} for i in (1, 2, 3)]
@@ -455,7 +477,8 @@ def test_interrupt_stops_within_one_step_and_the_next_prompt_runs():
         if event == "progress" and data["value"] == 2:
             executor.interrupt()  # as POST /interrupt would, from another thread
 
-    prompt = {"1": {"class_type": "Steps", "inputs": {"steps": 50}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    prompt = {"1": {"class_type": "Steps", "inputs": {"steps": 50}},
+              "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     checked = executor.validate(prompt)
     result = executor.execute(checked.prompt, "id", checked.outputs, listener)
     assert result.status == "interrupted" and RUNS["step"] == 3
@@ -467,7 +490,8 @@ def test_interrupt_stops_within_one_step_and_the_next_prompt_runs():
 def test_failing_node_fails_its_prompt_alone():
     executor = Executor(CLASSES)
     events = []
-    prompt = {"1": {"class_type": "Number", "inputs": {"value": 4}}, "2": {"class_type": "Fail", "inputs": {"value": ["1", 0]}},
+    prompt = {"1": {"class_type": "Number", "inputs": {"value": 4}},
+              "2": {"class_type": "Fail", "inputs": {"value": ["1", 0]}},
               "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
     result = run(executor, prompt, events)
     assert result.status == "error"
@@ -484,7 +508,8 @@ def test_wrong_return_shape_is_a_clear_node_error():
             return value
 
     events = []
-    prompt = {"1": {"class_type": "Sloppy", "inputs": {"value": 1}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    prompt = {"1": {"class_type": "Sloppy", "inputs": {"value": 1}},
+              "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     result = run(Executor({**CLASSES, "Sloppy": Sloppy}), prompt, events)
     assert result.status == "error"
     assert "must return a tuple of 1 outputs (INT)" in dict(events)["execution_error"]["exception_message"]

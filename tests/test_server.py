@@ -11,6 +11,8 @@ from PIL import Image
 from nodes.correspondence.cache import FEATURE_CACHE
 from nodes.correspondence.features import FeatureMaps
 from serving import Steps, connect, make_app, messages_until_done, png_bytes, queue, solid_prompt
+from web import server
+from web.server import UUID_RE
 
 
 @pytest.fixture
@@ -180,16 +182,20 @@ async def test_upload_mask_puts_the_alpha_on_the_original(client, tmp_path):
 
 # --- prompts and the websocket -------------------------------------------------------------------------------------
 
-async def test_prompt_event_sequence_and_cached_rerun(client):
+async def test_prompt_event_sequence_and_cached_rerun(client, monkeypatch):
+    monkeypatch.setattr(server, "PROGRESS_STATE_INTERVAL_S", 3600)  # so that only the first and last maps go out
     socket = await connect(client, "alice")
     prompt_id = await queue(client, solid_prompt(), "alice", extra_data={"extra_pnginfo": {"workflow": {"id": "w1"}}})
     messages = await messages_until_done(socket, prompt_id)
     sequence = [t for t in types_of(messages) if t != "status"]
     assert sequence == ["execution_start", "execution_cached",
-                        "progress_state", "executing",  # node 1 (EmptyImage) starts
-                        "progress_state", "executing",  # node 1 finished, node 2 (SaveImage) starts
-                        "progress_state", "executed",  # node 2 finished, with its images
+                        "progress_state", "executing",  # node 1 (EmptyImage) starts: the first map goes at once
+                        "executing",  # node 2 (SaveImage) starts: its map waits for the interval
+                        "executed",  # node 2 finished, with its images
+                        "progress_state",  # the last map, before the prompt's end
                         "execution_success", "executing"]
+    first_state = next(m for m in messages if m["type"] == "progress_state")["data"]["nodes"]
+    assert {node: entry["state"] for node, entry in first_state.items()} == {"1": "running"}
     executed = next(m for m in messages if m["type"] == "executed")["data"]
     assert executed["node"] == "2" and executed["output"]["images"][0]["filename"] == "test_00001_.png"
     last_state = [m for m in messages if m["type"] == "progress_state"][-1]["data"]["nodes"]
@@ -215,6 +221,40 @@ async def test_prompt_event_sequence_and_cached_rerun(client):
                                      "nodeId": "2", "mediaType": "images"}
     detail = await (await client.get(f"/api/jobs/{prompt_id}")).json()
     assert detail["workflow_id"] == "w1" and detail["outputs"]["2"] == executed["output"]
+
+
+async def test_progress_state_is_coalesced_on_a_large_graph_and_ends_complete(client, monkeypatch):
+    """Within one interval the node map goes out once however many nodes run, and the last map, sent before
+    execution_success, shows every node finished."""
+    monkeypatch.setattr(server, "PROGRESS_STATE_INTERVAL_S", 3600)
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}}
+    for index in range(2, 41):
+        prompt[str(index)] = {"class_type": "ImageInvert", "inputs": {"image": [str(index - 1), 0]}}
+    prompt["41"] = {"class_type": "PreviewImage", "inputs": {"images": ["40", 0]}}
+    socket = await connect(client, "alice")
+    prompt_id = await queue(client, prompt, "alice")
+    messages = [m for m in await messages_until_done(socket, prompt_id) if isinstance(m, dict)]
+    sequence = types_of(messages)
+    assert sequence.count("executing") == 42 and sequence.count("progress_state") == 2, sequence
+    assert sequence.index("progress_state", sequence.index("progress_state") + 1) == \
+        sequence.index("execution_success") - 1
+    last_state = [m for m in messages if m["type"] == "progress_state"][-1]["data"]
+    assert last_state["prompt_id"] == prompt_id
+    assert {entry["state"] for entry in last_state["nodes"].values()} == {"finished"}
+    assert sorted(last_state["nodes"], key=int) == [str(index) for index in range(1, 42)]
+
+
+async def test_a_held_back_progress_state_goes_out_when_its_interval_ends(client, monkeypatch):
+    """A node that reports step 1 right after it starts and then works a while without events: its step-1 map
+    is held back by the interval, and a timer sends it before step 2 comes."""
+    monkeypatch.setattr(server, "PROGRESS_STATE_INTERVAL_S", 0.2)
+    socket = await connect(client, "alice")
+    prompt_id = await queue(client, {"1": {"class_type": "Steps", "inputs": {"steps": 2, "pause_ms": 1000}}}, "alice")
+    messages = [m for m in await messages_until_done(socket, prompt_id) if isinstance(m, dict)]
+    seen = [(m["type"], m["data"]["nodes"]["1"]["value"] if m["type"] == "progress_state" else m["data"]["value"])
+            for m in messages if m["type"] in ("progress_state", "progress")]
+    assert ("progress_state", 1) in seen, seen
+    assert seen.index(("progress_state", 1)) < seen.index(("progress", 2)), seen
 
 
 async def test_previews_are_framed_per_client_flags(client):
@@ -263,6 +303,42 @@ async def test_bad_prompt_gets_400_with_node_errors_the_editor_highlights(client
                 {"prompt": solid_prompt(), "prompt_id": "not-a-uuid"}):
         response = await client.post("/api/prompt", json=bad)
         assert response.status == 400 and "error" in await response.json()
+
+
+async def test_unknown_node_types_get_400_with_one_node_error_each_naming_its_type(client):
+    prompt = solid_prompt()
+    prompt["3"] = {"class_type": "UltimateSDUpscale", "inputs": {"image": ["1", 0]}, "_meta": {"title": "Upscale"}}
+    prompt["4"] = {"class_type": "SaveImageWebsocket", "inputs": {"images": ["3", 0]}}
+    prompt["2"]["inputs"]["images"] = ["3", 0]
+    response = await client.post("/api/prompt", json={"prompt": prompt})
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"]["type"] == "missing_node_type"
+    assert "SaveImageWebsocket, UltimateSDUpscale" in body["error"]["message"]
+    assert sorted(body["node_errors"]) == ["3", "4"]
+    upscale = body["node_errors"]["3"]
+    assert upscale["class_type"] == "UltimateSDUpscale" and upscale["dependent_outputs"] == ["2"]
+    [error] = upscale["errors"]
+    assert error == {"type": "missing_node_type", "message": "Node type 'UltimateSDUpscale' is not installed",
+                     "details": "Node ID '#3'", "extra_info": {"node_id": "3", "class_type": "UltimateSDUpscale",
+                                                              "node_title": "Upscale"}}
+    assert body["node_errors"]["4"]["errors"][0]["extra_info"]["node_title"] == "SaveImageWebsocket"
+
+
+@pytest.mark.parametrize("headers", [
+    {},  # comfy-api-simplified sends no Content-Type
+    {"Content-Type": "application/x-www-form-urlencoded"},  # what urllib sends: ComfyUI's basic_api_example.py
+    {"Content-Type": "text/plain"},
+    {"Content-Type": "application/json; charset=utf-8"},
+])
+async def test_prompt_body_is_read_as_json_whatever_its_content_type(client, headers):
+    body = json.dumps({"prompt": solid_prompt(), "client_id": "script"}).encode()
+    response = await client.post("/api/prompt", data=body, headers=headers, skip_auto_headers=["Content-Type"])
+    assert response.request_info.headers.get("Content-Type") == headers.get("Content-Type")
+    assert response.status == 200, await response.text()
+    assert UUID_RE.match((await response.json())["prompt_id"])
+    response = await client.post("/api/prompt", data=b"prompt=1", headers=headers, skip_auto_headers=["Content-Type"])
+    assert response.status == 400 and "not valid JSON" in (await response.json())["error"]
 
 
 async def test_interrupt_stops_the_running_prompt_and_the_next_runs(client):

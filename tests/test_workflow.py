@@ -470,11 +470,14 @@ def test_ui_to_api_reads_widgets_values_by_name_from_a_dict():
         "VideoCombine", {"frame_rate": 24, "filename_prefix": "walk", "format": "video/mp4", "images": ["1", 0]})
 
 
-def test_ui_to_api_rejects_unknown_node_type():
+def test_ui_to_api_keeps_unknown_node_types_with_their_links_for_validation_to_name():
     workflow = ui_workflow([ui_node(1, "CheckpointLoaderSimple", ["sdxl.safetensors"]),
-                            ui_node(7, "UltimateSDUpscale", [2.0])], [])
-    with pytest.raises(WorkflowError, match=r"node 7 has type 'UltimateSDUpscale', which is not an installed"):
-        ui_to_api(workflow, NODE_CLASS_MAPPINGS)
+                            ui_node(7, "UltimateSDUpscale", [2.0], inputs=[("model", "MODEL", 1)], title="Up"),
+                            ui_node(8, "FaceDetailer", None)],
+                           [[1, 1, 0, 7, 0, "MODEL"]])
+    prompt = ui_to_api(workflow, NODE_CLASS_MAPPINGS)
+    assert prompt["7"] == api_node("UltimateSDUpscale", {"model": ["1", 0]}, title="Up")
+    assert prompt["8"] == api_node("FaceDetailer", {})
 
 
 def test_ui_to_api_rejects_subgraph():
@@ -487,10 +490,19 @@ def test_ui_to_api_rejects_subgraph():
         ui_to_api(workflow, NODE_CLASS_MAPPINGS)
 
 
-def test_ui_to_api_rejects_too_few_widget_values():
-    workflow = ui_workflow([ui_node(3, "KSampler", [5, "randomize", 20])], [])
-    with pytest.raises(WorkflowError, match=r"node 3 \(KSampler\) has no value for widget 'cfg'"):
-        ui_to_api(workflow, NODE_CLASS_MAPPINGS)
+def test_ui_to_api_gives_widgets_without_a_saved_value_their_defaults():
+    """As the editor does: a short widgets_values leaves later widgets at their defaults (a combo without one at
+    its first choice), and a node saved without widgets_values, as SaveImage in ComfyUI's default.json, gets
+    every default."""
+    workflow = ui_workflow([ui_node(3, "KSampler", [5, "randomize", 12]), ui_node(9, "SaveImage", None),
+                            ui_node(10, "SaveImage", [])], [])
+    assert "widgets_values" not in workflow["nodes"][1]
+    prompt = ui_to_api(workflow, NODE_CLASS_MAPPINGS)
+    assert prompt["3"]["inputs"] == {"seed": 5, "steps": 12, "cfg": 8.0, "sampler_name": "euler",
+                                     "scheduler": "normal", "denoise": 1.0}
+    assert prompt["9"]["inputs"] == prompt["10"]["inputs"] == {"filename_prefix": "ComfyUI"}
+    workflow["nodes"][1]["widgets_values"] = None
+    assert ui_to_api(workflow, NODE_CLASS_MAPPINGS)["9"]["inputs"] == {"filename_prefix": "ComfyUI"}
 
 
 def test_ui_to_api_rejects_link_missing_from_links():

@@ -8,36 +8,47 @@ needs no token; with ``--listen`` beyond loopback it makes a per-launch token an
 
 ``run`` executes a workflow file headlessly, in the API format or in the editor's UI format. It shows a
 progress bar per node and per step on stderr and prints one ``output: PATH`` line on stdout for each file it
-saved. A workflow that fails validation exits with 1 and lists the errors per node.
+saved. A workflow that fails validation or cannot be converted exits with 1 and lists the errors per node, every
+node whose type is not installed among them; a usage error (an unreadable file, not JSON, a bad ``--set``) exits
+with 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import secrets
-import sys
-import threading
-import uuid
-import webbrowser
-from typing import Any
 
-from aiohttp import web
-from tqdm import tqdm
+# Importing the nodes imports diffusers' SD pipelines, which import transformers' image processors; without
+# torchvision (never installed: Atelier uses none of them) transformers says once per class that it falls back to
+# the PIL one. That is not about the user's work, so this one notice is dropped before the first import, and
+# every other transformers message still shows.
+TORCHVISION_FALLBACK_NOTICE = "requires torchvision (not installed); falling back to"
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: TORCHVISION_FALLBACK_NOTICE not in record.getMessage())
 
-from nodes.common.paths import confine
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import secrets  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import uuid  # noqa: E402
+import webbrowser  # noqa: E402
+from typing import Any  # noqa: E402
 
-from .executor import Executor
-from .folders import DataFolders
-from .node_info import input_specs
-from .registry import node_classes
-from .security import LOOPBACK_HOSTS, is_loopback
-from .server import create_app
-from .server_state import MAX_UPLOAD_BYTES, ServerConfig
-from .validation import ancestors
-from .workflow import WorkflowError, is_ui_workflow, ui_to_api
+from aiohttp import web  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from nodes.common.paths import confine  # noqa: E402
+
+from .executor import Executor  # noqa: E402
+from .folders import DataFolders  # noqa: E402
+from .node_info import input_specs  # noqa: E402
+from .registry import node_classes  # noqa: E402
+from .security import LOOPBACK_HOSTS, is_loopback  # noqa: E402
+from .server import create_app  # noqa: E402
+from .server_state import MAX_UPLOAD_BYTES, ServerConfig  # noqa: E402
+from .validation import ancestors  # noqa: E402
+from .workflow import WorkflowError, is_ui_workflow, ui_to_api  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +124,16 @@ def run_workflow(args: argparse.Namespace) -> int:
     classes = node_classes(folders, args.models_dir)
     try:
         prompt, extra_data = load_workflow(args.workflow, classes)
+    except WorkflowError as error:  # a workflow that cannot run, as one that fails validation
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         for assignment in args.set:
             apply_override(prompt, assignment, classes)
-    except (OSError, ValueError) as error:
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -148,7 +166,13 @@ def run_workflow(args: argparse.Namespace) -> int:
 
 
 def load_workflow(path: str, classes: dict[str, type]) -> tuple[dict, dict]:
-    """Read a workflow file as an API prompt, plus the ``extra_data`` that saved images embed."""
+    """Read a workflow file as an API prompt, plus the ``extra_data`` that saved images embed.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it is not JSON.
+        WorkflowError: it is a UI workflow that cannot be converted (malformed, or with a subgraph).
+    """
     with open(path, encoding="utf-8") as file:
         try:
             data = json.load(file)
@@ -158,7 +182,7 @@ def load_workflow(path: str, classes: dict[str, type]) -> tuple[dict, dict]:
         try:
             return ui_to_api(data, classes), {"extra_pnginfo": {"workflow": data}}
         except WorkflowError as error:
-            raise ValueError(f"{path}: {error}") from error
+            raise WorkflowError(f"{path}: {error}") from error
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):  # the body of a POST /prompt
         data = data["prompt"]
     return data, {}

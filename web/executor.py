@@ -323,10 +323,10 @@ class _PromptRun:
     def _error_data(self, node_id: str | None, error: Exception) -> dict:
         current = self._inputs_for_report(node_id) if node_id in self.prompt else {}
         kind = type(error)
+        kind_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
         return {
             "node_id": node_id, "node_type": self._class_type(node_id), "executed": list(self.executed),
-            "exception_message": str(error),
-            "exception_type": kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}",
+            "exception_message": str(error), "exception_type": kind_name,
             "traceback": traceback.format_tb(error.__traceback__),
             "current_inputs": current, "current_outputs": list(self.values),
         }

@@ -46,6 +46,23 @@ class InputSpec:
     def is_lazy(self) -> bool:
         return bool(self.options.get("lazy"))
 
+    @property
+    def widget_default(self) -> Any:
+        """The value the editor gives this widget when the workflow holds none: the declared ``default``, else a
+        combo's first choice, else 0, ``""`` or false, as the frontend's widget constructors choose it.
+
+        Example:
+            >>> InputSpec("steps", "required", "INT", {"default": 20, "min": 1}, None).widget_default
+            20
+            >>> InputSpec("sampler", "required", "COMBO", {}, ("euler", "ddim")).widget_default
+            'euler'
+        """
+        if self.options.get("default") is not None:
+            return self.options["default"]
+        if self.choices:
+            return self.choices[0]
+        return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(self.type)
+
 
 def input_types(cls: type) -> dict[str, dict]:
     """Call ``cls.INPUT_TYPES()`` and check that it has the protocol's shape."""

@@ -14,11 +14,14 @@ import importlib.resources
 import io
 import json
 import logging
+import math
 import os
 import platform
 import re
 import struct
 import sys
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,7 +37,9 @@ from .node_info import object_info
 from .prompt_queue import PromptQueue
 from .registry import display_names, node_classes
 from .security import security_middleware
-from .server_state import CONFIG, STATE, Client, ServerConfig, ServerState, read_json
+from .json_io import finite_json, json_response, parse_json, read_json
+from .limits import bind_limits
+from .server_state import CONFIG, STATE, Client, Outgoing, ServerConfig, ServerState
 from . import files, jobs
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,15 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 # Execution events that go to the submitting client only, and nowhere when the prompt named no client.
 DIRECT_EVENTS = frozenset({"execution_start", "execution_cached", "executing", "executed", "execution_success",
                            "execution_error"})
+END_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+# progress_state carries every node of the prompt (the editor replaces its map with each one), so one per event
+# would cost O(nodes²) on a large graph; changes within this interval are sent together, and the editor draws at
+# most one per frame anyway.
+PROGRESS_STATE_INTERVAL_S = 0.1
+
+# A websocket send that waits this long means the client stopped reading (a live one takes milliseconds); it is
+# cut off rather than left to hold its queue and the server's write buffer.
+CLIENT_SEND_TIMEOUT_S = 30.0
 
 routes = web.RouteTableDef()
 CLASSES = web.AppKey("classes", dict)
@@ -80,7 +94,8 @@ def create_app(config: ServerConfig, classes: dict[str, type] | None = None) -> 
     app = web.Application(middlewares=[security_middleware(config.allowed_hosts, config.token)],
                           client_max_size=config.max_upload_bytes)
     app[CONFIG] = config
-    app[CLASSES] = node_classes(config.folders, config.models_dir) if classes is None else dict(classes)
+    app[CLASSES] = bind_limits(node_classes(config.folders, config.models_dir) if classes is None else classes,
+                               config.limits)
     app.cleanup_ctx.append(_worker_context)
     app.on_shutdown.append(_close_sockets)
     api = [*routes, *files.routes, *jobs.routes]
@@ -105,7 +120,8 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     state = ServerState(executor=executor, queue=None, node_classes=classes, display_names=display_names(),
                         loop=loop, outbox=asyncio.Queue())
-    state.queue = PromptQueue(executor, _Sender(state))
+    state.queue = PromptQueue(executor, _Sender(state), history_max_bytes=app[CONFIG].history_max_bytes,
+                              shown_paths=app[CONFIG].shown_paths())
     app[STATE] = state
     state.queue.start()
     publisher = asyncio.create_task(_publish(state))
@@ -125,13 +141,20 @@ class _Sender:
     """Turns queue and executor events into websocket messages; runs on the worker thread.
 
     It adds ``progress_state`` (the per-node progress map of newer frontends) and encodes previews as JPEG
-    here, off the event loop.
+    here, off the event loop. A ``progress_state`` is sent at once when none went out in the last
+    ``PROGRESS_STATE_INTERVAL_S``, else once that interval is over (by a timer on the event loop, so a node that
+    runs long without events still shows as running), and always just before the prompt's last event.
     """
 
     def __init__(self, state: ServerState):
         self.state = state
-        self.nodes: dict[str, dict] = {}
+        self.nodes: dict[str, dict] = {}  # entries are replaced, never changed, so a shallow copy is a snapshot
         self.running: str | None = None
+        # The worker thread changes the map; a delayed send reads it on the event loop.
+        self.lock = threading.Lock()
+        self.unsent: tuple[str, str | None] | None = None  # (prompt_id, client_id) of a change not sent yet
+        self.send_scheduled = False
+        self.last_sent = -math.inf
 
     def __call__(self, event: str, data: dict, client_id: str | None) -> None:
         if event == "status":
@@ -139,7 +162,8 @@ class _Sender:
             return
         prompt_id = data.get("prompt_id")
         if event == "execution_start":
-            self.nodes, self.running = {}, None
+            with self.lock:
+                self.nodes, self.running, self.unsent = {}, None, None
         elif event == "executing" and data["node"] is not None:
             self._finish_running(prompt_id)
             self.running = data["node"]
@@ -155,6 +179,9 @@ class _Sender:
         if event == "preview":
             self._post("preview", self._encode_preview(data), client_id)
             return
+        if event in END_EVENTS:
+            with self.lock:
+                self._send_progress_state()  # the final map, before the event that ends the prompt
         self._route(event, data, client_id)
         if event == "execution_cached" and data["nodes"]:
             for node in data["nodes"]:
@@ -170,8 +197,10 @@ class _Sender:
         self._post("json", {"type": event, "data": data}, client_id)
 
     def _node_state(self, prompt_id: str, node: str, state: str, value: int, maximum: int) -> None:
-        self.nodes[node] = {"value": value, "max": maximum, "state": state, "node_id": node, "prompt_id": prompt_id,
-                            "display_node_id": node, "parent_node_id": None, "real_node_id": node}
+        entry = {"value": value, "max": maximum, "state": state, "node_id": node, "prompt_id": prompt_id,
+                 "display_node_id": node, "parent_node_id": None, "real_node_id": node}
+        with self.lock:
+            self.nodes[node] = entry
 
     def _finish_running(self, prompt_id: str) -> bool:
         if self.running is None:
@@ -182,8 +211,28 @@ class _Sender:
         return True
 
     def _progress_state(self, prompt_id: str, client_id: str | None) -> None:
-        nodes = {node: dict(entry) for node, entry in self.nodes.items()}
-        self._route("progress_state", {"prompt_id": prompt_id, "nodes": nodes}, client_id)
+        """Note that the map changed; send it now, or schedule its sending at the end of the interval."""
+        with self.lock:
+            self.unsent = (prompt_id, client_id)
+            wait = self.last_sent + PROGRESS_STATE_INTERVAL_S - time.monotonic()
+            if wait <= 0:
+                self._send_progress_state()
+            elif not self.send_scheduled:
+                self.send_scheduled = True
+                self.state.loop.call_soon_threadsafe(self.state.loop.call_later, wait, self._scheduled_send)
+
+    def _scheduled_send(self) -> None:
+        with self.lock:
+            self.send_scheduled = False
+            self._send_progress_state()
+
+    def _send_progress_state(self) -> None:
+        """Send the whole map if it changed since the last one sent; the caller holds the lock."""
+        if self.unsent is None:
+            return
+        prompt_id, client_id = self.unsent
+        self.unsent, self.last_sent = None, time.monotonic()
+        self._route("progress_state", {"prompt_id": prompt_id, "nodes": dict(self.nodes)}, client_id)
 
     @staticmethod
     def _encode_preview(data: dict) -> tuple[bytes, dict]:
@@ -221,25 +270,56 @@ def preview_frame(jpeg: bytes, meta: dict, with_metadata: bool) -> bytes:
 
 
 async def _publish(state: ServerState) -> None:
-    """Send the worker's messages in order; a client that went away is skipped."""
+    """Hand the worker's messages, in order, to each target client's own queue; never waits on a client."""
     while True:
         kind, payload, client_id = await state.outbox.get()
+        if kind == "json":
+            text = finite_json(payload)  # serialised once for every client
+            message = Outgoing(payload["type"], text, len(text))
+        else:
+            jpeg, meta = payload
+            message = Outgoing("preview", payload, len(jpeg))
         if client_id is None:
             targets = list(state.clients.values())
         else:
             targets = [state.clients[client_id]] if client_id in state.clients else []
         for client in targets:
-            if client.socket.closed:
-                continue
+            if not client.socket.closed:
+                client.enqueue(message)
+
+
+async def _send_to(client: Client) -> None:
+    """Drain one client's queue; a client that is stuck, or whose send takes over CLIENT_SEND_TIMEOUT_S (it
+    stopped reading), is cut off so that its queue and the server's write buffer stop growing."""
+    while True:
+        await client.wake.wait()
+        client.wake.clear()
+        while (message := client.next_message()) is not None:
+            if client.stuck:
+                _cut_off(client, "its queue filled with events that are never dropped")
+                return
             try:
-                if kind == "json":
-                    await client.socket.send_json(payload)
-                else:
-                    jpeg, meta = payload
-                    await client.socket.send_bytes(preview_frame(jpeg, meta,
-                                                                 bool(client.flags.get("supports_preview_metadata"))))
-            except (ConnectionError, RuntimeError) as error:  # the socket closed between the check and the send
-                logger.debug("dropped a message to a closed websocket: %s", error)
+                async with asyncio.timeout(CLIENT_SEND_TIMEOUT_S):
+                    if message.type == "preview":
+                        jpeg, meta = message.body
+                        await client.socket.send_bytes(preview_frame(
+                            jpeg, meta, bool(client.flags.get("supports_preview_metadata"))))
+                    else:
+                        await client.socket.send_str(message.body)
+            except TimeoutError:
+                _cut_off(client, f"a send took over {CLIENT_SEND_TIMEOUT_S} s")
+                return
+            except (ConnectionError, RuntimeError) as error:  # the socket closed under us
+                logger.debug("stopped sending to a closed websocket: %s", error)
+                return
+
+
+def _cut_off(client: Client, why: str) -> None:
+    logger.warning("closed a websocket client that stopped reading: %s", why)
+    client.queue.clear()
+    client.queued_bytes = 0
+    if client.transport is not None:
+        client.transport.abort()  # not close(): its close frame would wait behind the unread data
 
 
 @routes.get("/ws")
@@ -248,25 +328,29 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     socket = web.WebSocketResponse(heartbeat=30)
     await socket.prepare(request)
     client_id = request.query.get("clientId") or uuid.uuid4().hex
-    client = Client(socket)
+    client = Client(socket, request.transport)
+    await socket.send_json({"type": "status", "data": {
+        "status": {"exec_info": {"queue_remaining": state.queue.remaining()}}, "sid": client_id}})
     state.clients[client_id] = client  # a reconnecting client takes its id back
+    sender = asyncio.create_task(_send_to(client))  # from now on the only writer to this socket
     try:
-        await socket.send_json({"type": "status", "data": {
-            "status": {"exec_info": {"queue_remaining": state.queue.remaining()}}, "sid": client_id}})
         first = True
         async for message in socket:
             if first and message.type == web.WSMsgType.TEXT:
                 first = False
                 try:
-                    announced = json.loads(message.data)
-                except json.JSONDecodeError:
+                    announced = parse_json(message.data)
+                except ValueError:
                     continue
                 if isinstance(announced, dict) and announced.get("type") == "feature_flags":
-                    client.flags = announced.get("data") or {}
-                    await socket.send_json({"type": "feature_flags", "data": feature_flags(request.app[CONFIG])})
+                    flags = announced.get("data")
+                    client.flags = flags if isinstance(flags, dict) else {}
+                    reply = finite_json({"type": "feature_flags", "data": feature_flags(request.app[CONFIG])})
+                    client.enqueue(Outgoing("feature_flags", reply, len(reply)))
     finally:
         if state.clients.get(client_id) is client:
             del state.clients[client_id]
+        sender.cancel()
     return socket
 
 
@@ -373,9 +457,9 @@ async def global_subgraphs(request: web.Request) -> web.Response:
 
 # --- running prompts ----------------------------------------------------------------------------------------------
 
-def _bad_request(message: str, type_: str = "invalid_prompt", status: int = 400) -> web.Response:
+def _bad_request(message: str, type_: str = "invalid_prompt") -> web.Response:
     return web.json_response({"error": {"type": type_, "message": message, "details": "", "extra_info": {}},
-                              "node_errors": {}}, status=status)
+                              "node_errors": {}}, status=400)
 
 
 @routes.get("/prompt")
@@ -385,9 +469,9 @@ async def prompt_status(request: web.Request) -> web.Response:
 
 @routes.post("/prompt")
 async def queue_prompt(request: web.Request) -> web.Response:
-    if request.content_type != "application/json":
-        return _bad_request(f"POST /prompt needs Content-Type application/json; got {request.content_type!r}",
-                            "invalid_content_type", status=415)
+    """Validate and queue a prompt. The body is read as JSON whatever its Content-Type, as ComfyUI reads it:
+    clients send none (comfy-api-simplified) or form-urlencoded (ComfyUI's own script examples). Cross-site
+    browser posts are stopped before this, by the Origin and Host checks."""
     body = await read_json(request)
     if not isinstance(body, dict):
         return _bad_request(f"the body must be a JSON object; got {type(body).__name__}")
@@ -446,13 +530,13 @@ async def get_history(request: web.Request) -> web.Response:
         offset = int(request.query["offset"]) if "offset" in request.query else None
     except ValueError:
         return web.json_response({"error": "max_items and offset must be integers"}, status=400)
-    return web.json_response(request.app[STATE].queue.history(max_items, offset))
+    return json_response(request.app[STATE].queue.history(max_items, offset))
 
 
 @routes.get("/history/{prompt_id}")
 async def get_history_item(request: web.Request) -> web.Response:
     record = request.app[STATE].queue.history_record(request.match_info["prompt_id"])
-    return web.json_response({record.item.prompt_id: record.as_history()} if record else {})
+    return json_response({record.item.prompt_id: record.as_history()} if record else {})
 
 
 @routes.post("/history")

@@ -86,20 +86,21 @@ def validate_prompt(prompt: Any, node_classes: Mapping[str, type],
     if not isinstance(prompt, dict) or not prompt:
         return _refused(prompt_error("invalid_prompt", "The prompt must be a non-empty object of nodes",
                                      f"got {type(prompt).__name__}"))
+    missing_types = {}
     for node_id, node in prompt.items():
         if not isinstance(node, dict) or "class_type" not in node:
             return _refused(prompt_error("invalid_prompt",
                                          "Cannot execute because a node is missing the class_type property.",
                                          f"Node ID '#{node_id}'"))
-        if node["class_type"] not in node_classes:
-            return _refused(prompt_error("invalid_prompt",
-                                         f"Cannot execute because node {node['class_type']} does not exist.",
-                                         f"Node ID '#{node_id}'"))
         if not isinstance(node.get("inputs", {}), dict):
             return _refused(prompt_error("invalid_prompt", "A node's inputs must be an object",
                                          f"Node ID '#{node_id}'"))
+        if node["class_type"] not in node_classes:
+            missing_types[node_id] = node["class_type"]
 
     prompt = {node_id: {**node, "inputs": dict(node.get("inputs", {}))} for node_id, node in prompt.items()}
+    if missing_types:
+        return _missing_node_types(prompt, missing_types, node_classes)
     outputs = [node_id for node_id, node in prompt.items()
                if getattr(node_classes[node["class_type"]], "OUTPUT_NODE", False)]
     if partial_targets is not None:
@@ -132,6 +133,29 @@ def validate_prompt(prompt: Any, node_classes: Mapping[str, type],
                                                     "Prompt outputs failed validation", details),
                                 node_errors, [], prompt)
     return ValidationResult(True, None, node_errors, valid, prompt)
+
+
+def _missing_node_types(prompt: dict, missing_types: dict[str, str], node_classes: Mapping[str, type]
+                        ) -> ValidationResult:
+    """Refuse a prompt with node types that are not installed, naming each such node as a node error (its id,
+    type and title, in the ``missing_node_type`` shape of newer ComfyUI), so the editor marks every one."""
+    outputs = [node_id for node_id, node in prompt.items()
+               if node_id not in missing_types and getattr(node_classes[node["class_type"]], "OUTPUT_NODE", False)]
+    upstream = {output: ancestors(prompt, output) for output in outputs}
+    node_errors = {}
+    for node_id, class_type in missing_types.items():
+        meta = prompt[node_id].get("_meta")
+        title = meta.get("title") if isinstance(meta, dict) and meta.get("title") else class_type
+        error = {"type": "missing_node_type", "message": f"Node type {class_type!r} is not installed",
+                 "details": f"Node ID '#{node_id}'",
+                 "extra_info": {"node_id": node_id, "class_type": class_type, "node_title": title}}
+        node_errors[node_id] = {"errors": [_jsonable(error)], "class_type": class_type,
+                                "dependent_outputs": [o for o in outputs if node_id in upstream[o]]}
+    types = sorted({str(class_type) for class_type in missing_types.values()})
+    message = (f"Cannot execute because {len(missing_types)} node(s) have types that are not installed: "
+               f"{', '.join(types)}")
+    details = "\n".join(f"Node ID '#{node_id}': {class_type}" for node_id, class_type in missing_types.items())
+    return ValidationResult(False, prompt_error("missing_node_type", message, details), node_errors, [], prompt)
 
 
 def _refused(error: dict, prompt: Any = None) -> ValidationResult:

@@ -9,11 +9,15 @@ module does the same for workflows that arrive as files (§4.2), following the e
   value to every input it feeds, and notes are ignored.
 - Widget values are matched to the class's widget inputs in declaration order, skipping the extra values the
   editor stores after some widgets (seed control, image upload). A linked input wins over its widget value.
+  A widget with no saved value (``widgets_values`` short or absent, as in ComfyUI's own ``default.json``) takes
+  the value the editor would give it: its declared default.
 
 Departures from the editor, each on purpose:
 
-- A node whose class is not installed, a dangling link and a subgraph each raise :class:`WorkflowError`
-  instead of producing a prompt that would fail later with a vaguer message.
+- A dangling link and a subgraph each raise :class:`WorkflowError` instead of producing a prompt that would fail
+  later with a vaguer message.
+- A node whose class is not installed is kept with its linked inputs only (its widgets cannot be named), so that
+  validation reports every such node, by id and type, at once.
 - Widget values beyond the class's widgets are ignored: extensions may add widgets of their own in the
   browser, and their values mean nothing to the node's Python class.
 """
@@ -67,8 +71,7 @@ def ui_to_api(workflow: dict, node_classes: Mapping[str, type]) -> dict[str, dic
         ``{node_id: {"class_type": str, "inputs": {name: value or [source_id, slot]}, "_meta": {"title": str}}}``,
         with node ids as strings and literal list values wrapped as ``{"__value__": [...]}``.
     Raises:
-        WorkflowError: the workflow is malformed, uses a node type not in ``node_classes``, contains a subgraph,
-            or has fewer widget values than a node's class has widgets.
+        WorkflowError: the workflow is malformed or contains a subgraph.
     """
     graph = _Graph(workflow)
     subgraphs = {definition.get("id"): definition.get("name")
@@ -82,10 +85,8 @@ def ui_to_api(workflow: dict, node_classes: Mapping[str, type]) -> dict[str, dic
         if class_type in subgraphs:
             raise WorkflowError(f"node {node_id} is an instance of subgraph {subgraphs[class_type]!r} "
                                 f"({class_type}); subgraphs are not supported yet")
-        if class_type not in node_classes:
-            raise WorkflowError(f"node {node_id} has type {class_type!r}, which is not an installed node type")
-        prompt[node_id] = {"class_type": class_type,
-                           "inputs": _node_inputs(graph, node_id, node, input_specs(node_classes[class_type])),
+        specs = input_specs(node_classes[class_type]) if class_type in node_classes else []
+        prompt[node_id] = {"class_type": class_type, "inputs": _node_inputs(graph, node_id, node, specs),
                            "_meta": {"title": node.get("title", class_type)}}
     return prompt
 
@@ -163,10 +164,7 @@ def _node_inputs(graph: _Graph, node_id: str, node: dict, specs: list[InputSpec]
     inputs = {}
     for spec in specs:
         if spec.is_widget and spec.name not in linked:
-            if spec.name not in values:
-                raise WorkflowError(f"node {node_id} ({node['type']}) has no value for widget {spec.name!r}; "
-                                    f"widgets_values is {node.get('widgets_values')!r}")
-            inputs[spec.name] = _constant(values[spec.name])
+            inputs[spec.name] = _constant(values[spec.name] if spec.name in values else spec.widget_default)
     for name, link_id in linked.items():
         value = graph.source(link_id, node_id, name)
         if value is not None:
@@ -176,7 +174,9 @@ def _node_inputs(graph: _Graph, node_id: str, node: dict, specs: list[InputSpec]
 
 def _widget_values(node_id: str, node: dict, specs: list[InputSpec]) -> dict[str, Any]:
     """The node's saved widget values by input name, from either the list or the dict form."""
-    saved = node.get("widgets_values", [])
+    saved = node.get("widgets_values")
+    if saved is None:  # the editor leaves it out, or writes null, for a node whose widgets were never set
+        return {}
     if isinstance(saved, dict):
         return saved
     if not isinstance(saved, list):

@@ -7,8 +7,10 @@ and §4.3; no upstream code is copied. The pixel maths lives in :mod:`web.image_
 (ComfyUI's ``VALIDATE_INPUTS`` lets ``../`` through, §6) and ``ImageScale`` with width and height both 0 is a
 validation error.
 
-The nodes that touch files need the data folders. Rather than a module global, each class here leaves its
-``folders`` attribute unset, and :func:`builtin_nodes` returns subclasses bound to one :class:`DataFolders`.
+Nodes that make or load image batches check the pixel budget of :mod:`web.limits` first (their ``limits``,
+which the server binds to its own). The nodes that touch files need the data folders. Rather than a module
+global, each class here leaves its ``folders`` attribute unset, and :func:`builtin_nodes` returns subclasses
+bound to one :class:`DataFolders`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .folders import DataFolders, split_annotation
 from .image_files import (SAVE_COMPRESS_LEVEL, file_sha256, list_input_images, load_image_file, prefix_target,
                           read_png_metadata, save_png_batch)
 from .image_maths import (CROP_METHODS, MAX_BATCH_SIZE, MAX_COLOR, MAX_RESOLUTION, UPSCALE_METHODS, crop_image,
-                          empty_image, invert_image, scale_image)
+                          empty_image, invert_image, scale_image, target_size)
+from .limits import DEFAULT_LIMITS, Limits, check_pixel_budget
 
 __all__ = ["BUILTIN_DISPLAY_NAMES", "EmptyImage", "ImageCrop", "ImageInvert", "ImageScale", "LoadImage",
            "PreviewImage", "SaveImage", "builtin_nodes", "read_png_metadata"]
@@ -54,6 +57,7 @@ class LoadImage:
     """Loads an image (every frame, for animations) from the input folder, with its alpha as a mask."""
 
     folders: ClassVar[DataFolders]
+    limits: ClassVar[Limits] = DEFAULT_LIMITS
     DESCRIPTION = ("Loads an image from the input folder. Animated files give one batch item per frame; "
                    "the alpha channel becomes the mask.")
     CATEGORY = "image"
@@ -94,7 +98,7 @@ class LoadImage:
         return True
 
     def load_image(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_image_file(self._path(image))
+        return load_image_file(self._path(image), self.limits)
 
 
 class SaveImage:
@@ -171,6 +175,7 @@ class EmptyImage:
     """Makes a batch of images filled with one colour."""
 
     folders: ClassVar[DataFolders]
+    limits: ClassVar[Limits] = DEFAULT_LIMITS
     DESCRIPTION = "Makes a batch of images of the given size, filled with one colour."
     CATEGORY = "image"
     RETURN_TYPES = ("IMAGE",)
@@ -190,6 +195,7 @@ class EmptyImage:
         }}
 
     def generate(self, width: int, height: int, batch_size: int, color: int) -> tuple[torch.Tensor]:
+        check_pixel_budget("EmptyImage", batch_size, height, width, self.limits)
         return (empty_image(width, height, batch_size, color),)
 
 
@@ -197,6 +203,7 @@ class ImageScale:
     """Resizes images to a given size, optionally cropping the centre first so nothing is stretched."""
 
     folders: ClassVar[DataFolders]
+    limits: ClassVar[Limits] = DEFAULT_LIMITS
     DESCRIPTION = ("Resizes the images. A width or height of 0 follows the other and keeps the aspect ratio; "
                    "crop 'center' cuts the centre to the target's aspect ratio first.")
     CATEGORY = "image/upscaling"
@@ -230,6 +237,9 @@ class ImageScale:
 
     def upscale(self, image: torch.Tensor, upscale_method: str, width: int, height: int,
                 crop: str) -> tuple[torch.Tensor]:
+        batch, image_height, image_width = image.shape[:3]
+        target_width, target_height = target_size(image_width, image_height, width, height)
+        check_pixel_budget("ImageScale's result", batch, target_height, target_width, self.limits)
         return (scale_image(image, width, height, upscale_method, crop),)
 
 

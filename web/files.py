@@ -12,6 +12,7 @@ import io
 import json
 import mimetypes
 import os
+import re
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +21,9 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from nodes.common.paths import PathOutsideFolderError, atomic_write, confine
 
 from .folders import FILE_KINDS, split_annotation
-from .server_state import CONFIG, STATE, json_error, read_json
+from .limits import Limits, pixel_budget_error
+from .json_io import json_error, json_response, parse_json, read_json
+from .server_state import CONFIG, STATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS_DIR = os.path.join(ROOT, "workflows")
@@ -28,7 +31,12 @@ TEMPLATE_MODULE = "atelier"
 USER = "default"  # single-user mode: ComfyUI's default user folder
 SETTINGS_FILE = "comfy.settings.json"
 VIEW_PREVIEW_MAX_SIZE = 1024  # a re-encoded ?preview= image is for a node's thumbnail, not for saving
-SCRIPT_TYPES = ("text/html", "text/javascript", "application/javascript", "text/css")  # never served as such
+# Served inline, under their own type: raster images only. SVG and XHTML can run scripts in our origin, so they,
+# and every other file, go out as application/octet-stream attachments.
+INLINE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/avif",
+                          "image/tiff"})
+# A name holds printable characters only: control characters break headers and logs, NUL breaks the OS calls.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 # An offline tool does not ask api.comfy.org for release notes unless the user turns it back on.
 DEFAULT_SETTINGS = {"Comfy.Notification.ShowVersionUpdates": False}
 
@@ -68,22 +76,41 @@ async def view(request: web.Request) -> web.StreamResponse:
     preview, channel = request.query.get("preview"), request.query.get("channel", "rgba")
     if preview or channel != "rgba":
         try:
-            body, content_type = await _in_thread(request, _reencode, path, preview, channel)
-        except (UnidentifiedImageError, ValueError) as error:
-            return web.json_response({"error": f"cannot re-encode {filename!r}: {error}"}, status=400)
+            body, content_type = await _in_thread(request, _reencode, path, preview, channel,
+                                                  request.app[CONFIG].limits.max_pixels)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
+            return json_response({"error": f"cannot re-encode {filename!r}: {error}"}, status=400)
         return web.Response(body=body, content_type=content_type)
-    content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    if content_type in SCRIPT_TYPES:
-        content_type = "application/octet-stream"
-    return web.FileResponse(path, headers={"Content-Type": content_type,
-                                           "Content-Disposition": f'inline; filename="{os.path.basename(path)}"'})
+    return web.FileResponse(path, headers=download_headers(path))
 
 
-def _reencode(path: str, preview: str | None, channel: str) -> tuple[bytes, str]:
-    """The image at ``path`` as a smaller webp or jpeg (``preview="webp;90"``) or reduced to some channels."""
+def download_headers(path: str) -> dict[str, str]:
+    """Content-Type and Content-Disposition for serving a user's file: raster images inline, as their type;
+    anything else (SVG, HTML, scripts, unknown) as an ``application/octet-stream`` attachment, so that no file
+    a user uploaded can run in the editor's origin. (``nosniff`` comes with every response, from the security
+    middleware.)
+
+    Example:
+        >>> download_headers("/data/cat.png")["Content-Type"], download_headers("/data/x.svg")["Content-Type"]
+        ('image/png', 'application/octet-stream')
+    """
+    content_type = mimetypes.guess_type(path)[0]
+    name = CONTROL_CHARACTERS.sub("", os.path.basename(path)).replace('"', "")  # a header holds one line
+    if content_type in INLINE_TYPES:
+        return {"Content-Type": content_type, "Content-Disposition": f'inline; filename="{name}"'}
+    return {"Content-Type": "application/octet-stream", "Content-Disposition": f'attachment; filename="{name}"'}
+
+
+def _reencode(path: str, preview: str | None, channel: str, max_pixels: int) -> tuple[bytes, str]:
+    """The image at ``path`` as a smaller webp or jpeg (``preview="webp;90"``) or reduced to some channels;
+    an image over the pixel budget (``max_pixels``) is refused before it is decoded."""
     if channel not in ("rgba", "rgb", "a"):
         raise ValueError(f"channel must be rgba, rgb or a; got {channel!r}")
     with Image.open(path) as image:
+        too_large = pixel_budget_error(repr(os.path.basename(path)), 1, image.height, image.width,
+                                       Limits(max_pixels))
+        if too_large:
+            raise ValueError(too_large)
         image.load()
     buffer = io.BytesIO()
     if channel == "a":
@@ -111,14 +138,17 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str, str, str, bool
     image = form.get("image")
     if not isinstance(image, web.FileField):
         raise json_error(web.HTTPBadRequest, "the form needs an 'image' file field")
-    if not image.filename or os.path.basename(image.filename) != image.filename or "\\" in image.filename:
-        raise json_error(web.HTTPBadRequest, f"the file name must be a plain name; got {image.filename!r} "
-                                             "(put folders in 'subfolder')")
+    filename, subfolder = image.filename, str(form.get("subfolder") or "")
+    if (not filename or filename in (".", "..") or os.path.basename(filename) != filename or "\\" in filename
+            or CONTROL_CHARACTERS.search(filename)):
+        raise json_error(web.HTTPBadRequest, f"the file name must be a plain name of printable characters; got "
+                                             f"{filename!r} (put folders in 'subfolder')")
+    if CONTROL_CHARACTERS.search(subfolder):
+        raise json_error(web.HTTPBadRequest, f"subfolder must hold printable characters only; got {subfolder!r}")
     kind = str(form.get("type") or "input")
     if kind not in FILE_KINDS:
         raise json_error(web.HTTPBadRequest, f"type must be one of {', '.join(FILE_KINDS)}; got {kind!r}")
-    return (image.file.read(), image.filename, kind, str(form.get("subfolder") or ""),
-            str(form.get("overwrite")).lower() in ("true", "1"), form)
+    return image.file.read(), filename, kind, subfolder, str(form.get("overwrite")).lower() in ("true", "1"), form
 
 
 def _check_image_bytes(data: bytes) -> None:
@@ -126,16 +156,50 @@ def _check_image_bytes(data: bytes) -> None:
         image.verify()
 
 
-def _free_name(path: str, data: bytes) -> str:
-    """``path``, or ``name (1).ext`` and so on when a different file already has that name."""
+def _same_bytes(path: str, data: bytes) -> bool:
+    with open(path, "rb") as existing:
+        return hashlib.sha256(existing.read()).digest() == hashlib.sha256(data).digest()
+
+
+def _claim(path: str) -> bool:
+    """Create ``path`` empty if no file or folder has that name; the name is then ours, whatever runs beside us."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _write_claimed(path: str, data: bytes) -> None:
+    """Fill a file that :func:`_claim` created; on failure the empty claim goes too."""
+    try:
+        atomic_write(path, data)
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+def _write_upload(path: str, data: bytes, overwrite: bool) -> str:
+    """Write an upload to ``path``, or, without ``overwrite``, to the first free ``name (n).ext`` (a file with the
+    same bytes is reused); returns the path written. Names are claimed with O_EXCL before the bytes go in, so
+    concurrent uploads of one name each get their own file.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder and ``overwrite`` is set.
+    """
+    if overwrite:
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{os.path.basename(path)!r} is a folder")
+        atomic_write(path, data)
+        return path
     stem, extension = os.path.splitext(path)
-    candidate, number = path, 1
-    while os.path.exists(candidate):
-        with open(candidate, "rb") as existing:
-            if hashlib.sha256(existing.read()).digest() == hashlib.sha256(data).digest():
-                return candidate  # the same bytes: keep one copy
-        candidate = f"{stem} ({number}){extension}"
+    candidate, number = path, 0
+    while not _claim(candidate):
+        if os.path.isfile(candidate) and _same_bytes(candidate, data):
+            return candidate  # the same bytes: keep one copy (a claim still being written is empty, never equal)
         number += 1
+        candidate = f"{stem} ({number}){extension}"
+    _write_claimed(candidate, data)
     return candidate
 
 
@@ -144,14 +208,18 @@ async def _store_upload(request: web.Request, data: bytes, filename: str, kind: 
     path = _file_in(request, kind, subfolder, filename)
     try:
         await _in_thread(request, _check_image_bytes, data)
+    except Image.DecompressionBombError as error:
+        return json_response({"error": f"{filename!r} is refused: {error}"}, status=400)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        return web.json_response({"error": f"{filename!r} is not an image: {error}"}, status=400)
+        return json_response({"error": f"{filename!r} is not an image: {error}"}, status=400)
     if prepare is not None:
         data = await _in_thread(request, prepare, data)
-    if not overwrite:
-        path = _free_name(path, data)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    await _in_thread(request, atomic_write, path, data)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path = await _in_thread(request, _write_upload, path, data, overwrite)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as error:
+        return json_response({"error": f"cannot store {filename!r} in {subfolder or 'the folder'!r}: a file or "
+                                       f"folder is in the way ({error.strerror or error})"}, status=409)
     request.app[STATE].object_info = None  # LoadImage's list of files changed
     return web.json_response({"name": os.path.basename(path), "subfolder": subfolder, "type": kind})
 
@@ -167,10 +235,10 @@ async def upload_mask(request: web.Request) -> web.Response:
     """The mask editor's save: the uploaded image's alpha put onto the referenced original."""
     data, filename, kind, subfolder, overwrite, form = await _read_upload(request)
     try:
-        reference = json.loads(str(form.get("original_ref") or ""))
-        original = _file_in(request, reference.get("type") or "input", reference.get("subfolder") or "",
-                            reference["filename"])
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        reference = parse_json(str(form.get("original_ref") or ""))
+        original = _file_in(request, str(reference.get("type") or "input"), str(reference.get("subfolder") or ""),
+                            str(reference["filename"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
         return web.json_response({"error": "original_ref must be JSON with a filename"}, status=400)
     if not os.path.isfile(original):
         return _not_found("the original image")
@@ -241,26 +309,42 @@ def is_new_user(request: web.Request) -> bool:
     return not os.path.exists(_settings_path(request))
 
 
+def _settings_error(text: bytes | str) -> str | None:
+    """Why ``text`` cannot be the settings file (strict JSON, an object), or None when it can."""
+    try:
+        settings = parse_json(text)
+    except ValueError as error:
+        return f"{SETTINGS_FILE} is not valid JSON: {error}"
+    if not isinstance(settings, dict):
+        return f"{SETTINGS_FILE} must hold a JSON object; got {type(settings).__name__}"
+    return None
+
+
 def _read_settings(request: web.Request) -> dict:
+    """The user's settings; a file that is not a JSON object (edited by hand) is a 409 that names the file."""
     path = _settings_path(request)
     if not os.path.exists(path):
         return dict(DEFAULT_SETTINGS)
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
+    with open(path, "rb") as file:
+        text = file.read()
+    problem = _settings_error(text)
+    if problem:
+        raise json_error(web.HTTPConflict, f"{problem}; fix it or delete it in the user folder")
+    return parse_json(text)
 
 
 def _write_settings(request: web.Request, settings: dict) -> None:
-    atomic_write(_settings_path(request), json.dumps(settings, indent=2).encode())
+    atomic_write(_settings_path(request), json.dumps(settings, indent=2, allow_nan=False).encode())
 
 
 @routes.get("/settings")
 async def get_settings(request: web.Request) -> web.Response:
-    return web.json_response(_read_settings(request))
+    return json_response(_read_settings(request))
 
 
 @routes.get("/settings/{id}")
 async def get_setting(request: web.Request) -> web.Response:
-    return web.json_response(_read_settings(request).get(request.match_info["id"]))
+    return json_response(_read_settings(request).get(request.match_info["id"]))
 
 
 @routes.post("/settings")
@@ -330,18 +414,42 @@ async def get_userdata(request: web.Request) -> web.StreamResponse:
     path = _user_path(request, request.match_info["file"])
     if not os.path.isfile(path):
         return _not_found(f"user file {request.match_info['file']!r}")
-    return web.FileResponse(path)
+    return web.FileResponse(path, headers=download_headers(path))
+
+
+def _write_user_file(path: str, data: bytes, overwrite: bool) -> None:
+    """Write a user file; without ``overwrite`` the name is claimed with O_EXCL first, so of two concurrent
+    writers one gets FileExistsError instead of both replacing each other.
+
+    Raises:
+        FileExistsError: the name is taken and ``overwrite`` is off.
+        IsADirectoryError: the name is a folder.
+    """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{os.path.basename(path)!r} is a folder")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if overwrite:
+        atomic_write(path, data)
+    elif _claim(path):
+        _write_claimed(path, data)
+    else:
+        raise FileExistsError(f"{os.path.basename(path)!r} exists")
 
 
 @routes.post("/userdata/{file}")
 async def post_userdata(request: web.Request) -> web.Response:
     relative = request.match_info["file"]
     path = _user_path(request, relative)
-    if os.path.exists(path) and not _flag(request, "overwrite", True):
-        return web.json_response({"error": f"{relative!r} exists"}, status=409)
+    if CONTROL_CHARACTERS.search(relative):
+        return json_response({"error": f"a user file name holds printable characters only; got {relative!r}"},
+                             status=400)
     data = await request.read()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    await _in_thread(request, atomic_write, path, data)
+    if path == _settings_path(request) and _settings_error(data):
+        return json_response({"error": _settings_error(data)}, status=400)
+    try:
+        await _in_thread(request, _write_user_file, path, data, _flag(request, "overwrite", True))
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:
+        return json_response({"error": f"cannot write {relative!r}: {error}"}, status=409)
     return web.json_response(_file_info(path, relative) if _flag(request, "full_info", False) else relative)
 
 
@@ -361,11 +469,32 @@ async def move_userdata(request: web.Request) -> web.Response:
     destination = _user_path(request, relative)
     if not os.path.isfile(source):
         return _not_found(f"user file {request.match_info['file']!r}")
-    if os.path.exists(destination) and not _flag(request, "overwrite", True):
-        return web.json_response({"error": f"{relative!r} exists"}, status=409)
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
-    os.replace(source, destination)
+    if CONTROL_CHARACTERS.search(relative):
+        return json_response({"error": f"a user file name holds printable characters only; got {relative!r}"},
+                             status=400)
+    try:
+        await _in_thread(request, _move_user_file, source, destination, _flag(request, "overwrite", True))
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:
+        return json_response({"error": f"cannot move onto {relative!r}: {error}"}, status=409)
     return web.json_response(_file_info(destination, relative) if _flag(request, "full_info", False) else relative)
+
+
+def _move_user_file(source: str, destination: str, overwrite: bool) -> None:
+    """Rename a user file; without ``overwrite``, a hard link then an unlink, so an existing file (even one
+    created a moment ago by another request) is never replaced.
+
+    Raises:
+        FileExistsError: ``destination`` exists and ``overwrite`` is off.
+        IsADirectoryError: ``destination`` is a folder.
+    """
+    if os.path.isdir(destination):
+        raise IsADirectoryError(f"{os.path.basename(destination)!r} is a folder")
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    if overwrite:
+        os.replace(source, destination)
+    else:
+        os.link(source, destination)
+        os.unlink(source)
 
 
 # --- models and example workflows ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 from nodes.common.paths import PathOutsideFolderError, atomic_write, confine
 
 from .image_maths import check_image
+from .limits import DEFAULT_LIMITS, Limits, check_pixel_budget
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ SAVE_COMPRESS_LEVEL = 4  # ComfyUI's SaveImage level: smaller files than 1 at a 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens 16-bit greyscale (PNG, TIFF)
 SIXTEEN_BIT_MAX = 65535
+# Saving converts an image to 8 bits a band of rows at a time: about 16 MB of float32 each, where a whole
+# 16384² image would need three 3 GiB copies.
+SAVE_BAND_VALUES = 1 << 22
 SINGLE_IMAGE_FORMATS = ("MPO",)  # an MPO's extra images are stereo views or depth maps, not frames of a batch
 
 
@@ -59,55 +63,70 @@ def list_input_images(folder: str) -> list[str]:
     return sorted(names)
 
 
-def load_image_file(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load_image_file(path: str, limits: Limits = DEFAULT_LIMITS) -> tuple[torch.Tensor, torch.Tensor]:
     """Read an image file as ComfyUI's LoadImage does: EXIF orientation applied, every frame in the batch.
+
+    The whole batch (frames × height × width) is checked against the pixel budget before any frame is
+    decoded, and the frames are decoded one at a time straight into the batch, so memory stays near the
+    batch's own size.
 
     Args:
         path: an image file Pillow can read. Its frames (GIF, TIFF pages, animated WEBP/PNG) become the batch;
             an MPO file gives its first image only, because its others are stereo views or depth maps.
+        limits: the pixel budget (:mod:`web.limits`).
     Returns:
         IMAGE of shape (B, H, W, 3) and MASK of shape (B, H, W), both float32. The mask is ``1 - alpha``
         (1 = masked); a frame without alpha gets zeros. When no frame has alpha the mask is (B, 64, 64) zeros,
         as in ComfyUI.
     Raises:
         FileNotFoundError: no such file.
-        ValueError: frames of different sizes (after orientation), a 32-bit float image, or a 32-bit integer
-            image with values above 16 bits.
+        ValueError: frames over the pixel budget, frames of different sizes (after orientation), a 32-bit float
+            image, or a 32-bit integer image with values above 16 bits.
         PIL.UnidentifiedImageError: not an image.
     """
-    rgbs, alphas = [], []
     with Image.open(path) as opened:
-        frames = [opened] if opened.format in SINGLE_IMAGE_FORMATS else ImageSequence.Iterator(opened)
-        for index, frame in enumerate(frames):
-            rgb, alpha = _frame_arrays(ImageOps.exif_transpose(frame), path)
-            if rgbs and rgb.shape != rgbs[0].shape:
-                raise ValueError(f"{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]} but frame 0 is "
-                                 f"{rgbs[0].shape[1]}x{rgbs[0].shape[0]}; a batch needs frames of one size")
-            rgbs.append(rgb)
-            alphas.append(alpha)
-    image = torch.from_numpy(np.stack(rgbs))
-    if all(alpha is None for alpha in alphas):
-        mask = torch.zeros(len(rgbs), NO_ALPHA_MASK_SIZE, NO_ALPHA_MASK_SIZE)
-    else:
-        opaque = np.ones(rgbs[0].shape[:2], dtype=np.float32)
-        mask = 1 - torch.from_numpy(np.stack([opaque if alpha is None else alpha for alpha in alphas]))
-    return image, mask
+        single = opened.format in SINGLE_IMAGE_FORMATS
+        count = 1 if single else getattr(opened, "n_frames", 1)  # read from the header, nothing decoded
+        check_pixel_budget(f"{os.path.basename(path)!r} ({count} frames)", count, opened.height, opened.width,
+                           limits)
+        image, mask, filled = None, None, 0
+        for index, frame in enumerate([opened] if single else ImageSequence.Iterator(opened)):
+            frame = ImageOps.exif_transpose(frame)
+            if image is None:
+                image = torch.empty(count, frame.height, frame.width, 3)
+            elif (frame.height, frame.width) != tuple(image.shape[1:3]):
+                raise ValueError(f"{path}: frame {index} is {frame.width}x{frame.height} but frame 0 is "
+                                 f"{image.shape[2]}x{image.shape[1]}; a batch needs frames of one size")
+            if index >= count:
+                raise ValueError(f"{path}: the file announces {count} frames but holds more")
+            alpha = _decode_frame(frame, image[index], path)
+            if alpha is not None:
+                if mask is None:
+                    mask = torch.zeros(count, frame.height, frame.width)  # frames without alpha are opaque
+                mask[index] = 1 - alpha
+            filled = index + 1
+    image = image[:filled]
+    if mask is None:
+        return image, torch.zeros(filled, NO_ALPHA_MASK_SIZE, NO_ALPHA_MASK_SIZE)
+    return image, mask[:filled]
 
 
-def _frame_arrays(frame: Image.Image, path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """One frame as float32 RGB (H, W, 3) in 0..1, and its alpha (H, W), or None when it has none."""
+def _decode_frame(frame: Image.Image, out: torch.Tensor, path: str) -> torch.Tensor | None:
+    """Decode one frame into ``out`` (H, W, 3) as float32 RGB in 0..1; returns its alpha (H, W), or None."""
     if frame.mode == "F":
         raise ValueError(f"{path}: 32-bit float images (mode F) have no fixed white level; "
                          f"accepted are 8-bit images and 16-bit greyscale")
     if frame.mode in SIXTEEN_BIT_MODES:
-        grey = np.asarray(frame).astype(np.float32)
-        if grey.max(initial=0) > SIXTEEN_BIT_MAX:
+        grey = torch.from_numpy(np.asarray(frame).astype(np.float32))
+        if grey.max() > SIXTEEN_BIT_MAX:
             raise ValueError(f"{path}: integer pixel values up to {int(grey.max())} exceed 16 bits "
                              f"(max {SIXTEEN_BIT_MAX}); accepted are 8-bit images and 16-bit greyscale")
-        return np.repeat((grey / SIXTEEN_BIT_MAX)[..., None], 3, axis=-1), None
+        out.copy_((grey / SIXTEEN_BIT_MAX)[..., None].expand_as(out))
+        return None
     has_alpha = any(band in ("A", "a") for band in frame.getbands()) or "transparency" in frame.info
-    pixels = np.asarray(frame.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255
-    return np.ascontiguousarray(pixels[..., :3]), (pixels[..., 3] if has_alpha else None)
+    pixels = torch.from_numpy(np.array(frame.convert("RGBA" if has_alpha else "RGB")))  # writable, as torch wants
+    out.copy_(pixels[..., :3]).div_(255)
+    return pixels[..., 3].float().div_(255) if has_alpha else None
 
 
 def file_sha256(path: str) -> str:
@@ -165,7 +184,7 @@ def save_png_batch(images: torch.Tensor, folder: str, filename_prefix: str, kind
         TypeError: ``extra_pnginfo`` is not a dict.
     """
     check_image(images, "images")
-    if not torch.isfinite(images).all():
+    if not all(torch.isfinite(band).all() for image in images for band in _row_bands(image)):
         raise ValueError("images contain NaN or infinite values, which a PNG cannot hold; accepted are finite "
                          "values in 0..1 (a NaN usually comes from a model run in too low a precision)")
     if extra_pnginfo is not None and not isinstance(extra_pnginfo, dict):
@@ -178,16 +197,32 @@ def save_png_batch(images: torch.Tensor, folder: str, filename_prefix: str, kind
     for key, value in (extra_pnginfo or {}).items():
         info.add_text(key, json.dumps(value))  # ASCII-escaped JSON, so Pillow writes tEXt, never iTXt
     counter = _next_counter(directory, base)
-    pixels = (images.detach().to("cpu", torch.float32).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     saved = []
-    for offset, frame in enumerate(pixels):
+    for offset, image in enumerate(images):
         filename = f"{base}_{counter + offset:05}_.png"
         buffer = io.BytesIO()
-        Image.fromarray(frame).save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
-        atomic_write(os.path.join(directory, filename), buffer.getvalue())
+        _as_8_bit(image).save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
+        atomic_write(os.path.join(directory, filename), buffer.getbuffer())
         saved.append({"filename": filename, "subfolder": subfolder, "type": kind})
     logger.debug("saved %d image(s) to %s as %s_*", len(saved), directory, base)
     return saved
+
+
+def _row_bands(image: torch.Tensor) -> list[torch.Tensor]:
+    """``image`` (H, W, C) as views of SAVE_BAND_VALUES values or so each, so that work on them stays small."""
+    rows = max(1, SAVE_BAND_VALUES // (image.shape[1] * image.shape[2]))
+    return list(image.split(rows))
+
+
+def _as_8_bit(image: torch.Tensor) -> Image.Image:
+    """One IMAGE (H, W, 3) as an 8-bit Pillow image, converted band by band: no full-size float copy."""
+    result = Image.new("RGB", (image.shape[1], image.shape[0]))
+    top = 0
+    for band in _row_bands(image.detach()):
+        levels = (band.to("cpu", torch.float32).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        result.paste(Image.fromarray(levels), (0, top))
+        top += band.shape[0]
+    return result
 
 
 def prefix_target(folder: str, filename_prefix: str) -> tuple[str, str, str]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 __all__ = ["CROP_METHODS", "MAX_BATCH_SIZE", "MAX_COLOR", "MAX_RESOLUTION", "UPSCALE_METHODS", "check_image",
-           "crop_image", "empty_image", "invert_image", "scale_image"]
+           "crop_image", "empty_image", "invert_image", "scale_image", "target_size"]
 
 MAX_RESOLUTION = 16384  # ComfyUI's MAX_RESOLUTION in nodes.py: the largest width or height a node accepts
 MAX_BATCH_SIZE = 4096  # ComfyUI's EmptyImage limit
@@ -132,7 +132,7 @@ def scale_image(image: torch.Tensor, width: int, height: int, method: str,
         if not 0 <= value <= MAX_RESOLUTION:
             raise ValueError(f"{name} must be in [0, {MAX_RESOLUTION}]; got {value}")
     image_height, image_width = image.shape[1:3]
-    width, height = _target_size(image_width, image_height, width, height)
+    width, height = target_size(image_width, image_height, width, height)
     if crop == "center":
         image = _center_crop(image, width / height)
     samples = image.movedim(-1, 1)  # interpolate and Pillow want (B, C, H, W); IMAGE is channels last
@@ -146,7 +146,15 @@ def scale_image(image: torch.Tensor, width: int, height: int, method: str,
     return samples.movedim(1, -1).contiguous()
 
 
-def _target_size(image_width: int, image_height: int, width: int, height: int) -> tuple[int, int]:
+def target_size(image_width: int, image_height: int, width: int, height: int) -> tuple[int, int]:
+    """The ``(width, height)`` that :func:`scale_image` makes of an ``image_width`` × ``image_height`` image.
+
+    Raises:
+        ValueError: both sizes 0, or a size that follows the aspect ratio beyond MAX_RESOLUTION.
+    Example:
+        >>> target_size(100, 50, 40, 0)
+        (40, 20)
+    """
     if width == 0 and height == 0:
         raise ValueError("width and height are both 0; set at least one (a 0 size follows the other, "
                          "keeping the aspect ratio)")

@@ -12,7 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from .prompt_queue import HistoryRecord, QueueItem
-from .server_state import STATE, read_json
+from .json_io import json_response, read_json
+from .server_state import STATE
 
 STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
 DEFAULT_LIMIT = 100
@@ -88,7 +89,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     if workflow_id:
         jobs = [job for job in jobs if job["workflow_id"] == workflow_id]
     page = jobs[offset:offset + limit]
-    return web.json_response({"jobs": page, "pagination": {"offset": offset, "limit": limit, "total": len(jobs),
+    return json_response({"jobs": page, "pagination": {"offset": offset, "limit": limit, "total": len(jobs),
                                                            "has_more": offset + len(page) < len(jobs)}})
 
 
@@ -97,7 +98,7 @@ async def job_detail(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
     for job, record in _all_jobs(request):
         if job["id"] == job_id:
-            return web.json_response(_detail(request, job, record))
+            return json_response(_detail(request, job, record))
     return web.json_response({"error": f"no job {job_id!r}"}, status=404)
 
 

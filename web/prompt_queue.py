@@ -12,22 +12,47 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from nodes.correspondence.cache import FEATURE_CACHE
 from nodes.models.loading import unload_all
 
 from .executor import ExecutionResult, Executor
+from .json_io import finite_json
 
 logger = logging.getLogger(__name__)
 
 Send = Callable[[str, dict[str, Any], str | None], None]
 HISTORY_LIMIT = 10_000  # ComfyUI's: the oldest entries go first beyond this
+# The history's size as JSON: the oldest entries go first beyond this too. An ordinary entry is a few tens of KB
+# (the editor's workflow rides in extra_data), so count rules it; a client that posts megabytes of extra_data
+# meets this bound instead of growing the server by that much per prompt.
+HISTORY_MAX_BYTES = 64 << 20
 SECRET_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")  # comfy.org credentials: never stored, never echoed
+
+
+def hide_paths(value: Any, shown_paths: Mapping[str, str]) -> Any:
+    """``value`` with every string's server folders (keys of ``shown_paths``) replaced by their shown names, so
+    error reports say ``input/cat.png``, never where the data lives on the server.
+
+    Example:
+        >>> hide_paths({"message": "no file /srv/data/input/cat.png", "n": 3}, {"/srv/data/input": "input"})
+        {'message': 'no file input/cat.png', 'n': 3}
+    """
+    if isinstance(value, str):
+        for folder in sorted(shown_paths, key=len, reverse=True):  # the innermost folder names a path
+            value = value.replace(folder + os.sep, shown_paths[folder] + "/").replace(folder, shown_paths[folder])
+        return value
+    if isinstance(value, dict):
+        return {key: hide_paths(item, shown_paths) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [hide_paths(item, shown_paths) for item in value]
+    return value
 
 
 def now_ms() -> int:
@@ -57,6 +82,7 @@ class HistoryRecord:
     item: QueueItem
     result: ExecutionResult
     end_time: int
+    size: int = 0  # bytes of :meth:`as_history` as JSON, counted against the history's byte bound
 
     def as_history(self) -> dict:
         """ComfyUI's history entry."""
@@ -74,10 +100,15 @@ class HistoryRecord:
 class PromptQueue:
     """Queued prompts, the running one, and the history of finished ones."""
 
-    def __init__(self, executor: Executor, send: Send, history_limit: int = HISTORY_LIMIT):
+    def __init__(self, executor: Executor, send: Send, history_limit: int = HISTORY_LIMIT,
+                 history_max_bytes: int = HISTORY_MAX_BYTES, shown_paths: Mapping[str, str] | None = None):
+        """``shown_paths`` maps server folders to the names error reports show instead (see :func:`hide_paths`)."""
         self.executor = executor
         self.send = send
         self.history_limit = history_limit
+        self.history_max_bytes = history_max_bytes
+        self.shown_paths = dict(shown_paths or {})
+        self._history_bytes = 0
         self._lock = threading.Condition()
         self._pending: list[tuple[float, int, QueueItem]] = []  # a heap; the counter keeps equal numbers in order
         self._order = itertools.count()
@@ -180,11 +211,19 @@ class PromptQueue:
     def delete_history(self, prompt_ids: list[str]) -> None:
         with self._lock:
             for prompt_id in prompt_ids:
-                self._history.pop(prompt_id, None)
+                record = self._history.pop(prompt_id, None)
+                if record is not None:
+                    self._history_bytes -= record.size
 
     def clear_history(self) -> None:
         with self._lock:
             self._history.clear()
+            self._history_bytes = 0
+
+    def history_bytes(self) -> int:
+        """The history's size as JSON, which stays within ``history_max_bytes``."""
+        with self._lock:
+            return self._history_bytes
 
     # --- the worker ----------------------------------------------------------------------------------------------
 
@@ -203,16 +242,25 @@ class PromptQueue:
                 self._running = item
             self._queue_changed()
             result = self.executor.execute(item.prompt, item.prompt_id, item.outputs,
-                                           lambda event, data: self.send(event, data, item.client_id),
+                                           lambda event, data: self.send(event, self._shown(event, data),
+                                                                         item.client_id),
                                            item.extra_data)
+            result.messages = [(event, self._shown(event, data)) for event, data in result.messages]
+            record = HistoryRecord(item, result, now_ms())
+            record.size = len(finite_json(record.as_history()))
             with self._lock:
-                self._history[item.prompt_id] = HistoryRecord(item, result, now_ms())
-                while len(self._history) > self.history_limit:
-                    self._history.popitem(last=False)
+                self._history[item.prompt_id] = record
+                self._history_bytes += record.size
+                while len(self._history) > self.history_limit or self._history_bytes > self.history_max_bytes:
+                    self._history_bytes -= self._history.popitem(last=False)[1].size
                 self._running = None
             self._queue_changed()
             self.send("executing", {"node": None, "prompt_id": item.prompt_id}, item.client_id)
             self._apply_free()
+
+    def _shown(self, event: str, data: dict) -> dict:
+        """An ``execution_error`` as clients see it: server folders shown by their names, not their paths."""
+        return hide_paths(data, self.shown_paths) if event == "execution_error" else data
 
     def _apply_free(self) -> None:
         with self._lock:

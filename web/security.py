@@ -4,6 +4,8 @@
 - Mutating requests (anything but GET, HEAD and OPTIONS) and websocket upgrades with an ``Origin`` must come
   from the page's own origin; a foreign origin and ``Origin: null`` (sandboxed iframes, ``file:`` pages) are
   refused. Scripts send no Origin, so local tools keep working.
+- Every response carries ``X-Content-Type-Options: nosniff``, so a user's file is never sniffed into HTML or
+  script.
 - Listening beyond loopback, every request needs the per-launch token: in the ``X-Atelier-Token`` header,
   ``Authorization: Bearer``, the ``token`` query parameter or the cookie that a first request with the query
   parameter sets, so the browser can carry on without it.
@@ -29,6 +31,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 TOKEN_HEADER = "X-Atelier-Token"
 TOKEN_COOKIE = "atelier_token"
 TOKEN_QUERY = "token"
+# On every response: browsers use the Content-Type we send and never guess a runnable type from the bytes.
+NOSNIFF_HEADER = "X-Content-Type-Options"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -79,9 +83,15 @@ def security_middleware(allowed_hosts: Iterable[str], token: str | None):
             origin = request.headers.get("Origin")
             if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != host.lower()):
                 return _refuse(f"cross-origin request from {origin!r} refused")
-        response = await handler(request)
-        if from_query and not response.prepared:
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+        try:
+            response = await handler(request)
+        except web.HTTPException as error:  # raised errors are responses too
+            error.headers[NOSNIFF_HEADER] = "nosniff"
+            raise
+        if not response.prepared:
+            response.headers[NOSNIFF_HEADER] = "nosniff"
+            if from_query:
+                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
         return response
 
     return guard

@@ -13,11 +13,11 @@ Three kinds of test:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -358,7 +358,8 @@ def test_dpmpp_2m_sde_first_step_is_the_exact_sde_solution_for_a_constant_x0():
     s0, s1 = 2.0, 0.8
     h = math.log(s0) - math.log(s1)
     denoised = gaussian_denoiser(x, torch.full((2,), s0))
-    expected = s1 / s0 * math.exp(-h) * x + (1 - math.exp(-2 * h)) * denoised + s1 * math.sqrt(1 - math.exp(-2 * h)) * noise
+    decay = math.exp(-h)  # e^{-h} with h = λ_next − λ = log(σ/σ_next)
+    expected = s1 / s0 * decay * x + (1 - decay ** 2) * denoised + s1 * math.sqrt(1 - decay ** 2) * noise
     for name in ("dpmpp_2m_sde", "dpmpp_3m_sde"):
         result = one_step(name, [s0, s1], x, noise_sampler=fixed_noise_sampler(noise))
         torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
@@ -492,3 +493,287 @@ def test_sampler_names_are_comfyuis_and_cover_the_issue():
                 "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "ddim", "uni_pc", "uni_pc_bh2"}
     assert required <= set(SAMPLER_NAMES)
     assert SAMPLER_NAMES[-3:] == ("ddim", "uni_pc", "uni_pc_bh2")
+
+
+# --------------------------------------------------------------------------------- against ComfyUI's own functions
+
+# One toy network, run by both sides through their own model sampling (calculate_input → network →
+# calculate_denoised, as ComfyUI's BaseModel.apply_model does): the exact ε of Gaussian data plus a nonlinear term.
+TOY_NETWORK = '''
+def toy_network(x_in, t, sigma_of):
+    sigma = sigma_of(t).reshape(-1, *([1] * (x_in.ndim - 1)))
+    x = x_in * (1 + sigma ** 2) ** 0.5
+    mean = torch.tensor([0.3, -0.2, 0.1, 0.0]).reshape(1, 4, 1, 1)
+    eps = sigma * (x - mean) / (0.25 + sigma ** 2)
+    return eps + 0.05 * torch.tanh(3 * x_in.roll(1, dims=-1) + t.reshape(sigma.shape) / 1000)
+
+
+def toy_denoiser(sampling):
+    def model(x, sigma, **ignored):
+        x_in = sampling.calculate_input(sigma, x)
+        t = sampling.timestep(sigma).float()
+        return sampling.calculate_denoised(sigma, toy_network(x_in, t, sampling.sigma), x)
+    return model
+'''
+
+# Runs in a subprocess on ComfyUI's source with Atelier's venv: reads the cases (torch.load), writes ComfyUI's
+# results (torch.save). torchvision and av are imported by ComfyUI modules these functions never use: an empty
+# placeholder module stands in for each.
+COMFY_SCRIPT = '''
+import importlib.abc, importlib.util, sys, types
+comfyui, cases_path, results_path = sys.argv[1:4]
+sys.path.insert(0, comfyui)
+sys.argv = [sys.argv[0], "--cpu"]
+
+
+class Placeholder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    ROOTS = {"torchvision", "av"}
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in self.ROOTS:
+            return importlib.util.spec_from_loader(name, self, is_package=True)
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.append(Placeholder())
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.k_diffusion.sampling
+import comfy.model_sampling
+import comfy.sample
+import comfy.sampler_helpers
+import comfy.samplers
+import comfy_extras.nodes_custom_sampler as custom_sampler
+import comfy_extras.nodes_model_advanced as model_advanced
+
+cases = torch.load(cases_path)
+exec(cases["toy_network"])
+TYPES = {"epsilon": comfy.model_sampling.EPS, "v_prediction": comfy.model_sampling.V_PREDICTION,
+         "sample": comfy.model_sampling.X0, "lcm": model_advanced.LCM}
+
+
+def sampling_for(prediction, zsnr=False):
+    base = comfy.model_sampling.ModelSamplingDiscrete
+    if prediction == "lcm":
+        base = model_advanced.ModelSamplingDiscreteDistilled
+
+    class Sampling(base, TYPES[prediction]):
+        pass
+    return Sampling(None, zsnr=zsnr)
+
+
+class Patcher:  # what samplers ask the model patcher for
+    def __init__(self, sampling):
+        self.sampling = sampling
+
+    def get_model_object(self, name):
+        assert name == "model_sampling"
+        return self.sampling
+
+
+class BaseModel:  # what KSAMPLER and the inpaint wrapper ask the model for
+    def __init__(self, sampling):
+        self.model_sampling = sampling
+
+    def scale_latent_inpaint(self, sigma, noise, latent_image, **kwargs):
+        shape = [sigma.shape[0]] + [1] * (len(noise.shape) - 1)
+        return self.model_sampling.noise_scaling(sigma.reshape(shape), noise, latent_image)
+
+
+class Guider:  # CFGGuider's place: the model, returning the guided x0
+    def __init__(self, sampling):
+        self.inner_model = BaseModel(sampling)
+        self.model_patcher = Patcher(sampling)
+        self.denoise = toy_denoiser(sampling)
+
+    def __call__(self, x, sigma, model_options={}, seed=None):
+        return self.denoise(x, sigma)
+
+
+results = {}
+for key, (prediction, zsnr, name, steps) in cases["schedulers"].items():
+    results[key] = comfy.samplers.calculate_sigmas(sampling_for(prediction, zsnr), name, steps)
+for key, (scheduler, steps, denoise, sampler) in cases["ksampler_sigmas"].items():
+    results[key] = comfy.samplers.KSampler(Patcher(sampling_for("epsilon")), steps, "cpu", sampler, scheduler,
+                                           denoise).sigmas
+for key, (scheduler, steps, denoise) in cases["basic_scheduler"].items():
+    results[key] = custom_sampler.BasicScheduler().get_sigmas(Patcher(sampling_for("epsilon")), scheduler, steps,
+                                                              denoise)[0]
+for key, (steps, denoise) in cases["sd_turbo"].items():
+    results[key] = custom_sampler.SDTurboScheduler().get_sigmas(Patcher(sampling_for("epsilon")), steps, denoise)[0]
+for key, (sigmas, denoise) in cases["split_denoise"].items():
+    results[key] = custom_sampler.SplitSigmasDenoise().get_sigmas(sigmas, denoise)
+for key, (prediction, zsnr, timesteps, sigmas, percents) in cases["model_sampling"].items():
+    sampling = sampling_for(prediction, zsnr)
+    results[key] = (sampling.sigmas, sampling.timestep(sigmas), sampling.sigma(timesteps),
+                    torch.tensor([sampling.percent_to_sigma(p) for p in percents]))
+for key, (shape, seed, batch_index) in cases["noise"].items():
+    results[key] = comfy.sample.prepare_noise(torch.zeros(shape), seed, batch_index)
+for key, (shape, sigma_min, sigma_max, seed, queries) in cases["brownian"].items():
+    tree = comfy.k_diffusion.sampling.BrownianTreeNoiseSampler(torch.zeros(shape), torch.tensor(sigma_min),
+                                                               torch.tensor(sigma_max), seed=seed, cpu=True)
+    results[key] = [tree(torch.tensor(a), torch.tensor(b)) for a, b in queries]
+for key, case in cases["samplers"].items():
+    guider = Guider(sampling_for(case["prediction"]))
+    noise = case["noise"]
+    mask = case["mask"]
+    if mask is not None:
+        mask = comfy.sampler_helpers.prepare_mask(mask, noise.shape, "cpu")
+    sampler = comfy.samplers.sampler_object(case["sampler"])
+    extra_args = {"model_options": {}, "seed": case["seed"]}
+    results[key] = sampler.sample(guider, case["sigmas"].clone(), extra_args, None, noise.clone(), case["latent"],
+                                  mask, True)
+torch.save(results, results_path)
+'''
+
+
+def _comparison_cases() -> dict:
+    """The cases both sides run, keyed by a readable id."""
+    cases = {"toy_network": TOY_NETWORK, "schedulers": {}, "ksampler_sigmas": {}, "basic_scheduler": {},
+             "sd_turbo": {}, "split_denoise": {}, "model_sampling": {}, "noise": {}, "brownian": {}, "samplers": {}}
+    for prediction, zsnr in (("epsilon", False), ("lcm", False), ("epsilon", True)):
+        for name in SCHEDULER_NAMES:
+            for steps in (1, 2, 3, 7, 20, 50):
+                if name == "kl_optimal" and steps == 1:
+                    continue  # ComfyUI divides by zero there (NaN); ours starts at σ_max
+                cases["schedulers"][f"scheduler-{prediction}-zsnr{zsnr}-{name}-{steps}"] = (prediction, zsnr, name,
+                                                                                          steps)
+    for scheduler in ("normal", "karras", "simple", "ddim_uniform", "beta"):
+        for denoise in (1.0, 0.6, 0.35, 0.0):
+            for sampler in ("euler", "dpm_2", "uni_pc"):
+                cases["ksampler_sigmas"][f"ksampler-{scheduler}-{denoise}-{sampler}"] = (scheduler, 12, denoise,
+                                                                                         sampler)
+            cases["basic_scheduler"][f"basic-{scheduler}-{denoise}"] = (scheduler, 12, denoise)
+    for steps, denoise in ((1, 1.0), (4, 1.0), (10, 1.0), (2, 0.5), (4, 0.33)):
+        cases["sd_turbo"][f"sd_turbo-{steps}-{denoise}"] = (steps, denoise)
+    for denoise in (0.0, 0.3, 0.5, 1.0):
+        cases["split_denoise"][f"split-{denoise}"] = (scheduler_sigmas(SD, "karras", 10), denoise)
+    for prediction, zsnr in (("epsilon", False), ("lcm", False), ("v_prediction", True)):
+        cases["model_sampling"][f"model_sampling-{prediction}-{zsnr}"] = (
+            prediction, zsnr, torch.tensor([0.0, 0.4, 19.0, 123.25, 500.5, 998.9, 999.0, 1200.0]),
+            torch.tensor([0.01, 0.0292, 0.5, 1.0, 3.3, 14.6146, 20.0]), [0.0, 0.1, 0.25, 0.5, 0.9, 1.0])
+    for shape, seed, batch_index in (((1, 4, 8, 8), 0, None), ((3, 4, 6, 5), 12345, None),
+                                     ((3, 4, 6, 5), 2 ** 40 + 7, [4, 0, 4]), ((1, 4, 2, 2), 99, [3])):
+        cases["noise"][f"noise-{shape}-{seed}-{batch_index}"] = (shape, seed, batch_index)
+    queries = [(14.6, 9.0), (9.0, 3.5), (3.5, 3.4), (3.4, 0.4), (0.4, 0.03), (14.6, 0.03), (2.0, 5.0)]
+    for shape, seed in (((2, 4, 8, 8), 42), ((1, 4, 3, 3), 7)):
+        cases["brownian"][f"brownian-{shape}-{seed}"] = (shape, 0.03, 14.6, seed, queries)
+
+    def add_run(label, sampler, prediction, sigmas, *, img2img=False, masked=False, batch=2):
+        latent = prepare_noise(torch.zeros(batch, 4, 8, 8), 100) * 0.8 if img2img else torch.zeros(batch, 4, 8, 8)
+        mask = None
+        if masked:
+            mask = torch.zeros(1, 64, 64)
+            mask[:, 8:40, 16:56] = 1.0
+            mask[:, :, 56:] = 0.5
+        cases["samplers"][f"sampler-{label}-{sampler}"] = {
+            "sampler": sampler, "prediction": prediction, "sigmas": sigmas, "seed": 31337,
+            "noise": prepare_noise(torch.zeros(batch, 4, 8, 8), 31337), "latent": latent, "mask": mask}
+
+    epsilon = DiscreteModelSampling.from_beta_schedule("epsilon")
+    for sampler in SAMPLER_NAMES:
+        add_run("txt2img-normal-8", sampler, "epsilon", ksampler_sigmas(epsilon, "normal", 8, sampler_name=sampler))
+        add_run("img2img-karras-6-0.6", sampler, "epsilon",
+                ksampler_sigmas(epsilon, "karras", 6, 0.6, sampler_name=sampler), img2img=True)
+        add_run("inpaint-exponential-5-0.9", sampler, "epsilon",
+                ksampler_sigmas(epsilon, "exponential", 5, 0.9, sampler_name=sampler), img2img=True, masked=True)
+    for sampler in ("euler", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "dpmpp_sde", "euler_ancestral"):
+        add_run("txt2img-v-karras-1", sampler, "v_prediction", ksampler_sigmas(epsilon, "karras", 1,
+                                                                               sampler_name=sampler))
+        add_run("txt2img-v-sgm_uniform-5", sampler, "v_prediction",
+                ksampler_sigmas(epsilon, "sgm_uniform", 5, sampler_name=sampler), batch=1)
+    for sampler in ("euler", "dpmpp_2m"):
+        add_run("txt2img-x0-simple-4", sampler, "sample", ksampler_sigmas(epsilon, "simple", 4))
+    lcm = DiscreteModelSampling.from_beta_schedule("lcm")
+    for sampler in ("lcm", "euler", "euler_ancestral"):
+        add_run("txt2img-lcm-sgm_uniform-4", sampler, "lcm", ksampler_sigmas(lcm, "sgm_uniform", 4))
+    add_run("txt2img-sd_turbo-1", "euler_ancestral", "epsilon", sd_turbo_sigmas(epsilon, 1))
+    return cases
+
+
+COMPARISON_CASES = _comparison_cases()
+
+
+def _ours(key: str):
+    """Atelier's result for a comparison case."""
+    for group, by_key in COMPARISON_CASES.items():
+        if isinstance(by_key, dict) and key in by_key:
+            case = by_key[key]
+            break
+    if group == "schedulers":
+        prediction, zsnr, name, steps = case
+        return scheduler_sigmas(DiscreteModelSampling.from_beta_schedule(prediction, zero_terminal_snr=zsnr), name,
+                                steps)
+    if group == "ksampler_sigmas":
+        scheduler, steps, denoise, sampler = case
+        return ksampler_sigmas(SD, scheduler, steps, denoise, sampler_name=sampler)
+    if group == "basic_scheduler":
+        return basic_scheduler_sigmas(SD, *case)
+    if group == "sd_turbo":
+        return sd_turbo_sigmas(SD, *case)
+    if group == "split_denoise":
+        return split_sigmas_denoise(*case)
+    if group == "model_sampling":
+        prediction, zsnr, timesteps, sigmas, percents = case
+        sampling = DiscreteModelSampling.from_beta_schedule(prediction, zero_terminal_snr=zsnr)
+        return (sampling.sigmas, sampling.timestep(sigmas), sampling.sigma(timesteps),
+                torch.tensor([sampling.percent_to_sigma(p) for p in percents]))
+    if group == "noise":
+        shape, seed, batch_index = case
+        return prepare_noise(torch.zeros(shape), seed, batch_index)
+    if group == "brownian":
+        shape, sigma_min, sigma_max, seed, queries = case
+        tree = BrownianTreeNoiseSampler(torch.zeros(shape), torch.tensor(sigma_min), torch.tensor(sigma_max), seed=seed)
+        return [tree(torch.tensor(a), torch.tensor(b)) for a, b in queries]
+    namespace = {"torch": torch}
+    exec(TOY_NETWORK, namespace)
+    sampling = DiscreteModelSampling.from_beta_schedule(case["prediction"])
+    return run_sampler(case["sampler"], namespace["toy_denoiser"](sampling), sampling, case["sigmas"], case["noise"],
+                       case["latent"], case["seed"], denoise_mask=case["mask"])
+
+
+@pytest.fixture(scope="module")
+def comfyui_results(tmp_path_factory):
+    """ComfyUI's results for every comparison case, from one subprocess run."""
+    source = comfyui_source()
+    if source is None or not os.path.isfile(os.path.join(source, "comfy", "samplers.py")):
+        pytest.skip(f"no ComfyUI tree to compare with: set {COMFYUI_PATH_VARIABLE} to ComfyUI v0.3.64's source "
+                    "(.ci/run does when ../shared/comfyui exists)")
+    for module in ("torchsde", "einops", "scipy", "psutil", "safetensors", "yaml", "tqdm"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"ComfyUI's sampling modules import {module}, which this venv lacks (requirements-test.txt)")
+    folder = tmp_path_factory.mktemp("comfyui_k_samplers")
+    cases_path, results_path, script_path = folder / "cases.pt", folder / "results.pt", folder / "comfy_side.py"
+    torch.save(COMPARISON_CASES, cases_path)
+    script_path.write_text(COMFY_SCRIPT)
+    completed = subprocess.run([sys.executable, str(script_path), source, str(cases_path), str(results_path)],
+                               capture_output=True, text=True, timeout=600, cwd=str(folder))
+    assert completed.returncode == 0, f"ComfyUI's side failed:\n{completed.stderr[-4000:]}"
+    return torch.load(results_path)
+
+
+def _assert_agree(ours, theirs, key):
+    if isinstance(theirs, (tuple, list)):
+        assert len(ours) == len(theirs), key
+        for index, (mine, reference) in enumerate(zip(ours, theirs)):
+            _assert_agree(mine, reference, f"{key}[{index}]")
+        return
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, (key, ours.shape, theirs.shape)
+    if theirs.numel():
+        scale = max(1.0, float(theirs.abs().max()))
+        difference = float((ours.double() - theirs.double()).abs().max())
+        assert difference <= 1e-5 * scale, f"{key}: differs from ComfyUI by {difference:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("key", [key for group, by_key in COMPARISON_CASES.items() if isinstance(by_key, dict)
+                                 for key in by_key])
+def test_agrees_with_comfyui(comfyui_results, key):
+    _assert_agree(_ours(key), comfyui_results[key], key)

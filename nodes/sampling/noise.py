@@ -112,8 +112,9 @@ class BrownianTreeNoiseSampler:
         if self._cpu:
             low, high = low.detach().cpu().float(), high.detach().cpu().float()
         with warnings.catch_warnings():
-            # torchsde warns when a query at σ_max is a float32 rounding above its stored end; the draw is right.
-            warnings.filterwarnings("ignore", message="Should have tb<=t1", category=UserWarning)
+            # torchsde warns when a query at σ_min or σ_max rounds (float32) just outside its stored ends; the
+            # draw there is still the right one.
+            warnings.filterwarnings("ignore", message="Should have t[ab]", category=UserWarning)
             increment = torch.stack([tree(low, high) for tree in self._trees]).to(device=device, dtype=dtype)
         increment = increment * (self._sign * sign)
         if not self._batched:

@@ -16,15 +16,17 @@ from skimage import data
 
 from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
 from nodes.common.denoiser import DiffusersCodec, DiffusersDenoiser
-from nodes.generation.latents import INITIAL_NOISE_KEY, seeded_noise
+from nodes.sampling.latents import INITIAL_NOISE_KEY, seeded_noise
 from nodes.generation.nodes import AtelierSampler, AtelierTextEncode, ModelRef
+from nodes.models.clip import Clip
 from nodes.models.loading import load_model
+from nodes.models.text import encode_prompt
 from nodes.watermark import latent as generative
 from nodes.watermark.detect import detect_generative, detect_posthoc_payload
 from nodes.watermark.nodes import (AtelierDetectWatermark, AtelierWatermarkImage, AtelierWatermarkLatent,
                                    WatermarkKey, load_or_create_key)
-from nodes.watermark.payload import (binomial_tail, binomial_threshold, decode_text, encode_text,
-                                     rs_false_decode_probability)
+from nodes.watermark.payload import (binomial_tail, binomial_threshold, chacha20_bytes, decode_bytes, decode_text,
+                                     encode_bytes, encode_text, rs_false_decode_probability, seal_text)
 from nodes.watermark.posthoc import (_luma, _template, embed_posthoc, estimate_zoom, haar_dwt,
                                      haar_idwt)
 from nodes.watermark.trigger import strip_trigger
@@ -121,7 +123,7 @@ def test_posthoc_node_equals_the_maths_and_refuses_a_long_payload():
         AtelierWatermarkImage().watermark(image.permute(0, 2, 3, 1), key, "too long", 3.0)
     assert "at most 4 bytes" in AtelierWatermarkImage.VALIDATE_INPUTS("too long")
     assert AtelierWatermarkImage.VALIDATE_INPUTS("four") is True
-    assert "at most 16 bytes" in AtelierWatermarkLatent.VALIDATE_INPUTS("seventeen bytes!!")
+    assert "at most 12 bytes" in AtelierWatermarkLatent.VALIDATE_INPUTS("thirteen byte")
 
 
 # --- payload, thresholds -----------------------------------------------------------------------------------------
@@ -144,30 +146,150 @@ def test_binomial_threshold_is_the_exact_tail_without_off_by_one():
 
 # --- generative ----------------------------------------------------------------------------------------------------
 
+def _nonces(count: int, seed: int = 0) -> list[bytes]:
+    """Distinct nonces from a seeded generator: the node draws them with ``secrets``; tests need them fixed."""
+    generator = np.random.default_rng(seed)
+    return [generator.bytes(generative.NONCE_BYTES) for _ in range(count)]
+
+
+def _marked(text: str, key: str, shape: tuple[int, ...], seed: int = 0, nonces: list[bytes] | None = None
+            ) -> torch.Tensor:
+    codes = torch.stack([generative.gaussian_shading_code(text, key, nonce)
+                         for nonce in (nonces or _nonces(shape[0], seed))])
+    return generative.gaussian_shading_noise(codes, key, shape, torch.Generator().manual_seed(seed))
+
+
 def test_gaussian_shading_noise_is_still_standard_normal():
-    code = encode_text("distribution", 16, 16)
-    noise = generative.gaussian_shading_noise(code, "k", (4, 4, 32, 32), torch.Generator().manual_seed(0))
+    nonce = _nonces(1)[0]
+    code = generative.gaussian_shading_code("distrib", "k", nonce)
+    noise = _marked("distrib", "k", (4, 4, 32, 32), nonces=[nonce] * 4)
     assert stats.kstest(noise.flatten().numpy(), "norm").pvalue > 0.01
     # Each element has the sign its encrypted bit names, so the mark is there and not only in distribution.
     assert torch.equal((noise[0] > 0).to(torch.uint8), generative.encrypted_bits(code, "k", (4, 32, 32)))
-    # Halves of the same payload under ChaCha20: the signs are balanced whatever the payload.
-    zeros = generative.gaussian_shading_noise(torch.zeros(256, dtype=torch.uint8), "k", (1, 4, 64, 64),
+    # An all-zero codeword under ChaCha20: the signs are balanced whatever the codeword.
+    zeros = generative.gaussian_shading_noise(torch.zeros(1, 256, dtype=torch.uint8), "k", (1, 4, 64, 64),
                                               torch.Generator().manual_seed(0))
     assert abs(float((zeros > 0).float().mean()) - 0.5) < 0.02
 
 
 def test_gaussian_shading_wrong_key_reads_chance():
-    code = encode_text("owner", 16, 16)
-    noise = generative.gaussian_shading_noise(code, "right", (1, 4, 16, 16), torch.Generator().manual_seed(0))
+    noise = _marked("owner", "right", (1, 4, 16, 16))
     right = detect_generative(noise, "right", "gaussian_shading", "owner", 1e-6)[0]
     wrong = detect_generative(noise, "wrong", "gaussian_shading", "owner", 1e-6)[0]
     assert right.detected and right.payload == "owner" and right.bit_accuracy == 1.0
     assert not wrong.detected and wrong.payload is None and 0.35 < wrong.bit_accuracy < 0.65
 
 
-def test_gaussian_shading_refuses_a_latent_too_small_for_256_bits():
-    with pytest.raises(ValueError, match="multiple of 256"):
-        generative.gaussian_shading_noise(encode_text("x", 16, 16), "k", (1, 4, 4, 4), torch.Generator())
+def test_gaussian_shading_refuses_a_latent_smaller_than_one_block():
+    with pytest.raises(ValueError, match="at least 8×8"):
+        _marked("x", "k", (1, 4, 4, 16))
+
+
+def test_two_images_under_one_key_and_text_have_uncorrelated_noises():
+    # The issue's finding: with one keystream per key, two images' noises correlated at 2/π = 0.64. Now each
+    # image's fresh nonce gives it an unrelated codeword. 256 pairs at 512², pooled.
+    first, second = _marked("same text", "k", (256, 4, 64, 64), seed=1), _marked("same text", "k", (256, 4, 64, 64),
+                                                                                seed=2)
+    correlation = float((first * second).mean() / (first.std() * second.std()))
+    assert abs(correlation) < 0.01, correlation
+    assert len({nonce for nonce in _nonces(256, 1)} | {nonce for nonce in _nonces(256, 2)}) == 512
+
+
+def _public_layout(height: int, width: int) -> torch.Tensor:
+    """The tiling an attacker without the key would assume: the block's slots in natural order."""
+    return torch.arange(256).reshape(4, 8, 8)[:, torch.arange(height) % 8][:, :, torch.arange(width) % 8]
+
+
+def test_xor_of_two_sign_patterns_reveals_neither_codewords_nor_code():
+    # Key reuse: the attacker has two marked noises (as exact as inversion can make them) and both texts.
+    first, second = _marked("alice", "k", (1, 4, 64, 64), seed=1), _marked("bob", "k", (1, 4, 64, 64), seed=2)
+    xor = ((first[0] > 0) ^ (second[0] > 0)).to(torch.uint8)
+    # The old attack: the XOR of the sign patterns equalled the XOR of the two texts' codewords, laid out
+    # round-robin. Now it matches it no better than chance.
+    old_code = encode_text("alice", 16, 16) ^ encode_text("bob", 16, 16)
+    assert 0.45 < float((xor.flatten() == old_code.repeat(64)).float().mean()) < 0.55
+    # Nor, read with the public tiling (slots in natural order), is it a Reed-Solomon codeword: the keyed slot
+    # order hides the code, so the XOR does not even say that both images share a key.
+    votes = torch.zeros(256).index_add_(0, _public_layout(64, 64).flatten(), xor.flatten().float()) / 64
+    assert decode_bytes((votes > 0.5).to(torch.uint8), generative.DATA_BYTES, generative.PARITY_BYTES)[0] is None
+    # With the key, the same XOR is the XOR of the two sealed codewords: the layout is the keyed one.
+    layout = generative.bit_layout("k", (4, 64, 64))
+    keyed = torch.zeros(256).index_add_(0, layout.flatten(), xor.flatten().float()) / 64
+    assert decode_bytes((keyed > 0.5).to(torch.uint8), generative.DATA_BYTES, generative.PARITY_BYTES)[0] is not None
+
+
+def test_known_plaintext_forgery_is_rejected():
+    # The issue's forgery: from one marked image whose text is known (every PNG embeds its workflow), take the
+    # keystream as its signs XOR the text's codeword, and write "(c) Mallory" with it. Against one keystream per
+    # key this was accepted at p = 2.9e-39; now the attacker knows neither the nonce, the tag nor the layout.
+    victim = _marked("(c) Alice", "victim key", (1, 4, 64, 64))
+    layout = _public_layout(64, 64)
+    known = encode_text("(c) Alice", generative.DATA_BYTES, generative.PARITY_BYTES)[layout]
+    stream = (victim[0] > 0).to(torch.uint8) ^ known
+    wanted = encode_text("(c) Mallory", generative.DATA_BYTES, generative.PARITY_BYTES)[layout]
+    forged = victim.abs() * ((stream ^ wanted).float() * 2 - 1)
+    for expected in (None, "(c) Mallory"):
+        found = detect_generative(forged, "victim key", "gaussian_shading", expected, 1e-6)[0]
+        assert found.payload != "(c) Mallory" and not found.detected, found
+    # The victim's own mark is untouched by the attempt's failure: it still decodes.
+    assert detect_generative(victim, "victim key", "gaussian_shading", None, 1e-6)[0].payload == "(c) Alice"
+
+
+def test_a_text_nobody_with_the_key_wrote_fails_the_tag():
+    # The strongest forger: knows the layout, the stream and the nonce (an insider without the MAC key), and
+    # flips the encrypted text's bits (a stream cipher is malleable) and recomputes the Reed-Solomon parity.
+    nonce = _nonces(1)[0]
+    sealed = bytearray(seal_text("(c) Alice", "k", nonce, generative.TEXT_BYTES, generative.TAG_BYTES))
+    text_at = slice(generative.NONCE_BYTES, generative.NONCE_BYTES + generative.TEXT_BYTES)
+    flip = bytes(a ^ b for a, b in zip(b"(c) Alice".ljust(12, b"\0"), b"(c) Mallory".ljust(12, b"\0")))
+    sealed[text_at] = bytes(a ^ b for a, b in zip(sealed[text_at], flip))
+    forged_code = encode_bytes(bytes(sealed), generative.DATA_BYTES, generative.PARITY_BYTES)
+    forged = generative.gaussian_shading_noise(forged_code[None], "k", (1, 4, 16, 16), torch.Generator())
+    found = detect_generative(forged, "k", "gaussian_shading", None, 1e-6)[0]
+    assert found.payload is None and not found.detected and found.p_value == 1.0
+    # Without the tag check the flip would have worked: the decrypted text is the forger's.
+    tag_free = bytes(a ^ b for a, b in zip(sealed[text_at], chacha20_bytes("k", "sealed-text", 12, nonce)))
+    assert tag_free.rstrip(b"\0") == b"(c) Mallory"
+    # And the honest seal still opens.
+    honest = _marked("(c) Alice", "k", (1, 4, 16, 16), nonces=[nonce])
+    assert detect_generative(honest, "k", "gaussian_shading", None, 1e-6)[0].payload == "(c) Alice"
+
+
+def test_a_replayed_mark_reads_as_the_original_with_its_nonce():
+    # Decision: the mark authenticates its text and nonce, not the picture (it is written before the picture
+    # exists). Copying one image's signs onto another noise gives a valid mark carrying the original's nonce; the
+    # detector reports the nonce, so two images with one nonce expose the copy.
+    original = _marked("(c) Alice", "k", (1, 4, 16, 16), seed=1)
+    replayed = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(9)).abs() * original.sign()
+    other = _marked("(c) Alice", "k", (1, 4, 16, 16), seed=2)
+    found = [detect_generative(x, "k", "gaussian_shading", None, 1e-6)[0] for x in (original, replayed, other)]
+    assert all(f.detected and f.payload == "(c) Alice" for f in found)
+    assert found[0].nonce == found[1].nonce == _nonces(1, 1)[0].hex() != found[2].nonce
+
+
+@pytest.mark.parametrize("side", ["left", "right", "top", "bottom"])
+def test_a_quarter_crop_costs_every_bit_a_quarter_of_its_copies(side):
+    layout = generative.bit_layout("k", (4, 64, 64))
+    keep = {"left": (slice(None), slice(16, None)), "right": (slice(None), slice(None, 48)),
+            "top": (slice(16, None), slice(None)), "bottom": (slice(None, 48), slice(None))}[side]
+    kept = torch.bincount(layout[(slice(None),) + keep].flatten(), minlength=256)
+    assert int(kept.min()) == int(kept.max()) == 48  # 64 copies each, every bit loses exactly 16
+    # The cropped quarter (Gaussian Shading's crop attack: in place, the rest replaced) costs no text.
+    noise = _marked("crop-proof", "k", (1, 4, 64, 64))
+    cropped = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3))
+    cropped[(slice(None), slice(None)) + keep] = noise[(slice(None), slice(None)) + keep]
+    found = detect_generative(cropped, "k", "gaussian_shading", None, 1e-6)[0]
+    assert found.detected and found.payload == "crop-proof"
+
+
+def test_gaussian_shading_null_p_values_are_not_too_small():
+    # Unmarked latents (or another key's marks): the reported p-value must be super-uniform, P(p <= a) <= a.
+    latents = torch.randn(100, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    found = detect_generative(latents, "k", "gaussian_shading", "atelier", 0.05)
+    p_values = np.array([f.p_value for f in found])
+    for level in (0.05, 0.2, 0.5):
+        assert (p_values <= level).mean() <= level + 3 * (level * (1 - level) / 100) ** 0.5
+    assert all(f.payload is None for f in found)
 
 
 def test_tree_ring_key_is_found_with_its_key_only():
@@ -186,7 +308,7 @@ def tiny(tiny_sd1):  # noqa: F811
     model = load_model(tiny_sd1.folder)
     ref = ModelRef(model)
     encode = AtelierTextEncode()
-    return ref, encode.encode(ref, "a red circle", "auto")[0], encode.encode(ref, "", "auto")[0]
+    return ref, encode.encode(Clip(ref), "a red circle", "auto")[0], encode.encode(Clip(ref), "", "auto")[0]
 
 
 def _sample(tiny, latent: dict, seed: int = 5, cfg: float = 5.0) -> torch.Tensor:
@@ -208,13 +330,13 @@ def test_sampler_starts_from_the_latents_initial_noise(tiny):
 
 
 def test_ddim_inversion_recovers_the_initial_noise_on_a_tiny_model(tiny):
-    ref, _, negative = tiny
-    code = encode_text("inverted", 16, 16)
-    noise = generative.gaussian_shading_noise(code, "k", (1, 4, 16, 16), torch.Generator().manual_seed(0))
+    ref, _, _ = tiny
+    empty = encode_prompt(ref.model.tokenizers, ref.model.text_encoders, ref.model.family, "")
+    noise = _marked("inverted", "k", (1, 4, 16, 16))
     clean = _sample(tiny, {"samples": torch.zeros(1, 4, 16, 16), INITIAL_NOISE_KEY: noise}, cfg=1.0)["samples"]
     codec = DiffusersCodec(ref.model.vae)
     denoiser = DiffusersDenoiser(ref.model.unet, ref.model.schedule)
-    initial = generative.ddim_invert(denoiser, clean * codec.scaling_factor, negative, 3)
+    initial = generative.ddim_invert(denoiser, clean * codec.scaling_factor, empty, 3)
     assert float(((initial > 0) == (noise > 0)).float().mean()) > 0.9
     found = detect_generative(initial, "k", "gaussian_shading", "inverted", 1e-6)[0]
     assert found.detected and found.payload == "inverted"
@@ -231,8 +353,8 @@ def test_trigger_is_removed_from_the_text_the_encoder_sees(tiny):
                                  "[watermark]", 0)
     assert prompt == "a red circle, on grass" and INITIAL_NOISE_KEY in marked
     encode = AtelierTextEncode()
-    assert torch.equal(encode.encode(ref, prompt, "auto")[0].embeds,
-                       encode.encode(ref, "a red circle, on grass", "auto")[0].embeds)
+    assert torch.equal(encode.encode(Clip(ref), prompt, "auto")[0][0][0],  # CONDITIONING: [[states, extras]]
+                       encode.encode(Clip(ref), "a red circle, on grass", "auto")[0][0][0])
     untouched, same = node.inject(latent, key, "gaussian_shading", "hi", "a red circle", "[watermark]", 0)
     assert untouched is latent and same == "a red circle"
     always, _ = node.inject(latent, key, "tree_ring", "", "a red circle", "", 0)

@@ -1,10 +1,15 @@
 """The generative watermarks: written into the initial latent, read back by DDIM inversion. Training-free.
 
-**Gaussian Shading** (multi-bit). A 256-bit Reed-Solomon codeword is repeated over the latent's elements,
-XORed with a ChaCha20 stream under the user's key, and each element of the initial noise is drawn from the
-half of N(0, 1) its encrypted bit names: |z| for 1, −|z| for 0. The stream is uniform, so each element is still
-exactly N(0, 1) ("performance-lossless"). The detector inverts the image back to its initial noise, takes signs,
-decrypts, votes over the copies and corrects errors.
+**Gaussian Shading** (multi-bit). A 256-bit Reed-Solomon codeword is tiled over the latent, XORed with a ChaCha20
+stream under the user's key, and each element of the initial noise is drawn from the half of N(0, 1) its
+encrypted bit names: |z| for 1, −|z| for 0. The stream is uniform, so each element is still exactly N(0, 1)
+("performance-lossless"). The detector inverts the image back to its initial noise, takes signs, decrypts, votes
+over the copies and corrects errors.
+
+The codeword's data is sealed (:func:`~nodes.watermark.payload.seal_text`): a fresh 48-bit nonce per image, the
+text encrypted under it, and a 32-bit HMAC tag. Two images under one key and text therefore carry unrelated
+codewords (their noises are as uncorrelated as independent draws), the detector reads the nonce back from the
+image itself, and a text is reported only when its tag verifies under the key.
 
 **Tree-Ring** (zero-bit). A ring key replaces the centre of one channel's Fourier spectrum; the detector
 measures the L1 distance between the inverted latent's spectrum and the key inside the mask, and calibrates it
@@ -12,16 +17,19 @@ against the distances of a non-watermarked latent (complex Gaussian ring values)
 
 Sources: Gaussian Shading (Yang et al., CVPR 2024, arXiv 2404.04956), bsmhmmlf/Gaussian-Shading ``watermark.py``
 (``Gaussian_Shading_chacha``: ``truncSampling``, ``diffusion_inverse``, ``eval_watermark``), defaults
-``channel_copy 1``, ``hw_copy 8`` (k = 256 bits), inversion with an empty prompt, guidance 1; Tree-Ring (Wen et
-al., NeurIPS 2023, arXiv 2305.20030), YuxinWenRick/tree-ring-watermark ``optim_utils.py``
-(``get_watermarking_pattern`` "ring", ``get_watermarking_mask``, ``eval_watermark``), defaults ``w_channel 3``,
-``w_radius 10`` at a 64×64 latent, ``w_seed 999999``.
+``channel_copy 1``, ``hw_copy 8`` (k = 256 bits, a 4 × 8 × 8 block tiled over the latent), inversion with an
+empty prompt, guidance 1; Tree-Ring (Wen et al., NeurIPS 2023, arXiv 2305.20030), YuxinWenRick/tree-ring-watermark
+``optim_utils.py`` (``get_watermarking_pattern`` "ring", ``get_watermarking_mask``, ``eval_watermark``), defaults
+``w_channel 3``, ``w_radius 10`` at a 64×64 latent, ``w_seed 999999``.
 
-Departures: (1) the copies of a bit are spread round-robin over the latent (element i carries bit i mod 256)
-instead of an 8×8 spatial tile, so a local crop or blot hits every bit alike; (2) the key and nonce come from the
-user's key instead of a fresh pair per image (see :func:`~nodes.watermark.payload.chacha20_bits`); (3) the
-ring radius scales with the latent (10 at 64 × 64); (4) Tree-Ring's key comes from the user's key, not seed
-999999, and its p-value is the paper's χ² test taken on ring means (see :func:`tree_ring_p_value`).
+Departures: (1) the official code draws a fresh ChaCha20 key and nonce per image and keeps them in a key store;
+ours keeps one key per user and puts the fresh nonce inside the error-corrected data, with the text encrypted
+under it and authenticated (the stream that hides the codeword's layout stays one per key); (2) the 256 slots
+of the tiled block carry the codeword's bits in a keyed order, so the XOR of two images' signs does not show the
+Reed-Solomon structure to someone without the key; (3) the block tiles latents of any size of at least one
+block (copies at the edges are partial), not only 64 × 64; (4) the ring radius scales with the latent (10 at
+64 × 64); (5) Tree-Ring's key comes from the user's key, not seed 999999, and its p-value is the paper's χ² test
+taken on ring means (see :func:`tree_ring_p_value`).
 
 Notation: x_T = the initial latent (the denoiser's scale); k = ``CODE_BITS``; r = ring radius; ᾱ_t as in
 ``nodes.common.denoiser``.
@@ -35,79 +43,135 @@ import torch
 
 from ..common.denoiser import Conditioning, Denoiser, guided_eps
 from ..common.progress import progress
-from .payload import chacha20_bits, key_seed
+from .payload import chacha20_bits, encode_bytes, key_seed, seal_text
 
-DATA_BYTES, PARITY_BYTES = 16, 16  # 256 coded bits (Gaussian Shading's k); corrects 8 wrong bytes
-CODE_BITS = 8 * (DATA_BYTES + PARITY_BYTES)
+NONCE_BYTES, TEXT_BYTES, TAG_BYTES = 6, 12, 4  # a 48-bit nonce per image, 12 bytes of text, a 32-bit tag
+DATA_BYTES, PARITY_BYTES = NONCE_BYTES + TEXT_BYTES + TAG_BYTES, 10  # 32 bytes; corrects 5 wrong bytes
+CODE_BITS = 8 * (DATA_BYTES + PARITY_BYTES)  # 256, Gaussian Shading's k
+NONCE_BITS = 8 * NONCE_BYTES  # the codeword's first bits (the code is systematic)
 DEFAULT_INVERSION_STEPS = 50  # Source: Gaussian Shading and Tree-Ring, inversion with 50 DDIM steps
 TREE_RING_RADIUS_AT_64 = 10  # Source: Tree-Ring, --w_radius 10 at the 64 × 64 latent of 512² images
 TREE_RING_CHANNEL = 3  # Source: Tree-Ring's scripts, --w_channel 3
 _STREAM = "gaussian-shading"
+_ORDER = "gaussian-shading-order"
+
+
+def block_shape(channels: int) -> tuple[int, int, int]:
+    """The (C, bh, bw) block of ``CODE_BITS`` slots that tiles the latent: 4 × 8 × 8 for four channels (the
+    official ``hw_copy 8``), square otherwise."""
+    side = math.isqrt(CODE_BITS // channels) if CODE_BITS % channels == 0 else 0
+    if channels * side * side != CODE_BITS:
+        raise ValueError(f"a {channels}-channel latent cannot hold a square block of {CODE_BITS} bits; "
+                         f"channels must be 1, 4, 16 or 64")
+    return channels, side, side
 
 
 def _check_latent_shape(shape: tuple[int, ...]) -> None:
     if len(shape) != 4:
         raise ValueError(f"latent shape must be (B, C, h, w); got {shape}")
-    elements = shape[1] * shape[2] * shape[3]
-    if elements % CODE_BITS:
-        raise ValueError(f"the latent must hold a multiple of {CODE_BITS} elements per image (C·h·w) for the "
-                         f"{CODE_BITS}-bit payload; got {shape[1]}×{shape[2]}×{shape[3]} = {elements} "
-                         f"(use an image size whose latent area is a multiple of {CODE_BITS // shape[1]})")
+    _, bh, bw = block_shape(shape[1])
+    if shape[2] < bh or shape[3] < bw:
+        raise ValueError(f"the latent must be at least {bh}×{bw} to hold the {CODE_BITS}-bit payload once; "
+                         f"got {shape[2]}×{shape[3]}")
 
 
-def gaussian_shading_noise(code: torch.Tensor, key: str, shape: tuple[int, ...],
+def bit_layout(key: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Which codeword bit each element of a (C, h, w) latent carries: the block tiled over the area (as the
+    official ``repeat(1, ch, hw, hw)``), so every bit's copies sit on a regular lattice over the whole latent and
+    a crop of any quarter costs each bit about a quarter of its copies; the block's slots in a keyed order.
+
+    Example:
+        >>> layout = bit_layout("k", (4, 16, 16))
+        >>> torch.bincount(layout.flatten()).unique().tolist()  # 4 copies of each bit
+        [4]
+        >>> torch.equal(layout[:, :8, :8], layout[:, 8:, 8:])
+        True
+    """
+    channels, height, width = shape
+    _, bh, bw = block_shape(channels)
+    order = torch.randperm(CODE_BITS, generator=torch.Generator().manual_seed(key_seed(key, _ORDER)))
+    block = order.reshape(channels, bh, bw)
+    rows = torch.arange(height) % bh
+    columns = torch.arange(width) % bw
+    return block[:, rows[:, None], columns[None, :]]
+
+
+def gaussian_shading_code(text: str, key: str, nonce: bytes) -> torch.Tensor:
+    """The codeword (256,) of 0/1 for ``text`` sealed under ``key`` and the image's ``nonce`` (NONCE_BYTES).
+
+    Example:
+        >>> a, b = gaussian_shading_code("hi", "k", bytes(6)), gaussian_shading_code("hi", "k", b"\x01" * 6)
+        >>> a.shape, 0.3 < float((a != b).float().mean()) < 0.7
+        (torch.Size([256]), True)
+    """
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes; got {len(nonce)}")
+    return encode_bytes(seal_text(text, key, nonce, TEXT_BYTES, TAG_BYTES), DATA_BYTES, PARITY_BYTES)
+
+
+def gaussian_shading_noise(codes: torch.Tensor, key: str, shape: tuple[int, ...],
                            generator: torch.Generator) -> torch.Tensor:
-    """Initial noise that carries the coded bits ``code`` under ``key`` and is still exactly N(0, I).
+    """Initial noise that carries the coded bits ``codes`` under ``key`` and is still exactly N(0, I).
 
     Args:
-        code: (256,) of 0/1, a codeword from :func:`~nodes.watermark.payload.encode_text`.
+        codes: (B, 256) of 0/1, one codeword per image (:func:`gaussian_shading_code`, each with its own nonce).
         key: the user's secret.
-        shape: (B, C, h, w) with C·h·w a multiple of 256.
+        shape: (B, C, h, w), h and w at least the block's (8 × 8 for four channels).
         generator: draws the magnitudes |z| (the seed).
     Returns:
         float32 noise of ``shape``: sign from the encrypted bit, magnitude from the generator.
     Example:
-        >>> code = torch.randint(0, 2, (256,), generator=torch.Generator().manual_seed(0))
-        >>> noise = gaussian_shading_noise(code, "k", (1, 4, 8, 8), torch.Generator().manual_seed(1))
-        >>> bool(((noise > 0).to(torch.uint8) == encrypted_bits(code, "k", (4, 8, 8))).all())
+        >>> code = gaussian_shading_code("hi", "k", bytes(6))
+        >>> noise = gaussian_shading_noise(code[None], "k", (1, 4, 8, 8), torch.Generator().manual_seed(1))
+        >>> bool(((noise[0] > 0).to(torch.uint8) == encrypted_bits(code, "k", (4, 8, 8))).all())
         True
     """
-    if code.shape != (CODE_BITS,):
-        raise ValueError(f"code must have shape ({CODE_BITS},); got {tuple(code.shape)}")
     _check_latent_shape(tuple(shape))
-    bits = encrypted_bits(code, key, tuple(shape[1:]))
+    if codes.shape != (shape[0], CODE_BITS):
+        raise ValueError(f"codes must have shape ({shape[0]}, {CODE_BITS}); got {tuple(codes.shape)}")
+    bits = encrypted_bits(codes, key, tuple(shape[1:]))
     magnitude = torch.randn(tuple(shape), generator=generator).abs()
     return magnitude * (bits.float() * 2 - 1)
 
 
-def encrypted_bits(code: torch.Tensor, key: str, shape: tuple[int, int, int]) -> torch.Tensor:
-    """The bits one latent (C, h, w) carries: ``code`` repeated round-robin, XOR the key's ChaCha20 stream."""
+def encrypted_bits(codes: torch.Tensor, key: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The bits latents (C, h, w) carry: each codeword of ``codes`` (..., 256) laid out by :func:`bit_layout`,
+    XOR the key's ChaCha20 stream over every element; shape (..., C, h, w)."""
     elements = shape[0] * shape[1] * shape[2]
-    tiled = code.to(torch.uint8).repeat(elements // CODE_BITS)
-    return (tiled ^ chacha20_bits(key, _STREAM, elements)).reshape(shape)
+    laid_out = codes.to(torch.uint8)[..., bit_layout(key, shape)]
+    return laid_out ^ chacha20_bits(key, _STREAM, elements).reshape(shape)
 
 
 def gaussian_shading_bits(latent: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the coded bits from (inverted) initial latents: sign, decrypt, majority vote over the copies.
+    """Read the coded bits from (inverted) initial latents: decrypt each element's sign, then let each bit's
+    copies vote, each weighted by its magnitude.
+
+    Departure: Gaussian Shading counts the copies' signs (a bit is 1 when more than half say so). Weighing each
+    copy by |x| is the better estimate where inversion errs (its errors sit near 0) and breaks the ties an even
+    number of copies meets: on the tiny test model (4 copies) it reads every bit where the count reads 97 %. With
+    one copy both are the sign.
 
     Args:
-        latent: (B, C, h, w), C·h·w a multiple of 256.
+        latent: (B, C, h, w).
         key: the user's secret.
     Returns:
-        (bits (B, 256) of 0/1, votes (B, 256): the share of copies that voted 1).
+        (bits (B, 256) of 0/1, soft (B, 256): the mean over each bit's copies of the decrypted latent value,
+        positive for 1; its magnitude is the bit's reliability).
     Example:
-        >>> code = torch.randint(0, 2, (256,), generator=torch.Generator().manual_seed(0))
-        >>> noise = gaussian_shading_noise(code, "k", (1, 4, 16, 16), torch.Generator().manual_seed(1))
-        >>> bits, votes = gaussian_shading_bits(noise, "k")
-        >>> bool((bits[0] == code).all()), float(votes[0][code == 1].min())
-        (True, 1.0)
+        >>> code = gaussian_shading_code("hi", "k", bytes(6))
+        >>> noise = gaussian_shading_noise(code[None], "k", (1, 4, 16, 16), torch.Generator().manual_seed(1))
+        >>> bits, soft = gaussian_shading_bits(noise, "k")
+        >>> bool((bits[0] == code).all()), bool(((soft[0] > 0) == code.bool()).all())
+        (True, True)
     """
     _check_latent_shape(tuple(latent.shape))
-    stream = chacha20_bits(key, _STREAM, latent[0].numel()).reshape(latent.shape[1:])
-    decrypted = (latent.cpu() > 0).to(torch.uint8) ^ stream
-    votes = decrypted.reshape(latent.shape[0], -1, CODE_BITS).float().mean(dim=1)
-    # Source: Gaussian Shading's vote keeps a bit when more than half of its copies say 1 (threshold copies / 2).
-    return (votes > 0.5).to(torch.uint8), votes
+    layout = bit_layout(key, tuple(latent.shape[1:])).flatten()
+    stream = chacha20_bits(key, _STREAM, latent[0].numel())
+    flat = latent.detach().float().cpu().reshape(latent.shape[0], -1)
+    signed = flat * (1 - 2 * stream.float())  # the value as if its stream bit were 0: positive reads 1
+    copies = torch.bincount(layout, minlength=CODE_BITS).float()
+    soft = torch.zeros(latent.shape[0], CODE_BITS).index_add_(1, layout, signed) / copies
+    return (soft > 0).to(torch.uint8), soft
 
 
 def tree_ring_mask(height: int, width: int) -> torch.Tensor:

@@ -16,11 +16,12 @@ import torch
 
 from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
 from ..common.paths import atomic_write, confine
-from ..generation.latents import INITIAL_NOISE_KEY, seeded_noise
-from ..generation.nodes import MAX_SEED, ModelRef, ModelsFolder
-from ..generation.text import encode_prompt
+from ..common.limits import MAX_SEED
+from ..models.clip import Clip
 from ..models.loading import comfy_folder_paths
-from ..models.lora import set_loras
+from ..models.refs import ModelRef, ModelsFolder
+from ..models.text import encode_prompt
+from ..sampling.latents import INITIAL_NOISE_KEY, seeded_noise
 from . import latent as generative
 from .attacks import jpeg_compress
 from .detect import (POSTHOC_DATA_BYTES, POSTHOC_PARITY_BYTES, Detection, detect_generative,
@@ -108,8 +109,9 @@ class AtelierWatermarkKey(ModelsFolder):
 
 
 class AtelierWatermarkLatent:
-    DESCRIPTION = ("Writes a watermark into the starting noise of generation (Gaussian Shading: a 16-byte text "
-                   "with error correction, the noise still exactly Gaussian; or a Tree-Ring zero-bit key). With a "
+    DESCRIPTION = ("Writes a watermark into the starting noise of generation (Gaussian Shading: a 12-byte text, "
+                   "authenticated under the key with a fresh nonce per image and error-corrected, the noise still "
+                   "exactly Gaussian; or a Tree-Ring zero-bit key). With a "
                    "trigger word, it acts only when the prompt contains it, and removes it from the prompt.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT", "STRING")
@@ -126,7 +128,7 @@ class AtelierWatermarkLatent:
             "mode": (list(LATENT_MODES), {"tooltip": "gaussian_shading: carries the payload; tree_ring: only says "
                                                      "'marked with this key'."}),
             "payload": ("STRING", {"default": "atelier",
-                                   "tooltip": f"Up to {generative.DATA_BYTES} bytes of text (Gaussian Shading)."}),
+                                   "tooltip": f"Up to {generative.TEXT_BYTES} bytes of text (Gaussian Shading)."}),
             "prompt": ("STRING", {"multiline": True, "default": "",
                                   "tooltip": "The prompt; the trigger word in it switches the watermark on."}),
             "trigger": ("STRING", {"default": DEFAULT_TRIGGER,
@@ -137,7 +139,7 @@ class AtelierWatermarkLatent:
 
     @classmethod
     def VALIDATE_INPUTS(cls, payload: str | None) -> bool | str:
-        return _payload_error(payload, generative.DATA_BYTES)
+        return _payload_error(payload, generative.TEXT_BYTES)
 
     def inject(self, latent: dict, key: WatermarkKey, mode: str, payload: str, prompt: str, trigger: str,
                seed: int) -> tuple[dict, str]:
@@ -149,8 +151,11 @@ class AtelierWatermarkLatent:
                 return latent, prompt
         shape = tuple(latent["samples"].shape)
         if mode == "gaussian_shading":
-            code = encode_text(payload, generative.DATA_BYTES, generative.PARITY_BYTES)
-            noise = generative.gaussian_shading_noise(code, key.secret, shape, torch.Generator().manual_seed(seed))
+            # A fresh random nonce per image: equal texts under one key give unrelated noises.
+            codes = torch.stack([generative.gaussian_shading_code(payload, key.secret,
+                                                                  secrets.token_bytes(generative.NONCE_BYTES))
+                                 for _ in range(shape[0])])
+            noise = generative.gaussian_shading_noise(codes, key.secret, shape, torch.Generator().manual_seed(seed))
         else:
             noise = generative.tree_ring_noise(seeded_noise(seed, shape)[0], key.secret)
         return {**latent, INITIAL_NOISE_KEY: noise}, prompt
@@ -235,13 +240,13 @@ class AtelierDetectWatermark:
                                         "max": MAX_INVERSION_STEPS, "step": 1,
                                         "tooltip": "DDIM inversion steps (generative modes)."}),
         }, "optional": {
-            "model": ("ATELIER_MODEL", {"tooltip": "The generating model (generative modes)."}),
-            "clip": ("ATELIER_CLIP", {"tooltip": "Its text encoder, for the empty prompt (generative modes)."}),
-            "vae": ("ATELIER_VAE", {"tooltip": "Its VAE (generative modes)."}),
+            "model": ("MODEL", {"tooltip": "The generating model (generative modes)."}),
+            "clip": ("CLIP", {"tooltip": "Its text encoder, for the empty prompt (generative modes)."}),
+            "vae": ("VAE", {"tooltip": "Its VAE (generative modes)."}),
         }}
 
     def detect(self, image: torch.Tensor, key: WatermarkKey, mode: str, expected_payload: str, fpr: float,
-               inversion_steps: int, model: ModelRef | None = None, clip: ModelRef | None = None,
+               inversion_steps: int, model: ModelRef | None = None, clip: Clip | None = None,
                vae: DiffusersCodec | None = None) -> dict:
         if mode not in DETECT_MODES:
             raise ValueError(f"mode must be one of {DETECT_MODES}; got {mode!r}")
@@ -258,14 +263,11 @@ class AtelierDetectWatermark:
         return {"ui": {"text": [report]}, "result": (report, self._qr(found[0]), found[0].p_value, found[0].detected)}
 
     @staticmethod
-    def _invert(pixels: torch.Tensor, model: ModelRef, clip: ModelRef, vae: DiffusersCodec, steps: int
+    def _invert(pixels: torch.Tensor, model: ModelRef, clip: Clip, vae: DiffusersCodec, steps: int
                 ) -> torch.Tensor:
-        loaded = model.model
-        with clip.model.lock:
-            set_loras(clip.model, clip.loras)
-            empty = encode_prompt(clip.model.tokenizers, clip.model.text_encoders, clip.model.family, "")
-        with loaded.lock:
-            set_loras(loaded, model.loras)
+        with clip.ref.in_use() as text_model:
+            empty = encode_prompt(text_model.tokenizers, text_model.text_encoders, text_model.family, "")
+        with model.in_use() as loaded:
             return invert_image(pixels.to(loaded.device), DiffusersDenoiser(loaded.unet, loaded.schedule), vae,
                                 empty.to(loaded.device), steps)
 

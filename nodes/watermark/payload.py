@@ -7,12 +7,16 @@ Both carriers (the post-hoc image mark and the generative latent mark) carry a R
 (its QR watermark); we reach it without training, as ``watermark.md`` §4 says.
 
 Keys are strings the user types; they are stretched into per-purpose 256-bit keys with SHA-256 and never stored
-by this package.
+by this package. The generative mark seals its text (:func:`seal_text`): a fresh nonce per image, the text
+encrypted under it and an HMAC tag, so that equal texts give unrelated codewords and a text nobody with the key
+wrote fails :func:`open_sealed`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import hmac
 import math
 
 import numpy as np
@@ -47,13 +51,27 @@ def key_seed(key: str, purpose: str) -> int:
     return int.from_bytes(derive_key(key, purpose)[:8], "little") >> 1
 
 
-def chacha20_bits(key: str, purpose: str, count: int) -> torch.Tensor:
-    """``count`` keystream bits of ChaCha20 under the derived key, as a uint8 tensor of 0/1.
+def chacha20_bytes(key: str, purpose: str, count: int, nonce: bytes = b"") -> bytes:
+    """``count`` keystream bytes of ChaCha20 under the key derived for ``purpose``, for the image ``nonce``.
 
-    Source: Gaussian Shading (arXiv 2404.04956), ``watermark.py`` of bsmhmmlf/Gaussian-Shading: the tiled payload
-    is XORed with a ChaCha20 stream so that the bits the latent carries are uniform whatever the payload.
-    Departure: the official code draws a fresh key and nonce per image and keeps them in its watermark object (a
-    key store); ours come from the user's key, so one key gives one stream (use one key per image or per user).
+    Source: Gaussian Shading (arXiv 2404.04956), ``watermark.py`` of bsmhmmlf/Gaussian-Shading, which XORs its
+    payload with a ChaCha20 stream so that the bits the latent carries are uniform whatever the payload.
+
+    Example:
+        >>> len(chacha20_bytes("k", "x", 5)), chacha20_bytes("k", "x", 5, b"a") != chacha20_bytes("k", "x", 5, b"b")
+        (5, True)
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1; got {count}")
+    material = derive_key(key, purpose)
+    # The 16-byte nonce of cryptography's ChaCha20 is a 4-byte counter then a 12-byte nonce; both are hashed from
+    # the key and the image's nonce, so any nonce length works and distinct nonces never share a stream.
+    iv = hashlib.sha256(b"nonce/" + material + bytes(nonce)).digest()[:16]
+    return Cipher(algorithms.ChaCha20(material, iv), mode=None).encryptor().update(bytes(count))
+
+
+def chacha20_bits(key: str, purpose: str, count: int, nonce: bytes = b"") -> torch.Tensor:
+    """``count`` keystream bits of :func:`chacha20_bytes`, as a uint8 tensor of 0/1.
 
     Example:
         >>> bits = chacha20_bits("secret", "test", 1000)
@@ -62,12 +80,47 @@ def chacha20_bits(key: str, purpose: str, count: int) -> torch.Tensor:
     """
     if count < 1:
         raise ValueError(f"count must be >= 1; got {count}")
-    material = derive_key(key, purpose)
-    # The 16-byte nonce of cryptography's ChaCha20 is a 4-byte counter then a 12-byte nonce, both from the key.
-    nonce = hashlib.sha256(b"nonce/" + material).digest()[:16]
-    encryptor = Cipher(algorithms.ChaCha20(material, nonce), mode=None).encryptor()
-    stream = encryptor.update(bytes((count + 7) // 8))
+    stream = chacha20_bytes(key, purpose, (count + 7) // 8, nonce)
     return torch.from_numpy(np.unpackbits(np.frombuffer(stream, dtype=np.uint8))[:count].copy())
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def _mac(key: str, message: bytes, tag_bytes: int) -> bytes:
+    return hmac.new(derive_key(key, "sealed-text-mac"), message, hashlib.sha256).digest()[:tag_bytes]
+
+
+def seal_text(text: str, key: str, nonce: bytes, text_bytes: int, tag_bytes: int) -> bytes:
+    """``nonce ‖ text ⊕ ChaCha20(key, nonce) ‖ HMAC-SHA256(key, nonce ‖ encrypted text)`` truncated to
+    ``tag_bytes``: the data bytes the generative mark error-corrects (encrypt-then-MAC).
+
+    The nonce is fresh per image, so two images with one key and text carry unrelated bytes, and only a key holder
+    can make a tag that :func:`open_sealed` accepts.
+
+    Raises:
+        ValueError: the text is longer than ``text_bytes`` in UTF-8 or contains a NUL; an empty nonce.
+    Example:
+        >>> sealed = seal_text("hi", "k", b"\x01" * 6, 12, 4)
+        >>> len(sealed), open_sealed(sealed, "k", 6, 4), open_sealed(sealed, "other", 6, 4)
+        (22, 'hi', None)
+    """
+    if not nonce:
+        raise ValueError("nonce must be non-empty")
+    encrypted = _xor(_text_bytes(text, text_bytes), chacha20_bytes(key, "sealed-text", text_bytes, nonce))
+    return bytes(nonce) + encrypted + _mac(key, bytes(nonce) + encrypted, tag_bytes)
+
+
+def open_sealed(data: bytes, key: str, nonce_bytes: int, tag_bytes: int) -> str | None:
+    """The text of :func:`seal_text`'s ``data`` when its tag verifies under ``key`` and it is UTF-8, else None."""
+    nonce, encrypted, tag = data[:nonce_bytes], data[nonce_bytes:-tag_bytes], data[-tag_bytes:]
+    if not hmac.compare_digest(tag, _mac(key, nonce + encrypted, tag_bytes)):
+        return None
+    try:
+        return _xor(encrypted, chacha20_bytes(key, "sealed-text", len(encrypted), nonce)).rstrip(b"\x00").decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def bytes_to_bits(data: bytes) -> torch.Tensor:
@@ -92,6 +145,12 @@ def bits_to_bytes(bits: torch.Tensor) -> bytes:
     return np.packbits(bits.to(torch.uint8).numpy()).tobytes()
 
 
+@functools.lru_cache(maxsize=None)
+def _codec(parity_bytes: int) -> RSCodec:
+    """One Reed-Solomon codec per parity size: building its tables costs more than a short encode."""
+    return RSCodec(parity_bytes)
+
+
 def encode_bytes(data: bytes, data_bytes: int, parity_bytes: int) -> torch.Tensor:
     """The Reed-Solomon codeword of ``data`` as bits: ``data``, zero-padded to ``data_bytes``, then
     ``parity_bytes`` parity bytes (corrects up to parity_bytes // 2 wrong bytes).
@@ -102,7 +161,7 @@ def encode_bytes(data: bytes, data_bytes: int, parity_bytes: int) -> torch.Tenso
     """
     if len(data) > data_bytes:
         raise ValueError(f"payload must be at most {data_bytes} bytes; got {len(data)}")
-    return bytes_to_bits(bytes(RSCodec(parity_bytes).encode(bytes(data).ljust(data_bytes, b"\x00"))))
+    return bytes_to_bits(bytes(_codec(parity_bytes).encode(bytes(data).ljust(data_bytes, b"\x00"))))
 
 
 def decode_bytes(bits: torch.Tensor, data_bytes: int, parity_bytes: int) -> tuple[bytes | None, int]:
@@ -119,10 +178,19 @@ def decode_bytes(bits: torch.Tensor, data_bytes: int, parity_bytes: int) -> tupl
     if bits.numel() != 8 * (data_bytes + parity_bytes):
         raise ValueError(f"bits must hold {data_bytes + parity_bytes} bytes; got {bits.numel()} bits")
     try:
-        data, _, errata = RSCodec(parity_bytes).decode(bits_to_bytes(bits))
+        data, _, errata = _codec(parity_bytes).decode(bits_to_bytes(bits))
     except ReedSolomonError:
         return None, -1
     return bytes(data), len(errata)
+
+
+def _text_bytes(text: str, capacity: int) -> bytes:
+    """``text`` in UTF-8, NUL-padded to ``capacity`` bytes (NUL is the padding, so the text may not hold one)."""
+    raw = text.encode("utf-8")
+    if len(raw) > capacity or "\x00" in text:
+        raise ValueError(f"payload must be at most {capacity} bytes of UTF-8 without NUL characters; got "
+                         f"{len(raw)} bytes ({text!r})")
+    return raw.ljust(capacity, b"\x00")
 
 
 def encode_text(text: str, data_bytes: int, parity_bytes: int) -> torch.Tensor:
@@ -134,11 +202,7 @@ def encode_text(text: str, data_bytes: int, parity_bytes: int) -> torch.Tensor:
         >>> encode_text("hi", 4, 4).shape
         torch.Size([64])
     """
-    raw = text.encode("utf-8")
-    if len(raw) > data_bytes or "\x00" in text:
-        raise ValueError(f"payload must be at most {data_bytes} bytes of UTF-8 without NUL characters; got "
-                         f"{len(raw)} bytes ({text!r})")
-    return encode_bytes(raw, data_bytes, parity_bytes)
+    return encode_bytes(_text_bytes(text, data_bytes), data_bytes, parity_bytes)
 
 
 def decode_text(bits: torch.Tensor, data_bytes: int, parity_bytes: int) -> tuple[str | None, int]:

@@ -26,9 +26,10 @@ from nodes.correspondence.nodes import (AtelierDenseSIFTFeatures, AtelierDINOv2F
                                         AtelierFuseFeatures, AtelierInstanceSwap, AtelierLoadDINOv2,
                                         AtelierMatchFeatures, AtelierSDFeatures)
 from nodes.correspondence.synthetic import pck, texture, warp_with_truth
-from nodes.generation.nodes import ModelRef
-from nodes.generation.text import encode_prompt
 from nodes.models.loading import load_model
+from nodes.models.refs import ModelRef
+from nodes.models.text import encode_prompt
+from nodes.sampling.guidance import from_conditioning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 128  # test images; PCK@0.05 is then 6.4 px
@@ -229,11 +230,12 @@ def test_sd_features_node_caches_by_image_model_t_and_layers(sd_model, monkeypat
     node, ref, codec = AtelierSDFeatures(), ModelRef(sd_model), DiffusersCodec(sd_model.vae)
     image = texture(64, 2).permute(0, 2, 3, 1)
     prompt = _empty_prompt(sd_model)
-    first = node.extract(ref, codec, prompt, image, 100, 42, 64, "2,5,8")[0]
-    assert node.extract(ref, codec, prompt, image, 100, 42, 64, "2,5,8")[0] is first
+    conditioning = from_conditioning(prompt)
+    first = node.extract(ref, codec, conditioning, image, 100, 42, 64, "2,5,8")[0]
+    assert node.extract(ref, codec, conditioning, image, 100, 42, 64, "2,5,8")[0] is first
     assert (cache.hits, cache.misses) == (1, 1)
     for timestep, layers, picture in ((200, "2,5,8", image), (100, "5,8", image), (100, "2,5,8", 1 - image)):
-        assert node.extract(ref, codec, prompt, picture, timestep, 42, 64, layers)[0] is not first
+        assert node.extract(ref, codec, conditioning, picture, timestep, 42, 64, layers)[0] is not first
     assert (cache.hits, cache.misses) == (1, 4)
     direct = sd_unet_features(sd_model.unet, codec, sd_model.schedule, image.permute(0, 3, 1, 2), prompt, size=64)
     assert all(torch.equal(x, y) for x, y in zip(first.layers, direct.layers))

@@ -145,17 +145,18 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 # --- the shipped model --------------------------------------------------------------------------------------------
 
 def _dominant_colours(ckpt_name: str, models_dir: str, prompt: str, seed: int) -> list[str | None]:
-    """Through the generation nodes, as a workflow runs them: 32 64×64 images for ``prompt``, scored."""
-    from nodes.generation.nodes import (AtelierCheckpointLoader, AtelierEmptyLatent, AtelierSampler,
-                                        AtelierTextEncode, AtelierVAEDecode)
+    """Through ComfyUI's core nodes, as a workflow runs them: 32 64×64 images for ``prompt``, scored."""
+    from web.nodes_conditioning import CLIPTextEncode
+    from web.nodes_latent import EmptyLatentImage, VAEDecode
+    from web.nodes_loaders import CheckpointLoaderSimple
+    from web.nodes_sampling import KSampler
 
-    loader = type("Loader", (AtelierCheckpointLoader,), {"models_dir": models_dir})()
-    model, clip, vae = loader.load(ckpt_name, "auto")
-    positive, negative = (AtelierTextEncode().encode(clip, text, "auto")[0] for text in (prompt, ""))
-    latent = AtelierEmptyLatent().make(64, 64, 32)[0]
-    latent = AtelierSampler().sample(model, positive, negative, latent, seed, 20, 7.5, "euler", "normal", 1.0,
-                                     0.0)[0]
-    images = AtelierVAEDecode().decode(latent, vae, False, 512, 64)[0]
+    loader = type("Loader", (CheckpointLoaderSimple,), {"models_dir": models_dir})()
+    model, clip, vae = loader.load_checkpoint(ckpt_name)
+    positive, negative = (CLIPTextEncode().encode(clip, text)[0] for text in (prompt, ""))
+    latent = EmptyLatentImage().generate(64, 64, 32)[0]
+    latent = KSampler().sample(model, seed, 20, 7.5, "euler", "normal", positive, negative, latent, 1.0)[0]
+    images = VAEDecode().decode(vae, latent)[0]
     return [score_image(image.permute(2, 0, 1)).colour for image in images]
 
 

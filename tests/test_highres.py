@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
 from nodes.common.denoiser import Conditioning, DiffusersDenoiser, NoiseSchedule
 from nodes.common.paths import PathOutsideFolderError
-from nodes.generation.generate import generate
+from nodes.sampling.generate import generate
 from nodes.highres.linfusion import (GeneralizedLinearAttention, build_linfusion, linear_attention, linfusion_config,
                                      load_linfusion, mounted, staged_recipe)
 from nodes.highres.tiling import (MODES, TiledDenoiser, TileSettings, blend_weights, plan_tiles, shifted_offset,
@@ -326,14 +326,15 @@ def test_staged_recipe_refuses_sizes_that_do_not_halve_to_the_latent_grid():
 # --- nodes and workflow --------------------------------------------------------------------------------------
 
 def test_tiled_sampler_node_equals_the_maths_and_reports_tile_calls(sd1):
-    from nodes.generation.nodes import ModelRef
     from nodes.highres.nodes import AtelierTiledSample
+    from nodes.models.refs import ModelRef
+    from nodes.sampling.guidance import from_conditioning
 
     model, denoiser = sd1
     positive = Conditioning(torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(5)))
     negative = Conditioning(torch.zeros(1, 77, 32))
     latent, report = AtelierTiledSample().sample(
-        ModelRef(model), positive, negative, {"samples": torch.zeros(1, 4, 16, 24)}, seed=7, steps=3, cfg=4.0,
+        ModelRef(model), from_conditioning(positive), from_conditioning(negative), {"samples": torch.zeros(1, 4, 16, 24)}, seed=7, steps=3, cfg=4.0,
         sampler_name="euler", scheduler="normal", denoise=1.0, mode="shifted", tile_size=64, overlap=0,
         offset_stride=32, tile_batch_size=4)
     tiled = TiledDenoiser(denoiser, TileSettings("shifted", tile=8, overlap=0, tile_batch_size=4, offset_stride=4,
@@ -374,8 +375,8 @@ def test_tiled_16k_workflow_runs_headless_on_the_shipped_model(tmp_path, capsys)
 
 
 def test_linfusion_node_loads_from_the_models_folder_and_the_sampler_runs_with_it(sd1, tmp_path):
-    from nodes.generation.nodes import ModelRef
     from nodes.highres.nodes import AtelierLoadLinFusion, AtelierTiledSample
+    from nodes.models.refs import ModelRef
 
     model, _ = sd1
     (tmp_path / "linfusion").mkdir()
@@ -386,7 +387,7 @@ def test_linfusion_node_loads_from_the_models_folder_and_the_sampler_runs_with_i
     node = type("Bound", (AtelierLoadLinFusion,), {"models_dir": str(tmp_path)})
     assert node.INPUT_TYPES()["required"]["linfusion_name"][0] == ["lf15.safetensors"]
     (linfusion,) = node().load(ModelRef(model), "lf15.safetensors")
-    inputs = dict(positive=Conditioning(torch.randn(1, 77, 32)), negative=Conditioning(torch.zeros(1, 77, 32)),
+    inputs = dict(positive=[[torch.randn(1, 77, 32), {}]], negative=[[torch.zeros(1, 77, 32), {}]],
                   latent_image={"samples": torch.zeros(1, 4, 8, 8)}, seed=1, steps=2, cfg=2.0, sampler_name="euler",
                   scheduler="normal", denoise=1.0, mode="mixture", tile_size=64, overlap=0, offset_stride=32,
                   tile_batch_size=1)

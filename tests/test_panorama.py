@@ -13,7 +13,7 @@ from PIL import Image
 
 from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
 from nodes.common.denoiser import DiffusersCodec
-from nodes.generation.nodes import ModelRef
+from nodes.models.refs import ModelRef
 from nodes.models.loading import load_model
 from nodes.panorama.fidelity import downsample, gd_project
 from nodes.panorama.metrics import latitude_weights, ws_psnr, ws_ssim
@@ -208,11 +208,11 @@ def test_gd_node_equals_the_maths():
 
 
 def test_omnissr_runs_end_to_end_on_a_tiny_model_and_keeps_the_low_res_input(tiny_sd1):  # noqa: F811
-    from nodes.generation.nodes import AtelierTextEncode
+    from nodes.models.clip import Clip
 
     model = ModelRef(load_model(tiny_sd1.folder))
     codec = DiffusersCodec(model.model.vae)
-    conditioning, = AtelierTextEncode().encode(model, "a room", "auto")
+    conditioning = Clip(model).encode("a room")
     low_res = synthetic_panorama(8, 3.0)
     layout = cube_layout(16, 100.0)
     run = AtelierOmniSSR().super_resolve

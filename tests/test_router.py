@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
 from nodes.common.paths import PathOutsideFolderError
-from nodes.generation.nodes import AtelierSampler, ModelRef
+from nodes.models.clip import Clip
+from nodes.models.refs import ModelRef
 from nodes.models.loading import load_model
 from nodes.router import routing
 from nodes.models.loading import UnsafeModelFormatError
@@ -361,8 +362,7 @@ def executor_with_models(tmp_path, tiny_sd1):  # noqa: F811
 def test_prompt_router_picks_the_branch_that_alone_runs(executor_with_models, budget, routed):
     RUNS.clear()
     prompt = {
-        "10": {"class_type": "AtelierCheckpointLoader", "inputs": {"ckpt_name": "diffusers/tiny_sd1",
-                                                                   "prediction": "auto"}},
+        "10": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "diffusers/tiny_sd1"}},
         "11": {"class_type": "AtelierFitRouter", "inputs": {"clip": ["10", 1], "prompts": "\n".join(CALIBRATION),
                                                             "variants": STEP_VARIANTS, "method": "kmeans",
                                                             "cluster_seed": 0}},
@@ -377,12 +377,12 @@ def test_prompt_router_picks_the_branch_that_alone_runs(executor_with_models, bu
 
 
 def test_prompt_router_nodes_equal_the_maths(tiny_sd1):  # noqa: F811
-    clip = ModelRef(load_model(tiny_sd1.folder))
+    clip = Clip(ModelRef(load_model(tiny_sd1.folder)))
     router = AtelierFitRouter().fit(clip, "\n".join(CALIBRATION), STEP_VARIANTS, "sinkhorn", 3)[0]
     assert router.labels == ("4 steps", "8 steps", "20 steps") and router.costs.tolist() == [0.2, 0.4, 1.0]
 
     def embed(prompts):
-        return pooled_text_embeddings(clip.model.tokenizers, clip.model.text_encoders, prompts)
+        return pooled_text_embeddings(clip.ref.model.tokenizers, clip.ref.model.text_encoders, prompts)
 
     expected = route_single(embed(CALIBRATION[:1]), router, 0.5).item()
     assert AtelierRoutePrompt().route(clip, router, CALIBRATION[0], 0.5) == (
@@ -420,7 +420,7 @@ def test_a_local_sentence_encoder_embeds_fits_and_routes(tiny_sd1, tmp_path):  #
     assert batched.shape == (len(CALIBRATION), 32)
     torch.testing.assert_close(batched[:1], alone, rtol=0, atol=1e-5)
 
-    clip = ModelRef(load_model(tiny_sd1.folder))
+    clip = Clip(ModelRef(load_model(tiny_sd1.folder)))
     router = AtelierFitRouter().fit(clip, "\n".join(CALIBRATION), STEP_VARIANTS, "kmeans", 0, encoder)[0]
     assert router.prototypes.shape == (3, 32) and router.embedding == "sentence encoder mini"
     expected = route_single(alone, router, 0.5).item()
@@ -477,15 +477,16 @@ def test_parse_variants_keeps_branch_order():
 @pytest.mark.parametrize("budget, steps", [(0.2, 4), (1.0, 20)])
 def test_prompt_router_workflow_runs_one_sampler_on_the_shipped_model(tmp_path, capsys, monkeypatch, budget, steps):
     from web.cli import main
+    from web.nodes_sampling import KSampler
 
     sampled = []
-    original = AtelierSampler.sample
+    original = KSampler.sample
 
     def counted(self, **inputs):
         sampled.append(inputs["steps"])
         return original(self, **inputs)
 
-    monkeypatch.setattr(AtelierSampler, "sample", counted)
+    monkeypatch.setattr(KSampler, "sample", counted)
     workflow = os.path.join(ROOT, "workflows", "prompt_router.json")
     calibration_prompt = "a large blue star near the top"  # one of the workflow's calibration prompts
     code = main(["run", workflow, "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"),

@@ -7,15 +7,18 @@ LATENT is ComfyUI's ``{"samples": (B, C, h, w) unscaled, optional "noise_mask", 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from nodes.common.checks import range_errors
 from nodes.common.denoiser import DiffusersCodec
 from nodes.common.limits import MAX_BATCH, MAX_RESOLUTION
 from nodes.common.tiled_vae import tiled_decode, tiled_encode
 
 from .image_maths import UPSCALE_METHODS, scale_image
+from .limits import DEFAULT_LIMITS, Limits, check_pixel_budget, pixel_budget_error
 
 LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
 CROP_METHODS = ("disabled", "center")
@@ -65,7 +68,16 @@ def crop_to_multiple(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     return pixels[:, top:top + height, left:left + width]
 
 
-class EmptyLatentImage:
+class _Budgeted:
+    """Nodes that make batches from numbers: the server's pixel budget is checked before allocating."""
+
+    limits: ClassVar[Limits] = DEFAULT_LIMITS
+
+    def check_budget(self, batch: int, height: int, width: int) -> None:
+        check_pixel_budget(type(self).__name__, batch, height, width, self.limits)
+
+
+class EmptyLatentImage(_Budgeted):
     DESCRIPTION = "A new batch of empty latent images to be denoised via sampling."
     CATEGORY = "latent"
     RETURN_TYPES = ("LATENT",)
@@ -83,11 +95,23 @@ class EmptyLatentImage:
                                    "tooltip": "The number of latent images in the batch."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width: int | None, height: int | None, batch_size: int | None) -> bool | str:
+        required = cls.INPUT_TYPES()["required"]
+        values = {"width": width, "height": height, "batch_size": batch_size}
+        errors = range_errors(values, {name: (required[name][1]["min"], required[name][1]["max"]) for name in values})
+        if errors:
+            return "; ".join(errors)
+        if None in values.values():
+            return True  # linked: generate() checks the budget when it runs
+        return pixel_budget_error(cls.__name__, batch_size, height // 8 * 8, width // 8 * 8, cls.limits) or True
+
     def generate(self, width: int, height: int, batch_size: int = 1) -> tuple[dict]:
+        self.check_budget(batch_size, height // 8 * 8, width // 8 * 8)
         return ({"samples": torch.zeros(batch_size, LATENT_CHANNELS, height // 8, width // 8)},)
 
 
-class LatentUpscale:
+class LatentUpscale(_Budgeted):
     DESCRIPTION = "Resizes latents to a size in pixels (0 keeps the aspect ratio from the other side)."
     CATEGORY = "latent"
     RETURN_TYPES = ("LATENT",)
@@ -116,10 +140,11 @@ class LatentUpscale:
             height = max(MIN_UPSCALED_SIDE, round(latent.shape[-2] * width / latent.shape[-1]))
         else:
             width, height = max(MIN_UPSCALED_SIDE, width), max(MIN_UPSCALED_SIDE, height)
+        self.check_budget(latent.shape[0], height // 8 * 8, width // 8 * 8)
         return ({**samples, "samples": resize_latent(latent, width // 8, height // 8, upscale_method, crop)},)
 
 
-class LatentUpscaleBy:
+class LatentUpscaleBy(_Budgeted):
     DESCRIPTION = "Resizes latents by a factor (a hires-fix pass samples them again)."
     CATEGORY = "latent"
     RETURN_TYPES = ("LATENT",)
@@ -137,6 +162,7 @@ class LatentUpscaleBy:
     def upscale(self, samples: dict, upscale_method: str, scale_by: float) -> tuple[dict]:
         latent = _latent(samples)
         width, height = round(latent.shape[-1] * scale_by), round(latent.shape[-2] * scale_by)
+        self.check_budget(latent.shape[0], height * 8, width * 8)
         return ({**samples, "samples": resize_latent(latent, width, height, upscale_method)},)
 
 
@@ -279,7 +305,7 @@ class SetLatentNoiseMask:
         return ({**samples, "noise_mask": mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])},)
 
 
-class ImageScaleBy:
+class ImageScaleBy(_Budgeted):
     DESCRIPTION = "Resizes images by a factor."
     CATEGORY = "image/upscaling"
     RETURN_TYPES = ("IMAGE",)
@@ -295,11 +321,12 @@ class ImageScaleBy:
         }}
 
     def upscale(self, image: torch.Tensor, upscale_method: str, scale_by: float) -> tuple[torch.Tensor]:
-        width, height = round(image.shape[2] * scale_by), round(image.shape[1] * scale_by)
-        return (scale_image(image, max(1, width), max(1, height), upscale_method),)
+        width, height = max(1, round(image.shape[2] * scale_by)), max(1, round(image.shape[1] * scale_by))
+        self.check_budget(image.shape[0], height, width)
+        return (scale_image(image, width, height, upscale_method),)
 
 
-class ImageScaleToTotalPixels:
+class ImageScaleToTotalPixels(_Budgeted):
     DESCRIPTION = "Resizes images to about a number of megapixels, keeping the aspect ratio."
     CATEGORY = "image/upscaling"
     RETURN_TYPES = ("IMAGE",)
@@ -316,11 +343,12 @@ class ImageScaleToTotalPixels:
 
     def upscale(self, image: torch.Tensor, upscale_method: str, megapixels: float) -> tuple[torch.Tensor]:
         scale = math.sqrt(megapixels * 1024 * 1024 / (image.shape[1] * image.shape[2]))
-        width, height = round(image.shape[2] * scale), round(image.shape[1] * scale)
-        return (scale_image(image, max(1, width), max(1, height), upscale_method),)
+        width, height = max(1, round(image.shape[2] * scale)), max(1, round(image.shape[1] * scale))
+        self.check_budget(image.shape[0], height, width)
+        return (scale_image(image, width, height, upscale_method),)
 
 
-class ImageBatch:
+class ImageBatch(_Budgeted):
     DESCRIPTION = "Joins two image batches; the second is resized to the first's size when they differ."
     CATEGORY = "image"
     RETURN_TYPES = ("IMAGE",)
@@ -332,6 +360,7 @@ class ImageBatch:
                              "image2": ("IMAGE", {"tooltip": "The second batch."})}}
 
     def batch(self, image1: torch.Tensor, image2: torch.Tensor) -> tuple[torch.Tensor]:
+        self.check_budget(image1.shape[0] + image2.shape[0], image1.shape[1], image1.shape[2])
         if image1.shape[1:3] != image2.shape[1:3]:
             image2 = scale_image(image2, image1.shape[2], image1.shape[1], "bilinear", "center")
         return (torch.cat([image1, image2]),)

@@ -17,6 +17,7 @@ from nodes.common.limits import MAX_CFG, MAX_SEED, MAX_STEPS
 from nodes.models.refs import ModelRef
 from nodes.sampling.guiders import Guider, model_sampling_of
 from nodes.sampling.k_samplers import SAMPLER_NAMES, Sampler
+from nodes.sampling.latents import INITIAL_NOISE_KEY
 from nodes.sampling.noise import prepare_noise
 from nodes.sampling.sigmas import SCHEDULER_NAMES, basic_scheduler_sigmas, exponential_sigmas, karras_sigmas, \
     ksampler_sigmas, sd_turbo_sigmas, split_sigmas, split_sigmas_denoise, step_range
@@ -26,12 +27,22 @@ SD_SIGMA_MAX, SD_SIGMA_MIN = 14.614642, 0.0291675  # SD1.x's σ range: ComfyUI's
 
 @dataclasses.dataclass(frozen=True)
 class SeededNoise:
-    """The NOISE socket: ComfyUI's ``Noise_RandomNoise`` (seeded Gaussian noise drawn on the CPU)."""
+    """The NOISE socket: ComfyUI's ``Noise_RandomNoise`` (seeded Gaussian noise drawn on the CPU).
+
+    A LATENT that carries its own starting noise (``INITIAL_NOISE_KEY``: the watermark's marked noise) starts from
+    it instead; the seed still drives the step noise of ancestral and SDE samplers.
+    """
 
     seed: int
 
     def generate_noise(self, latent: dict) -> torch.Tensor:
         samples = latent["samples"]
+        carried = latent.get(INITIAL_NOISE_KEY)
+        if carried is not None:
+            if carried.shape != samples.shape:
+                raise ValueError(f"the LATENT's {INITIAL_NOISE_KEY} has shape {tuple(carried.shape)}, its samples "
+                                 f"{tuple(samples.shape)}")
+            return carried.float().cpu()
         return prepare_noise(samples, self.seed, latent.get("batch_index"))
 
 
@@ -81,11 +92,16 @@ def run_guider(guider: Guider, noise, sampler: Sampler, sigmas: torch.Tensor, la
 
     result = guider.sample(noise.generate_noise(latent), samples, sampler, sigmas,
                            denoise_mask=latent.get("noise_mask"), seed=noise.seed, callback=keep_last)
-    out = {**latent, "samples": result}
+    out = _sampled(latent, result)
     denoised = out
     if "x0" in last_denoised:
-        denoised = {**latent, "samples": guider.unscale(last_denoised["x0"])}
+        denoised = _sampled(latent, guider.unscale(last_denoised["x0"]))
     return out, denoised
+
+
+def _sampled(latent: dict, samples: torch.Tensor) -> dict:
+    """The output LATENT: sampled latents are no longer at their starting noise, so a later pass draws its own."""
+    return {**{key: value for key, value in latent.items() if key != INITIAL_NOISE_KEY}, "samples": samples}
 
 
 def common_ksampler(model: ModelRef, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
@@ -101,7 +117,7 @@ def common_ksampler(model: ModelRef, seed: int, steps: int, cfg: float, sampler_
     guider = Guider(model, {"positive": positive, "negative": negative}, cfg)
     result = guider.sample(noise.generate_noise(latent), samples, Sampler.from_name(sampler_name), sigmas,
                            denoise_mask=latent.get("noise_mask"), seed=seed)
-    return ({**latent, "samples": result},)
+    return (_sampled(latent, result),)
 
 
 class KSampler:

@@ -18,7 +18,7 @@ The model (SD1 layout, narrow):
 - AutoencoderKL, 4 latent channels, factor 8, ``(32, 64, 64, 64)``, 1 layer per block: 1.25 M parameters.
   Factor 8, not 4: environment.md §7 measured both at the same cost per step (1.14 vs 1.18 s at batch 32), and
   factor 8 gives 8×8 latents, so the UNet's self-attention sees 64 tokens instead of 256; ComfyUI's empty
-  latent and our ``AtelierEmptyLatent`` also assume 8. Its first width is 32, as §7 advises for CPU work.
+  latent and ComfyUI's ``EmptyLatentImage`` also assume 8. Its first width is 32, as §7 advises for CPU work.
 - UNet2DConditionModel ``(32, 32, 64, 64)``, 1 layer per block, cross-attention at 8, 4 and 2 px and in the
   1×1 middle block, 64-wide context: 1.67 M parameters. Why four levels: the first model, ``(32, 64, 64)`` with
   cross-attention at 8 and 4 px only, never learned position (accuracy at chance after 18,000 steps, its text

@@ -127,6 +127,23 @@ def test_lcm_uses_its_50_distilled_timesteps_and_the_consistency_boundary_condit
     torch.testing.assert_close(lcm.calculate_denoised(sigma, eps, x), expected)
 
 
+def test_apply_model_feeds_the_network_the_vp_latent_and_the_nearest_integer_timestep():
+    seen = {}
+
+    def network(x_in, t):
+        seen["x_in"], seen["t"] = x_in, t
+        return torch.zeros_like(x_in, dtype=torch.float16)
+
+    x = torch.ones(SHAPE)
+    sigma = torch.stack([SD.sigmas[500] * 0.6 + SD.sigmas[501] * 0.4, SD.sigmas[20]])
+    denoised = SD.apply_model(network, x, sigma)
+    assert seen["t"].tolist() == [500.0, 20.0] and seen["t"].dtype == torch.float32
+    torch.testing.assert_close(seen["x_in"], x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt())
+    assert denoised.dtype == torch.float32 and torch.equal(denoised, x)  # ε = 0: x̂₀ = x
+    with pytest.raises(ValueError, match="sigma must have shape"):
+        SD.apply_model(network, x, sigma[:1])
+
+
 def test_noise_scaling_uses_sqrt_one_plus_sigma_squared_only_from_pure_noise():
     noise, latent = torch.ones(SHAPE), torch.full(SHAPE, 2.0)
     sigma = SD.sigma_max
@@ -497,8 +514,8 @@ def test_sampler_names_are_comfyuis_and_cover_the_issue():
 
 # --------------------------------------------------------------------------------- against ComfyUI's own functions
 
-# One toy network, run by both sides through their own model sampling (calculate_input → network →
-# calculate_denoised, as ComfyUI's BaseModel.apply_model does): the exact ε of Gaussian data plus a nonlinear term.
+# One toy network, the exact ε of Gaussian data plus a nonlinear term, run through each side's model sampling:
+# DiscreteModelSampling.apply_model here, ComfyUI's BaseModel.apply_model steps written out (toy_denoiser) there.
 TOY_NETWORK = '''
 def toy_network(x_in, t, sigma_of):
     sigma = sigma_of(t).reshape(-1, *([1] * (x_in.ndim - 1)))
@@ -508,11 +525,11 @@ def toy_network(x_in, t, sigma_of):
     return eps + 0.05 * torch.tanh(3 * x_in.roll(1, dims=-1) + t.reshape(sigma.shape) / 1000)
 
 
-def toy_denoiser(sampling):
+def toy_denoiser(sampling):  # ComfyUI's BaseModel.apply_model, written out
     def model(x, sigma, **ignored):
         x_in = sampling.calculate_input(sigma, x)
         t = sampling.timestep(sigma).float()
-        return sampling.calculate_denoised(sigma, toy_network(x_in, t, sampling.sigma), x)
+        return sampling.calculate_denoised(sigma, toy_network(x_in, t, sampling.sigma).float(), x)
     return model
 '''
 
@@ -736,8 +753,12 @@ def _ours(key: str):
     namespace = {"torch": torch}
     exec(TOY_NETWORK, namespace)
     sampling = DiscreteModelSampling.from_beta_schedule(case["prediction"])
-    return run_sampler(case["sampler"], namespace["toy_denoiser"](sampling), sampling, case["sigmas"], case["noise"],
-                       case["latent"], case["seed"], denoise_mask=case["mask"])
+
+    def model(x, sigma):  # ComfyUI's side runs the same network through its BaseModel.apply_model steps
+        return sampling.apply_model(lambda x_in, t: namespace["toy_network"](x_in, t, sampling.sigma), x, sigma)
+
+    return run_sampler(case["sampler"], model, sampling, case["sigmas"], case["noise"], case["latent"], case["seed"],
+                       denoise_mask=case["mask"])
 
 
 @pytest.fixture(scope="module")

@@ -336,12 +336,14 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                      noise_sampler=None, r=1 / 2, cpu_noise=True):
-    """Stochastic DPM-Solver++ (2S form, intermediate point at λ + r·h), each substep ancestral on the Brownian tree.
+    """Stochastic DPM-Solver++ (Lu et al. 2022, singlestep 2S with the intermediate point at λ + r·h), each of its
+    two substeps made ancestral with Brownian-tree noise.
 
-    Each substep from λ_s to a target λ' splits as :func:`ancestral_step` on σ = e^{−λ}: a DPM-Solver++ step to
-    λ'_down, x' = (σ'/σ_s)·e^{−(λ'_down − λ_s)}·... written with α = σ·e^{λ} = 1 (the VE form), then
-    + σ'·σ'_up-scaled Brownian noise. The second substep uses x̂₀_d = (1 − 1/(2r))·x̂₀ + 1/(2r)·x̂₀(intermediate).
-    The last step to σ = 0 is x̂₀.
+    A substep from σ to a target σ' is split by :func:`ancestral_step` into σ'_down and σ'_up; with
+    h' = λ(σ'_down) − λ(σ) it moves x ← e^{−h'}·x − (e^{−h'} − 1)·D (first-order DPM-Solver++, i.e. DDIM, to σ'_down)
+    and adds σ'_up·s_noise of noise. The first substep goes to the intermediate σ_r = e^{−(λ + r·h)} with
+    D = x̂₀(x, σ); the second to σ_next with D = (1 − 1/(2r))·x̂₀(x, σ) + 1/(2r)·x̂₀(x_r, σ_r). The VP factors
+    α = σ·e^{λ} (1 in exact arithmetic) are kept as computed, for ComfyUI's rounding. The last step to σ = 0 is x̂₀.
     """
     if len(sigmas) <= 1:
         return x
@@ -403,11 +405,13 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                         noise_sampler=None, solver_type="midpoint", cpu_noise=True):
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, §5 / their released code; η = 1 is the exact SDE solution's noise).
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, Appendix: the SDE variant of multistep DPM-Solver++).
 
-    With h = λ_next − λ, ĥ = (1 + η)h: x ← (σ_next/σ)·e^{−ηh}·x + (1 − e^{−ĥ})·x̂₀, plus the second-order term
-    ½(1 − e^{−ĥ})/r·(x̂₀ − x̂₀_prev) ("midpoint") or ((1 − e^{−ĥ})/ĥ − 1)... ("heun": ((1 − e^{−ĥ})/(−ĥ) + 1)/r),
-    plus σ_next·√(1 − e^{−2ηh})·s_noise of Brownian noise. The last step to σ = 0 is x̂₀.
+    With h = λ_next − λ and ĥ = (1 + η)·h, the first-order part is the exact solution of the data-prediction SDE
+    for a constant x̂₀: x ← (σ_next/σ)·e^{−ηh}·x + (1 − e^{−ĥ})·x̂₀ + σ_next·√(1 − e^{−2ηh})·s_noise·n, n from the
+    Brownian tree (η = 0 is DPM-Solver++(2M)'s ODE step). The second-order term, with r = h_prev/h and
+    D = (x̂₀ − x̂₀_prev)/r, is ½(1 − e^{−ĥ})·D ("midpoint") or (1 − (1 − e^{−ĥ})/ĥ)·D ("heun").
+    The last step to σ = 0 is x̂₀.
     """
     if len(sigmas) <= 1:
         return x
@@ -446,10 +450,12 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                         noise_sampler=None, cpu_noise=True):
-    """DPM-Solver++(3M) SDE: :func:`sample_dpmpp_2m_sde`'s first-order part plus φ₂·D1 − φ₃·D2, where D1, D2 are
-    the first and second divided differences of x̂₀ in λ over the last three steps (Lu et al. 2022, §4's multistep
-    third order), φ₂ = (1 − e^{−ĥ})/ĥ... written φ₂ = expm1(−ĥ)/ĥ + 1, φ₃ = φ₂/ĥ − ½. Second order on the second
-    step, first on the first; the last step to σ = 0 is x̂₀.
+    """DPM-Solver++(3M) SDE: :func:`sample_dpmpp_2m_sde`'s first-order part plus φ₂·D1 − φ₃·D2.
+
+    D1 and D2 are the first and second divided differences of x̂₀ in λ over the last three steps, scaled by h
+    (Lu et al. 2022, multistep third order), with φ₂ = (e^{−ĥ} − 1)/ĥ + 1 and φ₃ = φ₂/ĥ − ½ (the h·φ-functions of
+    the exponential integrator). The second step is second order, the first first order; the last step to σ = 0
+    is x̂₀.
     """
     if len(sigmas) <= 1:
         return x

@@ -19,6 +19,7 @@ and the denoised estimate x̂₀:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -212,6 +213,28 @@ class DiscreteModelSampling:
         c_skip = LCM_SIGMA_DATA ** 2 / (scaled ** 2 + LCM_SIGMA_DATA ** 2)
         c_out = scaled / (scaled ** 2 + LCM_SIGMA_DATA ** 2) ** 0.5
         return c_out * denoised + c_skip * x
+
+    def apply_model(self, network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    sigma: torch.Tensor) -> torch.Tensor:
+        """x̂₀ from a network on discrete timesteps, as ComfyUI's ``BaseModel.apply_model`` runs one.
+
+        The network sees the VP latent :meth:`calculate_input` (σ, x) and the *nearest integer* training timestep
+        of σ (:meth:`timestep`, as a float), not a fractional one; its output, in float32, goes through
+        :meth:`calculate_denoised`. Conditioning, extra input channels (inpainting models) and the network's dtype
+        belong to ``network``.
+
+        Args:
+            network: (x_in (B, C, h, w), t (B,)) -> raw prediction of this model's prediction type.
+            x: (B, C, h, w) VE latents.
+            sigma: (B,).
+        Returns:
+            x̂₀ of shape (B, C, h, w).
+        """
+        if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+            raise ValueError(f"sigma must have shape ({x.shape[0]},) for x of shape {tuple(x.shape)}; "
+                             f"got {tuple(sigma.shape)}")
+        output = network(self.calculate_input(sigma, x), self.timestep(sigma).float())
+        return self.calculate_denoised(sigma, output.float(), x)
 
     def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor,
                       max_denoise: bool = False) -> torch.Tensor:

@@ -47,6 +47,7 @@ SKIP_VARIABLE = "ATELIER_SKIP_BROWSER"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SERVER_START_TIMEOUT_S = 60  # importing torch on a loaded 2-core machine takes a while
 STEP_TIMEOUT_MS = 20_000  # any one wait in the page; a healthy run needs well under a second for each
+RUN_TIMEOUT_MS = 180_000  # a wait that includes running the example: seconds alone, minutes on a loaded CPU
 VIEWPORT = {"width": 1280, "height": 800}
 SEARCH_OPEN_ATTEMPTS, SEARCH_OPEN_WAIT_MS = 3, 5_000
 EMPTY_SPOT = (400, 650)  # viewport pixels below the example's nodes and left of the minimap: empty canvas
@@ -197,12 +198,12 @@ class Editor:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
 
-    def wait_until(self, expression: str, failure: str, arg=None) -> None:
+    def wait_until(self, expression: str, failure: str, arg=None, timeout_ms: int = STEP_TIMEOUT_MS) -> None:
         """Wait for a JS condition in the page; on timeout fail with ``failure``, not a bare timeout."""
         try:
-            self.page.wait_for_function(expression, arg=arg)
+            self.page.wait_for_function(expression, arg=arg, timeout=timeout_ms)
         except PlaywrightTimeoutError:
-            pytest.fail(f"{failure} (waited {STEP_TIMEOUT_MS / 1000:.0f} s for {expression.strip()}); "
+            pytest.fail(f"{failure} (waited {timeout_ms / 1000:.0f} s for {expression.strip()}); "
                         f"page errors: {self.page_errors[-3:]}; console errors: {self.console_errors[-3:]}; "
                         f"HTTP errors: {self.bad_responses[-3:]}")
 
@@ -221,45 +222,59 @@ class Editor:
 
 
 @pytest.fixture(scope="module")
-def editor(chromium: str, server: Server):
-    """Chromium with every non-loopback request aborted, one page opened on ``/`` as a brand-new user."""
+def browser(chromium: str):
+    """Headless Chromium for the module; each context it opens is a new browser profile (see :func:`new_context`)."""
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        context = browser.new_context(service_workers="block", viewport=VIEWPORT)
-        blocked: list[str] = []
-
-        def only_loopback(route) -> None:
-            if urlsplit(route.request.url).hostname in LOOPBACK:
-                route.continue_()
-            else:
-                blocked.append(route.request.url)
-                route.abort()
-
-        context.route("**/*", only_loopback)
-        page = context.new_page()
-        page.set_default_timeout(STEP_TIMEOUT_MS)
-        session = Editor(page, server, blocked=blocked)
-        page.on("console", lambda message: session.console_errors.append(
-            (message.text, message.location.get("url", ""))) if message.type == "error" else None)
-        page.on("pageerror", lambda error: session.page_errors.append(str(error)))
-        page.on("response", lambda response: session.bad_responses.append(
-            (response.status, response.request.method, response.url)) if response.status >= 400 else None)
+        launched = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            session.first_response = page.goto(server.url + "/")
-            session.wait_until("window.app && window.app.graph && window.app.vueAppReady", "the editor did not boot")
-            page.locator("#splash-loader").wait_for(state="hidden")  # it covers the canvas and eats clicks
-            yield session
+            yield launched
         finally:
-            # The frontend may call external hosts (api.comfy.org and the like); list them, do not fail on them.
-            logger.log(logging.WARNING if blocked else logging.INFO, "aborted requests to non-loopback hosts: %s",
-                       blocked or "none")
-            try:
-                session.screenshot("last")
-            except PlaywrightError as error:  # the screenshot only helps debugging; a dead page must not hide why
-                logger.warning("no final screenshot: %s", error)
-            finally:
-                context.close()
-                browser.close()
+            launched.close()
+
+
+def new_context(browser, blocked: list[str]):
+    """A fresh profile (no cookies, no localStorage) in which every non-loopback request is aborted and listed."""
+    context = browser.new_context(service_workers="block", viewport=VIEWPORT)
+
+    def only_loopback(route) -> None:
+        if urlsplit(route.request.url).hostname in LOOPBACK:
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_loopback)
+    return context
+
+
+@pytest.fixture(scope="module")
+def editor(browser, server: Server):
+    """One page opened on ``/`` as a brand-new user, with what it logs recorded."""
+    blocked: list[str] = []
+    context = new_context(browser, blocked)
+    page = context.new_page()
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    session = Editor(page, server, blocked=blocked)
+    page.on("console", lambda message: session.console_errors.append(
+        (message.text, message.location.get("url", ""))) if message.type == "error" else None)
+    page.on("pageerror", lambda error: session.page_errors.append(str(error)))
+    page.on("response", lambda response: session.bad_responses.append(
+        (response.status, response.request.method, response.url)) if response.status >= 400 else None)
+    try:
+        session.first_response = page.goto(server.url + "/")
+        session.wait_until("window.app && window.app.graph && window.app.vueAppReady", "the editor did not boot")
+        page.locator("#splash-loader").wait_for(state="hidden")  # it covers the canvas and eats clicks
+        yield session
+    finally:
+        # The frontend may call external hosts (api.comfy.org and the like); list them, do not fail on them.
+        logger.log(logging.WARNING if blocked else logging.INFO, "aborted requests to non-loopback hosts: %s",
+                   blocked or "none")
+        try:
+            session.screenshot("last")
+        except PlaywrightError as error:  # the screenshot only helps debugging; a dead page must not hide why
+            logger.warning("no final screenshot: %s", error)
+        finally:
+            context.close()
 
 
 # --- the steps -----------------------------------------------------------------------------------------------------
@@ -342,7 +357,7 @@ def test_run_shows_the_output_image_in_the_node(editor: Editor):
     assert answer.json()["node_errors"] == {}, f"the server refused nodes: {answer.json()['node_errors']}"
 
     editor.wait_until("(id) => app.nodeOutputs[id]?.images?.length > 0",
-                      f"no 'executed' images reached the added node {node_id}", node_id)
+                      f"no 'executed' images reached the added node {node_id}", node_id, RUN_TIMEOUT_MS)
     editor.wait_until("(id) => app.graph.getNodeById(id).imgs?.[0]?.naturalWidth > 0",
                       f"the added node {node_id} got an output but its image did not load (GET /api/view)", node_id)
     shown = page.evaluate("(id) => { const img = app.graph.getNodeById(id).imgs[0];"
@@ -506,6 +521,50 @@ def test_panorama_viewer_opens_on_a_2_to_1_output_only(editor: Editor):
         return [await show("viewer_panorama.png"), await show("viewer_square.png")];
     }""")
     assert widths == [32, None], f"(2:1 panorama, square image) source widths: {widths}"
+
+
+def test_a_new_browser_of_a_returning_user_opens_a_graph_that_runs(browser, server: Server):
+    """A returning user (settings saved, tutorial done) in a new browser: no redirect and no stored graph, so the
+    frontend falls back on its built-in default graph, whose nodes (UNETLoader, ...) this server lacks. js/atelier.js
+    puts the example workflow in its place, and it runs; "Load Default Workflow" gives the example too."""
+    settings_path = server.data_dir / "user" / "default" / "comfy.settings.json"
+    settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.exists() else {}
+    settings_path.parent.mkdir(parents=True, exist_ok=True)
+    settings_path.write_text(json.dumps({**settings, "Comfy.TutorialCompleted": True}), encoding="utf-8")
+    context = new_context(browser, [])
+    try:
+        session = Editor(context.new_page(), server)
+        page = session.page
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        page.on("pageerror", lambda error: session.page_errors.append(str(error)))
+        response = page.goto(server.url + "/")
+        assert response.ok and response.request.redirected_from is None, \
+            f"a returning user's GET / answered {response.status} at {response.url}"
+        session.wait_until("window.app && window.app.graph && window.app.vueAppReady", "the editor did not boot")
+        page.locator("#splash-loader").wait_for(state="hidden")
+        session.wait_until("app.graph.nodes.length > 0", "the editor opened an empty graph")
+        missing = page.evaluate("() => app.graph.nodes.map(n => n.type)"
+                                ".filter(t => !(t in LiteGraph.registered_node_types))")
+        assert missing == [], f"the editor opened on node types this server lacks: {missing}"
+        assert session.graph() == canonical(graph_summary(EXAMPLE)), \
+            f"the first graph is not workflows/{EXAMPLE_NAME}.json"
+        session.screenshot("6_returning_user_new_browser")
+
+        with page.expect_response(lambda r: urlsplit(r.url).path == "/api/prompt"
+                                  and r.request.method == "POST") as info:
+            page.get_by_test_id("queue-button").click()
+        assert info.value.status == 200, f"POST /api/prompt answered {info.value.status}: {info.value.text()}"
+        session.wait_until("(id) => app.nodeOutputs[id]?.images?.length > 0", "the example's run showed no image",
+                           SAVE_NODE, RUN_TIMEOUT_MS)
+
+        page.evaluate("() => app.extensionManager.command.execute('Comfy.NewBlankWorkflow')")
+        session.wait_until("app.graph.nodes.length == 0", "Comfy.NewBlankWorkflow did not open an empty graph")
+        page.evaluate("() => app.extensionManager.command.execute('Comfy.LoadDefaultWorkflow')")
+        session.wait_until("app.graph.nodes.length > 0", "Load Default Workflow opened an empty graph")
+        assert session.graph() == canonical(graph_summary(EXAMPLE)), "Load Default Workflow is not the example"
+        assert session.page_errors == [], f"uncaught errors in the page: {session.page_errors}"
+    finally:
+        context.close()
 
 
 def test_no_console_errors_or_failed_responses_from_our_routes(editor: Editor):

@@ -1,8 +1,10 @@
 """The server's routes and websocket, through aiohttp's test client on a real loopback server."""
 
+import dataclasses
 import io
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from nodes.correspondence.features import FeatureMaps
 from serving import Steps, connect, make_app, messages_until_done, png_bytes, queue, solid_prompt
 from web import server
 from web.server import UUID_RE
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -83,6 +87,17 @@ async def test_a_new_user_starts_on_the_example_workflow(client):
     assert first.status == 302 and first.headers["Location"] == "./?template=text_to_image&source=atelier"
     await client.post("/api/settings/Comfy.TutorialCompleted", data="true")
     assert (await client.get("/", allow_redirects=False)).status == 200
+
+
+async def test_the_fallback_graph_is_the_first_workflow_or_null(client, aiohttp_client, tmp_path):
+    """What js/atelier.js shows in place of the frontend's default graph: the example, or null (a blank graph)."""
+    graph = await (await client.get("/api/atelier/default_graph")).json()
+    assert graph == json.loads((ROOT / "workflows" / "text_to_image.json").read_text(encoding="utf-8"))
+    app = make_app(tmp_path / "no_example")
+    app[server.CONFIG] = dataclasses.replace(app[server.CONFIG], first_workflow=None)
+    bare = await aiohttp_client(app)
+    response = await bare.get("/api/atelier/default_graph")
+    assert response.status == 200 and await response.json() is None
 
 
 async def test_unknown_routes_are_404_not_500(client):

@@ -365,6 +365,17 @@ async def _index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(os.path.join(frontend_root(), "index.html"), headers={"Cache-Control": "no-cache"})
 
 
+@routes.get("/atelier/default_graph")
+async def default_graph(request: web.Request) -> web.StreamResponse:
+    """The graph the editor shows when it has none of the user's: ``js/atelier.js`` puts it in place of the
+    frontend's built-in default graph, whose nodes this server lacks. It is the new user's first workflow, or
+    null when the server names none (the editor then opens a blank graph)."""
+    first = request.app[CONFIG].first_workflow
+    if first is None:
+        return web.json_response(None)
+    return web.FileResponse(os.path.join(files.WORKFLOWS_DIR, f"{first}.json"), headers={"Cache-Control": "no-cache"})
+
+
 async def _core_templates(request: web.Request) -> web.Response:
     """The core template index: we ship none of ComfyUI's templates, so it is empty, not missing."""
     return web.json_response({} if request.path.endswith("index_logo.json") else [])

@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from nodes.common.paths import PathOutsideFolderError, atomic_write, confine
@@ -134,7 +135,10 @@ def _reencode(path: str, preview: str | None, channel: str, max_pixels: int) -> 
 
 async def _read_upload(request: web.Request) -> tuple[bytes, str, str, str, bool, Any]:
     """The multipart upload's image bytes, file name, folder kind, subfolder, overwrite flag and whole form."""
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (HttpProcessingError, ValueError) as error:  # a part header with control characters, a bad boundary
+        raise json_error(web.HTTPBadRequest, f"the body is not a valid multipart form: {error}") from None
     image = form.get("image")
     if not isinstance(image, web.FileField):
         raise json_error(web.HTTPBadRequest, "the form needs an 'image' file field")

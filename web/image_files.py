@@ -36,9 +36,9 @@ SAVE_COMPRESS_LEVEL = 4  # ComfyUI's SaveImage level: smaller files than 1 at a 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens 16-bit greyscale (PNG, TIFF)
 SIXTEEN_BIT_MAX = 65535
-# Saving converts an image to 8 bits a band of rows at a time: about 16 MB of float32 each, where a whole
-# 16384² image would need three 3 GiB copies.
-SAVE_BAND_VALUES = 1 << 22
+# Saving converts an image to 8 bits a band of rows at a time: 4 MB of float32 each, where a whole 16384² image
+# took three 3 GiB copies.
+SAVE_BAND_VALUES = 1 << 20
 SINGLE_IMAGE_FORMATS = ("MPO",)  # an MPO's extra images are stereo views or depth maps, not frames of a batch
 
 
@@ -219,7 +219,7 @@ def _as_8_bit(image: torch.Tensor) -> Image.Image:
     result = Image.new("RGB", (image.shape[1], image.shape[0]))
     top = 0
     for band in _row_bands(image.detach()):
-        levels = (band.to("cpu", torch.float32).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        levels = band.to("cpu", torch.float32, copy=True).clamp_(0, 1).mul_(255).round_().to(torch.uint8).numpy()
         result.paste(Image.fromarray(levels), (0, top))
         top += band.shape[0]
     return result

@@ -92,6 +92,9 @@ def validate_prompt(prompt: Any, node_classes: Mapping[str, type],
             return _refused(prompt_error("invalid_prompt",
                                          "Cannot execute because a node is missing the class_type property.",
                                          f"Node ID '#{node_id}'"))
+        if not isinstance(node["class_type"], str):
+            return _refused(prompt_error("invalid_prompt", "A node's class_type must be a string",
+                                         f"Node ID '#{node_id}': got {type(node['class_type']).__name__}"))
         if not isinstance(node.get("inputs", {}), dict):
             return _refused(prompt_error("invalid_prompt", "A node's inputs must be an object",
                                          f"Node ID '#{node_id}'"))

@@ -52,8 +52,9 @@ from bench.embedded_model import DEFAULT_CFG, NodeGenerator, accuracy  # noqa: E
 from nodes.embedded.dataset import Scene, held_out_captions, random_scene  # noqa: E402
 from nodes.embedded.train import SHIPPED_NAME  # noqa: E402
 from nodes.models.loading import SHIPPED_MODELS  # noqa: E402
-from nodes.router.routing import (Router, fit_router, pooled_text_embeddings, route_batch,  # noqa: E402
-                                  route_single)
+from nodes.router.embeddings import pooled_text_embeddings  # noqa: E402
+from nodes.router.fitting import fit_router  # noqa: E402
+from nodes.router.routing import Router, route_batch, route_single  # noqa: E402
 
 logger = logging.getLogger("bench.router")
 SYNTHETIC_PROMPTS, SYNTHETIC_DIM = 1000, 768  # the issue's 1000 prompts; SD1's pooled CLIP width

@@ -106,3 +106,52 @@ def test_doctests(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
     assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"
+
+
+SHARED_LAYERS = {"common", "models", "sampling"}
+
+
+def _imported_packages(path: str) -> set[str]:
+    """The ``nodes`` subpackages a module under nodes/ imports (relative imports resolved), and "web" if it does."""
+    import ast
+
+    package = os.path.relpath(os.path.dirname(path), os.path.join(ROOT, "nodes")).split(os.sep)
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found.update("web" for alias in node.names if alias.name.split(".")[0] == "web")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.update({"web"} & {(node.module or "").split(".")[0]})
+        elif isinstance(node, ast.ImportFrom):  # relative: level 1 is this package, each level more one folder up
+            parts = [*package[:len(package) - node.level + 1], *(node.module.split(".") if node.module else [])]
+            found.update(parts[:1])
+    return found
+
+
+def test_techniques_import_only_the_shared_layers_and_nodes_never_imports_web():
+    """The layering rule (DEVELOPERS.md): techniques import common, models and sampling, never each other;
+    the shared layers import no technique; nothing under nodes/ imports web/."""
+    nodes_dir = os.path.join(ROOT, "nodes")
+    packages = {name for name in os.listdir(nodes_dir) if os.path.isfile(os.path.join(nodes_dir, name, "__init__.py"))}
+    assert SHARED_LAYERS <= packages
+    problems = []
+    for package in sorted(packages):
+        for folder, _, files in os.walk(os.path.join(nodes_dir, package)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                for target in _imported_packages(path) - {package}:
+                    if target == "web" or (target in packages and target not in SHARED_LAYERS) or (
+                            package in SHARED_LAYERS and target not in SHARED_LAYERS and target in packages):
+                        problems.append(f"{os.path.relpath(path, ROOT)} imports {target}")
+    assert problems == []
+
+
+def test_the_layering_check_catches_a_technique_importing_another(tmp_path, monkeypatch):
+    module = tmp_path / "nodes" / "panorama" / "bad.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("from ..highres.tiling import TileSettings\nfrom ..common.images import to_channels_first\n"
+                      "from web.server import make_app\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    assert _imported_packages(str(module)) == {"highres", "common", "web"}

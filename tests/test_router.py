@@ -22,9 +22,11 @@ from nodes.router import routing
 from nodes.models.loading import UnsafeModelFormatError
 from nodes.router.nodes import (AtelierFitRouter, AtelierLoadRouter, AtelierLoadSentenceEncoder, AtelierRoutePrompt,
                                 AtelierRoutePrompts, AtelierRouteSwitch, AtelierSaveRouter, parse_variants)
-from nodes.router.routing import (Router, budget_marginals, cosine_similarity, fit_prototypes, fit_router,
-                                  load_router, pooled_text_embeddings, repair_to_budget, route_batch, route_single,
-                                  save_router, sentence_embeddings, sinkhorn)
+from nodes.router.embeddings import pooled_text_embeddings, sentence_embeddings
+from nodes.router.fitting import fit_prototypes, fit_router
+from nodes.router.router_files import load_router, save_router
+from nodes.router.routing import (Router, budget_marginals, cosine_similarity, repair_to_budget, route_batch,
+                                  route_single, sinkhorn)
 from web.executor import Executor
 from web.folders import DataFolders
 from web.registry import node_classes

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from nodes.common.checks import range_errors
 from nodes.common.denoiser import DiffusersCodec
+from nodes.common.images import to_channels_first, to_channels_last
 from nodes.common.limits import MAX_BATCH, MAX_RESOLUTION
 from nodes.common.tiled_vae import tiled_decode, tiled_encode
 
@@ -56,9 +57,7 @@ def _latent(latent: dict, name: str = "samples") -> torch.Tensor:
 
 
 def _image_to_channels_first(pixels: torch.Tensor) -> torch.Tensor:
-    if pixels.ndim != 4 or pixels.shape[-1] < 3:
-        raise ValueError(f"pixels must be an IMAGE of shape (B, H, W, 3); got {tuple(pixels.shape)}")
-    return pixels[..., :3].movedim(-1, 1)
+    return to_channels_first(pixels, "pixels")[:, :3]
 
 
 def crop_to_multiple(pixels: torch.Tensor, factor: int) -> torch.Tensor:
@@ -179,7 +178,7 @@ class VAEDecode:
                              "vae": ("VAE", {"tooltip": "The VAE model used for decoding the latent."})}}
 
     def decode(self, vae: DiffusersCodec, samples: dict) -> tuple[torch.Tensor]:
-        return (vae.decode(_latent(samples)).cpu().movedim(1, -1),)
+        return (to_channels_last(vae.decode(_latent(samples)).cpu()),)
 
 
 class VAEDecodeTiled:
@@ -208,7 +207,7 @@ class VAEDecodeTiled:
             overlap = tile_size // 4
         factor = vae.downscale
         image = tiled_decode(vae, _latent(samples), tile_size // factor, overlap // factor)
-        return (image.cpu().movedim(1, -1),)
+        return (to_channels_last(image.cpu()),)
 
 
 class VAEEncode:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.denoiser import Conditioning, LatentCodec, NoiseSchedule
+from ..sampling.latents import seeded_noise
 
 # Source: sd-dino, --SIZE 960 (SD input) and 840 (DINOv2 input, 60×60 tokens of ViT-B/14).
 SD_IMAGE_SIZE = 960
@@ -194,7 +195,7 @@ def sd_unet_features(unet: torch.nn.Module, codec: LatentCodec, schedule: NoiseS
     modules = sd_layer_modules(unet, tuple(layers))
     pixels = resize_image(image.float(), fit_size(*image.shape[-2:], size, SD_SIDE_MULTIPLE))
     latent = (codec.encode(pixels) - codec.shift_factor) * codec.scaling_factor
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed)).to(latent.device)
+    noise, _ = seeded_noise(seed, tuple(latent.shape), device=latent.device, dtype=latent.dtype)
     alpha_bar = float(schedule.alphas_cumprod[timestep])
     x_t = math.sqrt(alpha_bar) * latent + math.sqrt(1 - alpha_bar) * noise
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..common.denoiser import DiffusersCodec
+from ..common.images import to_channels_first
 from ..common.limits import MAX_SEED
 from ..common.progress import progress
 from ..models.loading import list_models, load_transformers_folder, resolve_model_path
@@ -55,7 +56,7 @@ class DinoBackbone:
 def _image(image: torch.Tensor, name: str) -> torch.Tensor:
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[-1] != 3:
         raise ValueError(f"{name} must be one RGB image of shape (1, H, W, 3); got {tuple(image.shape)}")
-    return image.permute(0, 3, 1, 2)
+    return to_channels_first(image, name)
 
 
 def _mask(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator
 
 import torch
 
 from ..common.checks import range_errors
 from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
+from ..common.images import to_channels_first
 from ..common.paths import confine
 from ..common.tiled_vae import DECODE_PRECISIONS, decode_dtype, tiled_decode
 from ..common.limits import MAX_CFG, MAX_RESOLUTION, MAX_SEED, MAX_STEPS
-from ..models.loading import LoadedModel, check_safetensors, comfy_folder_paths, files_under
+from ..models.loading import LoadedModel, check_safetensors, files_under
 from ..models.refs import ModelRef, ModelsFolder
 from ..sampling.generate import generate
 from ..sampling.guidance import to_conditioning
@@ -174,10 +174,7 @@ class AtelierLoadLinFusion(ModelsFolder):
 
     @classmethod
     def linfusion_folder(cls) -> str | None:
-        if cls.models_dir is not None:
-            return os.path.join(cls.models_dir, LINFUSION_FOLDER)
-        folder_paths = comfy_folder_paths()
-        return None if folder_paths is None else os.path.join(folder_paths.models_dir, LINFUSION_FOLDER)
+        return cls.models_subfolder(LINFUSION_FOLDER)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
@@ -257,7 +254,7 @@ class AtelierTiled16KGenerator:
                                              settings, loaded.device)
         vae_tile = vae_tile_size // vae.downscale
         image = torch.empty(1, height, width, 3)  # the IMAGE itself: tiles stream into it, no second copy
-        tiled_decode(vae, latent.cpu(), vae_tile, vae_tile // VAE_OVERLAP_DIVISOR, out=image.permute(0, 3, 1, 2),
+        tiled_decode(vae, latent.cpu(), vae_tile, vae_tile // VAE_OVERLAP_DIVISOR, out=to_channels_first(image),
                      dtype=decode_dtype(vae_precision, vae))
         return image, "\n".join(report.line() for report in reports)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
 from typing import ClassVar
 
-from .loading import LoadedModel
+from .loading import LoadedModel, comfy_folder_paths
 from .lora import LoraSpec, set_loras
 
 
@@ -42,7 +43,32 @@ class ModelRef:
             yield self.model
 
 
+def models_subfolder(models_dir: str | None, name: str, purpose: str | None = None) -> str | None:
+    """``models_dir/name`` in the standalone app, ComfyUI's ``models/name`` inside ComfyUI.
+
+    Args:
+        models_dir: the folder the standalone app bound, or None inside ComfyUI.
+        name: the kind's folder ("linfusion", "routers", "watermark_keys", ...).
+        purpose: what the folder is for, to name in the error when there is none; None returns None instead.
+    Raises:
+        ValueError: no models folder is known and ``purpose`` was given.
+    """
+    if models_dir is not None:
+        return os.path.join(models_dir, name)
+    folder_paths = comfy_folder_paths()
+    if folder_paths is not None:
+        return os.path.join(folder_paths.models_dir, name)
+    if purpose is not None:
+        raise ValueError(f"no models folder for {purpose}: pass --models-dir (standalone) or run inside ComfyUI")
+    return None
+
+
 class ModelsFolder:
     """Nodes that list model files; the standalone app binds ``models_dir``, inside ComfyUI it stays None."""
 
     models_dir: ClassVar[str | None] = None
+
+    @classmethod
+    def models_subfolder(cls, name: str, purpose: str | None = None) -> str | None:
+        """This node's ``models/name`` folder (see :func:`models_subfolder`)."""
+        return models_subfolder(cls.models_dir, name, purpose)

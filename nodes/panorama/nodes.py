@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
+from ..common.images import to_channels_first, to_channels_last
 from ..common.limits import MAX_SEED
 from ..models.refs import ModelRef
 from ..sampling.guidance import to_conditioning
@@ -25,14 +26,6 @@ MAX_ERP_HEIGHT = 8192  # ComfyUI's MAX_RESOLUTION 16384 is the width of the larg
 MIN_FOV, MAX_FOV = 1.0, 179.0  # the gnomonic projection needs a FOV strictly inside (0°, 180°)
 MAX_FREQUENCY = 200.0  # beyond this an 8192-high ERP aliases the synthetic texture
 LAYOUT_TYPE = "ATELIER_PLANE_LAYOUT"
-
-
-def _bchw(image: torch.Tensor) -> torch.Tensor:
-    return image.permute(0, 3, 1, 2)
-
-
-def _bhwc(image: torch.Tensor) -> torch.Tensor:
-    return image.permute(0, 2, 3, 1).contiguous()
 
 
 def _format_coverage(report: dict[str, float], height: int) -> str:
@@ -95,8 +88,8 @@ class AtelierERPToPlanes:
         }}
 
     def project(self, panorama: torch.Tensor, layout: PlaneLayout, mode: str) -> tuple[torch.Tensor]:
-        planes = erp_to_planes(_bchw(panorama), layout, mode)
-        return (_bhwc(planes.flatten(0, 1)),)
+        planes = erp_to_planes(to_channels_first(panorama), layout, mode)
+        return (to_channels_last(planes.flatten(0, 1)),)
 
 
 class AtelierPlanesToERP:
@@ -121,8 +114,8 @@ class AtelierPlanesToERP:
     def merge(self, planes: torch.Tensor, layout: PlaneLayout, erp_height: int, mode: str) -> tuple[torch.Tensor]:
         if planes.shape[0] % layout.count:
             raise ValueError(f"planes must be a multiple of the layout's {layout.count} planes; got {planes.shape[0]}")
-        grouped = _bchw(planes).unflatten(0, (-1, layout.count))
-        return (_bhwc(planes_to_erp(grouped, layout, erp_height, mode)),)
+        grouped = to_channels_first(planes).unflatten(0, (-1, layout.count))
+        return (to_channels_last(planes_to_erp(grouped, layout, erp_height, mode)),)
 
 
 class AtelierPanoramaMetrics:
@@ -146,8 +139,8 @@ class AtelierPanoramaMetrics:
         if panorama.shape != reference.shape:
             raise ValueError(f"reference must have the panorama's shape {tuple(panorama.shape)}; got "
                              f"{tuple(reference.shape)}")
-        psnr = ws_psnr(_bchw(panorama).double(), _bchw(reference).double())
-        ssim = ws_ssim(_bchw(panorama).double(), _bchw(reference).double())
+        psnr = ws_psnr(to_channels_first(panorama).double(), to_channels_first(reference).double())
+        ssim = ws_ssim(to_channels_first(panorama).double(), to_channels_first(reference).double())
         report = "\n".join(f"image {i}: WS-PSNR {p:.2f} dB, WS-SSIM {s:.4f}"
                            for i, (p, s) in enumerate(zip(psnr.tolist(), ssim.tolist())))
         return {"ui": {"text": [report]}, "result": (psnr.mean().item(), ssim.mean().item(), report)}
@@ -172,7 +165,7 @@ class AtelierSyntheticPanorama:
         }}
 
     def make(self, erp_height: int, frequency: float) -> tuple[torch.Tensor]:
-        return (_bhwc(synthetic_panorama(erp_height, frequency)),)
+        return (to_channels_last(synthetic_panorama(erp_height, frequency)),)
 
 
 class AtelierGDProject:
@@ -199,7 +192,7 @@ class AtelierGDProject:
         if scale < 1 or image.shape[1:3] != (low_res.shape[1] * scale, low_res.shape[2] * scale):
             raise ValueError(f"image must be an integer multiple of low_res's size; got {tuple(image.shape[1:3])} "
                              f"and {tuple(low_res.shape[1:3])}")
-        return (_bhwc(gd_project(_bchw(image).double(), _bchw(low_res).double(), scale, strength).float()),)
+        return (to_channels_last(gd_project(to_channels_first(image).double(), to_channels_first(low_res).double(), scale, strength).float()),)
 
 
 MAX_SCALE = 8  # OmniSSR evaluates ×2 and ×4; beyond ×8 the planes carry too little of the input
@@ -251,12 +244,12 @@ class AtelierOmniSSR:
         if panorama.shape[2] != 2 * panorama.shape[1]:
             raise ValueError(f"panorama must be twice as wide as high; got {tuple(panorama.shape[1:3])}")
         with model.in_use() as loaded:
-            result = omnissr_super_resolve(DiffusersDenoiser(loaded.unet, loaded.schedule), vae, _bchw(panorama),
+            result = omnissr_super_resolve(DiffusersDenoiser(loaded.unet, loaded.schedule), vae, to_channels_first(panorama),
                                            scale, layout, to_conditioning(positive, loaded.family, "positive"),
                                            to_conditioning(negative, loaded.family, "negative"), cfg, steps,
                                            strength, every_k,
                                            gamma_l, gamma_e, torch.Generator().manual_seed(seed))
-        return (_bhwc(result),)
+        return (to_channels_last(result),)
 
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {

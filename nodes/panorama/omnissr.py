@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..common.denoiser import Conditioning, DiffusersCodec, Denoiser, guided_eps
 from ..common.progress import check_interrupt, progress
+from ..sampling.latents import seeded_noise
 from .fidelity import gd_project
 from .projection import PlaneLayout, erp_to_planes, planes_to_erp
 
@@ -47,6 +48,7 @@ def omnissr_super_resolve(denoiser: Denoiser, codec: DiffusersCodec, low_res: to
     if steps < 1 or every_k < 1 or not 0 < strength <= 1 or not 0 <= gamma_l <= 1:
         raise ValueError(f"steps and every_k must be >= 1, strength in (0, 1], gamma_l in [0, 1]; got steps "
                          f"{steps}, every_k {every_k}, strength {strength}, gamma_l {gamma_l}")
+    low_res = low_res.to(codec.vae.device, torch.float32)  # GD meets the decoded planes on the VAE's device
     batch, height = low_res.shape[0], low_res.shape[-2] * scale
     high_res = F.interpolate(low_res, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
 
@@ -63,7 +65,7 @@ def omnissr_super_resolve(denoiser: Denoiser, codec: DiffusersCodec, low_res: to
     start = round(strength * (schedule.num_train_timesteps - 1))
     timesteps = torch.linspace(start, 0, steps, dtype=torch.float64).round().long()
     alpha = schedule.alphas_cumprod.to(z)
-    noise = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    noise, _ = seeded_noise(generator, tuple(z.shape), device=z.device, dtype=z.dtype)
     x = alpha[timesteps[0]].sqrt() * z + (1 - alpha[timesteps[0]]).sqrt() * noise
     for i, t in enumerate(timesteps):
         check_interrupt()

@@ -21,11 +21,13 @@ import torch
 from ..common.limits import MAX_SEED
 from ..common.paths import confine
 from ..models.clip import Clip
-from ..models.loading import comfy_folder_paths, files_under, list_models, load_transformers_folder, resolve_model_path
+from ..models.loading import files_under, list_models, load_transformers_folder, resolve_model_path
 from ..models.refs import ModelsFolder
-from .routing import (FIT_METHODS, Router, SentenceEncoder, fit_router, load_router, pooled_text_embeddings,
-                      route_batch, sentence_embeddings, sentence_encoder_pooling,
-                      route_single, save_router, token_lengths)
+from .embeddings import (SentenceEncoder, pooled_text_embeddings, sentence_embeddings, sentence_encoder_pooling,
+                         token_lengths)
+from .fitting import FIT_METHODS, fit_router
+from .router_files import load_router, save_router
+from .routing import Router, route_batch, route_single
 
 CATEGORY = "atelier/router"
 MAX_BRANCHES = 8  # Source: APTP's shipped configs use K = 8 architecture codes; Route Switch has 8 inputs
@@ -139,13 +141,7 @@ class _RoutersFolder(ModelsFolder):
 
     @classmethod
     def routers_folder(cls) -> str:
-        if cls.models_dir is not None:
-            return os.path.join(cls.models_dir, ROUTERS_FOLDER)
-        folder_paths = comfy_folder_paths()
-        if folder_paths is None:
-            raise ValueError("no models folder for router files: pass --models-dir (standalone) or run inside "
-                             "ComfyUI")
-        return os.path.join(folder_paths.models_dir, ROUTERS_FOLDER)
+        return cls.models_subfolder(ROUTERS_FOLDER, "router files")
 
     @classmethod
     def router_names(cls) -> list[str]:

@@ -12,8 +12,8 @@ with its codes.
 - A single prompt is routed by :func:`route_single`: the nearest prototype after a cost bias λ_single·c_k, whose
   strength was calibrated on the prompts the router was fitted on (:func:`single_prompt_bias`), so that routing
   those prompts one at a time meets the budget on average.
-- Prototypes are fitted from calibration prompts (:func:`fit_router`); a router is saved and loaded as
-  ``.safetensors`` (:func:`save_router`, :func:`load_router`), never pickled.
+- Prototypes are fitted from calibration prompts (:mod:`.fitting`); a router is saved and loaded as
+  ``.safetensors`` (:mod:`.router_files`), never pickled; prompts are embedded by :mod:`.embeddings`.
 
 Source: APTP (Ganjdanesh et al., "Not All Prompts Are Made Equal: Prompt-based Pruning of Text-to-Image
 Diffusion Models", ICLR 2025, arXiv 2406.12042); official code rezashkv/diffusion_pruning (commit d0709c3),
@@ -52,28 +52,17 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import json
 import logging
 import math
-import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
-
-from ..common.paths import atomic_write
-from ..models.text import CLIP_TOKENS, token_count
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Router", "cosine_similarity", "router_similarity", "budget_marginals", "hull_masses", "sinkhorn",
-    "repair_to_budget", "route_batch",
-    "single_prompt_bias", "route_single", "fit_prototypes", "fit_router", "save_router", "load_router",
-    "pooled_text_embeddings", "SentenceEncoder", "sentence_encoder_pooling", "sentence_embeddings", "token_lengths",
-    "BUDGET_TOLERANCE", "CLUSTER_METHODS", "FIT_METHODS",
+    "repair_to_budget", "route_batch", "single_prompt_bias", "route_single", "BUDGET_TOLERANCE",
 ]
 
 DEFAULT_EPSILON = 0.05  # Source: APTP quantizer.py, sinkhorn_epsilon default (SwAV's value)
@@ -87,12 +76,6 @@ TILT_SATURATION = 1000.0  # λ·(cost gap) at which exp(−λ·c) has underflowe
 BISECTION_STEPS = 60  # halvings of the λ interval; 2^-60 of it is below float64's resolution of λ
 BIAS_TABLE_POINTS = 101  # budgets at which λ_single is calibrated: steps of 1 % of the cost range
 BIAS_CHUNK_NUMBERS = 4_000_000  # biased similarities held at once while calibrating λ_single (32 MB)
-CLUSTER_METHODS = ("kmeans", "sinkhorn")  # fit_prototypes's clusterings
-FIT_METHODS = CLUSTER_METHODS + ("difficulty",)  # fit_router's: a clustering, or groups by difficulty
-MAX_FIT_ITERATIONS = 100  # Lloyd iterations; fits of a few thousand prompts settle in a few dozen
-ENCODE_BATCH = 64  # prompts per text-encoder call, which bounds memory on long prompt files
-ROUTER_FORMAT, ROUTER_VERSION = "atelier.router", "2"
-READABLE_VERSIONS = ("1", "2")  # version 1 is version 2 without the optional centre and quality
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,18 +99,18 @@ class Router:
     quality: torch.Tensor | None = None  # (K,)
 
     def __post_init__(self) -> None:
-        _check_matrix(self.prototypes, "prototypes")
+        check_matrix(self.prototypes, "prototypes")
         if self.quality is not None and (self.quality.shape != self.prototypes.shape[:1]
                                          or not bool(torch.isfinite(self.quality).all())):
             raise ValueError(f"quality must hold one finite number per prototype ({self.prototypes.shape[0]}); got "
                              f"shape {tuple(self.quality.shape)}")
         if self.centre is not None:
-            _check_matrix(self.centre[None], "centre")
+            check_matrix(self.centre[None], "centre")
             if self.centre.shape != self.prototypes.shape[1:]:
                 raise ValueError(f"centre must have the prototypes' dimension {self.prototypes.shape[1]}; got "
                                  f"shape {tuple(self.centre.shape)}")
         count = self.prototypes.shape[0]
-        _check_costs(self.costs)
+        check_costs(self.costs)
         if self.costs.shape[0] != count or len(self.labels) != count:
             raise ValueError(f"a router needs one cost and one label per prototype; got {count} prototypes, "
                              f"{self.costs.shape[0]} costs and {len(self.labels)} labels")
@@ -141,7 +124,7 @@ class Router:
 
 # --- checks -----------------------------------------------------------------------------------------------------------
 
-def _check_matrix(x: torch.Tensor, name: str) -> None:
+def check_matrix(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must have shape (rows >= 1, dim >= 1); got {shape}")
@@ -149,7 +132,7 @@ def _check_matrix(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be finite; got NaN or infinite values")
 
 
-def _check_costs(costs: torch.Tensor) -> None:
+def check_costs(costs: torch.Tensor) -> None:
     if not isinstance(costs, torch.Tensor) or costs.ndim != 1 or costs.shape[0] < 1:
         shape = tuple(costs.shape) if isinstance(costs, torch.Tensor) else type(costs).__name__
         raise ValueError(f"costs must have shape (K,) with K >= 1; got {shape}")
@@ -165,14 +148,14 @@ def _check_budget(costs: torch.Tensor, budget: float) -> None:
 
 
 def _check_similarity(similarity: torch.Tensor, costs: torch.Tensor) -> None:
-    _check_matrix(similarity, "similarity")
-    _check_costs(costs)
+    check_matrix(similarity, "similarity")
+    check_costs(costs)
     if similarity.shape[1] != costs.shape[0]:
         raise ValueError(f"similarity has {similarity.shape[1]} columns but there are {costs.shape[0]} costs; "
                          f"they must match")
 
 
-def _unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+def unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
         raise ValueError(f"{name} row {int((norms[:, 0] == 0).nonzero()[0])} is all zeros; a direction is needed")
@@ -196,12 +179,12 @@ def cosine_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor) -> tor
         tensor([[1.0000, 0.0000],
                 [0.7071, 0.7071]], dtype=torch.float64)
     """
-    _check_matrix(embeddings, "embeddings")
-    _check_matrix(prototypes, "prototypes")
+    check_matrix(embeddings, "embeddings")
+    check_matrix(prototypes, "prototypes")
     if embeddings.shape[1] != prototypes.shape[1]:
         raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but prototypes {prototypes.shape[1]}; "
                          f"the router was fitted with another text encoder")
-    return _unit_rows(embeddings.double(), "embeddings") @ _unit_rows(prototypes.double(), "prototypes").T
+    return unit_rows(embeddings.double(), "embeddings") @ unit_rows(prototypes.double(), "prototypes").T
 
 
 def router_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor,
@@ -215,7 +198,7 @@ def router_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor,
         >>> router_similarity(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
         tensor([[0.6000, 0.4000]], dtype=torch.float64)
     """
-    _check_matrix(embeddings, "embeddings")
+    check_matrix(embeddings, "embeddings")
     if centre is not None and embeddings.shape[1] == centre.shape[0]:  # else cosine_similarity names the mismatch
         embeddings = embeddings.double() - centre.double()
     return cosine_similarity(embeddings, prototypes) * prototypes.double().norm(dim=1)
@@ -296,7 +279,7 @@ def hull_masses(costs: torch.Tensor, quality: torch.Tensor, budget: float) -> to
         >>> [round(mass, 4) for mass in masses.tolist()]  # the 4-step variant is not worth its saving
         [0.0, 0.6667, 0.3333]
     """
-    _check_costs(costs)
+    check_costs(costs)
     _check_budget(costs, budget)
     if quality.shape != costs.shape or not bool(torch.isfinite(quality).all()):
         raise ValueError(f"quality must hold one finite number per cost ({costs.shape[0]}); got shape "
@@ -353,7 +336,7 @@ def sinkhorn(similarity: torch.Tensor, masses: torch.Tensor, epsilon: float = DE
         >>> plan.sum(dim=0), plan.argmax(dim=1)
         (tensor([0.5000, 0.5000], dtype=torch.float64), tensor([0, 1]))
     """
-    _check_matrix(similarity, "similarity")
+    check_matrix(similarity, "similarity")
     if masses.ndim != 1 or masses.shape[0] != similarity.shape[1]:
         raise ValueError(f"masses must have shape ({similarity.shape[1]},); got {tuple(masses.shape)}")
     if bool((masses < 0).any()) or abs(float(masses.sum()) - 1) > 1e-9:
@@ -593,321 +576,3 @@ def route_single(embeddings: torch.Tensor, router: Router, budget: float) -> tor
     _check_budget(router.costs, budget)
     similarity = router_similarity(embeddings, router.prototypes, router.centre)
     return (similarity - _bias_at(router, budget) * router.costs).argmax(dim=1)
-
-
-# --- fitting prototypes -----------------------------------------------------------------------------------------------
-
-def _kmeans_plus_plus(points: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding on the unit sphere, with the cosine distance 1 − cos (Arthur & Vassilvitskii, 2007)."""
-    first = int(torch.randint(points.shape[0], (1,), generator=generator))
-    centres = [points[first]]
-    distance = 1 - points @ centres[0]
-    for _ in range(1, count):
-        weights = distance.clamp(min=0) ** 2
-        if float(weights.sum()) == 0:
-            raise ValueError(f"the prompts have fewer than {count} distinct embeddings; give more varied prompts "
-                             f"or fewer variants")
-        chosen = int(torch.multinomial(weights, 1, generator=generator))
-        centres.append(points[chosen])
-        distance = torch.minimum(distance, 1 - points @ centres[-1])
-    return torch.stack(centres)
-
-
-def _update_centres(points: torch.Tensor, weights: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """Weighted mean directions; a cluster with no weight keeps its previous centre."""
-    sums = weights.T @ points
-    norms = sums.norm(dim=1, keepdim=True)
-    return torch.where(norms > 0, sums / norms.clamp(min=torch.finfo(sums.dtype).tiny), previous)
-
-
-def fit_prototypes(embeddings: torch.Tensor, count: int, method: str, generator: torch.Generator,
-                   max_iterations: int = MAX_FIT_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster prompt embeddings into ``count`` groups on the unit sphere; the centres become prototypes.
-
-    Both methods seed with k-means++ from ``generator`` and alternate assignment and centre updates (centre =
-    the normalised mean of its members) until the assignment stops changing:
-
-    - "kmeans": each prompt joins its nearest centre (spherical k-means). Clusters follow the data, so a
-      frequent kind of prompt gets a large cluster.
-    - "sinkhorn": the assignment is the Sinkhorn plan with equal masses 1/K (APTP's balanced codes, ε 0.05),
-      and centres are the plan-weighted means, so clusters come out of about equal size.
-
-    Args:
-        embeddings: (N, D), N ≥ count, no row all zeros.
-        count: K ≥ 1 clusters.
-        method: "kmeans" or "sinkhorn".
-        generator: seeds the k-means++ draw; the same seed gives the same prototypes.
-        max_iterations: ≥ 1.
-    Returns:
-        (prototypes (K, D) with unit rows, float64; each prompt's cluster, (N,) int64).
-    Raises:
-        ValueError: an unknown method, K < 1, fewer prompts than K or fewer than K distinct embeddings.
-    Example:
-        >>> points = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]])
-        >>> prototypes, clusters = fit_prototypes(points, 2, "kmeans", torch.Generator().manual_seed(0))
-        >>> prototypes.shape, len(set(clusters[:2].tolist())), len(set(clusters.tolist()))
-        (torch.Size([2, 2]), 1, 2)
-    """
-    if method not in CLUSTER_METHODS:
-        raise ValueError(f"method must be one of {CLUSTER_METHODS}; got {method!r}")
-    _check_matrix(embeddings, "embeddings")
-    if not 1 <= count <= embeddings.shape[0]:
-        raise ValueError(f"count must be in [1, {embeddings.shape[0]}] (at least one prompt per cluster); got {count}")
-    if max_iterations < 1:
-        raise ValueError(f"max_iterations must be >= 1; got {max_iterations}")
-    points = _unit_rows(embeddings.double(), "embeddings")
-    centres = _kmeans_plus_plus(points, count, generator)
-    clusters = None
-    for _ in range(max_iterations):
-        similarity = points @ centres.T
-        if method == "kmeans":
-            new_clusters = similarity.argmax(dim=1)
-            weights = torch.nn.functional.one_hot(new_clusters, count).double()
-        else:
-            weights = sinkhorn(similarity, torch.full((count,), 1 / count, dtype=torch.float64))
-            new_clusters = weights.argmax(dim=1)
-        centres = _update_centres(points, weights, centres)
-        if clusters is not None and torch.equal(new_clusters, clusters):
-            break
-        clusters = new_clusters
-    return centres, clusters
-
-
-def fit_router(embeddings: torch.Tensor, difficulty: torch.Tensor, costs: torch.Tensor, labels: Sequence[str],
-               method: str, generator: torch.Generator, embedding: str = "",
-               quality: torch.Tensor | None = None) -> Router:
-    """Fit a router from calibration prompts: group them, give groups to variants by difficulty, calibrate λ.
-
-    1. The prompts fall into K groups, K = the number of variants, by ``method``:
-       - "kmeans" or "sinkhorn": :func:`fit_prototypes` clusters the embeddings, blind to difficulty;
-       - "difficulty": the prompts sorted by difficulty (ties by index) are cut into K groups of equal size.
-         Clusters of the embedding need not follow difficulty at all; these groups do by construction, so
-         their mean directions hold what the embedding knows of it (a nearest-class-mean rule). The router
-         then centres embeddings on the calibration mean: what all prompts share would otherwise swamp the
-         cosine, and what tells the groups apart is often a small part of the embedding.
-       A cluster's prototype is its members' mean direction; a group's is the mean of its members' unit
-       vectors, whose length says how much they agree (see :func:`router_similarity`).
-    2. Groups go to variants by ordering: the group with the i-th lowest mean difficulty goes to the variant
-       with the i-th lowest cost (ties by index). Groups carry no variant of their own, so some order is
-       needed; this one sends the prompts that need more compute to the variants that spend more, which is
-       what APTP's learned router does (it sends known-hard prompts to the higher-capacity codes).
-       ``difficulty`` is any per-prompt score: the prompt's token count needs nothing but the tokenizer;
-       ``router.md``'s option (a), the cost of the cheapest variant that already renders the prompt well,
-       needs one generation per variant.
-    3. λ_single is calibrated at 101 budgets across the cost range (:func:`single_prompt_bias`).
-
-    Departure: APTP learns its codes jointly with the pruned experts; ours are cluster centres of prompts,
-    with no training.
-
-    Args:
-        embeddings: (N, D) calibration prompt embeddings, N ≥ K.
-        difficulty: (N,) finite scores, higher = needs more compute.
-        costs: (K,) variant costs, each > 0, in branch order.
-        labels: K variant names, in branch order.
-        method: one of :data:`FIT_METHODS`: "kmeans", "sinkhorn" (see :func:`fit_prototypes`) or "difficulty".
-        generator: seeds the clustering ("difficulty" draws nothing).
-        embedding: which text encoder made the embeddings, recorded in the router.
-        quality: (K,) each variant's mean quality on the calibration prompts (when they were generated with
-            every variant, as option (a) does); a batch's column masses then come from it (:func:`hull_masses`).
-    Returns:
-        The router; prototype k belongs to variant k.
-    Raises:
-        ValueError: mismatched lengths, bad costs, an unknown method, or see :func:`fit_prototypes`.
-    Example:
-        >>> router = fit_router(torch.eye(3), torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0.9, 0.3, 0.6]),
-        ...                     ["full", "fast", "mid"], "kmeans", torch.Generator().manual_seed(0))
-        >>> route_single(torch.eye(3), router, 0.6).tolist()  # the hardest prompt to the dearest variant
-        [0, 1, 2]
-    """
-    _check_costs(costs)
-    count = costs.shape[0]
-    if len(labels) != count:
-        raise ValueError(f"labels must name each of the {count} variants; got {len(labels)} labels")
-    _check_matrix(embeddings, "embeddings")
-    if difficulty.shape != (embeddings.shape[0],) or not bool(torch.isfinite(difficulty).all()):
-        raise ValueError(f"difficulty must hold one finite score per prompt, shape ({embeddings.shape[0]},); got "
-                         f"{tuple(difficulty.shape)}")
-    difficulty, centre = difficulty.double(), None
-    if method == "difficulty":
-        if count > embeddings.shape[0]:
-            raise ValueError(f"give at least one calibration prompt per variant ({count}); got {embeddings.shape[0]}")
-        ranks = torch.empty(difficulty.shape[0], dtype=torch.int64)
-        ranks[torch.sort(difficulty, stable=True).indices] = torch.arange(difficulty.shape[0])
-        clusters = ranks * count // difficulty.shape[0]
-        centre = embeddings.double().mean(dim=0)
-        members = torch.nn.functional.one_hot(clusters, count).double()
-        centred = _unit_rows(embeddings.double() - centre, "centred embeddings")
-        centres = members.T @ centred / members.sum(dim=0)[:, None]
-    elif method in CLUSTER_METHODS:
-        centres, clusters = fit_prototypes(embeddings, count, method, generator)
-    else:
-        raise ValueError(f"method must be one of {FIT_METHODS}; got {method!r}")
-    members = torch.nn.functional.one_hot(clusters, count).double()
-    mean_difficulty = (members.T @ difficulty) / members.sum(dim=0).clamp(min=1)
-    prototypes = torch.empty_like(centres)
-    # stable sorts: equal difficulties and equal costs keep their index order, so the fit stays deterministic
-    prototypes[torch.sort(costs, stable=True).indices] = centres[torch.sort(mean_difficulty, stable=True).indices]
-    costs = costs.double()
-    similarity = router_similarity(embeddings, prototypes, centre)
-    budgets = torch.linspace(float(costs.min()), float(costs.max()), BIAS_TABLE_POINTS, dtype=torch.float64)
-    lambdas = single_prompt_bias(similarity, costs, budgets)
-    return Router(prototypes, costs, tuple(labels), budgets, lambdas, embedding, centre,
-                  None if quality is None else quality.double())
-
-
-# --- router files -----------------------------------------------------------------------------------------------------
-
-def save_router(router: Router, path: str | os.PathLike) -> None:
-    """Write ``router`` as a ``.safetensors`` file, atomically (readers see the old file or the whole new one).
-
-    Tensors: ``prototypes`` (K, D), ``costs`` (K,), ``bias_budgets`` and ``bias_lambdas`` (G,), and ``centre``
-    (D,) and ``quality`` (K,) when the router has them, all float64 so that a load gives back the same routes.
-    Metadata (strings): ``format`` "atelier.router", ``version``, ``labels`` (a JSON list) and ``embedding``.
-
-    Raises:
-        OSError: the folder is missing or not writable.
-    """
-    tensors = {"prototypes": router.prototypes, "costs": router.costs, "bias_budgets": router.bias_budgets,
-               "bias_lambdas": router.bias_lambdas}
-    for name in ("centre", "quality"):
-        if getattr(router, name) is not None:
-            tensors[name] = getattr(router, name)
-    metadata = {"format": ROUTER_FORMAT, "version": ROUTER_VERSION, "labels": json.dumps(list(router.labels)),
-                "embedding": router.embedding}
-    atomic_write(path, safetensors_bytes({name: t.double().contiguous() for name, t in tensors.items()}, metadata))
-
-
-def load_router(path: str | os.PathLike) -> Router:
-    """Read a router that :func:`save_router` wrote; nothing is unpickled.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a safetensors file, not a router, another version, or inconsistent tensors.
-    Example:
-        >>> import tempfile
-        >>> router = fit_router(torch.eye(2), torch.arange(2.0), torch.tensor([0.5, 1.0]), ["fast", "full"],
-        ...                     "kmeans", torch.Generator().manual_seed(0))
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     save_router(router, os.path.join(folder, "r.safetensors"))
-        ...     loaded = load_router(os.path.join(folder, "r.safetensors"))
-        >>> loaded.labels, torch.equal(loaded.prototypes, router.prototypes)
-        (('fast', 'full'), True)
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no router file {os.fspath(path)!r}")
-    try:
-        with safe_open(os.fspath(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
-    except SafetensorError as error:
-        raise ValueError(f"{os.fspath(path)!r} is not a safetensors file: {error}") from error
-    if metadata.get("format") != ROUTER_FORMAT or metadata.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"{os.fspath(path)!r} is not an Atelier router of version {ROUTER_VERSION}; its metadata "
-                         f"says format {metadata.get('format')!r}, version {metadata.get('version')!r}")
-    needed = {"prototypes", "costs", "bias_budgets", "bias_lambdas"}
-    if needed - tensors.keys():
-        raise ValueError(f"{os.fspath(path)!r} lacks the tensors {sorted(needed - tensors.keys())}")
-    try:
-        labels = json.loads(metadata.get("labels", ""))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{os.fspath(path)!r} has unreadable labels: {error}") from error
-    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise ValueError(f"{os.fspath(path)!r} labels must be a JSON list of strings; got {labels!r}")
-    return Router(tensors["prototypes"], tensors["costs"], tuple(labels), tensors["bias_budgets"],
-                  tensors["bias_lambdas"], metadata.get("embedding", ""), tensors.get("centre"),
-                  tensors.get("quality"))
-
-
-# --- prompt embeddings ------------------------------------------------------------------------------------------------
-
-def pooled_text_embeddings(tokenizers: Sequence, text_encoders: Sequence, prompts: Sequence[str]) -> torch.Tensor:
-    """One embedding per prompt: the pooled output of the pipeline's last text encoder.
-
-    SD1 and SD2 have one encoder and pool at the end token (``pooler_output``); SDXL's second encoder has a
-    projection, whose output (``text_embeds``) is what SDXL itself conditions on. Prompts are cut at 77 tokens:
-    the pooled vector reads the end token, which the encoder places at most at position 76.
-
-    Departure: APTP embeds prompts with all-mpnet-base-v2; the pipeline's own encoder needs no other model.
-
-    Args:
-        tokenizers, text_encoders: the model's, in its order (one each for SD1/SD2, two for SDXL).
-        prompts: one or more texts.
-    Returns:
-        (N, D) float32 on the CPU, where routing runs.
-    Raises:
-        ValueError: no prompts, or no encoder.
-    """
-    if not prompts:
-        raise ValueError("prompts must hold at least one prompt; got none")
-    if not tokenizers or not text_encoders:
-        raise ValueError("a tokenizer and a text encoder are needed to embed prompts")
-    tokenizer, text_encoder = tokenizers[-1], text_encoders[-1]
-    pooled = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), ENCODE_BATCH):
-            ids = tokenizer(list(prompts[start:start + ENCODE_BATCH]), padding="max_length", max_length=CLIP_TOKENS,
-                            truncation=True, return_tensors="pt")["input_ids"]
-            output = text_encoder(ids.to(text_encoder.device))
-            projected = getattr(output, "text_embeds", None)
-            pooled.append((output.pooler_output if projected is None else projected).float().cpu())
-    return torch.cat(pooled)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class SentenceEncoder:
-    """A local sentence-embedding model: a transformers encoder, its tokenizer, and how it pools its tokens."""
-
-    tokenizer: Any
-    model: torch.nn.Module
-    pooling: str  # "mean" over the real tokens (all-mpnet-base-v2, all-MiniLM-L6-v2) or "cls"
-    name: str  # shown in the routers fitted with it
-
-
-def sentence_encoder_pooling(folder: str | os.PathLike) -> str:
-    """How a sentence-transformers folder pools: "cls" when its ``1_Pooling/config.json`` says so, else "mean"
-    (what all-mpnet-base-v2, APTP's encoder, and a folder without that file use)."""
-    path = os.path.join(os.fspath(folder), "1_Pooling", "config.json")
-    if not os.path.isfile(path):
-        return "mean"
-    with open(path, encoding="utf-8") as file:
-        return "cls" if json.load(file).get("pooling_mode_cls_token") else "mean"
-
-
-def sentence_embeddings(encoder: SentenceEncoder, prompts: Sequence[str]) -> torch.Tensor:
-    """One embedding per prompt from a sentence encoder: its last hidden states pooled over the real tokens.
-
-    Routing compares directions only, so sentence-transformers' final normalisation is left out.
-
-    Returns:
-        (N, D) float32 on the CPU.
-    Raises:
-        ValueError: no prompts.
-    """
-    if not prompts:
-        raise ValueError("prompts must hold at least one prompt; got none")
-    device = next(encoder.model.parameters()).device
-    pooled = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), ENCODE_BATCH):
-            batch = encoder.tokenizer(list(prompts[start:start + ENCODE_BATCH]), padding=True, truncation=True,
-                                      return_tensors="pt").to(device)
-            hidden = encoder.model(**batch).last_hidden_state.float()
-            if encoder.pooling == "cls":
-                pooled.append(hidden[:, 0].cpu())
-                continue
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
-    return torch.cat(pooled)
-
-
-def token_lengths(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """Each prompt's length in tokens (start and end included, no cut): a difficulty score needing no model.
-
-    Example:
-        >>> class Words:  # a stand-in tokenizer: one token per word, plus start and end
-        ...     def __call__(self, text, truncation=False):
-        ...         return {"input_ids": [0, *range(len(text.split())), 1]}
-        >>> token_lengths(Words(), ["a cat", "a red cat on a mat"]).tolist()
-        [4.0, 8.0]
-    """
-    return torch.tensor([float(token_count(tokenizer, prompt)) for prompt in prompts], dtype=torch.float64)

@@ -1,5 +1,9 @@
-"""Samplers and schedules for the sampler node: diffusers' schedulers, HB/GHVB momentum, the F-scheduler, previews.
+"""Sampling, shared by the techniques and the standalone app's core nodes.
 
-``samplers.sample`` is the one entry point; ``previews.progress_reporter`` is the per-step callback a node gives it.
-Node classes belong in ``nodes.py`` beside this file; this package holds the maths only.
+ComfyUI's way (the KSampler nodes): ``model_sampling`` (the VE view of a model's schedule), ``sigmas`` (its
+schedulers), ``noise`` (its seeded noise and Brownian tree), ``k_samplers`` (its update rules and ``run_sampler``),
+``guidance`` (its CONDITIONING rules and classifier-free guidance) and ``guiders`` (the GUIDER a KSampler runs).
+Atelier's own samplers on diffusers' schedulers, for techniques that step on timesteps: ``samplers.sample`` with
+HB/GHVB momentum (``momentum``, ``dpm_solver``) and the F-scheduler (``schedules``), driven by ``generate``.
+``previews.progress_reporter`` is the per-step callback; this package holds no node classes.
 """

@@ -45,9 +45,12 @@ def upscale_latent(samples: torch.Tensor, height: int, width: int, method: str) 
     return F.interpolate(samples, size=(height, width), mode=method, antialias=antialias)
 
 
-def seeded_noise(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
-    """Gaussian noise from ``seed``, drawn on the CPU so a seed gives the same picture on every device, and the
-    generator that continues the same stream (for samplers that draw noise every step).
+def seeded_noise(seed: int | torch.Generator, shape: tuple[int, ...], *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Generator]:
+    """Gaussian noise from ``seed``, drawn on the CPU so a seed gives the same picture on every device, then moved
+    to ``device``; and the generator that continues the same stream (for samplers that draw noise every step).
+
+    ``seed`` may be a CPU generator already in use: the noise continues its stream.
 
     Example:
         >>> a, _ = seeded_noise(7, (1, 4, 2, 2))
@@ -55,5 +58,5 @@ def seeded_noise(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch
         >>> torch.equal(a, b), torch.equal(torch.randn(2, generator=generator), a.flatten()[:2])
         (True, False)
     """
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator), generator
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device), generator

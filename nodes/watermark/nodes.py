@@ -15,11 +15,11 @@ import secrets
 import torch
 
 from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
+from ..common.images import to_channels_first, to_channels_last
 from ..common.paths import atomic_write, confine
 from ..common.limits import MAX_SEED
 from ..models.clip import Clip
-from ..models.loading import comfy_folder_paths
-from ..models.refs import ModelRef, ModelsFolder
+from ..models.refs import ModelRef, ModelsFolder, models_subfolder
 from ..models.text import encode_prompt
 from ..sampling.latents import INITIAL_NOISE_KEY, seeded_noise
 from . import latent as generative
@@ -54,12 +54,7 @@ class WatermarkKey:
 
 
 def _keys_folder(models_dir: str | None) -> str:
-    if models_dir is not None:
-        return os.path.join(models_dir, KEYS_FOLDER)
-    folder_paths = comfy_folder_paths()
-    if folder_paths is None:
-        raise ValueError("no models folder for watermark keys: pass --models-dir (standalone) or run inside ComfyUI")
-    return os.path.join(folder_paths.models_dir, KEYS_FOLDER)
+    return models_subfolder(models_dir, KEYS_FOLDER, "watermark keys")
 
 
 def load_or_create_key(folder: str, name: str) -> WatermarkKey:
@@ -189,7 +184,7 @@ class AtelierWatermarkImage:
     def watermark(self, image: torch.Tensor, key: WatermarkKey, payload: str, strength: float
                   ) -> tuple[torch.Tensor]:
         bits = encode_text(payload, POSTHOC_DATA_BYTES, POSTHOC_PARITY_BYTES)
-        return (embed_posthoc(image.permute(0, 3, 1, 2), bits, key.secret, strength).permute(0, 2, 3, 1),)
+        return (to_channels_last(embed_posthoc(to_channels_first(image), bits, key.secret, strength)),)
 
 
 class AtelierJPEGAttack:
@@ -251,7 +246,7 @@ class AtelierDetectWatermark:
         if mode not in DETECT_MODES:
             raise ValueError(f"mode must be one of {DETECT_MODES}; got {mode!r}")
         expected = expected_payload or None
-        pixels = image.permute(0, 3, 1, 2)
+        pixels = to_channels_first(image)
         if mode == "post_hoc":
             found = detect_posthoc_payload(pixels, key.secret, expected, fpr)
         else:

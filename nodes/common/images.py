@@ -1,0 +1,30 @@
+"""ComfyUI's IMAGE layout and the one the maths uses: (B, H, W, C) on the sockets, (B, C, H, W) for torch ops.
+
+Example:
+    >>> image = torch.rand(2, 16, 24, 3)
+    >>> to_channels_first(image).shape, torch.equal(to_channels_last(to_channels_first(image)), image)
+    (torch.Size([2, 3, 16, 24]), True)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_channels_first(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """An IMAGE (B, H, W, C) as a view (B, C, H, W); writing to the view writes the IMAGE.
+
+    Raises:
+        ValueError: not a 4-D tensor with 1 to 4 channels last.
+    """
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or not 1 <= image.shape[-1] <= 4:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name} must be an IMAGE of shape (B, H, W, C); got {shape}")
+    return image.permute(0, 3, 1, 2)
+
+
+def to_channels_last(image: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, H, W) as a contiguous IMAGE (B, H, W, C)."""
+    if image.ndim != 4:
+        raise ValueError(f"images must have shape (B, C, H, W); got {tuple(image.shape)}")
+    return image.permute(0, 2, 3, 1).contiguous()

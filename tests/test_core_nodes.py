@@ -222,3 +222,40 @@ def test_clip_set_last_layer_changes_the_encoding(tiny):
     (skipped,) = CLIPSetLastLayer().set_last_layer(Clip(model), -2)
     assert not torch.allclose(skipped.encode("a red circle")[0][0], positive[0][0])
     assert math.isclose(float(Clip(model).encode("a red circle")[0][0].sum()), float(positive[0][0].sum()))
+
+
+def _gaussian_denoiser(x, sigma, **_):
+    """The exact x̂₀ for data N(0.3, 0.5²): a smooth, known model for comparing sampling functions."""
+    variance = 0.25
+    scale = sigma.reshape(-1, 1, 1, 1) ** 2
+    return 0.3 + (x - 0.3) * variance / (variance + scale)
+
+
+def test_ghvb_with_momentum_one_is_comfyuis_euler_and_momentum_changes_it():
+    from nodes.generation.nodes import AtelierMomentumSampler
+    from nodes.sampling.k_samplers import run_sampler
+
+    sigmas = torch.tensor([14.6, 6.0, 2.0, 0.7, 0.2, 0.0])
+    noise, latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 4, 8, 8)
+
+    def run(sampler):
+        return run_sampler(sampler, _gaussian_denoiser, MODEL_SAMPLING, sigmas, noise, latent, 0)
+
+    (ddim,) = AtelierMomentumSampler().get_sampler("ghvb", 1.0)
+    (ghvb,) = AtelierMomentumSampler().get_sampler("ghvb", 2.5)
+    (plms,) = AtelierMomentumSampler().get_sampler("hb_plms", 3.8)
+    euler = run(KSamplerSelect().get_sampler("euler")[0])
+    assert torch.equal(run(ddim), euler)
+    assert not torch.allclose(run(ghvb), euler) and not torch.allclose(run(plms), euler)
+    # every method converges to the data's mean on this smooth problem
+    assert abs(float(run(ghvb).mean()) - 0.3) < 0.1
+
+
+def test_f_scheduler_sigmas_are_the_schedules_truncated_grid(tiny):
+    from nodes.generation.nodes import AtelierFScheduler
+    from nodes.sampling.schedules import f_scheduler_schedule
+
+    model = tiny[0]
+    (sigmas,) = AtelierFScheduler().get_sigmas(model, 5)
+    _, expected = f_scheduler_schedule(model.model.schedule, 5, "sd1")
+    assert sigmas.shape == (6,) and torch.allclose(sigmas.double(), expected) and float(sigmas[-1]) > 0.1

@@ -90,7 +90,8 @@ def test_same_seed_same_bits_other_seed_other_image(setup):
 
 
 @pytest.mark.parametrize("sampler, scheduler, steps, atelier", [
-    ("euler_ancestral", "normal", 3, False), ("dpmpp_2m", "karras", 3, False), ("dpmpp_2m_sde", "exponential", 3, False),
+    ("euler_ancestral", "normal", 3, False), ("dpmpp_2m", "karras", 3, False),
+    ("dpmpp_2m_sde", "exponential", 3, False),
     ("uni_pc", "simple", 3, False), ("ghvb", "normal", 3, True), ("hb_dpmpp_2m", "f_scheduler", 5, True)])
 def test_samplers_run_end_to_end(setup, sampler, scheduler, steps, atelier):
     folders, executor = setup

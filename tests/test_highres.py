@@ -334,7 +334,8 @@ def test_tiled_sampler_node_equals_the_maths_and_reports_tile_calls(sd1):
     positive = Conditioning(torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(5)))
     negative = Conditioning(torch.zeros(1, 77, 32))
     latent, report = AtelierTiledSample().sample(
-        ModelRef(model), from_conditioning(positive), from_conditioning(negative), {"samples": torch.zeros(1, 4, 16, 24)}, seed=7, steps=3, cfg=4.0,
+        ModelRef(model), from_conditioning(positive), from_conditioning(negative), {"samples": torch.zeros(1, 4, 16, 24)},
+        seed=7, steps=3, cfg=4.0,
         sampler_name="euler", scheduler="normal", denoise=1.0, mode="shifted", tile_size=64, overlap=0,
         offset_stride=32, tile_batch_size=4)
     tiled = TiledDenoiser(denoiser, TileSettings("shifted", tile=8, overlap=0, tile_batch_size=4, offset_stride=4,

@@ -152,7 +152,7 @@ class Denoiser(Protocol):
 
 
 class LatentCodec(Protocol):
-    """A VAE: images (B, 3, H, W) in 0..1 to latents (B, C, H/f, W/f) and back, latents unscaled as ComfyUI keeps them."""
+    """A VAE: images (B, 3, H, W) in 0..1 to latents (B, C, H/f, W/f) and back, unscaled as ComfyUI keeps them."""
 
     latent_channels: int
     downscale: int  # f

@@ -10,6 +10,8 @@ not: diffusers' TCD, the heavy-ball momentum samplers (HB, GHVB, HB-DPM++2M) and
 
 from __future__ import annotations
 
+import torch
+
 from ..common.checks import range_errors
 from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
 from ..common.limits import MAX_CFG, MAX_SEED, MAX_STEPS
@@ -18,8 +20,11 @@ from ..models.refs import ModelRef
 from ..models.text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt
 from ..sampling.generate import generate
 from ..sampling.guidance import from_conditioning, to_conditioning
+from ..sampling.k_samplers import Sampler
 from ..sampling.latents import INITIAL_NOISE_KEY
+from ..sampling.momentum import MAX_ORDER, MOMENTUM_METHODS, sample_momentum
 from ..sampling.samplers import MOMENTUM_DEFAULTS, MOMENTUM_RANGES, SAMPLERS, SCHEDULERS, check_sampler_settings
+from ..sampling.schedules import F_SCHEDULER_STEPS, f_scheduler_schedule
 
 CATEGORY = "atelier/generation"
 MAX_MOMENTUM = max(high for _, high in MOMENTUM_RANGES.values())
@@ -120,6 +125,54 @@ class AtelierSampler:
         return ({**kept, "samples": latent.cpu()},)
 
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AtelierTextEncode, AtelierSampler)}
+class AtelierMomentumSampler:
+    DESCRIPTION = ("Heavy-ball momentum samplers (Wizadwongsa et al., ICLR 2024), as a SAMPLER for SamplerCustom: "
+                   "HB-PLMS and GHVB damp the divergence artifacts of few-step sampling at high guidance.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("The sampler, for SamplerCustom or SamplerCustomAdvanced.",)
+    FUNCTION = "get_sampler"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "method": (list(MOMENTUM_METHODS), {"tooltip": "hb_plms: momentum on PLMS; ghvb: the generalised heavy "
+                                                           "ball (the paper's recommendation)."}),
+            "momentum": ("FLOAT", {"default": MOMENTUM_DEFAULTS["ghvb"], "min": 0.05, "max": MAX_ORDER,
+                                   "step": 0.05, "round": 0.001,
+                                   "tooltip": "The momentum number m: order ceil(m), beta m - ceil(m) + 1; 1 is DDIM. "
+                                              f"Paper defaults: hb_plms {MOMENTUM_DEFAULTS['hb_plms']}, "
+                                              f"ghvb {MOMENTUM_DEFAULTS['ghvb']}."}),
+        }}
+
+    def get_sampler(self, method: str, momentum: float) -> tuple[Sampler]:
+        return (Sampler(sample_momentum, {"method": method, "momentum": momentum}, f"{method} (m={momentum:g})"),)
+
+
+class AtelierFScheduler:
+    DESCRIPTION = ("The F-scheduler's truncated schedule (\"Hyperparameters are all you need\"): 5, 6 or 8 steps that "
+                   "stop at a small non-zero noise level, as SIGMAS for SamplerCustom.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("The noise levels, ending at the schedule's s_end.",)
+    FUNCTION = "get_sigmas"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model whose training schedule to truncate (SD1, SD2 or SDXL)."}),
+            "steps": (list(F_SCHEDULER_STEPS), {"default": 8, "tooltip": "The paper's step counts."}),
+        }}
+
+    def get_sigmas(self, model: ModelRef, steps: int) -> tuple[torch.Tensor]:
+        loaded = model.model
+        _, sigmas = f_scheduler_schedule(loaded.schedule, int(steps), loaded.family)
+        return (sigmas.float(),)
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AtelierTextEncode, AtelierSampler, AtelierMomentumSampler,
+                                                     AtelierFScheduler)}
 NODE_DISPLAY_NAME_MAPPINGS = {"AtelierTextEncode": "Encode Long Prompt (LongAlign)",
-                              "AtelierSampler": "Sampler (Atelier: HB, GHVB, TCD, F-scheduler)"}
+                              "AtelierSampler": "Sampler (Atelier: HB, GHVB, TCD, F-scheduler)",
+                              "AtelierMomentumSampler": "Momentum Sampler (HB, GHVB)",
+                              "AtelierFScheduler": "F-Scheduler"}

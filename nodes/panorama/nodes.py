@@ -192,7 +192,8 @@ class AtelierGDProject:
         if scale < 1 or image.shape[1:3] != (low_res.shape[1] * scale, low_res.shape[2] * scale):
             raise ValueError(f"image must be an integer multiple of low_res's size; got {tuple(image.shape[1:3])} "
                              f"and {tuple(low_res.shape[1:3])}")
-        return (to_channels_last(gd_project(to_channels_first(image).double(), to_channels_first(low_res).double(), scale, strength).float()),)
+        projected = gd_project(to_channels_first(image).double(), to_channels_first(low_res).double(), scale, strength)
+        return (to_channels_last(projected.float()),)
 
 
 MAX_SCALE = 8  # OmniSSR evaluates ×2 and ×4; beyond ×8 the planes carry too little of the input
@@ -244,8 +245,8 @@ class AtelierOmniSSR:
         if panorama.shape[2] != 2 * panorama.shape[1]:
             raise ValueError(f"panorama must be twice as wide as high; got {tuple(panorama.shape[1:3])}")
         with model.in_use() as loaded:
-            result = omnissr_super_resolve(DiffusersDenoiser(loaded.unet, loaded.schedule), vae, to_channels_first(panorama),
-                                           scale, layout, to_conditioning(positive, loaded.family, "positive"),
+            result = omnissr_super_resolve(DiffusersDenoiser(loaded.unet, loaded.schedule), vae,
+                                           to_channels_first(panorama), scale, layout, to_conditioning(positive, loaded.family, "positive"),
                                            to_conditioning(negative, loaded.family, "negative"), cfg, steps,
                                            strength, every_k,
                                            gamma_l, gamma_e, torch.Generator().manual_seed(seed))

@@ -58,7 +58,8 @@ class Guider:
     def __post_init__(self) -> None:
         unknown = set(self.conds) - set(CONDITIONING_KINDS)
         if "positive" not in self.conds or unknown:
-            raise ValueError(f"a guider takes a positive and optionally a negative conditioning; got {sorted(self.conds)}")
+            raise ValueError(f"a guider takes a positive and optionally a negative conditioning; got "
+                             f"{sorted(self.conds)}")
 
     def sample(self, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Sampler, sigmas: torch.Tensor, *,
                denoise_mask: torch.Tensor | None = None, seed: int | None = None, preview: bool = True,

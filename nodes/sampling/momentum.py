@@ -169,3 +169,36 @@ class GeneralizedHeavyBall:
 
     def __call__(self, eps: torch.Tensor) -> torch.Tensor:
         return self._multistep(self._ball(eps))
+
+
+MOMENTUM_METHODS = {"hb_plms": PLMSHeavyBall, "ghvb": GeneralizedHeavyBall}
+
+
+@torch.no_grad()
+def sample_momentum(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
+                    disable: bool | None = None, *, method: str = "ghvb", momentum: float = 2.5) -> torch.Tensor:
+    """HB-PLMS or GHVB as a sampling function in the k-diffusion convention (a SAMPLER).
+
+    DDIM is Euler in the VE latents x = x_VP/√ᾱ against σ (``dx/dσ = ε``), so each step is x ← x + (σ_next − σ)·d
+    with the direction d that :class:`PLMSHeavyBall` or :class:`GeneralizedHeavyBall` makes of ε = (x − x̂₀)/σ;
+    m = 1 is DDIM (ComfyUI's euler) exactly.
+
+    Args:
+        model: ``model(x, σ·ones(B), **extra_args)`` → guided x̂₀.
+        x: the starting latents (B, C, h, w), already scaled to σ₀.
+        sigmas: (n + 1,) descending; the last may be 0 (a full run) or not (a truncated schedule).
+        callback: called each step with ``{"x", "i", "sigma", "sigma_hat", "denoised"}``.
+        method: "hb_plms" or "ghvb".
+        momentum: the momentum number m in (0, 4] (``order_and_beta``).
+    """
+    if method not in MOMENTUM_METHODS:
+        raise ValueError(f"method must be one of {tuple(MOMENTUM_METHODS)}; got {method!r}")
+    direction = MOMENTUM_METHODS[method](momentum)
+    extra_args = extra_args or {}
+    ones = x.new_ones(x.shape[0])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = x + (sigmas[i + 1] - sigmas[i]) * direction((x - denoised) / sigmas[i])
+    return x

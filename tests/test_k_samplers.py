@@ -27,7 +27,14 @@ import torch
 from comfyui_host import COMFYUI_PATH_VARIABLE, comfyui_source
 from nodes.common.denoiser import NoiseSchedule
 from nodes.sampling import k_samplers
-from nodes.sampling.k_samplers import SAMPLER_NAMES, Sampler, ancestral_step, prepare_mask, run_sampler
+from nodes.sampling.k_samplers import (
+    COMFYUI_SAMPLER_NAMES,
+    SAMPLER_NAMES,
+    Sampler,
+    ancestral_step,
+    prepare_mask,
+    run_sampler,
+)
 from nodes.sampling.model_sampling import DiscreteModelSampling, beta_schedule_alphas_cumprod
 from nodes.sampling.noise import BrownianTreeNoiseSampler, default_noise_sampler, prepare_noise
 from nodes.sampling.sigmas import (
@@ -382,8 +389,24 @@ def test_dpmpp_2m_sde_first_step_is_the_exact_sde_solution_for_a_constant_x0():
         torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
 
 
-ODE_SAMPLERS = ("euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ddim", "uni_pc", "uni_pc_bh2")
-SECOND_ORDER = ("heun", "dpm_2", "lms", "dpmpp_2m", "ipndm", "uni_pc", "uni_pc_bh2")
+def test_gradient_estimation_extrapolates_the_slope_from_the_second_step():
+    x = start_point(sigma=3.0)
+    sigmas = torch.tensor([3.0, 1.5, 0.5])
+    ones = torch.ones(2)
+
+    def d(x, s):
+        return (x - gaussian_denoiser(x, s * ones)) / s
+
+    x1 = x + d(x, sigmas[0]) * (sigmas[1] - sigmas[0])
+    d1, dt = d(x1, sigmas[1]), sigmas[2] - sigmas[1]
+    expected = x1 + d1 * dt + (2.5 - 1) * (d1 - d(x, sigmas[0])) * dt  # Permenter & Yuan 2024, γ = 2.5
+    result = one_step("gradient_estimation", sigmas.tolist(), x, ge_gamma=2.5)
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+
+
+ODE_SAMPLERS = ("euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "res_multistep", "ddim",
+                "uni_pc", "uni_pc_bh2")
+SECOND_ORDER = ("heun", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "res_multistep", "uni_pc", "uni_pc_bh2")
 
 
 @pytest.mark.parametrize("name", ODE_SAMPLERS)
@@ -412,7 +435,8 @@ def test_sde_samplers_with_eta_zero_solve_the_ode(name):
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-                                  "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm"])
+                                  "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm",
+                                  "res_multistep_ancestral", "seeds_2", "seeds_3"])
 def test_stochastic_samplers_end_on_the_data_distribution(name):
     """Whatever noise they add, exact-denoiser samples must end with the data's mean and variance (up to the
     discretisation error of 80 steps: the first-order ancestral samplers are the slowest, 0.228 for 0.25)."""
@@ -502,6 +526,8 @@ def test_sampler_objects_carry_their_options_and_wrap_any_sampling_function():
     wrapped = run_sampler(k_samplers.sample_dpmpp_2m, gaussian_denoiser, SD, sigmas, noise, latent, seed=5)
     torch.testing.assert_close(wrapped, run_sampler("dpmpp_2m", gaussian_denoiser, SD, sigmas, noise, latent, seed=5))
     with pytest.raises(ValueError, match="sampler must be one of"):
+        Sampler.from_name("dpm_slow")
+    with pytest.raises(NotImplementedError, match="ComfyUI's sampler 'dpm_fast' is not available"):
         Sampler.from_name("dpm_fast")
 
 
@@ -509,7 +535,7 @@ def test_sampler_names_are_comfyuis_and_cover_the_issue():
     required = {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
                 "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "ddim", "uni_pc", "uni_pc_bh2"}
     assert required <= set(SAMPLER_NAMES)
-    assert SAMPLER_NAMES[-3:] == ("ddim", "uni_pc", "uni_pc_bh2")
+    assert SAMPLER_NAMES == tuple(name for name in COMFYUI_SAMPLER_NAMES if name in SAMPLER_NAMES)  # its order
 
 
 # --------------------------------------------------------------------------------- against ComfyUI's own functions
@@ -615,7 +641,7 @@ class Guider:  # CFGGuider's place: the model, returning the guided x0
         return self.denoise(x, sigma)
 
 
-results = {}
+results = {"names": (list(comfy.samplers.SAMPLER_NAMES), list(comfy.samplers.SCHEDULER_NAMES))}
 for key, (prediction, zsnr, name, steps) in cases["schedulers"].items():
     results[key] = comfy.samplers.calculate_sigmas(sampling_for(prediction, zsnr), name, steps)
 for key, (scheduler, steps, denoise, sampler) in cases["ksampler_sigmas"].items():
@@ -792,6 +818,11 @@ def _assert_agree(ours, theirs, key):
         scale = max(1.0, float(theirs.abs().max()))
         difference = float((ours.double() - theirs.double()).abs().max())
         assert difference <= 1e-5 * scale, f"{key}: differs from ComfyUI by {difference:.3g} (scale {scale:.3g})"
+
+
+def test_names_are_comfyuis_in_its_order(comfyui_results):
+    samplers, schedulers = comfyui_results["names"]
+    assert COMFYUI_SAMPLER_NAMES == tuple(samplers) and SCHEDULER_NAMES == tuple(schedulers)
 
 
 @pytest.mark.parametrize("key", [key for group, by_key in COMPARISON_CASES.items() if isinstance(by_key, dict)

@@ -287,7 +287,7 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
             combined = weights[0] * d
             for weight, slope in zip(weights[1:], slopes[1:]):
                 combined = combined + weight * slope
-            x_next = x + (sigmas[i + 1] - sigmas[i]) * (combined / denominator if denominator > 1 else d)
+            x_next = x + (sigmas[i + 1] - sigmas[i]) * combined / denominator
         past_slopes = (past_slopes + [d])[-(max_order - 1):] if max_order > 1 else []
         x = x_next
     return x
@@ -440,8 +440,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                 else:
                     x = x + 0.5 * alpha_next * one_minus_decay * (1 / r) * (denoised - old_denoised)
             if eta > 0 and s_noise > 0:
-                noise_std = sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * noise_std
+                noise = noise_sampler(sigmas[i], sigmas[i + 1])
+                x = x + noise * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         old_denoised = denoised
         h_last = h
     return x
@@ -489,8 +489,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + (alpha_next * phi_2) * d
             if eta > 0 and s_noise > 0:
-                noise_std = sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * noise_std
+                noise = noise_sampler(sigmas[i], sigmas[i + 1])
+                x = x + noise * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
@@ -683,6 +683,303 @@ def sample_unipc_bh2(model, x, sigmas, extra_args=None, callback=None, disable=N
     return sample_unipc(model, x, sigmas, extra_args, callback, disable, variant="bh2")
 
 
+# ------------------------------------------------------------------------------------ more of ComfyUI's samplers
+
+@torch.no_grad()
+def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                   s_tmax=float("inf"), s_noise=1.0):
+    """Heun++ (the sd-webui-samplers-scheduler extension's "heunpp2"): a Heun step whose slopes are averaged with
+    weights σ/(k·σ₀) instead of ½, over three points (x, the Euler step to σ_{i+1}, and a further Euler step to
+    σ_{i+2}) while two steps remain, over two for the penultimate step, and plain Euler for the last."""
+    extra_args = {} if extra_args is None else extra_args
+    ones = _batch_sigma(x)
+    sigma_end = sigmas[-1]
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * ones, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        _report(callback, x, i, sigmas[i], denoised, sigma_hat)
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == sigma_end:
+            x = x + d * dt
+            continue
+        x_2 = x + d * dt
+        d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * ones, **extra_args))
+        if sigmas[i + 2] == sigma_end:
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+        else:
+            x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+            d_3 = to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * ones, **extra_args))
+            w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM with variable step sizes (Zhang & Chen 2023; the diff-solvers "ipndm_v"): the Adams–Bashforth weights
+    of :func:`sample_ipndm` recomputed from the actual step lengths h_n = σ_{n+1} − σ_n, up to order 4."""
+    if max_order not in IPNDM_WEIGHTS:
+        raise ValueError(f"max_order must be one of {tuple(IPNDM_WEIGHTS)}; got {max_order}")
+    extra_args = {} if extra_args is None else extra_args
+    ones = _batch_sigma(x)
+    past_slopes: list[torch.Tensor] = []  # oldest first, at most max_order − 1
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        d = (x - denoised) / sigmas[i]
+        order = min(max_order, i + 1)
+        if sigmas[i + 1] == 0:
+            x_next = denoised
+        else:
+            slopes = [d] + past_slopes[::-1]
+            coefficients = _ipndm_v_coefficients(sigmas, i, order)
+            combined = coefficients[0] * slopes[0]
+            for coefficient, slope in zip(coefficients[1:], slopes[1:]):
+                combined = combined + coefficient * slope
+            x_next = x + (sigmas[i + 1] - sigmas[i]) * combined
+        past_slopes = (past_slopes + [d])[-(max_order - 1):] if max_order > 1 else []
+        x = x_next
+    return x
+
+
+def _ipndm_v_coefficients(sigmas: torch.Tensor, i: int, order: int) -> list:
+    """The variable-step Adams–Bashforth weights of orders 1-4 (newest slope first), in the step ratios."""
+    if order == 1:
+        return [1.0]
+    h_n, h_1 = sigmas[i + 1] - sigmas[i], sigmas[i] - sigmas[i - 1]
+    if order == 2:
+        return [(2 + (h_n / h_1)) / 2, -(h_n / h_1) / 2]
+    h_2 = sigmas[i - 1] - sigmas[i - 2]
+    temp1 = (1 - h_n / (3 * (h_n + h_1)) * (h_n * (h_n + h_1)) / (h_1 * (h_1 + h_2))) / 2
+    if order == 3:
+        return [(2 + (h_n / h_1)) / 2 + temp1, -(h_n / h_1) / 2 - (1 + h_1 / h_2) * temp1, temp1 * h_1 / h_2]
+    h_3 = sigmas[i - 2] - sigmas[i - 3]
+    temp2 = (((1 - h_n / (3 * (h_n + h_1))) / 2 + (1 - h_n / (2 * (h_n + h_1))) * h_n / (6 * (h_n + h_1 + h_2)))
+             * (h_n * (h_n + h_1) * (h_n + h_1 + h_2)) / (h_1 * (h_1 + h_2) * (h_1 + h_2 + h_3)))
+    ratio_21 = h_1 * (h_1 + h_2) / (h_2 * (h_2 + h_3))
+    return [(2 + (h_n / h_1)) / 2 + temp1 + temp2,
+            -(h_n / h_1) / 2 - (1 + h_1 / h_2) * temp1 - (1 + (h_1 / h_2) + ratio_21) * temp2,
+            temp1 * h_1 / h_2 + ((h_1 / h_2) + ratio_21 * (1 + h_2 / h_3)) * temp2,
+            -temp2 * ratio_21 * h_1 / h_2]
+
+
+@torch.no_grad()
+def _res_multistep(model, x, sigmas, extra_args, callback, s_noise, noise_sampler, eta):
+    """RES multistep (Zhang et al. 2023, "Improving Diffusion Inference with a Refined Exponential Solver",
+    arXiv 2308.02157, the second-order multistep scheme): in λ with h = λ(σ_down) − λ(σ) and
+    c₂ = (λ(σ_prev) − λ(σ_down,prev))/h, x ← e^{−h}·x + h·(b₁·x̂₀ + b₂·x̂₀_prev) with b₂ = φ₂(−h)/c₂,
+    b₁ = φ₁(−h) − b₂, φ₁(t) = (e^t − 1)/t, φ₂(t) = (φ₁(t) − 1)/t; Euler on the first step and into σ_down = 0;
+    then ancestral noise σ_up (η = 0: none)."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+
+    def phi_1(t):
+        return torch.expm1(t) / t
+
+    def phi_2(t):
+        return (phi_1(t) - 1.0) / t
+
+    old_sigma_down = old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigma_down == 0 or old_denoised is None:
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            lam, lam_old, lam_next = _lambda(sigmas[i]), _lambda(old_sigma_down), _lambda(sigma_down)
+            h = lam_next - lam
+            c2 = (_lambda(sigmas[i - 1]) - lam_old) / h
+            # c₂ = 0 (a repeated sigma) makes both weights NaN; RES then drops to its first-order part.
+            b1 = torch.nan_to_num(phi_1(-h) - phi_2(-h) / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi_2(-h) / c2, nan=0.0)
+            x = _sigma_of_lambda(h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised, old_sigma_down = denoised, sigma_down
+    return x
+
+
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0,
+                         noise_sampler=None):
+    """:func:`_res_multistep` as an ODE solver (η = 0)."""
+    return _res_multistep(model, x, sigmas, extra_args, callback, s_noise, noise_sampler, eta=0.0)
+
+
+def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                   s_noise=1.0, noise_sampler=None):
+    """:func:`_res_multistep` with ancestral noise (η = 1 by default)."""
+    return _res_multistep(model, x, sigmas, extra_args, callback, s_noise, noise_sampler, eta=eta)
+
+
+@torch.no_grad()
+def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0):
+    """Gradient estimation (Permenter & Yuan 2024, "Interpreting and Improving Diffusion Models from an
+    Optimization Perspective", Algorithm 2): Euler, plus (γ − 1)·(d − d_prev)·Δσ from the second step on, an
+    extrapolated slope; the last step to σ = 0 is x̂₀."""
+    extra_args = {} if extra_args is None else extra_args
+    ones = _batch_sigma(x)
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        d = to_d(x, sigmas[i], denoised)
+        _report(callback, x, i, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+def _er_sde_noise_scaler(x: torch.Tensor) -> torch.Tensor:
+    """ER-SDE-Solver's default noise scale function f(λ) = λ·(e^{λ^0.3} + 10) (Cui et al. 2023, §5)."""
+    return x * ((x ** 0.3).exp() + 10.0)
+
+
+@torch.no_grad()
+def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None,
+                  noise_scaler=None, max_stage=3):
+    """ER-SDE-Solver-3 (Cui et al. 2023, "Elucidating the Solution Space of Extended Reverse-Time SDE for Diffusion
+    Models", arXiv 2309.06169, Algorithm for VP data prediction) in the variable λ_ER = σ/α (= σ in the VE form):
+    a first-order exponential step scaled by r = f(λ_t)/f(λ_s), plus second and third stages whose integrals of
+    1/f are taken numerically on 200 points, plus noise α_t·√(λ_t² − λ_s²·r²)."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    noise_scaler = _er_sde_noise_scaler if noise_scaler is None else noise_scaler
+    ones = _batch_sigma(x)
+    num_points = 200.0
+    point_index = torch.arange(0, num_points, dtype=torch.float32, device=x.device)
+    er_lambdas = _sigma_of_lambda(_lambda(sigmas))  # σ/α, computed through λ as ComfyUI does
+    old_denoised = old_denoised_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        stage = min(max_stage, i + 1)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            lam_s, lam_t = er_lambdas[i], er_lambdas[i + 1]
+            alpha_s, alpha_t = sigmas[i] / lam_s, sigmas[i + 1] / lam_t
+            r = noise_scaler(lam_t) / noise_scaler(lam_s)
+            x = alpha_t / alpha_s * r * x + alpha_t * (1 - r) * denoised
+            if stage >= 2:
+                dt = lam_t - lam_s
+                step = -dt / num_points
+                positions = lam_t + point_index * step
+                scaled = noise_scaler(positions)
+                integral = torch.sum(1 / scaled) * step
+                denoised_d = (denoised - old_denoised) / (lam_s - er_lambdas[i - 1])
+                x = x + alpha_t * (dt + integral * noise_scaler(lam_t)) * denoised_d
+                if stage >= 3:
+                    integral_u = torch.sum((positions - lam_s) / scaled) * step
+                    denoised_u = (denoised_d - old_denoised_d) / ((lam_s - er_lambdas[i - 2]) / 2)
+                    x = x + alpha_t * ((dt ** 2) / 2 + integral_u * noise_scaler(lam_t)) * denoised_u
+                old_denoised_d = denoised_d
+            if s_noise > 0:
+                noise_std = (lam_t ** 2 - lam_s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0)
+                x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * noise_std
+        old_denoised = denoised
+    return x
+
+
+def _h_phi_2(h: torch.Tensor) -> torch.Tensor:
+    """h·φ₂(h) = (e^h − 1 − h)/h of the exponential integrators."""
+    return (torch.expm1(h) - h) / h
+
+
+@torch.no_grad()
+def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                   noise_sampler=None, r=0.5):
+    """SEEDS-2 (Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for Fast High-Quality Sampling from Diffusion
+    Models", arXiv 2305.14267, VP data prediction, two stages): an exponential SDE step to λ + r·h, then the full
+    step with x̂₀ blended 1 − 1/(2r) : 1/(2r), the stage noises chained so that they form one Brownian path."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    inject_noise = eta > 0 and s_noise > 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        lam_1 = torch.lerp(lam_s, lam_t, r)
+        sigma_1 = _sigma_of_lambda(lam_1)
+        alpha_1, alpha_t = sigma_1 * lam_1.exp(), sigmas[i + 1] * lam_t.exp()
+        x_2 = sigma_1 / sigmas[i] * (-r * h * eta).exp() * x - alpha_1 * torch.expm1(-r * h_eta) * denoised
+        if inject_noise:
+            sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_1)
+            x_2 = x_2 + sde_noise * sigma_1 * s_noise
+        denoised_2 = model(x_2, sigma_1 * ones, **extra_args)
+        blended = torch.lerp(denoised, denoised_2, 1 / (2 * r))
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * torch.expm1(-h_eta) * blended
+        if inject_noise:
+            x = x + _chain_noise(sde_noise, (r - 1) * h * eta, noise_sampler(sigma_1, sigmas[i + 1])) * (
+                sigmas[i + 1] * s_noise)
+    return x
+
+
+def _chain_noise(previous: torch.Tensor, segment: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """The next stage's accumulated noise: the previous one decayed by e^{segment} plus fresh noise of the variance
+    that keeps the total that of one path, √(1 − e^{2·segment}) (segment ≤ 0)."""
+    return previous * segment.exp() + segment.mul(2).expm1().neg().sqrt() * fresh
+
+
+@torch.no_grad()
+def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                   noise_sampler=None, r_1=1.0 / 3, r_2=2.0 / 3):
+    """SEEDS-3 (Gonzalez et al. 2023, three stages at λ + r₁h and λ + r₂h), noise chained as in :func:`sample_seeds_2`.
+
+    Stage weights: a₃₂ = (r₂/r₁)·hφ₂(−r₂ĥ), a₃₁ = hφ₁(−r₂ĥ) − a₃₂; b₃ = hφ₂(−ĥ)/r₂, b₁ = hφ₁(−ĥ) − b₃.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    ones = _batch_sigma(x)
+    inject_noise = eta > 0 and s_noise > 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        lam_1, lam_2 = torch.lerp(lam_s, lam_t, r_1), torch.lerp(lam_s, lam_t, r_2)
+        sigma_1, sigma_2 = _sigma_of_lambda(lam_1), _sigma_of_lambda(lam_2)
+        alpha_1, alpha_2 = sigma_1 * lam_1.exp(), sigma_2 * lam_2.exp()
+        alpha_t = sigmas[i + 1] * lam_t.exp()
+        x_2 = sigma_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - alpha_1 * torch.expm1(-r_1 * h_eta) * denoised
+        if inject_noise:
+            sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_1)
+            x_2 = x_2 + sde_noise * sigma_1 * s_noise
+        denoised_2 = model(x_2, sigma_1 * ones, **extra_args)
+        a3_2 = r_2 / r_1 * _h_phi_2(-r_2 * h_eta)
+        a3_1 = torch.expm1(-r_2 * h_eta) - a3_2
+        x_3 = sigma_2 / sigmas[i] * (-r_2 * h * eta).exp() * x - alpha_2 * (a3_1 * denoised + a3_2 * denoised_2)
+        if inject_noise:
+            sde_noise = _chain_noise(sde_noise, (r_1 - r_2) * h * eta, noise_sampler(sigma_1, sigma_2))
+            x_3 = x_3 + sde_noise * sigma_2 * s_noise
+        denoised_3 = model(x_3, sigma_2 * ones, **extra_args)
+        b3 = _h_phi_2(-h_eta) / r_2
+        b1 = torch.expm1(-h_eta) - b3
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b3 * denoised_3)
+        if inject_noise:
+            sde_noise = _chain_noise(sde_noise, (r_2 - 1) * h * eta, noise_sampler(sigma_2, sigmas[i + 1]))
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
 # ---------------------------------------------------------------------------------------- names and entry point
 
 # ComfyUI's ddim is its euler; what differs is the inpaint blend, which draws fresh noise (Sampler.fresh_inpaint_noise).
@@ -690,6 +987,7 @@ SAMPLING_FUNCTIONS: dict[str, SamplingFunction] = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
     "heun": sample_heun,
+    "heunpp2": sample_heunpp2,
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "lms": sample_lms,
@@ -706,12 +1004,30 @@ SAMPLING_FUNCTIONS: dict[str, SamplingFunction] = {
     "ddpm": sample_ddpm,
     "lcm": sample_lcm,
     "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "res_multistep": sample_res_multistep,
+    "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "gradient_estimation": sample_gradient_estimation,
+    "er_sde": sample_er_sde,
+    "seeds_2": sample_seeds_2,
+    "seeds_3": sample_seeds_3,
     "ddim": sample_euler,
     "uni_pc": sample_unipc,
     "uni_pc_bh2": sample_unipc_bh2,
 }
 # In ComfyUI's SAMPLER_NAMES order (KSampler's dropdown).
 SAMPLER_NAMES = tuple(SAMPLING_FUNCTIONS)
+# ComfyUI v0.3.64's whole list, so that a node can accept every name a workflow file may hold. The ones missing from
+# SAMPLER_NAMES are refused by name at run time: the *_cfg_pp samplers need the unguided x̂₀ next to the guided one,
+# and dpm_fast, dpm_adaptive, deis and sa_solver* are not written yet.
+COMFYUI_SAMPLER_NAMES = (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
+    "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
+    "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
+    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+    "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
+    "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc",
+    "uni_pc_bh2")
 # Samplers whose inpaint blend re-noises the kept region with noise of its own (seed + 1), not the run's noise.
 FRESH_INPAINT_NOISE_SAMPLERS = frozenset(("ddim",))
 
@@ -738,6 +1054,9 @@ class Sampler:
     @classmethod
     def from_name(cls, name: str, **options: Any) -> Sampler:
         """The sampler ComfyUI calls ``name`` (one of :data:`SAMPLER_NAMES`), with ``options``."""
+        if name in COMFYUI_SAMPLER_NAMES and name not in SAMPLING_FUNCTIONS:
+            raise NotImplementedError(f"ComfyUI's sampler {name!r} is not available in Atelier yet; these are: "
+                                      f"{', '.join(SAMPLER_NAMES)}")
         if name not in SAMPLING_FUNCTIONS:
             raise ValueError(f"sampler must be one of {SAMPLER_NAMES}; got {name!r}")
         return cls(SAMPLING_FUNCTIONS[name], dict(options), name, name in FRESH_INPAINT_NOISE_SAMPLERS)

@@ -95,6 +95,18 @@ def test_from_noise_schedule_matches_the_beta_schedule():
     assert torch.equal(sampling.sigmas, DiscreteModelSampling.from_beta_schedule("v_prediction").sigmas)
 
 
+def test_from_scheduler_config_computes_the_schedule_in_float64_like_comfyui():
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+              "prediction_type": "v_prediction"}
+    sampling = DiscreteModelSampling.from_scheduler_config(config)
+    assert sampling.prediction_type == "v_prediction" and torch.equal(sampling.sigmas, SD.sigmas)
+    assert DiscreteModelSampling.from_scheduler_config(config, "epsilon").prediction_type == "epsilon"
+    zsnr = DiscreteModelSampling.from_scheduler_config({**config, "rescale_betas_zero_snr": True})
+    assert zsnr.zero_terminal_snr and float(zsnr.sigma_max) > 4000
+    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+        DiscreteModelSampling.from_scheduler_config({**config, "beta_schedule": "squaredcos_cap_v2"})
+
+
 def test_timestep_and_sigma_invert_each_other_and_interpolate_in_log_sigma():
     timesteps = torch.tensor([0, 1, 250, 999])
     assert torch.equal(SD.timestep(SD.sigma(timesteps)), timesteps)
@@ -499,6 +511,8 @@ def test_prepare_mask_resizes_to_the_latent_and_repeats_channels_and_batch():
     assert prepared.shape == (3, 4, 8, 8)
     assert torch.equal(prepared[:, :, :, :3], torch.zeros(3, 4, 8, 3))
     assert torch.equal(prepared[:, :, :, 5:], torch.ones(3, 4, 8, 3))
+    assert prepare_mask(prepared, (3, 4, 8, 8)) is prepared
+    assert torch.equal(prepare_mask(mask.bool(), (3, 4, 8, 8)), prepared)
     with pytest.raises(ValueError, match="mask must be"):
         prepare_mask(torch.zeros(1, 2, 3, 3), (1, 4, 8, 8))
 

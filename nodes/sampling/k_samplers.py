@@ -1124,17 +1124,23 @@ def run_sampler(sampler: str | Sampler | SamplingFunction, model_fn: Callable[[t
 
 def prepare_mask(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """A noise mask resized to latents of ``shape`` (B, C, h, w): bilinear to (h, w), repeated over the channels
-    and over (or cut to) the batch, as ComfyUI's ``reshape_mask`` does.
+    and over (or cut to) the batch, as ComfyUI's ``reshape_mask`` does. A mask already of ``shape`` is returned as
+    it is, so preparing twice changes nothing.
 
     Args:
-        mask: (H, W), (B, H, W) or (B, 1, H, W).
+        mask: (H, W), (B, H, W), (B, 1, H, W) or ``shape``.
     Returns:
         (B, C, h, w).
     """
+    if tuple(mask.shape) == tuple(shape):
+        return mask
     if mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
-        raise ValueError(f"mask must be (H, W), (B, H, W) or (B, 1, H, W); got {tuple(mask.shape)}")
+        raise ValueError(f"mask must be (H, W), (B, H, W), (B, 1, H, W) or the latent's {tuple(shape)}; got "
+                         f"{tuple(mask.shape)}")
     batch, channels = shape[0], shape[1]
     mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    if not mask.is_floating_point():  # a boolean or integer mask; interpolation needs floats
+        mask = mask.float()
     mask = torch.nn.functional.interpolate(mask, size=tuple(shape[2:]), mode="bilinear")
     mask = mask.repeat(1, channels, 1, 1)
     if mask.shape[0] < batch:

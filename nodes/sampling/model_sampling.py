@@ -19,7 +19,8 @@ and the denoised estimate x̂₀:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -140,6 +141,23 @@ class DiscreteModelSampling:
         """From a diffusers-style beta schedule; the defaults are Stable Diffusion 1.x/2.x/SDXL's."""
         alphas_cumprod = beta_schedule_alphas_cumprod(beta_schedule, beta_start, beta_end, num_train_timesteps)
         return cls(alphas_cumprod, prediction_type, zero_terminal_snr=zero_terminal_snr)
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any],
+                              prediction_type: str | None = None) -> DiscreteModelSampling:
+        """From a diffusers scheduler's config, with ᾱ computed in float64 from its betas as ComfyUI does.
+
+        diffusers keeps ``alphas_cumprod`` in float32, whose sigmas differ from ComfyUI's by up to 1.3e-5
+        (relative); this gives ComfyUI's exactly. Reads ``beta_schedule``, ``beta_start``, ``beta_end``,
+        ``num_train_timesteps``, ``prediction_type`` (unless given) and ``rescale_betas_zero_snr``.
+
+        Raises:
+            ValueError: a beta schedule other than :data:`BETA_SCHEDULES` (use :meth:`from_noise_schedule`).
+        """
+        return cls.from_beta_schedule(
+            prediction_type or config.get("prediction_type", "epsilon"), config.get("beta_schedule", "linear"),
+            config.get("beta_start", 0.0001), config.get("beta_end", 0.02), config.get("num_train_timesteps", 1000),
+            zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)))
 
     @property
     def sigma_min(self) -> torch.Tensor:

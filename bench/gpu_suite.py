@@ -10,8 +10,9 @@ or runs out of memory is reported as such and the suite goes on:
    live (the device-mixing check).
 2. ``sampler``: our sampler (:func:`nodes.sampling.generate.generate`, previews included) against diffusers'
    pipeline on the same random full-size model, SD1.5 at 512² and SDXL at 1024², 20 Euler steps, CFG 7.5, one
-   warm-up each then alternating runs: seconds per image (medians), ``ratio_vs_diffusers`` (target <= 1.05) and
-   the peak ``torch.cuda.max_memory_allocated`` of each side (weights included).
+   warm-up each then alternating runs: seconds per image (medians), ``ratio_vs_diffusers`` (target <= 1.05), the
+   peak ``torch.cuda.max_memory_allocated`` of each side (weights included), and ``model_s``: writing the random
+   checkpoint and loading it.
 3. ``highres``: the tiled 16K generator (:func:`nodes.highres.generate.generate_large`) on an SD1.5-size UNet with
    LinFusion's layers (random) mounted, 16384×16384, the staged recipe with the README's SD1.5 settings (base 1024,
    512 px tiles, 128 px overlap, mixture blend; 16 tiles a batch where the node's default is 4), dpmpp_2m/karras,
@@ -120,7 +121,7 @@ GPU = Settings(
     smoke=False,
     # 470 s in all, within the issue's 8 minutes with the suite's own start. The sampler part writes and loads both
     # random checkpoints (2.1 GB and 6.9 GB) that the later parts reuse; the highres part sizes its steps to its box.
-    time_box_s={"workflows": 60, "sampler": 150, "highres": 130, "correspondence": 35, "panorama": 60,
+    time_box_s={"workflows": 60, "sampler": 130, "highres": 150, "correspondence": 35, "panorama": 60,
                 "watermark": 35},
     workflow_time_box_s=30,
     sampler_cases=(("sd1", 512), ("sdxl", 1024)), sampler_steps=20, sampler_runs=3,
@@ -326,7 +327,7 @@ def compare_sampler(family: str, size: int, settings: Settings, work_dir: str) -
     from nodes.sampling.generate import generate
     from nodes.sampling.latents import empty_latent, seeded_noise
 
-    model = random_model(family, settings, work_dir)
+    model_s, model = timed(lambda: random_model(family, settings, work_dir))
     denoiser, codec = model_parts(model)
     positive, negative = encode(model, PROMPT, (size, size)), encode(model, NEGATIVE, (size, size))
     latent = empty_latent(1, codec.latent_channels, size, size, codec.downscale).to(model.device)
@@ -363,7 +364,7 @@ def compare_sampler(family: str, size: int, settings: Settings, work_dir: str) -
             peaks[name] = max(peaks[name], peak_mib() or 0.0)
     ours_s, peer_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
     difference = float((latents["ours"].float().cpu() - latents["diffusers"].float().cpu()).abs().max())
-    fields = {"size": size, "ours_s": round(ours_s, 3), "diffusers_s": round(peer_s, 3),
+    fields = {"size": size, "model_s": round(model_s, 1), "ours_s": round(ours_s, 3), "diffusers_s": round(peer_s, 3),
               "ratio_vs_diffusers": round(ours_s / peer_s, 3), "max_abs_diff": float(f"{difference:.3g}")}
     if torch.cuda.is_available():
         fields.update(ours_peak_mib=round(peaks["ours"]), diffusers_peak_mib=round(peaks["diffusers"]))
@@ -730,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     report(bench_line("gpu_suite", summary))
     if out_dir:
         with open(os.path.join(out_dir, "gpu_suite.json"), "w", encoding="utf-8") as file:
-            json.dump({"summary": {**summary, "device": device}, "parts": results}, file, indent=2)
+            json.dump({"summary": {**summary, "device": device}, "settings": dataclasses.asdict(settings),
+                       "parts": results}, file, indent=2)
     return 0 if len(by_status["ok"]) == len(parts) else 1
 
 

@@ -7,7 +7,6 @@ Each test here failed before its fix. Memory is measured in this process by samp
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import struct
@@ -430,3 +429,136 @@ async def test_execution_errors_show_paths_relative_to_the_data_folder_19(client
     for text in (json.dumps(sent), history, job):
         assert root not in text and os.path.dirname(os.path.abspath(server.__file__)) not in text
     assert any("atelier/web/" in line for line in sent["traceback"])  # our own files, named from the program
+
+
+# --- the route-wide fuzz --------------------------------------------------------------------------------------------
+
+FUZZ_CASES = 10_000
+FUZZ_SEED = 19
+NAMES = ["a.png", "same.json", "x", ".", "..", "../up.json", "%2e%2e%2fup", "sub%2Fb.json", "comfy.settings.json",
+         "workflows", "a%00b", "tab%09", "new%0Aline", "é.png", "", "a" * 300, "CON", "x.svg", "%ff"]
+CLASS_TYPES = ["EmptyImage", "SaveImage", "PreviewImage", "LoadImage", "ImageScale", "ImageCrop", "ImageInvert",
+               "Steps", "NotANumber", "Nope"]
+INPUT_NAMES = ["images", "image", "width", "height", "batch_size", "color", "filename_prefix", "upscale_method",
+               "crop", "x", "y", "steps", "pause_ms"]
+
+
+class JsonFuzzer:
+    """Random JSON text, built by hand so that it can hold what json.dumps cannot: NaN, Infinity, integers of
+    thousands of digits, nesting thousands deep, lone surrogates and broken syntax."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def scalar(self) -> str:
+        rng = self.rng
+        return rng.choice([
+            "null", "true", "false", "0", "-1", "3", "7.5", "1e999", "-1e999", "NaN", "Infinity", "-Infinity",
+            "1" * rng.choice([10, 4300, 4301, 20_000]), "0.1", "16384", "4096", "-0", "1e-400",
+            json.dumps(rng.choice(NAMES + CLASS_TYPES + INPUT_NAMES)), '"\\ud800"', '"\\u0000"', '"a\\nb"',
+            json.dumps(rng.choice(["1", "2", "x"])),
+        ])
+
+    def value(self, depth: int = 0) -> str:
+        rng = self.rng
+        roll = rng.random()
+        if roll < 0.03:
+            levels = rng.choice([99, 100, 101, 1000, 50_000])
+            return "[" * levels + "]" * levels
+        if depth > 3 or roll < 0.45:
+            return self.scalar()
+        if roll < 0.6:
+            return "[" + ",".join(self.value(depth + 1) for _ in range(rng.randint(0, 3))) + "]"
+        if roll < 0.65:
+            return json.dumps([rng.choice(["1", "2", "3", "x"]), rng.randint(-1, 3)])  # a link
+        return self.object(depth)
+
+    def object(self, depth: int, keys=None) -> str:
+        keys = keys or NAMES + INPUT_NAMES + ["prompt", "client_id", "number", "extra_data", "front", "delete",
+                                              "clear", "job_ids", "prompt_id", "unload_models", "free_memory"]
+        items = [f"{json.dumps(self.rng.choice(keys))}:{self.value(depth + 1)}" for _ in range(self.rng.randint(0, 4))]
+        return "{" + ",".join(items) + "}"
+
+    def prompt(self) -> str:
+        nodes = []
+        for node_id in self.rng.sample(["1", "2", "3"], self.rng.randint(0, 3)):
+            class_type = self.rng.choice([json.dumps(self.rng.choice(CLASS_TYPES)), self.value(2)])
+            inputs = self.object(1, INPUT_NAMES)
+            nodes.append(f'"{node_id}":{{"class_type":{class_type},"inputs":{inputs}}}')
+        return "{" + ",".join(nodes) + "}"
+
+    def body(self) -> str:
+        rng = self.rng
+        roll = rng.random()
+        if roll < 0.05:
+            return rng.choice(["", "{", "[1,", '{"a":}', "\xff\xfe", "null", '"text"', "[]"])
+        if roll < 0.5:
+            fields = [f'"prompt":{self.prompt() if rng.random() < 0.8 else self.value(1)}']
+            for key in ("client_id", "number", "extra_data", "front", "prompt_id", "partial_execution_targets"):
+                if rng.random() < 0.3:
+                    fields.append(f'"{key}":{self.value(1)}')
+            return "{" + ",".join(fields) + "}"
+        return self.value() if roll < 0.7 else self.object(0)
+
+
+def fuzz_request(rng, fuzzer: JsonFuzzer) -> tuple[str, str, dict]:
+    """One random request: method, path with query, and aiohttp request options."""
+    name, other = rng.choice(NAMES) or "x", rng.choice(NAMES) or "y"
+    flag = rng.choice(["", "?overwrite=false", "?overwrite=true&full_info=true", "?full_info=1"])
+    json_routes = ["/prompt", "/queue", "/history", "/interrupt", "/free", "/settings", f"/settings/{name}",
+                   "/jobs/cancel", f"/jobs/{name}/cancel", "/users"]
+    roll = rng.random()  # uploads are a sixth of the cases: each one is written and fsynced
+    if roll < 0.6:
+        headers = {"Content-Type": rng.choice(["application/json", "text/plain", "application/x-www-form-urlencoded"])}
+        return "POST", rng.choice(json_routes), {"data": fuzzer.body().encode("utf-8", "surrogatepass"),
+                                                 "headers": headers}
+    if roll < 0.75:
+        body = rng.choice([fuzzer.body(), fuzzer.object(0), "{}", '{"a": 1}', "[1, 2]", "NaN"])
+        method, path = rng.choice([("POST", f"/userdata/{name}{flag}"),
+                                   ("POST", f"/userdata/{name}/move/{other}{flag}"), ("DELETE", f"/userdata/{name}")])
+        return method, path, {"data": body.encode("utf-8", "surrogatepass")}
+    if roll < 0.8:  # multipart written by hand: aiohttp's client refuses control characters in a file name
+        body, content_type = raw_multipart(rng.choice(["a\x00.png", "a\n.png", ".", " ", "ok.png", "é.png"]),
+                                           rng.choice(["", "../x", "s\x01", "sub"]))
+        return "POST", rng.choice(["/upload/image", "/upload/mask"]), {"data": body,
+                                                                      "headers": {"Content-Type": content_type}}
+    if roll < 0.9:
+        form = FormData()
+        image = rng.choice([png_bytes(), bomb_png(), b"not an image", b"", png_bytes((70, 70))])
+        filename = rng.choice([n for n in NAMES if n] + ["cat.png", "a\\b.png"])
+        form.add_field(rng.choice(["image", "file", "mask"]), image, filename=filename, content_type="image/png")
+        for key in rng.sample(["type", "subfolder", "overwrite", "original_ref"], rng.randint(0, 4)):
+            form.add_field(key, rng.choice(["input", "output", "temp", "bad", "../x", "true", "", "sub",
+                                            fuzzer.object(0), '{"filename": "cat.png"}']))
+        return "POST", rng.choice(["/upload/image", "/upload/mask"]), {"data": form}
+    pick = rng.choice
+    query = pick([f"/view?filename={name}&type={pick(['input', 'output', 'x', ''])}&subfolder={other}"
+                  f"&preview={pick(['webp;90', 'jpeg;x', 'gif', ''])}&channel={pick(['rgba', 'rgb', 'a', 'z'])}",
+                  f"/history?max_items={pick(['1', '-5', 'x', '9' * 5000])}&offset={pick(['0', '-1'])}",
+                  f"/jobs?status={pick(['pending', 'x', 'completed,failed'])}&limit={pick(['1', '-1', 'z'])}",
+                  f"/userdata?dir={name}&recurse=true&split={pick(['true', '0'])}", f"/v2/userdata?path={name}",
+                  f"/settings/{name}", f"/object_info/{name}", f"/jobs/{name}", f"/history/{name}",
+                  f"/models/{name}", f"/experiment/models/{name}", f"/userdata/{name}", f"/internal/files/{name}"])
+    return "GET", query, {}
+
+
+async def test_route_wide_fuzz_never_gets_a_server_error_19(aiohttp_client, tmp_path):
+    """10,000 random requests over every JSON and multipart route (and the GET routes that read names and
+    numbers): every answer is below 500, and the server still answers afterwards. The pixel budget is small, so
+    a fuzzed prompt that happens to be valid runs quickly."""
+    import random
+    client = await aiohttp_client(make_app(tmp_path, limits=Limits(max_pixels=1 << 16)))
+    (tmp_path / "data" / "input" / "cat.png").write_bytes(png_bytes())
+    rng = random.Random(FUZZ_SEED)
+    fuzzer = JsonFuzzer(rng)
+    server_errors, statuses = [], {}
+    for _ in range(FUZZ_CASES):
+        method, path, options = fuzz_request(rng, fuzzer)
+        async with client.request(method, "/api" + path if rng.random() < 0.5 else path, **options) as response:
+            await response.read()
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+            if response.status >= 500:
+                server_errors.append((method, path[:120], response.status))
+    assert server_errors == [], (len(server_errors), server_errors[:10])
+    assert sum(statuses.values()) == FUZZ_CASES and len(statuses) > 5  # the fuzz reached many outcomes
+    assert (await client.get("/api/queue")).status == 200

@@ -37,7 +37,8 @@ TRAVERSALS = ["../secret.png", "..%2Fsecret.png", "%2e%2e%2fsecret.png", "/etc/p
 
 @pytest.mark.parametrize("name", TRAVERSALS)
 async def test_view_refuses_traversal(client, name):
-    for query in (f"filename={name}&type=input", f"filename=secret.png&type=input&subfolder={name.replace('secret.png', '')}"):
+    subfolder = name.replace("secret.png", "")
+    for query in (f"filename={name}&type=input", f"filename=secret.png&type=input&subfolder={subfolder}"):
         response = await client.get(f"/api/view?{query}")
         assert response.status in (400, 403, 404), (query, response.status)
     assert (await client.get("/api/view?filename=inside.png&type=input")).status == 200  # the control
@@ -176,10 +177,15 @@ def post(url, body: bytes, content_type="application/json"):
         return error.code, error.read()
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                            lambda children: st.lists(children, max_size=4)
                            | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
-class_types = st.sampled_from(["EmptyImage", "SaveImage", "ImageScale", "LoadImage", "ImageCrop", "Steps", "Nope", ""])
+# class_type as any JSON value too: a list or an object once made a 500 (#19)
+class_types = st.sampled_from(["EmptyImage", "SaveImage", "ImageScale", "LoadImage", "ImageCrop", "Steps", "Nope",
+                               ""]) | json_values
+# What json.dumps cannot write, put in place of one null: huge integers and deep nesting once made a 500 (#19).
+raw_fragments = st.sampled_from(["NaN", "-Infinity", "1e999", "1" * 4301, "-" + "9" * 20_000, "[" * 1000 + "]" * 1000,
+                                 '{"a":' * 5000 + "1" + "}" * 5000])
 links = st.tuples(st.sampled_from(["1", "2", "3", "x"]), st.integers(-1, 3)).map(list)
 nodes = st.fixed_dictionaries({"class_type": class_types,
                                "inputs": st.dictionaries(st.sampled_from(["images", "image", "width", "height",
@@ -195,10 +201,33 @@ bodies = st.one_of(json_values, st.fixed_dictionaries({"prompt": prompts | json_
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=bodies)
-def test_fuzzed_prompts_never_get_a_500(live_server, body):
-    status, _ = post(f"{live_server}/api/prompt", json.dumps(body).encode())
+@given(body=bodies, fragment=raw_fragments)
+def test_fuzzed_prompts_never_get_a_500(live_server, body, fragment):
+    status, _ = post(f"{live_server}/api/prompt", json.dumps(body).encode())  # NaN floats are written as NaN
     assert status in (200, 400), status
+    marked = _mark_first_null(body)
+    if marked is not body:
+        text = json.dumps(marked).replace(json.dumps(NULL_MARK), fragment)
+        status, _ = post(f"{live_server}/api/prompt", text.encode())
+        assert status == 400, status
+
+
+NULL_MARK = "\x00fragment\x00"
+
+
+def _mark_first_null(value):
+    """``value`` with its first None replaced by NULL_MARK, or ``value`` itself when it holds no None."""
+    if value is None:
+        return NULL_MARK
+    items = list(value.items()) if isinstance(value, dict) else list(enumerate(value)) if isinstance(value,
+                                                                                                    list) else []
+    for key, item in items:
+        marked = _mark_first_null(item)
+        if marked is not item:
+            copy = dict(value) if isinstance(value, dict) else list(value)
+            copy[key] = marked
+            return copy
+    return value
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -36,6 +36,8 @@ VIEW_PREVIEW_MAX_SIZE = 1024  # a re-encoded ?preview= image is for a node's thu
 # and every other file, go out as application/octet-stream attachments.
 INLINE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/avif",
                           "image/tiff"})
+# File systems allow 255 bytes per name; an atomic write's temporary name adds 14 and a renamed upload " (n)".
+MAX_NAME_BYTES = 200
 # A name holds printable characters only: control characters break headers and logs, NUL breaks the OS calls.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 # An offline tool does not ask api.comfy.org for release notes unless the user turns it back on.
@@ -60,8 +62,18 @@ def _file_in(request: web.Request, kind: str, subfolder: str, filename: str) -> 
         base = request.app[CONFIG].folders.folder(kind)
     except ValueError as error:
         raise json_error(web.HTTPBadRequest, str(error)) from None
+    return _confined(base, os.path.join(subfolder, filename) if subfolder else filename)
+
+
+def _confined(base: str, name: str) -> str:
+    """:func:`confine` as web errors: a name leaving ``base`` is a 403, one with a part too long a 400."""
+    too_long = [part for part in name.replace("\\", "/").split("/")
+                if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES]
+    if too_long:
+        raise json_error(web.HTTPBadRequest, f"a file or folder name may hold at most {MAX_NAME_BYTES} bytes; got "
+                                             f"{len(too_long[0].encode('utf-8', 'surrogateescape'))}")
     try:
-        return confine(base, os.path.join(subfolder, filename) if subfolder else filename)
+        return confine(base, name)
     except PathOutsideFolderError as error:
         raise json_error(web.HTTPForbidden, str(error)) from None
 
@@ -281,10 +293,7 @@ def _user_dir(request: web.Request) -> str:
 
 
 def _user_path(request: web.Request, name: str) -> str:
-    try:
-        return confine(_user_dir(request), name)
-    except PathOutsideFolderError as error:
-        raise json_error(web.HTTPForbidden, str(error)) from None
+    return _confined(_user_dir(request), name)
 
 
 def _file_info(path: str, relative: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import ast
 import gzip
 import hashlib
 import json
@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import netguard
 from fixtures_models import tiny_sd1, tiny_sd1_loras, tiny_sd2, tiny_sdxl, tiny_sdxl_lora  # noqa: F401, F811
 from nodes.common.paths import PathOutsideFolderError
-from nodes.models import families, loading, lora
+from nodes.models import export, families, loading, lora, model_configs, vae
 from nodes.models.export import write_random_single_file
 from nodes.models.families import UnknownModelLayoutError
 from nodes.models.loading import UnsafeModelFormatError
@@ -89,13 +89,19 @@ def test_make_tokenizer_rebuilds_the_shipped_files_from_a_bpe_file(tmp_path):
 
 # --- the shipped configs ---------------------------------------------------------------------------------------------
 
-# Parameter counts of the real models' components, which these configs must rebuild exactly.
+# Parameter counts of the real models' components, which these configs must rebuild exactly. The SDXL refiner's
+# UNet: 2,259,526,660, whose float16 weights are the 4.52 GB of unet/diffusion_pytorch_model.fp16.safetensors in
+# stabilityai/stable-diffusion-xl-refiner-1.0 (2 bytes each); its text encoder and VAE are SDXL base's.
 REAL_PARAMETER_COUNTS = {
     ("sd1", "unet"): 859_520_964, ("sd1", "vae"): 83_653_863, ("sd1", "text_encoder"): 123_060_480,
     ("sd2", "unet"): 865_910_724, ("sd2", "vae"): 83_653_863, ("sd2", "text_encoder"): 340_387_840,
     ("sdxl", "unet"): 2_567_463_684, ("sdxl", "vae"): 83_653_863, ("sdxl", "text_encoder"): 123_060_480,
-    ("sdxl", "text_encoder_2"): 694_659_840,
+    ("sdxl", "text_encoder_2"): 694_659_840, ("sdxl_refiner", "unet"): 2_259_526_660,
+    ("sdxl_refiner", "vae"): 83_653_863, ("sdxl_refiner", "text_encoder_2"): 694_659_840,
 }
+# SD1.5 inpainting (sd-v1-5-inpainting, 512-inpainting-ema for SD2): the model card's "5 additional input channels
+# (4 for the encoded masked-image and 1 for the mask)" add 5 × 320 × 3 × 3 weights to the input convolution.
+INPAINTING_EXTRA_PARAMETERS = 5 * 320 * 3 * 3
 
 
 @pytest.mark.parametrize("family, component", sorted(REAL_PARAMETER_COUNTS))
@@ -112,6 +118,19 @@ def test_shipped_configs_build_the_real_architectures(family, component):
             config = CLIPTextConfig.from_pretrained(os.path.join(config_dir, component))
             model = (CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel)(config)
     assert sum(p.numel() for p in model.parameters()) == REAL_PARAMETER_COUNTS[family, component]
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_the_writers_full_size_architectures_have_the_published_parameter_counts(family):
+    models = export.build_on_meta(family, export.configs_at_width(family))
+    counts = {component: sum(p.numel() for p in model.parameters()) for component, model in models.items()}
+    assert counts == {component: count for (owner, component), count in REAL_PARAMETER_COUNTS.items()
+                      if owner == family}
+    configs = export.configs_at_width(family)
+    configs["unet"]["in_channels"] = 9
+    inpainting = export.build_on_meta(family, configs)["unet"]
+    extra = INPAINTING_EXTRA_PARAMETERS * configs["unet"]["block_out_channels"][0] // 320
+    assert sum(p.numel() for p in inpainting.parameters()) == REAL_PARAMETER_COUNTS[family, "unet"] + extra
 
 
 def test_shipped_configs_hold_each_familys_defining_settings():
@@ -289,10 +308,12 @@ def test_mismatched_text_encoder_width_is_refused(tiny_sd1):
         families.family_from_shapes(shapes)
 
 
-def test_inpainting_unet_is_refused(tiny_sd1):
+def test_inpainting_unets_are_accepted_and_other_input_widths_refused(tiny_sd1):
     shapes = shapes_of(tiny_sd1.single_file)
     shapes["model.diffusion_model.input_blocks.0.0.weight"] = (32, 9, 3, 3)
-    with pytest.raises(UnknownModelLayoutError, match="takes 9 input channels"):
+    assert families.family_from_shapes(shapes) == "sd1"
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (32, 5, 3, 3)  # SD2's depth model: not supported
+    with pytest.raises(UnknownModelLayoutError, match=r"UNet takes 5 input channels; accepted are \(4, 9\)"):
         families.family_from_shapes(shapes)
 
 
@@ -317,11 +338,12 @@ def test_sd2_v_prediction_is_detected_by_comfyuis_heuristic_and_can_be_overridde
     assert forced.schedule.prediction_type == forced.scheduler_config["prediction_type"] == "epsilon"
 
 
-def test_comfyui_v_pred_marker_makes_any_family_v_prediction(tiny_sdxl, tmp_path):
-    tensors = load_file(tiny_sdxl.single_file)
-    tensors[families.V_PREDICTION_MARKER_KEY] = torch.tensor([])
-    save_file(tensors, tmp_path / "xl_v.safetensors")
-    assert families.inspect_single_file(tmp_path / "xl_v.safetensors").prediction_type == "v_prediction"
+def test_comfyui_v_pred_marker_counts_for_sdxl_only_as_in_comfyui(tiny_sdxl, tiny_sd1, tmp_path):
+    for tiny, expected in ((tiny_sdxl, "v_prediction"), (tiny_sd1, "epsilon")):  # ComfyUI's SD15 is always eps
+        tensors = load_file(tiny.single_file)
+        tensors[families.V_PREDICTION_MARKER_KEY] = torch.tensor([])
+        save_file(tensors, tmp_path / "marked.safetensors")
+        assert families.inspect_single_file(tmp_path / "marked.safetensors").prediction_type == expected
 
 
 # --- where models come from ------------------------------------------------------------------------------------------
@@ -399,13 +421,30 @@ def test_inside_comfyui_models_come_from_folder_paths(models_dir, monkeypatch):
     assert loading.resolve_model_path("sentence_encoders", "minilm") == str(models_dir / "sentence_encoders" / "minilm")
 
 
-def test_a_single_file_of_unknown_width_asks_for_a_diffusers_folder(tiny_sd1):
-    info = families.inspect_single_file(tiny_sd1.single_file)  # a narrow test model: no shipped config fits it
-    message = f"{info.unet_width} channels wide .{info.unet_parameters:,} parameters"
-    with pytest.raises(families.UnknownModelLayoutError, match=message):
-        loading.single_file_config_dir(info)
-    assert loading.single_file_config_dir(dataclasses.replace(info, unet_width=320)) == \
-        loading.shipped_config_dir("sd1")
+def full_size_shapes(family: str, unet_in_channels: int = 4) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a full-size ``family`` single file as the writer lays it out, from meta tensors."""
+    configs = export.configs_at_width(family)
+    configs["unet"]["in_channels"] = unet_in_channels
+    models = export.build_on_meta(family, configs)
+    ldm = export.to_ldm(family, {name: model.state_dict() for name, model in models.items()}, configs)
+    return {key: tuple(value.shape) for key, value in ldm.items()}
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_full_size_layouts_are_detected_and_take_the_shipped_configs(family):
+    shapes = full_size_shapes(family)
+    assert families.family_from_shapes(shapes) == family
+    shipped = model_configs.component_configs(loading.shipped_config_dir(family))
+    assert model_configs.derive_configs(family, shapes) == shipped
+
+
+def test_an_inpainting_file_derives_a_9_channel_unet_config_and_nothing_else():
+    shapes = full_size_shapes("sd1", unet_in_channels=9)
+    derived = model_configs.derive_configs(families.family_from_shapes(shapes), shapes)
+    shipped = model_configs.component_configs(loading.shipped_config_dir("sd1"))
+    assert derived["unet"] == {**shipped["unet"], "in_channels": 9}
+    assert {name: config for name, config in derived.items() if name != "unet"} == \
+        {name: config for name, config in shipped.items() if name != "unet"}
 
 
 # --- LoRA ------------------------------------------------------------------------------------------------------------
@@ -540,3 +579,172 @@ def test_full_size_sd15_single_file_loads_offline_and_runs_one_step(tmp_path):
     finally:
         loading.unload_all()
         os.remove(path)
+
+
+# --- the families of ComfyUI's template workflows, at reduced width ---------------------------------------------------
+
+REDUCED_WIDTH = 32
+# name → (family, writer options, UNet input channels, prediction type, pipeline class, text encoders)
+TEMPLATE_FAMILIES = {
+    "sd15": ("sd1", {}, 4, "epsilon", "StableDiffusionPipeline", 1),
+    "sd15_inpainting": ("sd1", {"unet_in_channels": 9}, 9, "epsilon", "StableDiffusionInpaintPipeline", 1),
+    "sd2_inpainting": ("sd2", {"unet_in_channels": 9}, 9, "epsilon", "StableDiffusionInpaintPipeline", 1),
+    "sd21_768v": ("sd2", {"prediction_type": "v_prediction"}, 4, "v_prediction", "StableDiffusionPipeline", 1),
+    "sdxl": ("sdxl", {}, 4, "epsilon", "StableDiffusionXLPipeline", 2),
+    "sdxl_refiner": ("sdxl_refiner", {}, 4, "epsilon", "StableDiffusionXLImg2ImgPipeline", 1),
+}
+
+
+def written(folder, family: str, **options) -> str:
+    """A random single file of ``family`` at :data:`REDUCED_WIDTH`, written once per option set under ``folder``."""
+    name = "_".join([family, *(f"{key}-{value}" for key, value in sorted(options.items()))]) + ".safetensors"
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        export.write_random_single_file(family, path, width=REDUCED_WIDTH, **options)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reduced_files(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("reduced_width"))
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_FAMILIES))
+def test_reduced_width_files_of_each_template_family_load_by_themselves_and_run(name, reduced_files):
+    family, options, in_channels, prediction, pipeline_class, encoders = TEMPLATE_FAMILIES[name]
+    path = written(reduced_files, family, **options)
+    info = families.inspect_single_file(path)
+    assert (info.family, info.unet_in_channels, info.prediction_type) == (family, in_channels, prediction)
+    model = loading.load_model(path)  # no config_dir: the configs are derived from the file's shapes
+    try:
+        assert (model.family, model.unet_in_channels, model.schedule.prediction_type) == (family, in_channels,
+                                                                                           prediction)
+        assert type(model.pipeline).__name__ == pipeline_class and len(model.text_encoders) == encoders
+        assert model.unet.config.block_out_channels[0] == REDUCED_WIDTH
+        ids = model.tokenizers[0]("a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            outputs = [encoder(ids, output_hidden_states=True) for encoder in model.text_encoders]
+            context = torch.cat([output.hidden_states[-2] for output in outputs], dim=-1)
+            extra = {}
+            if family.startswith("sdxl"):  # pooled text and the size/crop (base) or size/crop/score (refiner) ids
+                time_ids = [64., 64, 0, 0, 64, 64] if family == "sdxl" else [64., 64, 0, 0, 6]
+                extra["added_cond_kwargs"] = {"text_embeds": outputs[-1].text_embeds,
+                                              "time_ids": torch.tensor([time_ids])}
+            sample = torch.randn(1, in_channels, 8, 8, generator=generator)
+            out = model.unet(sample, torch.tensor([500]), context, **extra).sample
+        assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    finally:
+        loading.unload_all()
+
+
+def test_sd2_768_v_files_cross_comfyuis_threshold_and_epsilon_files_stay_under_it(reduced_files):
+    def probe_std(path: str) -> float:
+        return float(torch.std(load_file(path)[families.V_PREDICTION_PROBE_KEY].float(), unbiased=False))
+
+    assert probe_std(written(reduced_files, "sd2", prediction_type="v_prediction")) > 0.09
+    assert probe_std(written(reduced_files, "sd2")) < 0.09
+    assert families.inspect_single_file(written(reduced_files, "sd2")).prediction_type == "epsilon"
+
+
+def test_writers_refuse_what_no_published_file_is(tmp_path):
+    with pytest.raises(ValueError, match="sd1 file with a 4-channel UNet cannot be marked as v-prediction"):
+        export.write_random_single_file("sd1", tmp_path / "x.safetensors", width=32, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match=r"unet_in_channels must be one of \(4, 9\); got 5"):
+        export.write_random_single_file("sd1", tmp_path / "x.safetensors", width=32, unet_in_channels=5)
+    with pytest.raises(ValueError, match="width must be a positive multiple of 32.*got 48"):
+        export.write_random_single_file("sd1", tmp_path / "x.safetensors", width=48)
+
+
+def test_the_published_openclip_layouts_keep_the_whole_text_tower(reduced_files):
+    keys = load_file(written(reduced_files, "sd2")).keys()
+    layers = {int(key.split(".")[4]) for key in keys if key.startswith("cond_stage_model.model.transformer.resblocks.")}
+    assert layers == set(range(24))  # diffusers' SD2 config has 23: SD2 conditions on the penultimate layer
+    assert {"cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"} <= keys
+    refiner = load_file(written(reduced_files, "sdxl_refiner")).keys()
+    assert {"conditioner.embedders.0.model.text_projection", "conditioner.embedders.0.model.logit_scale"} <= refiner
+
+
+def test_a_kohya_lora_acts_exactly_as_the_same_lora_in_diffusers_layout(reduced_files, tmp_path):
+    model = loading.load_model(written(reduced_files, "sd1"))
+    paths = {layout: str(tmp_path / f"{layout}.safetensors") for layout in ("kohya", "peft")}
+    for layout, path in paths.items():
+        export.write_random_lora("sd1", path, layout, seed=5, width=REDUCED_WIDTH)
+    kohya_keys = load_file(paths["kohya"]).keys()
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in kohya_keys  # a 1×1 convolution
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha" in kohya_keys
+    try:
+        base_unet, base_text = unet_output(model), text_output(model)
+        outputs = {}
+        for layout, path in paths.items():
+            lora.set_loras(model, [lora.LoraSpec(path)])
+            outputs[layout] = unet_output(model), text_output(model)[0]
+        assert not torch.allclose(outputs["kohya"][0], base_unet) and not torch.allclose(outputs["kohya"][1],
+                                                                                           base_text[0])
+        (kohya_unet, kohya_text), (peft_unet, peft_text) = outputs["kohya"], outputs["peft"]
+        torch.testing.assert_close(kohya_unet, peft_unet, rtol=0, atol=1e-6)
+        torch.testing.assert_close(kohya_text, peft_text, rtol=0, atol=1e-6)
+    finally:
+        lora.remove_all_loras(model)
+        loading.unload_all()
+
+
+# --- separate VAE files ----------------------------------------------------------------------------------------------
+
+def test_a_vae_file_loads_the_same_in_the_ldm_and_diffusers_layouts(tmp_path):
+    for layout in ("ldm", "diffusers"):
+        export.write_random_vae(tmp_path / f"{layout}.safetensors", layout, seed=3, width=32)
+    ldm_keys = load_file(tmp_path / "ldm.safetensors").keys()
+    assert {"encoder.down.0.block.0.norm1.weight", "quant_conv.weight", "post_quant_conv.weight",
+            "decoder.mid.attn_1.q.weight"} <= ldm_keys
+    ldm, diffusers = (vae.load_vae(tmp_path / f"{layout}.safetensors") for layout in ("ldm", "diffusers"))
+    assert state_dicts_equal(ldm, diffusers) == []
+    assert ldm.config.scaling_factor == 0.18215 and list(ldm.config.block_out_channels) == [32, 64, 128, 128]
+    sdxl = vae.load_vae(tmp_path / "ldm.safetensors", family="sdxl")
+    assert sdxl.config.scaling_factor == 0.13025 and sdxl.config.force_upcast
+    with torch.no_grad():
+        image = ldm.decode(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))).sample
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_vae_files_that_are_not_sd_vaes_are_refused_by_name(tmp_path, tiny_sd1):
+    with pytest.raises(ValueError, match="whole checkpoint .* not a VAE file"):
+        vae.load_vae(tiny_sd1.single_file)
+    export.write_random_vae(tmp_path / "vae.safetensors", width=32)
+    tensors = load_file(tmp_path / "vae.safetensors")
+    tensors["encoder.conv_out.weight"] = torch.zeros(32, 128, 3, 3)  # 16 latent channels, as SD3's and Flux's
+    save_file(tensors, tmp_path / "sixteen.safetensors")
+    with pytest.raises(ValueError, match="'sixteen.safetensors' is a 16-channel VAE"):
+        vae.load_vae(tmp_path / "sixteen.safetensors")
+    del tensors["encoder.conv_out.weight"], tensors["decoder.mid.attn_1.q.weight"]
+    tensors["encoder.conv_out.weight"] = torch.zeros(8, 128, 3, 3)
+    save_file(tensors, tmp_path / "partial.safetensors")
+    missing = "decoder.mid_block.attentions.0.to_q.weight"
+    with pytest.raises(ValueError, match=rf"does not fit the SD VAE layout \(ldm, width 32\): .*: \['{missing}'\]$"):
+        vae.load_vae(tmp_path / "partial.safetensors")
+    with pytest.raises(UnsafeModelFormatError):
+        vae.load_vae(tmp_path / "vae.pt")
+
+
+def test_vae_list_holds_the_files_of_models_vae(tmp_path):
+    (tmp_path / "vae" / "sdxl").mkdir(parents=True)
+    export.write_random_vae(tmp_path / "vae" / "vae-ft-mse-840000-ema-pruned.safetensors", width=32)
+    export.write_random_vae(tmp_path / "vae" / "sdxl" / "sdxl_vae.safetensors", width=32)
+    assert vae.list_vaes(tmp_path) == ["sdxl/sdxl_vae.safetensors", "vae-ft-mse-840000-ema-pruned.safetensors"]
+
+
+# --- module structure ------------------------------------------------------------------------------------------------
+
+def imported_modules(module) -> set[str]:
+    """The sibling modules of ``nodes.models`` that ``module``'s source imports (``from .x import``)."""
+    with open(module.__file__, encoding="utf-8") as file:
+        tree = ast.parse(file.read())
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+            and node.module}
+
+
+def test_lora_and_loading_import_each_other_no_more():
+    from nodes.models import loaded, loader
+
+    assert not imported_modules(lora) & {"loading", "loader"}
+    assert "lora" not in imported_modules(loaded) | imported_modules(loader) | imported_modules(loading)

@@ -1,7 +1,10 @@
 """Which model family a checkpoint belongs to, read from its tensor names and shapes or a diffusers folder's configs.
 
 Families: ``"sd1"`` (SD1.x: OpenAI CLIP ViT-L text encoder), ``"sd2"`` (SD2.x: OpenCLIP ViT-H text encoder,
-epsilon or v-prediction) and ``"sdxl"`` (SDXL base: two text encoders, size and crop conditioning).
+epsilon or v-prediction), ``"sdxl"`` (SDXL base: two text encoders, size and crop conditioning) and
+``"sdxl_refiner"`` (SDXL's refiner: the OpenCLIP ViT-bigG encoder only, size, crop and aesthetic-score
+conditioning). Any of them may have an inpainting UNet, which takes 9 input channels (the noisy latent, the mask
+and the masked image's latent) instead of 4: :attr:`CheckpointInfo.unet_in_channels`.
 
 The checks are structural (which blocks exist, and that the UNet's cross-attention width matches the text
 encoders), not tied to SD's real widths, so they hold for the narrow test models as well as for real checkpoints.
@@ -18,12 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 
 UNET_PREFIX = "model.diffusion_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."  # OpenAI CLIP, transformers layout
 SD2_TEXT_PREFIX = "cond_stage_model.model."  # OpenCLIP layout
 SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."  # OpenCLIP bigG alone
 SDXL_LABEL_EMB_PREFIX = UNET_PREFIX + "label_emb."
 UNET_IN_CONV_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 
@@ -33,16 +37,26 @@ _TEXT_WIDTH_KEYS = {
     "sd2": (SD2_TEXT_PREFIX + "token_embedding.weight",),
     "sdxl": (SDXL_TEXT_PREFIXES[0] + "text_model.embeddings.token_embedding.weight",
              SDXL_TEXT_PREFIXES[1] + "token_embedding.weight"),
+    "sdxl_refiner": (SDXL_REFINER_TEXT_PREFIX + "token_embedding.weight",),
 }
+# UNet input channels: the latent alone, or with an inpainting model's mask (1) and masked-image latent (4).
+UNET_INPUT_CHANNELS = (4, 9)
 
-# Source: ComfyUI comfy/supported_models.py, SD20.model_type: the std (biased) of this tensor above 0.09 marks a
-# v-prediction SD2 model (768-v); ComfyUI's own comment calls it a guess. Callers can override the result.
+# Source: ComfyUI v0.3.64 comfy/supported_models.py, SD20.model_type: the std (biased) of this tensor above 0.09
+# marks a v-prediction SD2 model (768-v) unless its UNet is an inpainting one; ComfyUI's own comment calls it a
+# guess. Callers can override the result.
 V_PREDICTION_PROBE_KEY = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_PREDICTION_STD_THRESHOLD = 0.09
-# ComfyUI writes an empty "v_pred" tensor into checkpoints it saves from a v-prediction model.
+# ComfyUI writes an empty "v_pred" tensor into checkpoints it saves from a v-prediction model, and reads it back
+# for SDXL only (SDXL.model_type; SD1 is always epsilon there and SD2 goes by the probe above).
 V_PREDICTION_MARKER_KEY = "v_pred"
+V_PREDICTION_MARKER_FAMILIES = ("sdxl",)
 
-DIFFUSERS_PIPELINE_CLASSES = {"StableDiffusionPipeline": ("sd1", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
+DIFFUSERS_PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": ("sd1", "sd2"), "StableDiffusionInpaintPipeline": ("sd1", "sd2"),
+    "StableDiffusionXLPipeline": ("sdxl",), "StableDiffusionXLInpaintPipeline": ("sdxl",),
+    "StableDiffusionXLImg2ImgPipeline": ("sdxl", "sdxl_refiner"),
+}
 
 
 class UnknownModelLayoutError(ValueError):
@@ -58,6 +72,8 @@ class CheckpointInfo:
     reason: str  # how the prediction type was decided, for the log
     unet_width: int  # the UNet's first block width (SD: 320)
     unet_parameters: int  # with the width, what tells a narrow shipped model's file from other narrow files
+    unet_in_channels: int  # 4, or 9 for an inpainting UNet
+    shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def _prefix_summary(keys: Sequence[str], depth: int = 2, limit: int = 12) -> str:
@@ -80,17 +96,18 @@ def family_from_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
     """Detect the family of an original-layout (LDM) state dict from its tensor names and shapes.
 
     SDXL holds ``conditioner.embedders.1.`` (its second text encoder) and ``model.diffusion_model.label_emb.``
-    (its size and crop embedding); SD2 holds an OpenCLIP text encoder under ``cond_stage_model.model.``; SD1 an
-    OpenAI CLIP one under ``cond_stage_model.transformer.``. The UNet's cross-attention width must then equal
-    the text encoders' width (their sum for SDXL).
+    (its size and crop embedding); the SDXL refiner holds ``label_emb`` and a lone OpenCLIP encoder under
+    ``conditioner.embedders.0.model.``; SD2 holds an OpenCLIP text encoder under ``cond_stage_model.model.``; SD1
+    an OpenAI CLIP one under ``cond_stage_model.transformer.``. The UNet's cross-attention width must then equal
+    the text encoders' width (their sum for SDXL), and its input take 4 channels (9 for inpainting).
 
     Args:
         shapes: tensor name → shape, for every tensor in the file.
     Returns:
-        ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+        one of ``FAMILIES``.
     Raises:
-        UnknownModelLayoutError: a layout none of them matches (a LoRA, a UNet-only file, an SDXL refiner, an
-            inpainting model, another architecture); the message lists the prefixes found.
+        UnknownModelLayoutError: a layout none of them matches (a LoRA, a VAE or UNet-only file, a UNet with
+            another number of input channels, another architecture); the message lists the prefixes found.
     Example:
         >>> family_from_shapes({
         ...     "model.diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3),
@@ -105,7 +122,7 @@ def family_from_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
             f"this file holds LoRA weights, not a checkpoint (found: {found}); load it with the LoRA loader")
     if not any(key.startswith(UNET_PREFIX) for key in keys):
         raise UnknownModelLayoutError(
-            f"no UNet under {UNET_PREFIX!r}: not a full SD1/SD2/SDXL checkpoint in the original layout "
+            f"no UNet under {UNET_PREFIX!r}: not a full SD1/SD2/SDXL/SDXL-refiner checkpoint in the original layout "
             f"(found: {found}); accepted are single files holding UNet, VAE and text encoder(s)")
 
     def has(prefix: str) -> bool:
@@ -113,10 +130,8 @@ def family_from_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
 
     if has(SDXL_LABEL_EMB_PREFIX) and has(SDXL_TEXT_PREFIXES[1]):
         family = "sdxl"
-    elif has(SDXL_LABEL_EMB_PREFIX) and has("conditioner.embedders.0.model."):
-        raise UnknownModelLayoutError(
-            f"this is an SDXL refiner (one OpenCLIP text encoder under conditioner.embedders.0.model.); "
-            f"accepted are {FAMILIES} base models (found: {found})")
+    elif has(SDXL_LABEL_EMB_PREFIX) and has(SDXL_REFINER_TEXT_PREFIX):
+        family = "sdxl_refiner"
     elif has(SD2_TEXT_PREFIX):
         family = "sd2"
     elif has(SD1_TEXT_PREFIX):
@@ -130,10 +145,10 @@ def family_from_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
     if in_conv is None:
         raise UnknownModelLayoutError(f"looks like {family} but its UNet has no input convolution "
                                       f"{UNET_IN_CONV_KEY!r}: the file is incomplete (found: {found})")
-    if int(in_conv[1]) != 4:
+    if int(in_conv[1]) not in UNET_INPUT_CHANNELS:
         raise UnknownModelLayoutError(
-            f"the UNet takes {int(in_conv[1])} input channels (an inpainting or other conditioned model); "
-            f"accepted are text-to-image models with 4 latent channels")
+            f"looks like {family}, but its UNet takes {int(in_conv[1])} input channels; accepted are "
+            f"{UNET_INPUT_CHANNELS} (text-to-image, inpainting)")
     missing = [key for key in _TEXT_WIDTH_KEYS[family] if key not in shapes]
     if missing:
         raise UnknownModelLayoutError(f"looks like {family} but lacks {missing} (found: {found})")
@@ -146,27 +161,34 @@ def family_from_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
     return family
 
 
-def prediction_type_from_weights(family: str, keys: Sequence[str],
-                                 load_tensor: Callable[[str], torch.Tensor]) -> tuple[str, str]:
-    """Guess whether a checkpoint predicts the noise or v.
+def prediction_type_from_weights(family: str, keys: Sequence[str], load_tensor: Callable[[str], torch.Tensor],
+                                 unet_in_channels: int = 4) -> tuple[str, str]:
+    """Decide whether a checkpoint predicts the noise or v, as ComfyUI v0.3.64 does (``model_type`` of its
+    ``supported_models.py``), so that the same file samples the same way in both.
 
-    SD1 is always epsilon. SD2 follows ComfyUI's heuristic: v-prediction when the biased std of
-    ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` exceeds 0.09 (the 768-v models) — a guess that a
-    caller can override. SDXL is epsilon unless the file carries ComfyUI's ``v_pred`` marker, as does any family.
+    SD2 with a 4-channel UNet: v-prediction when the biased std of
+    ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` exceeds 0.09 (the 768-v models), a guess that a caller
+    can override; SD2 inpainting models are epsilon. SDXL: v-prediction when the file carries ComfyUI's empty
+    ``v_pred`` tensor. SD1 and the SDXL refiner: always epsilon (ComfyUI ignores the marker there too).
 
     Args:
         family: one of ``FAMILIES``.
         keys: every tensor name in the file.
         load_tensor: reads one tensor by name (only the probe tensor is read).
+        unet_in_channels: the UNet's input channels (9: inpainting).
     Returns:
         ``(prediction_type, reason)``, the reason in words for the log.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
-    if V_PREDICTION_MARKER_KEY in keys:
-        return "v_prediction", f"the file carries ComfyUI's {V_PREDICTION_MARKER_KEY!r} marker"
+    if family in V_PREDICTION_MARKER_FAMILIES:
+        if V_PREDICTION_MARKER_KEY in keys:
+            return "v_prediction", f"the file carries ComfyUI's {V_PREDICTION_MARKER_KEY!r} marker"
+        return "epsilon", f"{family} without ComfyUI's {V_PREDICTION_MARKER_KEY!r} marker predicts the noise"
     if family != "sd2":
         return "epsilon", f"{family} models predict the noise"
+    if unet_in_channels != 4:
+        return "epsilon", "SD2 inpainting models predict the noise"
     if V_PREDICTION_PROBE_KEY not in keys:
         return "epsilon", f"no {V_PREDICTION_PROBE_KEY} to test, so the SD2 default"
     std = float(torch.std(load_tensor(V_PREDICTION_PROBE_KEY).float(), unbiased=False))
@@ -176,7 +198,7 @@ def prediction_type_from_weights(family: str, keys: Sequence[str],
 
 
 def inspect_single_file(path: str | os.PathLike) -> CheckpointInfo:
-    """Family and prediction type of an original-layout ``.safetensors`` checkpoint, from its header.
+    """Family, UNet input channels and prediction type of an original-layout ``.safetensors`` checkpoint.
 
     Only the header (names and shapes) is read, plus the one small tensor the v-prediction probe needs.
 
@@ -189,9 +211,11 @@ def inspect_single_file(path: str | os.PathLike) -> CheckpointInfo:
         keys = list(file.keys())
         shapes = {key: tuple(file.get_slice(key).get_shape()) for key in keys}
         family = family_from_shapes(shapes)
-        prediction_type, reason = prediction_type_from_weights(family, keys, file.get_tensor)
+        in_channels = int(shapes[UNET_IN_CONV_KEY][1])
+        prediction_type, reason = prediction_type_from_weights(family, keys, file.get_tensor, in_channels)
     unet_parameters = sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(UNET_PREFIX))
-    return CheckpointInfo(family, prediction_type, reason, int(shapes[UNET_IN_CONV_KEY][0]), unet_parameters)
+    return CheckpointInfo(family, prediction_type, reason, int(shapes[UNET_IN_CONV_KEY][0]), unet_parameters,
+                          in_channels, shapes)
 
 
 def read_json(path: str) -> dict:
@@ -203,8 +227,9 @@ def read_json(path: str) -> dict:
 def family_from_diffusers_folder(folder: str | os.PathLike) -> str:
     """Detect the family of a diffusers pipeline folder from its ``model_index.json`` and UNet config.
 
-    ``StableDiffusionXLPipeline`` is SDXL. A ``StableDiffusionPipeline`` whose UNet uses linear projections in
-    its transformers (``use_linear_projection``, as every SD2.x does and no SD1.x does) is SD2, otherwise SD1.
+    An SDXL pipeline (text-to-image, image-to-image or inpainting) without a first text encoder is the SDXL refiner,
+    with one SDXL. An SD pipeline (text-to-image or inpainting) whose UNet uses linear projections in its
+    transformers (``use_linear_projection``, as every SD2.x does and no SD1.x does) is SD2, otherwise SD1.
 
     Raises:
         FileNotFoundError: ``model_index.json`` or ``unet/config.json`` is missing.
@@ -214,12 +239,14 @@ def family_from_diffusers_folder(folder: str | os.PathLike) -> str:
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: it has no model_index.json")
-    class_name = read_json(index_path).get("_class_name")
+    index = read_json(index_path)
+    class_name = index.get("_class_name")
     if class_name not in DIFFUSERS_PIPELINE_CLASSES:
         raise UnknownModelLayoutError(
             f"{folder!r} holds a {class_name!r}; accepted pipeline classes are {sorted(DIFFUSERS_PIPELINE_CLASSES)}")
-    if class_name == "StableDiffusionXLPipeline":
-        return "sdxl"
+    if "sdxl" in DIFFUSERS_PIPELINE_CLASSES[class_name]:
+        text_encoder = index.get("text_encoder")
+        return "sdxl" if isinstance(text_encoder, list) and None not in text_encoder else "sdxl_refiner"
     unet_config_path = os.path.join(folder, "unet", "config.json")
     if not os.path.isfile(unet_config_path):
         raise FileNotFoundError(f"{folder!r} has no unet/config.json")

@@ -6,7 +6,7 @@ adapter (diffusers' PEFT integration: ``load_lora_weights``, ``set_adapters``, `
 or a weight patch, and removing every LoRA gives the base model back bit for bit. This is SwiftDiffusion's
 "no weight patching" hot-swap (techniques.md §4.14 (c)).
 
-Adapters stay resident on the :class:`~nodes.models.loading.LoadedModel` once loaded; :func:`set_loras` chooses
+Adapters stay resident on the :class:`~nodes.models.loaded.LoadedModel` once loaded; :func:`set_loras` chooses
 which run, with what strengths. Because one loaded model is shared by every node that loads the same file, a
 caller activates its own LoRA list right before it runs the model (``set_loras(model, specs)``; an empty list
 runs the base weights).
@@ -25,38 +25,14 @@ from collections.abc import Sequence
 
 import torch
 
-from .loading import LoadedModel, check_safetensors
+from .formats import check_safetensors
+from .loaded import MAX_LORA_STRENGTH as MAX_STRENGTH  # noqa: F401  (nodes read the bound as lora.MAX_STRENGTH)
+from .loaded import LoadedModel, LoraAdapter, LoraSpec
 
 logger = logging.getLogger(__name__)
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-MAX_STRENGTH = 100.0  # far beyond any useful strength; larger values are typing mistakes
 MESSAGE_LINES = 3  # of a diffusers loading error, quoted in ours
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA to run: its file and how strongly it acts on the UNet and on the text encoder(s)."""
-
-    path: str
-    strength_model: float = 1.0
-    strength_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("strength_model", "strength_clip"):
-            value = getattr(self, name)
-            if not -MAX_STRENGTH <= value <= MAX_STRENGTH:
-                raise ValueError(f"{name} must be in [-{MAX_STRENGTH}, {MAX_STRENGTH}]; got {value}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraAdapter:
-    """A LoRA resident on a model as a named adapter."""
-
-    name: str  # the adapter name in diffusers/PEFT
-    path: str  # real path of the file
-    signature: tuple[int, int]  # (size, mtime_ns) when it was read
-    components: tuple[str, ...]  # which of LORA_COMPONENTS it adapts
 
 
 def _require_peft() -> None:
@@ -84,7 +60,7 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: no such file.
-        nodes.models.loading.UnsafeModelFormatError: not a ``.safetensors`` file.
+        nodes.models.formats.UnsafeModelFormatError: not a ``.safetensors`` file.
     """
     from safetensors.torch import load_file
 
@@ -119,7 +95,7 @@ def load_lora(model: LoadedModel, path: str | os.PathLike,
     Returns:
         The adapter; the same one if the file is already resident and unchanged.
     Raises:
-        nodes.models.loading.UnsafeModelFormatError: not a ``.safetensors`` file.
+        nodes.models.formats.UnsafeModelFormatError: not a ``.safetensors`` file.
         ValueError: the LoRA does not fit this model (another family, or no layer of it matched).
         ImportError: ``peft`` is not installed.
     """

@@ -1,0 +1,214 @@
+"""Load checkpoints, offline, with one shared copy per file: the loading cache.
+
+Two formats are accepted: an original-layout (LDM) single ``.safetensors`` file, loaded with diffusers'
+``from_single_file`` against a config folder (``model_configs.single_file_config_dir``, or an explicit one), and a
+diffusers pipeline folder with safetensors weights. Nothing is ever fetched from a hub, and nothing is ever unpickled.
+
+Loaded models are cached: two loads of the same file (same real path, size and modification time) with the same
+dtype, device and options return the same :class:`~nodes.models.loaded.LoadedModel`. :func:`unload_all` empties
+the cache.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from ..common.denoiser import PREDICTION_TYPES, NoiseSchedule
+from .devices import ACCEPTED_DTYPES, default_device, default_dtype
+from .families import (CheckpointInfo, family_from_diffusers_folder, inspect_single_file,
+                       prediction_type_from_diffusers_folder, read_json)
+from .formats import SAFE_EXTENSION, UnsafeModelFormatError, check_folder_weights, check_safetensors
+from .loaded import LoadedModel
+from .model_configs import (component_configs, load_tokenizer, pipeline_class, pipeline_extras,
+                            single_file_config_dir)
+from .sources import resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+_CACHE: dict[tuple, LoadedModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _file_signature(path: str) -> tuple:
+    """(size, mtime) of a file, or of every file in a folder: a change of any of them is a different model."""
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return ((stat.st_size, stat.st_mtime_ns),)
+    entries = []
+    for current, _, names in os.walk(path):
+        for name in sorted(names):
+            stat = os.stat(os.path.join(current, name))
+            entries.append((os.path.relpath(os.path.join(current, name), path), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+def _load_single_file(path: str, info: CheckpointInfo, config_dir: str | None, dtype: torch.dtype) -> Any:
+    if config_dir is None:
+        config_dir = single_file_config_dir(info)
+    else:
+        config_family = family_from_diffusers_folder(config_dir)
+        if config_family != info.family:
+            raise ValueError(f"{os.path.basename(path)!r} is a {info.family} checkpoint, but config_dir "
+                             f"{config_dir!r} describes a {config_family} model; give a {info.family} config folder")
+    index = read_json(os.path.join(config_dir, "model_index.json"))
+    present = {name for name, entry in index.items() if isinstance(entry, list) and None not in entry}
+    absent = {name: None for name, entry in index.items() if isinstance(entry, list) and None in entry}
+    tokenizers = {name: load_tokenizer(config_dir, name) for name in ("tokenizer", "tokenizer_2") if name in present}
+    unet_in_channels = component_configs(config_dir)["unet"]["in_channels"]
+    if unet_in_channels != info.unet_in_channels:
+        raise ValueError(f"{os.path.basename(path)!r} has a UNet of {info.unet_in_channels} input channels, but "
+                         f"config_dir {config_dir!r} describes one of {unet_in_channels}")
+    components = {**absent, **tokenizers, **pipeline_extras(info.family)}
+    return pipeline_class(info.family, unet_in_channels).from_single_file(
+        path, config=config_dir, local_files_only=True, dtype=dtype, **components)
+
+
+def _load_folder(folder: str, dtype: torch.dtype) -> tuple[Any, str]:
+    family = family_from_diffusers_folder(folder)
+    variant = check_folder_weights(folder)
+    unet_in_channels = read_json(os.path.join(folder, "unet", "config.json")).get("in_channels", 4)
+    pipeline = pipeline_class(family, unet_in_channels).from_pretrained(
+        folder, local_files_only=True, use_safetensors=True, dtype=dtype, variant=variant, **pipeline_extras(family))
+    return pipeline, family
+
+
+def load_transformers_folder(folder: str | os.PathLike, model_class: type | None = None,
+                             device: torch.device | str | None = None) -> tuple[Any, torch.nn.Module]:
+    """A transformers model and its tokenizer or image processor from a ``save_pretrained`` folder, offline and
+    from ``.safetensors`` weights only (a DINOv2 backbone in ``models/dinov2``, a sentence encoder in
+    ``models/sentence_encoders``).
+
+    Args:
+        folder: holds ``config.json`` and ``model.safetensors`` (or sharded safetensors).
+        model_class: the transformers class to build; by default ``AutoModel`` picks it from the config.
+        device: by default :func:`default_device`. The model is in eval mode, in float32.
+    Returns:
+        (the tokenizer, or the image processor when the folder has no tokenizer, or None; the model).
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``folder``.
+        UnsafeModelFormatError: the folder has only pickle-based weights.
+    """
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    folder = os.path.realpath(os.fspath(folder))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder!r} is not a transformers model folder: it has no config.json")
+    if not any(name.lower().endswith(SAFE_EXTENSION) for name in os.listdir(folder)):
+        raise UnsafeModelFormatError(f"{folder!r} holds no .safetensors weights; only safetensors are loaded "
+                                     f"(convert pickle-based weights first)")
+    model = (model_class or AutoModel).from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                       dtype=torch.float32)
+    preprocessor = None
+    for loader in (AutoTokenizer, AutoImageProcessor):
+        try:
+            preprocessor = loader.from_pretrained(folder, local_files_only=True)
+            break
+        except (OSError, ValueError, KeyError):
+            continue
+    return preprocessor, model.to(device if device is not None else default_device()).eval()
+
+
+def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
+               prediction_type: str | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> LoadedModel:
+    """Load a single ``.safetensors`` checkpoint or a diffusers folder, offline, sharing one copy per file.
+
+    Args:
+        path: an original-layout ``.safetensors`` file of one of ``families.FAMILIES`` (inpainting UNets
+            included), or a diffusers pipeline folder.
+        config_dir: single files only: the diffusers config folder describing the architecture; by default
+            ``model_configs.single_file_config_dir`` finds or derives it.
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; overrides what the weights (single
+            files: see ``families.prediction_type_from_weights``) or the folder's scheduler config say.
+        dtype: float32, float16 or bfloat16; by default :func:`default_dtype` of the device.
+        device: by default :func:`default_device`.
+    Returns:
+        The :class:`LoadedModel`; the same object for a repeated call with the same file (real path, size,
+        modification time) and arguments, until :func:`unload_all`.
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeModelFormatError: a file that is not ``.safetensors``, or a folder with only pickle-based weights.
+        families.UnknownModelLayoutError: a layout that is none of ``families.FAMILIES``.
+        ValueError: a bad ``prediction_type`` or ``dtype``, or a ``config_dir`` of another family.
+    """
+    path = os.path.realpath(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model at {path!r}")
+    is_folder = os.path.isdir(path)
+    if not is_folder:
+        check_safetensors(path)
+    elif config_dir is not None:
+        raise ValueError("config_dir applies to single files only; a diffusers folder carries its own configs")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES} or None; got {prediction_type!r}")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype if dtype is not None else default_dtype(device)
+    if dtype not in ACCEPTED_DTYPES:
+        raise ValueError(f"dtype must be one of {ACCEPTED_DTYPES}; got {dtype}")
+    config_dir = os.path.realpath(os.fspath(config_dir)) if config_dir is not None else None
+    info = None if is_folder else inspect_single_file(path)
+    if info is not None:
+        logger.info("%s: %s, %d-channel UNet, %s (%s)", os.path.basename(path), info.family, info.unet_in_channels,
+                    info.prediction_type, info.reason)
+    # Resolved before the cache lookup, so "auto" and the type it resolves to share one copy.
+    resolved = prediction_type or (info.prediction_type if info else prediction_type_from_diffusers_folder(path))
+
+    key = (path, _file_signature(path), config_dir, resolved, dtype, device)
+    with _CACHE_LOCK:  # one load at a time: two nodes asking for the same file wait for one copy
+        if key in _CACHE:
+            return _CACHE[key]
+        started = time.perf_counter()
+        if is_folder:
+            pipeline, family = _load_folder(path, dtype)
+        else:
+            pipeline, family = _load_single_file(path, info, config_dir, dtype), info.family
+        if pipeline.scheduler.config.get("prediction_type") != resolved:
+            pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
+                                                                      prediction_type=resolved)
+        pipeline.to(device)
+        if getattr(pipeline.vae.config, "force_upcast", False) and dtype == torch.float16:
+            pipeline.vae.to(torch.float32)  # SDXL's VAE overflows in float16; diffusers marks it force_upcast
+            logger.info("%s: VAE kept in float32 (force_upcast)", os.path.basename(path))
+        pipeline.set_progress_bar_config(disable=True)
+        for module in pipeline.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)  # inference only: no autograd graph even outside no_grad
+        schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), resolved)
+        model = LoadedModel(pipeline=pipeline, family=family, schedule=schedule, dtype=dtype, device=device,
+                            source=path)
+        _CACHE[key] = model
+        logger.info("loaded %s (%s, %s, %s on %s) in %.1f s", os.path.basename(path), family, resolved,
+                    str(dtype).removeprefix("torch."), device, time.perf_counter() - started)
+        return model
+
+
+def unload_all() -> int:
+    """Drop every cached model (the server's ``/free`` calls this); returns how many there were.
+
+    Memory is freed once no node output still holds a model.
+    """
+    with _CACHE_LOCK:
+        count = len(_CACHE)
+        _CACHE.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return count
+
+
+def cached_models() -> list[LoadedModel]:
+    """The models the cache holds now."""
+    with _CACHE_LOCK:
+        return list(_CACHE.values())
+
+
+def load_checkpoint(name: str, models_dir: str | os.PathLike | None = None, **options: Any) -> LoadedModel:
+    """:func:`load_model` of a checkpoint named as :func:`list_checkpoints` names it; ``options`` go to load_model."""
+    return load_model(resolve_checkpoint(name, models_dir), **options)

@@ -1,0 +1,108 @@
+"""Separate VAE files, as ComfyUI's VAELoader takes them from ``models/vae``: SD1/SD2 and SDXL autoencoders in the
+original (LDM) layout (``encoder.``, ``decoder.``, ``quant_conv.``, ``post_quant_conv.``, as
+``vae-ft-mse-840000-ema-pruned.safetensors`` and ``sdxl_vae.safetensors`` are published) or in diffusers' own
+layout, loaded offline into a diffusers ``AutoencoderKL``.
+
+SD's and SDXL's VAEs share one architecture, and the files do not record the latent scaling factor: it is the
+family's (SD1/SD2 0.18215, SDXL 0.13025), given by the caller or SD1/SD2's by default. ComfyUI keeps the factor
+with the diffusion model for the same reason (its ``latent_format``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from .devices import ACCEPTED_DTYPES, default_device
+from .families import FAMILIES, UNET_PREFIX
+from .formats import check_safetensors
+from .model_configs import component_configs, shipped_config_dir
+from .sources import list_models
+
+# One tensor of each layout that every SD-family VAE file holds.
+LDM_VAE_MARKER = "encoder.down.0.block.0.norm1.weight"
+DIFFUSERS_VAE_MARKER = "encoder.down_blocks.0.resnets.0.norm1.weight"
+LDM_CHECKPOINT_VAE_PREFIX = "first_stage_model."
+LATENT_CHANNELS = 4  # SD1, SD2 and SDXL; SD3 and Flux VAEs have 16
+
+
+def list_vaes(models_dir: str | os.PathLike | None = None) -> list[str]:
+    """The VAE files in ``models/vae`` (or ComfyUI's ``vae`` folders inside ComfyUI), for a VAELoader combo."""
+    return list_models("vae", models_dir)
+
+
+def _vae_layout(shapes: dict[str, tuple[int, ...]]) -> str:
+    """``"ldm"`` or ``"diffusers"``, or a clear refusal naming what the file holds instead."""
+    if LDM_VAE_MARKER in shapes:
+        return "ldm"
+    if DIFFUSERS_VAE_MARKER in shapes:
+        return "diffusers"
+    if any(key.startswith(LDM_CHECKPOINT_VAE_PREFIX) for key in shapes) or any(
+            key.startswith(UNET_PREFIX) for key in shapes):
+        raise ValueError("this is a whole checkpoint (UNet, VAE and text encoders), not a VAE file: load it with "
+                         "the checkpoint loader, whose VAE output is its VAE")
+    first = sorted(shapes)[:3]
+    raise ValueError(f"not an SD/SDXL VAE: it has neither {LDM_VAE_MARKER!r} (LDM layout) nor "
+                     f"{DIFFUSERS_VAE_MARKER!r} (diffusers layout); its first tensors are {first}")
+
+
+def load_vae(path: str | os.PathLike, family: str | None = None, dtype: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> torch.nn.Module:
+    """Load a separate VAE file into a diffusers ``AutoencoderKL``, offline.
+
+    Args:
+        path: a ``.safetensors`` VAE in the LDM or the diffusers layout.
+        family: the model family whose latent scaling factor (and SDXL's ``force_upcast``) the VAE carries in
+            ``config.scaling_factor``; by default SD1/SD2's 0.18215.
+        dtype: float32, float16 or bfloat16.
+        device: by default ``devices.default_device()``.
+    Returns:
+        The ``AutoencoderKL`` in eval mode, without gradients.
+    Raises:
+        FileNotFoundError: no such file.
+        formats.UnsafeModelFormatError: not a ``.safetensors`` file.
+        ValueError: an unknown family or dtype, a file that is not an SD/SDXL VAE (a whole checkpoint, a
+            16-channel VAE, another model), or tensors whose shapes do not fit the SD VAE layout.
+    """
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    check_safetensors(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no VAE file at {path!r}")
+    family = family or "sd1"
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES} or None; got {family!r}")
+    if dtype not in ACCEPTED_DTYPES:
+        raise ValueError(f"dtype must be one of {ACCEPTED_DTYPES}; got {dtype}")
+    tensors = load_file(path)
+    shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+    layout = _vae_layout(shapes)
+    config = copy.deepcopy(component_configs(shipped_config_dir(family))["vae"])
+    conv_in, conv_out = ("encoder.conv_in.weight", "encoder.conv_out.weight")
+    if conv_in not in shapes or conv_out not in shapes:
+        raise ValueError(f"{os.path.basename(path)!r} lacks {conv_in!r} or {conv_out!r}: the file is incomplete")
+    latent_channels = shapes[conv_out][0] // 2  # the encoder gives a mean and a log-variance per channel
+    if latent_channels != LATENT_CHANNELS:
+        raise ValueError(f"{os.path.basename(path)!r} is a {latent_channels}-channel VAE; accepted are the "
+                         f"{LATENT_CHANNELS}-channel VAEs of SD1, SD2 and SDXL")
+    width, published = shapes[conv_in][0], config["block_out_channels"]
+    config["block_out_channels"] = [width * channels // published[0] for channels in published]
+    if layout == "ldm":
+        tensors = convert_ldm_vae_checkpoint(tensors, config)
+    with torch.device("meta"):  # shapes only: the file's tensors become the parameters (assign=True)
+        vae = AutoencoderKL.from_config(config)
+    expected = {key: tuple(value.shape) for key, value in vae.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in tensors.items()}
+    if expected != found:
+        differing = sorted(set(expected) ^ set(found)) or sorted(key for key in expected if expected[key] != found[key])
+        raise ValueError(f"{os.path.basename(path)!r} does not fit the SD VAE layout ({layout}, width {width}): "
+                         f"tensors missing, extra or of another shape: {differing[:3]}"
+                         f"{f' and {len(differing) - 3} more' if len(differing) > 3 else ''}")
+    device = torch.device(device) if device is not None else default_device()
+    vae.load_state_dict({key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}, assign=True)
+    return vae.eval().requires_grad_(False)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -377,6 +378,11 @@ def test_encode_refuses_tokens_without_an_encoders_key(encoders):
         clip.encode_from_tokens({"l": clip.tokenize("a cat")["l"]})
 
 
+def test_clip_refuses_a_single_string_of_embedding_folders(encoders):
+    with pytest.raises(TypeError, match="sequence of folders"):
+        make_clip("sd1", encoders, embedding_dirs="embeddings")
+
+
 def test_clip_refuses_an_unknown_family(encoders):
     model = make_model("sd1", encoders)
     model.family = "flux"
@@ -427,6 +433,18 @@ PARITY_PROMPTS = [
     " ".join(f"word{index}" for index in range(40)) + ", (" + "a very long weighted phrase " * 8 + ":1.1) "
     + "tail " * 30 + "(end:0.7)",
 ]
+# Pieces that random prompts are strung from: parentheses, weights, escapes, brackets, embeddings, commas, newlines
+# and long runs of words that cross chunk boundaries, so the parser and the chunker meet odd combinations.
+FUZZ_PIECES = ("(", ")", ":", "1.3", "0.5", "-2", "1e1", "\\(", "\\)", "[", "]", "cat", "dog ", " ", ",", "\n",
+               "embedding:single", "embedding:pair,", "embedding:missing", "(embedding:deep:0.9)", "word " * 12)
+FUZZ_FAMILIES = ("sd1", "sdxl")
+
+
+def _fuzz_prompts(count: int = 200, seed: int = 17) -> list[str]:
+    generator = random.Random(seed)
+    return ["".join(generator.choice(FUZZ_PIECES) for _ in range(generator.randint(1, 40))) for _ in range(count)]
+
+
 # (family, layer given to CLIPSetLastLayer or None): each family's default and other layers ComfyUI can take.
 PARITY_CASES = [("sd1", None), ("sd1", -1), ("sd1", -2), ("sd2", None), ("sd2", -2), ("sd2", -3), ("sdxl", None),
                 ("sdxl", -1), ("sdxl", -3), ("sdxl_refiner", None), ("sdxl_refiner", -1)]
@@ -482,6 +500,10 @@ COMFYUI_SCRIPT = textwrap.dedent("""
             if pooled is not None:
                 results[f"{name}/pooled"] = pooled.contiguous()
             tokens_out[name] = plain(tokens)
+    for family in job["fuzz_families"]:
+        tokenizer = tokenizers.get(family) or classes[family][0](embedding_directory=job["embedding_dirs"])
+        for index, prompt in enumerate(job["fuzz_prompts"]):
+            tokens_out[f"fuzz/{family}/{index}"] = plain(tokenizer.tokenize_with_weights(prompt))
     save_file(results, job["out"] + ".safetensors")
     json.dump(tokens_out, open(job["out"] + ".json", "w"))
 """)
@@ -513,7 +535,8 @@ def comfyui_encodings(encoders, embedding_files, tmp_path_factory) -> tuple[dict
     cases = [{"name": f"{family}/{layer}", "family": family, "layer": layer,
               "configs": {key: configs[key] for key in FAMILY_KEYS[family]},
               "weights": {key: weights[key] for key in FAMILY_KEYS[family]}} for family, layer in PARITY_CASES]
-    job = {"comfyui": comfyui, "cases": cases, "prompts": PARITY_PROMPTS,
+    job = {"comfyui": comfyui, "cases": cases, "prompts": PARITY_PROMPTS, "fuzz_prompts": _fuzz_prompts(),
+           "fuzz_families": FUZZ_FAMILIES,
            "embedding_dirs": [embedding_files["folder"]], "out": str(folder / "results")}
     job_path = folder / "job.json"
     job_path.write_text(json.dumps(job))
@@ -542,3 +565,13 @@ def test_tokens_and_encoding_match_comfyui(encoders, embedding_files, comfyui_en
         if family != "sd2":  # ComfyUI projects SD2's pooled output with weights diffusers does not load
             torch.testing.assert_close(pooled, encodings[f"{name}/pooled"], rtol=0, atol=PARITY_TOLERANCE,
                                        msg=prompt)
+
+
+@pytest.mark.parametrize("family", FUZZ_FAMILIES)
+def test_random_prompts_tokenize_as_in_comfyui(encoders, embedding_files, comfyui_encodings, family):
+    comfyui_tokens = comfyui_encodings[1]
+    clip = make_clip(family, encoders, embedding_dirs=(embedding_files["folder"],))
+    for index, prompt in enumerate(_fuzz_prompts()):
+        tokens = clip.tokenize(prompt)
+        theirs = comfyui_tokens[f"fuzz/{family}/{index}"]
+        assert _plain_tokens(tokens) == {key: theirs[key] for key in tokens}, repr(prompt)

@@ -416,12 +416,16 @@ class Clip:
             embedding_dirs: folders searched, with their subfolders, for ``embedding:name``.
         Raises:
             ValueError: a model family that has no ComfyUI text-encoder rule here.
+            TypeError: ``embedding_dirs`` is a single string rather than a sequence of folders.
         """
         family = ref.model.family
         if family not in FAMILY_ROLES:
             raise ValueError(f"model family must be one of {sorted(FAMILY_ROLES)}; got {family!r}")
+        if isinstance(embedding_dirs, (str, bytes, os.PathLike)):
+            raise TypeError(f"embedding_dirs must be a sequence of folders, such as ({embedding_dirs!r},); got "
+                            f"{embedding_dirs!r}")
         self.ref = ref
-        self.roles = FAMILY_ROLES[family]
+        self._roles = FAMILY_ROLES[family]
         self.layer_idx: int | None = None
         self.embedding_dirs = tuple(os.fspath(folder) for folder in embedding_dirs)
         if layer_idx is not None:
@@ -464,7 +468,7 @@ class Clip:
             raise TypeError(f"text must be a str; got {type(text).__name__}")
         segments = weighted_segments(text)
         tokenizers = self.ref.model.tokenizers
-        return {role.key: self._tokenize_for(role, tokenizers[role.position], segments) for role in self.roles}
+        return {role.key: self._tokenize_for(role, tokenizers[role.position], segments) for role in self._roles}
 
     def _tokenize_for(self, role: TextEncoderRole, tokenizer: Any, segments: list[tuple[str, float]]
                       ) -> list[list[tuple[Token, float]]]:
@@ -523,13 +527,13 @@ class Clip:
             ValueError: ``tokens`` lacks an encoder's key or one has no chunk; the layer chosen with
                 :meth:`clip_layer` is one the loaded weights lack (SD2's last).
         """
-        missing = [role.key for role in self.roles if role.key not in tokens]
+        missing = [role.key for role in self._roles if role.key not in tokens]
         if missing:
-            raise ValueError(f"tokens for a {self.family} model need the keys {[role.key for role in self.roles]}; "
+            raise ValueError(f"tokens for a {self.family} model need the keys {[role.key for role in self._roles]}; "
                              f"{missing} missing from {sorted(tokens)}")
         encoded = []
         with self.ref.in_use() as loaded, torch.no_grad():
-            for role in self.roles:
+            for role in self._roles:
                 encoder = loaded.text_encoders[role.position]
                 layer_idx = self.layer_idx if self.layer_idx is not None else role.default_layer
                 with _computing_in_float32(encoder):

@@ -417,8 +417,9 @@ def test_gradient_estimation_extrapolates_the_slope_from_the_second_step():
 
 
 ODE_SAMPLERS = ("euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "res_multistep", "ddim",
-                "uni_pc", "uni_pc_bh2")
-SECOND_ORDER = ("heun", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "res_multistep", "uni_pc", "uni_pc_bh2")
+                "uni_pc", "uni_pc_bh2", "dpm_fast")
+SECOND_ORDER = ("heun", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "res_multistep", "uni_pc", "uni_pc_bh2",
+                "dpm_fast")
 
 
 @pytest.mark.parametrize("name", ODE_SAMPLERS)
@@ -436,6 +437,26 @@ def test_ode_samplers_converge_to_the_exact_probability_flow_solution(name):
     assert fine < coarse / 3  # at least first order
     if name in SECOND_ORDER:
         assert fine < 0.01 and fine < coarse / 8, (coarse, fine)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_adaptive_meets_a_tighter_tolerance_with_more_evaluations(order):
+    sigmas = karras_sigmas(11, 0.05, 14.6)[:-1]  # only the ends matter
+    x = start_point(sigma=14.6)
+
+    def run(**tolerances):
+        calls = []
+
+        def counting_denoiser(x, sigma):
+            calls.append(sigma)
+            return gaussian_denoiser(x, sigma)
+
+        result = k_samplers.sample_dpm_adaptive(counting_denoiser, x, sigmas, order=order, **tolerances)
+        return float((result - exact_ode_solution(x, 14.6, 0.05)).abs().max()), len(calls)
+
+    loose_error, loose_calls = run()
+    tight_error, tight_calls = run(rtol=1e-3, atol=1e-4)
+    assert tight_error < 0.01 and tight_error < loose_error / 4 and tight_calls > loose_calls
 
 
 @pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"])
@@ -541,8 +562,8 @@ def test_sampler_objects_carry_their_options_and_wrap_any_sampling_function():
     torch.testing.assert_close(wrapped, run_sampler("dpmpp_2m", gaussian_denoiser, SD, sigmas, noise, latent, seed=5))
     with pytest.raises(ValueError, match="sampler must be one of"):
         Sampler.from_name("dpm_slow")
-    with pytest.raises(NotImplementedError, match="ComfyUI's sampler 'dpm_fast' is not available"):
-        Sampler.from_name("dpm_fast")
+    with pytest.raises(NotImplementedError, match="ComfyUI's sampler 'deis' is not available"):
+        Sampler.from_name("deis")
 
 
 def test_sampler_names_are_comfyuis_and_cover_the_issue():

@@ -496,6 +496,160 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     return x
 
 
+# ------------------------------------------------------------------------------ DPM-Solver (singlestep, adaptive)
+
+def _dpm_eps(model, x: torch.Tensor, lam: torch.Tensor, extra_args: Mapping[str, Any]) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """(ε, x̂₀) at λ: the noise prediction ε = (x − x̂₀)/σ that DPM-Solver steps with."""
+    sigma = _sigma_of_lambda(lam)
+    denoised = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
+    return (x - denoised) / sigma, denoised
+
+
+def _dpm_solver_1(x, lam, lam_next, eps):
+    """DPM-Solver-1 (Lu et al. 2022, Eq. 3.7; DDIM): x − σ_next·(e^h − 1)·ε, h = λ_next − λ."""
+    return x - _sigma_of_lambda(lam_next) * (lam_next - lam).expm1() * eps
+
+
+def _dpm_solver_2(model, x, lam, lam_next, eps, extra_args, r1=1 / 2):
+    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1): one evaluation at λ + r₁h. Returns (x_next, ε there)."""
+    h = lam_next - lam
+    s1 = lam + r1 * h
+    u1 = x - _sigma_of_lambda(s1) * (r1 * h).expm1() * eps
+    eps_1, _ = _dpm_eps(model, u1, s1, extra_args)
+    sigma_next = _sigma_of_lambda(lam_next)
+    return x - sigma_next * h.expm1() * eps - sigma_next / (2 * r1) * h.expm1() * (eps_1 - eps), eps_1
+
+
+def _dpm_solver_3(model, x, lam, lam_next, eps, extra_args, eps_1=None, r1=1 / 3, r2=2 / 3):
+    """DPM-Solver-3 (Lu et al. 2022, Algorithm 2): evaluations at λ + r₁h (reused when given) and λ + r₂h."""
+    h = lam_next - lam
+    s1, s2 = lam + r1 * h, lam + r2 * h
+    if eps_1 is None:
+        u1 = x - _sigma_of_lambda(s1) * (r1 * h).expm1() * eps
+        eps_1, _ = _dpm_eps(model, u1, s1, extra_args)
+    sigma_2 = _sigma_of_lambda(s2)
+    u2 = (x - sigma_2 * (r2 * h).expm1() * eps
+          - sigma_2 * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_1 - eps))
+    eps_2, _ = _dpm_eps(model, u2, s2, extra_args)
+    sigma_next = _sigma_of_lambda(lam_next)
+    return x - sigma_next * h.expm1() * eps - sigma_next / r2 * (h.expm1() / h - 1) * (eps_2 - eps)
+
+
+def _dpm_range(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ at σ_max, λ at σ_min) of a schedule: DPM-Solver spaces its own steps and never reaches σ = 0, so a
+    final 0 is replaced by the sigma before it."""
+    sigma_min = sigmas[-1] if sigmas[-1] != 0 else sigmas[-2]
+    return _lambda(sigmas[0].clone()), _lambda(sigma_min.clone())
+
+
+def _dpm_ancestral(lam, lam_next, lam_end, eta):
+    """The target λ and the noise std of an ancestral DPM-Solver step (no noise when η = 0)."""
+    if not eta:
+        return lam_next, 0.0
+    sigma_down, _ = ancestral_step(_sigma_of_lambda(lam), _sigma_of_lambda(lam_next), eta)
+    lam_down = torch.minimum(lam_end, _lambda(sigma_down))
+    return lam_down, (_sigma_of_lambda(lam_next) ** 2 - _sigma_of_lambda(lam_down) ** 2) ** 0.5
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, s_noise=1.0,
+                    noise_sampler=None):
+    """DPM-Solver-fast (Lu et al. 2022, §3.4): n = len(sigmas) − 1 evaluations spent on ⌊n/3⌋ + 1 steps evenly
+    spaced in λ between σ_max and σ_min (only the schedule's ends are used), third order but for the last one or
+    two steps (orders [3, ..., 3, n mod 3] or [3, ..., 3, 2, 1]). It stops at σ_min."""
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    evaluations = len(sigmas) - 1
+    lam_start, lam_end = _dpm_range(sigmas)
+    steps = evaluations // 3 + 1
+    lams = torch.linspace(lam_start, lam_end, steps + 1, device=x.device)
+    orders = [3] * (steps - 2) + [2, 1] if evaluations % 3 == 0 else [3] * (steps - 1) + [evaluations % 3]
+    for i, order in enumerate(orders):
+        lam, lam_next = lams[i], lams[i + 1]
+        lam_target, noise_std = _dpm_ancestral(lam, lam_next, lam_end, eta)
+        eps, denoised = _dpm_eps(model, x, lam, extra_args)
+        _report(callback, x, i, _sigma_of_lambda(lam), denoised)
+        if order == 1:
+            x = _dpm_solver_1(x, lam, lam_target, eps)
+        elif order == 2:
+            x, _ = _dpm_solver_2(model, x, lam, lam_target, eps, extra_args)
+        else:
+            x = _dpm_solver_3(model, x, lam, lam_target, eps, extra_args)
+        x = x + noise_std * s_noise * noise_sampler(_sigma_of_lambda(lam), _sigma_of_lambda(lam_next))
+    return x
+
+
+class _PIDStepSize:
+    """Step-size control by a digital PID filter on the error (Söderlind 2003, "Digital filters in adaptive
+    time-stepping"): h ← h·κ(∏ (1/ε_k)^{b_k}) with κ(u) = 1 + atan(u − 1); a step is accepted when the factor is
+    at least ``accept_safety``."""
+
+    def __init__(self, h, pcoeff, icoeff, dcoeff, order, accept_safety, eps=1e-8):
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety = accept_safety
+        self.eps = eps
+        self.inverse_errors: list[float] = []
+
+    def propose_step(self, error: torch.Tensor) -> bool:
+        inverse_error = 1 / (float(error) + self.eps)
+        if not self.inverse_errors:
+            self.inverse_errors = [inverse_error] * 3
+        self.inverse_errors[0] = inverse_error
+        e0, e1, e2 = self.inverse_errors
+        factor = 1 + math.atan(e0 ** self.b1 * e1 ** self.b2 * e2 ** self.b3 - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.inverse_errors[2], self.inverse_errors[1] = e1, e0
+        self.h *= factor
+        return accept
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disable=None, order=3, rtol=0.05,
+                        atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81, eta=0.0,
+                        s_noise=1.0, noise_sampler=None):
+    """DPM-Solver-12 / -23 with adaptive steps (Lu et al. 2022, Algorithm 4): each step runs orders p − 1 and p
+    on the same evaluations, and their scaled difference ‖(x_low − x_high)/max(atol, rtol·|x|)‖/√N drives the
+    step size (:class:`_PIDStepSize`). Only the schedule's ends are used; it stops at σ_min. The callback's
+    ``"i"`` counts attempted steps, rejected ones included."""
+    if len(sigmas) <= 1:
+        return x
+    if order not in (2, 3):
+        raise ValueError(f"order must be 2 or 3; got {order}")
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    lam, lam_end = _dpm_range(sigmas)
+    atol, rtol = torch.tensor(atol), torch.tensor(rtol)
+    x_prev = x
+    controller = _PIDStepSize(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    attempts = 0
+    while lam < lam_end - 1e-5:
+        lam_next = torch.minimum(lam_end, lam + controller.h)
+        lam_target, noise_std = _dpm_ancestral(lam, lam_next, lam_end, eta)
+        eps, denoised = _dpm_eps(model, x, lam, extra_args)
+        if order == 2:
+            x_low = _dpm_solver_1(x, lam, lam_target, eps)
+            x_high, _ = _dpm_solver_2(model, x, lam, lam_target, eps, extra_args)
+        else:
+            x_low, eps_1 = _dpm_solver_2(model, x, lam, lam_target, eps, extra_args, r1=1 / 3)
+            x_high = _dpm_solver_3(model, x, lam, lam_target, eps, extra_args, eps_1=eps_1)
+        delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+        if controller.propose_step(error):
+            x_prev = x_low
+            x = x_high + noise_std * s_noise * noise_sampler(_sigma_of_lambda(lam), _sigma_of_lambda(lam_next))
+            lam = lam_next
+        _report(callback, x, attempts, _sigma_of_lambda(lam), denoised)
+        attempts += 1
+    return x
+
+
 # ------------------------------------------------------------------------------------------- DDPM and LCM steps
 
 @torch.no_grad()
@@ -991,6 +1145,8 @@ SAMPLING_FUNCTIONS: dict[str, SamplingFunction] = {
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "lms": sample_lms,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_sde_gpu": functools.partial(sample_dpmpp_sde, cpu_noise=False),
@@ -1019,7 +1175,7 @@ SAMPLING_FUNCTIONS: dict[str, SamplingFunction] = {
 SAMPLER_NAMES = tuple(SAMPLING_FUNCTIONS)
 # ComfyUI v0.3.64's whole list, so that a node can accept every name a workflow file may hold. The ones missing from
 # SAMPLER_NAMES are refused by name at run time: the *_cfg_pp samplers need the unguided x̂₀ next to the guided one,
-# and dpm_fast, dpm_adaptive, deis and sa_solver* are not written yet.
+# and deis and sa_solver* are not written yet.
 COMFYUI_SAMPLER_NAMES = (
     "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
     "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",

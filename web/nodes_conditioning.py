@@ -42,6 +42,7 @@ class CLIPTextEncode:
                    "Supports (word:1.2) weights and embedding:name textual inversions, as ComfyUI does.")
     CATEGORY = "conditioning"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text used to guide the diffusion model.",)
     FUNCTION = "encode"
 
@@ -60,6 +61,7 @@ class CLIPTextEncodeSDXL:
     DESCRIPTION = "Encodes SDXL's two prompts (text_g for OpenCLIP bigG, text_l for CLIP-L) with its size conditioning."
     CATEGORY = "advanced/conditioning"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("The SDXL conditioning.",)
     FUNCTION = "encode"
 
@@ -96,13 +98,14 @@ class CLIPTextEncodeSDXLRefiner:
     DESCRIPTION = "Encodes a prompt for SDXL's refiner, with its aesthetic score and size conditioning."
     CATEGORY = "advanced/conditioning"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("The refiner conditioning.",)
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "ascore": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 1000.0, "step": 0.01,
+            "ascore": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 1000.0, "step": 0.01, "round": 0.001,
                                  "tooltip": "The aesthetic score the refiner is told (6 for a positive, 2.5 for a "
                                             "negative prompt are the usual values)."}),
             "width": _pixels(1024, "The image width the refiner is told."),
@@ -119,6 +122,7 @@ class CLIPSetLastLayer:
     DESCRIPTION = "Stops the text encoder at an earlier layer (-1 is the last, -2 the one before: 'CLIP skip 2')."
     CATEGORY = "conditioning"
     RETURN_TYPES = ("CLIP",)
+    RETURN_NAMES = ("CLIP",)
     OUTPUT_TOOLTIPS = ("The CLIP model stopping at that layer.",)
     FUNCTION = "set_last_layer"
 
@@ -140,6 +144,8 @@ class ConditioningCombine:
     DESCRIPTION = "Both conditionings: each is predicted, and where their areas overlap the predictions are averaged."
     CATEGORY = "conditioning"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Both conditionings' entries.",)
     FUNCTION = "combine"
 
     @classmethod
@@ -157,6 +163,8 @@ class ConditioningZeroOut:
     DESCRIPTION = "The conditioning with its embeddings (and pooled output) set to zero, e.g. as SDXL-Turbo's negative."
     CATEGORY = "advanced/conditioning"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The zeroed conditioning.",)
     FUNCTION = "zero_out"
 
     @classmethod
@@ -178,11 +186,13 @@ class ConditioningSetTimestepRange:
     DESCRIPTION = "Limits the conditioning to a part of sampling: from start to end, as fractions of the schedule."
     CATEGORY = "advanced/conditioning"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The conditioning, active in that range only.",)
     FUNCTION = "set_range"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        fraction = {"min": 0.0, "max": 1.0, "step": 0.001}
+        fraction = {"min": 0.0, "max": 1.0, "step": 0.001, "round": 0.001}
         return {"required": {
             "conditioning": ("CONDITIONING", {"tooltip": "The conditioning to limit."}),
             "start": ("FLOAT", {"default": 0.0, **fraction, "tooltip": "Where it starts (0 is the first step)."}),
@@ -197,6 +207,8 @@ class ConditioningSetArea:
     DESCRIPTION = "Limits the conditioning to a rectangle of the image (pixels, multiples of 8), with a strength."
     CATEGORY = "conditioning"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The conditioning, limited to the area.",)
     FUNCTION = "append"
 
     @classmethod
@@ -210,7 +222,7 @@ class ConditioningSetArea:
             "height": side(64, 64, "The area's height in pixels."),
             "x": side(0, 0, "The area's left edge in pixels."),
             "y": side(0, 0, "The area's top edge in pixels."),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "round": 0.001,
                                    "tooltip": "The area prediction's weight where areas overlap."}),
         }}
 
@@ -223,6 +235,8 @@ class ConditioningSetMask:
     DESCRIPTION = "Limits the conditioning to a mask (or to the mask's bounding box), with a strength."
     CATEGORY = "conditioning"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The conditioning, limited to the mask.",)
     FUNCTION = "append"
 
     @classmethod
@@ -230,7 +244,7 @@ class ConditioningSetMask:
         return {"required": {
             "conditioning": ("CONDITIONING", {"tooltip": "The conditioning to place."}),
             "mask": ("MASK", {"tooltip": "Where the conditioning applies."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "round": 0.001,
                                    "tooltip": "The mask's weight where conditionings overlap."}),
             "set_cond_area": (["default", "mask bounds"], {
                 "tooltip": "'mask bounds' runs the prediction on the mask's bounding box only."}),

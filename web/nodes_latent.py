@@ -80,6 +80,7 @@ class EmptyLatentImage(_Budgeted):
     DESCRIPTION = "A new batch of empty latent images to be denoised via sampling."
     CATEGORY = "latent"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The empty latent image batch.",)
     FUNCTION = "generate"
 
@@ -114,6 +115,8 @@ class LatentUpscale(_Budgeted):
     DESCRIPTION = "Resizes latents to a size in pixels (0 keeps the aspect ratio from the other side)."
     CATEGORY = "latent"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The resized latents.",)
     FUNCTION = "upscale"
 
     @classmethod
@@ -147,6 +150,8 @@ class LatentUpscaleBy(_Budgeted):
     DESCRIPTION = "Resizes latents by a factor (a hires-fix pass samples them again)."
     CATEGORY = "latent"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The resized latents.",)
     FUNCTION = "upscale"
 
     @classmethod
@@ -154,7 +159,7 @@ class LatentUpscaleBy(_Budgeted):
         return {"required": {
             "samples": ("LATENT", {"tooltip": "The latents to resize."}),
             "upscale_method": (list(LATENT_UPSCALE_METHODS), {"tooltip": "The interpolation."}),
-            "scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01,
+            "scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01, "round": 0.001,
                                    "tooltip": "The factor on both sides."}),
         }}
 
@@ -169,6 +174,7 @@ class VAEDecode:
     DESCRIPTION = "Decodes latent images back into pixel space images."
     CATEGORY = "latent"
     RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The decoded image.",)
     FUNCTION = "decode"
 
@@ -186,6 +192,8 @@ class VAEDecodeTiled:
                    "tiles, so large images fit in memory with no seams.")
     CATEGORY = "_for_testing"
     RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded image.",)
     FUNCTION = "decode"
 
     @classmethod
@@ -214,6 +222,8 @@ class VAEEncode:
     DESCRIPTION = "Encodes images into latents (for image-to-image); sides are cropped to multiples of 8."
     CATEGORY = "latent"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The encoded latents.",)
     FUNCTION = "encode"
 
     @classmethod
@@ -256,6 +266,8 @@ class VAEEncodeForInpaint:
                    "by a few pixels, becomes the latent's noise mask.")
     CATEGORY = "latent/inpaint"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The encoded latents with the grown mask as their noise mask.",)
     FUNCTION = "encode"
 
     @classmethod
@@ -292,6 +304,8 @@ class SetLatentNoiseMask:
     DESCRIPTION = "Sampling repaints only where the mask is 1 and keeps the latents elsewhere."
     CATEGORY = "latent/inpaint"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The latents with the noise mask.",)
     FUNCTION = "set_mask"
 
     @classmethod
@@ -308,6 +322,8 @@ class ImageScaleBy(_Budgeted):
     DESCRIPTION = "Resizes images by a factor."
     CATEGORY = "image/upscaling"
     RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The resized images.",)
     FUNCTION = "upscale"
 
     @classmethod
@@ -315,7 +331,7 @@ class ImageScaleBy(_Budgeted):
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The images to resize."}),
             "upscale_method": (list(UPSCALE_METHODS), {"tooltip": "The interpolation."}),
-            "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01,
+            "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01, "round": 0.001,
                                    "tooltip": "The factor on both sides."}),
         }}
 
@@ -329,6 +345,8 @@ class ImageScaleToTotalPixels(_Budgeted):
     DESCRIPTION = "Resizes images to about a number of megapixels, keeping the aspect ratio."
     CATEGORY = "image/upscaling"
     RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The resized images.",)
     FUNCTION = "upscale"
 
     @classmethod
@@ -336,7 +354,7 @@ class ImageScaleToTotalPixels(_Budgeted):
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The images to resize."}),
             "upscale_method": (list(UPSCALE_METHODS), {"tooltip": "The interpolation."}),
-            "megapixels": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 16.0, "step": 0.01,
+            "megapixels": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 16.0, "step": 0.01, "round": 0.001,
                                      "tooltip": "The target size in millions of pixels (1 = 1024 × 1024)."}),
         }}
 
@@ -351,6 +369,8 @@ class ImageBatch(_Budgeted):
     DESCRIPTION = "Joins two image batches; the second is resized to the first's size when they differ."
     CATEGORY = "image"
     RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("One batch of both.",)
     FUNCTION = "batch"
 
     @classmethod

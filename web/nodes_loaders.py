@@ -15,6 +15,7 @@ from nodes.models.clip import Clip
 from nodes.models.loading import list_checkpoints, list_models, load_checkpoint, resolve_model_path
 from nodes.models.lora import MAX_STRENGTH, LoraSpec
 from nodes.models.refs import ModelRef, ModelsFolder
+from nodes.models.vae import list_vaes, load_vae
 
 EMBEDDINGS_FOLDER = "embeddings"
 
@@ -24,7 +25,8 @@ def _embedding_dirs(models_dir: str | None) -> tuple[str, ...]:
 
 
 def _strength(tooltip: str) -> tuple[str, dict]:
-    return ("FLOAT", {"default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01, "tooltip": tooltip})
+    return ("FLOAT", {"default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01, "round": 0.001,
+                      "tooltip": tooltip})
 
 
 class CheckpointLoaderSimple(ModelsFolder):
@@ -32,6 +34,7 @@ class CheckpointLoaderSimple(ModelsFolder):
                    "fully offline; every node that loads the same file shares one copy.")
     CATEGORY = "loaders"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
     OUTPUT_TOOLTIPS = ("The model used for denoising latents.", "The CLIP model used for encoding text prompts.",
                        "The VAE model used for encoding and decoding images to and from latent space.")
     FUNCTION = "load_checkpoint"
@@ -52,15 +55,15 @@ class VAELoader(ModelsFolder):
     DESCRIPTION = "Loads a VAE file (models/vae, .safetensors only), to use in place of a checkpoint's own VAE."
     CATEGORY = "loaders"
     RETURN_TYPES = ("VAE",)
+    RETURN_NAMES = ("VAE",)
     OUTPUT_TOOLTIPS = ("The VAE.",)
     FUNCTION = "load_vae"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"vae_name": (list_models("vae", cls.models_dir), {"tooltip": "A VAE in models/vae."})}}
+        return {"required": {"vae_name": (list_vaes(cls.models_dir), {"tooltip": "A VAE in models/vae."})}}
 
     def load_vae(self, vae_name: str) -> tuple[DiffusersCodec]:
-        from nodes.models.vae import load_vae  # TODO(integration): top-level once nodes/models/vae.py lands
         return (DiffusersCodec(load_vae(resolve_model_path("vae", vae_name, self.models_dir))),)
 
 
@@ -69,6 +72,7 @@ class LoraLoader(ModelsFolder):
                    "the base weights, so switching or removing one is instant and exact. Chain several to combine.")
     CATEGORY = "loaders"
     RETURN_TYPES = ("MODEL", "CLIP")
+    RETURN_NAMES = ("MODEL", "CLIP")
     OUTPUT_TOOLTIPS = ("The modified diffusion model.", "The modified CLIP model.")
     FUNCTION = "load_lora"
 
@@ -97,6 +101,7 @@ class LoraLoader(ModelsFolder):
 class LoraLoaderModelOnly(LoraLoader):
     DESCRIPTION = "Applies a LoRA to the diffusion model only."
     RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The modified diffusion model.",)
     FUNCTION = "load_lora_model_only"
 

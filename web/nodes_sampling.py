@@ -71,7 +71,7 @@ def _cfg() -> tuple[str, dict]:
 
 
 def _denoise(tooltip: str) -> tuple[str, dict]:
-    return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
+    return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "round": 0.001, "tooltip": tooltip})
 
 
 def _check_latent(latent: dict) -> torch.Tensor:
@@ -124,6 +124,7 @@ class KSampler:
     DESCRIPTION = "Uses the provided model, positive and negative conditioning to denoise the latent image."
     CATEGORY = "sampling"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised latent.",)
     FUNCTION = "sample"
 
@@ -153,6 +154,8 @@ class KSamplerAdvanced:
                    "models (SDXL base then refiner).")
     CATEGORY = "sampling"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent (with leftover noise if asked).",)
     FUNCTION = "sample"
 
     @classmethod
@@ -240,6 +243,8 @@ class KSamplerSelect:
     DESCRIPTION = "A sampler by its ComfyUI name, for SamplerCustom(Advanced)."
     CATEGORY = "sampling/custom_sampling/samplers"
     RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("The sampler.",)
     FUNCTION = "get_sampler"
 
     @classmethod
@@ -254,6 +259,8 @@ class BasicScheduler:
     DESCRIPTION = "The noise levels of one of ComfyUI's schedulers for a model."
     CATEGORY = "sampling/custom_sampling/schedulers"
     RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("The noise levels, descending, ending at 0.",)
     FUNCTION = "get_sigmas"
 
     @classmethod
@@ -278,6 +285,8 @@ class KarrasScheduler:
     DESCRIPTION = "Karras et al.'s noise levels (ρ-spaced between σ_max and σ_min), then 0."
     CATEGORY = "sampling/custom_sampling/schedulers"
     RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("The noise levels, descending, ending at 0.",)
     FUNCTION = "get_sigmas"
 
     @classmethod
@@ -298,6 +307,8 @@ class ExponentialScheduler:
     DESCRIPTION = "Noise levels evenly spaced in log σ between σ_max and σ_min, then 0."
     CATEGORY = "sampling/custom_sampling/schedulers"
     RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("The noise levels, descending, ending at 0.",)
     FUNCTION = "get_sigmas"
 
     @classmethod
@@ -313,6 +324,8 @@ class SDTurboScheduler:
     DESCRIPTION = "SD-Turbo's noise levels (timesteps 999, 899, ...): 1 to 10 steps."
     CATEGORY = "sampling/custom_sampling/schedulers"
     RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("The noise levels, descending, ending at 0.",)
     FUNCTION = "get_sigmas"
 
     @classmethod
@@ -331,6 +344,7 @@ class SplitSigmas:
     DESCRIPTION = "Splits a schedule at a step: the two parts share the sigma at that step."
     CATEGORY = "sampling/custom_sampling/sigmas"
     RETURN_TYPES = ("SIGMAS", "SIGMAS")
+    OUTPUT_TOOLTIPS = ("The schedule up to the step.", "The schedule from the step.")
     RETURN_NAMES = ("high_sigmas", "low_sigmas")
     FUNCTION = "get_sigmas"
 
@@ -348,6 +362,7 @@ class SplitSigmasDenoise:
     DESCRIPTION = "Splits a schedule so that the low part is the last 'denoise' fraction of its steps."
     CATEGORY = "sampling/custom_sampling/sigmas"
     RETURN_TYPES = ("SIGMAS", "SIGMAS")
+    OUTPUT_TOOLTIPS = ("The schedule's first part.", "Its last 'denoise' fraction.")
     RETURN_NAMES = ("high_sigmas", "low_sigmas")
     FUNCTION = "get_sigmas"
 
@@ -364,6 +379,8 @@ class RandomNoise:
     DESCRIPTION = "Seeded Gaussian noise, drawn on the CPU as ComfyUI draws it (the same seed gives its picture)."
     CATEGORY = "sampling/custom_sampling/noise"
     RETURN_TYPES = ("NOISE",)
+    RETURN_NAMES = ("NOISE",)
+    OUTPUT_TOOLTIPS = ("The seeded noise.",)
     FUNCTION = "get_noise"
 
     @classmethod
@@ -378,6 +395,8 @@ class DisableNoise:
     DESCRIPTION = "No noise: sampling starts from the latent as it is."
     CATEGORY = "sampling/custom_sampling/noise"
     RETURN_TYPES = ("NOISE",)
+    RETURN_NAMES = ("NOISE",)
+    OUTPUT_TOOLTIPS = ("No noise.",)
     FUNCTION = "get_noise"
 
     @classmethod
@@ -392,6 +411,8 @@ class CFGGuider:
     DESCRIPTION = "Guides the model toward the positive and away from the negative conditioning, by cfg."
     CATEGORY = "sampling/custom_sampling/guiders"
     RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("GUIDER",)
+    OUTPUT_TOOLTIPS = ("The guider.",)
     FUNCTION = "get_guider"
 
     @classmethod
@@ -409,6 +430,8 @@ class BasicGuider:
     DESCRIPTION = "Runs the model on one conditioning, without classifier-free guidance (for distilled models)."
     CATEGORY = "sampling/custom_sampling/guiders"
     RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("GUIDER",)
+    OUTPUT_TOOLTIPS = ("The guider.",)
     FUNCTION = "get_guider"
 
     @classmethod

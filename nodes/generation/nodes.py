@@ -130,6 +130,7 @@ class AtelierMomentumSampler:
                    "HB-PLMS and GHVB damp the divergence artifacts of few-step sampling at high guidance.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("The sampler, for SamplerCustom or SamplerCustomAdvanced.",)
     FUNCTION = "get_sampler"
 
@@ -154,6 +155,7 @@ class AtelierFScheduler:
                    "stop at a small non-zero noise level, as SIGMAS for SamplerCustom.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("SIGMAS",)
     OUTPUT_TOOLTIPS = ("The noise levels, ending at the schedule's s_end.",)
     FUNCTION = "get_sigmas"
 

@@ -18,15 +18,16 @@ import types
 
 import pytest
 import torch
-from fixtures_models import tiny_sd1, tiny_sd1_loras  # noqa: F401
+from fixtures_models import tiny_sd1, tiny_sd1_loras, tiny_sd2, tiny_sdxl, tiny_sdxl_lora  # noqa: F401
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from nodes.common.denoiser import NoiseSchedule
 from nodes.models.clip import Clip, chunk_tokens, weighted_segments
-from nodes.models.loading import (LoadedModel, UnsafeModelFormatError, load_model, load_tokenizer,
-                                  shipped_config_dir)
-from nodes.models.lora import LoraSpec
+from nodes.models.formats import UnsafeModelFormatError
+from nodes.models.loaded import LoadedModel, LoraSpec
+from nodes.models.loader import load_model
+from nodes.models.model_configs import load_tokenizer, shipped_config_dir
 from nodes.models.refs import ModelRef
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -408,7 +409,32 @@ def test_half_precision_encoder_encodes_in_float32_and_is_left_unchanged(encoder
                for name, tensor in before.items())
 
 
-# --- LoRAs on a loaded checkpoint ------------------------------------------------------------------------------------
+# --- checkpoints from the loader, and their LoRAs --------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_clip_on_a_loaded_checkpoint_uses_its_encoders(request, family):
+    tiny = request.getfixturevalue(f"tiny_{family}")
+    model = load_model(tiny.single_file, config_dir=tiny.config_dir, device="cpu")
+    clip = Clip(ModelRef(model))
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a cat"), return_pooled=True)
+    first = model.text_encoders[0](_padded([A, CAT], END if family != "sd2" else 0), output_hidden_states=True)
+    if family == "sdxl":
+        bigg = model.text_encoders[1](_padded([A, CAT], 0), output_hidden_states=True)
+        expected, expected_pooled = torch.cat([first.hidden_states[-2], bigg.hidden_states[-2]], -1), bigg.text_embeds
+    else:
+        expected, expected_pooled = first.last_hidden_state, first.pooler_output if family == "sd1" else None
+    torch.testing.assert_close(cond, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=1e-6)
+
+
+def test_with_lora_acts_on_both_sdxl_encoders(tiny_sdxl, tiny_sdxl_lora):  # noqa: F811
+    base = Clip(ModelRef(load_model(tiny_sdxl.single_file, config_dir=tiny_sdxl.config_dir, device="cpu")))
+    before = base.encode("a cat")[0][0]
+    after = base.with_lora(LoraSpec(tiny_sdxl_lora, strength_model=0.0, strength_clip=1.0)).encode("a cat")[0][0]
+    width_l = base.ref.model.text_encoders[0].config.hidden_size
+    assert (after[..., :width_l] - before[..., :width_l]).abs().max() > 1e-3
+    assert (after[..., width_l:] - before[..., width_l:]).abs().max() > 1e-3
+
 
 def test_with_lora_changes_the_encoding_and_leaves_the_base(tiny_sd1, tiny_sd1_loras):  # noqa: F811
     base = Clip(ModelRef(load_model(tiny_sd1.folder, device="cpu")))

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 
 from ..common.paths import PathOutsideFolderError, confine
-from .loading import SAFE_EXTENSION, check_safetensors
-from .lora import LoraSpec
+from .formats import SAFE_EXTENSION, check_safetensors
+from .loaded import LoraSpec
 from .refs import ModelRef
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def find_embedding_file(name: str, embedding_dirs: Sequence[str]) -> str | None:
     Returns:
         Its path, or None when no folder holds it.
     Raises:
-        nodes.models.loading.UnsafeModelFormatError: the file found is not ``.safetensors`` (``.pt`` and ``.bin``
+        nodes.models.formats.UnsafeModelFormatError: the file found is not ``.safetensors`` (``.pt`` and ``.bin``
             embeddings are pickle-based; loading them could run any code they carry).
     """
     for folder in _search_folders(embedding_dirs):
@@ -462,7 +462,7 @@ class Clip:
 
         Raises:
             TypeError: ``text`` is not a str.
-            nodes.models.loading.UnsafeModelFormatError: an embedding named in the text is a pickle-based file.
+            nodes.models.formats.UnsafeModelFormatError: an embedding named in the text is a pickle-based file.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str; got {type(text).__name__}")

@@ -719,21 +719,27 @@ def main(argv: list[str] | None = None) -> int:
                 elif isinstance(value, (dict, list)):
                     report(f"  {part} {key}: {json.dumps(value)}")
             report(bench_line(f"gpu_suite_{part}", results[part]))
+            summary = summarize(results, len(parts), time.perf_counter() - started, settings)
+            if out_dir:  # after every part: if the suite itself is stopped, what it measured is kept
+                with open(os.path.join(out_dir, "gpu_suite.json"), "w", encoding="utf-8") as file:
+                    json.dump({"summary": summary, "settings": dataclasses.asdict(settings), "parts": results}, file,
+                              indent=2)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    by_status = {status: [p for p in parts if results[p]["status"] == status] for status in ("ok", "failed",
-                                                                                            "timeout")}
-    device = next((r["device_name"] for r in results.values() if r.get("device_name")), "unknown")
-    summary = {"parts_ok": f"{len(by_status['ok'])}/{len(parts)}", "failed": ",".join(by_status["failed"]) or "none",
-               "timed_out": ",".join(by_status["timeout"]) or "none",
-               "total_s": round(time.perf_counter() - started, 1), "device": device.replace(" ", "_"),
-               "smoke": int(settings.smoke), "date": time.strftime("%Y-%m-%d", time.gmtime())}
-    report(bench_line("gpu_suite", summary))
-    if out_dir:
-        with open(os.path.join(out_dir, "gpu_suite.json"), "w", encoding="utf-8") as file:
-            json.dump({"summary": {**summary, "device": device}, "settings": dataclasses.asdict(settings),
-                       "parts": results}, file, indent=2)
-    return 0 if len(by_status["ok"]) == len(parts) else 1
+    report(bench_line("gpu_suite", {**summary, "device": summary["device"].replace(" ", "_")}))
+    return 0 if all(result["status"] == "ok" for result in results.values()) else 1
+
+
+def summarize(results: dict[str, dict], planned: int, seconds: float, settings: Settings) -> dict[str, Any]:
+    """The suite's summary over the parts run so far (``planned`` in all)."""
+    def named(status: str) -> str:
+        return ",".join(part for part, result in results.items() if result["status"] == status) or "none"
+
+    ok = sum(result["status"] == "ok" for result in results.values())
+    device = next((result["device_name"] for result in results.values() if result.get("device_name")), "unknown")
+    return {"parts_ok": f"{ok}/{planned}", "failed": named("failed"), "timed_out": named("timeout"),
+            "total_s": round(seconds, 1), "device": device, "smoke": int(settings.smoke),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 if __name__ == "__main__":

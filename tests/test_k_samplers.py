@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.integrate
 import scipy.stats
 import torch
 
@@ -416,10 +417,33 @@ def test_gradient_estimation_extrapolates_the_slope_from_the_second_step():
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_deis_coefficients_are_the_integrals_of_its_weighted_lagrange_basis():
+    sigmas = karras_sigmas(6, 0.03, 14.6)
+    # DEIS's VP-SDE σ(t) = √(exp(½β_d·t² + β_min·t) − 1) through σ = 0.002 at t = 1e-3 and σ = 80 at t = 1.
+    beta_d = 2 * (math.log(0.002 ** 2 + 1) / 1e-3 - math.log(80 ** 2 + 1)) / (1e-3 - 1)
+    beta_min = math.log(80 ** 2 + 1) - 0.5 * beta_d
+    times = [(math.sqrt(beta_min ** 2 + 2 * beta_d * math.log(float(s) ** 2 + 1)) - beta_min) / beta_d for s in sigmas]
+
+    def integrand(tau):
+        alpha = math.exp(-0.5 * tau ** 2 * beta_d - tau * beta_min)
+        return 0.5 * (tau * beta_d + beta_min) / math.sqrt(alpha * (1 - alpha))
+
+    coefficients = k_samplers.deis_coefficients(sigmas, max_order=3)
+    assert coefficients[0] == [] and len(coefficients[1]) == 2 and len(coefficients[3]) == 3
+    i, nodes_ = 3, [times[3], times[2], times[1]]
+    for j, coefficient in enumerate(coefficients[3]):
+        def weighted(tau):
+            others = [node for k, node in enumerate(nodes_) if k != j]
+            return integrand(tau) * math.prod((tau - o) / (nodes_[j] - o) for o in others)
+
+        expected = scipy.integrate.quad(weighted, times[i], times[i + 1])[0]
+        assert abs(float(coefficient) - expected) < 5e-5 * abs(expected), (j, float(coefficient), expected)
+
+
 ODE_SAMPLERS = ("euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "res_multistep", "ddim",
-                "uni_pc", "uni_pc_bh2", "dpm_fast")
+                "uni_pc", "uni_pc_bh2", "dpm_fast", "deis")
 SECOND_ORDER = ("heun", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "res_multistep", "uni_pc", "uni_pc_bh2",
-                "dpm_fast")
+                "dpm_fast", "deis")
 
 
 @pytest.mark.parametrize("name", ODE_SAMPLERS)
@@ -562,8 +586,8 @@ def test_sampler_objects_carry_their_options_and_wrap_any_sampling_function():
     torch.testing.assert_close(wrapped, run_sampler("dpmpp_2m", gaussian_denoiser, SD, sigmas, noise, latent, seed=5))
     with pytest.raises(ValueError, match="sampler must be one of"):
         Sampler.from_name("dpm_slow")
-    with pytest.raises(NotImplementedError, match="ComfyUI's sampler 'deis' is not available"):
-        Sampler.from_name("deis")
+    with pytest.raises(NotImplementedError, match="ComfyUI's sampler 'sa_solver' is not available"):
+        Sampler.from_name("sa_solver")
 
 
 def test_sampler_names_are_comfyuis_and_cover_the_issue():

@@ -294,6 +294,14 @@ def test_encode_sdxl_joins_penultimate_layers_and_pools_from_bigg(encoders, fami
     torch.testing.assert_close(pooled, bigg.text_embeds, rtol=0, atol=1e-6)
 
 
+def test_encode_counts_positions_itself_as_comfyui(encoders):
+    clip = make_clip("sd1", encoders)
+    expected = clip.encode("a cat")[0][0]
+    encoder = clip.ref.model.text_encoders[0]
+    getattr(encoder, "text_model", encoder).embeddings.position_ids[0, 5:] -= 1  # as in some merged SD1.5 files
+    torch.testing.assert_close(clip.encode("a cat")[0][0], expected, rtol=0, atol=0)
+
+
 def test_clip_layer_follows_each_familys_norm_rule(encoders):
     ids = {"l": _padded([A, CAT], END), "h": _padded([A, CAT], 0), "g": _padded([A, CAT], 0)}
     hidden = {key: encoders.modules[key](ids[key], output_hidden_states=True).hidden_states for key in ids}

@@ -368,11 +368,14 @@ def _encode_chunks(encoder: torch.nn.Module, tokenizer: Any, role: TextEncoderRo
     encoded = [_input_vectors(token_embedding, row, end, pad) for row in rows]
     inputs = torch.stack([vectors for vectors, _ in encoded])
     # The hook hands the encoder our vectors in place of its token lookup, so that embeddings (which have no id)
-    # go through the model's own forward, LoRA layers included; the ids passed only give the shape.
+    # go through the model's own forward, LoRA layers included; the ids passed only give the shape. Positions are
+    # given, as ComfyUI always counts them 0..L-1: a checkpoint's stored position_ids (damaged in some merged
+    # SD1.5 files) are never read.
+    batch, length = inputs.shape[:2]
     hook = token_embedding.register_forward_hook(lambda module, args, output: inputs)
     try:
-        output = encoder(input_ids=torch.zeros(inputs.shape[:2], dtype=torch.long, device=inputs.device),
-                         output_hidden_states=True)
+        output = encoder(input_ids=torch.zeros((batch, length), dtype=torch.long, device=inputs.device),
+                         position_ids=torch.arange(length, device=inputs.device)[None], output_hidden_states=True)
     finally:
         hook.remove()
 

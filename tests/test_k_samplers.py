@@ -547,6 +547,9 @@ def test_run_sampler_keeps_the_unmasked_region_and_repaints_the_masked_one():
     ddim = run_sampler("ddim", mixing_model, SD, sigmas, noise, latent, seed=3, denoise_mask=mask)
     assert (ddim - euler).abs().max() > 1e-3  # ddim re-noises the kept region with noise of its own
     torch.testing.assert_close(run_sampler("ddim", gaussian_denoiser, SD, sigmas, noise, latent, seed=3), free)
+    without_seed = run_sampler("ddim", mixing_model, SD, sigmas, noise, latent, seed=None, denoise_mask=mask)
+    torch.testing.assert_close(without_seed, run_sampler("ddim", mixing_model, SD, sigmas, noise, latent, seed=41,
+                                                         denoise_mask=mask))  # ComfyUI's fallback seed
 
 
 def test_prepare_mask_resizes_to_the_latent_and_repeats_channels_and_batch():

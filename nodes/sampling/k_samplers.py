@@ -1265,6 +1265,7 @@ COMFYUI_SAMPLER_NAMES = (
     "uni_pc_bh2")
 # Samplers whose inpaint blend re-noises the kept region with noise of its own (seed + 1), not the run's noise.
 FRESH_INPAINT_NOISE_SAMPLERS = frozenset(("ddim",))
+FALLBACK_INPAINT_SEED = 41
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1298,7 +1299,7 @@ class Sampler:
 
     def sample(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                model_sampling: DiscreteModelSampling, sigmas: torch.Tensor, noise: torch.Tensor,
-               latent_image: torch.Tensor, seed: int, *, denoise_mask: torch.Tensor | None = None,
+               latent_image: torch.Tensor, seed: int | None, *, denoise_mask: torch.Tensor | None = None,
                callback: StepCallback | None = None) -> torch.Tensor:
         """Run this sampler as ComfyUI's ``KSAMPLER.sample`` does; see :func:`run_sampler`."""
         _check_run(sigmas, noise, latent_image)
@@ -1310,7 +1311,8 @@ class Sampler:
             denoise_mask = prepare_mask(denoise_mask, noise.shape).to(device)
         inpaint_noise = noise
         if self.fresh_inpaint_noise:
-            generator = torch.manual_seed(seed + 1)
+            # ComfyUI reads the seed as extra_args.get("seed", 41): 41 stands in for a run without one.
+            generator = torch.manual_seed((FALLBACK_INPAINT_SEED if seed is None else seed) + 1)
             inpaint_noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise.dtype).to(device)
         model = _InpaintDenoiser(model_fn, model_sampling, latent_image, inpaint_noise, denoise_mask)
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, model_sampling.is_max_denoise(sigmas))
@@ -1321,7 +1323,7 @@ class Sampler:
 
 def run_sampler(sampler: str | Sampler | SamplingFunction, model_fn: Callable[[torch.Tensor, torch.Tensor],
                 torch.Tensor], model_sampling: DiscreteModelSampling, sigmas: torch.Tensor, noise: torch.Tensor,
-                latent_image: torch.Tensor, seed: int, *, denoise_mask: torch.Tensor | None = None,
+                latent_image: torch.Tensor, seed: int | None, *, denoise_mask: torch.Tensor | None = None,
                 callback: StepCallback | None = None, options: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Sample as ComfyUI's ``comfy.samplers.sample`` with ``KSAMPLER.sample`` does, given a guided denoiser.
 
@@ -1340,7 +1342,7 @@ def run_sampler(sampler: str | Sampler | SamplingFunction, model_fn: Callable[[t
         noise: (B, C, h, w), from :func:`~.noise.prepare_noise` (zeros for "disable noise").
         latent_image: (B, C, h, w) the input latent as the model sees it (scaled by the VAE factor; zeros for
             text-to-image).
-        seed: the run's seed.
+        seed: the run's seed; None draws ancestral noise from the global generator (ComfyUI's DisableNoise).
         denoise_mask: (B or 1, [1,] H, W) or any shape :func:`prepare_mask` accepts, values in [0, 1].
         callback: called once per step with ``{"x", "i", "sigma", "sigma_hat", "denoised"}``.
         options: extra keyword options for the sampling function (merged over a :class:`Sampler`'s own).

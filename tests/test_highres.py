@@ -398,3 +398,28 @@ def test_linfusion_node_loads_from_the_models_folder_and_the_sampler_runs_with_i
     assert not torch.allclose(plain["samples"], linear["samples"]) and torch.equal(plain["samples"], again["samples"])
     with pytest.raises(PathOutsideFolderError):
         node().load(ModelRef(model), "../escape.safetensors")
+
+
+def test_with_linfusion_the_base_stage_runs_whole_and_the_refining_stages_tiled(sd1):
+    """LinFusion's point: the text-to-image stage sees the whole latent in one call per step (no repeated subject)."""
+    from nodes.common.denoiser import DiffusersCodec
+    from nodes.highres.generate import generate_large, plan_stages
+
+    model, denoiser = sd1
+    seen = []
+
+    def recording(x, t, conditioning):
+        seen.append(tuple(x.shape[-2:]))
+        return denoiser(x, t, conditioning)
+
+    recording.schedule = denoiser.schedule
+    stages = plan_stages("sd1", 256, 256, "staged", 4, 128, 8)
+    settings = TileSettings("mixture", tile=8, overlap=0, tile_batch_size=1, offset_stride=4, seed=0)
+    prompt = Conditioning(torch.zeros(1, 77, 32))
+    _, reports = generate_large(recording, DiffusersCodec(model.vae), "sd1", prompt, prompt, stages, 0, 4, 1.0,
+                                "euler", "normal", settings, untiled_base=True)
+    assert reports[0].tiles_per_step == 1 and reports[1].tiles_per_step == 16  # 32×32 latent in 8×8 tiles
+    assert seen[:stages[0].steps] == [(16, 16)] * stages[0].steps and set(seen[stages[0].steps:]) == {(8, 8)}
+    _, tiled_reports = generate_large(recording, DiffusersCodec(model.vae), "sd1", prompt, prompt, stages, 0, 4, 1.0,
+                                      "euler", "normal", settings)
+    assert tiled_reports[0].tiles_per_step == 4

@@ -3,7 +3,8 @@ weighted concatenation.
 
 Source: "A Tale of Two Features" (arXiv 2305.15347), §3: the fused descriptor is the concatenation of the
 L2-normalised SD and DINOv2 descriptors weighted α and 1 − α, α = 0.5; official code sd-dino (b85df18): co-PCA of
-each SD layer over the tokens of both images to 256 dims (``--PCA_DIMS 256 256 256``), coarse layers upsampled
+each SD layer over the tokens of both images to 256 dims (``--PCA_DIMS 256 256 256``), DINOv2 kept whole
+(``CO_PCA_DINO = 0``: the fused descriptor is 3·256 + 768 = 1536-d for DINOv2-B), coarse layers upsampled
 bilinearly to the 60×60 grid, concatenated, then each half L2-normalised and joined with weights 1 and 1.
 
 Notation: x = a token (one row), μ = the mean token, U = the top-k principal directions, x̂ = (x − μ)·U.
@@ -12,13 +13,15 @@ Notation: x = a token (one row), μ = the mean token, U = the top-k principal di
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .features import FeatureMaps
 
-PCA_DIMS = 256  # Source: sd-dino --PCA_DIMS 256 256 256
+PCA_DIMS = 256  # Source: sd-dino --PCA_DIMS 256 256 256 (the SD layers)
+SECOND_SOURCE_PCA_DIMS = 0  # Source: sd-dino CO_PCA_DINO = 0: DINOv2 (the second source) keeps all its channels
 FUSION_WEIGHT = 0.5  # Source: the paper's α = 0.5 (sd-dino's equal weights 1 and 1 give the same neighbours)
 _NORM_EPS = 1e-12  # keeps an all-zero token (a flat patch's SIFT) at zero instead of NaN
 
@@ -117,7 +120,8 @@ def finest_grid(maps: list[FeatureMaps]) -> tuple[int, int]:
     return max((tuple(layer.shape[1:]) for m in maps for layer in m.layers), key=lambda grid: grid[0] * grid[1])
 
 
-def fuse_pair(sources: list[tuple[FeatureMaps, FeatureMaps]], weights: list[float], pca_dims: int = PCA_DIMS,
+def fuse_pair(sources: list[tuple[FeatureMaps, FeatureMaps]], weights: list[float],
+              pca_dims: int | Sequence[int] = PCA_DIMS,
               bases: list[PCABasis | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused descriptors of an image pair.
 
@@ -128,7 +132,8 @@ def fuse_pair(sources: list[tuple[FeatureMaps, FeatureMaps]], weights: list[floa
     Args:
         sources: per source, the maps of image A and of image B (e.g. [(sd_a, sd_b), (dino_a, dino_b)]).
         weights: per source, in [0, 1]; the paper's α = 0.5 for both of two sources.
-        pca_dims: k per layer for co-PCA, in [0, 4096]; 0 keeps the raw channels (no PCA).
+        pca_dims: k per layer for co-PCA, in [0, 4096], one for every source or one per source; 0 keeps the raw
+            channels (no PCA). sd-dino: 256 for SD, 0 for DINOv2 (``[PCA_DIMS, SECOND_SOURCE_PCA_DIMS]``).
         bases: per source, a fixed basis to use instead of fitting one on the pair, or None.
     Returns:
         (descriptor A (D, h, w), descriptor B (D, h', w')); A and B each on the finest grid of its own maps.
@@ -142,22 +147,23 @@ def fuse_pair(sources: list[tuple[FeatureMaps, FeatureMaps]], weights: list[floa
         (torch.Size([2, 4, 4]), 0.5)
     """
     bases = bases if bases is not None else [None] * len(sources)
-    if not sources or len(weights) != len(sources) or len(bases) != len(sources):
-        raise ValueError(f"give one weight and one basis (or None) per source; got {len(sources)} sources, "
-                         f"{len(weights)} weights and {len(bases)} bases")
+    dims = [pca_dims] * len(sources) if isinstance(pca_dims, int) else list(pca_dims)
+    if not sources or not len(weights) == len(bases) == len(dims) == len(sources):
+        raise ValueError(f"give one weight, one basis (or None) and one pca_dims per source; got {len(sources)} "
+                         f"sources, {len(weights)} weights, {len(bases)} bases and {len(dims)} pca_dims")
     if any(weight < 0 for weight in weights):
         raise ValueError(f"weights must be >= 0; got {weights}")
-    if not 0 <= pca_dims <= 4096:
+    if not all(0 <= k <= 4096 for k in dims):
         raise ValueError(f"pca_dims must be in [0, 4096]; got {pca_dims}")
     grid_a = finest_grid([a for a, _ in sources])
     grid_b = finest_grid([b for _, b in sources])
     parts_a, parts_b = [], []
-    for (maps_a, maps_b), weight, basis in zip(sources, weights, bases):
+    for (maps_a, maps_b), weight, basis, source_dims in zip(sources, weights, bases, dims):
         if maps_a.source != maps_b.source:
             raise ValueError(f"images A and B must be described by the same extractor; got {maps_a.source!r} and "
                              f"{maps_b.source!r}")
-        if basis is None and pca_dims:
-            basis = fit_pca_basis([maps_a, maps_b], pca_dims)
+        if basis is None and source_dims:
+            basis = fit_pca_basis([maps_a, maps_b], source_dims)
         if basis is not None:
             maps_a, maps_b = project(maps_a, basis), project(maps_b, basis)
         parts_a.append(weight * l2_normalise(stack_layers(maps_a, grid_a)))

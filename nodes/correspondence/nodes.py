@@ -30,7 +30,7 @@ from .cache import FEATURE_CACHE, tensor_digest
 from .features import (DINO_IMAGE_SIZE, SD_FAMILIES, SD_IMAGE_SIZE, SD_LAYER_CHOICES, SD_LAYERS, SD_NOISE_SEED,
                        SD_TIMESTEP, SIFT_IMAGE_SIZE, SIFT_OCTAVES, SIFT_STRIDE, FeatureMaps, dense_sift_features,
                        dinov2_features, sd_unet_features)
-from .fusion import FUSION_WEIGHT, PCA_DIMS, PCABasis, fit_pca_basis, fuse_pair
+from .fusion import FUSION_WEIGHT, PCA_DIMS, SECOND_SOURCE_PCA_DIMS, PCABasis, fit_pca_basis, fuse_pair
 from .matching import (DEFAULT_MAX_MATCHES, SOFT_TEMPERATURE, SOFT_WINDOW_RADIUS, draw_matches, flow_field,
                        flow_to_image, instance_swap, match_dense, matches_json, side_by_side, sparse_matches)
 
@@ -218,9 +218,8 @@ class AtelierDINOv2Features(_Extractor):
         return (maps,)
 
 
-def _pca_dims_input() -> tuple[str, dict]:
-    return ("INT", {"default": PCA_DIMS, "min": 0, "max": MAX_PCA_DIMS, "step": 1,
-                    "tooltip": "Dimensions kept per layer by PCA; the paper's 256. 0 keeps the raw channels."})
+def _pca_dims_input(default: int, tooltip: str) -> tuple[str, dict]:
+    return ("INT", {"default": default, "min": 0, "max": MAX_PCA_DIMS, "step": 1, "tooltip": tooltip})
 
 
 def _weight_input(tooltip: str) -> tuple[str, dict]:
@@ -266,29 +265,33 @@ class AtelierFuseFeatures:
             "features_a": ("ATELIER_FEATURES", {"tooltip": "Image A's features of the first source (e.g. SD)."}),
             "features_b": ("ATELIER_FEATURES", {"tooltip": "Image B's features of the same source."}),
             "weight": _weight_input("The first source's weight; the paper's α = 0.5."),
-            "pca_dims": _pca_dims_input(),
+            "pca_dims": _pca_dims_input(PCA_DIMS, "Dimensions kept per layer of the first source by co-PCA; sd-dino's "
+                                                  "256 for SD. 0 keeps the raw channels."),
         }, "optional": {
             "features_a_2": ("ATELIER_FEATURES", {"tooltip": "Image A's features of a second source (e.g. DINOv2)."}),
             "features_b_2": ("ATELIER_FEATURES", {"tooltip": "Image B's features of the second source."}),
             "weight_2": _weight_input("The second source's weight; the paper's 1 − α = 0.5."),
+            "pca_dims_2": _pca_dims_input(SECOND_SOURCE_PCA_DIMS, "Dimensions kept per layer of the second source; "
+                                                                  "0, sd-dino's default, keeps DINOv2 whole."),
             "basis": ("ATELIER_FEATURE_BASIS", {"tooltip": "A fixed basis for the first source instead of co-PCA."}),
             "basis_2": ("ATELIER_FEATURE_BASIS", {"tooltip": "A fixed basis for the second source."}),
         }}
 
     def fuse(self, features_a: FeatureMaps, features_b: FeatureMaps, weight: float, pca_dims: int,
              features_a_2: FeatureMaps | None = None, features_b_2: FeatureMaps | None = None,
-             weight_2: float = FUSION_WEIGHT, basis: PCABasis | None = None, basis_2: PCABasis | None = None
-             ) -> tuple[FeatureMaps, FeatureMaps]:
-        sources, weights, bases = [(features_a, features_b)], [weight], [basis]
+             weight_2: float = FUSION_WEIGHT, pca_dims_2: int = SECOND_SOURCE_PCA_DIMS,
+             basis: PCABasis | None = None, basis_2: PCABasis | None = None) -> tuple[FeatureMaps, FeatureMaps]:
+        sources, weights, bases, dims = [(features_a, features_b)], [weight], [basis], [pca_dims]
         if (features_a_2 is None) != (features_b_2 is None):
             raise ValueError("features_a_2 and features_b_2 come together: connect both or neither")
         if features_a_2 is not None:
             sources.append((features_a_2, features_b_2))
             weights.append(weight_2)
             bases.append(basis_2)
+            dims.append(pca_dims_2)
         elif basis_2 is not None:
             raise ValueError("basis_2 is for the second source; connect features_a_2 and features_b_2 too")
-        descriptor_a, descriptor_b = fuse_pair(sources, weights, pca_dims, bases)
+        descriptor_a, descriptor_b = fuse_pair(sources, weights, dims, bases)
         name = "fused " + " + ".join(f"{w:g}·{a.source}" for (a, _), w in zip(sources, weights))
         return (FeatureMaps((descriptor_a,), name, features_a.image_size),
                 FeatureMaps((descriptor_b,), name, features_b.image_size))

@@ -72,9 +72,13 @@ def plan_stages(family: str, width: int, height: int, schedule: str, steps: int,
 
 def generate_large(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Conditioning,
                    negative: Conditioning, stages: list[Stage], seed: int, steps: int, cfg: float, sampler: str,
-                   scheduler: str, settings: TileSettings, device: torch.device | str = "cpu"
-                   ) -> tuple[torch.Tensor, list[StageReport]]:
+                   scheduler: str, settings: TileSettings, device: torch.device | str = "cpu",
+                   untiled_base: bool = False) -> tuple[torch.Tensor, list[StageReport]]:
     """Sample the latent of the last stage of ``stages``, stage by stage, with tiled diffusion.
+
+    With LinFusion mounted, the first (text-to-image) stage runs on the whole latent (``untiled_base``): that is
+    LinFusion's point, one global linear-attention pass that composes the picture once; tiling it would repeat the
+    subject in every tile. The later stages refine and stay tiled.
 
     Args:
         denoiser, codec, family: the model.
@@ -84,6 +88,7 @@ def generate_large(denoiser: Denoiser, codec: LatentCodec, family: str, positive
         steps, cfg, sampler, scheduler: as :func:`nodes.generation.generate.generate` takes them.
         settings: the tiling of every stage.
         device: where the latents live.
+        untiled_base: sample the first stage whole (LinFusion loaded), not tile by tile.
     Returns:
         The unscaled latent (1, C, H/f, W/f) on ``device``, and one :class:`StageReport` per stage.
     """
@@ -94,6 +99,11 @@ def generate_large(denoiser: Denoiser, codec: LatentCodec, family: str, positive
             latent = empty_latent(1, codec.latent_channels, stage.height, stage.width, codec.downscale).to(device)
         else:
             latent = upscale_latent(latent, height, width, UPSCALE_METHOD)
+        if index == 0 and untiled_base:
+            latent = generate(denoiser, codec, family, positive, negative, latent, seed, steps, cfg, sampler,
+                              scheduler, denoise=stage.strength)
+            reports.append(StageReport(stage, 1.0))
+            continue
         tiled = TiledDenoiser(denoiser, dataclasses.replace(settings, seed=seed + index))
         latent = generate(tiled, codec, family, positive, negative, latent, seed + index, steps, cfg, sampler,
                           scheduler, denoise=stage.strength)

@@ -251,7 +251,7 @@ class AtelierTiled16KGenerator:
             settings = _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed, vae.downscale)
             latent, reports = generate_large(DiffusersDenoiser(loaded.unet, loaded.schedule), vae, loaded.family,
                                              positive, negative, stages, seed, steps, cfg, sampler_name, scheduler,
-                                             settings, loaded.device)
+                                             settings, loaded.device, untiled_base=linfusion is not None)
         vae_tile = vae_tile_size // vae.downscale
         image = torch.empty(1, height, width, 3)  # the IMAGE itself: tiles stream into it, no second copy
         tiled_decode(vae, latent.cpu(), vae_tile, vae_tile // VAE_OVERLAP_DIVISOR, out=to_channels_first(image),

@@ -142,8 +142,11 @@ def tile_window(height: int, width: int, mode: str) -> torch.Tensor:
         >>> bool(window[3:5, 3:5].min() > window[0, 0]), tile_window(2, 3, "multidiffusion").tolist()
         (True, [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
 
-    Source: Mixture of Diffusers, Eq. 3; official ``gaussian_weights``: exp(−(x − m)² / (2·var·T²)), m = (T−1)/2
-    on both axes. Departure: ComfyUI-TiledDiffusion centres y at T/2 (highres.md §3); we centre both at (T−1)/2.
+    Source: Mixture of Diffusers, Eq. 3; official ``_gaussian_weights``: exp(−(x − m)² / (2·var·T²)) with
+    m = (W−1)/2 across but m = H/2 down (``midpoint = latent_height / 2``), half a cell below the tile's centre
+    (ComfyUI-TiledDiffusion copies it). Departure: we centre both axes at (T−1)/2, so each tile's weights are
+    symmetric and overlapping tiles blend evenly in both directions; the official offset shifts every vertical
+    blend by half a latent cell, which has no purpose we can find.
     The constant 1/√(2π·var) cancels in the normalisation and is left out.
     """
     if mode == "multidiffusion":

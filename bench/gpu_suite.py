@@ -166,11 +166,11 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_mib() -> float | None:
-    """``torch.cuda.max_memory_allocated`` since the last :func:`reset_peak`, in MiB; None on the CPU."""
+def peak_mib() -> int | None:
+    """``torch.cuda.max_memory_allocated`` since the last :func:`reset_peak`, in whole MiB; None on the CPU."""
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+    return round(torch.cuda.max_memory_allocated() / 2 ** 20) if torch.cuda.is_available() else None
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -291,7 +291,7 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
         outcome["seconds"] = round(time.perf_counter() - started, 2)
         peak = peak_mib()
         if peak is not None:
-            outcome["peak_mib"] = round(peak)
+            outcome["peak_mib"] = peak
         outcomes[name] = outcome
         record(workflows=outcomes)
     models = sorted({f"{model.family} {str(model.dtype).removeprefix('torch.')} on {model.device}"
@@ -354,20 +354,20 @@ def compare_sampler(family: str, size: int, settings: Settings, work_dir: str) -
 
     sides = {"ours": ours, "diffusers": diffusers}
     times: dict[str, list[float]] = {name: [] for name in sides}
-    peaks: dict[str, float] = dict.fromkeys(sides, 0.0)
+    peaks: dict[str, int] = dict.fromkeys(sides, 0)
     latents = {name: timed(fn)[1] for name, fn in sides.items()}  # warm-up: cuDNN and oneDNN pick kernels first
     for run in range(settings.sampler_runs):
         # Alternate who goes first, so that a drift in the machine's speed favours neither side.
         for name, fn in (list(sides.items()) if run % 2 == 0 else list(sides.items())[::-1]):
             reset_peak()
             times[name].append(timed(fn)[0])
-            peaks[name] = max(peaks[name], peak_mib() or 0.0)
+            peaks[name] = max(peaks[name], peak_mib() or 0)
     ours_s, peer_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
     difference = float((latents["ours"].float().cpu() - latents["diffusers"].float().cpu()).abs().max())
     fields = {"size": size, "model_s": round(model_s, 1), "ours_s": round(ours_s, 3), "diffusers_s": round(peer_s, 3),
               "ratio_vs_diffusers": round(ours_s / peer_s, 3), "max_abs_diff": float(f"{difference:.3g}")}
     if torch.cuda.is_available():
-        fields.update(ours_peak_mib=round(peaks["ours"]), diffusers_peak_mib=round(peaks["diffusers"]))
+        fields.update(ours_peak_mib=peaks["ours"], diffusers_peak_mib=peaks["diffusers"])
     return {f"{family}_{key}": value for key, value in fields.items()}
 
 
@@ -463,13 +463,13 @@ def part_highres(settings: Settings, work_dir: str, deadline: float) -> None:
                 denoiser, codec, model.family, positive, negative, stages, SEED, steps, CFG, sampler, scheduler,
                 tiles, model.device))
     record(sample_s=round(sample_s, 1), tiles_per_step=[round(r.tiles_per_step, 1) for r in reports],
-           sample_peak_mib=None if peak_mib() is None else round(peak_mib()))
+           sample_peak_mib=peak_mib())
     reset_peak()
     image = torch.empty(1, 3, size, size)  # the IMAGE buffer the tiles stream into, as the node does
     decode_s, _ = timed(lambda: tiled_decode(codec, latent.cpu(), vae_tile, vae_tile // VAE_OVERLAP_DIVISOR, out=image,
                                              dtype=decode_type))
     record(decode_s=round(decode_s, 1), total_s=round(sample_s + decode_s, 1),
-           decode_peak_mib=None if peak_mib() is None else round(peak_mib()))
+           decode_peak_mib=peak_mib())
 
 
 # --- part 4: correspondence ------------------------------------------------------------------------------------------
@@ -512,7 +512,7 @@ def part_correspondence(settings: Settings, work_dir: str, deadline: float) -> N
     median_run = runs[totals.index(statistics.median_low(totals))]
     record(ms_per_pair=round(1000 * statistics.median_low(totals), 1),
            **{f"{phase}_ms": round(1000 * seconds, 1) for phase, seconds in median_run.items()},
-           peak_mib=None if peak_mib() is None else round(peak_mib()), sd_px=side, dino_px=settings.dino_feature_px,
+           peak_mib=peak_mib(), sd_px=side, dino_px=settings.dino_feature_px,
            pca_dims=settings.pca_dims, runs=settings.correspondence_runs, target_ms=1000)
 
 
@@ -539,8 +539,7 @@ def part_panorama(settings: Settings, work_dir: str, deadline: float) -> None:
     reset_peak()
     cold_s, result = timed(run)  # includes the layout's one-off grid and merge tables
     record(cold_s=round(cold_s, 1), output=f"{result.shape[-1]}x{result.shape[-2]}", planes=layout.count,
-           plane_px=layout.size, steps=settings.panorama_steps, peak_mib=None if peak_mib() is None
-           else round(peak_mib()))
+           plane_px=layout.size, steps=settings.panorama_steps, peak_mib=peak_mib())
     if deadline - time.monotonic() > 1.3 * cold_s:
         warm_s, _ = timed(run)
         record(warm_s=round(warm_s, 1))
@@ -562,7 +561,8 @@ def part_watermark(settings: Settings, work_dir: str, deadline: float) -> None:
     bits = encode_text("gpu!", POSTHOC_DATA_BYTES, POSTHOC_PARITY_BYTES)
 
     def posthoc_ms(picture: torch.Tensor) -> tuple[float, float]:
-        marked = embed_posthoc(picture, bits, WATERMARK_KEY)  # warm-up
+        warm_up = embed_posthoc(picture, bits, WATERMARK_KEY)
+        detect_posthoc_payload(warm_up, WATERMARK_KEY, None, WATERMARK_FPR)
         embed, detect = [], []
         for _ in range(settings.watermark_runs):
             seconds, marked = timed(lambda: embed_posthoc(picture, bits, WATERMARK_KEY))
@@ -594,7 +594,7 @@ def part_watermark(settings: Settings, work_dir: str, deadline: float) -> None:
     reset_peak()
     seconds = [timed(generative)[0] for _ in range(settings.watermark_runs)]
     record(generative_detect_ms=round(1000 * statistics.median(seconds), 1), inversion_steps=settings.inversion_steps,
-           generative_peak_mib=None if peak_mib() is None else round(peak_mib()))
+           generative_peak_mib=peak_mib())
 
 
 # Each takes the settings, the suite's work folder (shared random checkpoints) and its box's time.monotonic() deadline.

@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))  # an empt
 
 import netguard  # noqa: E402  first, before torch, diffusers, transformers and aiohttp
 import pytest  # noqa: E402
+from comfyui_fixtures import (  # noqa: E402, F401  (fixtures for tests against real ComfyUI)
+    comfyui_environment, comfyui_models_dir, comfyui_server, random_sd15_models)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 from comfyui_host import COMFYUI_PATH_VARIABLE, ComfyUIEnvironment, ComfyUIServer, comfyui_source, prepare_environment
 
@@ -54,6 +53,7 @@ def write_default_init_sd15(out_file: str | os.PathLike, seed: int = 0) -> None:
     own initialisation (unit norm scales, fan-in-scaled weights) gives a noisy image that changes with the seed,
     the prompt, the sigmas and the update rule. Components are built one at a time to bound the memory.
     """
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel

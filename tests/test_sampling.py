@@ -428,3 +428,48 @@ def test_name_lists_cover_the_combinations():
     assert set(MOMENTUM_DEFAULTS) == {"hb_plms", "ghvb", "hb_dpmpp_2m"}
     for sampler, knob in MOMENTUM_DEFAULTS.items():
         check_sampler_settings(sampler, "normal", 10, momentum=knob)
+
+
+def official_momentum_dpmpp_2m(eps_fn, x_vp, timesteps, ve_sigmas, beta):
+    """The official MomentumDPMSolverMultistepScheduler (momentum-diffusion, stable_diffusion/diffusion/
+    momentum_scheduler.py) as diffusers steps it, written out: dpmsolver++, midpoint, lower_order_final. The first
+    step and the last (fewer than 15 steps) are diffusers' plain first-order update; every other step is the 2M
+    update with heavy-ball velocity v = (1 − β)·v + β·(D0 + D1/2), started at the first 2M step."""
+    def vp(s):
+        return 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)
+
+    def lam(s):
+        return math.inf if s == 0 else -math.log(s)  # λ = log(α/σ) = −log(VE sigma)
+
+    steps, velocity, outputs, x = len(timesteps), None, [], x_vp
+    for i in range(steps):
+        s0, s_t = float(ve_sigmas[i]), float(ve_sigmas[i + 1])
+        (alpha_s0, sigma_s0), (alpha_t, sigma_t) = vp(s0), vp(s_t)
+        eps = eps_fn(x, torch.full((x.shape[0],), float(timesteps[i])))
+        outputs.append((x - sigma_s0 * eps) / alpha_s0)
+        h = lam(s_t) - lam(s0)
+        if i == 0 or (i == steps - 1 and steps < 15):
+            x = (sigma_t / sigma_s0) * x - alpha_t * (math.exp(-h) - 1.0) * outputs[-1]
+        else:
+            h_0 = lam(s0) - lam(float(ve_sigmas[i - 1]))
+            d0, d1 = outputs[-1], (outputs[-1] - outputs[-2]) / (h_0 / h)
+            diff = d0 + 0.5 * d1
+            velocity = diff if velocity is None else (1 - beta) * velocity + beta * diff
+            x = (sigma_t / sigma_s0) * x - alpha_t * (math.exp(-h) - 1.0) * velocity
+    return x / vp(float(ve_sigmas[-1]))[0]
+
+
+@pytest.mark.parametrize("steps, beta", [(8, 0.8), (8, 0.5), (12, 0.8)])
+def test_hb_dpmpp_2m_follows_the_official_momentum_recurrence(steps, beta):
+    from nodes.sampling.dpm_solver import dpmpp_sample
+
+    noise, eps_fn = make_noise(), gaussian_eps(SCHEDULE)
+    timesteps = torch.linspace(999, 999 // steps, steps).round()
+    table = SCHEDULE.ve_sigmas()
+    ve_sigmas = torch.cat([table[timesteps.long()], torch.tensor([float(table[0]) * 0.5])])  # ends above 0
+    x_vp = noise * float(1 / math.sqrt(1 + ve_sigmas[0] ** 2))
+    ours = dpmpp_sample(eps_fn, x_vp, timesteps, ve_sigmas, order=2, beta=beta)
+    official = official_momentum_dpmpp_2m(eps_fn, x_vp, timesteps, ve_sigmas, beta)
+    torch.testing.assert_close(ours, official, atol=1e-5, rtol=1e-5)
+    plain = dpmpp_sample(eps_fn, x_vp, timesteps, ve_sigmas, order=2, beta=1.0)
+    assert (ours - plain).abs().max() > 1e-3  # the momentum does something

@@ -24,6 +24,7 @@ import torch
 from .momentum import HeavyBall
 from .schedules import vp_coefficients
 
+LOWER_ORDER_FINAL_STEPS = 15  # diffusers' lower_order_final: below this many steps the last one is first order
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OnStep = Callable[[int, int, torch.Tensor], None]
 
@@ -32,8 +33,10 @@ def dpmpp_sample(eps_fn: EpsFn, x: torch.Tensor, timesteps: torch.Tensor, sigmas
                  beta: float = 1.0, on_step: OnStep | None = None) -> torch.Tensor:
     """Run DPM-Solver++ of ``order`` 1 (1S, = DDIM) or 2 (2M) over a grid, with heavy-ball momentum ``beta``.
 
-    The first step, and a last step that ends at sigma 0, are first order, as in diffusers (the 2M correction
-    divides by h, which is infinite there). With ``beta == 1`` the momentum is the identity and this is plain
+    The first step, and the last when it ends at sigma 0 or fewer than 15 steps run, are first order, as in
+    diffusers (``lower_order_final``; the 2M correction divides by h, which is infinite at sigma 0). Momentum acts
+    inside the 2M update only, as the official ``MomentumDPMSolverMultistepScheduler``: its velocity starts at the
+    first 2M direction and the first-order steps take the plain data prediction. With ``beta == 1`` this is plain
     DPM-Solver++(2M), equal to diffusers' ``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``,
     midpoint) on the same grid up to float rounding.
 
@@ -68,7 +71,7 @@ def dpmpp_sample(eps_fn: EpsFn, x: torch.Tensor, timesteps: torch.Tensor, sigmas
     sigma_list = [float(s) for s in sigmas]
     if any(later >= earlier for earlier, later in zip(sigma_list, sigma_list[1:])) or sigma_list[-1] < 0:
         raise ValueError(f"sigmas must decrease to a value >= 0; got {sigma_list}")
-    momentum = HeavyBall(beta)
+    momentum = HeavyBall(beta)  # over the 2M directions only: its velocity starts at the first 2M step
     batch = x.shape[0]
     previous_x0 = None
     for i in range(steps):
@@ -78,13 +81,15 @@ def dpmpp_sample(eps_fn: EpsFn, x: torch.Tensor, timesteps: torch.Tensor, sigmas
         t = torch.full((batch,), float(timesteps[i]), dtype=torch.float32, device=x.device)
         eps = eps_fn(x, t).to(x.dtype)
         x0 = (x - sigma * eps) / alpha
-        if order == 2 and previous_x0 is not None and s_next > 0:
+        # diffusers' lower_order_final: the last step is first order when it ends at 0 or fewer than 15 run
+        last_first_order = i == steps - 1 and (s_next == 0 or steps < LOWER_ORDER_FINAL_STEPS)
+        if order == 2 and previous_x0 is not None and not last_first_order:
             r = math.log(sigma_list[i - 1] / s) / math.log(s / s_next)
-            direction = x0 + (x0 - previous_x0) / (2 * r)
+            direction = momentum(x0 + (x0 - previous_x0) / (2 * r))
         else:
             direction = x0
         # e^{−h} = s_next/s, so α_next(1 − e^{−h}) stays finite (= 1) when s_next = 0.
-        x = (sigma_next / sigma) * x + (alpha_next * (1 - s_next / s)) * momentum(direction)
+        x = (sigma_next / sigma) * x + (alpha_next * (1 - s_next / s)) * direction
         previous_x0 = x0
         if on_step is not None:
             on_step(i + 1, steps, x0)

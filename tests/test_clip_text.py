@@ -37,10 +37,10 @@ START, END = 49406, 49407
 CAT, A, COMMA = 2368, 320, 267  # CLIP's ids of "cat", "a" and ","
 PARITY_TOLERANCE = 1e-5  # float32 arithmetic in two implementations of the same layers
 
-# Small widths, real structure. "h" is the loaded SD2 encoder: ComfyUI's ViT-H has one more layer, which diffusers'
-# conversion drops; ComfyUI's configs give ViT-L quick_gelu and the OpenCLIP encoders gelu.
+# Small widths, real structure. "h" is the loaded SD2 encoder: 23 of OpenCLIP ViT-H's 24 layers, as diffusers'
+# conversion keeps them; ComfyUI's model has all 24. ComfyUI's configs give ViT-L quick_gelu, OpenCLIP gelu.
 WIDTHS = {"l": 32, "h": 48, "g": 64}
-LAYERS = {"l": 3, "h": 3, "g": 4}
+LAYERS = {"l": 3, "h": 23, "g": 4}
 ACTIVATIONS = {"l": "quick_gelu", "h": "gelu", "g": "gelu"}
 FAMILY_KEYS = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g"), "sdxl_refiner": ("g",)}
 
@@ -308,7 +308,7 @@ def test_clip_layer_follows_each_familys_norm_rule(encoders):
     sd1 = make_clip("sd1", encoders, layer_idx=-2)
     torch.testing.assert_close(sd1.encode("a cat")[0][0], encoders.modules["l"].final_layer_norm(hidden["l"][-2]),
                                rtol=0, atol=1e-6)
-    sd2 = make_clip("sd2", encoders, layer_idx=-3)  # ComfyUI's 3rd from the end of 4 is the loaded 2nd of 3
+    sd2 = make_clip("sd2", encoders, layer_idx=-3)  # ComfyUI's 3rd from the end of 24 is the loaded 22nd of 23
     torch.testing.assert_close(sd2.encode("a cat")[0][0], encoders.modules["h"].final_layer_norm(hidden["h"][-2]),
                                rtol=0, atol=1e-6)
     sdxl = make_clip("sdxl", encoders, layer_idx=-1)  # SDXL never normalises a chosen layer, even the last
@@ -326,6 +326,17 @@ def test_clip_layer_refuses_sd2s_dropped_last_layer(encoders):
     clip = make_clip("sd2", encoders, layer_idx=-1)
     with pytest.raises(ValueError, match="-2 or below"):
         clip.encode("a cat")
+
+
+def test_sd2_encoder_of_another_depth_was_loaded_whole(encoders):
+    model = make_model("sd2", encoders)
+    torch.manual_seed(2)
+    model.pipeline.text_encoder = whole = CLIPTextModel(_config("h", 3)).eval()  # a narrow model's encoder
+    hidden = whole(_padded([A, CAT], 0), output_hidden_states=True)
+    penultimate = Clip(ModelRef(model)).encode("a cat")[0][0]
+    last = Clip(ModelRef(model), layer_idx=-1).encode("a cat")[0][0]
+    torch.testing.assert_close(penultimate, whole.final_layer_norm(hidden.hidden_states[-2]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(last, hidden.last_hidden_state, rtol=0, atol=1e-6)
 
 
 def test_clip_layer_on_a_clone_leaves_the_original(encoders):
@@ -429,8 +440,10 @@ def test_clip_on_a_loaded_checkpoint_uses_its_encoders(request, family):
     if family == "sdxl":
         bigg = model.text_encoders[1](_padded([A, CAT], 0), output_hidden_states=True)
         expected, expected_pooled = torch.cat([first.hidden_states[-2], bigg.hidden_states[-2]], -1), bigg.text_embeds
+    elif family == "sd2":  # a narrow SD2 file's encoder is loaded whole: ComfyUI's penultimate layer, normalised
+        expected, expected_pooled = model.text_encoders[0].final_layer_norm(first.hidden_states[-2]), None
     else:
-        expected, expected_pooled = first.last_hidden_state, first.pooler_output if family == "sd1" else None
+        expected, expected_pooled = first.last_hidden_state, first.pooler_output
     torch.testing.assert_close(cond, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=1e-6)
 

@@ -63,6 +63,7 @@ EMBEDDING_PREFIX = "embedding:"
 # ComfyUI tries these after a bare embedding name; we read only the first and refuse the pickle-based others.
 EMBEDDING_EXTENSIONS = (SAFE_EXTENSION, ".pt", ".bin")
 OPENCLIP_PAD_TOKEN = 0  # ComfyUI pads OpenCLIP encoders (SD2's ViT-H, SDXL's bigG) with id 0 ("!")
+OPENCLIP_H_LAYERS = 24  # Source: OpenCLIP ViT-H-14's text tower (ComfyUI's sd2_clip_config.json)
 # Escaped parentheses are hidden from the weight parser behind these, then put back as plain parentheses. They are
 # ComfyUI's own sentinels, so that a prompt that happens to contain them parses as it does there.
 _ESCAPES = (("\\)", "\0\1"), ("\\(", "\0\2"))
@@ -79,19 +80,21 @@ class TextEncoderRole:
     default_layer: int | None  # ComfyUI's layer index when clip_layer was never set; None: the last, normalised
     normalizes_hidden: bool  # whether a chosen hidden layer goes through the final layer norm
     projects_pooled: bool  # the pooled output is the text projection of the end token's state
-    # Layers ComfyUI's model has beyond the loaded one: diffusers' conversion of SD2 drops OpenCLIP ViT-H's last
-    # layer (SD2 never uses it), so ComfyUI's layer k is our layer k and its last layer is missing here.
-    missing_layers: int
+    # The encoder's depth in ComfyUI when diffusers' conversion dropped its last layer, else None. diffusers keeps
+    # 23 of OpenCLIP ViT-H's 24 layers (SD2 never uses the last), so ComfyUI's layer k is our layer k and its last
+    # is missing; an encoder of any other depth (a narrow test or embedded model) was loaded whole.
+    depth_before_conversion: int | None
     embedding_key: str  # the tensor name that holds this encoder's vectors in a multi-encoder embedding file
 
 
 CLIP_L = TextEncoderRole(key="l", position=0, pads_with_end=True, default_layer=None, normalizes_hidden=True,
-                         projects_pooled=False, missing_layers=0, embedding_key="clip_l")
+                         projects_pooled=False, depth_before_conversion=None, embedding_key="clip_l")
 OPENCLIP_H = TextEncoderRole(key="h", position=0, pads_with_end=False, default_layer=-2, normalizes_hidden=True,
-                             projects_pooled=True, missing_layers=1, embedding_key="clip_h")
+                             projects_pooled=True, depth_before_conversion=OPENCLIP_H_LAYERS,
+                             embedding_key="clip_h")
 # position -1: the last encoder, which is bigG both in SDXL's pair and in the refiner's single-encoder model.
 OPENCLIP_G = TextEncoderRole(key="g", position=-1, pads_with_end=False, default_layer=-2, normalizes_hidden=False,
-                             projects_pooled=True, missing_layers=0, embedding_key="clip_g")
+                             projects_pooled=True, depth_before_conversion=None, embedding_key="clip_g")
 # Per family, in the order their states are joined per token; the pooled output is the last one's.
 FAMILY_ROLES: dict[str, tuple[TextEncoderRole, ...]] = {
     "sd1": (CLIP_L,),
@@ -328,7 +331,7 @@ def _select_layer(output: Any, text_model: torch.nn.Module, role: TextEncoderRol
     the final layer norm; otherwise the layer's raw output, normalised where the encoder's rule says so.
     """
     layers = len(output.hidden_states) - 1  # hidden_states[0] is the input embedding, [k] layer k's output
-    comfy_layers = layers + role.missing_layers
+    comfy_layers = layers + 1 if role.depth_before_conversion == layers + 1 else layers
     if layer_idx is None or abs(layer_idx) > comfy_layers:
         layer = comfy_layers  # 1-based, as hidden_states counts
         normalize = True
@@ -339,7 +342,7 @@ def _select_layer(output: Any, text_model: torch.nn.Module, role: TextEncoderRol
         raise ValueError(
             f"layer {layer_idx} of this {family} text encoder ({role.key}) is its layer {layer} of {comfy_layers}, "
             f"which the loaded weights do not have (diffusers' conversion keeps {layers}); use a layer index of "
-            f"{-1 - role.missing_layers} or below")
+            f"{layers - comfy_layers - 1} or below")
     if layer == layers and normalize:
         return output.last_hidden_state
     states = output.hidden_states[layer]

@@ -223,6 +223,23 @@ async def test_a_client_that_stops_reading_stalls_no_one_and_is_cut_off_19(clien
     await slow.close()
 
 
+async def test_shutdown_closes_connected_websockets_even_one_that_stopped_reading_19(aiohttp_client, tmp_path,
+                                                                                      monkeypatch):
+    client = await aiohttp_client(make_app(tmp_path))
+    reader, stuck = await connect(client, "reader"), await connect(client, "stuck")
+    never = asyncio.Event()
+
+    async def never_returns(*args, **kwargs):
+        await never.wait()
+
+    monkeypatch.setattr(client.app[STATE].clients["stuck"].socket, "close", never_returns)
+    async with asyncio.timeout(20):
+        await client.server.close()  # shutdown: on_shutdown closes every socket (it raised AttributeError)
+        message = await reader.receive()
+    assert message.type.name == "CLOSE" and message.data == 1001  # GOING_AWAY
+    assert (await stuck.receive()).type.name in ("CLOSE", "CLOSED", "ERROR")
+
+
 def test_a_full_queue_drops_previews_and_progress_first_never_results_19():
     from web.server_state import Client, Outgoing
     client = Client(socket=None)

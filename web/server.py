@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from PIL import Image
 
 import nodes
@@ -67,6 +67,7 @@ PROGRESS_STATE_INTERVAL_S = 0.1
 # A websocket send that waits this long means the client stopped reading (a live one takes milliseconds); it is
 # cut off rather than left to hold its queue and the server's write buffer.
 CLIENT_SEND_TIMEOUT_S = 30.0
+SHUTDOWN_CLOSE_TIMEOUT_S = 2.0  # shutting down waits this long per client for its close frame to go out
 
 routes = web.RouteTableDef()
 CLASSES = web.AppKey("classes", dict)
@@ -131,8 +132,13 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sockets(app: web.Application) -> None:
+    """Close every websocket with GOING_AWAY; one that does not take its close frame in time is cut off."""
     for client in list(app[STATE].clients.values()):
-        await client.socket.close(code=web.WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        try:
+            async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT_S):
+                await client.socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        except TimeoutError:
+            _cut_off(client, "it did not take its close frame at shutdown")
 
 
 # --- events to websockets ------------------------------------------------------------------------------------------

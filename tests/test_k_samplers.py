@@ -483,17 +483,23 @@ def test_dpm_adaptive_meets_a_tighter_tolerance_with_more_evaluations(order):
     assert tight_error < 0.01 and tight_error < loose_error / 4 and tight_calls > loose_calls
 
 
-@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "sa_solver", "sa_solver_pece"])
 def test_sde_samplers_with_eta_zero_solve_the_ode(name):
     sigmas = karras_sigmas(31, 0.05, 14.6)[:-1]
     x = start_point(sigma=14.6)
-    result = k_samplers.SAMPLING_FUNCTIONS[name](gaussian_denoiser, x, sigmas, eta=0.0)
+    options = {"tau_func": no_noise} if name.startswith("sa_solver") else {"eta": 0.0}
+    result = k_samplers.SAMPLING_FUNCTIONS[name](gaussian_denoiser, x, sigmas, **options)
     assert float((result - exact_ode_solution(x, 14.6, 0.05)).abs().max()) < 0.01
+
+
+def no_noise(sigma):
+    """SA-Solver's τ(σ) for an ODE run."""
+    return 0.0
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
                                   "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm",
-                                  "res_multistep_ancestral", "seeds_2", "seeds_3"])
+                                  "res_multistep_ancestral", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"])
 def test_stochastic_samplers_end_on_the_data_distribution(name):
     """Whatever noise they add, exact-denoiser samples must end with the data's mean and variance (up to the
     discretisation error of 80 steps: the first-order ancestral samplers are the slowest, 0.228 for 0.25)."""
@@ -502,8 +508,9 @@ def test_stochastic_samplers_end_on_the_data_distribution(name):
     result = run_sampler(name, gaussian_denoiser, SD, sigmas, prepare_noise(latent, 0), latent, seed=0)
     assert abs(float(result.mean()) - DATA_MEAN) < 0.02
     assert abs(float(result.var()) - DATA_VAR) < 0.03, float(result.var())
+    without_noise = {"ddpm": None, "sa_solver": {"tau_func": no_noise}, "sa_solver_pece": {"tau_func": no_noise}}
     deterministic = run_sampler(name, gaussian_denoiser, SD, sigmas, prepare_noise(latent, 0), latent, seed=0,
-                                options={"eta": 0.0} if name != "ddpm" else None)
+                                options=without_noise.get(name, {"eta": 0.0}))
     assert name == "ddpm" or not torch.equal(result, deterministic)  # the noise is really added
 
 
@@ -589,8 +596,8 @@ def test_sampler_objects_carry_their_options_and_wrap_any_sampling_function():
     torch.testing.assert_close(wrapped, run_sampler("dpmpp_2m", gaussian_denoiser, SD, sigmas, noise, latent, seed=5))
     with pytest.raises(ValueError, match="sampler must be one of"):
         Sampler.from_name("dpm_slow")
-    with pytest.raises(NotImplementedError, match="ComfyUI's sampler 'sa_solver' is not available"):
-        Sampler.from_name("sa_solver")
+    with pytest.raises(NotImplementedError, match="ComfyUI's sampler 'euler_cfg_pp' is not available"):
+        Sampler.from_name("euler_cfg_pp")
 
 
 def test_sampler_names_are_comfyuis_and_cover_the_issue():

@@ -1212,6 +1212,125 @@ def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=Non
     return x
 
 
+# ------------------------------------------------------------------------------------------------- SA-Solver
+
+# SA-Solver's default stochastic interval, as fractions of the run (ComfyUI's choice): noise between 20 % and 80 %.
+SA_SOLVER_NOISE_INTERVAL = (0.2, 0.8)
+
+
+def _sa_exponential_coefficients(lam_s: torch.Tensor, lam_t: torch.Tensor, order: int,
+                                 tau: float) -> torch.Tensor:
+    """(1 + τ²)·∫_{λ_s}^{λ_t} e^{(1+τ²)(λ − λ_t)}·λ^p dλ for p < ``order`` (Xue et al. 2023, Eq. 15's integrals),
+    by repeated integration by parts: a lower-triangular matrix of ±p!/(q!·(1 + τ²)^{p−q}) applied to
+    λ_t^q − λ_s^q·e^{−(1+τ²)h}."""
+    tau_mul = 1 + tau ** 2
+    powers = torch.arange(order, dtype=lam_s.dtype, device=lam_s.device)
+    boundary_terms = lam_t ** powers - lam_s ** powers * (-tau_mul * (lam_t - lam_s)).exp()
+    depth = powers.unsqueeze(1) - powers.unsqueeze(0)
+    log_factorial = (powers + 1).lgamma()
+    log_coefficients = log_factorial.unsqueeze(1) - log_factorial.unsqueeze(0)
+    if tau > 0:
+        log_coefficients = log_coefficients - depth * math.log(tau_mul)
+    signs = torch.where(depth % 2 == 0, 1.0, -1.0)
+    return (log_coefficients.exp() * signs).tril() @ boundary_terms
+
+
+def _sa_b_coefficients(sigma_next, lambdas, lam_s, lam_t, tau, simple_order_2, is_corrector):
+    """SA-Solver's weights b_i of the past x̂₀ (Xue et al. 2023, Eqs. 15 and 18): α_t times the integrals of the
+    Lagrange basis through ``lambdas`` against the exponential kernel; or, with ``simple_order_2`` and two points,
+    the simplified order-2 weights of their Appendix D."""
+    alpha_t = sigma_next * lam_t.exp()
+    if simple_order_2 and lambdas.shape[0] == 2:
+        tau_mul, h = 1 + tau ** 2, lam_t - lam_s
+        if is_corrector:
+            b_1 = alpha_t * (0.5 * tau_mul * h)
+            b_2 = alpha_t * (-h * tau_mul).expm1().neg() - b_1
+        else:
+            b_2 = alpha_t * (0.5 * tau_mul * h ** 2) / (lambdas[-2] - lam_s)
+            b_1 = alpha_t * (-h * tau_mul).expm1().neg() - b_2
+        return torch.stack([b_2, b_1])
+    integrals = _sa_exponential_coefficients(lam_s, lam_t, lambdas.shape[0], tau)
+    vandermonde = torch.vander(lambdas, lambdas.shape[0], increasing=True).T
+    return alpha_t * torch.linalg.solve(vandermonde, integrals)
+
+
+def sa_solver_noise_interval(model_sampling: DiscreteModelSampling, eta: float = 1.0) -> Callable[[Any], float]:
+    """τ(σ) = η inside the middle of the run (:data:`SA_SOLVER_NOISE_INTERVAL`, in sigmas of ``model_sampling``),
+    0 (an ODE step) outside it."""
+    start = model_sampling.percent_to_sigma(SA_SOLVER_NOISE_INTERVAL[0])
+    end = model_sampling.percent_to_sigma(SA_SOLVER_NOISE_INTERVAL[1])
+
+    def tau(sigma) -> float:
+        if eta <= 0:
+            return 0.0
+        sigma = sigma.item() if isinstance(sigma, torch.Tensor) else sigma
+        return eta if start >= sigma >= end else 0.0
+
+    return tau
+
+
+@torch.no_grad()
+def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, tau_func=None, s_noise=1.0,
+                     noise_sampler=None, predictor_order=3, corrector_order=4, use_pece=False, simple_order_2=False):
+    """SA-Solver (Xue et al. 2023, "SA-Solver: Stochastic Adams Solver for Fast Sampling of Diffusion Models"):
+    stochastic Adams predictor (order ≤ 3) and corrector (order ≤ 4) in λ, data prediction, with SDE noise of
+    strength τ(σ) (``tau_func``; by default :func:`sa_solver_noise_interval` of the model's sampling, which the
+    model passed by :func:`run_sampler` carries). Orders drop near a final σ = 0; ``use_pece`` re-evaluates the
+    corrected state (PECE)."""
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    if tau_func is None:
+        if getattr(model, "model_sampling", None) is None:
+            raise ValueError("sa_solver needs a tau_func, or a model that carries its model_sampling (run_sampler's)")
+        tau_func = sa_solver_noise_interval(model.model_sampling)
+    ones = _batch_sigma(x)
+    lambdas = _lambda(sigmas)
+    max_order = max(predictor_order, corrector_order)
+    x_pred = x
+    h, tau, noise = 0.0, 0.0, 0.0
+    predictions: list[torch.Tensor] = []
+    lower_order_to_end = sigmas[-1].item() == 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x_pred, sigmas[i] * ones, **extra_args)
+        _report(callback, x_pred, i, sigmas[i], denoised)
+        predictions = (predictions + [denoised])[-max_order:]
+        predictor_used = min(predictor_order, len(predictions))
+        corrector_used = 0 if i == 0 or (sigmas[i + 1] == 0 and not use_pece) else min(corrector_order,
+                                                                                        len(predictions))
+        if lower_order_to_end:
+            predictor_used = min(predictor_used, len(sigmas) - 2 - i)
+            corrector_used = min(corrector_used, len(sigmas) - 1 - i)
+        if corrector_used == 0:
+            x = x_pred
+        else:
+            b = _sa_b_coefficients(sigmas[i], lambdas[i - corrector_used + 1:i + 1], lambdas[i - 1], lambdas[i], tau,
+                                   simple_order_2, is_corrector=True)
+            history = torch.stack(predictions[-corrector_used:], dim=1)  # (B, K, ...)
+            x = sigmas[i] / sigmas[i - 1] * (-(tau ** 2) * h).exp() * x + torch.tensordot(history, b, dims=([1], [0]))
+            if tau > 0 and s_noise > 0:
+                x = x + noise  # the predictor's noise, shared by predictor and corrector
+            if use_pece:
+                denoised = model(x, sigmas[i] * ones, **extra_args)
+                predictions[-1] = denoised
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            tau = tau_func(sigmas[i + 1])
+            b = _sa_b_coefficients(sigmas[i + 1], lambdas[i - predictor_used + 1:i + 1], lambdas[i], lambdas[i + 1],
+                                   tau, simple_order_2, is_corrector=False)
+            history = torch.stack(predictions[-predictor_used:], dim=1)
+            h = lambdas[i + 1] - lambdas[i]
+            x_pred = (sigmas[i + 1] / sigmas[i] * (-(tau ** 2) * h).exp() * x
+                      + torch.tensordot(history, b, dims=([1], [0])))
+            if tau > 0 and s_noise > 0:
+                noise = (noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
+                         * (-2 * tau ** 2 * h).expm1().neg().sqrt() * s_noise)
+                x_pred = x_pred + noise
+    return x
+
+
 # ---------------------------------------------------------------------------------------- names and entry point
 
 # ComfyUI's ddim is its euler; what differs is the inpaint blend, which draws fresh noise (Sampler.fresh_inpaint_noise).
@@ -1246,6 +1365,8 @@ SAMPLING_FUNCTIONS: dict[str, SamplingFunction] = {
     "er_sde": sample_er_sde,
     "seeds_2": sample_seeds_2,
     "seeds_3": sample_seeds_3,
+    "sa_solver": sample_sa_solver,
+    "sa_solver_pece": functools.partial(sample_sa_solver, use_pece=True),
     "ddim": sample_euler,
     "uni_pc": sample_unipc,
     "uni_pc_bh2": sample_unipc_bh2,
@@ -1253,8 +1374,7 @@ SAMPLING_FUNCTIONS: dict[str, SamplingFunction] = {
 # In ComfyUI's SAMPLER_NAMES order (KSampler's dropdown).
 SAMPLER_NAMES = tuple(SAMPLING_FUNCTIONS)
 # ComfyUI v0.3.64's whole list, so that a node can accept every name a workflow file may hold. The ones missing from
-# SAMPLER_NAMES are refused by name at run time: the *_cfg_pp samplers need the unguided x̂₀ next to the guided one,
-# and sa_solver* is not written yet.
+# SAMPLER_NAMES are refused by name at run time: the *_cfg_pp samplers need the unguided x̂₀ next to the guided one.
 COMFYUI_SAMPLER_NAMES = (
     "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
     "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
@@ -1386,7 +1506,11 @@ def prepare_mask(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> tor
 
 
 class _InpaintDenoiser:
-    """The model a sampling function sees: ``model_fn`` with ComfyUI's inpaint blend around it (see run_sampler)."""
+    """The model a sampling function sees: ``model_fn`` with ComfyUI's inpaint blend around it (see run_sampler).
+
+    It carries the model's ``model_sampling``, which samplers with model-dependent defaults read (sa_solver), as
+    ComfyUI's samplers read it from their model.
+    """
 
     def __init__(self, model_fn, model_sampling: DiscreteModelSampling, latent_image: torch.Tensor,
                  noise: torch.Tensor, denoise_mask: torch.Tensor | None):

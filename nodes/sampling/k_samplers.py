@@ -240,8 +240,8 @@ def linear_multistep_coeff(order: int, sigmas: np.ndarray, i: int, j: int) -> fl
 
 @torch.no_grad()
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
-    """Linear multistep (Adams–Bashforth in σ, up to ``order`` past slopes, Karras et al. 2022's LMS); the last
-    step to σ = 0 is x̂₀."""
+    """Linear multistep: Adams–Bashforth in σ on up to ``order`` past slopes, its weights integrated from the
+    Lagrange basis on the actual (uneven) sigmas (k-diffusion's LMS); the last step to σ = 0 is x̂₀."""
     extra_args = {} if extra_args is None else extra_args
     ones = _batch_sigma(x)
     sigmas_cpu = sigmas.detach().cpu().numpy().astype(np.float64)

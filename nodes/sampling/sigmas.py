@@ -13,7 +13,7 @@ count give the same float32 sigmas:
 - ``beta``: timesteps at the quantiles of Beta(0.6, 0.6) (Lee et al. 2024, "Beta Sampling is All You Need",
   arXiv 2407.12173);
 - ``linear_quadratic``: Genmo's Mochi schedule, linear then quadratic in σ/σ_max;
-- ``kl_optimal``: evenly spaced in arctan σ (Sabour et al. 2024, "Align Your Steps", Theorem 3.1).
+- ``kl_optimal``: evenly spaced in arctan σ (the KL-optimal schedule of Sabour et al. 2024, "Align Your Steps").
 """
 
 from __future__ import annotations

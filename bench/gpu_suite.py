@@ -15,11 +15,13 @@ or runs out of memory is reported as such and the suite goes on:
    checkpoint and loading it.
 3. ``highres``: the tiled 16K generator (:func:`nodes.highres.generate.generate_large`) on an SD1.5-size UNet with
    LinFusion's layers (random) mounted, 16384×16384, the staged recipe with the README's SD1.5 settings (base 1024,
-   512 px tiles, 128 px overlap, mixture blend; 16 tiles a batch where the node's default is 4), dpmpp_2m/karras,
-   CFG 7.5, then the streamed tiled VAE decode (512 px tiles). A 2-step calibration at 2048² sets the number of
-   steps that fits the time box (at least the recipe's minimum, 10). Seconds per stage, decode seconds, peak memory.
-4. ``correspondence``: SD1.5-size UNet features (960²) and DINOv2-B/14-size features (840²) of a pair, co-PCA
-   fusion and the dense match; ms per pair (target <= 1000 on an H100) and the share of each phase.
+   whole with LinFusion as the node runs it; then 512 px tiles, 128 px overlap, mixture blend; 16 tiles a batch
+   where the node's default is 4), dpmpp_2m/karras, CFG 7.5, then the streamed tiled VAE decode (512 px tiles).
+   A 2-step calibration at 2048² sets the number of steps that fits the time box (at least the recipe's minimum,
+   10). Seconds per stage, decode seconds, peak memory.
+4. ``correspondence``: SD1.5-size UNet features (960²) and DINOv2-B/14-size features (840²) of a pair, sd-dino's
+   fusion (co-PCA 256 of the SD layers, DINOv2 whole) and the dense match; ms per pair (target <= 1000 on an
+   H100) and per phase.
 5. ``panorama``: OmniSSR ×2 to 1024×2048 (input 512×1024, 18 planes of 512², 20 steps, cfg 1) with an SD1.5-size
    model; the low-res panorama starts on the CPU as the node's IMAGE does. Seconds (cold, then warm when the box
    allows) and peak memory.
@@ -106,7 +108,7 @@ class Settings:
     vae_tile_px: int
     sd_feature_px: int
     dino_feature_px: int
-    pca_dims: int
+    pca_dims: tuple[int, int]  # co-PCA components per layer: SD, DINOv2 (0 keeps every channel)
     correspondence_runs: int
     panorama_height: int  # of the output
     panorama_plane_px: int
@@ -128,7 +130,7 @@ GPU = Settings(
     # README, Tiled 16K generator: SD1.5 at 16K takes base 1024, 512 px tiles, 128 px overlap, 256 px stride.
     highres_size=16384, highres_base=1024, highres_tile_px=512, highres_overlap_px=128, highres_stride_px=256,
     highres_tile_batch=16, highres_calibration_px=2048, highres_max_steps=50, vae_tile_px=512,
-    sd_feature_px=960, dino_feature_px=840, pca_dims=256, correspondence_runs=3,
+    sd_feature_px=960, dino_feature_px=840, pca_dims=(256, 0), correspondence_runs=3,  # sd-dino's co-PCA
     panorama_height=1024, panorama_plane_px=512, panorama_scale=2, panorama_steps=20,
     watermark_px=512, inversion_steps=50, watermark_runs=5)
 
@@ -139,7 +141,7 @@ CPU_SMOKE = Settings(
     sampler_cases=(("sd1", 64), ("sdxl", 64)), sampler_steps=2, sampler_runs=1,
     highres_size=128, highres_base=64, highres_tile_px=64, highres_overlap_px=16, highres_stride_px=32,
     highres_tile_batch=4, highres_calibration_px=64, highres_max_steps=4, vae_tile_px=64,
-    sd_feature_px=128, dino_feature_px=56, pca_dims=16, correspondence_runs=1,
+    sd_feature_px=128, dino_feature_px=56, pca_dims=(16, 0), correspondence_runs=1,
     panorama_height=64, panorama_plane_px=64, panorama_scale=2, panorama_steps=2,
     watermark_px=128, inversion_steps=2, watermark_runs=1)
 
@@ -445,7 +447,10 @@ def part_highres(settings: Settings, work_dir: str, deadline: float) -> None:
         decode_s_per_mpix = decode_s / (side * side / 1e6)
 
         def predicted_s(steps: int) -> float:
-            tile_count = sum(stage.steps * tiles_per_step(stage.width) for stage in staged(steps))
+            # The base stage runs whole (below): its cost in tiles is its area in tiles.
+            base, *tiled = staged(steps)
+            tile_count = base.steps * (base.width // f) ** 2 / tiles.tile ** 2
+            tile_count += sum(stage.steps * tiles_per_step(stage.width) for stage in tiled)
             return tile_count * tile_s + decode_s_per_mpix * size * size / 1e6
 
         budget = 0.85 * (deadline - time.monotonic())  # the rest of the box, with a margin for noise
@@ -459,9 +464,10 @@ def part_highres(settings: Settings, work_dir: str, deadline: float) -> None:
         reset_peak()
         clock = StageClock(stages)
         with use_sink(clock):
+            # With LinFusion the base stage runs on the whole latent, the later ones tiled, as the node runs them.
             sample_s, (latent, reports) = timed(lambda: generate_large(
                 denoiser, codec, model.family, positive, negative, stages, SEED, steps, CFG, sampler, scheduler,
-                tiles, model.device))
+                tiles, model.device, untiled_base=True))
     record(sample_s=round(sample_s, 1), tiles_per_step=[round(r.tiles_per_step, 1) for r in reports],
            sample_peak_mib=peak_mib())
     reset_peak()
@@ -501,7 +507,7 @@ def part_correspondence(settings: Settings, work_dir: str, deadline: float) -> N
         phases["dino_features"], dino_maps = timed(lambda: [dinov2_features(dino, image, settings.dino_feature_px)
                                                             for image in (image_a, image_b)])
         phases["fuse"], (fused_a, fused_b) = timed(lambda: fuse_pair([tuple(sd), tuple(dino_maps)], [0.5, 0.5],
-                                                                     settings.pca_dims))
+                                                                     list(settings.pca_dims)))
         phases["match"], _ = timed(lambda: match_dense(fused_a, fused_b, (side, side), (side, side)))
         return phases
 
@@ -512,8 +518,8 @@ def part_correspondence(settings: Settings, work_dir: str, deadline: float) -> N
     median_run = runs[totals.index(statistics.median_low(totals))]
     record(ms_per_pair=round(1000 * statistics.median_low(totals), 1),
            **{f"{phase}_ms": round(1000 * seconds, 1) for phase, seconds in median_run.items()},
-           peak_mib=peak_mib(), sd_px=side, dino_px=settings.dino_feature_px,
-           pca_dims=settings.pca_dims, runs=settings.correspondence_runs, target_ms=1000)
+           peak_mib=peak_mib(), sd_px=side, dino_px=settings.dino_feature_px, sd_pca_dims=settings.pca_dims[0],
+           dino_pca_dims=settings.pca_dims[1], runs=settings.correspondence_runs, target_ms=1000)
 
 
 # --- part 5: OmniSSR -------------------------------------------------------------------------------------------------

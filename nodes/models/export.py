@@ -270,7 +270,7 @@ def export_single_file(pipeline_dir: str | os.PathLike, out_file: str | os.PathL
 
 # --- random-weight files of the published layouts --------------------------------------------------------------------
 
-RANDOM_STD = 0.02  # the weights' spread: small enough that a random model's activations stay finite
+RANDOM_STD = 0.02  # the spread of embeddings (CLIP's initialisation) and of tensors no layer type explains
 # A 768-v SD2 file as ComfyUI's heuristic reads it: the probe tensor's std above its 0.09 threshold.
 V_PREDICTION_PROBE_STD = 0.2
 OPEN_CLIP_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature; no layer SD uses reads it
@@ -338,28 +338,54 @@ def build_on_meta(family: str, configs: Mapping[str, dict], extra_text_layers: i
 
 
 class _RandomBlock:
-    """Random tensors of any shape as slices of one random block at varying offsets, so that billions of
+    """Standard-normal tensors of any shape as slices of one random block at varying offsets, so that billions of
     parameters cost a memory copy, not random number generation."""
 
     OFFSETS = 8191  # a prime: tensors start at different places in the block
 
-    def __init__(self, numel: int, seed: int, dtype: torch.dtype):
+    def __init__(self, numel: int, seed: int):
         generator = torch.Generator().manual_seed(seed)
-        self.block = (torch.randn(numel + self.OFFSETS, generator=generator) * RANDOM_STD).to(dtype)
+        self.block = torch.randn(numel + self.OFFSETS, generator=generator)
         self.count = 0
 
     def take(self, shape: Sequence[int]) -> torch.Tensor:
         start = self.count * 7919 % self.OFFSETS
         self.count += 1
-        return self.block[start:start + math.prod(shape)].reshape(tuple(shape)).clone()
+        return self.block[start:start + math.prod(shape)].reshape(tuple(shape))
+
+
+def _spreads(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """(mean, std) for each parameter of ``model``, as the libraries initialise it: norm scales 1 and shifts 0,
+    linear and convolution weights and biases at std 1/√(3·fan_in) (PyTorch's default uniform), embeddings at std
+    0.02 (CLIP's). With weights this spread a random model's output depends on its input, as a trained one's does;
+    at one small std everywhere the norms' scales are near 0 and the image hardly depends on the seed."""
+    spreads = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, _ in module.named_parameters(recurse=False):
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                spreads[prefix + name] = (1.0, 0.0) if name == "weight" else (0.0, 0.0)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                spreads[prefix + name] = (0.0, 1 / math.sqrt(3 * module.weight[0].numel()))
+            elif isinstance(module, torch.nn.Embedding):
+                spreads[prefix + name] = (0.0, RANDOM_STD)
+    return spreads
 
 
 def _random_state(models: Mapping[str, torch.nn.Module], seed: int, dtype: torch.dtype) -> dict[str, dict]:
-    """Random floating-point tensors for every state-dict entry of each model (meta tensors give the shapes)."""
+    """Random floating-point tensors for every state-dict entry of each model (meta tensors give the shapes),
+    spread as :func:`_spreads` says (:data:`RANDOM_STD` for any other)."""
     largest = max(meta.numel() for model in models.values() for meta in model.state_dict().values())
-    block = _RandomBlock(largest, seed, dtype)
-    return {name: {key: block.take(meta.shape) for key, meta in model.state_dict().items() if meta.is_floating_point()}
-            for name, model in models.items()}
+    block = _RandomBlock(largest, seed)
+    state = {}
+    for name, model in models.items():
+        spreads = _spreads(model)
+        state[name] = {}
+        for key, meta in model.state_dict().items():
+            if meta.is_floating_point():
+                mean, std = spreads.get(key, (0.0, RANDOM_STD))
+                state[name][key] = (block.take(meta.shape) * std + mean).to(dtype)
+    return state
 
 
 def write_random_single_file(family: str, out_file: str | os.PathLike, seed: int = 0,
@@ -367,8 +393,9 @@ def write_random_single_file(family: str, out_file: str | os.PathLike, seed: int
                              unet_in_channels: int = 4, prediction_type: str = "epsilon") -> None:
     """Write an original-layout single file of ``family`` with random weights, in the published key layout.
 
-    For tests and benchmarks of real layouts: speed and memory do not depend on weight values. The models are
-    built on the meta device (no initialisation cost) and filled from one random block (:class:`_RandomBlock`).
+    For tests and benchmarks of real layouts. The models are built on the meta device (no initialisation cost) and
+    filled from one random block (:class:`_RandomBlock`), each tensor spread as the libraries initialise it
+    (:func:`_spreads`), so that the output depends on the seed, the prompt and the sampler.
     ``float16`` on disk, as released checkpoints are (SD1.5 2.1 GB, SDXL 6.9 GB at the published widths).
 
     Args:

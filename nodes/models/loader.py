@@ -22,7 +22,7 @@ import torch
 
 from ..common.denoiser import PREDICTION_TYPES, NoiseSchedule
 from .devices import ACCEPTED_DTYPES, default_device, default_dtype
-from .families import (CheckpointInfo, family_from_diffusers_folder, inspect_single_file,
+from .families import (CheckpointInfo, UnknownModelLayoutError, family_from_diffusers_folder, inspect_single_file,
                        prediction_type_from_diffusers_folder, read_json)
 from .formats import SAFE_EXTENSION, UnsafeModelFormatError, check_folder_weights, check_safetensors
 from .loaded import LoadedModel
@@ -50,6 +50,14 @@ def _file_signature(path: str) -> tuple:
 
 
 def _load_single_file(path: str, info: CheckpointInfo, config_dir: str | None, dtype: torch.dtype) -> Any:
+    """The diffusers pipeline of a single file, from ``config_dir`` or the config folder found for it.
+
+    Raises:
+        UnknownModelLayoutError: the tensors have the family's names but shapes its layout cannot have (another
+            number of levels or layers, other width multipliers), so no config folder describes them.
+        ValueError: an explicit ``config_dir`` of another family or UNet input width.
+    """
+    given = config_dir is not None
     if config_dir is None:
         config_dir = single_file_config_dir(info)
     else:
@@ -66,8 +74,16 @@ def _load_single_file(path: str, info: CheckpointInfo, config_dir: str | None, d
         raise ValueError(f"{os.path.basename(path)!r} has a UNet of {info.unet_in_channels} input channels, but "
                          f"config_dir {config_dir!r} describes one of {unet_in_channels}")
     components = {**absent, **tokenizers, **pipeline_extras(info.family)}
-    return pipeline_class(info.family, unet_in_channels).from_single_file(
-        path, config=config_dir, local_files_only=True, dtype=dtype, **components)
+    try:
+        return pipeline_class(info.family, unet_in_channels).from_single_file(
+            path, config=config_dir, local_files_only=True, dtype=dtype, **components)
+    except (ValueError, RuntimeError, KeyError) as error:
+        detail = str(error).split(". ")[0]  # diffusers goes on to suggest overwriting the weights with random ones
+        described = f"config_dir {config_dir!r}" if given else f"the {info.family} layout (at any width)"
+        raise UnknownModelLayoutError(
+            f"{os.path.basename(path)!r} has the tensor names of a {info.family} checkpoint, but shapes that "
+            f"{described} cannot hold: {detail}. A model of another architecture loads as a diffusers folder "
+            f"(models/diffusers/), which carries its own configs") from error
 
 
 def _load_folder(folder: str, dtype: torch.dtype) -> tuple[Any, str]:

@@ -235,3 +235,42 @@ def test_panorama_superres_workflow_runs_on_the_shipped_model(tmp_path, capsys):
     lines = [line.removeprefix("output: ") for line in capsys.readouterr().out.splitlines()
              if line.startswith("output: ")]
     assert sorted(Image.open(path).size for path in lines) == [(64, 32), (128, 64)]
+
+
+def test_omnissr_keeps_every_tensor_on_the_models_device():
+    """The meta device stands in for CUDA: the low-res input and the seeded noise must meet the latents there (a CPU
+    tensor mixed in raises), and the panorama comes back on the model's device."""
+    import types
+
+    import torch.nn.functional as F
+
+    from nodes.common.denoiser import Conditioning, NoiseSchedule
+    from nodes.panorama.omnissr import omnissr_super_resolve
+
+    device = torch.device("meta")
+
+    class Codec:
+        latent_channels, downscale, scaling_factor, shift_factor = 4, 8, 0.18215, 0.0
+        vae = types.SimpleNamespace(device=device)  # only its device is read
+
+        def encode(self, image):
+            assert image.device == device
+            return F.avg_pool2d(image, 8).repeat(1, 2, 1, 1)[:, :4]
+
+        def decode(self, latent):
+            assert latent.device == device
+            return F.interpolate(latent[:, :3], scale_factor=8).clamp(0, 1)
+
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+
+    class Denoiser:
+        schedule = NoiseSchedule(torch.cumprod(1 - betas, 0), "epsilon")
+
+        def __call__(self, x, t, conditioning):
+            assert x.device == conditioning.embeds.device == device
+            return torch.zeros_like(x)
+
+    prompt = Conditioning(torch.zeros(1, 77, 8, device=device))
+    out = omnissr_super_resolve(Denoiser(), Codec(), torch.rand(1, 3, 8, 16), 2, cube_layout(16, 90.0), prompt,
+                                prompt, 1.0, 2, 1.0, 1, 0.5, 1.0, torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 16, 32) and out.device == device

@@ -21,14 +21,6 @@ def set_values(conditioning: list, values: dict) -> list:
     return [[embeds, {**options, **values}] for embeds, options in conditioning]
 
 
-def encode(clip: Clip, tokens: dict, extra: dict | None = None) -> list:
-    """One CONDITIONING entry for ``tokens``: the embeddings and the pooled output (plus ``extra`` options)."""
-    if clip is None:
-        raise ValueError("the clip input is empty: the checkpoint loaded has no text encoder")
-    embeds, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    return [[embeds, {"pooled_output": pooled, **(extra or {})}]]
-
-
 def _text(tooltip: str) -> tuple[str, dict]:
     return ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": tooltip})
 
@@ -54,7 +46,7 @@ class CLIPTextEncode:
     def encode(self, clip: Clip, text: str) -> tuple[list]:
         if clip is None:
             raise ValueError("the clip input is empty: the checkpoint loaded has no text encoder")
-        return (encode(clip, clip.tokenize(text)),)
+        return (clip.encode_from_tokens_scheduled(clip.tokenize(text)),)
 
 
 class CLIPTextEncodeSDXL:
@@ -90,8 +82,9 @@ class CLIPTextEncodeSDXL:
             tokens["l"] += empty["l"]
         while len(tokens["g"]) < len(tokens["l"]):
             tokens["g"] += empty["g"]
-        return (encode(clip, tokens, {"width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h,
-                                      "target_width": target_width, "target_height": target_height}),)
+        return (clip.encode_from_tokens_scheduled(tokens, {
+            "width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h, "target_width": target_width,
+            "target_height": target_height}),)
 
 
 class CLIPTextEncodeSDXLRefiner:
@@ -115,7 +108,8 @@ class CLIPTextEncodeSDXLRefiner:
         }}
 
     def encode(self, clip: Clip, ascore: float, width: int, height: int, text: str) -> tuple[list]:
-        return (encode(clip, clip.tokenize(text), {"aesthetic_score": ascore, "width": width, "height": height}),)
+        return (clip.encode_from_tokens_scheduled(clip.tokenize(text), {"aesthetic_score": ascore, "width": width,
+                                                                         "height": height}),)
 
 
 class CLIPSetLastLayer:

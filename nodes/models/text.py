@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import torch
 
 from ..common.denoiser import Conditioning
+from .clip import CHUNK_TOKENS
 
-CLIP_TOKENS = 77  # CLIP's context length, start and end tokens included
+
 LONGALIGN_TOKENS = 240  # Source: LongAlign, official sample.py default max length
 PAD_WINDOW = 60  # Source: LongAlign caption2embed: the pad embedding is the mean of the empty prompt's last 60 rows
 # Source: LongAlign caption2embed's split; its regex also splits on the literal strings '"!' and ';"'.
@@ -52,7 +53,7 @@ def _hidden_states(text_encoder, input_ids: torch.Tensor, layer: int) -> tuple[t
 
 
 def _tokens(tokenizer, prompt: str) -> torch.Tensor:
-    return tokenizer(prompt, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
+    return tokenizer(prompt, padding="max_length", max_length=CHUNK_TOKENS, truncation=True,
                      return_tensors="pt")["input_ids"]
 
 
@@ -133,7 +134,7 @@ def encode_prompt(tokenizers: Sequence, text_encoders: Sequence, family: str, pr
     if len(tokenizers) != len(layers[family]) or len(text_encoders) != len(layers[family]):
         raise ValueError(f"{family} needs {len(layers[family])} tokenizer(s) and text encoder(s); got "
                          f"{len(tokenizers)} and {len(text_encoders)}")
-    long = encoding == "longalign" or any(token_count(tokenizer, prompt) > CLIP_TOKENS for tokenizer in tokenizers)
+    long = encoding == "longalign" or any(token_count(tokenizer, prompt) > CHUNK_TOKENS for tokenizer in tokenizers)
     encoded = [encode_long(tok, enc, prompt, layer, max_tokens) if long else encode_standard(tok, enc, prompt, layer)
                for tok, enc, layer in zip(tokenizers, text_encoders, layers[family])]
     embeds = torch.cat([states for states, _ in encoded], dim=-1)

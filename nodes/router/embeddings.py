@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..models.text import CLIP_TOKENS, token_count
+from ..models.clip import CHUNK_TOKENS
+from ..models.text import token_count
 
 ENCODE_BATCH = 64  # prompts per text-encoder call, which bounds memory on long prompt files
 
@@ -40,7 +41,7 @@ def pooled_text_embeddings(tokenizers: Sequence, text_encoders: Sequence, prompt
     pooled = []
     with torch.no_grad():
         for start in range(0, len(prompts), ENCODE_BATCH):
-            ids = tokenizer(list(prompts[start:start + ENCODE_BATCH]), padding="max_length", max_length=CLIP_TOKENS,
+            ids = tokenizer(list(prompts[start:start + ENCODE_BATCH]), padding="max_length", max_length=CHUNK_TOKENS,
                             truncation=True, return_tensors="pt")["input_ids"]
             output = text_encoder(ids.to(text_encoder.device))
             projected = getattr(output, "text_embeds", None)

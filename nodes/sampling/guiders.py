@@ -12,13 +12,12 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
 from ..models.refs import ModelRef
 from .guidance import CONDITIONING_KINDS, add_inpaint_concat, classifier_free_guidance, mirror_areas, \
     resolve_conditioning
-from .k_samplers import Sampler, run_sampler
+from .k_samplers import Sampler, prepare_mask, run_sampler
 from .model_sampling import DiscreteModelSampling
 from .previews import LATENT_RGB_MAPS, progress_reporter
 
@@ -26,18 +25,10 @@ INPAINT_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 
 
 def model_sampling_of(model: ModelRef) -> DiscreteModelSampling:
-    """The VE view (σ ↔ timestep, x̂₀ from the network's output) of a loaded model's training schedule."""
-    return DiscreteModelSampling.from_noise_schedule(model.model.schedule)
-
-
-def prepare_denoise_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A LATENT's ``noise_mask`` ((B,) h', w' or (B, 1, h', w')) resized to latents of ``shape`` (B, C, h, w)."""
-    mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
-    mask = F.interpolate(mask, size=tuple(shape[-2:]), mode="bilinear")
-    mask = mask.expand(-1, shape[1], -1, -1)
-    if mask.shape[0] < shape[0]:
-        mask = mask.repeat(-(-shape[0] // mask.shape[0]), 1, 1, 1)
-    return mask[:shape[0]]
+    """The VE view (σ ↔ timestep, x̂₀ from the network's output) of a loaded model's training schedule, computed
+    from its scheduler config as ComfyUI computes it (float64 betas)."""
+    loaded = model.model
+    return DiscreteModelSampling.from_scheduler_config(loaded.scheduler_config, loaded.schedule.prediction_type)
 
 
 def _preview_family(family: str) -> str:
@@ -91,7 +82,7 @@ class Guider:
             latent = latent_image.to(device, torch.float32)
             if torch.count_nonzero(latent) > 0:  # ComfyUI leaves an empty latent as it is
                 latent = (latent - codec.shift_factor) * codec.scaling_factor
-            mask = None if denoise_mask is None else prepare_denoise_mask(denoise_mask, latent.shape).to(device)
+            mask = None if denoise_mask is None else prepare_mask(denoise_mask, latent.shape).to(device)
             conds = {kind: resolve_conditioning(conditioning, kind, latent.shape, model_sampling,
                                                 family=loaded.family, downscale=codec.downscale, device=device)
                      for kind, conditioning in self.conds.items()}

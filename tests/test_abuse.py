@@ -424,6 +424,13 @@ async def test_view_serves_only_raster_images_inline_and_never_lets_browsers_sni
         assert response.headers["Content-Disposition"].startswith("attachment")
 
 
+async def test_view_of_a_file_whose_name_holds_control_characters_keeps_the_connection_19(client, tmp_path):
+    (tmp_path / "data" / "input" / "a\nb\x07.png").write_bytes(png_bytes())  # stored before names were checked
+    response = await client.get("/api/view?filename=a%0Ab%07.png&type=input")
+    assert response.status == 200 and await response.read() == png_bytes()
+    assert response.headers["Content-Disposition"] == 'inline; filename="ab.png"'
+
+
 async def test_userdata_is_served_as_an_attachment_with_nosniff_19(client):
     assert (await client.post("/api/userdata/x.html", data="<script>alert(1)</script>")).status == 200
     response = await client.get("/api/userdata/x.html")

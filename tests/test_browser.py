@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib.resources
 import io
 import json
 import logging
@@ -45,13 +46,20 @@ EXAMPLE_NAME = "text_to_image"  # the first graph: the embedded model draws a ba
 EXAMPLE = json.loads((ROOT / "workflows" / f"{EXAMPLE_NAME}.json").read_text(encoding="utf-8"))
 SKIP_VARIABLE = "ATELIER_SKIP_BROWSER"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-SERVER_START_TIMEOUT_S = 60  # importing torch on a loaded 2-core machine takes a while
+SERVER_START_TIMEOUT_S = 240  # importing torch and the nodes on a loaded 2-core machine takes minutes
 STEP_TIMEOUT_MS = 20_000  # any one wait in the page; a healthy run needs well under a second for each
 RUN_TIMEOUT_MS = 600_000  # a wait that includes running the example: seconds alone, minutes on a loaded CPU
 VIEWPORT = {"width": 1280, "height": 800}
 SEARCH_OPEN_ATTEMPTS, SEARCH_OPEN_WAIT_MS = 3, 5_000
 EMPTY_SPOT = (400, 650)  # viewport pixels below the example's nodes and left of the minimap: empty canvas
 SAVED_NAME = "browser_test"
+# ComfyUI's own first graph (comfyui-workflow-templates 0.1.95), and the checkpoint it names, written here with
+# random weights in SD1.5's layout at reduced width (the file's 512 px and 20 steps stay; full width would take
+# minutes on a CPU).
+COMFY_DEFAULT = json.loads((importlib.resources.files("comfyui_workflow_templates") / "templates" / "default.json")
+                           .read_text(encoding="utf-8"))
+COMFY_CHECKPOINT, COMFY_CHECKPOINT_WIDTH = "v1-5-pruned-emaonly-fp16.safetensors", 32
+COMFY_SAVE_NODE, COMFY_IMAGE_SIZE = "9", (512, 512)
 NEW_WIDTH = 96  # set on the example's empty latent before Run, so the output proves the edited graph ran
 LATENT_NODE, SAMPLER_NODE, DECODE_NODE, SAVE_NODE = "4", "5", "6", "7"  # the example's node ids
 CHROMIUM_ARGS = [
@@ -133,15 +141,21 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def server(chromium: str, tmp_path_factory: pytest.TempPathFactory):
-    """The real server in a subprocess, on a free loopback port, with an empty data folder (a new user)."""
+    """The real server in a subprocess, on a free loopback port, with an empty data folder (a new user) and a
+    models folder holding the checkpoint that ComfyUI's default.json names."""
+    from nodes.models.export import write_random_single_file
+
     data_dir = tmp_path_factory.mktemp("browser_data")
+    models_dir = tmp_path_factory.mktemp("browser_models")
+    (models_dir / "checkpoints").mkdir()
+    write_random_single_file("sd1", models_dir / "checkpoints" / COMFY_CHECKPOINT, width=COMFY_CHECKPOINT_WIDTH)
     log_path = data_dir.parent / f"{data_dir.name}_server.log"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "web", "serve", "--port", str(port), "--listen", "127.0.0.1",
-             "--data-dir", str(data_dir)],
+             "--data-dir", str(data_dir), "--models-dir", str(models_dir)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     running = Server(url, data_dir, log_path)
     try:
@@ -445,6 +459,36 @@ def test_dropping_a_saved_output_png_restores_its_graph(editor: Editor):
     editor.done.add("drop")
 
 
+def test_comfyui_default_json_dropped_on_the_canvas_runs_and_shows_its_image(editor: Editor):
+    """ComfyUI's default.json, as a user drops the file from ComfyUI's templates: it loads unchanged (its SaveImage
+    has no widgets_values), runs, and its 512×512 image shows in its Save Image node."""
+    editor.require("boot")
+    page = editor.page
+    page.evaluate("""(text) => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([text], "default.json", {type: "application/json"}));
+        const canvas = document.getElementById("graph-canvas");
+        const box = canvas.getBoundingClientRect();
+        canvas.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true,
+                                                    clientX: box.x + box.width / 2, clientY: box.y + box.height / 2}));
+    }""", json.dumps(COMFY_DEFAULT))
+    editor.wait_until("(id) => app.graph.getNodeById(id)?.type === 'SaveImage'",
+                      "dropping default.json loaded no graph", int(COMFY_SAVE_NODE))
+    assert {n["id"]: n["type"] for n in editor.graph()["nodes"]} == \
+        {str(n["id"]): n["type"] for n in COMFY_DEFAULT["nodes"]}, "the dropped graph is not default.json"
+
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/api/prompt" and r.request.method == "POST") as info:
+        page.get_by_test_id("queue-button").click()
+    assert info.value.status == 200, f"POST /api/prompt answered {info.value.status}: {info.value.text()}"
+    assert info.value.json()["node_errors"] == {}, f"the server refused nodes: {info.value.json()['node_errors']}"
+    editor.wait_until("(id) => app.graph.getNodeById(id).imgs?.[0]?.naturalWidth > 0",
+                      "default.json's Save Image node shows no image", COMFY_SAVE_NODE, RUN_TIMEOUT_MS)
+    shown = page.evaluate("(id) => { const img = app.graph.getNodeById(id).imgs[0];"
+                          " return [img.naturalWidth, img.naturalHeight] }", COMFY_SAVE_NODE)
+    assert tuple(shown) == COMFY_IMAGE_SIZE, f"default.json's image is {shown}"
+    editor.screenshot("6_comfyui_default_json")
+
+
 def test_our_extension_colours_atelier_nodes(editor: Editor):
     """js/atelier.js is served, listed, imported and registered: a new Atelier node gets the pack's colours."""
     editor.require("boot")
@@ -550,7 +594,7 @@ def test_a_new_browser_of_a_returning_user_opens_a_graph_that_runs(browser, serv
         assert missing == [], f"the editor opened on node types this server lacks: {missing}"
         assert session.graph() == canonical(graph_summary(EXAMPLE)), \
             f"the first graph is not workflows/{EXAMPLE_NAME}.json"
-        session.screenshot("6_returning_user_new_browser")
+        session.screenshot("7_returning_user_new_browser")
 
         # One image in 4 steps is enough to see the bar move, and keeps the run short on a loaded CPU.
         page.evaluate("""([latent, sampler]) => {

@@ -2,8 +2,10 @@
 
 One server (``python -m web serve`` on a free loopback port, with an empty data folder, so a brand-new user) and
 one Chromium for the whole module. The tests run in file order on the same page, as a user would: the example
-workflow opens, a node is added and connected, Run shows its image, the workflow is saved and reopened, and an
-output PNG dropped on the canvas brings its graph back. The last test checks the console and every HTTP answer.
+workflow opens, a node is added and connected, Run shows its image, the workflow is saved and reopened, an
+output PNG dropped on the canvas brings its graph back, and ComfyUI's own default.json dropped there runs. Then a
+second, new browser profile comes back as the same (now returning) user and must open a graph that runs. The last
+test checks the first page's console and every HTTP answer.
 
 Chromium is Debian's (``apt-get install chromium``), driven by the ``playwright`` package; ``playwright install``
 is never needed. Every request that does not go to loopback is aborted and listed. Screenshots go to

@@ -648,6 +648,24 @@ def test_reduced_width_files_of_each_template_family_load_by_themselves_and_run(
         loading.unload_all()
 
 
+def test_a_refiner_saved_as_a_diffusers_folder_loads_and_exports_back_to_the_same_file(reduced_files, tmp_path):
+    path = written(reduced_files, "sdxl_refiner")
+    model = loading.load_model(path)
+    try:
+        model.pipeline.save_pretrained(tmp_path / "refiner", safe_serialization=True)
+        assert families.family_from_diffusers_folder(tmp_path / "refiner") == "sdxl_refiner"
+        from_folder = loading.load_model(tmp_path / "refiner")
+        assert from_folder.family == "sdxl_refiner" and len(from_folder.text_encoders) == 1
+        assert state_dicts_equal(from_folder.unet, model.unet) == []
+        assert export.export_single_file(tmp_path / "refiner", tmp_path / "back.safetensors") == "sdxl_refiner"
+    finally:
+        loading.unload_all()
+    original, back = load_file(path), load_file(tmp_path / "back.safetensors")
+    # What diffusers drops on loading: OpenCLIP's logit_scale, which no layer of SD reads.
+    assert set(original) - set(back) == {"conditioner.embedders.0.model.logit_scale"} and not set(back) - set(original)
+    assert all(torch.equal(back[key].float(), original[key].float()) for key in back)
+
+
 def test_a_random_files_outputs_depend_on_their_inputs(reduced_files):
     model = loading.load_model(written(reduced_files, "sd1"))
     try:

@@ -342,6 +342,40 @@ def test_ddim_inversion_recovers_the_initial_noise_on_a_tiny_model(tiny):
     assert found.detected and found.payload == "inverted"
 
 
+def test_exact_inversion_undoes_ddim_where_plain_inversion_drifts(tiny):
+    # Hong et al.'s correction: each inverted step is moved until sampling from it lands where it started, so with
+    # the sampling's own conditioning the noise comes back far closer than plain DDIM inversion brings it.
+    ref, _, _ = tiny
+    prompt = encode_prompt(ref.model.tokenizers, ref.model.text_encoders, ref.model.family, "a red circle")
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    clean = _sample(tiny, {"samples": torch.zeros(1, 4, 16, 16), INITIAL_NOISE_KEY: noise}, cfg=1.0)["samples"]
+    codec = DiffusersCodec(ref.model.vae)
+    denoiser = DiffusersDenoiser(ref.model.unet, ref.model.schedule)
+    plain = generative.ddim_invert(denoiser, clean * codec.scaling_factor, prompt, 3)
+    exact = generative.ddim_invert(denoiser, clean * codec.scaling_factor, prompt, 3, exact_iterations=60)
+    plain_error, exact_error = float((plain - noise).abs().mean()), float((exact - noise).abs().mean())
+    assert exact_error < plain_error / 3, (exact_error, plain_error)
+
+
+def test_decoder_inversion_finds_a_latent_that_decodes_closer_than_the_encoders(tiny):
+    ref, _, _ = tiny
+    codec = DiffusersCodec(ref.model.vae)
+
+    def decode(scaled: torch.Tensor) -> torch.Tensor:
+        return ref.model.vae.decode(scaled / codec.scaling_factor).sample
+
+    truth = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        image = ((decode(truth) + 1) / 2).clamp(0, 1)
+    encoded = codec.encode(image) * codec.scaling_factor
+    inverted = generative.decoder_inversion(decode, image, encoded)
+    with torch.no_grad():
+        before, after = ((decode(encoded) - (image * 2 - 1)).square().mean(),
+                         (decode(inverted) - (image * 2 - 1)).square().mean())
+    # Measured: 0.252 → 0.110 on the tiny random VAE; 0.054 → 0.0007 on the embedded model's.
+    assert float(after) < float(before) / 2, (float(after), float(before))
+
+
 # --- trigger and key store ------------------------------------------------------------------------------------------
 
 def test_trigger_is_removed_from_the_text_the_encoder_sees(tiny):

@@ -92,11 +92,18 @@ def detect_posthoc_payload(image: torch.Tensor, key: str, expected: str | None, 
 
 
 def invert_image(image: torch.Tensor, denoiser: Denoiser, codec: LatentCodec, empty: Conditioning,
-                 steps: int) -> torch.Tensor:
+                 steps: int, exact_iterations: int = 0, decode=None) -> torch.Tensor:
     """The initial latents x_T (B, C, h, w) an image came from: VAE encode (posterior mean), scale, DDIM
-    inversion with the empty prompt and guidance 1."""
+    inversion with the empty prompt and guidance 1.
+
+    With ``exact_iterations`` > 0 and a differentiable ``decode`` (scaled latents → images in [−1, 1]), the
+    encoder's latent is refined by decoder inversion and each DDIM step is corrected (Hong et al., CVPR 2024:
+    :func:`~nodes.watermark.latent.decoder_inversion`, :func:`~nodes.watermark.latent.ddim_invert`).
+    """
     scaled = (codec.encode(image) - codec.shift_factor) * codec.scaling_factor
-    return generative.ddim_invert(denoiser, scaled, empty, steps)
+    if exact_iterations and decode is not None:
+        scaled = generative.decoder_inversion(decode, image.to(scaled.device), scaled)
+    return generative.ddim_invert(denoiser, scaled, empty, steps, exact_iterations)
 
 
 def nonce_candidates(bits: torch.Tensor, soft: torch.Tensor, corrected: bytes | None) -> list[bytes]:

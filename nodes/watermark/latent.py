@@ -20,7 +20,8 @@ Sources: Gaussian Shading (Yang et al., CVPR 2024, arXiv 2404.04956), bsmhmmlf/G
 ``channel_copy 1``, ``hw_copy 8`` (k = 256 bits, a 4 × 8 × 8 block tiled over the latent), inversion with an
 empty prompt, guidance 1; Tree-Ring (Wen et al., NeurIPS 2023, arXiv 2305.20030), YuxinWenRick/tree-ring-watermark
 ``optim_utils.py`` (``get_watermarking_pattern`` "ring", ``get_watermarking_mask``, ``eval_watermark``), defaults
-``w_channel 3``, ``w_radius 10`` at a 64×64 latent, ``w_seed 999999``.
+``w_channel 3``, ``w_radius 10`` at a 64×64 latent, ``w_seed 999999``; exact inversion (Hong et al., "On Exact
+Inversion of DPM-Solvers", CVPR 2024, smhongok/inv-dpm: Algorithm 1's corrected DDIM steps and ``decoder_inv``).
 
 Departures: (1) the official code draws a fresh ChaCha20 key and nonce per image and keeps them in a key store;
 ours keeps one key per user and puts the fresh nonce inside the error-corrected data, with the text encrypted
@@ -269,14 +270,35 @@ def tree_ring_p_value(latent: torch.Tensor, key: str) -> torch.Tensor:
     return 0.5 * torch.erfc(-z / math.sqrt(2))
 
 
+DEFAULT_EXACT_ITERATIONS = 100  # the official code allows 500 per step; the CPU budget allows fewer (see README)
+EXACT_STEP_SIZE = 0.5  # Source: Hong et al.'s code, _fixedpoint_correction(step_size=0.5) for DDIM
+EXACT_WARMUP = 20  # Source: idem, warmup_time 20: the step grows linearly over the first 20 iterations
+EXACT_PATIENCE, EXACT_FACTOR = 20, 0.5  # Source: idem, the step halves after 20 iterations without improvement
+EXACT_TOLERANCE = 1e-3  # Source: idem, th 1e-3 on the summed squared residual (per image here)
+DECODER_ITERATIONS, DECODER_LR, DECODER_WARMUP = 100, 0.1, 10  # Source: Hong et al.'s decoder_inv: Adam, cosine
+
+
+def _ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
+    """Deterministic DDIM from ᾱ_from to ᾱ_to with noise estimate ε: √ᾱ_to·x̂_0 + √(1−ᾱ_to)·ε."""
+    x0 = (x - (1 - alpha_from) ** 0.5 * eps) / alpha_from ** 0.5
+    return alpha_to ** 0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
+
+
 @torch.no_grad()
 def ddim_invert(denoiser: Denoiser, latent: torch.Tensor, conditioning: Conditioning,
-                steps: int = DEFAULT_INVERSION_STEPS) -> torch.Tensor:
+                steps: int = DEFAULT_INVERSION_STEPS, exact_iterations: int = 0,
+                negative: Conditioning | None = None, cfg: float = 1.0) -> torch.Tensor:
     """Run deterministic DDIM backwards: from clean latents x_0 to the initial noise x_T that would produce them.
 
     x_{t'} = √ᾱ_{t'}·x̂_0 + √(1−ᾱ_{t'})·ε̂ with ε̂ = ε(x_t, t') and x̂_0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t, for the
     timesteps t < t' of a ``steps``-step trailing grid, up to t = T−1; guidance 1 with ``conditioning`` (the empty
     prompt, as both papers invert). Reports progress once per step.
+
+    That step only approximates the inverse: sampling took ε at x_{t'}, which inversion does not know yet. With
+    ``exact_iterations`` > 0 each step is then corrected until sampling from x_{t'} lands on x_t (Hong et al.,
+    "On Exact Inversion of DPM-Solvers", CVPR 2024, Algorithm 1 and its code's ``_fixedpoint_correction``: the
+    forward step method x_{t'} ← x_{t'} − η·(DDIM(x_{t'}) − x_t), η = 0.5 warmed up over 20 iterations and halved
+    after 20 without improvement, stopped when the summed squared residual is below 1e-3).
 
     Source: diffusers ``DDIMInverseScheduler`` (used by both papers' detectors); Tree-Ring ``inversion_utils``.
 
@@ -285,24 +307,103 @@ def ddim_invert(denoiser: Denoiser, latent: torch.Tensor, conditioning: Conditio
         latent: x_0 as the denoiser sees it (scaled), (B, C, h, w).
         conditioning: batch 1 or B.
         steps: inversion steps, >= 1.
+        exact_iterations: correction iterations per step (0: plain DDIM inversion).
+        negative, cfg: guidance, for measuring what the detector's unguided empty prompt costs (default: none).
     Returns:
         x_T, (B, C, h, w), unit variance where the inversion is exact.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
+    if steps < 1 or exact_iterations < 0:
+        raise ValueError(f"steps must be >= 1 and exact_iterations >= 0; got {steps}, {exact_iterations}")
     schedule = denoiser.schedule
     total = schedule.num_train_timesteps
+    negative = conditioning if negative is None else negative
     # The sampler node's DDIM grid (trailing spacing: T−1, ..., T/steps − 1), walked upwards from x_0 at t = 0.
     points = [0] + [round(total - i * total / steps) - 1 for i in range(steps - 1, -1, -1)]
     x = latent.float()
     for index, (t_from, t_to) in enumerate(zip(points[:-1], points[1:])):
-        # ε is taken at the current point but the target timestep, as DDIMInverseScheduler does: the sampling step
-        # t_to → t_from it undoes used ε(x_{t_to}, t_to). ᾱ of x_0 itself is 1 (set_alpha_to_one).
         t = torch.full((x.shape[0],), float(t_to), device=x.device)
-        eps = guided_eps(denoiser, x, t, conditioning, conditioning, 1.0)
+
+        def eps_at(point: torch.Tensor) -> torch.Tensor:
+            return guided_eps(denoiser, point, t, conditioning, negative, cfg)
+
+        # ᾱ of x_0 itself is 1 (set_alpha_to_one). ε is taken at the current point but the target timestep, as
+        # DDIMInverseScheduler does: the sampling step t_to → t_from it undoes used ε(x_{t_to}, t_to).
         alpha_from = 1.0 if index == 0 else float(schedule.alpha_bar(torch.tensor(float(t_from))))
         alpha_to = float(schedule.alpha_bar(torch.tensor(float(t_to))))
-        x0 = (x - (1 - alpha_from) ** 0.5 * eps) / alpha_from ** 0.5
-        x = alpha_to ** 0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
+        target = x
+        x = _ddim_step(target, eps_at(target), alpha_from, alpha_to)
+        if exact_iterations:
+            x = _correct_step(eps_at, x, target, alpha_to, alpha_from, exact_iterations)
         progress(index + 1, steps)
     return x
+
+
+def _correct_step(eps_at, x: torch.Tensor, target: torch.Tensor, alpha_noisy: float, alpha_clean: float,
+                  iterations: int) -> torch.Tensor:
+    """Hong et al.'s forward step method: move x (the noisier point) until its DDIM step lands on ``target``.
+
+    Per image: each keeps its own step size and stops on its own residual. Departure: the iterate with the smallest
+    residual is returned, not the last, so a step where the iteration diverges (measured on the embedded model's
+    first step, x_0 → t = 49, where ε is steepest) falls back to the plain inversion instead of drifting.
+    """
+    batch = x.shape[0]
+    shape = (-1, *([1] * (x.ndim - 1)))
+    step = torch.full((batch,), EXACT_STEP_SIZE, dtype=x.dtype, device=x.device)
+    best = torch.full((batch,), float("inf"), dtype=x.dtype, device=x.device)
+    best_x = x
+    stale = torch.zeros(batch, dtype=torch.long, device=x.device)
+    for iteration in range(iterations):
+        residual = _ddim_step(x, eps_at(x), alpha_noisy, alpha_clean) - target
+        loss = residual.square().flatten(1).sum(dim=1)
+        improved = loss < best
+        best = torch.where(improved, loss, best)
+        best_x = torch.where(improved.reshape(shape), x, best_x)
+        active = best >= EXACT_TOLERANCE
+        if not bool(active.any()):
+            break
+        stale = torch.where(improved, 0, stale + 1)
+        halve = stale > EXACT_PATIENCE
+        step = torch.where(halve, step * EXACT_FACTOR, step)
+        stale = torch.where(halve, 0, stale)
+        warm = min(1.0, (iteration + 1) / EXACT_WARMUP)
+        x = x - (step * warm * active).reshape(shape) * residual
+    return best_x
+
+
+def decoder_inversion(decode, image: torch.Tensor, initial: torch.Tensor,
+                      iterations: int = DECODER_ITERATIONS) -> torch.Tensor:
+    """The latent whose decoding is ``image``: gradient descent on the latent from the encoder's guess.
+
+    Source: Hong et al. (CVPR 2024), ``decoder_inv``: Adam at lr 0.1 with a cosine schedule (10 warm-up steps)
+    over 100 iterations, on the summed squared error of the decoded image in [−1, 1]. Departure: it starts from
+    the posterior mean (what the detector encodes with) where the official code starts from a posterior sample.
+
+    Args:
+        decode: differentiable, scaled latents (B, C, h, w) → images (B, 3, H, W) in [−1, 1] (unclamped).
+        image: (B, 3, H, W) in [0, 1].
+        initial: the encoder's scaled latents (B, C, h, w).
+        iterations: Adam steps.
+    Returns:
+        Scaled latents (B, C, h, w), detached.
+    """
+    if image.ndim != 4 or initial.ndim != 4 or image.shape[0] != initial.shape[0]:
+        raise ValueError(f"image (B, 3, H, W) and initial (B, C, h, w) must share B; got {tuple(image.shape)}, "
+                         f"{tuple(initial.shape)}")
+    target = image.float() * 2 - 1
+    latent = initial.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([latent], lr=DECODER_LR)
+
+    def cosine_with_warmup(step: int) -> float:
+        if step < DECODER_WARMUP:
+            return (step + 1) / DECODER_WARMUP
+        return 0.5 * (1 + math.cos(math.pi * (step - DECODER_WARMUP) / max(1, iterations - DECODER_WARMUP)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup)
+    with torch.enable_grad():
+        for _ in range(iterations):
+            loss = (decode(latent) - target).square().sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return latent.detach()

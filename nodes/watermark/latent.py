@@ -270,7 +270,6 @@ def tree_ring_p_value(latent: torch.Tensor, key: str) -> torch.Tensor:
     return 0.5 * torch.erfc(-z / math.sqrt(2))
 
 
-DEFAULT_EXACT_ITERATIONS = 100  # the official code allows 500 per step; the CPU budget allows fewer (see README)
 EXACT_STEP_SIZE = 0.5  # Source: Hong et al.'s code, _fixedpoint_correction(step_size=0.5) for DDIM
 EXACT_WARMUP = 20  # Source: idem, warmup_time 20: the step grows linearly over the first 20 iterations
 EXACT_PATIENCE, EXACT_FACTOR = 20, 0.5  # Source: idem, the step halves after 20 iterations without improvement
@@ -298,7 +297,8 @@ def ddim_invert(denoiser: Denoiser, latent: torch.Tensor, conditioning: Conditio
     ``exact_iterations`` > 0 each step is then corrected until sampling from x_{t'} lands on x_t (Hong et al.,
     "On Exact Inversion of DPM-Solvers", CVPR 2024, Algorithm 1 and its code's ``_fixedpoint_correction``: the
     forward step method x_{t'} ← x_{t'} − η·(DDIM(x_{t'}) − x_t), η = 0.5 warmed up over 20 iterations and halved
-    after 20 without improvement, stopped when the summed squared residual is below 1e-3).
+    after 20 without improvement, stopped when the summed squared residual is below 1e-3; the official code
+    allows up to 500 iterations per step, the caller chooses here).
 
     Source: diffusers ``DDIMInverseScheduler`` (used by both papers' detectors); Tree-Ring ``inversion_utils``.
 

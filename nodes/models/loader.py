@@ -28,14 +28,13 @@ from .formats import SAFE_EXTENSION, UnsafeModelFormatError, check_folder_weight
 from .loaded import LoadedModel
 from .model_configs import (component_configs, load_tokenizer, pipeline_class, pipeline_extras,
                             single_file_config_dir)
+from .offline import quiet_loading
 from .sources import resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
 _CACHE: dict[tuple, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
-
-
 def _file_signature(path: str) -> tuple:
     """(size, mtime) of a file, or of every file in a folder: a change of any of them is a different model."""
     if os.path.isfile(path):
@@ -181,10 +180,11 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
         if key in _CACHE:
             return _CACHE[key]
         started = time.perf_counter()
-        if is_folder:
-            pipeline, family = _load_folder(path, dtype)
-        else:
-            pipeline, family = _load_single_file(path, info, config_dir, dtype), info.family
+        with quiet_loading():
+            if is_folder:
+                pipeline, family = _load_folder(path, dtype)
+            else:
+                pipeline, family = _load_single_file(path, info, config_dir, dtype), info.family
         if pipeline.scheduler.config.get("prediction_type") != resolved:
             pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
                                                                       prediction_type=resolved)

@@ -28,6 +28,7 @@ import torch
 from .formats import check_safetensors
 from .loaded import MAX_LORA_STRENGTH as MAX_STRENGTH  # noqa: F401  (nodes read the bound as lora.MAX_STRENGTH)
 from .loaded import LoadedModel, LoraAdapter, LoraSpec
+from .offline import quiet_loading
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def load_lora(model: LoadedModel, path: str | os.PathLike,
     name = _adapter_name(path, signature)
     pipeline = model.pipeline
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_loading():
             # PEFT warns whenever a second adapter joins a model; several resident adapters are the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             # load_lora_weights pops entries from the dict it is given: hand it a shallow copy.

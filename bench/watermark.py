@@ -12,6 +12,14 @@ Methods run interleaved in one process, on the same images, payloads and attacke
 - PSNR over RGB of the 8-bit watermarked image; embed and detect ms are medians over all calls (detect on the
   clean watermarked image), single-threaded.
 
+Issue 27's attack classes, on eight scikit-image photos (the four above, immunohistochemistry, hubble_deep_field,
+retina, camera) with ``--payloads`` payloads each, ours beside dwtDctSvd on the same attacked copies: crop_any
+(80–95 % of each side from a random position, twice resized back and twice kept at its size), rotate (±0.5–5°,
+twice with black corners, twice with the borders cropped and resized back), blur (Gaussian σ 1, 1.5, 2 px), webp
+(quality 60, 75, 90), rotate_jpeg50 and crop_any_jpeg50 (one of each rotation and crop kind, then JPEG 50). Each
+class reports the share of trials whose exact payload comes back (ours: the Reed-Solomon-decoded 4 bytes;
+dwtDctSvd: all 32 bits).
+
 Generative mode (Gaussian Shading) on the shipped embedded model: ``--gen-images`` held-out captions (quick: 3),
 64×64 (its training size; the latent holds exactly one copy of each of the 256 coded bits), DDIM 20 steps at CFG
 7.5 (issue 18's setting), each from sealed noise under one key, a random 12-byte text and its own nonce; detection
@@ -28,7 +36,8 @@ un-attacked images the detector finds with the expected text at FPR 1e-6.
     python bench/watermark.py [--quick]
 
 Ends with ``BENCH watermark psnr_db=... jpeg50=... brightness=... crop_resize=... embed_ms=... detect_ms=...
-gen_none=... gen_jpeg50=... gen_tpr_at_1e-6=...`` (ours; the peers' figures are printed above it). Targets: PSNR
+gen_none=... gen_jpeg50=... gen_tpr_at_1e-6=... crop_any=... rotate=... blur=... webp=...`` (ours; the peers' figures
+are printed above it). Targets: PSNR
 >= 42 dB; bit accuracy >= 0.95 at JPEG-50 and brightness, >= 0.90 at crop + resize; <= 30 ms to embed and to
 detect; generative (issue 18): bit accuracy >= 0.95 unattacked, >= 0.90 at JPEG-50, TPR >= 0.90 at FPR 1e-6.
 """
@@ -154,6 +163,111 @@ def timed(fn: Callable, *args):
 
 def report(line: str) -> None:
     print(line, flush=True)
+
+
+# Issue 27: what people do to pictures. Eight photos, each attack class a few fixed variants, each image's variant
+# parameters drawn from one seeded generator; a trial counts when the exact payload comes back (ours: the decoded
+# 4 bytes; dwtDctSvd: all 32 raw bits).
+ROBUSTNESS_IMAGE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+                          "retina", "camera")
+
+
+def robustness_image(name: str) -> np.ndarray:
+    """A scikit-image photo at 512² RGB (the grey ``camera`` repeated on three channels)."""
+    rgb = getattr(data, name)()
+    return to_rgb512(np.repeat(rgb[..., None], 3, axis=-1) if rgb.ndim == 2 else rgb)
+
+
+def crop_anywhere(fraction: float, top: float, left: float, resize_back: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """Keep ``fraction`` of each side, its corner at (top, left) of the free margin (0..1); resized back or not."""
+    def attack(rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        ch, cw = round(h * fraction), round(w * fraction)
+        y0, x0 = round((h - ch) * top), round((w - cw) * left)
+        kept = np.ascontiguousarray(rgb[y0:y0 + ch, x0:x0 + cw])
+        return cv2.resize(kept, (w, h), interpolation=cv2.INTER_LINEAR) if resize_back else kept
+    return attack
+
+
+def rotate(degrees: float, crop_borders: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """Rotate about the centre (counter-clockwise for positive ``degrees``, black corners); with ``crop_borders``
+    keep the largest centred square without black and resize it back."""
+    def attack(rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), degrees, 1.0)
+        turned = cv2.warpAffine(rgb, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        if not crop_borders:
+            return turned
+        a = np.radians(abs(degrees))
+        side = int(min(h, w) / (np.cos(a) + np.sin(a)))
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        return cv2.resize(turned[y0:y0 + side, x0:x0 + side], (w, h), interpolation=cv2.INTER_LINEAR)
+    return attack
+
+
+def gaussian_blur(sigma: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda rgb: cv2.GaussianBlur(rgb, (0, 0), sigma)
+
+
+def webp(quality: int) -> Callable[[np.ndarray], np.ndarray]:
+    def attack(rgb: np.ndarray) -> np.ndarray:
+        _, buffer = cv2.imencode(".webp", rgb[..., ::-1], [cv2.IMWRITE_WEBP_QUALITY, quality])
+        return np.ascontiguousarray(cv2.imdecode(buffer, cv2.IMREAD_COLOR)[..., ::-1])
+    return attack
+
+
+def then(first: Callable[[np.ndarray], np.ndarray], second: Callable[[np.ndarray], np.ndarray]):
+    return lambda rgb: second(first(rgb))
+
+
+def robustness_classes(rng: np.random.Generator) -> dict[str, list[Callable[[np.ndarray], np.ndarray]]]:
+    """One image's attacks per class, parameters drawn from ``rng`` in the issue's ranges."""
+    def fraction() -> float:
+        return float(rng.uniform(0.80, 0.95))
+
+    def corner() -> tuple[float, float]:
+        return float(rng.uniform(0, 1)), float(rng.uniform(0, 1))
+
+    def angle() -> float:
+        return float(rng.choice([-1, 1]) * rng.uniform(0.5, 5.0))
+
+    return {
+        "crop_any": [crop_anywhere(fraction(), *corner(), resize_back=True),
+                     crop_anywhere(fraction(), *corner(), resize_back=True),
+                     crop_anywhere(fraction(), *corner(), resize_back=False),
+                     crop_anywhere(fraction(), *corner(), resize_back=False)],
+        "rotate": [rotate(angle(), crop_borders=False), rotate(angle(), crop_borders=False),
+                   rotate(angle(), crop_borders=True), rotate(angle(), crop_borders=True)],
+        "blur": [gaussian_blur(1.0), gaussian_blur(1.5), gaussian_blur(2.0)],
+        "webp": [webp(60), webp(75), webp(90)],
+        "rotate_jpeg50": [then(rotate(angle(), crop_borders=False), jpeg(50)),
+                          then(rotate(angle(), crop_borders=True), jpeg(50))],
+        "crop_any_jpeg50": [then(crop_anywhere(fraction(), *corner(), resize_back=True), jpeg(50)),
+                            then(crop_anywhere(fraction(), *corner(), resize_back=False), jpeg(50))],
+    }
+
+
+def robustness(methods: list, payloads: int) -> dict[str, dict[str, float]]:
+    """Exact-payload recovery rate per attack class and method, interleaved on the same attacked copies."""
+    rng = np.random.default_rng(27)
+    recovered: dict[str, dict[str, list[bool]]] = {m.name: {} for m in methods}
+    for name in ROBUSTNESS_IMAGE_NAMES:
+        rgb = robustness_image(name)
+        for _ in range(payloads):
+            payload = bytes(rng.integers(0, 256, N_BITS // 8, dtype=np.uint8).tolist())
+            truth = bytes_to_bits(payload).numpy()
+            classes = robustness_classes(rng)
+            for method in methods:
+                marked = method.embed(rgb, payload)
+                for class_name, attacks in classes.items():
+                    recovered[method.name].setdefault(class_name, []).extend(
+                        bool((method.detect(attack(marked)) == truth).all()) for attack in attacks)
+    rates = {m: {c: float(np.mean(v)) for c, v in by_class.items()} for m, by_class in recovered.items()}
+    for method_name, by_class in rates.items():
+        trials = {c: len(v) for c, v in recovered[method_name].items()}
+        report(f"{method_name:10s} exact payload: "
+               + " ".join(f"{c}={r:.3f} ({trials[c]})" for c, r in by_class.items()))
+    return rates
 
 
 GEN_SIZE, GEN_STEPS, GEN_CFG = 64, 20, 7.5
@@ -337,6 +451,7 @@ def main() -> None:
         report(f"{n:10s} PSNR {np.mean(psnrs[n]):.2f} dB (min {np.min(psnrs[n]):.2f}), embed "
                f"{statistics.median(embed_ms[n]):.1f} ms, detect {statistics.median(detect_ms[n]):.1f} ms")
         report("  " + " ".join(f"{a}={np.mean(v):.3f}" for a, v in acc[n].items()))
+    robust = robustness([m for m in methods if m.name in ("ours", "dwtDctSvd")], payloads)
     gen = generative_mode(args.gen_images or (3 if args.quick else 40))
     report("generative " + " ".join(f"{name}={value:.3f}" for name, value in gen.items()))
     ours = "ours"
@@ -345,6 +460,8 @@ def main() -> None:
            f"crop_resize={np.mean(acc[ours]['crop80_resize']):.3f} "
            f"embed_ms={statistics.median(embed_ms[ours]):.1f} detect_ms={statistics.median(detect_ms[ours]):.1f} "
            f"gen_none={gen['none']:.3f} gen_jpeg50={gen['jpeg50']:.3f} gen_tpr_at_1e-6={gen['tpr_at_1e-6']:.2f} "
+           f"{' '.join(f'{c}={r:.3f}' for c, r in robust[ours].items())} "
+           f"{' '.join(f'peer_dwtdctsvd_{c}={r:.3f}' for c, r in robust['dwtDctSvd'].items())} "
            f"peer_dwtdct_embed_ms={statistics.median(embed_ms['dwtDct']):.1f} "
            f"peer_dwtdct_jpeg50={np.mean(acc['dwtDct']['jpeg50']):.3f} "
            f"peer_dwtdctsvd_jpeg50={np.mean(acc['dwtDctSvd']['jpeg50']):.3f} quick={int(args.quick)}")

@@ -9,17 +9,20 @@ the LL band. ``watermark.md`` §3 measures its three defects and its two failure
 - **Gain.** QIM on absolute values flips bits under brightness ×1.2. Here each coded bit is the *sign* of a
   keyed correlation over many mid-frequency coefficients (spread spectrum with informed embedding: only the
   missing margin is added), and a sign does not change when the image is scaled by a gain.
-- **Geometry.** Crop + resize misaligns every block. Two faint sinusoids (a Fourier-magnitude template at a known
-  radius and angles) reveal the zoom factor from the spectrum, which a crop does not change; the detector undoes
-  the zoom about the image centre before reading the blocks, and the error-correcting code picks among the zooms
-  next to the template's estimate. The bits live in the central 80 % of each side, so a centre crop keeps them.
+- **Geometry.** Crop + resize and rotation misalign every block. Two faint sinusoids (a Fourier-magnitude
+  template at a known radius and angles) reveal the zoom factor and the rotation from the spectrum's magnitude,
+  which a shift does not change (issue 27: a polar search for both peaks, then sub-bin refinement); the detector
+  undoes both about the image centre before reading the blocks, and the error-correcting code picks among the
+  zooms next to the template's estimate. The bits live in the central 80 % of each side, so a centre crop keeps
+  them. A Gaussian blur is undone per DCT coefficient for one assumed σ (``DEBLUR_SIGMAS``).
 
 Source: invisible-watermark 0.2.0 (``imwatermark/maxDct.py``, ``dwtDctSvd.py``: Haar DWT, 4×4 blocks, U
 channel); spread-spectrum informed embedding (Cox et al., "Digital Watermarking", 2nd ed., ch. 5); Fourier
 templates for scale recovery (Pereira & Pun, "Robust template matching for affine resistant image watermarks",
 IEEE TIP 2000). Departures: we mark the luma (Y, BT.601), whose JPEG quantisation is gentler than chroma's, in
-8×8 DCT blocks of LL; and the template recovers a zoom about the centre (the centre crop + resize of the attack
-suite), not an arbitrary translation or rotation.
+8×8 DCT blocks of LL; and the template recovers a zoom and a rotation about the centre (centre crops, resized or
+rotated pictures), not a translation: an off-centre crop moves the block grid and the bit region, which nothing
+here measures (issue 27, open).
 
 Notation: LL = the Haar approximation band (H/2 × W/2); c = DCT coefficients chosen by ``COEFFICIENTS`` in each
 8×8 block of LL; s = keyed ±1 chips; S_j = the coefficients of coded bit j; h_j = mean over S_j of s·c (the
@@ -68,6 +71,15 @@ TEMPLATE_PEAK_RATIO = 3.5
 ZOOM_TOLERANCE = 0.004  # a zoom this close to 1 is treated as none: resampling would only blur the blocks
 # Zooms tried around the template's estimate (its error is a few tenths of a percent on natural images).
 ZOOM_REFINE_STEP, ZOOM_REFINE_SPAN = 0.002, 2
+# Rotations the detector searches (issue 27: people straighten photos by a few degrees), and the search step; the
+# sub-bin refinement then measures the angle to a few hundredths of a degree.
+ANGLE_RANGE, ANGLE_STEP = math.radians(6.0), math.radians(0.25)
+ANGLE_TOLERANCE = math.radians(0.05)  # a rotation this small moves a corner of a 512² image by a quarter pixel
+# Each geometry is also read as if blurred by these σ (px): a Gaussian blur scales each DCT coefficient by about
+# exp(−2π²σ²f²), and the detector undoes that per coefficient (0.0 first: no blur). Two readings, not more: each
+# one is a further chance for an unmarked image to decode.
+DEBLUR_SIGMAS = (0.0, 1.6)
+MAX_READINGS = (2 + 2 * ZOOM_REFINE_SPAN) * len(DEBLUR_SIGMAS)  # no warp, then the template's zooms; each σ
 
 _LUMA = (0.299, 0.587, 0.114)  # BT.601, as OpenCV's YUV conversion the library uses
 
@@ -251,23 +263,27 @@ def _vertex(left: float, centre: float, right: float) -> float:
     return 0.0 if curvature >= 0 else max(-0.5, min(0.5, 0.5 * (left - right) / curvature))
 
 
-def estimate_zoom(luma: torch.Tensor) -> float:
-    """The zoom factor applied to an image since it was marked, from the template's peaks; 1.0 when the template
-    does not stand out (no zoom needs no correction, and a destroyed template cannot give one).
+def estimate_geometry(luma: torch.Tensor) -> tuple[float, float]:
+    """The zoom and rotation applied to an image since it was marked, from the template's peaks; (1.0, 0.0) when
+    the template does not stand out (no zoom needs no correction, and a destroyed template cannot give one).
 
-    A zoom by z about any point moves the template's peaks from radius f to f / z along the same angles; a crop
-    changes only phases, which the magnitude ignores.
+    A zoom by z and a rotation by α about any point move the template's peaks from (f, θ) to (f / z, θ + α) in
+    polar frequency coordinates; a crop or a shift changes only phases, which the magnitude ignores. The search
+    reads the whitened magnitude on that polar grid (radius and angle apart, as a log-polar resampling would) for
+    both peaks at once, then refines each peak to a fraction of a bin.
 
     Args:
         luma: (H, W) in 8-bit units.
     Returns:
-        z in ``ZOOM_RANGE``, or 1.0.
+        (z in ``ZOOM_RANGE``, α in radians within ±``ANGLE_RANGE``, positive from the x axis towards the y axis,
+        that is clockwise on screen where y points down), or (1.0, 0.0).
     """
     height, width = luma.shape
     window = torch.outer(torch.hann_window(height, periodic=False, dtype=luma.dtype),
                          torch.hann_window(width, periodic=False, dtype=luma.dtype))
     magnitude = torch.fft.fftshift(torch.fft.fft2((luma - luma.mean()) * window).abs())
     zooms = torch.arange(ZOOM_RANGE[0], ZOOM_RANGE[1] + ZOOM_STEP / 2, ZOOM_STEP, dtype=luma.dtype)
+    turns = torch.arange(-ANGLE_RANGE, ANGLE_RANGE + ANGLE_STEP / 2, ANGLE_STEP, dtype=luma.dtype)
     radius = TEMPLATE_FREQUENCY / zooms
     # Whiten by the spectrum's mean over each ring of equal frequency: natural images fall off by decades with
     # frequency, so a peak is judged against the level at its own radius (one bincount, cheap).
@@ -277,25 +293,28 @@ def estimate_zoom(luma: torch.Tensor) -> float:
     profile = (torch.bincount(ring.flatten(), weights=magnitude.flatten())
                / torch.bincount(ring.flatten()).clamp(min=1))
     level = profile[(radius * min(height, width)).round().long()]
-    score = torch.zeros_like(zooms)
+    score = torch.zeros(len(turns), len(zooms), dtype=luma.dtype)
     for angle in TEMPLATE_ANGLES:
         # Bilinear lookup of |F| at (fy·H, fx·W) from the centre, through grid_sample's [-1, 1] coordinates.
-        fx, fy = radius * math.cos(angle), radius * math.sin(angle)
+        fx = radius[None, :] * torch.cos(angle + turns)[:, None]
+        fy = radius[None, :] * torch.sin(angle + turns)[:, None]
         gx = (fx * width + width // 2) / (width - 1) * 2 - 1
         gy = (fy * height + height // 2) / (height - 1) * 2 - 1
-        grid = torch.stack([gx, gy], dim=-1)[None, None]
-        score += F.grid_sample(magnitude[None, None], grid, align_corners=True)[0, 0, 0] / level
+        grid = torch.stack([gx, gy], dim=-1)[None]
+        score += F.grid_sample(magnitude[None, None], grid, align_corners=True)[0, 0] / level
     best = int(score.argmax())
-    logger.debug("template peak %.1f times the band median", float(score[best] / score.median()))
-    if score[best] < TEMPLATE_PEAK_RATIO * score.median():
-        return 1.0
-    # Refine each peak to a fraction of a bin, where the lookup along the ray is pulled towards whole bins: the
-    # largest bin near it, then a parabola through the log-magnitudes of its neighbours on each axis (Gaussian
+    best_turn, best_zoom = best // len(zooms), best % len(zooms)
+    logger.debug("template peak %.1f times the search median", float(score.flatten()[best] / score.median()))
+    if score.flatten()[best] < TEMPLATE_PEAK_RATIO * score.median():
+        return 1.0, 0.0
+    # Refine each peak to a fraction of a bin, where the lookup is pulled towards whole bins: the largest bin
+    # near it, then a parabola through the log-magnitudes of its neighbours on each axis (Gaussian
     # interpolation, nearly unbiased for a Hann window's main lobe).
-    radii = []
+    radii, rotations = [], []
     for angle in TEMPLATE_ANGLES:
-        row = round(float(radius[best]) * math.sin(angle) * height) + height // 2
-        col = round(float(radius[best]) * math.cos(angle) * width) + width // 2
+        turned = angle + float(turns[best_turn])
+        row = round(float(radius[best_zoom]) * math.sin(turned) * height) + height // 2
+        col = round(float(radius[best_zoom]) * math.cos(turned) * width) + width // 2
         patch = magnitude[row - 2: row + 3, col - 2: col + 3]
         peak = int(patch.argmax())
         row, col = row - 2 + peak // 5, col - 2 + peak % 5
@@ -303,43 +322,60 @@ def estimate_zoom(luma: torch.Tensor) -> float:
         fy = (row - height // 2 + _vertex(*logs[:, 1].tolist())) / height
         fx = (col - width // 2 + _vertex(*logs[1, :].tolist())) / width
         radii.append(math.hypot(fx, fy))
-    return TEMPLATE_FREQUENCY / (sum(radii) / len(radii))
+        rotations.append(math.atan2(fy, fx) - angle)
+    return TEMPLATE_FREQUENCY / (sum(radii) / len(radii)), sum(rotations) / len(rotations)
 
 
-def _unzoom(luma: torch.Tensor, zoom: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image as it was before a zoom by ``zoom`` about its centre, and a mask of the pixels the zoomed image
-    still shows (1) or lost (0)."""
+def estimate_zoom(luma: torch.Tensor) -> float:
+    """The zoom factor of :func:`estimate_geometry` alone (1.0 when the template does not stand out)."""
+    return estimate_geometry(luma)[0]
+
+
+def _unwarp(luma: torch.Tensor, zoom: float, angle: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image as it was before a zoom by ``zoom`` and a rotation by ``angle`` about its centre, and a mask of
+    the pixels the warped image still shows (1) or lost (0)."""
     height, width = luma.shape
-    ys = torch.linspace(-1, 1, height, dtype=luma.dtype) * zoom
-    xs = torch.linspace(-1, 1, width, dtype=luma.dtype) * zoom
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
+    ys = (torch.arange(height, dtype=luma.dtype) - (height - 1) / 2) * zoom
+    xs = (torch.arange(width, dtype=luma.dtype) - (width - 1) / 2) * zoom
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    cos, sin = math.cos(angle), math.sin(angle)
+    # Pixel x of the original sits at z·R(α)·x in the warped image (centred pixel units), normalised for
+    # grid_sample's align_corners=True, where -1 and 1 are the centres of the outer pixels.
+    grid = torch.stack([(cos * x - sin * y) / ((width - 1) / 2), (sin * x + cos * y) / ((height - 1) / 2)], -1)
     both = torch.stack([luma, torch.ones_like(luma)])[None]
-    restored, shown = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    restored, shown = F.grid_sample(both, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     return restored, shown
 
 
-def _read(luma: torch.Tensor, zoom: float, region: tuple[slice, slice], dct: torch.Tensor, code_bits: int,
-          key: str) -> torch.Tensor:
-    """The correlations h_j after undoing ``zoom`` (1.0: none)."""
+def _read(luma: torch.Tensor, zoom: float, angle: float, region: tuple[slice, slice], dct: torch.Tensor,
+          code_bits: int, key: str) -> torch.Tensor:
+    """The correlations h_j (len(DEBLUR_SIGMAS), N) after undoing ``zoom`` and ``angle`` (1.0 and 0.0: none)."""
     shown = None
-    if zoom != 1.0:
-        luma, shown = _unzoom(luma, zoom)
+    if (zoom, angle) != (1.0, 0.0):
+        luma, shown = _unwarp(luma, zoom, angle)
     spectra = _spectra(luma[region], dct)
     if shown is not None:
         # Blocks the crop cut into hold a false edge whose energy would swamp the correlations: drop them.
         whole = F.avg_pool2d(shown[region][None, None], 2 * BLOCK)[0, 0].reshape(-1) > 0.999
         spectra = spectra * whole[:, None, None]
     owner, chips = _layout(spectra.shape[0], code_bits, key)
-    return _correlations(_gather(spectra), owner, chips, code_bits)
+    values = _gather(spectra).reshape(-1, len(COEFFICIENTS))
+    frequency2 = torch.tensor([(u * u + v * v) / (4 * BLOCK) ** 2 for u, v in COEFFICIENTS])
+    return torch.stack([_correlations((values * torch.exp(2 * math.pi ** 2 * sigma ** 2 * frequency2)).reshape(-1),
+                                      owner, chips, code_bits) for sigma in DEBLUR_SIGMAS])
 
 
 def detect_posthoc(image: torch.Tensor, code_bits: int, key: str,
                    accept: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read ``code_bits`` coded bits from each image under ``key``, after undoing any zoom the template shows.
+    """Read ``code_bits`` coded bits from each image under ``key``, after undoing any zoom and rotation the
+    template shows.
 
-    The template gives the zoom to a fraction of a percent; the error-correcting code decides among the zooms
-    near it: readings are tried in the order no zoom, the template's zoom, then its neighbours
-    (``ZOOM_REFINE_STEP``), and the first that ``accept`` takes wins; with none taken, the un-zoomed reading.
+    The template gives the zoom to a fraction of a percent and the angle to a few hundredths of a degree; the
+    error-correcting code decides among the readings: no warp, then the template's geometry and its neighbouring
+    zooms (``ZOOM_REFINE_STEP``), each read plainly and then deblurred (``DEBLUR_SIGMAS``); the first that
+    ``accept`` takes wins; with none taken, the plain un-warped reading. At most :data:`MAX_READINGS` readings
+    are tried, each a chance for an unmarked image to decode: a caller's p-value for a decoded reading is at most
+    that many times the single reading's (union bound).
 
     Args:
         image: (B, 3, H, W) in [0, 1], H and W >= 128.
@@ -363,16 +399,20 @@ def detect_posthoc(image: torch.Tensor, code_bits: int, key: str,
     soft = []
     for picture in image.float():
         luma = _luma(picture) * 255
-        zoom = estimate_zoom(luma)
-        candidates = [1.0]
-        if abs(zoom - 1) > ZOOM_TOLERANCE:
-            candidates += [zoom * (1 + k * ZOOM_REFINE_STEP)
+        zoom, angle = estimate_geometry(luma)
+        candidates = [(1.0, 0.0)]
+        if abs(zoom - 1) > ZOOM_TOLERANCE or abs(angle) > ANGLE_TOLERANCE:
+            candidates += [(zoom * (1 + k * ZOOM_REFINE_STEP), angle)
                            for k in sorted(range(-ZOOM_REFINE_SPAN, ZOOM_REFINE_SPAN + 1), key=abs)]
         readings = []
-        for candidate in candidates:
-            readings.append(_read(luma, candidate, region, dct, code_bits, key))
-            if accept is None or accept((readings[-1] > 0).to(torch.uint8)):
-                break
+        for candidate_zoom, candidate_angle in candidates:
+            for reading in _read(luma, candidate_zoom, candidate_angle, region, dct, code_bits, key):
+                readings.append(reading)
+                if accept is None or accept((reading > 0).to(torch.uint8)):
+                    break
+            else:
+                continue
+            break
         else:
             readings.append(readings[0])  # nothing decodes: a false template peak must not replace the plain reading
         soft.append(readings[-1])

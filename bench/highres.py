@@ -1,9 +1,12 @@
 """Tiled 16K generator (issue #6): UNet tile calls per step, and wall time and memory by output size.
 
-(a) **Tile calls per step**, shifted mode (FSTD-style, seeded offset cycle, stride T/2) against MultiDiffusion at
-    an overlap of ¼ tile, on a 1024² latent (8K px) with SD1.5's 64-latent tile; counted from the tile plans the
-    tiled denoiser runs (no model needed), as the mean over one offset cycle. ``tile_call_ratio`` = MultiDiffusion
-    calls / shifted calls (target ≥ 1.5).
+(a) **Tile calls per step**, shifted mode (FSTD-style, seeded offset cycle, stride T/2) against each overlapped
+    method at its own paper's default, on a 1024² latent (8K px) with SD1.5's 64-latent tile: MultiDiffusion at
+    stride 8 (overlap 56, its official ``get_views``), Mixture of Diffusers at overlap 32 (its pipeline's
+    ``tile_row_overlap=256`` px of a 512 px tile), and a quarter-tile overlap (16: ``TileSettings``' default, the
+    low end of the A1111 wiki's 16–32 for Mixture of Diffusers) as a third line. Counted from the tile plans the tiled denoiser runs (no model needed), as the mean over
+    one offset cycle. ``tile_call_ratio_<baseline>`` = that baseline's calls / shifted calls (target ≥ 1.5 against
+    the quarter-tile overlap, the cheapest of the three).
 (b) **Wall time and peak RSS by output size** with the shipped embedded model (a tiny SD1-layout model trained at
     64 px, so its tiles are 64 px: 8 latent): a direct text-to-image run (shifted tiles, ``--steps`` steps,
     CFG 1), then the tiled VAE decode streamed into the IMAGE buffer. Sizes run in increasing order in one process,
@@ -11,16 +14,17 @@
     size − the float32 output image: the memory beyond the output buffer. ``mem_growth_4k_to_16k_mb`` is its growth
     from 4K to 16K (quick mode runs 256 and 512 px at one step, reports their growth, and prints nan for it).
     Up to 1024 px the tiled VAE's statistics pass decodes the whole image once (exact GroupNorm statistics), so
-    work memory grows up to 1024 px and stays flat above it, where that pass runs on a 1024 px copy. ``s_per_mpix`` is the largest
-    size's wall time per output megapixel.
+    work memory grows up to 1024 px and stays flat above it, where that pass runs on a 1024 px copy.
+    ``s_per_mpix`` is the largest size's wall time per output megapixel.
 (c) A 16K image: ``--sizes 16384`` (59 min on this shared 2-core CPU at one step, bfloat16 decode).
 
 There is no peer to run side by side here: ComfyUI-TiledDiffusion and LinFusion are not installable (highres.md
-§6); (a) compares our two modes on the same plans.
+§6); (a) compares our modes on the same plans.
 
     python bench/highres.py [--quick] [--sizes 1024 2048 4096 8192 16384] [--steps 2] [--decode-precision auto]
 
-Ends with ``BENCH highres tile_call_ratio=... mem_growth_4k_to_16k_mb=... s_per_mpix=...``.
+Ends with ``BENCH highres tile_call_ratio_multidiffusion=... tile_call_ratio_mixture=... tile_call_ratio_quarter=...
+mem_growth_4k_to_16k_mb=... s_per_mpix=...``.
 """
 
 from __future__ import annotations
@@ -61,12 +65,21 @@ def current_rss_mb() -> float:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def tile_call_ratio() -> tuple[float, float, float]:
-    """(MultiDiffusion calls per step, shifted calls per step, ratio) on a 1024² latent, tile 64."""
+# (name, mode, overlap in latent px) of each overlapped baseline, on SD1.5's 64-latent tile.
+BASELINES = (
+    ("multidiffusion", "multidiffusion", 56),  # Source: MultiDiffusion's get_views, window 64, stride 8
+    ("mixture", "mixture", 32),  # Source: Mixture of Diffusers' tile 512 px, tile_row/col_overlap 256 px
+    ("quarter", "multidiffusion", 16),  # TileSettings' default overlap, a quarter tile (highres.md §3)
+)
+
+
+def tile_call_ratios() -> tuple[float, dict[str, tuple[int, float]]]:
+    """Shifted calls per step, and each baseline's (overlap, calls per step) on a 1024² latent, tile 64."""
     steps = 4  # one offset cycle: (64 / 32)² offsets
-    multi = tile_calls_per_step(1024, 1024, TileSettings("multidiffusion", tile=64, overlap=16), steps)
     shifted = tile_calls_per_step(1024, 1024, TileSettings("shifted", tile=64, overlap=0, offset_stride=32), steps)
-    return multi, shifted, multi / shifted
+    baselines = {name: (overlap, tile_calls_per_step(1024, 1024, TileSettings(mode, tile=64, overlap=overlap), steps))
+                 for name, mode, overlap in BASELINES}
+    return shifted, baselines
 
 
 def run_size(model, codec: DiffusersCodec, positive: Conditioning, negative: Conditioning, size: int,
@@ -95,9 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [256, 512] if args.quick else sorted(args.sizes)
     steps = 1 if args.quick else args.steps
 
-    multi, shifted, ratio = tile_call_ratio()
-    report(f"(a) tile calls per step, 1024² latent, tile 64: multidiffusion (overlap 16) {multi:g}, "
-           f"shifted {shifted:g}, ratio {ratio:.3f}")
+    shifted, baselines = tile_call_ratios()
+    ratios = {name: calls / shifted for name, (_, calls) in baselines.items()}
+    report(f"(a) tile calls per step, 1024² latent, tile 64: shifted {shifted:g}")
+    for name, (overlap, calls) in baselines.items():
+        report(f"    {name} (overlap {overlap}): {calls:g} calls, ratio {ratios[name]:.3f}")
 
     model = load_checkpoint(EMBEDDED, args.models_dir)
     codec = DiffusersCodec(model.vae)
@@ -117,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     s_per_mpix = seconds[largest] / (largest * largest / 1e6)
     small_growth = (f" mem_growth_{sizes[0]}px_to_{largest}px_mb={work[largest] - work[sizes[0]]:.0f}"
                     if len(sizes) > 1 else "")
-    report(f"BENCH highres tile_call_ratio={ratio:.3f} mem_growth_4k_to_16k_mb={growth:.0f} "
+    ratio_fields = " ".join(f"tile_call_ratio_{name}={ratio:.3f}" for name, ratio in ratios.items())
+    report(f"BENCH highres {ratio_fields} mem_growth_4k_to_16k_mb={growth:.0f} "
            f"s_per_mpix={s_per_mpix:.2f}{small_growth} steps={steps} decode={args.decode_precision} "
            f"quick={int(args.quick)}")
 

@@ -56,6 +56,20 @@ def test_chunked_nearest_neighbours_equal_brute_force_cdist(max_elements):
     assert torch.equal(backward, distances.argmin(0))
 
 
+@pytest.mark.parametrize("max_elements", [5, 1 << 24])
+def test_backward_neighbours_when_every_chunk_improves_every_column(max_elements):
+    """Sources come nearer to all targets one after the other, so each chunk beats the running minimum of every
+    column (the backward search then reads every column's index from each block); with the default bound on the
+    CPU, 4000 targets still take several chunks (the cache-sized block)."""
+    generator = torch.Generator().manual_seed(1)
+    for target in (torch.arange(5, dtype=torch.float64)[:, None],
+                   torch.randn(4000, 3, generator=generator, dtype=torch.float64)):
+        source = torch.linspace(100, 10, 1500, dtype=torch.float64)[:, None].expand(-1, target.shape[1])
+        forward, backward = nearest_neighbours(source, target, max_elements)
+        distances = torch.cdist(source, target)
+        assert torch.equal(forward, distances.argmin(1)) and torch.equal(backward, distances.argmin(0))
+
+
 def test_nearest_neighbours_break_ties_by_the_lowest_index_across_chunks():
     source = torch.tensor([[1.0], [1.0], [1.0]])
     target = torch.tensor([[1.0], [1.0]])

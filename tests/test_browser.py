@@ -495,7 +495,7 @@ def test_our_extension_colours_atelier_nodes(editor: Editor):
     """js/atelier.js is served, listed, imported and registered: a new Atelier node gets the pack's colours."""
     editor.require("boot")
     colours = editor.page.evaluate("""() => {
-        const node = LiteGraph.createNode("AtelierEmptyLatent");
+        const node = LiteGraph.createNode("AtelierSyntheticPanorama");
         const plain = LiteGraph.createNode("EmptyImage");
         return [node.color, node.bgcolor, plain.color ?? null];
     }""")

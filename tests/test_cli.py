@@ -120,3 +120,12 @@ def test_the_app_starts_without_warnings(tmp_path):
         rest, _ = process.communicate(timeout=30)
     assert first_line == f"Atelier is running: open http://127.0.0.1:{port}/\n", first_line + rest
     assert rest == ""
+
+
+def test_max_pixels_sets_the_pixel_budget_that_nodes_check_before_allocating(tmp_path, capsys):
+    workflow = os.path.join(ROOT, "workflows", "text_to_image.json")
+    code = main(["run", workflow, "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"),
+                 "--max-pixels", "1000"])
+    assert code == 1
+    message = capsys.readouterr().err
+    assert "exceeds the pixel budget of 1000 pixels" in message and "--max-pixels" in message

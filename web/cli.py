@@ -42,6 +42,7 @@ from nodes.common.paths import confine  # noqa: E402
 
 from .executor import Executor  # noqa: E402
 from .folders import DataFolders  # noqa: E402
+from .limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_OPTION, Limits, bind_limits  # noqa: E402
 from .node_info import input_specs  # noqa: E402
 from .registry import node_classes  # noqa: E402
 from .security import LOOPBACK_HOSTS, is_loopback  # noqa: E402
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     folders.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/ and user/")
     folders.add_argument("--models-dir", default="models", help="folder laid out like ComfyUI's models/")
     folders.add_argument("--verbose", action="store_true", help="log engine and server details")
+    folders.add_argument(MAX_PIXELS_OPTION, type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                         help=f"pixel budget of an image or latent batch, batch × height × width "
+                              f"(default {DEFAULT_MAX_PIXELS}, one 16384² image)")
     serve = commands.add_parser("serve", parents=[folders], help="start the editor's server (the default)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     serve.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
@@ -101,7 +105,8 @@ def serve_editor(args: argparse.Namespace) -> int:
     if args.listen not in WILDCARD_ADDRESSES:
         allowed.add(args.listen)
     config = ServerConfig(folders=DataFolders.under(args.data_dir), models_dir=os.path.realpath(args.models_dir),
-                          allowed_hosts=frozenset(allowed), token=token, max_upload_bytes=args.max_upload_mb << 20)
+                          allowed_hosts=frozenset(allowed), token=token, max_upload_bytes=args.max_upload_mb << 20,
+                          limits=Limits(args.max_pixels))
     shown_host = "127.0.0.1" if loopback or args.listen in WILDCARD_ADDRESSES else args.listen
     url = f"http://{shown_host}:{args.port}/" + (f"?token={token}" if token else "")
     app = create_app(config)
@@ -121,7 +126,7 @@ def serve_editor(args: argparse.Namespace) -> int:
 
 def run_workflow(args: argparse.Namespace) -> int:
     folders = DataFolders.under(args.data_dir, args.output_dir)
-    classes = node_classes(folders, args.models_dir)
+    classes = bind_limits(node_classes(folders, args.models_dir), Limits(args.max_pixels))
     try:
         prompt, extra_data = load_workflow(args.workflow, classes)
     except WorkflowError as error:  # a workflow that cannot run, as one that fails validation

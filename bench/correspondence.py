@@ -9,9 +9,9 @@ PCK@0.05 of the weight-free descriptor on image pairs related by known warps.
    Interleaved, a warm-up each (on the 60×60 grid), then the median of ``--runs`` runs. ``speedup_vs_cdist_60``
    and ``_120`` are the peer's time over ours on each grid, ``speedup_vs_cdist`` the lower of the two (issue 18's
    target: at least 1 on both).
-2. **Peak memory** of one 120×120 match (60×60 with ``--quick``), ours (chunks of 2^24 distances) and the peer's
-   (the whole 14400² distance matrix), each measured in a fresh process as the growth of its peak resident memory
-   (CPU) or as ``torch.cuda.max_memory_allocated`` (GPU).
+2. **Peak memory** of one 120×120 match (60×60 with ``--quick``), ours (chunks of at most 2^24 distances, 2^20 on
+   the CPU) and the peer's (the whole 14400² distance matrix), each measured in a fresh process as the growth of its
+   peak resident memory (CPU) or as ``torch.cuda.max_memory_allocated`` (GPU).
 3. **Accuracy.** Dense SIFT (no weights) on seeded multi-scale textures warped by mild homographies and TPS
    (:mod:`nodes.correspondence.synthetic`); ``pck05`` is the mean PCK@0.05 of the dense flow B → A over the pairs.
 

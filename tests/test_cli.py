@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from web.builtin_nodes import read_png_metadata
@@ -129,3 +130,29 @@ def test_max_pixels_sets_the_pixel_budget_that_nodes_check_before_allocating(tmp
     assert code == 1
     message = capsys.readouterr().err
     assert "exceeds the pixel budget of 1000 pixels" in message and "--max-pixels" in message
+
+
+def _ui(preview_inputs) -> dict:
+    return {"last_node_id": 2, "last_link_id": 1, "links": [[1, 1, 0, 2, 0, "IMAGE"]], "version": 0.4, "nodes": [
+        {"id": 1, "type": "EmptyImage", "widgets_values": [8, 8, 1, 0], "inputs": [],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}]},
+        {"id": 2, "type": "PreviewImage", "inputs": preview_inputs, "widgets_values": []}]}
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("content, args, message", [
+    (json.dumps(_ui({"images": {"link": 1}})), [], "inputs must be a list of sockets"),
+    (json.dumps(_ui([{"name": "images", "type": "IMAGE", "link": [1]}])), [], "refers to link [1]"),
+    (_nested(100_000), [], "nested too deep"),
+    (json.dumps({"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}, "2": ["not", "a", "dict"]}),
+     ["--set", "1.width=16"], "are not objects with a class_type"),
+])
+def test_malformed_workflows_get_a_message_and_no_traceback(tmp_path, capsys, content, args, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    code = main(["run", str(path), "--data-dir", str(tmp_path / "data"), *args])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err and "Traceback" not in err

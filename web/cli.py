@@ -42,6 +42,7 @@ from nodes.common.paths import confine  # noqa: E402
 
 from .executor import Executor  # noqa: E402
 from .folders import DataFolders  # noqa: E402
+from .json_io import parse_json  # noqa: E402
 from .limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_OPTION, Limits, bind_limits  # noqa: E402
 from .node_info import input_specs  # noqa: E402
 from .registry import node_classes  # noqa: E402
@@ -178,10 +179,10 @@ def load_workflow(path: str, classes: dict[str, type]) -> tuple[dict, dict]:
         ValueError: it is not JSON.
         WorkflowError: it is a UI workflow that cannot be converted (malformed, or with a subgraph).
     """
-    with open(path, encoding="utf-8") as file:
+    with open(path, "rb") as file:
         try:
-            data = json.load(file)
-        except json.JSONDecodeError as error:
+            data = parse_json(file.read())
+        except ValueError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
     if is_ui_workflow(data):
         try:
@@ -207,6 +208,11 @@ def apply_override(prompt: dict, assignment: str, classes: dict[str, type]) -> N
     node, dot, name = target.rpartition(".")
     if not equals or not dot or not node or not name:
         raise ValueError(f"--set takes NODE.INPUT=VALUE; got {assignment!r}")
+    malformed = [i for i, n in prompt.items() if not isinstance(n, dict) or not isinstance(n.get("class_type"), str)
+                 or not isinstance(n.get("inputs"), dict)]
+    if malformed:
+        raise ValueError(f"--set {assignment!r}: the prompt's nodes {malformed} are not objects with a class_type "
+                         "and inputs")
     if node in prompt:
         node_id = node
     else:

@@ -111,7 +111,7 @@ class _Graph:
             self.links[link.id] = link
 
     def link(self, link_id: Any, where: str) -> _Link:
-        if link_id not in self.links:
+        if isinstance(link_id, bool) or not isinstance(link_id, int) or link_id not in self.links:
             raise WorkflowError(f"{where} refers to link {link_id!r}, which is not in the workflow's links")
         return self.links[link_id]
 
@@ -158,8 +158,11 @@ def _node_inputs(graph: _Graph, node_id: str, node: dict, specs: list[InputSpec]
 
     Linked sockets the class does not declare are kept, as the editor keeps them; the validator ignores them.
     """
-    linked = {socket["name"]: socket["link"] for socket in node.get("inputs") or []
-              if socket.get("link") is not None}
+    sockets = node.get("inputs") or []
+    if not isinstance(sockets, list) or not all(isinstance(socket, dict) and isinstance(socket.get("name"), str)
+                                                for socket in sockets):
+        raise WorkflowError(f"node {node_id}: inputs must be a list of sockets with names; got {sockets!r:.80}")
+    linked = {socket["name"]: socket["link"] for socket in sockets if socket.get("link") is not None}
     values = _widget_values(node_id, node, specs)
     inputs = {}
     for spec in specs:

@@ -366,7 +366,8 @@ def models_dir(tmp_path, tiny_sd1, tiny_sd1_loras):
 
 def test_checkpoint_list_holds_single_files_and_diffusers_folders(models_dir):
     shipped = ["atelier_embedded_sd1.safetensors"], ["diffusers/atelier_embedded_sd1"]  # after the user's own
-    assert loading.list_checkpoints(models_dir) == ["old.ckpt", "sub/tiny.safetensors", *shipped[0],
+    # old.ckpt, a pickle, is never offered: a workflow naming it fails validation (#19)
+    assert loading.list_checkpoints(models_dir) == ["sub/tiny.safetensors", *shipped[0],
                                                     "diffusers/tiny", *shipped[1]]
     assert loading.list_models("loras", models_dir) == ["a.safetensors"]
 
@@ -796,3 +797,17 @@ def test_lora_and_loading_import_each_other_no_more():
     assert not imported_modules(lora) & {"loading", "loader"}
     assert "lora" not in imported_modules(loaded) | imported_modules(loader) | imported_modules(loading)
 
+
+
+def test_a_pickle_checkpoint_is_refused_at_validation_before_anything_runs(models_dir, tmp_path):
+    from web.executor import Executor
+    from web.folders import DataFolders
+    from web.registry import node_classes
+
+    executor = Executor(node_classes(DataFolders.under(str(tmp_path / "data")), str(models_dir)))
+    checked = executor.validate({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "old.ckpt"}},
+                                 "2": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 2]}},
+                                 "3": {"class_type": "EmptyLatentImage",
+                                       "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+                                 "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}})
+    assert not checked.ok and "old.ckpt" in str(checked.node_errors["1"])

@@ -79,7 +79,8 @@ def list_models(folder: str, models_dir: str | os.PathLike | None = None) -> lis
     folder's ``model_index.json``, a transformers model's ``config.json``). The user's models come first, sorted,
     then the shipped ones, so a loader's default is the user's own model when there is one.
 
-    Pickle-based files are listed too, so that choosing one explains why it is refused instead of hiding it.
+    Only ``.safetensors`` files are listed: a pickle-based file is never offered, so a workflow naming one is
+    refused at validation (its name is not in the list), before anything runs.
     """
     _check_folder_name(folder)
     *user_bases, shipped_base = _bases(folder, models_dir)
@@ -91,7 +92,7 @@ def _model_names(folder: str, base: str) -> set[str]:
     """The names :func:`list_models` lists from one base folder."""
     marker = FOLDER_MODEL_MARKERS.get(folder)
     if marker is None:
-        return files_under(base, (SAFE_EXTENSION, *PICKLE_EXTENSIONS))
+        return files_under(base, (SAFE_EXTENSION,))
     names: set[str] = set()
     for current, directories, files in os.walk(base, followlinks=True):
         directories[:] = [name for name in directories if not name.startswith(".")]

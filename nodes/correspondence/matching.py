@@ -80,16 +80,17 @@ def _chunked_search(source: torch.Tensor, target: torch.Tensor, max_elements: in
     rows = min(_chunk_rows(target.shape[0], 1, max_elements), source.shape[0])
     # ‖a‖² + ‖b‖² − 2a·b as one matrix product of [a, 1, ‖a‖²] and [−2b, ‖b‖², 1] (cdist's own trick): no pass over
     # the block besides the product itself.
-    source_aug = torch.cat([source, torch.ones_like(source[:, :1]), (source * source).sum(1, keepdim=True)], dim=1)
-    target_aug = torch.cat([-2 * target, (target * target).sum(1, keepdim=True), torch.ones_like(target[:, :1])],
-                           dim=1).T.contiguous()
+    # built as (C + 2, M), contiguous: a transposed operand would be copied by every chunk's product
+    target_aug = torch.cat([-2 * target.T, (target * target).sum(1)[None], torch.ones_like(target[:, 0])[None]])
     forward = torch.empty(source.shape[0], dtype=torch.long, device=source.device)
     best_back = torch.full((target.shape[0],), float("inf"), dtype=source.dtype, device=source.device)
     backward = torch.zeros(target.shape[0], dtype=torch.long, device=source.device)
     # one block for every chunk: a fresh one per chunk costs the CPU as much as the product again in page faults
     block = torch.empty(rows, target.shape[0], dtype=source.dtype, device=source.device)
     for start in range(0, source.shape[0], rows):
-        distances = torch.mm(source_aug[start:start + rows], target_aug, out=block[:source.shape[0] - start])
+        chunk = source[start:start + rows]
+        chunk_aug = torch.cat([chunk, torch.ones_like(chunk[:, :1]), (chunk * chunk).sum(1, keepdim=True)], dim=1)
+        distances = torch.mm(chunk_aug, target_aug, out=block[:chunk.shape[0]])
         forward[start:start + rows] = distances.min(1).indices
         # a column minimum with its index is a slow reduction on the CPU (4× a plain one, 8× amin): take the
         # minima alone, and the indices only of the columns this chunk improves (about 1/k of them at the k-th chunk)

@@ -136,6 +136,7 @@ def fit_router(embeddings: torch.Tensor, difficulty: torch.Tensor, costs: torch.
     Example:
         >>> router = fit_router(torch.eye(3), torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0.9, 0.3, 0.6]),
         ...                     ["full", "fast", "mid"], "kmeans", torch.Generator().manual_seed(0))
+        >>> from nodes.router.routing import route_single
         >>> route_single(torch.eye(3), router, 0.6).tolist()  # the hardest prompt to the dearest variant
         [0, 1, 2]
     """

@@ -457,6 +457,7 @@ def route_batch(embeddings: torch.Tensor, router: Router, budget: float, epsilon
     Raises:
         ValueError: bad shapes or a budget outside the router's cost range.
     Example:
+        >>> from nodes.router.fitting import fit_router
         >>> router = fit_router(torch.eye(4), torch.arange(4.0), torch.tensor([0.25, 0.5, 0.75, 1.0]),
         ...                     ["a", "b", "c", "d"], "kmeans", torch.Generator().manual_seed(0))
         >>> route_batch(torch.eye(4), router, 0.625).tolist()
@@ -568,6 +569,7 @@ def route_single(embeddings: torch.Tensor, router: Router, budget: float) -> tor
     Raises:
         ValueError: bad shapes or a budget outside the router's cost range.
     Example:
+        >>> from nodes.router.fitting import fit_router
         >>> router = fit_router(torch.eye(2), torch.arange(2.0), torch.tensor([0.5, 1.0]), ["fast", "full"],
         ...                     "kmeans", torch.Generator().manual_seed(0))
         >>> route_single(torch.tensor([[0.2, 1.0]]), router, 1.0).tolist(), route_single(torch.eye(2), router, 0.5)

@@ -350,8 +350,11 @@ def test_fixed_basis_nodes_equal_the_maths_and_fuse_two_sources():
     # The basis fitted on one pair is reused on another pair (second, third) for the first source.
     fused = AtelierFuseFeatures().fuse(second, third, 0.5, 6, features_a_2=dino_a, features_b_2=dino_b,
                                        weight_2=0.5, basis=basis)
-    expected = fuse_pair([(second, third), (dino_a, dino_b)], [0.5, 0.5], 6, [fit_pca_basis([first, second], 6), None])
+    # DINOv2, the second source, is kept whole by default (sd-dino's CO_PCA_DINO = 0)
+    expected = fuse_pair([(second, third), (dino_a, dino_b)], [0.5, 0.5], [6, 0],
+                         [fit_pca_basis([first, second], 6), None])
     assert all(torch.equal(node.layers[0], maths) for node, maths in zip(fused, expected))
+    assert fused[0].layers[0].shape[0] == 6 * 2 + 16  # two SD layers co-PCA'd to 6, DINOv2's 16 channels whole
     with pytest.raises(ValueError, match="basis_2 is for the second source"):
         AtelierFuseFeatures().fuse(second, third, 0.5, 6, basis_2=basis)
 

@@ -1,8 +1,8 @@
 """Quality of the embedded model: colour and position accuracy on the held-out captions.
 
 One 64×64 image per held-out caption (200; ``--quick``: 40) goes through our generation path, the nodes a
-workflow runs: ``AtelierTextEncode`` (prompt and empty negative), ``AtelierEmptyLatent``, ``AtelierSampler`` and
-``AtelierVAEDecode``. ``nodes.embedded.dataset.score_image`` then finds the shape (the pixels that differ most
+workflow runs: ``CLIPTextEncode`` (prompt and empty negative), ``EmptyLatentImage``, ``KSampler`` and
+``VAEDecode`` (ComfyUI's core nodes). ``nodes.embedded.dataset.score_image`` then finds the shape (the pixels that differ most
 from a per-row median background), names its nearest palette colour and the position anchor nearest to its
 centroid, and both are compared with the caption's labels. ``--oracle`` scores the dataset's own renderings of
 the same scenes instead of generated images; it must give 1.0 for both, which validates the scorer.
@@ -50,24 +50,28 @@ class NodeGenerator:
     """Generates one image per caption through the generation nodes, on one loaded model."""
 
     def __init__(self, model_dir: str, steps: int, cfg: float):
-        from nodes.generation.nodes import (AtelierEmptyLatent, AtelierSampler, AtelierTextEncode,
-                                            AtelierVAEDecode, ModelRef)
         from nodes.common.denoiser import DiffusersCodec
+        from nodes.models.clip import Clip
         from nodes.models.loading import load_model
+        from nodes.models.refs import ModelRef
+        from web.nodes_conditioning import CLIPTextEncode
+        from web.nodes_latent import EmptyLatentImage, VAEDecode
+        from web.nodes_sampling import KSampler
 
         model = load_model(model_dir)
         self.ref, self.codec = ModelRef(model), DiffusersCodec(model.vae)
-        self.encode, self.sampler, self.decoder = AtelierTextEncode(), AtelierSampler(), AtelierVAEDecode()
-        self.latent = AtelierEmptyLatent().make(IMAGE_SIZE, IMAGE_SIZE, 1)[0]
-        self.negative = self.encode.encode(self.ref, "", "auto")[0]
+        self.clip = Clip(self.ref)
+        self.encode, self.sampler, self.decoder = CLIPTextEncode(), KSampler(), VAEDecode()
+        self.latent = EmptyLatentImage().generate(IMAGE_SIZE, IMAGE_SIZE, 1)[0]
+        self.negative = self.encode.encode(self.clip, "")[0]
         self.steps, self.cfg = steps, cfg
 
     def __call__(self, caption: str, seed: int) -> torch.Tensor:
         """The image for ``caption``, (3, 64, 64) in 0..1."""
-        positive = self.encode.encode(self.ref, caption, "auto")[0]
-        latent = self.sampler.sample(self.ref, positive, self.negative, self.latent, seed, self.steps, self.cfg,
-                                     SAMPLER, SCHEDULER, 1.0, 0.0)[0]
-        return self.decoder.decode(latent, self.codec, False, 512, 64)[0][0].permute(2, 0, 1)
+        positive = self.encode.encode(self.clip, caption)[0]
+        latent = self.sampler.sample(self.ref, seed, self.steps, self.cfg, SAMPLER, SCHEDULER, positive,
+                                     self.negative, self.latent, 1.0)[0]
+        return self.decoder.decode(self.codec, latent)[0][0].permute(2, 0, 1)
 
 
 def accuracy(scenes: list[Scene], images: list[torch.Tensor]) -> tuple[float, float]:

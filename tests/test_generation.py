@@ -109,7 +109,7 @@ def test_image_to_image(setup):
     events = []
     run(executor, prompt, events)
     steps = [data["value"] for event, data in events if event == "progress" and data["node"] == "5"]
-    assert steps == [1, 2]  # half of the 4-step schedule
+    assert steps == [1, 2, 3, 4]  # ComfyUI's rule: the last 4 steps of an 8-step schedule (steps / denoise)
 
 
 def test_interrupt_stops_sampling_within_one_step(setup):

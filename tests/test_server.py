@@ -360,12 +360,15 @@ async def test_interrupt_stops_the_running_prompt_and_the_next_runs(client):
     socket = await connect(client, "alice")
     Steps.started.clear()
     slow = await queue(client, {"1": {"class_type": "Steps", "inputs": {"steps": 500, "pause_ms": 20}}}, "alice")
+    early = []  # progress frames arrive while it runs; those read before the interrupt count too
     while not Steps.started.is_set():
-        await socket.receive()  # progress frames arrive while it runs
+        message = await socket.receive()
+        if message.type.name == "TEXT":
+            early.append(message.json())
     other = await client.post("/api/interrupt", json={"prompt_id": "0" * 8 + "-0000-0000-0000-" + "0" * 12})
     assert other.status == 200  # not the running prompt: nothing happens
     assert (await client.post("/api/interrupt")).status == 200
-    messages = await messages_until_done(socket, slow)
+    messages = early + await messages_until_done(socket, slow)
     interrupted = next(m for m in messages if isinstance(m, dict) and m["type"] == "execution_interrupted")["data"]
     assert interrupted["node_id"] == "1" and interrupted["node_type"] == "Steps"
     steps = [m["data"]["value"] for m in messages if isinstance(m, dict) and m["type"] == "progress"]

@@ -49,7 +49,8 @@ def resize_latent(samples: torch.Tensor, width: int, height: int, method: str, c
     return F.interpolate(samples, size=(height, width), mode=method)
 
 
-def _latent(latent: dict, name: str = "samples") -> torch.Tensor:
+def latent_samples(latent: dict, name: str = "samples") -> torch.Tensor:
+    """The samples (B, C, h, w) of a LATENT; a clear error naming the input when it is not one."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor) \
             or latent["samples"].ndim != 4:
         raise ValueError(f"{name} must be a LATENT with samples of shape (B, C, h, w)")
@@ -74,6 +75,12 @@ class _Budgeted:
 
     def check_budget(self, batch: int, height: int, width: int) -> None:
         check_pixel_budget(type(self).__name__, batch, height, width, self.limits)
+
+    def scale_by(self, image: torch.Tensor, method: str, factor: float) -> torch.Tensor:
+        """IMAGE resized by ``factor`` on both sides (at least 1 px), within the pixel budget."""
+        width, height = max(1, round(image.shape[2] * factor)), max(1, round(image.shape[1] * factor))
+        self.check_budget(image.shape[0], height, width)
+        return scale_image(image, width, height, method)
 
 
 class EmptyLatentImage(_Budgeted):
@@ -131,7 +138,7 @@ class LatentUpscale(_Budgeted):
         }}
 
     def upscale(self, samples: dict, upscale_method: str, width: int, height: int, crop: str) -> tuple[dict]:
-        latent = _latent(samples)
+        latent = latent_samples(samples)
         if width == 0 and height == 0:
             return (samples,)
         if width == 0:
@@ -164,7 +171,7 @@ class LatentUpscaleBy(_Budgeted):
         }}
 
     def upscale(self, samples: dict, upscale_method: str, scale_by: float) -> tuple[dict]:
-        latent = _latent(samples)
+        latent = latent_samples(samples)
         width, height = round(latent.shape[-1] * scale_by), round(latent.shape[-2] * scale_by)
         self.check_budget(latent.shape[0], height * 8, width * 8)
         return ({**samples, "samples": resize_latent(latent, width, height, upscale_method)},)
@@ -184,7 +191,7 @@ class VAEDecode:
                              "vae": ("VAE", {"tooltip": "The VAE model used for decoding the latent."})}}
 
     def decode(self, vae: DiffusersCodec, samples: dict) -> tuple[torch.Tensor]:
-        return (to_channels_last(vae.decode(_latent(samples)).cpu()),)
+        return (to_channels_last(vae.decode(latent_samples(samples)).cpu()),)
 
 
 class VAEDecodeTiled:
@@ -214,7 +221,7 @@ class VAEDecodeTiled:
         if tile_size < overlap * 4:  # ComfyUI's rule: the overlap is at most a quarter of the tile
             overlap = tile_size // 4
         factor = vae.downscale
-        image = tiled_decode(vae, _latent(samples), tile_size // factor, overlap // factor)
+        image = tiled_decode(vae, latent_samples(samples), tile_size // factor, overlap // factor)
         return (to_channels_last(image.cpu()),)
 
 
@@ -314,7 +321,7 @@ class SetLatentNoiseMask:
                              "mask": ("MASK", {"tooltip": "1 where to repaint."})}}
 
     def set_mask(self, samples: dict, mask: torch.Tensor) -> tuple[dict]:
-        _latent(samples)
+        latent_samples(samples)
         return ({**samples, "noise_mask": mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])},)
 
 
@@ -336,9 +343,7 @@ class ImageScaleBy(_Budgeted):
         }}
 
     def upscale(self, image: torch.Tensor, upscale_method: str, scale_by: float) -> tuple[torch.Tensor]:
-        width, height = max(1, round(image.shape[2] * scale_by)), max(1, round(image.shape[1] * scale_by))
-        self.check_budget(image.shape[0], height, width)
-        return (scale_image(image, width, height, upscale_method),)
+        return (self.scale_by(image, upscale_method, scale_by),)
 
 
 class ImageScaleToTotalPixels(_Budgeted):
@@ -360,9 +365,7 @@ class ImageScaleToTotalPixels(_Budgeted):
 
     def upscale(self, image: torch.Tensor, upscale_method: str, megapixels: float) -> tuple[torch.Tensor]:
         scale = math.sqrt(megapixels * 1024 * 1024 / (image.shape[1] * image.shape[2]))
-        width, height = max(1, round(image.shape[2] * scale)), max(1, round(image.shape[1] * scale))
-        self.check_budget(image.shape[0], height, width)
-        return (scale_image(image, width, height, upscale_method),)
+        return (self.scale_by(image, upscale_method, scale),)
 
 
 class ImageBatch(_Budgeted):

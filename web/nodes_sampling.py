@@ -22,6 +22,8 @@ from nodes.sampling.noise import prepare_noise
 from nodes.sampling.sigmas import SCHEDULER_NAMES, basic_scheduler_sigmas, exponential_sigmas, karras_sigmas, \
     ksampler_sigmas, sd_turbo_sigmas, split_sigmas, split_sigmas_denoise, step_range
 
+from .nodes_latent import latent_samples
+
 SD_SIGMA_MAX, SD_SIGMA_MIN = 14.614642, 0.0291675  # SD1.x's σ range: ComfyUI's KarrasScheduler defaults
 
 
@@ -74,17 +76,10 @@ def _denoise(tooltip: str) -> tuple[str, dict]:
     return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "round": 0.001, "tooltip": tooltip})
 
 
-def _check_latent(latent: dict) -> torch.Tensor:
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor) \
-            or latent["samples"].ndim != 4:
-        raise ValueError("latent_image must be a LATENT with samples of shape (B, C, h, w)")
-    return latent["samples"]
-
-
 def run_guider(guider: Guider, noise, sampler: Sampler, sigmas: torch.Tensor, latent: dict
                ) -> tuple[dict, dict]:
     """SamplerCustom(Advanced)'s run: the sampled LATENT and the last step's x̂₀ estimate as a LATENT."""
-    samples = _check_latent(latent)
+    samples = latent_samples(latent, "latent_image")
     last_denoised = {}
 
     def keep_last(step: dict) -> None:
@@ -109,7 +104,7 @@ def common_ksampler(model: ModelRef, seed: int, steps: int, cfg: float, sampler_
                     start_step: int | None = None, last_step: int | None = None,
                     force_full_denoise: bool = False) -> tuple[dict]:
     """ComfyUI's KSampler and KSamplerAdvanced, on Atelier's model."""
-    samples = _check_latent(latent)
+    samples = latent_samples(latent, "latent_image")
     noise = NoNoise() if disable_noise else SeededNoise(seed)
     sigmas = ksampler_sigmas(model_sampling_of(model), scheduler, steps, denoise, sampler_name)
     if sigmas.numel():

@@ -292,10 +292,9 @@ class VAEEncodeForInpaint:
         factor = vae.downscale
         mask = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float(),
                              size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
-        height, width = pixels.shape[1] // factor * factor, pixels.shape[2] // factor * factor
-        top, left = (pixels.shape[1] % factor) // 2, (pixels.shape[2] % factor) // 2
-        pixels = pixels[:, top:top + height, left:left + width, :3].clone()
-        mask = mask[:, :, top:top + height, left:left + width]
+        pixels = crop_to_multiple(pixels, factor)[..., :3].clone()
+        mask = crop_to_multiple(mask.movedim(1, -1), factor).movedim(-1, 1)
+        height, width = pixels.shape[1:3]
         if grow_mask_by == 0:
             grown = mask
         else:

@@ -22,12 +22,13 @@ from nodes.models.clip import Clip
 from nodes.models.loading import load_model
 from nodes.models.text import encode_prompt
 from nodes.watermark import latent as generative
+from nodes.watermark import detect as detection
 from nodes.watermark.detect import detect_generative, detect_posthoc_payload
 from nodes.watermark.nodes import (AtelierDetectWatermark, AtelierWatermarkImage, AtelierWatermarkLatent,
                                    WatermarkKey, load_or_create_key)
 from nodes.watermark.payload import (binomial_tail, binomial_threshold, chacha20_bytes, decode_bytes, decode_text,
                                      encode_bytes, encode_text, rs_false_decode_probability, seal_text)
-from nodes.watermark.posthoc import (_luma, _template, embed_posthoc, estimate_zoom, haar_dwt,
+from nodes.watermark.posthoc import (MAX_READINGS, _luma, _template, embed_posthoc, estimate_zoom, haar_dwt,
                                      haar_idwt)
 from nodes.watermark.trigger import strip_trigger
 
@@ -86,7 +87,19 @@ def test_posthoc_round_trip_on_natural_images(name):
     found = detect_posthoc_payload(marked, "secret key", None, 1e-3)[0]
     assert found.payload == "Ab3!" and found.detected
     with_truth = detect_posthoc_payload(marked, "secret key", "Ab3!", 1e-6)[0]
-    assert with_truth.bit_accuracy == 1.0 and with_truth.p_value == binomial_tail(64, 64)
+    assert with_truth.bit_accuracy == 1.0 and with_truth.p_value == MAX_READINGS * binomial_tail(64, 64)
+
+
+def test_posthoc_p_value_counts_every_reading_the_detector_may_try(monkeypatch):
+    # Whichever reading the detector keeps, each of the MAX_READINGS it may try was a chance for an unmarked image
+    # to decode: the p-value is the single reading's times MAX_READINGS (a union bound), at most 1.
+    codeword = encode_text("ok", 4, 4)
+    for bits, expected, single in ((codeword, None, rs_false_decode_probability(4, 4, 0)),
+                                   (codeword, "ok", binomial_tail(64, 64)),
+                                   (1 - codeword, "ok", binomial_tail(64, 0))):
+        monkeypatch.setattr(detection, "detect_posthoc", lambda *_, bits=bits, **__: (bits[None], bits[None] - 0.5))
+        found = detect_posthoc_payload(torch.rand(1, 3, 128, 128), "k", expected, 1e-6)[0]
+        assert found.p_value == min(1.0, MAX_READINGS * single), (expected, found)
 
 
 def test_posthoc_survives_jpeg_50_and_brightness():

@@ -381,8 +381,8 @@ def detect_posthoc(image: torch.Tensor, code_bits: int, key: str,
     error-correcting code decides among the readings: no warp, then the template's geometry and its neighbouring
     zooms (``ZOOM_REFINE_STEP``), each read plainly and then deblurred (``DEBLUR_SIGMAS``); the first that
     ``accept`` takes wins; with none taken, the plain un-warped reading. At most :data:`MAX_READINGS` readings
-    are tried, each a chance for an unmarked image to decode: a caller's p-value for a decoded reading is at most
-    that many times the single reading's (union bound).
+    are tried, each a chance for an unmarked image to decode: a caller's p-value is the kept reading's times
+    :data:`MAX_READINGS` (union bound), as :func:`~nodes.watermark.detect.detect_posthoc_payload` reports it.
 
     Args:
         image: (B, 3, H, W) in [0, 1], H and W >= 128.

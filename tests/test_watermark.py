@@ -120,6 +120,15 @@ def test_posthoc_wrong_key_or_unmarked_image_detects_nothing():
         assert not found.detected and found.bit_accuracy < 0.75, found
 
 
+def test_posthoc_flat_image_reads_no_bits_not_the_empty_text():
+    # A black background correlates with nothing: every correlation is exactly 0, and the all-zero word they would
+    # give is a codeword (the empty text). Three of the 1,000 unmarked crops of the robustness test are such.
+    black = torch.zeros(1, 3, 128, 128)
+    found = detect_posthoc_payload(black, "k", None, 1e-3)[0]
+    assert found.payload is None and not found.detected and found.p_value == 1.0
+    assert detect_posthoc_payload(black, "k", "", 1e-3)[0].bit_accuracy == 0.0
+
+
 def test_template_measures_the_zoom_of_a_centre_crop():
     flat = torch.full((3, SIDE, SIDE), 0.5) + _template(SIDE, SIDE, torch.float32) / 255
     for fraction in (1.0, 0.9, 0.8):

@@ -59,14 +59,20 @@ class Detection:
         return f"{self.mode}: {verdict} (p = {self.p_value:.3g} at FPR {self.fpr:g}{accuracy}{payload}{nonce})"
 
 
-def _decide(mode: str, bits: torch.Tensor, expected: str | None, data_bytes: int, parity_bytes: int,
-            fpr: float, readings: int) -> Detection:
-    """The decision on ``bits``, the reading a detector chose among ``readings``: each was a chance for an unmarked
-    image to pass, so the single reading's p-value is multiplied by their number (a union bound)."""
-    text, corrected = decode_text(bits, data_bytes, parity_bytes)
+def _decide(mode: str, bits: torch.Tensor, soft: torch.Tensor, expected: str | None, data_bytes: int,
+            parity_bytes: int, fpr: float, readings: int) -> Detection:
+    """The decision on ``bits`` (their correlations ``soft``), the reading a detector chose among ``readings``: each
+    was a chance for an unmarked image to pass, so the single reading's p-value is multiplied by their number (a
+    union bound).
+
+    A bit whose correlation is exactly 0 was not read (a flat region, such as a black background, correlates with
+    nothing): its 0 is no coin flip, and a word of such zeros is a codeword (the empty text). It counts as wrong
+    against an expected text, and a word holding one does not decode."""
+    read = soft != 0
+    text, corrected = decode_text(bits, data_bytes, parity_bytes) if bool(read.all()) else (None, -1)
     if expected is not None:
         truth = encode_text(expected, data_bytes, parity_bytes)
-        matches = int((bits == truth).sum())
+        matches = int(((bits == truth) & read).sum())
         single = binomial_tail(bits.numel(), matches)
         accuracy = matches / bits.numel()
     else:
@@ -97,10 +103,11 @@ def detect_posthoc_payload(image: torch.Tensor, key: str, expected: str | None, 
     # at the k-th reading multiplied by k bounds the rate only by (1 + 1/2 + … + 1/12) · fpr ≈ 3.1 fpr), and the
     # template that decides whether the zoomed readings are tried is the image's own. A constant factor keeps the
     # bound whatever the image, as NONCE_CANDIDATES does for Gaussian Shading.
-    bits, _ = detect_posthoc(image, POSTHOC_CODE_BITS, key,
-                             accept=lambda b: decode_text(b, POSTHOC_DATA_BYTES, POSTHOC_PARITY_BYTES)[0] is not None)
-    return [_decide("post-hoc", row, expected, POSTHOC_DATA_BYTES, POSTHOC_PARITY_BYTES, fpr, MAX_READINGS)
-            for row in bits]
+    bits, soft = detect_posthoc(
+        image, POSTHOC_CODE_BITS, key,
+        accept=lambda b: decode_text(b, POSTHOC_DATA_BYTES, POSTHOC_PARITY_BYTES)[0] is not None)
+    return [_decide("post-hoc", row, correlations, expected, POSTHOC_DATA_BYTES, POSTHOC_PARITY_BYTES, fpr,
+                    MAX_READINGS) for row, correlations in zip(bits, soft)]
 
 
 def invert_image(image: torch.Tensor, denoiser: Denoiser, codec: LatentCodec, empty: Conditioning,

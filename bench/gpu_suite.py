@@ -615,8 +615,10 @@ def run_part(part: str, settings: Settings, work_dir: str, time_box_s: float) ->
     try:
         import torch
 
-        torch.set_grad_enabled(False)  # inference only, as the executor runs nodes
-        PART_FUNCTIONS[part](settings, work_dir, deadline)
+        # inference only, as the executor runs nodes; scoped, so that a caller in the same process (a test) keeps
+        # its grad mode
+        with torch.no_grad():
+            PART_FUNCTIONS[part](settings, work_dir, deadline)
     except BaseException as error:  # an import error, a device mix, an OOM: the part fails, the suite goes on
         traceback.print_exc()
         record(error=f"{type(error).__name__}: {error}")

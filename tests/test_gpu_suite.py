@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench.gpu_suite import CPU_SMOKE, PART_FUNCTIONS, PARTS, RECORD_PREFIX, run_in_child, run_part
 
@@ -72,3 +73,12 @@ def test_a_part_that_raises_records_its_error_and_exits_non_zero(tmp_path, capsy
     records = [json.loads(line.removeprefix(RECORD_PREFIX)) for line in capsys.readouterr().out.splitlines()
                if line.startswith(RECORD_PREFIX)]
     assert records == [{"error": "RuntimeError: Expected all tensors to be on the same device"}]
+
+
+def test_a_part_runs_without_grad_and_leaves_the_callers_grad_mode_as_it_was(tmp_path, monkeypatch):
+    grad_enabled_inside = []
+    monkeypatch.setitem(PART_FUNCTIONS, "panorama", lambda settings, work_dir, deadline:
+                        grad_enabled_inside.append(torch.is_grad_enabled()))
+    assert run_part("panorama", CPU_SMOKE, str(tmp_path), 60.0) == 0
+    assert grad_enabled_inside == [False]
+    assert torch.is_grad_enabled()  # a leak here made later gradient tests in the same process fail

@@ -44,10 +44,9 @@ COMFYUI_PATH_VARIABLE = "ATELIER_COMFYUI"  # .ci/run sets it where ../shared/com
 DEFAULT_ENVIRONMENT_ROOT = os.path.join(REPO, ".comfyui")  # git-ignored
 CPU_TORCH = "torch==2.13.0"  # the local CPU build; an unpinned torch would pull a CUDA build of several GB
 # Never installed into ComfyUI's venv: torch is installed first and held; no torchvision or torchaudio build
-# matches this torch; spandrel requires torchvision. From Atelier's list, the frontend also stays out: ComfyUI's
-# own frontend pin wins (only the server's API is used here).
+# matches this torch; spandrel requires torchvision. Atelier's requirements.txt (the nodes' runtime) names none of
+# these, nor the frontend: ComfyUI's own frontend pin stays.
 SKIPPED_FROM_COMFYUI = frozenset({"torch", "torchvision", "torchaudio", "spandrel"})
-SKIPPED_FROM_ATELIER = SKIPPED_FROM_COMFYUI | {"comfyui-frontend-package"}
 # Bumped whenever the build steps change, so that an existing environment is brought up to date (the requirement
 # lists and the written files are part of the fingerprint already).
 RECIPE_VERSION = 2
@@ -124,7 +123,7 @@ def filtered_requirements(path: str, skipped: frozenset[str]) -> list[str]:
 def venv_requirements(source: str) -> list[str]:
     """What ComfyUI's venv gets after torch: ComfyUI's requirements, then Atelier's, each with its exclusions."""
     return (filtered_requirements(os.path.join(source, "requirements.txt"), SKIPPED_FROM_COMFYUI)
-            + filtered_requirements(os.path.join(REPO, "requirements.txt"), SKIPPED_FROM_ATELIER))
+            + filtered_requirements(os.path.join(REPO, "requirements.txt"), SKIPPED_FROM_COMFYUI))
 
 
 def _recipe(source: str) -> str:

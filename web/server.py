@@ -74,12 +74,12 @@ CLASSES = web.AppKey("classes", dict)
 
 
 def pinned_frontend_version() -> str:
-    """The frontend version that requirements.txt pins: what /system_stats reports as required."""
-    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as file:
+    """The frontend version that requirements-app.txt pins: what /system_stats reports as required."""
+    with open(os.path.join(ROOT, "requirements-app.txt"), encoding="utf-8") as file:
         for line in file:
             if line.startswith(f"{FRONTEND_PACKAGE}=="):
                 return line.split("==", 1)[1].strip()
-    raise RuntimeError(f"requirements.txt pins no {FRONTEND_PACKAGE} version")
+    raise RuntimeError(f"requirements-app.txt pins no {FRONTEND_PACKAGE} version")
 
 
 def frontend_root() -> str:
@@ -114,7 +114,7 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     """Start the executor's worker thread and the task that sends its events; stop both on shutdown."""
     installed, pinned = importlib.metadata.version(FRONTEND_PACKAGE), pinned_frontend_version()
     if installed != pinned:
-        logger.warning("%s %s is installed but requirements.txt pins %s; run install.py", FRONTEND_PACKAGE,
+        logger.warning("%s %s is installed but requirements-app.txt pins %s; run install.py", FRONTEND_PACKAGE,
                        installed, pinned)
     classes = app[CLASSES]
     executor = Executor(classes)

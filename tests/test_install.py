@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -74,6 +75,21 @@ def test_runtime_requirements_leave_the_editor_to_the_standalone_app_21():
     runtime = " ".join(install.requirement_lines(install.RUNTIME_REQUIREMENTS))
     assert "comfyui-frontend-package" not in runtime and "aiohttp" not in runtime
     assert "comfyui-frontend-package==" in " ".join(install.requirement_lines(install.APP_REQUIREMENTS))
+
+
+def test_pyproject_dependencies_equal_the_runtime_requirements_21():
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as file:
+        pyproject = tomllib.load(file)
+    assert pyproject["project"]["dependencies"] == install.requirement_lines(install.RUNTIME_REQUIREMENTS)
+    assert pyproject["project"]["license"] == {"file": "LICENSE"}
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(pyproject["tool"]["comfy"])
+
+
+def test_license_is_the_gpl_3_text():
+    with open(os.path.join(REPO, "LICENSE")) as file:
+        text = file.read()
+    assert text.lstrip().startswith("GNU GENERAL PUBLIC LICENSE\n                       Version 3, 29 June 2007")
+    assert text.rstrip().endswith("<https://www.gnu.org/licenses/why-not-lgpl.html>.")
 
 
 def test_detect_mode_finds_the_pack_in_a_comfyui_tree(tmp_path):

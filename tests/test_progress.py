@@ -76,9 +76,7 @@ def fake_comfyui(monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.utils", utils)
     monkeypatch.setitem(sys.modules, "comfy.model_management", management)
-    hook._comfy_utils.cache_clear()
     yield updates, state
-    hook._comfy_utils.cache_clear()
 
 
 def test_inside_comfyui_calls_go_to_its_progress_bar(fake_comfyui):

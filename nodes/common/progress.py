@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
-import importlib
 from collections.abc import Iterator
 from typing import Protocol
 
 from PIL import Image
+
+from .comfy_host import comfy_module
 
 PREVIEW_MAX_SIZE = 512  # ComfyUI's default --preview-size; previews are for the eye, not for saving.
 
@@ -105,10 +105,7 @@ def check_interrupt() -> None:
         comfy[1].throw_exception_if_processing_interrupted()
 
 
-@functools.cache  # a failed import searches sys.path again each time; progress is a hot path
 def _comfy_utils():
     """ComfyUI's progress and interrupt modules when we run inside ComfyUI, else None."""
-    try:
-        return importlib.import_module("comfy.utils"), importlib.import_module("comfy.model_management")
-    except ImportError:
-        return None
+    utils = comfy_module("comfy.utils")
+    return None if utils is None else (utils, comfy_module("comfy.model_management"))

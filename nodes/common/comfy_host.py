@@ -1,4 +1,4 @@
-"""Which host the pack runs in, and ComfyUI's own modules when that host is ComfyUI.
+"""Which host the pack runs in, ComfyUI's own modules when that host is ComfyUI, and what we read off its MODEL.
 
 Inside ComfyUI, sockets carry ComfyUI's objects (``interop.md`` §2): a SAMPLER node must output a
 ``comfy.samplers.KSAMPLER``, and a MODEL arrives as a ``ModelPatcher``. Standalone there is no ``comfy`` package.
@@ -16,6 +16,11 @@ from __future__ import annotations
 import importlib
 import sys
 from types import ModuleType
+from typing import Any
+
+import torch
+
+from .denoiser import NoiseSchedule
 
 # ComfyUI imports it (from main.py, through execution.py) before loading custom nodes.
 HOST_MARKER_MODULE = "comfy.model_management"
@@ -37,3 +42,43 @@ def comfy_module(name: str) -> ModuleType | None:
     if not inside_comfyui():
         return None
     return importlib.import_module(name)
+
+
+def comfy_noise_schedule(model: Any) -> NoiseSchedule:
+    """The :class:`NoiseSchedule` of ComfyUI's MODEL (a ``ModelPatcher``), read from its ``model_sampling``.
+
+    ᾱ = 1/(1 + σ²) from the 1000 training sigmas ComfyUI keeps (float32, so ᾱ agrees with the float64 betas' to
+    about 1e-7 relative); the prediction type from the sampling's class (EPS, V_PREDICTION, X0).
+
+    Raises:
+        ValueError: the model is not on a discrete timestep schedule (flow and EDM models, LCM's 50-step table).
+    """
+    model_sampling = model.get_model_object("model_sampling")
+    sampling = comfy_module("comfy.model_sampling")
+    if (not isinstance(model_sampling, sampling.ModelSamplingDiscrete)
+            or model_sampling.sigmas.shape[0] != model_sampling.num_timesteps):
+        raise ValueError("this needs a model on a discrete timestep schedule (SD1, SD2, SDXL); got one whose "
+                         f"model_sampling is {type(model_sampling).__name__}")
+    # V_PREDICTION and X0 derive from EPS, so they are asked first.
+    prediction_types = ((sampling.V_PREDICTION, "v_prediction"), (sampling.X0, "sample"), (sampling.EPS, "epsilon"))
+    prediction_type = next((name for cls, name in prediction_types if isinstance(model_sampling, cls)), None)
+    if prediction_type is None:
+        raise ValueError(f"this needs an epsilon, v or x0 prediction model; got model_sampling "
+                         f"{type(model_sampling).__name__}")
+    sigmas = model_sampling.sigmas.detach().to("cpu", torch.float64)
+    return NoiseSchedule(1 / (1 + sigmas ** 2), prediction_type)
+
+
+def comfy_model_family(model: Any) -> str:
+    """Atelier's family name (``"sd1"``, ``"sd2"``, ``"sdxl"``) of ComfyUI's MODEL, from its model config's class.
+
+    Raises:
+        ValueError: a model of another family (SD3, Flux, ...).
+    """
+    config = model.model.model_config
+    supported = comfy_module("comfy.supported_models")
+    families = (((supported.SDXL, supported.SDXLRefiner), "sdxl"), (supported.SD20, "sd2"), (supported.SD15, "sd1"))
+    family = next((name for classes, name in families if isinstance(config, classes)), None)
+    if family is None:
+        raise ValueError(f"this needs an SD1, SD2 or SDXL model; got a {type(config).__name__} model")
+    return family

@@ -6,6 +6,10 @@ MODEL a :class:`~nodes.models.refs.ModelRef`, CLIP a :class:`~nodes.models.clip.
 :class:`~nodes.common.denoiser.DiffusersCodec`, CONDITIONING ComfyUI's list of ``[embeds, options]``.
 Checkpoints, latents and the VAE go through ComfyUI's core nodes. The sampler offers what ComfyUI's KSampler does
 not: diffusers' TCD, the heavy-ball momentum samplers (HB, GHVB, HB-DPM++2M) and the truncated F-scheduler.
+
+The momentum samplers and the F-scheduler also come as a SAMPLER and SIGMAS for the custom-sampling nodes, in the
+objects of the host that runs them: inside ComfyUI, a ``comfy.samplers.KSAMPLER`` and sigmas from its MODEL's
+``model_sampling``.
 """
 
 from __future__ import annotations
@@ -13,17 +17,17 @@ from __future__ import annotations
 import torch
 
 from ..common.checks import range_errors
-from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
+from ..common.comfy_host import comfy_model_family, comfy_noise_schedule, inside_comfyui
+from ..common.denoiser import DiffusersCodec, DiffusersDenoiser, NoiseSchedule
 from ..common.limits import MAX_CFG, MAX_SEED, MAX_STEPS
 from ..models.clip import Clip
 from ..models.refs import ModelRef
 from ..models.text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt
 from ..sampling.generate import generate
 from ..sampling.guidance import from_conditioning, to_conditioning
-from ..sampling.k_samplers import Sampler
 from ..sampling.latents import INITIAL_NOISE_KEY
-from ..sampling.momentum import MAX_ORDER, MOMENTUM_METHODS, sample_momentum
-from ..sampling.samplers import MOMENTUM_DEFAULTS, MOMENTUM_RANGES, SAMPLERS, SCHEDULERS, check_sampler_settings
+from ..sampling.samplers import (MOMENTUM_DEFAULTS, MOMENTUM_RANGES, SAMPLERS, SCHEDULERS, check_momentum,
+                                 check_sampler_settings, momentum_sampler)
 from ..sampling.schedules import F_SCHEDULER_STEPS, f_scheduler_schedule
 
 CATEGORY = "atelier/generation"
@@ -127,7 +131,8 @@ class AtelierSampler:
 
 class AtelierMomentumSampler:
     DESCRIPTION = ("Heavy-ball momentum samplers (Wizadwongsa et al., ICLR 2024), as a SAMPLER for SamplerCustom: "
-                   "HB-PLMS and GHVB damp the divergence artifacts of few-step sampling at high guidance.")
+                   "HB-PLMS, GHVB and HB-DPM++2M damp the divergence artifacts of few-step sampling at high "
+                   "guidance. Inside ComfyUI it is ComfyUI's own SAMPLER, for its custom-sampling nodes.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("SAMPLER",)
     RETURN_NAMES = ("SAMPLER",)
@@ -137,22 +142,46 @@ class AtelierMomentumSampler:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "method": (list(MOMENTUM_METHODS), {"tooltip": "hb_plms: momentum on PLMS; ghvb: the generalised heavy "
-                                                           "ball (the paper's recommendation)."}),
-            "momentum": ("FLOAT", {"default": MOMENTUM_DEFAULTS["ghvb"], "min": 0.05, "max": MAX_ORDER,
+            "method": (list(MOMENTUM_RANGES), {
+                "tooltip": "hb_plms: momentum on PLMS; ghvb: the generalised heavy ball (the paper's recommendation); "
+                           "hb_dpmpp_2m: momentum on DPM-Solver++(2M)."}),
+            "momentum": ("FLOAT", {"default": MOMENTUM_DEFAULTS["ghvb"], "min": 0.05, "max": MAX_MOMENTUM,
                                    "step": 0.05, "round": 0.001,
-                                   "tooltip": "The momentum number m: order ceil(m), beta m - ceil(m) + 1; 1 is DDIM. "
-                                              f"Paper defaults: hb_plms {MOMENTUM_DEFAULTS['hb_plms']}, "
-                                              f"ghvb {MOMENTUM_DEFAULTS['ghvb']}."}),
+                                   "tooltip": "hb_plms and ghvb: the momentum number m, order ceil(m), beta "
+                                              "m - ceil(m) + 1; 1 is DDIM. hb_dpmpp_2m: beta in (0, 1]; 1 is "
+                                              f"DPM++2M. Defaults: {dict(MOMENTUM_DEFAULTS)}."}),
         }}
 
-    def get_sampler(self, method: str, momentum: float) -> tuple[Sampler]:
-        return (Sampler(sample_momentum, {"method": method, "momentum": momentum}, f"{method} (m={momentum:g})"),)
+    @classmethod
+    def VALIDATE_INPUTS(cls, method: str | None, momentum: float | None) -> bool | str:
+        # Naming momentum switches off its built-in range check (ComfyUI's rule); check_momentum holds it and
+        # hb_dpmpp_2m's narrower one. A linked value is checked when get_sampler runs.
+        if method is None or momentum is None:
+            return True
+        try:
+            check_momentum(method, momentum)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    def get_sampler(self, method: str, momentum: float) -> tuple:
+        return (momentum_sampler(method, momentum).for_host(),)
+
+
+def _schedule_and_family(model) -> tuple[NoiseSchedule, str]:
+    """The noise schedule and family of the MODEL socket's value: Atelier's ModelRef, or ComfyUI's ModelPatcher."""
+    if isinstance(model, ModelRef):
+        return model.model.schedule, model.model.family
+    if not inside_comfyui():
+        raise TypeError(f"model must be a MODEL (Atelier's ModelRef, or ComfyUI's ModelPatcher inside ComfyUI); "
+                        f"got {type(model).__name__}")
+    return comfy_noise_schedule(model), comfy_model_family(model)
 
 
 class AtelierFScheduler:
     DESCRIPTION = ("The F-scheduler's truncated schedule (\"Hyperparameters are all you need\"): 5, 6 or 8 steps that "
-                   "stop at a small non-zero noise level, as SIGMAS for SamplerCustom.")
+                   "stop at a small non-zero noise level, as SIGMAS for SamplerCustom, from the model's own training "
+                   "schedule (Atelier's model, or ComfyUI's inside ComfyUI).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("SIGMAS",)
     RETURN_NAMES = ("SIGMAS",)
@@ -166,9 +195,9 @@ class AtelierFScheduler:
             "steps": (list(F_SCHEDULER_STEPS), {"default": 8, "tooltip": "The paper's step counts."}),
         }}
 
-    def get_sigmas(self, model: ModelRef, steps: int) -> tuple[torch.Tensor]:
-        loaded = model.model
-        _, sigmas = f_scheduler_schedule(loaded.schedule, int(steps), loaded.family)
+    def get_sigmas(self, model, steps: int) -> tuple[torch.Tensor]:
+        schedule, family = _schedule_and_family(model)
+        _, sigmas = f_scheduler_schedule(schedule, int(steps), family)
         return (sigmas.float(),)
 
 
@@ -176,5 +205,5 @@ NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AtelierTextEncode, AtelierS
                                                      AtelierFScheduler)}
 NODE_DISPLAY_NAME_MAPPINGS = {"AtelierTextEncode": "Encode Long Prompt (LongAlign)",
                               "AtelierSampler": "Sampler (Atelier: HB, GHVB, TCD, F-scheduler)",
-                              "AtelierMomentumSampler": "Momentum Sampler (HB, GHVB)",
+                              "AtelierMomentumSampler": "Momentum Sampler (HB, GHVB, HB-DPM++2M)",
                               "AtelierFScheduler": "F-Scheduler"}

@@ -30,7 +30,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..common.comfy_host import comfy_module
 from .model_sampling import DiscreteModelSampling
+from .momentum import HeavyBall
 from .noise import BrownianTreeNoiseSampler, NoiseSampler, default_noise_sampler
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -381,12 +383,19 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, beta=1.0):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): x ← (σ_next/σ)·x − (e^{−h} − 1)·D, with
-    D = (1 + 1/(2r))·x̂₀ − 1/(2r)·x̂₀_prev, r = h_prev/h (first order on the first step and into σ = 0)."""
+    D = (1 + 1/(2r))·x̂₀ − 1/(2r)·x̂₀_prev, r = h_prev/h (first order on the first step and into σ = 0).
+
+    ``beta`` below 1 is HB-DPM++2M (Wizadwongsa et al. 2024): Polyak's heavy ball on the 2M estimate,
+    D ← (1 − β)·D_prev + β·D, its velocity starting at the first 2M estimate, while the first-order steps take x̂₀
+    as it is (the official ``MomentumDPMSolverMultistepScheduler``; :func:`~.dpm_solver.dpmpp_sample` on a VP grid).
+    ``beta`` 1 is ComfyUI's dpmpp_2m, bit for bit (:class:`~.momentum.HeavyBall`).
+    """
     extra_args = {} if extra_args is None else extra_args
     ones = _batch_sigma(x)
     old_denoised = None
+    heavy_ball = HeavyBall(beta)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * ones, **extra_args)
         _report(callback, x, i, sigmas[i], denoised)
@@ -396,7 +405,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
             estimate = denoised
         else:
             r = (lam - _lambda(sigmas[i - 1])) / h
-            estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            estimate = heavy_ball((1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised)
         x = (_sigma_of_lambda(lam_next) / _sigma_of_lambda(lam)) * x - (-h).expm1() * estimate
         old_denoised = denoised
     return x
@@ -1416,6 +1425,16 @@ class Sampler:
         if name not in SAMPLING_FUNCTIONS:
             raise ValueError(f"sampler must be one of {SAMPLER_NAMES}; got {name!r}")
         return cls(SAMPLING_FUNCTIONS[name], dict(options), name, name in FRESH_INPAINT_NOISE_SAMPLERS)
+
+    def for_host(self) -> Any:
+        """This sampler as the host's SAMPLER socket carries it: itself in the standalone app; inside ComfyUI, a
+        ``comfy.samplers.KSAMPLER`` over the same function and options (``interop.md`` §4), which ComfyUI's
+        KSampler family, SamplerCustom and SamplerCustomAdvanced run."""
+        comfy_samplers = comfy_module("comfy.samplers")
+        if comfy_samplers is None:
+            return self
+        return comfy_samplers.KSAMPLER(self.function, extra_options=dict(self.options),
+                                       inpaint_options={"random": self.fresh_inpaint_noise})
 
     def sample(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                model_sampling: DiscreteModelSampling, sigmas: torch.Tensor, noise: torch.Tensor,

@@ -48,7 +48,8 @@ from diffusers import (
 
 from ..common.denoiser import NoiseSchedule
 from .dpm_solver import EpsFn, OnStep, dpmpp_sample
-from .momentum import GeneralizedHeavyBall, PLMSHeavyBall
+from .k_samplers import Sampler, sample_dpmpp_2m
+from .momentum import GeneralizedHeavyBall, PLMSHeavyBall, sample_momentum
 from .schedules import F_SCHEDULER_FAMILIES, F_SCHEDULER_STEPS, f_scheduler_schedule, vp_coefficients
 
 SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "uni_pc", "lcm", "tcd", "hb_plms", "ghvb",
@@ -140,12 +141,48 @@ def check_sampler_settings(sampler: str, scheduler: str, steps: int, *, denoise:
     if int(steps * denoise) < 1:
         raise ValueError(f"denoise × steps must leave at least one step; got denoise={denoise}, steps={steps}")
     if momentum is not None:
-        if sampler not in MOMENTUM_RANGES:
-            raise ValueError(f"momentum applies to the samplers {tuple(MOMENTUM_RANGES)} only; got momentum="
-                             f"{momentum} for {sampler!r}")
-        low, high = MOMENTUM_RANGES[sampler]
-        if not low < momentum <= high:
-            raise ValueError(f"momentum for {sampler!r} must be in ({low}, {high}]; got {momentum}")
+        check_momentum(sampler, momentum)
+
+
+def check_momentum(sampler: str, momentum: float) -> None:
+    """Refuse a momentum knob outside ``MOMENTUM_RANGES[sampler]``, or one given to a sampler without momentum.
+
+    Example:
+        >>> check_momentum("hb_dpmpp_2m", 2.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: momentum for 'hb_dpmpp_2m' must be in (0.0, 1.0]; got 2.5
+    """
+    if sampler not in MOMENTUM_RANGES:
+        raise ValueError(f"momentum applies to the samplers {tuple(MOMENTUM_RANGES)} only; got momentum="
+                         f"{momentum} for {sampler!r}")
+    low, high = MOMENTUM_RANGES[sampler]
+    if not low < momentum <= high:
+        raise ValueError(f"momentum for {sampler!r} must be in ({low}, {high}]; got {momentum}")
+
+
+def momentum_sampler(method: str, momentum: float) -> Sampler:
+    """A momentum sampler as a SAMPLER, in the k-diffusion convention (``k_samplers.py``), for any sigmas.
+
+    HB-PLMS and GHVB step DDIM in the VE form with the momentum direction (:func:`~.momentum.sample_momentum`,
+    knob m); HB-DPM++2M is ComfyUI's DPM-Solver++(2M) with the heavy ball on its estimate
+    (:func:`~.k_samplers.sample_dpmpp_2m`, knob β).
+
+    Args:
+        method: one of ``MOMENTUM_RANGES`` (``"hb_plms"``, ``"ghvb"``, ``"hb_dpmpp_2m"``).
+        momentum: the method's knob, within its range.
+    Returns:
+        The :class:`~.k_samplers.Sampler`; :meth:`~.k_samplers.Sampler.for_host` turns it into ComfyUI's.
+    Raises:
+        ValueError: an unknown method or a knob out of its range.
+    Example:
+        >>> momentum_sampler("hb_dpmpp_2m", 0.8).options
+        {'beta': 0.8}
+    """
+    check_momentum(method, momentum)
+    if method == "hb_dpmpp_2m":
+        return Sampler(sample_dpmpp_2m, {"beta": momentum}, f"{method} (beta={momentum:g})")
+    return Sampler(sample_momentum, {"method": method, "momentum": momentum}, f"{method} (m={momentum:g})")
 
 
 @torch.no_grad()

@@ -44,14 +44,22 @@ def comfyui_environment() -> ComfyUIEnvironment:
     return environment
 
 
-def write_default_init_sd15(out_file: str | os.PathLike, seed: int = 0) -> None:
+# The UNet's last convolution is scaled by this much in the parity checkpoint. With the plain initialisation the
+# image hardly depends on the update rule (dpmpp_2m and euler_ancestral land within 40 dB of euler, the parity
+# target, so a wrong rule could pass); at 4 the samplers' images lie 26 to 43 dB apart (tests/comfyui_parity.py).
+PARITY_OUTPUT_GAIN = 4.0
+
+
+def write_default_init_sd15(out_file: str | os.PathLike, seed: int = 0, output_gain: float = 1.0) -> None:
     """Write a full-size SD1.5 single file (float16) whose weights are the models' own random initialisation.
 
     ``export.write_random_single_file`` draws every tensor at std 0.02, norm scales included, which makes the
     UNet's prediction and the decoded image nearly independent of their inputs: its 64×64 images from two seeds
     differ by about one 8-bit level (47 dB), so no image comparison on it could fail. diffusers' and transformers'
     own initialisation (unit norm scales, fan-in-scaled weights) gives a noisy image that changes with the seed,
-    the prompt, the sigmas and the update rule. Components are built one at a time to bound the memory.
+    the prompt, the sigmas and the update rule. ``output_gain`` scales the UNet's last convolution (weight and
+    bias), which makes the image depend more on the update rule. Components are built one at a time to bound the
+    memory.
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -67,19 +75,23 @@ def write_default_init_sd15(out_file: str | os.PathLike, seed: int = 0) -> None:
                 "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))}
     torch.manual_seed(seed)
     parts = {}
+    gained = ("conv_out.weight", "conv_out.bias")
     for name, build in builders.items():
         model = build()
-        parts[name] = {key: value.half() for key, value in model.state_dict().items() if value.is_floating_point()}
+        state = {key: value * output_gain if name == "unet" and key in gained else value
+                 for key, value in model.state_dict().items() if value.is_floating_point()}
+        parts[name] = {key: value.half() for key, value in state.items()}
         del model
     save_file({key: value.contiguous() for key, value in to_ldm("sd1", parts, configs).items()}, os.fspath(out_file))
 
 
 @pytest.fixture(scope="session")
 def random_sd15_models(tmp_path_factory) -> CheckpointFolder:
-    """A full-size SD1.5 checkpoint with random (default-initialised) weights, seed 0, written once per session."""
+    """A full-size SD1.5 checkpoint with random (default-initialised) weights, seed 0, its UNet's output scaled by
+    :data:`PARITY_OUTPUT_GAIN`, written once per session."""
     folder = tmp_path_factory.mktemp("random_sd15_models")
     os.makedirs(folder / "checkpoints")
-    write_default_init_sd15(folder / "checkpoints" / RANDOM_SD15_NAME, seed=0)
+    write_default_init_sd15(folder / "checkpoints" / RANDOM_SD15_NAME, seed=0, output_gain=PARITY_OUTPUT_GAIN)
     return CheckpointFolder(str(folder), RANDOM_SD15_NAME)
 
 

@@ -1,7 +1,9 @@
-"""Real ComfyUI (v0.3.64, run as a server from its own venv) on the text-to-image prompt of its default workflow.
+"""Real ComfyUI (v0.3.64, run as a server from its own venv) against Atelier on the text-to-image prompt of its
+default workflow (``comfyui_parity.py``).
 
 Skipped where ``ATELIER_COMFYUI`` names no ComfyUI tree (``.ci/run`` sets it when ``../shared/comfyui`` exists).
-The server stays up for the whole module and the random-weight SD1.5 checkpoint is written once per session.
+The server stays up for the whole module and the random-weight SD1.5 checkpoint is written once per session. The
+full sweep of issue 17 (24 sampler/scheduler pairs) is ``bench/comfy_parity.py``; the test runs six of them.
 """
 
 from __future__ import annotations
@@ -15,41 +17,14 @@ from safetensors.torch import save_file
 
 import nodes
 from comfyui_host import ComfyUIError
+from comfyui_parity import (CFG, SEED, STEPS, TARGET_PSNR_DB, TEST_PAIRS, AtelierRunner, only_image, psnr,
+                            txt2img_prompt)
 
-SEED = 42
-STEPS = 4  # few, because a full-size SD1.5 step costs seconds on two CPU cores; enough for multistep rules
-CFG = 7.0
-POSITIVE = "a watercolour lighthouse on a cliff at dusk"
-NEGATIVE = "blurry, text"
-
-
-def txt2img_prompt(checkpoint: str, sampler_name: str = "euler", scheduler: str = "normal", seed: int = SEED,
-                   prefix: str = "parity") -> dict:
-    """ComfyUI's default text-to-image graph in API format (its node ids), at 64×64."""
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": POSITIVE, "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["4", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "3": {"class_type": "KSampler", "inputs": {
-            "seed": seed, "steps": STEPS, "cfg": CFG, "sampler_name": sampler_name, "scheduler": scheduler,
-            "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["8", 0]}},
-    }
-
-
-def psnr(first: np.ndarray, second: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB between two uint8 images of one shape (inf when identical)."""
-    assert first.shape == second.shape, (first.shape, second.shape)
-    mse = np.mean((first.astype(np.float64) - second.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
-
-
-def only_image(images: dict[str, list[np.ndarray]]) -> np.ndarray:
-    """The single image of the prompt's single SaveImage node."""
-    assert list(images) == ["9"] and len(images["9"]) == 1, {node: len(found) for node, found in images.items()}
-    return images["9"][0]
+# Atelier's images for different update rules lie 26 to 43 dB apart on this checkpoint (bench/comfy_parity.py), so
+# the issue's 40 dB could pass a wrong rule; the pairs measure 50 dB and more, and the test holds them to 45. The
+# schedulers' images lie closer (euler with karras is 50 dB from euler with normal): their sigmas are compared
+# with ComfyUI's own functions, exactly, in test_k_samplers.py.
+REQUIRED_PSNR_DB = 45.0
 
 
 def test_comfyui_runs_the_prompt_deterministically(comfyui_server, random_sd15_models):
@@ -82,3 +57,41 @@ def test_comfyui_hosts_every_atelier_node(comfyui_server):
     missing = set(nodes.NODE_CLASS_MAPPINGS) - comfyui_server.node_types()
     assert not missing, f"ComfyUI lacks {sorted(missing)}; its log:\n{comfyui_server.log_tail()}"
 
+
+@pytest.fixture(scope="module")
+def atelier(random_sd15_models, tmp_path_factory) -> AtelierRunner:
+    return AtelierRunner(random_sd15_models.path, str(tmp_path_factory.mktemp("atelier_data")))
+
+
+@pytest.fixture(scope="module")
+def psnr_table(request) -> dict[tuple[str, str], float]:
+    """PSNR per (sampler, scheduler), printed as a table after the module's tests."""
+    table: dict[tuple[str, str], float] = {}
+    yield table
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"PSNR, ComfyUI v0.3.64 vs Atelier, random SD1.5, 64x64, {STEPS} steps, cfg {CFG}, seed {SEED}:",
+             f"{'sampler':<16} {'scheduler':<17} PSNR (dB)"]
+    lines += [f"{sampler:<16} {scheduler:<17} {value:8.2f}" for (sampler, scheduler), value in table.items()]
+    write = reporter.write_line if reporter else print
+    for line in lines:
+        write(line)
+
+
+def test_atelier_runs_the_prompt_deterministically(atelier, random_sd15_models):
+    """Atelier's side is deterministic: the same image again after its executor drops every cached result."""
+    first = only_image(atelier.run(txt2img_prompt(random_sd15_models.checkpoint)))
+    atelier.executor.free()
+    again = only_image(atelier.run(txt2img_prompt(random_sd15_models.checkpoint, prefix="again")))
+    np.testing.assert_array_equal(again, first)
+
+
+@pytest.mark.parametrize("sampler_name,scheduler", TEST_PAIRS)
+def test_atelier_matches_comfyui(comfyui_server, atelier, random_sd15_models, psnr_table, sampler_name, scheduler):
+    """The same prompt, checkpoint and seed give ComfyUI's picture, up to float32 arithmetic."""
+    prompt = txt2img_prompt(random_sd15_models.checkpoint, sampler_name, scheduler,
+                            prefix=f"{sampler_name}-{scheduler}")
+    theirs = only_image(comfyui_server.run(prompt))
+    ours = only_image(atelier.run(prompt))
+    psnr_table[sampler_name, scheduler] = value = psnr(ours, theirs)
+    print(f"{sampler_name}/{scheduler}: {value:.2f} dB")  # shown by -rA, also when the run stops before the table
+    assert value >= max(REQUIRED_PSNR_DB, TARGET_PSNR_DB), f"{sampler_name}/{scheduler}: {value:.2f} dB"

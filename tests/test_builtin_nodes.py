@@ -296,11 +296,11 @@ def test_save_image_pixels_round_trip_through_load_image(folders, node):
         torch.testing.assert_close(loaded[0], images[index], atol=1e-6, rtol=0)
 
 
-def test_save_image_rounds_to_the_nearest_8_bit_level_and_clips(folders, node):
-    images = torch.tensor([[[[0.6 / 255, 10.4 / 255, 200.5001 / 255], [-0.2, 1.3, 0.5]]]])
+def test_save_image_truncates_to_8_bit_levels_and_clips_as_comfyui_does(folders, node):
+    images = torch.tensor([[[[0.6 / 255, 10.4 / 255, 200.9 / 255], [-0.2, 1.3, 0.5]]]])
     saved = node("SaveImage")().save_images(images, "levels")["ui"]["images"]
     with Image.open(os.path.join(folders.output, saved[0]["filename"])) as png:
-        assert np.asarray(png).tolist() == [[[1, 10, 201], [0, 255, 128]]]
+        assert np.asarray(png).tolist() == [[[0, 10, 200], [0, 255, 127]]]
 
 
 def test_save_image_embeds_prompt_and_workflow_as_text_chunks(folders, node):

@@ -215,11 +215,15 @@ def _row_bands(image: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _as_8_bit(image: torch.Tensor) -> Image.Image:
-    """One IMAGE (H, W, 3) as an 8-bit Pillow image, converted band by band: no full-size float copy."""
+    """One IMAGE (H, W, 3) as an 8-bit Pillow image, converted band by band: no full-size float copy.
+
+    Levels are truncated, not rounded, as ComfyUI's SaveImage does (``uint8(clip(255 x))``): rounding would move
+    about half the pixels of every image by one level from ComfyUI's file for the same workflow and seed.
+    """
     result = Image.new("RGB", (image.shape[1], image.shape[0]))
     top = 0
     for band in _row_bands(image.detach()):
-        levels = band.to("cpu", torch.float32, copy=True).clamp_(0, 1).mul_(255).round_().to(torch.uint8).numpy()
+        levels = band.to("cpu", torch.float32, copy=True).clamp_(0, 1).mul_(255).to(torch.uint8).numpy()
         result.paste(Image.fromarray(levels), (0, top))
         top += band.shape[0]
     return result

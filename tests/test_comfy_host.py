@@ -60,7 +60,8 @@ class KSAMPLER:
     """Stands in for comfy.samplers.KSAMPLER: keeps what it was built with."""
 
     def __init__(self, sampler_function, extra_options={}, inpaint_options={}):  # noqa: B006  (ComfyUI's signature)
-        self.sampler_function, self.extra_options, self.inpaint_options = sampler_function, extra_options, inpaint_options
+        self.sampler_function = sampler_function
+        self.extra_options, self.inpaint_options = extra_options, inpaint_options
 
 
 class ModelPatcher:

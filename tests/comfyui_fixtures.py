@@ -46,7 +46,7 @@ def comfyui_environment() -> ComfyUIEnvironment:
 
 # The UNet's last convolution is scaled by this much in the parity checkpoint. With the plain initialisation the
 # image hardly depends on the update rule (dpmpp_2m and euler_ancestral land within 40 dB of euler, the parity
-# target, so a wrong rule could pass); at 4 the samplers' images lie 26 to 43 dB apart (tests/comfyui_parity.py).
+# target, so a wrong rule could pass); at 4 the samplers' images lie 17 to 43 dB apart (bench/comfy_parity.py).
 PARITY_OUTPUT_GAIN = 4.0
 
 

@@ -27,6 +27,7 @@ base grid a quarter of the time; here the offsets run a seeded shuffled cycle th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -210,6 +211,53 @@ class TileSettings:
             raise ValueError(f"offset_stride must be in [1, tile={self.tile}]; got {self.offset_stride}")
 
 
+class TilePlanner:
+    """The tiles and normalised weights of each step on a latent of each size, computed once and cached.
+
+    In ``"shifted"`` mode the plan of step n uses :func:`shifted_offset` of n; the other modes ignore the step.
+    """
+
+    def __init__(self, settings: TileSettings):
+        self.settings = settings
+        self._plans: dict[tuple, tuple[list[Tile], list[torch.Tensor]]] = {}
+
+    def __call__(self, height: int, width: int, step: int) -> tuple[list[Tile], list[torch.Tensor]]:
+        s = self.settings
+        offset = shifted_offset(step, s.tile, s.offset_stride, s.seed) if s.mode == "shifted" else (0, 0)
+        key = (height, width, offset)
+        if key not in self._plans:
+            tiles = plan_tiles(height, width, s.tile, s.overlap, s.mode, offset)
+            self._plans[key] = tiles, blend_weights(tiles, height, width, s.mode)
+        return self._plans[key]
+
+
+def blend_tiles(x: torch.Tensor, tiles: list[Tile], weights: list[torch.Tensor], tile_batch_size: int,
+                evaluate: Callable[[torch.Tensor, list[Tile]], torch.Tensor]) -> torch.Tensor:
+    """Evaluate ``x`` tile by tile, ``tile_batch_size`` tiles per call, and blend the predictions.
+
+    Args:
+        x: (B, C, H, W) the input every tile is cropped from.
+        tiles, weights: a plan of :class:`TilePlanner` (weights summing to 1 at every pixel of H × W).
+        tile_batch_size: tiles per ``evaluate`` call, >= 1.
+        evaluate: ``evaluate(crops, chunk)``: the prediction for ``crops``, the chunk's tiles of ``x`` stacked
+            tile-major on the batch axis ((len(chunk)·B, C, h, w)); it returns the same shape.
+    Returns:
+        (B, C, H, W) the blended prediction, in ``x``'s dtype. With one tile covering ``x`` its weight is exactly 1,
+        so the result is ``evaluate``'s on ``x`` itself, bit for bit.
+    """
+    batch = x.shape[0]
+    out = torch.zeros_like(x)
+    for first in range(0, len(tiles), tile_batch_size):
+        chunk = tiles[first:first + tile_batch_size]
+        crops = torch.cat([x[..., top:top + h, left:left + w] for top, left, h, w in chunk])
+        prediction = evaluate(crops, chunk)
+        for (top, left, h, w), weight, part in zip(chunk, weights[first:first + tile_batch_size],
+                                                   prediction.split(batch)):
+            out[..., top:top + h, left:left + w] += part * weight.to(part.device, part.dtype)
+        check_interrupt()
+    return out
+
+
 class TiledDenoiser:
     """A :class:`~nodes.common.denoiser.Denoiser` that runs ``denoiser`` tile by tile and blends the tiles.
 
@@ -236,35 +284,18 @@ class TiledDenoiser:
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
         self.settings = settings
+        self.plan = TilePlanner(settings)
         self.tiles_per_call: list[int] = []
-        self._weights: dict[tuple, tuple[list[Tile], list[torch.Tensor]]] = {}
-
-    def plan(self, height: int, width: int, step: int) -> tuple[list[Tile], list[torch.Tensor]]:
-        """The tiles and normalised weights of call ``step`` on a ``height`` × ``width`` latent (cached)."""
-        s = self.settings
-        offset = shifted_offset(step, s.tile, s.offset_stride, s.seed) if s.mode == "shifted" else (0, 0)
-        key = (height, width, offset)
-        if key not in self._weights:
-            tiles = plan_tiles(height, width, s.tile, s.overlap, s.mode, offset)
-            self._weights[key] = tiles, blend_weights(tiles, height, width, s.mode)
-        return self._weights[key]
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        batch, height, width = x_t.shape[0], x_t.shape[-2], x_t.shape[-1]
-        tiles, weights = self.plan(height, width, len(self.tiles_per_call))
+        tiles, weights = self.plan(x_t.shape[-2], x_t.shape[-1], len(self.tiles_per_call))
         self.tiles_per_call.append(len(tiles))
-        conditioning = conditioning.repeat_to(batch)
-        out = torch.zeros_like(x_t)
-        size = self.settings.tile_batch_size
-        for first in range(0, len(tiles), size):
-            chunk = tiles[first:first + size]
-            crops = torch.cat([x_t[..., top:top + h, left:left + w] for top, left, h, w in chunk])
-            prediction = self.denoiser(crops, t.repeat(len(chunk)), Conditioning.cat([conditioning] * len(chunk)))
-            for (top, left, h, w), weight, part in zip(chunk, weights[first:first + size],
-                                                       prediction.split(batch)):
-                out[..., top:top + h, left:left + w] += part * weight.to(part.device, part.dtype)
-            check_interrupt()
-        return out
+        conditioning = conditioning.repeat_to(x_t.shape[0])
+
+        def evaluate(crops: torch.Tensor, chunk: list[Tile]) -> torch.Tensor:
+            return self.denoiser(crops, t.repeat(len(chunk)), Conditioning.cat([conditioning] * len(chunk)))
+
+        return blend_tiles(x_t, tiles, weights, self.settings.tile_batch_size, evaluate)
 
 
 def tile_calls_per_step(height: int, width: int, settings: TileSettings, steps: int) -> float:

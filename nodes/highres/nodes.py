@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from ..common.checks import range_errors
+from ..common.comfy_host import comfy_model_family, inside_comfyui
 from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
 from ..common.images import to_channels_first
 from ..common.paths import confine
@@ -28,6 +29,7 @@ from ..sampling.samplers import SAMPLERS, SCHEDULERS, check_sampler_settings
 from .generate import SCHEDULES, generate_large, plan_stages
 from .linfusion import LayerConfig, linfusion_config, load_linfusion, mounted
 from .tiling import MODES, TiledDenoiser, TileSettings
+from .unet_wrapper import TiledUnetWrapper
 
 CATEGORY = "atelier/highres"
 LINFUSION_FOLDER = "linfusion"  # models/linfusion: the published diffusion_pytorch_model.safetensors, renamed
@@ -37,6 +39,9 @@ DEFAULT_TILE_PX = 512  # Source: FSTD's 64-latent tile (highres.md §2.1)
 DEFAULT_OVERLAP_PX = 128  # 16 latent; Source: the A1111 wiki's 16–32 latent for Mixture of Diffusers
 DEFAULT_OFFSET_STRIDE_PX = 256  # 32 latent; Source: FSTD's offset_stride for T = 64
 VAE_OVERLAP_DIVISOR = 8  # VAE tiles overlap by 1/8 of their side: the VAE Decode node's 64 px at 512 px
+# The VAE of every family ComfyUI's MODEL may be here (SD1, SD2, SDXL: comfy_model_family checks) has 8 pixels
+# to a latent pixel; the MODEL socket carries no VAE to ask.
+SD_LATENT_DOWNSCALE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,10 +264,63 @@ class AtelierTiled16KGenerator:
         return image, "\n".join(report.line() for report in reports)
 
 
+class AtelierTiledDiffusion:
+    """Tiled diffusion as a MODEL → MODEL patch: the user's own KSampler or SamplerCustomAdvanced then samples
+    tile by tile (``interop.md`` §4).
+
+    Inside ComfyUI the incoming ModelPatcher is cloned (the clone shares its weights) and the clone's UNet call
+    is wrapped by :class:`~.unet_wrapper.TiledUnetWrapper`: each call cuts the latent into tiles, runs them in
+    batches and blends them with the tiled sampler's weights (:mod:`.tiling`). Inpainting models' spatial
+    conditioning is cropped per tile; ControlNet is not supported (the run raises).
+
+    Standalone, Atelier's MODEL (a ``ModelRef``: a shared loaded model and its LoRAs) has no hook on the UNet
+    call, so this node raises there and points to the Tiled Sampler, which samples with the same tiling; a hook
+    on ModelRef that its guider honours would let this node serve both hosts.
+    """
+
+    DESCRIPTION = ("Patches a MODEL so that every sampler evaluates it tile by tile and blends the tiles (Mixture "
+                   "of Diffusers, MultiDiffusion or FSTD-style shifted tiles): sample large latents with your own "
+                   "KSampler. Inside ComfyUI; standalone, use the Tiled Sampler. No ControlNet.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A copy of the model that samples tile by tile; the input model is unchanged.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to tile (SD1, SD2 or SDXL)."}),
+            **_tiling_inputs(),
+            "offset_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1,
+                                    "tooltip": "Shifted mode: seeds the shuffled cycle of grid offsets."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_size: int | None, overlap: int | None, offset_stride: int | None) -> bool | str:
+        return _validate(cls, {"tile_size": tile_size, "overlap": overlap, "offset_stride": offset_stride})
+
+    def patch(self, model, mode: str, tile_size: int, overlap: int, offset_stride: int, tile_batch_size: int,
+              offset_seed: int) -> tuple:
+        if isinstance(model, ModelRef) or not inside_comfyui():
+            raise TypeError("AtelierTiledDiffusion patches ComfyUI's MODEL and runs inside ComfyUI; Atelier's own "
+                            "MODEL has no UNet-call hook: use the Tiled Sampler (AtelierTiledSample) standalone")
+        comfy_model_family(model)  # SD1, SD2 or SDXL, so SD_LATENT_DOWNSCALE holds
+        if "model_function_wrapper" in model.model_options:
+            raise ValueError("this MODEL already has a UNet-call wrapper (another patch); tiled diffusion would "
+                             "replace it: apply only one of them")
+        settings = _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, offset_seed,
+                                  SD_LATENT_DOWNSCALE)
+        patched = model.clone()
+        patched.set_model_unet_function_wrapper(TiledUnetWrapper(settings))
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AtelierTiledSample, AtelierLoadLinFusion,
-                                                     AtelierTiled16KGenerator)}
+                                                     AtelierTiled16KGenerator, AtelierTiledDiffusion)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierTiledSample": "Tiled Sampler (Atelier)",
     "AtelierLoadLinFusion": "Load LinFusion (Atelier)",
     "AtelierTiled16KGenerator": "Tiled 16K Generator (Atelier)",
+    "AtelierTiledDiffusion": "Tiled Diffusion Patch (Atelier)",
 }

@@ -2,8 +2,8 @@
 
 A technique calls a denoiser with ``(x_t, t, conditioning)`` and gets the model's raw prediction, in the
 family's prediction type; :class:`NoiseSchedule` converts it to the noise ε that samplers step with. diffusers
-is the first implementation (:class:`DiffusersDenoiser`); an adapter for ComfyUI's own MODEL can come later
-behind the same two protocols, so keep them small.
+is the first implementation (:class:`DiffusersDenoiser`); ComfyUI's own MODEL and VAE stand behind the same two
+protocols through ``nodes/models/comfy_adapters.py``, so keep them small.
 
 Notation (as in ``techniques.md`` §4): ᾱ_t = ``alphas_cumprod[t]``; the VP noise std σ_t = √(1−ᾱ_t); the VE
 sigma s_t = σ_t / √ᾱ_t; ε is the noise prediction after classifier-free guidance.
@@ -203,6 +203,7 @@ class DiffusersDenoiser:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         dtype = self.dtype
+        conditioning = conditioning.to(x_t.device)  # text encoders leave it on the CPU, as ComfyUI's do
         added = None
         if conditioning.pooled is not None:  # SDXL's micro-conditioning
             added = {"text_embeds": conditioning.pooled.to(dtype), "time_ids": conditioning.time_ids.to(dtype)}

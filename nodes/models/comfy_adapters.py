@@ -1,0 +1,157 @@
+"""ComfyUI's MODEL, VAE and CLIP behind Atelier's protocols (``nodes/common/denoiser.py``), and the one place that
+turns whatever arrives on those sockets into a :class:`Denoiser`, a :class:`LatentCodec` and a
+:class:`Conditioning`.
+
+A technique is written once, against the protocols (``interop.md`` §1, §3). Standalone, the sockets carry Atelier's
+own objects (a :class:`ModelRef`, a :class:`DiffusersCodec`, a :class:`Clip`); inside ComfyUI they carry a
+``ModelPatcher``, a ``comfy.sd.VAE`` and a ``comfy.sd.CLIP``, which the adapters here wrap. Nothing here imports
+``comfy`` at import time: ComfyUI's classes come from :func:`comfy_module` when they are needed.
+
+The denoiser adapter calls the model as ComfyUI's samplers do, ``apply_model(x, σ, ...)`` in the k-diffusion view
+(x_VE = x_VP/√ᾱ, σ = √((1−ᾱ)/ᾱ)), so that the model's own ``model_sampling`` turns its ε, v or x0 output into x̂₀,
+and the user's patches (LoRAs, the UNet wrapper, attention patches) act as they would in their KSampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..common.comfy_host import comfy_model_family, comfy_module, comfy_noise_schedule
+from ..common.denoiser import Conditioning, Denoiser, DiffusersCodec, DiffusersDenoiser, LatentCodec
+from .clip import Clip
+from .refs import ModelRef
+from .text import encode_prompt
+
+# The families whose ComfyUI model needs nothing but cross-attention states (and an inpainting model's concat):
+# SDXL's adm vector ``y`` is not built here yet (#21).
+ADAPTED_FAMILIES = ("sd1", "sd2")
+# calc_cond_batch's marker for a conditional chunk (comfy/samplers.py: COND = 0); patches read it per chunk.
+COND_CHUNK = 0
+
+
+class ComfyDenoiser:
+    """:class:`Denoiser` over ComfyUI's MODEL (a ``ModelPatcher``).
+
+    Its predictions are x̂₀ (``schedule.prediction_type`` is "sample") whatever the network predicts: the model's
+    ``apply_model`` returns x̂₀ through its own ``model_sampling``, and :meth:`NoiseSchedule.eps_from_prediction`
+    recovers ε from it exactly. Inputs go to the model's device and the prediction comes back to the caller's.
+    """
+
+    def __init__(self, patcher: Any):
+        """
+        Raises:
+            ValueError: a model that is not SD1 or SD2, or not on a discrete ε, v or x0 schedule.
+        """
+        family = comfy_model_family(patcher)
+        if family not in ADAPTED_FAMILIES:
+            raise ValueError(f"ComfyUI's model is adapted for the families {ADAPTED_FAMILIES}; got {family!r}")
+        self.patcher = patcher
+        self.schedule = dataclasses.replace(comfy_noise_schedule(patcher), prediction_type="sample")
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        if conditioning.pooled is not None:
+            raise ValueError("conditioning with pooled embeddings and time ids (SDXL) cannot drive an "
+                             f"{'/'.join(ADAPTED_FAMILIES)} model; got pooled {tuple(conditioning.pooled.shape)}")
+        # Every call, not once: a VAE encode or another model may have evicted this one since.
+        comfy_module("comfy.model_management").load_models_gpu([self.patcher])
+        device = self.patcher.load_device
+        alpha_bar = self.schedule.alpha_bar(t.expand(x_t.shape[0]) if t.ndim == 0 else t)
+        sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+        x_ve = x_t.double() / alpha_bar.sqrt().reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.device)
+        conditioning = conditioning.repeat_to(x_t.shape[0]).to(device)
+        options = self.patcher.model_options
+        transformer_options = {**options.get("transformer_options", {}), "sigmas": sigma.float().to(device),
+                               "cond_or_uncond": [COND_CHUNK]}
+        arguments = {"c_crossattn": conditioning.embeds, "transformer_options": transformer_options}
+        if conditioning.concat is not None:
+            arguments["c_concat"] = conditioning.concat
+        x_in, sigma_in = x_ve.float().to(device), sigma.float().to(device)
+        with torch.no_grad():
+            if "model_function_wrapper" in options:  # the user's UNet wrapper, called as calc_cond_batch calls it
+                denoised = options["model_function_wrapper"](self.patcher.model.apply_model, {
+                    "input": x_in, "timestep": sigma_in, "c": arguments, "cond_or_uncond": [COND_CHUNK]})
+            else:
+                denoised = self.patcher.model.apply_model(x_in, sigma_in, **arguments)
+        return denoised.to(x_t.device, x_t.dtype)
+
+
+class ComfyCodec:
+    """:class:`LatentCodec` over a ``comfy.sd.VAE``, with the latent scaling of the MODEL it goes with (ComfyUI keeps
+    the scale in the model's ``latent_format``, not in the VAE)."""
+
+    def __init__(self, vae: Any, latent_format: Any):
+        """
+        Raises:
+            ValueError: a VAE whose downscale is not one integer factor (video and audio VAEs).
+        """
+        if isinstance(vae.downscale_ratio, bool) or not isinstance(vae.downscale_ratio, int):
+            raise ValueError(f"the VAE must downscale images by one integer factor; got {vae.downscale_ratio!r}")
+        self.vae = vae
+        self.latent_channels = vae.latent_channels
+        self.downscale = vae.downscale_ratio
+        self.scaling_factor = float(latent_format.scale_factor)
+        # ComfyUI's LatentFormat has a shift only where its process_in subtracts one (SD3, Flux); SD's has none.
+        self.shift_factor = float(getattr(latent_format, "shift_factor", 0.0))
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, H/f, W/f) of images (B, 3, H, W) in 0..1; ComfyUI's VAE takes IMAGE's (B, H, W, 3)."""
+        return self.vae.encode(image.movedim(1, -1)).float()
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in 0..1 of latents (B, C, h, w); ComfyUI's VAE returns IMAGE's (B, H, W, 3)."""
+        return self.vae.decode(latent).movedim(-1, 1).float()
+
+
+def _comfy_class(module: str, name: str) -> type | None:
+    """ComfyUI's class ``module.name`` inside ComfyUI; None standalone."""
+    found = comfy_module(module)
+    return None if found is None else getattr(found, name)
+
+
+def _is_comfy(value: Any, module: str, name: str) -> bool:
+    cls = _comfy_class(module, name)
+    return cls is not None and isinstance(value, cls)
+
+
+@contextlib.contextmanager
+def denoiser_and_codec(model: Any, vae: Any) -> Iterator[tuple[Denoiser, LatentCodec]]:
+    """The :class:`Denoiser` and :class:`LatentCodec` of what arrived on a MODEL and a VAE socket.
+
+    Atelier's :class:`ModelRef` and :class:`DiffusersCodec` (standalone) hold the model's lock, with the ref's LoRAs,
+    for the ``with`` block; ComfyUI's ``ModelPatcher`` and ``comfy.sd.VAE`` are wrapped in :class:`ComfyDenoiser`
+    and :class:`ComfyCodec`, whose memory ComfyUI manages.
+
+    Raises:
+        TypeError: the two are not both Atelier's or both ComfyUI's.
+        ValueError: ComfyUI's model is of a family the adapter does not serve (see :class:`ComfyDenoiser`).
+    """
+    if isinstance(model, ModelRef) and isinstance(vae, DiffusersCodec):
+        with model.in_use() as loaded:
+            yield DiffusersDenoiser(loaded.unet, loaded.schedule), vae
+    elif _is_comfy(model, "comfy.model_patcher", "ModelPatcher") and _is_comfy(vae, "comfy.sd", "VAE"):
+        yield ComfyDenoiser(model), ComfyCodec(vae, model.get_model_object("latent_format"))
+    else:
+        raise TypeError("model and vae must both be Atelier's (standalone: a loaded checkpoint and its codec) or "
+                        f"both ComfyUI's (a ModelPatcher and a comfy.sd.VAE); got {type(model).__name__} and "
+                        f"{type(vae).__name__}")
+
+
+def text_conditioning(clip: Any, text: str) -> Conditioning:
+    """The :class:`Conditioning` (batch 1) of ``text`` from what arrived on a CLIP socket: Atelier's :class:`Clip`
+    encodes as Atelier's samplers do (:func:`encode_prompt`); ComfyUI's ``comfy.sd.CLIP`` through its tokenizer and
+    ``encode_from_tokens``, for an SD1 or SD2 model (the cross-attention states alone).
+
+    Raises:
+        TypeError: neither.
+    """
+    if isinstance(clip, Clip):
+        with clip.ref.in_use() as loaded:
+            return encode_prompt(loaded.tokenizers, loaded.text_encoders, loaded.family, text)
+    if _is_comfy(clip, "comfy.sd", "CLIP"):
+        return Conditioning(clip.encode_from_tokens(clip.tokenize(text)))
+    raise TypeError(f"clip must be Atelier's CLIP (standalone) or ComfyUI's comfy.sd.CLIP; got {type(clip).__name__}")

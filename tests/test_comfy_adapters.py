@@ -1,0 +1,234 @@
+"""The adapters of ComfyUI's MODEL, VAE and CLIP (``nodes/models/comfy_adapters.py``), without ComfyUI: stand-in
+``comfy`` modules in ``sys.modules`` put the process on ComfyUI's side, as ``test_comfy_host.py`` does, and a
+stand-in model samples as ComfyUI's ``model_sampling`` does (k-diffusion view: the network sees
+x/√(σ² + 1), ε-models give x̂₀ = x − σ·ε, v-models x̂₀ = x/(σ² + 1) − v·σ/√(σ² + 1)). Real ComfyUI runs them in
+``test_comfy_pack_watermark.py``."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from nodes.common.denoiser import Conditioning, DiffusersCodec, NoiseSchedule
+from nodes.models.comfy_adapters import ComfyCodec, ComfyDenoiser, denoiser_and_codec, text_conditioning
+from nodes.sampling.model_sampling import beta_schedule_alphas_cumprod
+
+SD_ALPHAS = beta_schedule_alphas_cumprod()
+
+
+class ModelSamplingDiscrete:
+    """Stands in for comfy.model_sampling.ModelSamplingDiscrete: float32 VE sigmas and the σ ↔ t map (nearest
+    training timestep in log σ)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor = SD_ALPHAS):
+        self.sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float()
+        self.num_timesteps = self.sigmas.shape[0]
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (sigma.log()[None, :] - self.sigmas.log()[:, None]).abs().argmin(dim=0).float()
+
+    def calculate_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x / (sigma ** 2 + 1).sqrt().reshape(-1, 1, 1, 1)
+
+
+class EPS:
+    def calculate_denoised(self, sigma, output, x):
+        return x - output * sigma.reshape(-1, 1, 1, 1)
+
+
+class V_PREDICTION(EPS):  # noqa: N801  (ComfyUI's class names)
+    def calculate_denoised(self, sigma, output, x):
+        sigma = sigma.reshape(-1, 1, 1, 1)
+        return x / (sigma ** 2 + 1) - output * sigma / (sigma ** 2 + 1).sqrt()
+
+
+class X0(EPS):
+    pass
+
+
+class SD15:
+    pass
+
+
+class SD20:
+    pass
+
+
+class SDXL:
+    pass
+
+
+class SDXLRefiner:
+    pass
+
+
+def network(x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The stand-in UNet's raw output: depends on the input, the timestep and the text."""
+    return 0.7 * x + 0.001 * timestep.reshape(-1, 1, 1, 1) + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+
+
+class BaseModel:
+    """Stands in for comfy.model_base.BaseModel.apply_model: x̂₀ from x and σ through its model_sampling."""
+
+    def __init__(self, model_sampling, model_config):
+        self.model_sampling = model_sampling
+        self.model_config = model_config
+        self.calls = []
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, transformer_options={}):  # noqa: B006
+        self.calls.append({"sigma": t, "transformer_options": transformer_options})
+        xc = self.model_sampling.calculate_input(t, x)
+        if c_concat is not None:
+            xc = torch.cat([xc, c_concat], dim=1)[:, :x.shape[1]]
+        return self.model_sampling.calculate_denoised(t, network(xc, self.model_sampling.timestep(t), c_crossattn), x)
+
+
+class ModelPatcher:
+    """Stands in for ComfyUI's MODEL."""
+
+    def __init__(self, prediction=EPS, config=SD15, model_options=None):
+        sampling = type("ModelSampling", (ModelSamplingDiscrete, prediction), {})()
+        self.model = BaseModel(sampling, config())
+        self.model_options = model_options or {}
+        self.load_device = torch.device("cpu")
+        self.latent_format = types.SimpleNamespace(scale_factor=0.18215)
+
+    def get_model_object(self, name):
+        return {"model_sampling": self.model.model_sampling, "latent_format": self.latent_format}[name]
+
+
+class VAE:
+    """Stands in for comfy.sd.VAE: IMAGE (B, H, W, 3) in, latents out (a fixed linear map per 8×8 block)."""
+
+    latent_channels, downscale_ratio = 4, 8
+
+    def encode(self, pixels):
+        assert pixels.shape[-1] == 3, pixels.shape  # ComfyUI's VAE takes channels last
+        pooled = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
+        return torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1)
+
+    def decode(self, latent):
+        return torch.nn.functional.interpolate(latent[:, :3], scale_factor=8).movedim(1, -1)
+
+
+class CLIP:
+    """Stands in for comfy.sd.CLIP: tokens and a (1, 77, 8) encoding that depends on the text."""
+
+    def tokenize(self, text):
+        return {"l": [[(len(text), 1.0)]]}
+
+    def encode_from_tokens(self, tokens):
+        return torch.full((1, 77, 8), float(tokens["l"][0][0][0]))
+
+
+@pytest.fixture
+def inside_comfy(monkeypatch):
+    """The stand-in comfy modules in sys.modules, as ComfyUI has them when it runs the pack; records the models
+    load_models_gpu was asked for."""
+    loaded = []
+    names = ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.model_sampling", "comfy.sd",
+             "comfy.supported_models")
+    modules = {name: types.ModuleType(name) for name in names}
+    modules["comfy.model_management"].load_models_gpu = lambda models: loaded.append(list(models))
+    modules["comfy.model_patcher"].ModelPatcher = ModelPatcher
+    modules["comfy.sd"].VAE, modules["comfy.sd"].CLIP = VAE, CLIP
+    for cls in (ModelSamplingDiscrete, EPS, V_PREDICTION, X0):
+        setattr(modules["comfy.model_sampling"], cls.__name__, cls)
+    for cls in (SD15, SD20, SDXL, SDXLRefiner):
+        setattr(modules["comfy.supported_models"], cls.__name__, cls)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return loaded
+
+
+def _inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(batch, 4, 8, 8, generator=generator)
+    t = torch.tensor([20.0, 981.0][:batch])
+    return x_t, t, Conditioning(torch.randn(1, 77, 8, generator=generator))
+
+
+def test_comfy_denoiser_gives_an_eps_models_own_eps(inside_comfy):
+    """For an ε-model the network sees x_VE/√(σ² + 1) = x_VP, so the ε the adapter's x̂₀ implies is the network's."""
+    x_t, t, conditioning = _inputs()
+    denoiser = ComfyDenoiser(ModelPatcher(EPS))
+    eps = denoiser.schedule.eps_from_prediction(x_t, t, denoiser(x_t, t, conditioning))
+    torch.testing.assert_close(eps, network(x_t, t, conditioning.embeds.expand(2, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+def test_comfy_denoiser_gives_the_eps_a_v_models_v_implies(inside_comfy):
+    """v-prediction through ComfyUI's model_sampling lands on the ε that Atelier's VP formula ε = σ_t·x_t + √ᾱ·v
+    gives for the same network output."""
+    x_t, t, conditioning = _inputs()
+    denoiser = ComfyDenoiser(ModelPatcher(V_PREDICTION))
+    eps = denoiser.schedule.eps_from_prediction(x_t, t, denoiser(x_t, t, conditioning))
+    v = network(x_t, t, conditioning.embeds.expand(2, -1, -1))
+    expected = NoiseSchedule(SD_ALPHAS, "v_prediction").eps_from_prediction(x_t, t, v)
+    torch.testing.assert_close(eps, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_comfy_denoiser_loads_the_model_through_comfyui_and_passes_sigma(inside_comfy):
+    x_t, t, conditioning = _inputs()
+    patcher = ModelPatcher()
+    ComfyDenoiser(patcher)(x_t, t, conditioning)
+    assert inside_comfy == [[patcher]]
+    (call,) = patcher.model.calls
+    torch.testing.assert_close(call["sigma"], patcher.model.model_sampling.sigmas[t.long()])
+
+
+def test_comfy_denoiser_runs_the_users_unet_wrapper(inside_comfy):
+    """A MODEL patched with set_model_unet_function_wrapper is evaluated through the wrapper, as in a KSampler."""
+    seen = []
+
+    def doubling_wrapper(apply_model, arguments):
+        seen.append(arguments["cond_or_uncond"])
+        return 2 * apply_model(arguments["input"], arguments["timestep"], **arguments["c"])
+
+    x_t, t, conditioning = _inputs()
+    plain = ComfyDenoiser(ModelPatcher())(x_t, t, conditioning)
+    wrapped = ComfyDenoiser(ModelPatcher(model_options={"model_function_wrapper": doubling_wrapper}))(
+        x_t, t, conditioning)
+    assert seen == [[0]]
+    torch.testing.assert_close(wrapped, 2 * plain)
+
+
+def test_comfy_denoiser_refuses_sdxl_and_pooled_conditioning(inside_comfy):
+    with pytest.raises(ValueError, match="'sdxl'"):
+        ComfyDenoiser(ModelPatcher(config=SDXL))
+    x_t, t, conditioning = _inputs()
+    pooled = Conditioning(conditioning.embeds, torch.zeros(1, 1280), torch.zeros(1, 6))
+    with pytest.raises(ValueError, match=r"pooled \(1, 1280\)"):
+        ComfyDenoiser(ModelPatcher())(x_t, t, pooled)
+
+
+def test_comfy_codec_converts_the_layout_and_takes_the_models_scale(inside_comfy):
+    image = torch.rand(2, 3, 16, 24)
+    codec = ComfyCodec(VAE(), ModelPatcher().latent_format)
+    latent = codec.encode(image)
+    assert latent.shape == (2, 4, 2, 3) and codec.scaling_factor == 0.18215 and codec.shift_factor == 0.0
+    torch.testing.assert_close(latent[:, :3], torch.nn.functional.avg_pool2d(image, 8))
+    assert codec.decode(latent).shape == (2, 3, 16, 24)
+
+
+def test_sockets_inside_comfyui_become_the_adapters(inside_comfy):
+    patcher, vae = ModelPatcher(), VAE()
+    with denoiser_and_codec(patcher, vae) as (denoiser, codec):
+        assert isinstance(denoiser, ComfyDenoiser) and denoiser.patcher is patcher
+        assert isinstance(codec, ComfyCodec) and codec.vae is vae
+    assert torch.equal(text_conditioning(CLIP(), "abc").embeds, torch.full((1, 77, 8), 3.0))
+
+
+def test_sockets_refuse_a_mix_of_hosts_and_comfyuis_objects_standalone(inside_comfy, monkeypatch):
+    atelier_codec = DiffusersCodec.__new__(DiffusersCodec)
+    with pytest.raises(TypeError, match="ModelPatcher and DiffusersCodec"):
+        with denoiser_and_codec(ModelPatcher(), atelier_codec):
+            pass
+    monkeypatch.delitem(sys.modules, "comfy.model_management")  # standalone: ComfyUI's objects are not known
+    with pytest.raises(TypeError, match="ModelPatcher and VAE"):
+        with denoiser_and_codec(ModelPatcher(), VAE()):
+            pass
+    with pytest.raises(TypeError, match="got CLIP"):
+        text_conditioning(CLIP(), "")

@@ -1,5 +1,5 @@
-"""The watermark nodes: a key store, the latent injector (Gaussian Shading or Tree-Ring, switched by a prompt
-trigger), the post-hoc image mark, and one detector for all three.
+"""The watermark nodes: a key store, the latent injector and the NOISE for SamplerCustomAdvanced (Gaussian Shading
+or Tree-Ring, switched by a prompt trigger), the post-hoc image mark, and one detector for all three.
 
 Keys never enter a workflow or an output file: the widgets hold only a key's *name*; the secret is a file in the
 models folder's ``watermark_keys/`` (made on first use), and SaveImage's embedded prompt carries the name only.
@@ -11,17 +11,17 @@ import dataclasses
 import logging
 import os
 import secrets
+from typing import Any
 
 import torch
 
-from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
 from ..common.images import to_channels_first, to_channels_last
 from ..common.paths import atomic_write, confine
 from ..common.limits import MAX_SEED
-from ..models.clip import Clip
-from ..models.refs import ModelRef, ModelsFolder, models_subfolder
-from ..models.text import encode_prompt
+from ..models.comfy_adapters import denoiser_and_codec, text_conditioning
+from ..models.refs import ModelsFolder, models_subfolder
 from ..sampling.latents import INITIAL_NOISE_KEY, seeded_noise
+from ..sampling.noise import prepare_noise
 from . import latent as generative
 from .attacks import jpeg_compress
 from .detect import (POSTHOC_DATA_BYTES, POSTHOC_PARITY_BYTES, Detection, detect_generative,
@@ -83,6 +83,55 @@ def _payload_error(payload: str | None, capacity: int) -> bool | str:
     return True
 
 
+def _triggered(prompt: str, trigger: str) -> tuple[str, bool]:
+    """The prompt without the trigger and whether to mark: always when the trigger is empty."""
+    if not trigger.strip():
+        return prompt, True
+    return strip_trigger(prompt, trigger)
+
+
+def watermarked_noise(key: WatermarkKey, mode: str, payload: str, seed: int, shape: tuple[int, ...]
+                      ) -> torch.Tensor:
+    """Starting noise of ``shape`` (B, C, h, w) on the CPU carrying the watermark ``mode`` under ``key``: Gaussian
+    Shading's sealed ``payload`` (a fresh random nonce per image, so equal texts under one key give unrelated
+    noises) with magnitudes from ``seed``, or Tree-Ring's ring key written into ``seed``'s Gaussian noise.
+
+    Raises:
+        ValueError: an unknown ``mode``; a latent too small for the mark (see :mod:`.latent`).
+    """
+    if mode not in LATENT_MODES:
+        raise ValueError(f"mode must be one of {LATENT_MODES}; got {mode!r}")
+    if mode == "gaussian_shading":
+        codes = torch.stack([generative.gaussian_shading_code(payload, key.secret,
+                                                              secrets.token_bytes(generative.NONCE_BYTES))
+                             for _ in range(shape[0])])
+        return generative.gaussian_shading_noise(codes, key.secret, shape, torch.Generator().manual_seed(seed))
+    return generative.tree_ring_noise(seeded_noise(seed, shape)[0], key.secret)
+
+
+@dataclasses.dataclass(frozen=True)
+class WatermarkNoise:
+    """What travels on the NOISE socket from :class:`AtelierWatermarkNoise`, in both hosts: ComfyUI's protocol, a
+    ``seed`` (which ancestral and SDE samplers also draw their step noise from) and ``generate_noise(latent)``, the
+    starting noise on the CPU shaped like ``latent["samples"]``.
+
+    Unmarked (the prompt lacked the trigger), it is ComfyUI's RandomNoise for the seed; marked, each call draws a
+    fresh nonce, so every image is its own mark.
+    """
+
+    seed: int
+    key: WatermarkKey
+    mode: str
+    payload: str
+    marked: bool
+
+    def generate_noise(self, latent: dict) -> torch.Tensor:
+        samples = latent["samples"]
+        if not self.marked:
+            return prepare_noise(samples, self.seed, latent.get("batch_index"))
+        return watermarked_noise(self.key, self.mode, self.payload, self.seed, tuple(samples.shape))
+
+
 class AtelierWatermarkKey(ModelsFolder):
     DESCRIPTION = ("A watermark key from the key store (models/watermark_keys), made on first use. Only the name "
                    "is stored in workflows and saved images; the detector needs the same key.")
@@ -140,20 +189,53 @@ class AtelierWatermarkLatent:
                seed: int) -> tuple[dict, str]:
         if mode not in LATENT_MODES:
             raise ValueError(f"mode must be one of {LATENT_MODES}; got {mode!r}")
-        if trigger.strip():
-            prompt, triggered = strip_trigger(prompt, trigger)
-            if not triggered:
-                return latent, prompt
-        shape = tuple(latent["samples"].shape)
-        if mode == "gaussian_shading":
-            # A fresh random nonce per image: equal texts under one key give unrelated noises.
-            codes = torch.stack([generative.gaussian_shading_code(payload, key.secret,
-                                                                  secrets.token_bytes(generative.NONCE_BYTES))
-                                 for _ in range(shape[0])])
-            noise = generative.gaussian_shading_noise(codes, key.secret, shape, torch.Generator().manual_seed(seed))
-        else:
-            noise = generative.tree_ring_noise(seeded_noise(seed, shape)[0], key.secret)
+        prompt, triggered = _triggered(prompt, trigger)
+        if not triggered:
+            return latent, prompt
+        noise = watermarked_noise(key, mode, payload, seed, tuple(latent["samples"].shape))
         return {**latent, INITIAL_NOISE_KEY: noise}, prompt
+
+
+class AtelierWatermarkNoise:
+    DESCRIPTION = ("The watermark as a NOISE for SamplerCustomAdvanced: its starting noise carries a Gaussian "
+                   "Shading text (authenticated under the key with a fresh nonce per image, error-corrected, the "
+                   "noise still exactly Gaussian) or a Tree-Ring zero-bit key. With a trigger word it marks only "
+                   "when the prompt contains it (otherwise it is RandomNoise for the seed), and removes it from "
+                   "the prompt.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("NOISE", "STRING")
+    RETURN_NAMES = ("noise", "prompt")
+    OUTPUT_TOOLTIPS = ("The starting noise, for SamplerCustomAdvanced's noise input.",
+                       "The prompt without the trigger word: link it to the text encoder's text.")
+    FUNCTION = "get_noise"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "key": ("ATELIER_WATERMARK_KEY", {"tooltip": "The key; the detector needs the same one."}),
+            "mode": (list(LATENT_MODES), {"tooltip": "gaussian_shading: carries the payload; tree_ring: only says "
+                                                     "'marked with this key'."}),
+            "payload": ("STRING", {"default": "atelier",
+                                   "tooltip": f"Up to {generative.TEXT_BYTES} bytes of text (Gaussian Shading)."}),
+            "prompt": ("STRING", {"multiline": True, "default": "",
+                                  "tooltip": "The prompt; the trigger word in it switches the watermark on."}),
+            "trigger": ("STRING", {"default": DEFAULT_TRIGGER,
+                                   "tooltip": "The trigger word (Safe-SD); empty marks every image."}),
+            "noise_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1,
+                                   "control_after_generate": True,
+                                   "tooltip": "Seeds the noise magnitudes, as RandomNoise's seed would."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, payload: str | None) -> bool | str:
+        return _payload_error(payload, generative.TEXT_BYTES)
+
+    def get_noise(self, key: WatermarkKey, mode: str, payload: str, prompt: str, trigger: str, noise_seed: int
+                  ) -> tuple[WatermarkNoise, str]:
+        if mode not in LATENT_MODES:
+            raise ValueError(f"mode must be one of {LATENT_MODES}; got {mode!r}")
+        prompt, triggered = _triggered(prompt, trigger)
+        return WatermarkNoise(noise_seed, key, mode, payload, triggered), prompt
 
 
 class AtelierWatermarkImage:
@@ -235,14 +317,13 @@ class AtelierDetectWatermark:
                                         "max": MAX_INVERSION_STEPS, "step": 1,
                                         "tooltip": "DDIM inversion steps (generative modes)."}),
         }, "optional": {
-            "model": ("MODEL", {"tooltip": "The generating model (generative modes)."}),
+            "model": ("MODEL", {"tooltip": "The generating model (generative modes): Atelier's or ComfyUI's."}),
             "clip": ("CLIP", {"tooltip": "Its text encoder, for the empty prompt (generative modes)."}),
             "vae": ("VAE", {"tooltip": "Its VAE (generative modes)."}),
         }}
 
     def detect(self, image: torch.Tensor, key: WatermarkKey, mode: str, expected_payload: str, fpr: float,
-               inversion_steps: int, model: ModelRef | None = None, clip: Clip | None = None,
-               vae: DiffusersCodec | None = None) -> dict:
+               inversion_steps: int, model: Any = None, clip: Any = None, vae: Any = None) -> dict:
         if mode not in DETECT_MODES:
             raise ValueError(f"mode must be one of {DETECT_MODES}; got {mode!r}")
         expected = expected_payload or None
@@ -258,13 +339,11 @@ class AtelierDetectWatermark:
         return {"ui": {"text": [report]}, "result": (report, self._qr(found[0]), found[0].p_value, found[0].detected)}
 
     @staticmethod
-    def _invert(pixels: torch.Tensor, model: ModelRef, clip: Clip, vae: DiffusersCodec, steps: int
-                ) -> torch.Tensor:
-        with clip.ref.in_use() as text_model:
-            empty = encode_prompt(text_model.tokenizers, text_model.text_encoders, text_model.family, "")
-        with model.in_use() as loaded:
-            return invert_image(pixels.to(loaded.device), DiffusersDenoiser(loaded.unet, loaded.schedule), vae,
-                                empty.to(loaded.device), steps)
+    def _invert(pixels: torch.Tensor, model: Any, clip: Any, vae: Any, steps: int) -> torch.Tensor:
+        """Atelier's model, clip and vae standalone, ComfyUI's inside ComfyUI (``comfy_adapters``)."""
+        empty = text_conditioning(clip, "")
+        with denoiser_and_codec(model, vae) as (denoiser, codec):
+            return invert_image(pixels, denoiser, codec, empty, steps)
 
     @staticmethod
     def _qr(detection: Detection) -> torch.Tensor:
@@ -274,9 +353,11 @@ class AtelierDetectWatermark:
 
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
-    AtelierWatermarkKey, AtelierWatermarkLatent, AtelierWatermarkImage, AtelierJPEGAttack, AtelierDetectWatermark)}
+    AtelierWatermarkKey, AtelierWatermarkLatent, AtelierWatermarkNoise, AtelierWatermarkImage, AtelierJPEGAttack,
+    AtelierDetectWatermark)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierWatermarkKey": "Watermark Key (Atelier)", "AtelierWatermarkLatent": "Watermark Latent (Atelier)",
+    "AtelierWatermarkNoise": "Watermark Noise (Atelier)",
     "AtelierWatermarkImage": "Watermark Image (Atelier)", "AtelierJPEGAttack": "JPEG Attack (Atelier)",
     "AtelierDetectWatermark": "Detect Watermark (Atelier)",
 }

@@ -1,6 +1,7 @@
-"""The highres nodes: tiled sampling (MultiDiffusion, Mixture of Diffusers, shifted tiles), LinFusion, and the
-Tiled 16K generator. They are thin: each checks its widgets, calls :mod:`.tiling`, :mod:`.linfusion` or
-:mod:`.generate`, and returns a tuple. Design note: ``highres.md``.
+"""The highres nodes: tiled sampling (MultiDiffusion, Mixture of Diffusers, shifted tiles), the same tiling as a
+MODEL patch for ComfyUI's samplers, LinFusion, and the Tiled 16K generator. They are thin: each checks its
+widgets, calls :mod:`.tiling`, :mod:`.unet_wrapper`, :mod:`.linfusion` or :mod:`.generate`, and returns a tuple.
+Design note: ``highres.md``.
 
 LinFusion travels on its own socket, ``ATELIER_LINFUSION`` (:class:`LinFusion`): the shared model is never changed;
 the nodes that take it mount it on the UNet under the model's lock for their own run only, as LoRAs are switched.
@@ -274,8 +275,10 @@ class AtelierTiledDiffusion:
     conditioning is cropped per tile; ControlNet is not supported (the run raises).
 
     Standalone, Atelier's MODEL (a ``ModelRef``: a shared loaded model and its LoRAs) has no hook on the UNet
-    call, so this node raises there and points to the Tiled Sampler, which samples with the same tiling; a hook
-    on ModelRef that its guider honours would let this node serve both hosts.
+    call, so this node raises there and points to the Tiled Sampler, which samples with the same tiling. A hook
+    would have to be honoured, or refused, by every node that runs a MODEL (the KSamplers' guider, the Tiled
+    Sampler, OmniSSR, correspondence, watermark detection); honoured by the guider alone, the others would drop
+    the patch without a word.
     """
 
     DESCRIPTION = ("Patches a MODEL so that every sampler evaluates it tile by tile and blends the tiles (Mixture "

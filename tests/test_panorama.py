@@ -94,6 +94,47 @@ def test_merge_weights_sum_to_one():
     assert torch.allclose(planes_to_erp(ones, layout, 64), torch.ones(2, 3, 64, 128), atol=1e-5)
 
 
+@pytest.mark.parametrize("layout, height", [(omnissr_layout(24), 100), (cube_layout(20, 100.0), 36),
+                                            (PlaneLayout(((17.3, 89.0), (-179.9, -90.0), (33.0, 12.5)), 75.0, 16), 41)])
+def test_fast_setup_equals_the_per_pixel_computation(layout, height):
+    """The e2p grid (trigonometry once per latitude, then shifted) and the merge tables (row segments ruled out as a
+    whole, width 2H not a multiple of the segment) equal the plain computation: every plane's rays, every plane
+    tested against every ERP pixel."""
+    from nodes.panorama.projection import _PAD, MERGE_SIGMA, _e2p_grid, _merge_tables, _rotations
+
+    width, size, padded, cpu = 2 * height, layout.size, layout.size + 2 * _PAD, torch.device("cpu")
+    rays = plane_directions(layout)
+    column = torch.remainder(torch.atan2(rays[..., 0], rays[..., 2]) / (2 * math.pi) * width + height, width) - 0.5
+    row = (0.5 - torch.asin(rays[..., 1].clamp(-1, 1)) / math.pi) * height - 0.5
+    grid = torch.stack([(column + _PAD + 0.5) / (width + 2 * _PAD), (row + _PAD + 0.5) / (height + 2 * _PAD)], -1)
+    assert torch.allclose(_e2p_grid(layout, height, cpu, torch.float32)[0],
+                          (grid * 2 - 1).reshape(-1, size, 2).float(), rtol=0, atol=1e-6)
+
+    lon = (torch.arange(width, dtype=torch.float64) + 0.5) / width * 2 * math.pi - math.pi
+    lat = math.pi / 2 - (torch.arange(height, dtype=torch.float64) + 0.5) / height * math.pi
+    lat, lon = lat[:, None], lon[None, :]
+    erp_rays = torch.stack(torch.broadcast_tensors(lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()), -1)
+    half, centre = math.tan(math.radians(layout.fov_deg) / 2), (size - 1) / 2
+    indices, grids, windows = [], [], []
+    for plane, rotation in enumerate(_rotations(layout)):
+        local = erp_rays.reshape(-1, 3) @ rotation
+        x, y = local[:, 0] / local[:, 2], local[:, 1] / local[:, 2]
+        inside = ((local[:, 2] > 0) & (x.abs() <= half) & (y.abs() <= half)).nonzero().squeeze(1)
+        column = (x[inside] / half + 1) / 2 * size - 0.5
+        row = (1 - y[inside] / half) / 2 * size - 0.5
+        indices.append(inside)
+        windows.append(torch.exp(-((column - centre) ** 2 + (row - centre) ** 2) / (2 * (MERGE_SIGMA * size) ** 2)))
+        grids.append(torch.stack([(column + _PAD + 0.5) / padded, (row + _PAD + plane * padded + 0.5)
+                                  / (padded * layout.count)], -1) * 2 - 1)
+    index, window = torch.cat(indices), torch.cat(windows)
+    total = torch.zeros(height * width, dtype=torch.float64).index_add_(0, index, window)
+    tables = _merge_tables(layout, height, cpu, torch.float32)
+    assert torch.equal(tables.index, index)
+    assert torch.equal(tables.count.flatten(), torch.bincount(index, minlength=height * width).int())
+    assert torch.allclose(tables.grid[0, 0], torch.cat(grids).float(), rtol=0, atol=1e-6)
+    assert torch.allclose(tables.weight, (window / total[index]).float(), rtol=0, atol=1e-6)
+
+
 def test_gradients_flow_through_both_directions():
     layout = cube_layout(8, 100.0)
     erp = torch.rand(1, 1, 8, 16, dtype=torch.float64, requires_grad=True)

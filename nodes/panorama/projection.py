@@ -32,6 +32,8 @@ OMNISSR_ROWS = ((-67.5, 3), (-22.5, 6), (22.5, 6), (67.5, 3))
 MERGE_SIGMA = 0.1
 # bicubic reads two pixels either side of a sample; bilinear one
 _PAD = 2
+# ERP pixels per row segment that the merge tables rule out for a plane as a whole before testing single pixels
+_SEGMENT = 32
 
 
 @dataclass(frozen=True)
@@ -152,10 +154,25 @@ def _normalise(coordinate: torch.Tensor, size_padded: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _e2p_grid(layout: PlaneLayout, height: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    column, row = _erp_pixel(plane_directions(layout), height)
-    grid = torch.stack([_normalise(column + _PAD, 2 * height + 2 * _PAD), _normalise(row + _PAD, height + 2 * _PAD)],
-                       -1)
-    return grid.reshape(1, layout.count * layout.size, layout.size, 2).to(device, dtype)
+    """grid_sample's grid of every plane pixel into the padded ERP, planes stacked along the rows.
+
+    Turning a plane about the polar axis by its longitude moves its ERP samples along the columns only, so the
+    trigonometry runs once per distinct latitude (4 times for OmniSSR's 18 planes), on a plane at longitude 0, and
+    each plane shifts and wraps those columns; the result equals computing every plane's rays (to float64 rounding).
+    """
+    width = 2 * height
+    grid = torch.empty(layout.count, layout.size, layout.size, 2, dtype=dtype)
+    at_latitude: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    for plane, (lon, lat) in enumerate(layout.centres):
+        if lat not in at_latitude:
+            meridian = PlaneLayout(((0.0, lat),), layout.fov_deg, layout.size)
+            column, row = _erp_pixel(plane_directions(meridian)[0], height)
+            at_latitude[lat] = column + 0.5, _normalise(row + _PAD, height + 2 * _PAD)
+        column_edge, row = at_latitude[lat]
+        column = torch.remainder(column_edge + lon / 360 * width, width) - 0.5
+        grid[plane, ..., 0] = _normalise(column + _PAD, width + 2 * _PAD)
+        grid[plane, ..., 1] = row
+    return grid.reshape(1, layout.count * layout.size, layout.size, 2).to(device)
 
 
 def erp_to_planes(erp: torch.Tensor, layout: PlaneLayout, mode: str = "bilinear") -> torch.Tensor:
@@ -200,53 +217,82 @@ def _erp_directions(height: int) -> torch.Tensor:
     return torch.stack(torch.broadcast_tensors(lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()), -1)
 
 
-def _plane_hits(layout: PlaneLayout, height: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For each plane: flat ERP indices it covers and their plane pixel coordinates (column, row), float64."""
-    width = 2 * height
-    directions = _erp_directions(height).reshape(-1, 3)
-    components = [c.contiguous() for c in directions.float().unbind(1)]
-    half = math.tan(math.radians(layout.fov_deg) / 2)
-    radius = math.degrees(math.atan(half * math.sqrt(2)))  # angular distance from a plane's centre to its corner
-    hits = []
-    for (_, lat), rotation in zip(layout.centres, _rotations(layout)):
-        # only the rows of the plane's latitude band can be covered; a float32 pass with a margin picks the
-        # candidates there, and float64 decides exactly on those
-        first = max(0, math.floor((90 - lat - radius) / 180 * height) - 1) * width
-        last = min(height, math.ceil((90 - lat + radius) / 180 * height) + 1) * width
-        dx, dy, dz = (c[first:last] for c in components)
-        east, north, forward = (dx * r[0] + dy * r[1] + dz * r[2] for r in rotation.float().T.tolist())
-        margin = (half + 1e-3) * forward
-        candidate = ((forward > 0) & (east.abs() <= margin) & (north.abs() <= margin)).nonzero().squeeze(1) + first
-        local = directions[candidate] @ rotation  # (east, north, forward) components
-        x, y = local[:, 0] / local[:, 2], local[:, 1] / local[:, 2]
-        inside = (x.abs() <= half) & (y.abs() <= half)
-        index, x, y = candidate[inside], x[inside], y[inside]
-        column = (x / half + 1) / 2 * layout.size - 0.5
-        row = (1 - y / half) / 2 * layout.size - 0.5
-        hits.append((index, column, row))
-    return hits
+def _near_segments(rotation: torch.Tensor, half: float, cos_lat: torch.Tensor, sin_lat: torch.Tensor,
+                   centre_lon: torch.Tensor, reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, segment) of the ERP row segments that may hold a pixel the plane covers, in row-major order.
+
+    The plane covers the directions d with |east·d| <= h·forward·d and |north·d| <= h·forward·d: four half-spaces
+    w·d >= 0. Every pixel of a segment lies within ``reach`` of the segment's centre c (its half-length along the
+    latitude circle, which no chord exceeds), so w·d <= w·c + |w|·reach there: where that bound is negative for some
+    wall the segment holds no covered pixel.
+    """
+    east, north, forward = rotation.unbind(1)
+    near = torch.ones(cos_lat.shape[0], centre_lon.shape[0], dtype=torch.bool)
+    for wall in (half * forward - east, half * forward + east, half * forward - north, half * forward + north):
+        x_part, y_part, z_part = wall.tolist()
+        bound = cos_lat * (x_part * centre_lon.sin() + z_part * centre_lon.cos()) + y_part * sin_lat
+        near &= bound >= -wall.norm().item() * reach
+    return near.nonzero(as_tuple=True)
 
 
 @functools.lru_cache(maxsize=8)
 def _merge_tables(layout: PlaneLayout, height: int, device: torch.device, dtype: torch.dtype) -> _MergeTables:
-    size, padded = layout.size, layout.size + 2 * _PAD
-    indices, grids, weights = [], [], []
-    for plane, (index, column, row) in enumerate(_plane_hits(layout, height)):
-        centre = (size - 1) / 2
-        window = torch.exp(-((column - centre) ** 2 + (row - centre) ** 2) / (2 * (MERGE_SIGMA * size) ** 2))
-        # planes sit one above the other in the atlas, each with its own border so samples never bleed across
-        atlas_row = row + _PAD + plane * padded
-        grids.append(torch.stack([_normalise(column + _PAD, padded), _normalise(atlas_row, padded * layout.count)],
-                                 -1))
-        indices.append(index)
-        weights.append(window)
-    index, weight = torch.cat(indices), torch.cat(weights)
-    total = torch.zeros(2 * height * height, dtype=torch.float64).index_add_(0, index, weight)
-    count = torch.zeros(2 * height * height, dtype=torch.int32).index_add_(0, index, torch.ones_like(index,
-                                                                                                    dtype=torch.int32))
-    weight = weight / total[index]
-    return _MergeTables(index.to(device), torch.cat(grids).reshape(1, 1, -1, 2).to(device, dtype),
-                        weight.to(device, dtype), count.reshape(height, 2 * height))
+    """The merge's gather tables: for each plane, every ERP pixel it covers (ascending) with its atlas grid point
+    and Gaussian window, the windows then normalised per ERP pixel.
+
+    Testing all H·2H pixels against every plane would cost 18 full-image passes; rows are cut into segments of
+    ``_SEGMENT`` pixels that :func:`_near_segments` rules out as a whole, and only the rest (about 3 % more pixels
+    than the hits) are computed and tested in float64, so the hits are those of a per-pixel test.
+    """
+    width, size, padded = 2 * height, layout.size, layout.size + 2 * _PAD
+    half = math.tan(math.radians(layout.fov_deg) / 2)
+    segments = -(-width // _SEGMENT)
+    lat = math.pi / 2 - (torch.arange(height, dtype=torch.float64) + 0.5) / height * math.pi
+    cos_lat, sin_lat = lat.cos()[:, None], lat.sin()[:, None]
+    lon = (torch.arange(segments * _SEGMENT, dtype=torch.float64) + 0.5) / width * 2 * math.pi - math.pi
+    sin_lon, cos_lon = lon.sin(), lon.cos()
+    # the last segment may run past the row's end: its extra columns read NaN, which fails every test below
+    sin_lon[width:], cos_lon[width:] = math.nan, math.nan
+    centre_lon = (torch.arange(segments, dtype=torch.float64) * _SEGMENT + _SEGMENT / 2) / width * 2 * math.pi - math.pi
+    # float64 rounding of w·d is ~1e-16; the margin keeps every segment a rounding error could matter for
+    reach = cos_lat * ((_SEGMENT - 1) / 2 * 2 * math.pi / width) + 1e-9
+    rotations = _rotations(layout)
+    candidates = [_near_segments(rotation, half, cos_lat, sin_lat, centre_lon, reach) for rotation in rotations]
+    # allocated once for every candidate pixel (a bound on the hits) and trimmed, rather than concatenated per plane
+    bound = sum(row.numel() for row, _ in candidates) * _SEGMENT
+    index = torch.empty(bound, dtype=torch.int64)
+    grid = torch.empty(bound, 2, dtype=dtype)
+    weight = torch.empty(bound, dtype=torch.float64)
+    total = torch.zeros(height * width, dtype=torch.float64)
+    offsets = torch.arange(_SEGMENT)
+    filled = 0
+    for plane, (rotation, (row, segment)) in enumerate(zip(rotations, candidates)):
+        # each candidate pixel's direction (cos lat·sin lon, sin lat, cos lat·cos lon) along the plane's axes
+        row_cos, row_sin = cos_lat.index_select(0, row), sin_lat.index_select(0, row)
+        east, north, forward = (torch.addcmul(axis[1] * row_sin, row_cos, (axis[0] * sin_lon + axis[2] * cos_lon)
+                                              .view(segments, _SEGMENT).index_select(0, segment))
+                                for axis in rotation.unbind(1))
+        x, y = east / forward, north / forward  # plane coordinates, ±half at the plane's edges
+        inside = torch.maximum(x.abs(), y.abs()).le_(half).logical_and_(forward > 0).view(-1)
+        flat = inside.nonzero().squeeze(1)
+        hits = slice(filled, filled + flat.numel())
+        filled = hits.stop
+        pixel = (row * width + segment * _SEGMENT)[:, None] + offsets
+        torch.index_select(pixel.view(-1), 0, flat, out=index[hits])
+        x, y = x.view(-1).index_select(0, flat), y.view(-1).index_select(0, flat)
+        # plane pixel (x/half + 1)/2·S - ½ in a plane with a _PAD border, planes one above the other in the atlas,
+        # in grid_sample's [-1, 1] (align_corners=False): the border and the half pixel cancel out
+        torch.mul(x, size / (half * padded), out=grid[hits, 0])
+        torch.add(torch.tensor((2 * plane + 1) / layout.count - 1, dtype=torch.float64), y,
+                  alpha=-size / (half * padded * layout.count), out=grid[hits, 1])
+        # the Gaussian window exp(-r²/(2σ²S²)) at plane pixel distance r = S/(2·half)·|(x, y)| from the centre
+        window = torch.addcmul(x * x, y, y, out=weight[hits]).mul_(-1 / (8 * (MERGE_SIGMA * half) ** 2)).exp_()
+        total.index_add_(0, index[hits], window)
+    index, grid, weight = index[:filled], grid[:filled], weight[:filled]
+    count = torch.bincount(index, minlength=height * width).to(torch.int32)
+    weight = torch.div(weight, total.index_select(0, index), out=torch.empty(filled, dtype=dtype))
+    return _MergeTables(index.to(device), grid.reshape(1, 1, -1, 2).to(device), weight.to(device),
+                        count.reshape(height, width))
 
 
 def planes_to_erp(planes: torch.Tensor, layout: PlaneLayout, height: int, mode: str = "bilinear") -> torch.Tensor:

@@ -10,11 +10,14 @@ to success and that the detector reports in its format; the in-process tests pin
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 import torch
+from PIL import Image
 
+from comfyui_parity import AtelierRunner
 from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
 from nodes.common.denoiser import DiffusersCodec
 from nodes.models.clip import Clip
@@ -35,10 +38,16 @@ INVERSION_STEPS = 3
 PAYLOAD = "atelier"
 KEY = WatermarkKey("k", "ab" * 32)
 FIXED_NONCE = bytes(range(6))
-SAVE_NODE, DETECT_NODE = "9", "13"
+SAVE_NODE, DETECT_NODE, TREE_RING_NODE = "9", "13", "14"
 # Detection.summary()'s line: verdict, p-value at the FPR, bit accuracy against the expected text.
 REPORT = re.compile(r"^gaussian shading: (watermarked|no watermark found) \(p = \S+ at FPR 1e-06, "
-                    r"bit accuracy [01]\.\d{3}")
+                    r"bit accuracy ([01]\.\d{3})")
+TREE_RING_REPORT = re.compile(r"^tree-ring: (watermarked|no watermark found) \(p = (\S+) at FPR")
+# The hosts' float32 runs differ by rounding, which flips only the inverted values nearest 0: two of the 208
+# compared bits is far more than that (an 8 × 8 latent holds one copy of each bit, so no vote hides a flip).
+BIT_ACCURACY_TOLERANCE = 2 / 208
+# Tree-Ring's p-value is a smooth function of the whole inverted spectrum: rounding moves it far less than 1 %.
+TREE_RING_P_RELATIVE_TOLERANCE = 0.01
 
 
 @pytest.fixture
@@ -139,3 +148,42 @@ def test_watermark_noise_in_sampler_custom_advanced_then_detection_on_the_same_m
     (report,) = outputs[DETECT_NODE]["text"]
     print(f"detector on random weights: {report}")
     assert len(report.splitlines()) == 1 and REPORT.match(report), report
+
+
+def detection_prompt(checkpoint: str, image_name: str) -> dict:
+    """LoadImage → Detect Watermark (Gaussian Shading, and Tree-Ring) on CheckpointLoaderSimple's MODEL, CLIP and
+    VAE: a prompt both hosts run."""
+    prompt = watermark_prompt(checkpoint)
+    detect = {**prompt[DETECT_NODE], "inputs": {**prompt[DETECT_NODE]["inputs"], "image": ["20", 0]}}
+    tree_ring = {**detect, "inputs": {**detect["inputs"], "mode": "tree_ring"}}
+    return {"4": prompt["4"], "1": prompt["1"], "20": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+            DETECT_NODE: detect, TREE_RING_NODE: tree_ring}
+
+
+def test_detection_inside_comfyui_reads_the_bits_ateliers_own_model_reads(comfyui_server, random_sd15_models,
+                                                                          tmp_path):
+    """The adapters are the same model: one saved image, detected inside ComfyUI (its MODEL, CLIP and VAE through
+    the adapters) and standalone (Atelier's loader of the same file), gives the same Gaussian-Shading bit accuracy
+    and Tree-Ring p-value up to rounding. Tree-Ring's p, a smooth function of the whole inverted latent, is the
+    sharp check: feeding ComfyUI's model x_VP instead of x_VE moved it from 0.815 to 0.968, while on random weights
+    the bit accuracy stayed (0.606 in both hosts)."""
+    entry = comfyui_server.wait(comfyui_server.queue(watermark_prompt(random_sd15_models.checkpoint)))
+    (saved,) = entry["outputs"][SAVE_NODE]["images"]
+    pixels = comfyui_server.image(saved)
+    atelier = AtelierRunner(random_sd15_models.path, str(tmp_path / "atelier"))
+    for folder in (comfyui_server.folder("input"), atelier.folders.folder("input")):
+        Image.fromarray(pixels).save(os.path.join(folder, "marked.png"))
+    prompt = detection_prompt(random_sd15_models.checkpoint, "marked.png")
+
+    comfy_outputs = comfyui_server.wait(comfyui_server.queue(prompt))["outputs"]
+    checked = atelier.executor.validate(prompt)
+    assert checked.ok, (checked.error, checked.node_errors)
+    result = atelier.executor.execute(checked.prompt, "watermark", checked.outputs)
+    assert result.status == "success", result.messages
+    reports = {node: [outputs[node]["text"][0] for outputs in (comfy_outputs, result.outputs)]
+               for node in (DETECT_NODE, TREE_RING_NODE)}
+    print(f"ComfyUI, Atelier: {reports}")
+    accuracies = [float(REPORT.match(report).group(2)) for report in reports[DETECT_NODE]]
+    assert abs(accuracies[0] - accuracies[1]) <= BIT_ACCURACY_TOLERANCE + 1e-9, accuracies
+    comfy_p, atelier_p = [float(TREE_RING_REPORT.match(report).group(2)) for report in reports[TREE_RING_NODE]]
+    assert abs(comfy_p - atelier_p) <= TREE_RING_P_RELATIVE_TOLERANCE * atelier_p, (comfy_p, atelier_p)

@@ -66,6 +66,7 @@ from safetensors.torch import save_file
 
 from ..models.export import export_single_file
 from ..models.loading import SD1_TOKENIZER_DIR, SHIPPED_MODELS
+from ..models.sources import SHIPPED_NAME
 from .dataset import IMAGE_SIZE, coverage, make_batch
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,6 @@ MAX_TOTAL_MB = 25.0  # the issue's limit on the shipped weights, folder and sing
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FOLDER_NAME = "diffusers"
 SINGLE_FILE_NAME = "embedded_sd1.safetensors"
-SHIPPED_NAME = "atelier_embedded_sd1"  # in the pack: diffusers/<name>/ and checkpoints/<name>.safetensors
 # Source: Stable Diffusion v1 training schedule (scaled_linear, 1000 steps); diffusers' SD1 scheduler config.
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 TEXT_TOKENS = 77  # CLIP's context length; training pads as encode_standard does at inference

@@ -11,6 +11,8 @@ from .formats import PICKLE_EXTENSIONS, SAFE_EXTENSION
 # Models that ship with Atelier (the embedded default model), laid out like a models folder; listed after the
 # user's own, so a user's model of the same name wins.
 SHIPPED_MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
+# The embedded model (nodes/embedded/train.py makes it): diffusers/<name>/ and checkpoints/<name>.safetensors there.
+SHIPPED_NAME = "atelier_embedded_sd1"
 MODEL_FOLDERS = ("checkpoints", "diffusers", "loras", "vae", "dinov2", "sentence_encoders")
 # The folders whose models are themselves folders, each known by the file it holds; the others hold files.
 FOLDER_MODEL_MARKERS = {"diffusers": "model_index.json", "dinov2": "config.json", "sentence_encoders": "config.json"}

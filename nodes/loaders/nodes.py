@@ -1,0 +1,58 @@
+"""The embedded model's loader, in whichever host runs it.
+
+Standalone it gives what CheckpointLoaderSimple gives for ``atelier_embedded_sd1.safetensors``: Atelier's
+diffusers-backed MODEL, CLIP and VAE. Inside ComfyUI, whose core nodes (KSampler, VAEDecode, ...) consume what
+arrives on those sockets, it gives ComfyUI's own ModelPatcher, ``comfy.sd.CLIP`` and ``comfy.sd.VAE``, built with
+the architecture given explicitly (:mod:`.comfy_native`), because ComfyUI's checkpoint detection does not know
+the embedded model's widths.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..common.comfy_host import inside_comfyui
+from ..common.denoiser import DiffusersCodec
+from ..models.clip import Clip
+from ..models.formats import SAFE_EXTENSION
+from ..models.loading import SHIPPED_MODELS, comfy_folder_paths, load_model
+from ..models.refs import ModelRef, ModelsFolder
+from ..models.sources import SHIPPED_NAME
+from .comfy_native import load_comfy_native
+
+CATEGORY = "atelier/loaders"
+EMBEDDED_CHECKPOINT = os.path.join(SHIPPED_MODELS, "checkpoints", SHIPPED_NAME + SAFE_EXTENSION)
+# The same weights as a diffusers folder: its configs are the architecture the single file lacks.
+EMBEDDED_CONFIG_DIR = os.path.join(SHIPPED_MODELS, "diffusers", SHIPPED_NAME)
+EMBEDDINGS_FOLDER = "embeddings"
+
+
+class AtelierEmbeddedCheckpointLoader(ModelsFolder):
+    DESCRIPTION = ("Loads Atelier's embedded text-to-image model (SD1's layout at a fraction of the width, 64×64 "
+                   "pictures of coloured shapes; no download). Inside ComfyUI its outputs are ComfyUI's own MODEL, "
+                   "CLIP and VAE, so ComfyUI's KSampler, CLIPTextEncode and VAEDecode take them.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The embedded model's UNet, for denoising 8×8-latent (64 px) images.",
+                       "Its text encoder (SD1's tokenizer), for CLIPTextEncode.",
+                       "Its VAE, for decoding latents to images and encoding images to latents.")
+    FUNCTION = "load_checkpoint"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {}}
+
+    def load_checkpoint(self) -> tuple[Any, Any, Any]:
+        if inside_comfyui():
+            return load_comfy_native(EMBEDDED_CHECKPOINT, EMBEDDED_CONFIG_DIR,
+                                     embedding_directory=comfy_folder_paths().get_folder_paths(EMBEDDINGS_FOLDER))
+        ref = ModelRef(load_model(EMBEDDED_CHECKPOINT))
+        # CheckpointLoaderSimple's embeddings folder: models_dir/embeddings when the app bound a models folder.
+        embedding_dirs = () if self.models_dir is None else (os.path.join(self.models_dir, EMBEDDINGS_FOLDER),)
+        return ref, Clip(ref, embedding_dirs=embedding_dirs), DiffusersCodec(ref.model.vae)
+
+
+NODE_CLASS_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": AtelierEmbeddedCheckpointLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": "Load Embedded Checkpoint (Atelier)"}

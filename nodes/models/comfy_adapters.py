@@ -99,12 +99,14 @@ class ComfyCodec:
         self.shift_factor = float(getattr(latent_format, "shift_factor", 0.0))
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, H/f, W/f) of images (B, 3, H, W) in 0..1; ComfyUI's VAE takes IMAGE's (B, H, W, 3)."""
-        return self.vae.encode(image.movedim(1, -1)).float()
+        """Latents (B, C, H/f, W/f) of images (B, 3, H, W) in 0..1, on the images' device (ComfyUI's VAE returns
+        them on its intermediate device, the CPU); ComfyUI's VAE takes IMAGE's (B, H, W, 3)."""
+        return self.vae.encode(image.movedim(1, -1)).float().to(image.device)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in 0..1 of latents (B, C, h, w); ComfyUI's VAE returns IMAGE's (B, H, W, 3)."""
-        return self.vae.decode(latent).movedim(-1, 1).float()
+        """Images (B, 3, H, W) in 0..1 of latents (B, C, h, w), on the latents' device; ComfyUI's VAE returns
+        IMAGE's (B, H, W, 3)."""
+        return self.vae.decode(latent).movedim(-1, 1).float().to(latent.device)
 
 
 def _comfy_class(module: str, name: str) -> type | None:
@@ -139,6 +141,21 @@ def denoiser_and_codec(model: Any, vae: Any) -> Iterator[tuple[Denoiser, LatentC
         raise TypeError("model and vae must both be Atelier's (standalone: a loaded checkpoint and its codec) or "
                         f"both ComfyUI's (a ModelPatcher and a comfy.sd.VAE); got {type(model).__name__} and "
                         f"{type(vae).__name__}")
+
+
+def model_family(model: Any) -> str:
+    """Atelier's family name (``"sd1"``, ``"sd2"``, ``"sdxl"``, ...) of what arrived on a MODEL socket: Atelier's
+    :class:`ModelRef` knows its own; ComfyUI's ``ModelPatcher`` is read by :func:`comfy_model_family`.
+
+    Raises:
+        TypeError: neither.
+        ValueError: ComfyUI's model is of a family Atelier does not know (SD3, Flux, ...).
+    """
+    if isinstance(model, ModelRef):
+        return model.model.family
+    if _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):
+        return comfy_model_family(model)
+    raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")
 
 
 def text_conditioning(clip: Any, text: str) -> Conditioning:

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..common.denoiser import Conditioning, LatentCodec, NoiseSchedule
+from ..common.denoiser import Conditioning, Denoiser, DiffusersDenoiser, LatentCodec, NoiseSchedule
 from ..sampling.latents import seeded_noise
 
 # Source: sd-dino, --SIZE 960 (SD input) and 840 (DINOv2 input, 60×60 tokens of ViT-B/14).
@@ -139,16 +139,29 @@ class _FeaturesTaken(Exception):
 
 
 def sd_layer_modules(unet: torch.nn.Module, layers: tuple[int, ...]) -> list[torch.nn.Module]:
-    """The diffusers modules whose outputs are the tensors entering ldm ``output_blocks[i]`` for ``i`` in ``layers``.
+    """The modules whose outputs are the tensors entering ldm ``output_blocks[i]`` for ``i`` in ``layers``, in a
+    diffusers ``UNet2DConditionModel`` or in the original LDM ``UNetModel`` (ComfyUI's ``diffusion_model``).
 
-    ldm's decoder has three blocks per level; the tensor entering ``output_blocks[3k + 2]`` is the output of the
-    level's second block, in diffusers ``up_blocks[k].attentions[1]`` (levels with cross-attention) or
-    ``up_blocks[k].resnets[1]`` (the first level of SD1/SD2, which has none). For SD1.5 that gives idx 2: 1280
-    channels at 1/64, idx 5: 1280 at 1/32, idx 8: 640 at 1/16 (correspondence.md §1.1).
+    ldm's decoder has three blocks per level: diffusers' ``up_blocks[k]`` holds ldm's ``output_blocks[3k]`` to
+    ``[3k + 2]``, its ``resnets[j]`` (and ``attentions[j]``) being ``output_blocks[3k + j]``. The tensor entering
+    ``output_blocks[3k + 2]`` (before the skip connection is concatenated to it) is the output of the level's second
+    block, ``output_blocks[3k + 1]``: in diffusers ``up_blocks[k].attentions[1]`` (levels with cross-attention) or
+    ``up_blocks[k].resnets[1]`` (the first level of SD1/SD2, which has none); in ldm the block's last layer,
+    ``output_blocks[3k + 1][-1]``, hooked rather than the block itself because ComfyUI runs a block's layers one by
+    one without calling the block. For SD1.5 that gives idx 2: 1280 channels at 1/64, idx 5: 1280 at 1/32, idx 8:
+    640 at 1/16 (correspondence.md §1.1).
+
+    Raises:
+        ValueError: bad ``layers``, or a network of neither layout.
     """
     bad = [layer for layer in layers if layer not in SD_LAYER_CHOICES]
     if not layers or bad or len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct ldm output_blocks indices from {SD_LAYER_CHOICES}; got {layers}")
+    if hasattr(unet, "output_blocks"):
+        return [unet.output_blocks[layer - 1][-1] for layer in layers]
+    if not hasattr(unet, "up_blocks"):
+        raise ValueError(f"unet must be a diffusers UNet2DConditionModel or an ldm UNetModel; got "
+                         f"{type(unet).__name__}")
     modules = []
     for layer in layers:
         block = unet.up_blocks[(layer - 2) // 3]
@@ -160,16 +173,25 @@ def sd_layer_modules(unet: torch.nn.Module, layers: tuple[int, ...]) -> list[tor
 def sd_unet_features(unet: torch.nn.Module, codec: LatentCodec, schedule: NoiseSchedule, image: torch.Tensor,
                      conditioning: Conditioning, timestep: int = SD_TIMESTEP, seed: int = SD_NOISE_SEED,
                      size: int = SD_IMAGE_SIZE, layers: tuple[int, ...] = SD_LAYERS) -> FeatureMaps:
+    """:func:`sd_denoiser_features` of a diffusers ``UNet2DConditionModel`` and its training ``schedule``."""
+    return sd_denoiser_features(DiffusersDenoiser(unet, schedule), unet, codec, image, conditioning, timestep, seed,
+                                size, layers)
+
+
+def sd_denoiser_features(denoiser: Denoiser, unet: torch.nn.Module, codec: LatentCodec, image: torch.Tensor,
+                         conditioning: Conditioning, timestep: int = SD_TIMESTEP, seed: int = SD_NOISE_SEED,
+                         size: int = SD_IMAGE_SIZE, layers: tuple[int, ...] = SD_LAYERS) -> FeatureMaps:
     """Stable Diffusion UNet decoder features of an image, noised once to ``timestep`` with seeded noise.
 
     The image is encoded by the VAE (posterior mean), noised to x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε with ε drawn from
-    ``seed`` on the CPU (the same on every device), and run through the UNet once; forward hooks take the decoder
+    ``seed`` on the CPU (the same on every device), and denoised once; forward hooks on ``unet`` take the decoder
     tensors, and the UNet stops after the deepest one asked for.
 
     Args:
-        unet: an SD1/SD2-layout diffusers ``UNet2DConditionModel``.
+        denoiser: the model: Atelier's ``DiffusersDenoiser`` or the ``ComfyDenoiser`` over ComfyUI's MODEL; ᾱ comes
+            from its ``schedule`` (inside ComfyUI, the model's ``model_sampling``).
+        unet: the SD1/SD2-layout network the denoiser runs, where the hooks go (see :func:`sd_layer_modules`).
         codec: its VAE.
-        schedule: its training noise schedule (ᾱ).
         image: (1, 3, H, W) RGB in 0..1.
         conditioning: the prompt, batch 1 (the empty prompt in the paper's setting).
         timestep: t in [0, T − 1]; the paper uses 100.
@@ -186,6 +208,7 @@ def sd_unet_features(unet: torch.nn.Module, codec: LatentCodec, schedule: NoiseS
         empty prompt or the user's text instead of ODISE's implicit captioner (which CleanDIFT measured at −0.3 PCK).
     """
     check_image(image)
+    schedule = denoiser.schedule
     if not 0 <= timestep < schedule.num_train_timesteps:
         raise ValueError(f"timestep must be in [0, {schedule.num_train_timesteps - 1}]; got {timestep}")
     if size % SD_SIDE_MULTIPLE or not SD_SIDE_MULTIPLE <= size <= 4096:
@@ -210,11 +233,8 @@ def sd_unet_features(unet: torch.nn.Module, codec: LatentCodec, schedule: NoiseS
         return hook
 
     handles = [module.register_forward_hook(hook_for(index)) for index, module in enumerate(modules)]
-    dtype = next(unet.parameters()).dtype
     try:
-        with torch.no_grad():
-            unet(x_t.to(dtype), torch.tensor([timestep], device=x_t.device),
-                 encoder_hidden_states=conditioning.embeds.to(x_t.device, dtype))
+        denoiser(x_t, torch.tensor([timestep], device=x_t.device), conditioning)
     except _FeaturesTaken:
         pass
     finally:

@@ -13,23 +13,26 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..common.denoiser import DiffusersCodec
+from ..common.comfy_host import comfy_model_family
+from ..common.denoiser import Conditioning
 from ..common.images import to_channels_first
 from ..common.limits import MAX_SEED
 from ..common.progress import progress
+from ..models.comfy_adapters import ComfyDenoiser, denoiser_and_codec
 from ..models.loading import list_models, load_transformers_folder, resolve_model_path
 from ..models.refs import ModelRef, ModelsFolder
 from ..sampling.guidance import to_conditioning
 from .cache import FEATURE_CACHE, tensor_digest
 from .features import (DINO_IMAGE_SIZE, SD_FAMILIES, SD_IMAGE_SIZE, SD_LAYER_CHOICES, SD_LAYERS, SD_NOISE_SEED,
                        SD_TIMESTEP, SIFT_IMAGE_SIZE, SIFT_OCTAVES, SIFT_STRIDE, FeatureMaps, dense_sift_features,
-                       dinov2_features, sd_unet_features)
+                       dinov2_features, sd_denoiser_features)
 from .fusion import FUSION_WEIGHT, PCA_DIMS, SECOND_SOURCE_PCA_DIMS, PCABasis, fit_pca_basis, fuse_pair
 from .matching import (DEFAULT_MAX_MATCHES, SOFT_TEMPERATURE, SOFT_WINDOW_RADIUS, draw_matches, flow_field,
                        flow_to_image, instance_swap, match_dense, matches_json, side_by_side, sparse_matches)
@@ -151,25 +154,34 @@ class AtelierSDFeatures(_Extractor):
             return str(error)
         return True
 
-    def extract(self, model: ModelRef, vae: DiffusersCodec, conditioning: list, image: torch.Tensor,
-                timestep: int, fixed_noise_seed: int, size: int, layers: str) -> tuple[FeatureMaps]:
-        loaded, pixels, chosen = model.model, _image(image, "image"), parse_layers(layers)
-        if loaded.family not in SD_FAMILIES:
-            raise ValueError(f"model must be an SD1.x or SD2.x checkpoint (families {SD_FAMILIES}); got "
-                             f"{loaded.family!r}")
-        conditioning = to_conditioning(conditioning, loaded.family)
-        key = ("sd", tensor_digest(pixels), loaded.source, model.loras, str(loaded.dtype), str(loaded.device),
-               tensor_digest(next(vae.vae.parameters())), tensor_digest(conditioning.embeds), timestep,
-               fixed_noise_seed, size, chosen)
-
-        def compute() -> FeatureMaps:
-            with model.in_use():
-                return sd_unet_features(loaded.unet, vae, loaded.schedule, pixels.to(loaded.device),
-                                        conditioning.to(loaded.device), timestep, fixed_noise_seed, size, chosen)
-
-        maps = FEATURE_CACHE.get_or_compute(key, compute)
+    def extract(self, model: Any, vae: Any, conditioning: list, image: torch.Tensor, timestep: int,
+                fixed_noise_seed: int, size: int, layers: str) -> tuple[FeatureMaps]:
+        pixels, chosen = _image(image, "image"), parse_layers(layers)
+        family = model.model.family if isinstance(model, ModelRef) else comfy_model_family(model)
+        if family not in SD_FAMILIES:
+            raise ValueError(f"model must be an SD1.x or SD2.x checkpoint (families {SD_FAMILIES}); got {family!r}")
+        prompt, settings = to_conditioning(conditioning, family), (timestep, fixed_noise_seed, size, chosen)
+        if not isinstance(model, ModelRef):
+            # Inside ComfyUI, whose execution cache keeps this node's output while its inputs are unchanged; a
+            # ModelPatcher has no cheap content key for ours (its LoRA patches change the weights, not the object).
+            maps = _sd_features(model, vae, prompt, pixels, *settings)
+        else:
+            loaded = model.model
+            key = ("sd", tensor_digest(pixels), loaded.source, model.loras, str(loaded.dtype), str(loaded.device),
+                   tensor_digest(next(vae.vae.parameters())), tensor_digest(prompt.embeds), *settings)
+            maps = FEATURE_CACHE.get_or_compute(
+                key, lambda: _sd_features(model, vae, prompt, pixels.to(loaded.device), *settings))
         progress(1, 1)
         return (maps,)
+
+
+def _sd_features(model: Any, vae: Any, conditioning: Conditioning, pixels: torch.Tensor, timestep: int, seed: int,
+                 size: int, layers: tuple[int, ...]) -> FeatureMaps:
+    """SD features on whatever arrived on the MODEL and VAE sockets: Atelier's diffusers UNet standalone, ComfyUI's
+    ModelPatcher (its LDM ``diffusion_model`` hooked, loaded by ComfyUI's model management) inside ComfyUI."""
+    with denoiser_and_codec(model, vae) as (denoiser, codec):
+        unet = denoiser.patcher.model.diffusion_model if isinstance(denoiser, ComfyDenoiser) else denoiser.unet
+        return sd_denoiser_features(denoiser, unet, codec, pixels, conditioning, timestep, seed, size, layers)
 
 
 class AtelierLoadDINOv2(ModelsFolder):

@@ -6,12 +6,13 @@ as a :class:`~.projection.PlaneLayout`; a batch of planes is an IMAGE of B·N im
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
 from ..common.images import to_channels_first, to_channels_last
 from ..common.limits import MAX_SEED
-from ..models.refs import ModelRef
+from ..models.comfy_adapters import denoiser_and_codec, model_family
 from ..sampling.guidance import to_conditioning
 from .fidelity import gd_project
 from .metrics import ws_psnr, ws_ssim
@@ -214,7 +215,8 @@ class AtelierOmniSSR:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model run on the planes."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model run on the planes: Atelier's, or ComfyUI's (SD1, "
+                                           "SD2) with its LoRAs and patches."}),
             "vae": ("VAE", {"tooltip": "The model's VAE."}),
             "positive": ("CONDITIONING", {"tooltip": "What the panorama shows (OmniSSR: empty prompt)."}),
             "negative": ("CONDITIONING", {"tooltip": "What it should not show (unused at cfg 1)."}),
@@ -238,18 +240,19 @@ class AtelierOmniSSR:
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "tooltip": "Noise seed."}),
         }}
 
-    def super_resolve(self, model: ModelRef, vae: DiffusersCodec, positive: list, negative: list,
+    def super_resolve(self, model: Any, vae: Any, positive: list, negative: list,
                       panorama: torch.Tensor, layout: PlaneLayout, scale: int, steps: int, cfg: float,
                       strength: float, every_k: int, gamma_l: float, gamma_e: float, seed: int
                       ) -> tuple[torch.Tensor]:
         if panorama.shape[2] != 2 * panorama.shape[1]:
             raise ValueError(f"panorama must be twice as wide as high; got {tuple(panorama.shape[1:3])}")
-        with model.in_use() as loaded:
-            result = omnissr_super_resolve(DiffusersDenoiser(loaded.unet, loaded.schedule), vae,
-                                           to_channels_first(panorama), scale, layout, to_conditioning(positive, loaded.family, "positive"),
-                                           to_conditioning(negative, loaded.family, "negative"), cfg, steps,
-                                           strength, every_k,
-                                           gamma_l, gamma_e, torch.Generator().manual_seed(seed))
+        family = model_family(model)
+        positive = to_conditioning(positive, family, "positive")
+        negative = to_conditioning(negative, family, "negative")
+        with denoiser_and_codec(model, vae) as (denoiser, codec):  # Atelier's objects standalone, ComfyUI's inside it
+            result = omnissr_super_resolve(denoiser, codec, to_channels_first(panorama), scale, layout, positive,
+                                           negative, cfg, steps, strength, every_k, gamma_l, gamma_e,
+                                           torch.Generator().manual_seed(seed))
         return (to_channels_last(result),)
 
 

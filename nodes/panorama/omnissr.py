@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common.denoiser import Conditioning, DiffusersCodec, Denoiser, guided_eps
+from ..common.denoiser import Conditioning, Denoiser, LatentCodec, guided_eps
 from ..common.progress import check_interrupt, progress
 from ..sampling.latents import seeded_noise
 from .fidelity import gd_project
@@ -25,13 +25,14 @@ GAMMA_L = 0.5  # Source: OmniSSR, latent interpolation γ_l = 0.5
 GAMMA_E = 1.0  # Source: OmniSSR, GD blend inside OTII γ_e = 1.0
 
 
-def omnissr_super_resolve(denoiser: Denoiser, codec: DiffusersCodec, low_res: torch.Tensor, scale: int,
+def omnissr_super_resolve(denoiser: Denoiser, codec: LatentCodec, low_res: torch.Tensor, scale: int,
                           layout: PlaneLayout, positive: Conditioning, negative: Conditioning, cfg: float,
                           steps: int, strength: float, every_k: int, gamma_l: float, gamma_e: float,
                           generator: torch.Generator, mode: str = "bilinear") -> torch.Tensor:
     """Super-resolves ERP panoramas ×``scale``.
 
     Args:
+        denoiser, codec: Atelier's, or ComfyUI's MODEL and VAE through ``nodes/models/comfy_adapters.py``.
         low_res: (B, 3, h, 2h) panoramas in 0..1.
         scale: the factor s >= 1; the output is (B, 3, s·h, 2·s·h).
         layout: the planes; their size must be a multiple of the VAE's downscale factor.
@@ -48,7 +49,9 @@ def omnissr_super_resolve(denoiser: Denoiser, codec: DiffusersCodec, low_res: to
     if steps < 1 or every_k < 1 or not 0 < strength <= 1 or not 0 <= gamma_l <= 1:
         raise ValueError(f"steps and every_k must be >= 1, strength in (0, 1], gamma_l in [0, 1]; got steps "
                          f"{steps}, every_k {every_k}, strength {strength}, gamma_l {gamma_l}")
-    low_res = low_res.to(codec.vae.device, torch.float32)  # GD meets the decoded planes on the VAE's device
+    # GD meets the decoded planes on the VAE's device: both codecs keep their VAE as ``vae`` (diffusers' AutoencoderKL,
+    # or ComfyUI's VAE, whose ``device`` is its load device), and both return what they compute on their input's.
+    low_res = low_res.to(codec.vae.device, torch.float32)
     batch, height = low_res.shape[0], low_res.shape[-2] * scale
     high_res = F.interpolate(low_res, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
 

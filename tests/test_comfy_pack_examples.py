@@ -1,6 +1,10 @@
-"""The embedded model inside real ComfyUI (issue 21): Atelier's embedded loader gives ComfyUI's own MODEL, CLIP and
-VAE, which ComfyUI's CLIPTextEncode, KSampler and VAEDecode run; its picture is compared with Atelier's standalone
-one from the same API prompt.
+"""The embedded model and ``example_workflows/`` inside real ComfyUI (issue 21).
+
+Atelier's embedded loader gives ComfyUI's own MODEL, CLIP and VAE, which ComfyUI's CLIPTextEncode, KSampler and
+VAEDecode run; its picture is compared with Atelier's standalone one from the same API prompt. Every example
+workflow (UI format, for ComfyUI's template browser) is converted to an API prompt by the standalone app's converter
+(``web/cli.py``'s ``load_workflow``) and runs to success in ComfyUI, and in Atelier's own executor where its nodes
+run standalone.
 
 Skipped where ``ATELIER_COMFYUI`` names no ComfyUI tree (``.ci/run`` sets it when ``../shared/comfyui`` exists).
 The server (started with ``--force-fp32``, as every test server is) serves an empty models folder: everything here
@@ -9,7 +13,9 @@ runs on the shipped embedded model or on no weights.
 
 from __future__ import annotations
 
-import numpy as np
+import os
+import urllib.request
+
 import pytest
 
 from comfyui_parity import AtelierRunner, only_image, psnr, txt2img_prompt
@@ -17,6 +23,14 @@ from nodes.loaders.comfy_native import ldm_unet_config, ldm_vae_config
 from nodes.loaders.nodes import AtelierEmbeddedCheckpointLoader
 from nodes.models.loading import load_checkpoint
 from nodes.models.model_configs import component_configs, shipped_config_dir
+from web.cli import load_workflow
+from web.folders import DataFolders
+from web.registry import node_classes
+
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
+EXAMPLES = sorted(name for name in os.listdir(EXAMPLES_DIR) if name.endswith(".json"))
+# Examples whose technique exists only as a ComfyUI idiom, with the error Atelier's executor gives for them.
+COMFYUI_ONLY = {"tiled_diffusion_patch.json": "AtelierTiledDiffusion patches ComfyUI's MODEL and runs inside ComfyUI"}
 
 EMBEDDED_LOADER = {"class_type": "AtelierEmbeddedCheckpointLoader", "inputs": {}}
 EMBEDDED_POSITIVE = "a small yellow star at the top"
@@ -93,3 +107,46 @@ def test_embedded_prompt_changes_the_picture(comfyui_server):
     star = only_image(comfyui_server.run(embedded_txt2img_prompt(prefix="star")))
     circle = only_image(comfyui_server.run(embedded_txt2img_prompt("a large red circle on the left", "circle")))
     assert psnr(star, circle) < 30.0
+
+
+@pytest.fixture(scope="module")
+def example_prompts(tmp_path_factory, comfyui_models_dir) -> dict[str, dict]:
+    """Each example as an API prompt, converted with the widget order of Atelier's node classes (ComfyUI's for
+    its core nodes)."""
+    classes = node_classes(DataFolders.under(str(tmp_path_factory.mktemp("convert"))), comfyui_models_dir)
+    return {name: load_workflow(os.path.join(EXAMPLES_DIR, name), classes)[0] for name in EXAMPLES}
+
+
+def test_example_workflows_cover_every_technique_asked_for():
+    assert {"text_to_image_momentum_sampler.json", "tiled_diffusion_patch.json", "panorama_tangent_round_trip.json",
+            "watermark_post_hoc.json"} <= set(EXAMPLES)
+
+
+def test_comfyui_template_browser_serves_the_examples(comfyui_server):
+    """ComfyUI lists the pack's example_workflows/ (the pack sits in custom_nodes/ as "atelier") and serves each
+    file as it is."""
+    listed = comfyui_server.get_json("/workflow_templates")["atelier"]
+    assert {name.removesuffix(".json") for name in EXAMPLES} <= set(listed)
+    for name in EXAMPLES:
+        with open(os.path.join(EXAMPLES_DIR, name), "rb") as file:
+            expected = file.read()
+        with urllib.request.urlopen(f"{comfyui_server.url}/api/workflow_templates/atelier/{name}") as response:
+            assert response.read() == expected
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_workflow_runs_in_comfyui(comfyui_server, example_prompts, name):
+    """ComfyUI accepts the converted prompt and runs it to success, producing the example's outputs."""
+    entry = comfyui_server.wait(comfyui_server.queue(example_prompts[name]))
+    assert entry["status"]["status_str"] == "success"
+    assert entry["outputs"], f"{name} produced no outputs"
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_workflow_runs_standalone(atelier, example_prompts, name):
+    """Atelier's executor runs every example whose nodes run standalone; a ComfyUI-only one fails with its reason."""
+    if name in COMFYUI_ONLY:
+        with pytest.raises(AssertionError, match=COMFYUI_ONLY[name]):
+            atelier.run(example_prompts[name])
+        return
+    assert atelier.run(example_prompts[name])

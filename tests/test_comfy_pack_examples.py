@@ -117,9 +117,13 @@ def example_prompts(tmp_path_factory, comfyui_models_dir) -> dict[str, dict]:
     return {name: load_workflow(os.path.join(EXAMPLES_DIR, name), classes)[0] for name in EXAMPLES}
 
 
-def test_example_workflows_cover_every_technique_asked_for():
+def test_example_workflows_cover_every_technique_asked_for_each_with_its_thumbnail():
+    """The template browser shows ``<name>.jpg`` beside each custom node template (the frontend asks for .jpg)."""
     assert {"text_to_image_momentum_sampler.json", "tiled_diffusion_patch.json", "panorama_tangent_round_trip.json",
             "watermark_post_hoc.json"} <= set(EXAMPLES)
+    missing = [name for name in EXAMPLES
+               if not os.path.isfile(os.path.join(EXAMPLES_DIR, name.removesuffix(".json") + ".jpg"))]
+    assert missing == []
 
 
 def test_comfyui_template_browser_serves_the_examples(comfyui_server):

@@ -1,7 +1,7 @@
-"""Atelier's model-driven techniques on the user's own ComfyUI MODEL, CLIP and VAE (issue 21, part 2): OmniSSR
-inside real ComfyUI on what CheckpointLoaderSimple loaded (the random-weight SD1.5 file of ``random_sd15_models``),
-through the adapters of ``nodes/models/comfy_adapters.py``, and the same prompt standalone on Atelier's loader of
-the same file.
+"""Atelier's model-driven techniques on the user's own ComfyUI MODEL, CLIP and VAE (issue 21, part 2): OmniSSR and the
+Tiled 16K generator, inside real ComfyUI on what CheckpointLoaderSimple
+loaded (the random-weight SD1.5 file of ``random_sd15_models``), through the adapters of
+``nodes/models/comfy_adapters.py``, each against the same prompt standalone on Atelier's loader of the same file.
 
 The server tests skip where ``ATELIER_COMFYUI`` names no ComfyUI tree (``.ci/run`` sets it when
 ``../shared/comfyui`` exists). Both hosts run float32 (ComfyUI with ``FLOAT32_FLAGS``), so their images differ by
@@ -11,9 +11,13 @@ float32 arithmetic only.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from comfyui_parity import AtelierRunner, psnr
 from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
+from nodes.common.denoiser import DiffusersCodec
+from nodes.highres.linfusion import build_linfusion, linfusion_config
+from nodes.highres.nodes import AtelierTiled16KGenerator, LinFusion, denoiser_and_codec_with
 from nodes.models.comfy_adapters import model_family
 from nodes.models.loading import load_model
 from nodes.models.refs import ModelRef
@@ -29,6 +33,43 @@ def test_model_family_reads_ateliers_model_and_refuses_anything_else(tiny_sd1): 
     assert model_family(ModelRef(load_model(tiny_sd1.folder))) == "sd1"
     with pytest.raises(TypeError, match="got str"):
         model_family("sd1")
+
+
+
+def test_16k_generator_refuses_a_vae_precision_comfyuis_vae_cannot_take_before_any_work():
+    """ComfyUI's VAE decodes in the dtype ComfyUI chose; only 'auto' leaves it so (a stand-in VAE: nothing runs)."""
+    inputs = dict(positive=[], negative=[], width=256, height=256, schedule="direct", base_size=256, seed=0, steps=1,
+                  cfg=1.0, sampler_name="euler", scheduler="normal", mode="mixture", tile_size=128, overlap=32,
+                  offset_stride=64, tile_batch_size=1, vae_tile_size=512)
+    with pytest.raises(ValueError, match="vae_precision 'bfloat16'.*choose 'auto'"):
+        AtelierTiled16KGenerator().generate(object(), object(), **inputs, vae_precision="bfloat16")
+
+
+def test_linfusion_is_refused_with_a_model_that_is_not_ateliers(tiny_sd1):  # noqa: F811
+    """LinFusion's layers replace a diffusers UNet's attention: with any other MODEL the run stops at once."""
+    linfusion = LinFusion(load_model(tiny_sd1.folder), torch.nn.ModuleList(), ())
+    with pytest.raises(TypeError, match="linfusion mounts on Atelier's own MODEL.*type object"):
+        with denoiser_and_codec_with(object(), object(), linfusion):
+            pass
+
+
+
+def test_16k_generator_on_ateliers_model_still_samples_with_linfusion(tiny_sd1):  # noqa: F811
+    """Standalone, LinFusion is mounted for the generator's run (inside the adapters' lock) and taken off after:
+    the image changes with it, and the same run without it gives the plain image back."""
+    model = load_model(tiny_sd1.folder)
+    torch.manual_seed(4)
+    config = tuple(linfusion_config(model.unet, "sd1"))
+    linfusion = LinFusion(model, build_linfusion(list(config)), config)
+    prompt = [[torch.randn(1, 77, model.text_encoders[0].config.hidden_size), {}]]
+    inputs = dict(positive=prompt, negative=prompt, width=64, height=64, schedule="direct", base_size=64, seed=1,
+                  steps=2, cfg=1.0, sampler_name="euler", scheduler="normal", mode="mixture", tile_size=64, overlap=0,
+                  offset_stride=32, tile_batch_size=1, vae_tile_size=64, vae_precision="float32")
+    run = AtelierTiled16KGenerator().generate
+    plain, _ = run(ModelRef(model), DiffusersCodec(model.vae), **inputs)
+    linear, _ = run(ModelRef(model), DiffusersCodec(model.vae), **inputs, linfusion=linfusion)
+    again, _ = run(ModelRef(model), DiffusersCodec(model.vae), **inputs)
+    assert not torch.allclose(plain, linear) and torch.equal(plain, again)
 
 
 def omnissr_prompt(checkpoint: str) -> dict:
@@ -59,5 +100,36 @@ def test_omnissr_runs_on_comfyuis_own_model_and_matches_the_standalone_run(comfy
     assert comfy_image.shape == atelier_image.shape == (64, 128, 3)
     measured = psnr(comfy_image, atelier_image)
     print(f"OmniSSR, ComfyUI against Atelier: {measured:.1f} dB")
+    assert measured >= TARGET_PSNR_DB
+
+
+
+def generator_prompt(checkpoint: str) -> dict:
+    """CheckpointLoaderSimple's MODEL and VAE and CLIPTextEncode's prompts into the Tiled 16K generator: one direct
+    256² pass in 128-px tiles overlapping by 32 (nine 16×16 latent tiles, all in one UNet call), 2 euler steps
+    without guidance, then the tiled decode in one 512-px tile; saved."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "30": {"class_type": "AtelierTiled16KGenerator", "inputs": {
+            "model": ["4", 0], "vae": ["4", 2], "positive": ["6", 0], "negative": ["7", 0], "width": 256,
+            "height": 256, "schedule": "direct", "base_size": 256, "seed": SEED, "steps": 2, "cfg": 1.0,
+            "sampler_name": "euler", "scheduler": "normal", "mode": "mixture", "tile_size": 128, "overlap": 32,
+            "offset_stride": 64, "tile_batch_size": 9, "vae_tile_size": 512, "vae_precision": "auto"}},
+        SAVE_NODE: {"class_type": "SaveImage", "inputs": {"filename_prefix": "generator", "images": ["30", 0]}},
+    }
+
+
+def test_16k_generator_runs_on_comfyuis_own_model_and_matches_the_standalone_run(comfyui_server, random_sd15_models,
+                                                                                tmp_path):
+    """The Tiled 16K generator runs to success inside ComfyUI on its MODEL and VAE (tiled diffusion over the
+    adapters' denoiser, ComfyUI's tiled decode), and gives the standalone run's image."""
+    prompt = generator_prompt(random_sd15_models.checkpoint)
+    (comfy_image,) = comfyui_server.run(prompt)[SAVE_NODE]
+    (atelier_image,) = AtelierRunner(random_sd15_models.path, str(tmp_path / "atelier")).run(prompt)[SAVE_NODE]
+    assert comfy_image.shape == atelier_image.shape == (256, 256, 3)
+    measured = psnr(comfy_image, atelier_image)
+    print(f"16K generator, ComfyUI against Atelier: {measured:.1f} dB")
     assert measured >= TARGET_PSNR_DB
 

@@ -12,16 +12,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from ..common.checks import range_errors
 from ..common.comfy_host import comfy_model_family, inside_comfyui
-from ..common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
+from ..common.denoiser import Conditioning, Denoiser, DiffusersCodec, DiffusersDenoiser, LatentCodec
 from ..common.images import to_channels_first
 from ..common.paths import confine
 from ..common.tiled_vae import DECODE_PRECISIONS, decode_dtype, tiled_decode
 from ..common.limits import MAX_CFG, MAX_RESOLUTION, MAX_SEED, MAX_STEPS
+from ..models.comfy_adapters import ComfyCodec, denoiser_and_codec, model_family
 from ..models.loading import LoadedModel, check_safetensors, files_under
 from ..models.refs import ModelRef, ModelsFolder
 from ..sampling.generate import generate
@@ -65,6 +67,33 @@ def model_in_use(model: ModelRef, linfusion: LinFusion | None) -> Iterator[Loade
             return
         with mounted(loaded.unet, linfusion.layers, list(linfusion.config)):
             yield loaded
+
+
+@contextlib.contextmanager
+def denoiser_and_codec_with(model: Any, vae: Any, linfusion: LinFusion | None
+                            ) -> Iterator[tuple[Denoiser, LatentCodec]]:
+    """:func:`~nodes.models.comfy_adapters.denoiser_and_codec` of the MODEL and VAE sockets, with LinFusion mounted
+    for the block if given. LinFusion's layers replace a diffusers UNet's attention, so they need Atelier's model.
+
+    Raises:
+        TypeError: LinFusion with ComfyUI's MODEL; or see ``denoiser_and_codec``.
+    """
+    if linfusion is None:
+        with denoiser_and_codec(model, vae) as parts:
+            yield parts
+        return
+    if not isinstance(model, ModelRef):
+        raise TypeError("linfusion mounts on Atelier's own MODEL (a diffusers UNet); got a MODEL of type "
+                        f"{type(model).__name__}: unlink linfusion")
+    # The model's lock is reentrant: denoiser_and_codec takes it and switches the ref's LoRAs, then model_in_use
+    # mounts LinFusion, in the order model_in_use alone keeps (LoRAs first).
+    with denoiser_and_codec(model, vae) as parts, model_in_use(model, linfusion):
+        yield parts
+
+
+def _model_device(model: Any) -> torch.device:
+    """Where a sampling run keeps its latents: Atelier's model's device, or ComfyUI's MODEL's load device."""
+    return model.model.device if isinstance(model, ModelRef) else model.load_device
 
 
 def _plain_prompts(positive: list, negative: list, family: str) -> tuple[Conditioning, Conditioning]:
@@ -208,7 +237,8 @@ class AtelierLoadLinFusion(ModelsFolder):
 class AtelierTiled16KGenerator:
     DESCRIPTION = ("Makes an image of up to 16384 pixels a side: LinFusion's staged recipe (text-to-image at the base "
                    "size, then ×2 per stage, re-noised less each time) or one direct pass, every stage sampled with "
-                   "tiled diffusion, then a tiled VAE decode with shared normalisation statistics.")
+                   "tiled diffusion, then a tiled VAE decode with shared normalisation statistics (inside ComfyUI, "
+                   "on its MODEL and VAE: ComfyUI's own tiled decode).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "report")
@@ -218,7 +248,8 @@ class AtelierTiled16KGenerator:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to sample with."}),
+            "model": ("MODEL", {"tooltip": "The model to sample with: Atelier's, or ComfyUI's (SD1, SD2) with its "
+                                           "LoRAs and patches."}),
             "vae": ("VAE", {"tooltip": "The checkpoint's VAE."}),
             "positive": ("CONDITIONING", {"tooltip": "What the image should show."}),
             "negative": ("CONDITIONING", {"tooltip": "What it should not show."}),
@@ -236,33 +267,45 @@ class AtelierTiled16KGenerator:
                                       "tooltip": "Tile side of the VAE decode in pixels."}),
             "vae_precision": (list(DECODE_PRECISIONS), {
                 "tooltip": "auto: bfloat16 where the device runs it natively (faster; about half an 8-bit level of "
-                           "mean error), else the VAE's own dtype."}),
+                           "mean error), else the VAE's own dtype. ComfyUI's VAE: auto only (ComfyUI sets its "
+                           "dtype)."}),
         }, "optional": {
-            "linfusion": ("ATELIER_LINFUSION", {"tooltip": "LinFusion layers to use in place of self-attention."}),
+            "linfusion": ("ATELIER_LINFUSION", {"tooltip": "LinFusion layers to use in place of self-attention "
+                                                           "(Atelier's MODEL only)."}),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, tile_size: int | None, overlap: int | None, offset_stride: int | None) -> bool | str:
         return _validate(cls, {"tile_size": tile_size, "overlap": overlap, "offset_stride": offset_stride})
 
-    def generate(self, model: ModelRef, vae: DiffusersCodec, positive: list, negative: list,
+    def generate(self, model: Any, vae: Any, positive: list, negative: list,
                  width: int, height: int, schedule: str, base_size: int, seed: int, steps: int, cfg: float,
                  sampler_name: str, scheduler: str, mode: str, tile_size: int, overlap: int, offset_stride: int,
                  tile_batch_size: int, vae_tile_size: int, vae_precision: str,
                  linfusion: LinFusion | None = None) -> tuple[torch.Tensor, str]:
-        with model_in_use(model, linfusion) as loaded:
-            stages = plan_stages(loaded.family, width, height, schedule, steps, base_size, vae.downscale)
-            check_sampler_settings(sampler_name, scheduler, steps, family=loaded.family)
-            positive, negative = _plain_prompts(positive, negative, loaded.family)
-            settings = _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed, vae.downscale)
-            latent, reports = generate_large(DiffusersDenoiser(loaded.unet, loaded.schedule), vae, loaded.family,
-                                             positive, negative, stages, seed, steps, cfg, sampler_name, scheduler,
-                                             settings, loaded.device, untiled_base=linfusion is not None)
-        vae_tile = vae_tile_size // vae.downscale
+        if vae_precision != "auto" and not isinstance(vae, DiffusersCodec):
+            raise ValueError(f"vae_precision {vae_precision!r} sets Atelier's VAE; ComfyUI's VAE decodes in the dtype "
+                             "ComfyUI chose for it (--fp32-vae, --bf16-vae): choose 'auto'")
+        family = model_family(model)
+        positive, negative = _plain_prompts(positive, negative, family)
+        with denoiser_and_codec_with(model, vae, linfusion) as (denoiser, codec):
+            stages = plan_stages(family, width, height, schedule, steps, base_size, codec.downscale)
+            check_sampler_settings(sampler_name, scheduler, steps, family=family)
+            settings = _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed, codec.downscale)
+            latent, reports = generate_large(denoiser, codec, family, positive, negative, stages, seed, steps, cfg,
+                                             sampler_name, scheduler, settings, _model_device(model),
+                                             untiled_base=linfusion is not None)
+        vae_tile = vae_tile_size // codec.downscale
+        summary = "\n".join(report.line() for report in reports)
+        if isinstance(codec, ComfyCodec):
+            # The shared-statistics tiled decode hooks the GroupNorms of a diffusers decoder; ComfyUI's VAE has its
+            # own tiled decode (VAE Decode (Tiled)'s), with its memory management.
+            return vae.decode_tiled(latent, tile_x=vae_tile, tile_y=vae_tile,
+                                    overlap=vae_tile // VAE_OVERLAP_DIVISOR), summary
         image = torch.empty(1, height, width, 3)  # the IMAGE itself: tiles stream into it, no second copy
         tiled_decode(vae, latent.cpu(), vae_tile, vae_tile // VAE_OVERLAP_DIVISOR, out=to_channels_first(image),
                      dtype=decode_dtype(vae_precision, vae))
-        return image, "\n".join(report.line() for report in reports)
+        return image, summary
 
 
 class AtelierTiledDiffusion:

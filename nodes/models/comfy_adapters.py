@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -172,3 +172,50 @@ def text_conditioning(clip: Any, text: str) -> Conditioning:
     if _is_comfy(clip, "comfy.sd", "CLIP"):
         return Conditioning(clip.encode_from_tokens(clip.tokenize(text)))
     raise TypeError(f"clip must be Atelier's CLIP (standalone) or ComfyUI's comfy.sd.CLIP; got {type(clip).__name__}")
+
+
+def _check_comfy_clip(clip: Any) -> None:
+    if not _is_comfy(clip, "comfy.sd", "CLIP"):
+        raise TypeError(f"clip must be ComfyUI's comfy.sd.CLIP here; got {type(clip).__name__}")
+
+
+def comfy_pooled_text_embeddings(clip: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """One pooled embedding per prompt from ComfyUI's CLIP: ``clip.tokenize`` and ``encode_from_tokens(...,
+    return_pooled=True)``, which for an SD1 checkpoint's CLIP is the last layer's state at the end token, unprojected,
+    as Atelier's :func:`nodes.router.embeddings.pooled_text_embeddings` reads its own encoder. A prompt longer than
+    one 77-token chunk pools its first chunk, as Atelier's cut at 77 tokens does.
+
+    Returns:
+        (N, D) float32 on the CPU.
+    Raises:
+        TypeError: ``clip`` is not ComfyUI's.
+        ValueError: no prompts.
+    """
+    _check_comfy_clip(clip)
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt; got none")
+    pooled = [clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)[1] for prompt in prompts]
+    return torch.cat(pooled).float().cpu()
+
+
+def comfy_token_lengths(clip: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Each prompt's length in tokens by ComfyUI's tokenizer, start and end tokens included, as Atelier's
+    :func:`nodes.router.embeddings.token_lengths` counts: ComfyUI marks the prompt's own tokens with a word id
+    above 0, and its start, end and padding tokens with 0.
+
+    Returns:
+        (N,) float64.
+    Raises:
+        TypeError: ``clip`` is not ComfyUI's.
+        ValueError: a CLIP with several tokenizers (SDXL's).
+    """
+    _check_comfy_clip(clip)
+
+    def length(prompt: str) -> int:
+        tokens = clip.tokenize(prompt, return_word_ids=True)  # {tokenizer name: chunks of (token, weight, word id)}
+        if len(tokens) != 1:
+            raise ValueError(f"prompt lengths are counted for a CLIP with one tokenizer (SD1, SD2); got {list(tokens)}")
+        (chunks,) = tokens.values()
+        return sum(1 for chunk in chunks for _, _, word in chunk if word > 0) + 2  # and the start and end tokens
+
+    return torch.tensor([float(length(prompt)) for prompt in prompts], dtype=torch.float64)

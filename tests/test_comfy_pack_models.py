@@ -1,5 +1,5 @@
-"""Atelier's model-driven techniques on the user's own ComfyUI MODEL, CLIP and VAE (issue 21, part 2): OmniSSR and the
-Tiled 16K generator, inside real ComfyUI on what CheckpointLoaderSimple
+"""Atelier's model-driven techniques on the user's own ComfyUI MODEL, CLIP and VAE (issue 21, part 2): OmniSSR, the
+Tiled 16K generator and the prompt router's text embeddings, inside real ComfyUI on what CheckpointLoaderSimple
 loaded (the random-weight SD1.5 file of ``random_sd15_models``), through the adapters of
 ``nodes/models/comfy_adapters.py``, each against the same prompt standalone on Atelier's loader of the same file.
 
@@ -10,6 +10,9 @@ float32 arithmetic only.
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +24,7 @@ from nodes.highres.nodes import AtelierTiled16KGenerator, LinFusion, denoiser_an
 from nodes.models.comfy_adapters import model_family
 from nodes.models.loading import load_model
 from nodes.models.refs import ModelRef
+from nodes.router.router_files import load_router
 
 SEED = 7
 SAVE_NODE = "9"
@@ -133,3 +137,50 @@ def test_16k_generator_runs_on_comfyuis_own_model_and_matches_the_standalone_run
     print(f"16K generator, ComfyUI against Atelier: {measured:.1f} dB")
     assert measured >= TARGET_PSNR_DB
 
+
+ROUTER_PROMPTS = ("a cat", "a red car", "a dog on grass",
+                  "an intricate baroque cathedral interior at golden hour, volumetric light, ornate gilded columns",
+                  "a detailed cyberpunk market street at night, neon signs, rain reflections, crowds of people",
+                  "a hyperrealistic portrait of an old fisherman, weathered skin, knitted hat, stormy harbour behind")
+ROUTE_NODE, FITTED_NODE = "42", "41"
+# Both hosts' prototypes are means of float32 pooled CLIP states of the same weights: they differed by 4.4e-8 at
+# most (entries of order 1); a projected or wrongly pooled state moves them by far more.
+PROTOTYPE_TOLERANCE = 1e-5
+
+
+def router_prompt(checkpoint: str, router_file: str) -> dict:
+    """CheckpointLoaderSimple's CLIP fits a two-variant router on six prompts and saves it as ``router_file``; the
+    router then routes a long prompt, and Route Switch passes on the chosen branch's image (black for the cheap
+    variant, white for the dear one), which is saved."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        FITTED_NODE: {"class_type": "AtelierFitRouter", "inputs": {
+            "clip": ["4", 1], "prompts": "\n".join(ROUTER_PROMPTS), "variants": "4 steps = 0.2\n20 steps = 1.0",
+            "method": "kmeans", "cluster_seed": 0}},
+        "43": {"class_type": "AtelierSaveRouter", "inputs": {"router": [FITTED_NODE, 0], "filename": router_file}},
+        ROUTE_NODE: {"class_type": "AtelierRoutePrompt", "inputs": {
+            "clip": ["4", 1], "router": [FITTED_NODE, 0], "prompt": ROUTER_PROMPTS[4], "budget": 0.6}},
+        "44": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "45": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0xFFFFFF}},
+        "46": {"class_type": "AtelierRouteSwitch", "inputs": {"branch": [ROUTE_NODE, 0], "branch_0": ["44", 0],
+                                                              "branch_1": ["45", 0]}},
+        SAVE_NODE: {"class_type": "SaveImage", "inputs": {"filename_prefix": "routed", "images": ["46", 0]}},
+    }
+
+
+def test_router_fits_and_routes_on_comfyuis_own_clip_as_on_ateliers(comfyui_server, random_sd15_models, tmp_path):
+    """Inside ComfyUI the router embeds prompts with ComfyUI's CLIP (``tokenize`` + ``encode_from_tokens(...,
+    return_pooled=True)``) and counts tokens with its tokenizer; fitted on the same prompts, the router it saves has
+    the standalone router's prototypes, difficulty order and bias, and it routes the prompt to the same branch."""
+    comfy_images = comfyui_server.run(router_prompt(random_sd15_models.checkpoint, "comfy_fitted"))
+    atelier = AtelierRunner(random_sd15_models.path, str(tmp_path / "atelier"))
+    atelier_images = atelier.run(router_prompt(random_sd15_models.checkpoint, "atelier_fitted"))
+    comfy_router, atelier_router = (load_router(os.path.join(random_sd15_models.path, "routers", f"{name}.safetensors"))
+                                    for name in ("comfy_fitted", "atelier_fitted"))
+    assert comfy_router.embedding == "ComfyUI's SD1ClipModel text encoder", comfy_router.embedding
+    assert comfy_router.labels == atelier_router.labels
+    largest = (comfy_router.prototypes - atelier_router.prototypes).abs().max().item()
+    print(f"router prototypes, ComfyUI against Atelier: largest difference {largest:.2e}")
+    assert largest <= PROTOTYPE_TOLERANCE
+    assert torch.allclose(comfy_router.bias_lambdas, atelier_router.bias_lambdas, atol=1e-6)
+    assert np.array_equal(comfy_images[SAVE_NODE][0], atelier_images[SAVE_NODE][0])

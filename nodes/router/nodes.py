@@ -21,6 +21,7 @@ import torch
 from ..common.limits import MAX_SEED
 from ..common.paths import confine
 from ..models.clip import Clip
+from ..models.comfy_adapters import comfy_pooled_text_embeddings, comfy_token_lengths
 from ..models.loading import files_under, list_models, load_transformers_folder, resolve_model_path
 from ..models.refs import ModelsFolder
 from .embeddings import (SentenceEncoder, pooled_text_embeddings, sentence_embeddings, sentence_encoder_pooling,
@@ -98,20 +99,32 @@ def prompt_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _embedding_name(clip: Clip, sentence_encoder: SentenceEncoder | None) -> str:
+# The CLIP socket carries Atelier's Clip standalone and ComfyUI's comfy.sd.CLIP inside ComfyUI (the adapters in
+# nodes/models/comfy_adapters.py read the latter); a router is fitted and routed with one of them.
+def _embedding_name(clip: Any, sentence_encoder: SentenceEncoder | None) -> str:
     if sentence_encoder is not None:
         return f"{SENTENCE_ENCODER_PREFIX}{sentence_encoder.name}"
-    return f"{clip.ref.model.family} text encoder of {os.path.basename(clip.ref.model.source)}"
+    if isinstance(clip, Clip):
+        return f"{clip.ref.model.family} text encoder of {os.path.basename(clip.ref.model.source)}"
+    return f"ComfyUI's {type(clip.cond_stage_model).__name__} text encoder"  # ComfyUI's CLIP keeps no file name
 
 
-def _embed(clip: Clip, prompts: list[str], sentence_encoder: SentenceEncoder | None) -> torch.Tensor:
+def _embed(clip: Any, prompts: list[str], sentence_encoder: SentenceEncoder | None) -> torch.Tensor:
     if sentence_encoder is not None:
         return sentence_embeddings(sentence_encoder, prompts)
+    if not isinstance(clip, Clip):
+        return comfy_pooled_text_embeddings(clip, prompts)
     with clip.ref.in_use() as loaded:
         return pooled_text_embeddings(loaded.tokenizers, loaded.text_encoders, prompts)
 
 
-def _route_embeddings(clip: Clip, router: Router, prompts: list[str],
+def _token_lengths(clip: Any, prompts: list[str]) -> torch.Tensor:
+    if isinstance(clip, Clip):
+        return token_lengths(clip.ref.model.tokenizers[-1], prompts)
+    return comfy_token_lengths(clip, prompts)
+
+
+def _route_embeddings(clip: Any, router: Router, prompts: list[str],
                       sentence_encoder: SentenceEncoder | None) -> torch.Tensor:
     """The prompts' embeddings, after checking they come from the kind of encoder the router was fitted with: a
     text encoder and a sentence encoder of the same width would otherwise route silently at random."""
@@ -188,11 +201,11 @@ class AtelierFitRouter:
                     f"{len(prompt_lines(prompts))}")
         return True
 
-    def fit(self, clip: Clip, prompts: str, variants: str, method: str, cluster_seed: int,
+    def fit(self, clip: Any, prompts: str, variants: str, method: str, cluster_seed: int,
             sentence_encoder: SentenceEncoder | None = None) -> tuple[Router]:
         labels, costs = parse_variants(variants)
         lines = prompt_lines(prompts)
-        return (fit_router(_embed(clip, lines, sentence_encoder), token_lengths(clip.ref.model.tokenizers[-1], lines),
+        return (fit_router(_embed(clip, lines, sentence_encoder), _token_lengths(clip, lines),
                            torch.tensor(costs, dtype=torch.float64), labels, method,
                            torch.Generator().manual_seed(cluster_seed),
                            embedding=_embedding_name(clip, sentence_encoder)),)
@@ -302,7 +315,7 @@ class AtelierRoutePrompt:
             "budget": _budget_input(),
         }, "optional": _sentence_encoder_input()}
 
-    def route(self, clip: Clip, router: Router, prompt: str, budget: float,
+    def route(self, clip: Any, router: Router, prompt: str, budget: float,
               sentence_encoder: SentenceEncoder | None = None) -> tuple[int, str, str]:
         branch = int(route_single(_route_embeddings(clip, router, [prompt], sentence_encoder), router, budget)[0])
         return branch, router.labels[branch], prompt
@@ -329,7 +342,7 @@ class AtelierRoutePrompts:
             "budget": _budget_input(),
         }, "optional": _sentence_encoder_input()}
 
-    def route(self, clip: Clip, router: Router, prompts: str, budget: float,
+    def route(self, clip: Any, router: Router, prompts: str, budget: float,
               sentence_encoder: SentenceEncoder | None = None) -> tuple[list[int], list[str], list[str]]:
         lines = prompt_lines(prompts)
         branches = route_batch(_route_embeddings(clip, router, lines, sentence_encoder), router, budget).tolist()

@@ -270,15 +270,25 @@ def test_feature_cache_drops_the_least_recently_used_past_its_budget():
     assert cache_module.tensor_digest(torch.zeros(2)) != cache_module.tensor_digest(torch.zeros(2, 1))
 
 
-@pytest.fixture(scope="module")
-def tiny_dinov2(tmp_path_factory):
+TINY_DINOV2_NAME = "tiny"
+
+
+def write_tiny_dinov2(models_dir: str | os.PathLike) -> None:
+    """A random DINOv2 (ViT with 14-px patches, 32-d, two blocks, seed 0) as ``models_dir/dinov2/tiny``, the folder
+    Load DINOv2 lists; test_comfy_pack_correspondence.py gives the same one to both hosts."""
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    models = tmp_path_factory.mktemp("models")
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                           patch_size=14, image_size=56)
-    Dinov2Model(config).save_pretrained(models / "dinov2" / "tiny", safe_serialization=True)
+    Dinov2Model(config).save_pretrained(os.path.join(models_dir, "dinov2", TINY_DINOV2_NAME),
+                                        safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    write_tiny_dinov2(models)
     return models
 
 

@@ -33,6 +33,13 @@ SAVE_NODE = "9"
 TARGET_PSNR_DB = 40.0
 
 
+
+@pytest.fixture(scope="module")
+def atelier(random_sd15_models, tmp_path_factory) -> AtelierRunner:
+    """One standalone executor for the module, so one standalone copy of the full-size SD1.5 sits beside ComfyUI's:
+    a runner per test kept a copy each and ran the test machine out of memory."""
+    return AtelierRunner(random_sd15_models.path, str(tmp_path_factory.mktemp("atelier")))
+
 def test_model_family_reads_ateliers_model_and_refuses_anything_else(tiny_sd1):  # noqa: F811
     assert model_family(ModelRef(load_model(tiny_sd1.folder))) == "sd1"
     with pytest.raises(TypeError, match="got str"):
@@ -95,12 +102,12 @@ def omnissr_prompt(checkpoint: str) -> dict:
 
 
 def test_omnissr_runs_on_comfyuis_own_model_and_matches_the_standalone_run(comfyui_server, random_sd15_models,
-                                                                          tmp_path):
+                                                                          atelier):
     """OmniSSR runs to success inside ComfyUI on its MODEL and VAE (through ``denoiser_and_codec``), and Atelier's
     own loader of the same file gives the same panorama: the adapters are the same model, step for step."""
     prompt = omnissr_prompt(random_sd15_models.checkpoint)
     (comfy_image,) = comfyui_server.run(prompt)[SAVE_NODE]
-    (atelier_image,) = AtelierRunner(random_sd15_models.path, str(tmp_path / "atelier")).run(prompt)[SAVE_NODE]
+    (atelier_image,) = atelier.run(prompt)[SAVE_NODE]
     assert comfy_image.shape == atelier_image.shape == (64, 128, 3)
     measured = psnr(comfy_image, atelier_image)
     print(f"OmniSSR, ComfyUI against Atelier: {measured:.1f} dB")
@@ -126,12 +133,12 @@ def generator_prompt(checkpoint: str) -> dict:
 
 
 def test_16k_generator_runs_on_comfyuis_own_model_and_matches_the_standalone_run(comfyui_server, random_sd15_models,
-                                                                                tmp_path):
+                                                                                atelier):
     """The Tiled 16K generator runs to success inside ComfyUI on its MODEL and VAE (tiled diffusion over the
     adapters' denoiser, ComfyUI's tiled decode), and gives the standalone run's image."""
     prompt = generator_prompt(random_sd15_models.checkpoint)
     (comfy_image,) = comfyui_server.run(prompt)[SAVE_NODE]
-    (atelier_image,) = AtelierRunner(random_sd15_models.path, str(tmp_path / "atelier")).run(prompt)[SAVE_NODE]
+    (atelier_image,) = atelier.run(prompt)[SAVE_NODE]
     assert comfy_image.shape == atelier_image.shape == (256, 256, 3)
     measured = psnr(comfy_image, atelier_image)
     print(f"16K generator, ComfyUI against Atelier: {measured:.1f} dB")
@@ -168,12 +175,11 @@ def router_prompt(checkpoint: str, router_file: str) -> dict:
     }
 
 
-def test_router_fits_and_routes_on_comfyuis_own_clip_as_on_ateliers(comfyui_server, random_sd15_models, tmp_path):
+def test_router_fits_and_routes_on_comfyuis_own_clip_as_on_ateliers(comfyui_server, random_sd15_models, atelier):
     """Inside ComfyUI the router embeds prompts with ComfyUI's CLIP (``tokenize`` + ``encode_from_tokens(...,
     return_pooled=True)``) and counts tokens with its tokenizer; fitted on the same prompts, the router it saves has
     the standalone router's prototypes, difficulty order and bias, and it routes the prompt to the same branch."""
     comfy_images = comfyui_server.run(router_prompt(random_sd15_models.checkpoint, "comfy_fitted"))
-    atelier = AtelierRunner(random_sd15_models.path, str(tmp_path / "atelier"))
     atelier_images = atelier.run(router_prompt(random_sd15_models.checkpoint, "atelier_fitted"))
     comfy_router, atelier_router = (load_router(os.path.join(random_sd15_models.path, "routers", f"{name}.safetensors"))
                                     for name in ("comfy_fitted", "atelier_fitted"))

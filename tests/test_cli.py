@@ -27,6 +27,11 @@ def not_progress_bars(stderr):
             if part.strip() and not part.lstrip("\x1b[A").startswith(("nodes", "steps"))]
 
 
+def within_a_level(pixel: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """SaveImage truncates as ComfyUI's does, so a level that float32 arithmetic leaves at 143.99998 saves as 143."""
+    return all(want - 1 <= got <= want for got, want in zip(pixel, expected, strict=True))
+
+
 def test_image_basics_runs_as_the_readme_says(tmp_path):
     done = subprocess.run([sys.executable, "-m", "web", "run", IMAGE_BASICS, "--data-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -36,7 +41,7 @@ def test_image_basics_runs_as_the_readme_says(tmp_path):
     assert path == str(tmp_path / "output" / "image_basics_00001_.png")
     with Image.open(path) as image:
         assert image.size == (256, 192)  # 512x384 scaled to width 256, aspect kept
-        assert image.getpixel((10, 10)) == (255 - 0x2A, 255 - 0x6F, 255 - 0x97)  # the inverted canvas colour
+        assert within_a_level(image.getpixel((10, 10)), (255 - 0x2A, 255 - 0x6F, 255 - 0x97))  # the inverted canvas
     metadata = read_png_metadata(path)
     assert metadata["workflow"] == json.load(open(IMAGE_BASICS))
     assert metadata["prompt"]["1"]["inputs"] == {"width": 512, "height": 384, "batch_size": 1, "color": 0x2A6F97}
@@ -49,7 +54,7 @@ def test_set_by_title_and_by_id(tmp_path, capsys):
     [path] = output_paths(capsys.readouterr().out)
     assert path == str(tmp_path / "output" / "night" / "sky_00001_.png")
     with Image.open(path) as image:
-        assert image.size == (256, 96) and image.getpixel((0, 0)) == (0, 255, 255)
+        assert image.size == (256, 96) and within_a_level(image.getpixel((0, 0)), (0, 255, 255))
 
 
 def test_output_dir(tmp_path, capsys):

@@ -123,6 +123,16 @@ class LayerConfig:
     mid_dim: int
 
 
+def _layer_config(name: str, module: torch.nn.Module, family: str) -> LayerConfig:
+    dim = module.to_q.weight.shape[0]
+    return LayerConfig(name, dim, module.heads, dim // MID_DIM_SCALE[family])
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+
+
 def linfusion_config(unet: torch.nn.Module, family: str) -> list[LayerConfig]:
     """The self-attention layers LinFusion replaces, in the order that numbers the published weights.
 
@@ -133,12 +143,25 @@ def linfusion_config(unet: torch.nn.Module, family: str) -> list[LayerConfig]:
         One :class:`LayerConfig` per ``attn1``.
     Source: official ``LinFusion.get_default_config``.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
-    return [LayerConfig(name, module.to_q.weight.shape[0], module.heads,
-                        module.to_q.weight.shape[0] // MID_DIM_SCALE[family])
-            for name, module in unet.named_modules()
+    _check_family(family)
+    return [_layer_config(name, module, family) for name, module in unet.named_modules()
             if isinstance(module, Attention) and "attn1" in name]
+
+
+# diffusers registers down_blocks, up_blocks, then mid_block; the published index follows that order, so the LDM
+# blocks that hold the same layers sort the same way (within a block both layouts count alike).
+LDM_BLOCK_ORDER = {"input_blocks": 0, "output_blocks": 1, "middle_block": 2}
+
+
+def ldm_linfusion_config(diffusion_model: torch.nn.Module, family: str) -> list[LayerConfig]:
+    """:func:`linfusion_config` for a UNet in the original LDM layout (ComfyUI's ``diffusion_model``): its
+    ``input_blocks.N.1.transformer_blocks.M.attn1`` … named, in the published order (see the module docstring's
+    table: ``down_blocks`` ↔ ``input_blocks``, ``up_blocks`` ↔ ``output_blocks``, ``mid_block`` ↔ ``middle_block``).
+    """
+    _check_family(family)
+    layers = [(name, module) for name, module in diffusion_model.named_modules() if name.endswith(".attn1")]
+    layers.sort(key=lambda item: LDM_BLOCK_ORDER[item[0].split(".")[0]])  # stable: keeps the order inside a block
+    return [_layer_config(name, module, family) for name, module in layers]
 
 
 def build_linfusion(config: list[LayerConfig]) -> torch.nn.ModuleList:
@@ -149,19 +172,18 @@ def build_linfusion(config: list[LayerConfig]) -> torch.nn.ModuleList:
     return torch.nn.ModuleList(GeneralizedLinearAttention(layer.dim, layer.heads, layer.mid_dim) for layer in config)
 
 
-def load_linfusion(path: str, unet: torch.nn.Module, family: str) -> torch.nn.ModuleList:
-    """Load a published LinFusion ``.safetensors`` for ``unet``, on its device and in its dtype.
+def read_linfusion(path: str, config: list[LayerConfig], family: str) -> torch.nn.ModuleList:
+    """A published LinFusion ``.safetensors`` as layers for ``config`` (float32, on the CPU).
 
     Args:
         path: a confined path to a ``.safetensors`` file (keys ``"{i}.{parameter}"``, see the module docstring).
-        unet: the UNet it belongs to, which sets the layers and their order.
-        family: the UNet's family.
+        config: the layers it replaces, in the published order.
+        family: the UNet's family, for the error message.
     Raises:
         ValueError: a key missing, unexpected or of the wrong shape: the file is not LinFusion for this UNet.
     """
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"LinFusion weights must be a .safetensors file; got {path!r}")
-    config = linfusion_config(unet, family)
     layers = build_linfusion(config)
     state = load_file(str(path))
     expected = layers.state_dict()
@@ -172,8 +194,34 @@ def load_linfusion(path: str, unet: torch.nn.Module, family: str) -> torch.nn.Mo
                          f"layers): missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, wrong shapes "
                          f"{sorted(wrong)[:4]}")
     layers.load_state_dict(state)
+    return layers.eval()
+
+
+def load_linfusion(path: str, unet: torch.nn.Module, family: str) -> torch.nn.ModuleList:
+    """:func:`read_linfusion` for a diffusers ``unet``, on its device and in its dtype."""
+    layers = read_linfusion(path, linfusion_config(unet, family), family)
     parameter = next(unet.parameters())
-    return layers.to(parameter.device, parameter.dtype).eval()
+    return layers.to(parameter.device, parameter.dtype)
+
+
+class LdmSelfAttention(torch.nn.Module):
+    """A LinFusion layer called the way ComfyUI's ``BasicTransformerBlock`` calls ``attn1``:
+    ``attn1(n, context=..., value=..., transformer_options=...)``, so it can replace that submodule.
+
+    It computes in its own weights' dtype (ComfyUI may store the UNet in float16 and compute in float32).
+    """
+
+    def __init__(self, layer: GeneralizedLinearAttention):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, transformer_options: dict | None = None) -> torch.Tensor:
+        # An attn1_patch hands n itself as context and value; anything else is cross-attention LinFusion lacks.
+        if any(other is not None and other is not x for other in (context, value)) or mask is not None:
+            raise ValueError("LinFusion replaces self-attention only: this attn1 was called with another context, "
+                             "value or a mask (a patch that changes attn1's keys, or disable_self_attn)")
+        return self.layer(x.to(self.layer.to_q.weight.dtype)).to(x.dtype)
 
 
 @contextlib.contextmanager
@@ -241,8 +289,7 @@ def staged_recipe(family: str, width: int, height: int, recipe: str = "sdedit",
 
     Source: LinFusion notebooks (highres.md §1.5). Strengths are linspace(first, 0, stages + 1) without its 0.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+    _check_family(family)
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}; got {recipe!r}")
     if base_long_side < downscale or base_steps < 1:

@@ -5,6 +5,7 @@ Design note: ``highres.md``.
 
 LinFusion travels on its own socket, ``ATELIER_LINFUSION`` (:class:`LinFusion`): the shared model is never changed;
 the nodes that take it mount it on the UNet under the model's lock for their own run only, as LoRAs are switched.
+Inside ComfyUI, the LinFusion Patch (:class:`AtelierLinFusionPatch`) puts the same layers on a clone of its MODEL.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from ..sampling.generate import generate
 from ..sampling.guidance import to_conditioning
 from ..sampling.samplers import SAMPLERS, SCHEDULERS, check_sampler_settings
 from .generate import SCHEDULES, generate_large, plan_stages
-from .linfusion import LayerConfig, linfusion_config, load_linfusion, mounted
+from .linfusion import (LayerConfig, LdmSelfAttention, ldm_linfusion_config, linfusion_config, load_linfusion,
+                        mounted, read_linfusion)
 from .tiling import MODES, TiledDenoiser, TileSettings
 from .unet_wrapper import TiledUnetWrapper
 
@@ -221,13 +223,19 @@ class AtelierLoadLinFusion(ModelsFolder):
                                                   "diffusion_pytorch_model.safetensors under any name)."}),
         }}
 
-    def load(self, model: ModelRef, linfusion_name: str) -> tuple[LinFusion]:
-        folder = self.linfusion_folder()
+    @classmethod
+    def linfusion_path(cls, linfusion_name: str) -> str:
+        """The checked path of ``linfusion_name`` in models/linfusion."""
+        folder = cls.linfusion_folder()
         if folder is None:
             raise ValueError("no models folder for LinFusion files: pass --models-dir (standalone) or run inside "
                              "ComfyUI")
         path = confine(folder, linfusion_name)
         check_safetensors(path)
+        return path
+
+    def load(self, model: ModelRef, linfusion_name: str) -> tuple[LinFusion]:
+        path = self.linfusion_path(linfusion_name)
         with model.in_use() as loaded:
             layers = load_linfusion(path, loaded.unet, loaded.family)
             config = tuple(linfusion_config(loaded.unet, loaded.family))
@@ -362,11 +370,51 @@ class AtelierTiledDiffusion:
         return (patched,)
 
 
+class AtelierLinFusionPatch(AtelierLoadLinFusion):
+    """LinFusion's attention swap as a MODEL → MODEL patch (``interop.md`` §4): the user's own KSampler then samples
+    with linear self-attention. The widgets and the weights' folder are Load LinFusion's.
+
+    Inside ComfyUI the incoming ModelPatcher is cloned and each ``attn1`` of the clone's UNet is replaced by
+    ``add_object_patch("diffusion_model.<LDM path>.attn1", layer)``; ComfyUI swaps the layers in when it loads the
+    clone and back out when it unloads it, so the incoming MODEL never sees them. Not ``set_model_attn1_replace``:
+    ComfyUI hands that replacement q, k and v already projected by the original ``to_q``/``to_k``/``to_v`` and
+    applies the original ``to_out`` after it, whereas LinFusion has projections of its own, and its q and k come
+    from x + P(x) (:mod:`.linfusion`). A whole-submodule swap sees x, so :class:`~.linfusion.LdmSelfAttention`
+    takes ``attn1``'s call as ``BasicTransformerBlock`` makes it.
+
+    Standalone, Atelier's MODEL has no such hook (see :class:`AtelierTiledDiffusion`): Load LinFusion's
+    ATELIER_LINFUSION into the Tiled Sampler or the 16K generator does the same there.
+    """
+
+    DESCRIPTION = ("Patches a MODEL with published LinFusion weights (SD1.5, SD2.1 or SDXL): linear attention in "
+                   "place of self-attention, so memory grows linearly with the image's pixels; sample with your own "
+                   "KSampler. Inside ComfyUI; standalone, use Load LinFusion with the Tiled Sampler.")
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A copy of the model with LinFusion's self-attention; the input model is unchanged.",)
+    FUNCTION = "patch"
+
+    def patch(self, model, linfusion_name: str) -> tuple:
+        if isinstance(model, ModelRef) or not inside_comfyui():
+            raise TypeError("AtelierLinFusionPatch patches ComfyUI's MODEL and runs inside ComfyUI; standalone, "
+                            "use Load LinFusion (AtelierLoadLinFusion) with the Tiled Sampler or the 16K generator")
+        family = comfy_model_family(model)
+        path = self.linfusion_path(linfusion_name)
+        config = ldm_linfusion_config(model.get_model_object("diffusion_model"), family)
+        layers = read_linfusion(path, config, family).to(model.model.get_dtype())
+        patched = model.clone()
+        for layer, module in zip(config, layers):
+            patched.add_object_patch(f"diffusion_model.{layer.module_name}", LdmSelfAttention(module))
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AtelierTiledSample, AtelierLoadLinFusion,
-                                                     AtelierTiled16KGenerator, AtelierTiledDiffusion)}
+                                                     AtelierTiled16KGenerator, AtelierTiledDiffusion,
+                                                     AtelierLinFusionPatch)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierTiledSample": "Tiled Sampler (Atelier)",
     "AtelierLoadLinFusion": "Load LinFusion (Atelier)",
     "AtelierTiled16KGenerator": "Tiled 16K Generator (Atelier)",
     "AtelierTiledDiffusion": "Tiled Diffusion Patch (Atelier)",
+    "AtelierLinFusionPatch": "LinFusion Patch (Atelier)",
 }

@@ -20,7 +20,7 @@ from comfyui_host import ComfyUIError
 from comfyui_parity import (CFG, SEED, STEPS, TARGET_PSNR_DB, TEST_PAIRS, AtelierRunner, only_image, psnr,
                             txt2img_prompt)
 
-# The pairs measure 84 dB and more (bench/comfy_parity.py --quick: a few pixels one level apart), where Atelier's
+# The pairs measure 83 dB and more (bench/comfy_parity.py: a few pixels one level apart), where Atelier's
 # images for different update rules lie 17 to 43 dB apart, and euler with karras 50 dB from euler with normal.
 # The test holds them to 70 dB, so that any wrong rule, noise stream or schedule fails it.
 REQUIRED_PSNR_DB = 70.0

@@ -152,6 +152,21 @@ class AtelierWatermarkKey(ModelsFolder):
         return (load_or_create_key(_keys_folder(self.models_dir), key_name),)
 
 
+def _generative_mark_inputs() -> dict[str, tuple]:
+    """The inputs Watermark Latent and Watermark Noise share, in their widget order."""
+    return {
+        "key": ("ATELIER_WATERMARK_KEY", {"tooltip": "The key; the detector needs the same one."}),
+        "mode": (list(LATENT_MODES), {"tooltip": "gaussian_shading: carries the payload; tree_ring: only says "
+                                                 "'marked with this key'."}),
+        "payload": ("STRING", {"default": "atelier",
+                               "tooltip": f"Up to {generative.TEXT_BYTES} bytes of text (Gaussian Shading)."}),
+        "prompt": ("STRING", {"multiline": True, "default": "",
+                              "tooltip": "The prompt; the trigger word in it switches the watermark on."}),
+        "trigger": ("STRING", {"default": DEFAULT_TRIGGER,
+                               "tooltip": "The trigger word (Safe-SD); empty marks every image."}),
+    }
+
+
 class AtelierWatermarkLatent:
     DESCRIPTION = ("Writes a watermark into the starting noise of generation (Gaussian Shading: a 12-byte text, "
                    "authenticated under the key with a fresh nonce per image and error-corrected, the noise still "
@@ -168,15 +183,7 @@ class AtelierWatermarkLatent:
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
             "latent": ("LATENT", {"tooltip": "An empty latent (text-to-image)."}),
-            "key": ("ATELIER_WATERMARK_KEY", {"tooltip": "The key; the detector needs the same one."}),
-            "mode": (list(LATENT_MODES), {"tooltip": "gaussian_shading: carries the payload; tree_ring: only says "
-                                                     "'marked with this key'."}),
-            "payload": ("STRING", {"default": "atelier",
-                                   "tooltip": f"Up to {generative.TEXT_BYTES} bytes of text (Gaussian Shading)."}),
-            "prompt": ("STRING", {"multiline": True, "default": "",
-                                  "tooltip": "The prompt; the trigger word in it switches the watermark on."}),
-            "trigger": ("STRING", {"default": DEFAULT_TRIGGER,
-                                   "tooltip": "The trigger word (Safe-SD); empty marks every image."}),
+            **_generative_mark_inputs(),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
                              "tooltip": "Seeds the noise magnitudes, as the sampler's seed would."}),
         }}
@@ -212,15 +219,7 @@ class AtelierWatermarkNoise:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "key": ("ATELIER_WATERMARK_KEY", {"tooltip": "The key; the detector needs the same one."}),
-            "mode": (list(LATENT_MODES), {"tooltip": "gaussian_shading: carries the payload; tree_ring: only says "
-                                                     "'marked with this key'."}),
-            "payload": ("STRING", {"default": "atelier",
-                                   "tooltip": f"Up to {generative.TEXT_BYTES} bytes of text (Gaussian Shading)."}),
-            "prompt": ("STRING", {"multiline": True, "default": "",
-                                  "tooltip": "The prompt; the trigger word in it switches the watermark on."}),
-            "trigger": ("STRING", {"default": DEFAULT_TRIGGER,
-                                   "tooltip": "The trigger word (Safe-SD); empty marks every image."}),
+            **_generative_mark_inputs(),
             "noise_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1,
                                    "control_after_generate": True,
                                    "tooltip": "Seeds the noise magnitudes, as RandomNoise's seed would."}),

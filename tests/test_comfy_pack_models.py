@@ -190,3 +190,52 @@ def test_router_fits_and_routes_on_comfyuis_own_clip_as_on_ateliers(comfyui_serv
     assert largest <= PROTOTYPE_TOLERANCE
     assert torch.allclose(comfy_router.bias_lambdas, atelier_router.bias_lambdas, atol=1e-6)
     assert np.array_equal(comfy_images[SAVE_NODE][0], atelier_images[SAVE_NODE][0])
+
+
+LONG_PROMPT = ("A lighthouse stands on a black cliff above a stormy sea. Waves break white against the rocks below it. "
+               "Its lamp throws a long beam across low clouds at dusk. A small fishing boat with a red hull heads "
+               "for the harbour. Gulls circle the tower, and rain streaks the glass of the lamp room. On the path "
+               "below, a keeper in a yellow coat carries a lantern toward the door. Far behind, the lights of a "
+               "town glow along the bay.")
+LONGALIGN_NODE, CUT_NODE = "9", "10"
+
+
+def long_prompt_sampler_prompt(checkpoint: str) -> dict:
+    """CheckpointLoaderSimple's CLIP encodes a prompt of more than 77 tokens with Encode Long Prompt (LongAlign) and,
+    for comparison, with CLIPTextEncode (ComfyUI's 77-token chunks); Atelier's Sampler runs TCD on the MODEL for
+    each, 2 steps at 64×64, and both images are saved."""
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "AtelierTextEncode", "inputs": {"clip": ["4", 1], "text": LONG_PROMPT,
+                                                            "encoding": "auto"}},
+        "7": {"class_type": "AtelierTextEncode", "inputs": {"clip": ["4", 1], "text": "", "encoding": "longalign"}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": LONG_PROMPT}},
+    }
+    for save, positive in ((LONGALIGN_NODE, "6"), (CUT_NODE, "8")):
+        prompt[f"{save}1"] = {"class_type": "AtelierSampler", "inputs": {
+            "model": ["4", 0], "positive": [positive, 0], "negative": ["7", 0], "latent_image": ["5", 0],
+            "seed": SEED, "steps": 2, "cfg": 1.5, "sampler_name": "tcd", "scheduler": "normal", "denoise": 1.0,
+            "momentum": 0.0}}
+        prompt[f"{save}2"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{save}1", 0], "vae": ["4", 2]}}
+        prompt[save] = {"class_type": "SaveImage", "inputs": {"filename_prefix": f"long{save}",
+                                                              "images": [f"{save}2", 0]}}
+    return prompt
+
+
+def test_long_prompt_encoder_and_ateliers_sampler_run_on_comfyuis_own_clip_and_model(comfyui_server,
+                                                                                     random_sd15_models, atelier):
+    """Inside ComfyUI, Encode Long Prompt encodes with ComfyUI's CLIP (sentence by sentence through its tokenizer and
+    ``encode_from_tokens``) and Atelier's Sampler runs diffusers' TCD on ComfyUI's MODEL (through ``ComfyDenoiser``):
+    the picture is the standalone run's. The same prompt through CLIPTextEncode gives another picture, so the match
+    is LongAlign's encoding and not a prompt the random model ignores."""
+    prompt = long_prompt_sampler_prompt(random_sd15_models.checkpoint)
+    comfy_images = comfyui_server.run(prompt)
+    atelier_images = atelier.run(prompt)
+    (comfy_long,), (atelier_long,) = comfy_images[LONGALIGN_NODE], atelier_images[LONGALIGN_NODE]
+    assert comfy_long.shape == atelier_long.shape == (64, 64, 3)
+    measured = psnr(comfy_long, atelier_long)
+    against_cut = psnr(comfy_long, comfy_images[CUT_NODE][0])
+    print(f"LongAlign + TCD, ComfyUI against Atelier: {measured:.1f} dB; against CLIPTextEncode's: {against_cut:.1f} dB")
+    assert measured >= TARGET_PSNR_DB
+    assert against_cut < TARGET_PSNR_DB - 10

@@ -151,13 +151,18 @@ class Denoiser(Protocol):
         ...
 
 
-class LatentCodec(Protocol):
-    """A VAE: images (B, 3, H, W) in 0..1 to latents (B, C, H/f, W/f) and back, unscaled as ComfyUI keeps them."""
+class LatentSpace(Protocol):
+    """A model's latents: their channels, their size against the image's, and how the denoiser sees them scaled.
+    A sampler needs this much and no VAE."""
 
     latent_channels: int
     downscale: int  # f
     scaling_factor: float  # latents × this (after subtracting shift_factor) are what the denoiser sees
     shift_factor: float
+
+
+class LatentCodec(LatentSpace, Protocol):
+    """A VAE: images (B, 3, H, W) in 0..1 to latents (B, C, H/f, W/f) and back, unscaled as ComfyUI keeps them."""
 
     def encode(self, image: torch.Tensor) -> torch.Tensor: ...
 

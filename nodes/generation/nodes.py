@@ -6,6 +6,8 @@ MODEL a :class:`~nodes.models.refs.ModelRef`, CLIP a :class:`~nodes.models.clip.
 :class:`~nodes.common.denoiser.DiffusersCodec`, CONDITIONING ComfyUI's list of ``[embeds, options]``.
 Checkpoints, latents and the VAE go through ComfyUI's core nodes. The sampler offers what ComfyUI's KSampler does
 not: diffusers' TCD, the heavy-ball momentum samplers (HB, GHVB, HB-DPM++2M) and the truncated F-scheduler.
+Inside ComfyUI the same nodes take ComfyUI's CLIP and MODEL (an SD1 or SD2 model), through the adapters of
+``nodes/models/comfy_adapters.py``.
 
 The momentum samplers and the F-scheduler also come as a SAMPLER and SIGMAS for the custom-sampling nodes, in the
 objects of the host that runs them: inside ComfyUI, a ``comfy.samplers.KSAMPLER`` and sigmas from its MODEL's
@@ -14,13 +16,17 @@ objects of the host that runs them: inside ComfyUI, a ``comfy.samplers.KSAMPLER`
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from ..common.checks import range_errors
 from ..common.comfy_host import comfy_model_family, comfy_noise_schedule, inside_comfyui
-from ..common.denoiser import DiffusersCodec, DiffusersDenoiser, NoiseSchedule
+from ..common.denoiser import Denoiser, DiffusersCodec, DiffusersDenoiser, LatentSpace, NoiseSchedule
 from ..common.limits import MAX_CFG, MAX_SEED, MAX_STEPS
 from ..models.clip import Clip
+from ..models.comfy_adapters import ComfyDenoiser, ComfyLatentSpace, comfy_prompt_conditioning
 from ..models.refs import ModelRef
 from ..models.text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt
 from ..sampling.generate import generate
@@ -54,7 +60,9 @@ class AtelierTextEncode:
                            "negative of a long prompt, so both have the same length."}),
         }}
 
-    def encode(self, clip: Clip, text: str, encoding: str) -> tuple[list]:
+    def encode(self, clip, text: str, encoding: str) -> tuple[list]:
+        if not isinstance(clip, Clip):  # ComfyUI's CLIP, inside ComfyUI
+            return (comfy_prompt_conditioning(clip, text, encoding),)
         with clip.ref.in_use() as loaded:
             return (from_conditioning(encode_prompt(loaded.tokenizers, loaded.text_encoders, loaded.family, text,
                                                     max_tokens=LONGALIGN_TOKENS, encoding=encoding).to("cpu")),)
@@ -111,22 +119,36 @@ class AtelierSampler:
             return str(error)
         return True
 
-    def sample(self, model: ModelRef, positive: list, negative: list, latent_image: dict, seed: int,
-               steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
-               momentum: float) -> tuple[dict]:
+    def sample(self, model, positive: list, negative: list, latent_image: dict, seed: int, steps: int, cfg: float,
+               sampler_name: str, scheduler: str, denoise: float, momentum: float) -> tuple[dict]:
         if "noise_mask" in latent_image:
             raise ValueError("AtelierSampler does not support a LATENT noise_mask (inpainting) yet; remove the "
                              "mask or use a latent without one")
-        with model.in_use() as loaded:
-            positive, negative = (to_conditioning(c, loaded.family, name) for c, name in
+        with _denoiser_and_latent_space(model) as (denoiser, latent_space, family, device):
+            positive, negative = (to_conditioning(c, family, name) for c, name in
                                   ((positive, "positive"), (negative, "negative")))
-            latent = generate(DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae),
-                              loaded.family, positive, negative, latent_image["samples"].to(loaded.device), seed,
-                              steps, cfg, sampler_name, scheduler, denoise, momentum or None,
-                              initial_noise=latent_image.get(INITIAL_NOISE_KEY))
+            latent = generate(denoiser, latent_space, family, positive, negative,
+                              latent_image["samples"].to(device), seed, steps, cfg, sampler_name, scheduler, denoise,
+                              momentum or None, initial_noise=latent_image.get(INITIAL_NOISE_KEY))
         # The output is no longer at its starting noise: a later pass (hires fix) draws its own.
         kept = {key: value for key, value in latent_image.items() if key != INITIAL_NOISE_KEY}
         return ({**kept, "samples": latent.cpu()},)
+
+
+@contextlib.contextmanager
+def _denoiser_and_latent_space(model) -> Iterator[tuple[Denoiser, LatentSpace, str, torch.device]]:
+    """The MODEL socket's denoiser, latent space, family and the device to sample on: Atelier's ModelRef, held for
+    the block; or ComfyUI's ModelPatcher, whose memory ComfyUI manages, sampled on its load device as ComfyUI's
+    KSampler does."""
+    if isinstance(model, ModelRef):
+        with model.in_use() as loaded:
+            yield (DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae), loaded.family,
+                   loaded.device)
+        return
+    if not inside_comfyui():
+        raise TypeError(f"model must be a MODEL (Atelier's ModelRef, or ComfyUI's ModelPatcher inside ComfyUI); "
+                        f"got {type(model).__name__}")
+    yield ComfyDenoiser(model), ComfyLatentSpace.of(model), comfy_model_family(model), model.load_device
 
 
 class AtelierMomentumSampler:

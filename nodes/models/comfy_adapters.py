@@ -23,15 +23,21 @@ import torch
 
 from ..common.comfy_host import comfy_model_family, comfy_module, comfy_noise_schedule
 from ..common.denoiser import Conditioning, Denoiser, DiffusersCodec, DiffusersDenoiser, LatentCodec
-from .clip import Clip
+from .clip import CHUNK_TOKENS, Clip
 from .refs import ModelRef
-from .text import encode_prompt
+from .text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt, join_segments, split_sentences
 
 # The families whose ComfyUI model needs nothing but cross-attention states (and an inpainting model's concat):
 # SDXL's adm vector ``y`` is not built here yet (#21).
 ADAPTED_FAMILIES = ("sd1", "sd2")
 # calc_cond_batch's marker for a conditional chunk (comfy/samplers.py: COND = 0); patches read it per chunk.
 COND_CHUNK = 0
+
+
+def _check_adapted(patcher: Any) -> None:
+    family = comfy_model_family(patcher)
+    if family not in ADAPTED_FAMILIES:
+        raise ValueError(f"ComfyUI's model is adapted for the families {ADAPTED_FAMILIES}; got {family!r}")
 
 
 class ComfyDenoiser:
@@ -47,9 +53,7 @@ class ComfyDenoiser:
         Raises:
             ValueError: a model that is not SD1 or SD2, or not on a discrete ε, v or x0 schedule.
         """
-        family = comfy_model_family(patcher)
-        if family not in ADAPTED_FAMILIES:
-            raise ValueError(f"ComfyUI's model is adapted for the families {ADAPTED_FAMILIES}; got {family!r}")
+        _check_adapted(patcher)
         self.patcher = patcher
         self.schedule = dataclasses.replace(comfy_noise_schedule(patcher), prediction_type="sample")
 
@@ -80,6 +84,36 @@ class ComfyDenoiser:
         return denoised.to(x_t.device, x_t.dtype)
 
 
+# SD's VAE halves the image three times; ComfyUI's LatentFormat does not record it, and the adapted families share it.
+SD_DOWNSCALE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ComfyLatentSpace:
+    """:class:`LatentSpace` of ComfyUI's MODEL, from its ``latent_format``: what a sampler needs without the VAE."""
+
+    latent_channels: int
+    downscale: int
+    scaling_factor: float
+    shift_factor: float
+
+    @classmethod
+    def of(cls, patcher: Any) -> "ComfyLatentSpace":
+        """
+        Raises:
+            ValueError: a model that is not SD1 or SD2.
+        """
+        _check_adapted(patcher)
+        latent_format = patcher.model.latent_format
+        return cls(int(latent_format.latent_channels), SD_DOWNSCALE, *_latent_scaling(latent_format))
+
+
+def _latent_scaling(latent_format: Any) -> tuple[float, float]:
+    """The scale and shift of ComfyUI's ``LatentFormat``: it has a shift only where its process_in subtracts one
+    (SD3, Flux); SD's has none."""
+    return float(latent_format.scale_factor), float(getattr(latent_format, "shift_factor", 0.0))
+
+
 class ComfyCodec:
     """:class:`LatentCodec` over a ``comfy.sd.VAE``, with the latent scaling of the MODEL it goes with (ComfyUI keeps
     the scale in the model's ``latent_format``, not in the VAE)."""
@@ -94,9 +128,7 @@ class ComfyCodec:
         self.vae = vae
         self.latent_channels = vae.latent_channels
         self.downscale = vae.downscale_ratio
-        self.scaling_factor = float(latent_format.scale_factor)
-        # ComfyUI's LatentFormat has a shift only where its process_in subtracts one (SD3, Flux); SD's has none.
-        self.shift_factor = float(getattr(latent_format, "shift_factor", 0.0))
+        self.scaling_factor, self.shift_factor = _latent_scaling(latent_format)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, H/f, W/f) of images (B, 3, H, W) in 0..1, on the images' device (ComfyUI's VAE returns
@@ -172,6 +204,49 @@ def text_conditioning(clip: Any, text: str) -> Conditioning:
     if _is_comfy(clip, "comfy.sd", "CLIP"):
         return Conditioning(clip.encode_from_tokens(clip.tokenize(text)))
     raise TypeError(f"clip must be Atelier's CLIP (standalone) or ComfyUI's comfy.sd.CLIP; got {type(clip).__name__}")
+
+
+def comfy_prompt_conditioning(clip: Any, text: str, encoding: str = "auto",
+                              max_tokens: int = LONGALIGN_TOKENS) -> list:
+    """ComfyUI's CONDITIONING of ``text`` from ComfyUI's CLIP, with LongAlign's segment-level encoding for prompts
+    over 77 tokens (or always), as :func:`nodes.models.text.encode_long` does on Atelier's encoders.
+
+    Every encoding goes through the user's ``clip.tokenize`` and ``encode_from_tokens``, so their CLIPSetLastLayer,
+    LoRAs, embeddings and ``(word:1.2)`` weights apply. A prompt within 77 tokens under "auto" is encoded as
+    ComfyUI's CLIPTextEncode does. Otherwise each sentence is encoded alone and keeps its start token and words,
+    and :func:`join_segments` joins them. A sentence over 77 tokens keeps ComfyUI's first chunk, which ComfyUI may
+    end before the 77th token so as not to split a word (Atelier's tokenizer cuts at 77 exactly). SDXL's pooled
+    output is the first sentence's, as in ``encode_long``.
+
+    Returns:
+        ``[[states (1, L, D), {"pooled_output": pooled}]]``.
+    Raises:
+        TypeError: ``clip`` is not ComfyUI's.
+        ValueError: an unknown ``encoding``.
+    """
+    _check_comfy_clip(clip)
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}; got {encoding!r}")
+
+    def tokenize(prompt: str) -> dict[str, list]:
+        return clip.tokenize(prompt, return_word_ids=True)  # {tokenizer name: chunks of (token, weight, word id)}
+
+    def word_tokens(chunks: list) -> int:  # ComfyUI gives start, end and padding tokens the word id 0
+        return sum(1 for chunk in chunks for _, _, word in chunk if word > 0)
+
+    tokens = tokenize(text)
+    if encoding == "auto" and max(word_tokens(chunks) for chunks in tokens.values()) + 2 <= CHUNK_TOKENS:
+        states, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        return [[states, {"pooled_output": pooled}]]
+    kept, pooled = [], None
+    for segment in split_sentences(text):
+        first_chunk = {name: chunks[:1] for name, chunks in tokenize(segment).items()}
+        length = 1 + max(word_tokens(chunks) for chunks in first_chunk.values())
+        states, segment_pooled = clip.encode_from_tokens(first_chunk, return_pooled=True)
+        kept.append(states[0, :length])
+        pooled = segment_pooled if pooled is None else pooled
+    empty_states, _ = clip.encode_from_tokens(tokenize(""), return_pooled=True)
+    return [[join_segments(kept, empty_states[0], max_tokens), {"pooled_output": pooled}]]
 
 
 def _check_comfy_clip(clip: Any) -> None:

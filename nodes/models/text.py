@@ -84,8 +84,6 @@ def encode_long(tokenizer, text_encoder, prompt: str, layer: int, max_tokens: in
     Returns:
         (states of shape (1, L, D), pooled (1, P) or None).
     """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1; got {max_tokens}")
     kept, pooled = [], None
     with torch.no_grad():
         for segment in split_sentences(prompt):
@@ -97,9 +95,30 @@ def encode_long(tokenizer, text_encoder, prompt: str, layer: int, max_tokens: in
             kept.append(states[0, :length])
             pooled = segment_pooled if pooled is None else pooled
         empty_states, _ = _hidden_states(text_encoder, _tokens(tokenizer, ""), layer)
-    joined = torch.cat(kept)[:max_tokens]
-    pad = empty_states[0, -PAD_WINDOW:].mean(dim=0, keepdim=True)
-    return torch.cat([joined, pad.expand(max_tokens - joined.shape[0], -1)])[None], pooled
+    return join_segments(kept, empty_states[0], max_tokens), pooled
+
+
+def join_segments(segments: Sequence[torch.Tensor], empty_states: torch.Tensor,
+                  max_tokens: int = LONGALIGN_TOKENS) -> torch.Tensor:
+    """LongAlign's join: the segments' rows in order, cut at ``max_tokens`` or filled up with one pad embedding,
+    the mean of the last :data:`PAD_WINDOW` rows of the empty prompt's encoding.
+
+    Args:
+        segments: each sentence's kept rows (start token and words), (n_i, D).
+        empty_states: the empty prompt's encoding, (77, D).
+        max_tokens: L, 1 <= L.
+    Returns:
+        (1, L, D).
+
+    Example:
+        >>> join_segments([torch.ones(3, 2), torch.zeros(2, 2)], torch.full((77, 2), 5.0), max_tokens=7)[0, :, 0]
+        tensor([1., 1., 1., 0., 0., 5., 5.])
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1; got {max_tokens}")
+    joined = torch.cat(list(segments))[:max_tokens]
+    pad = empty_states[-PAD_WINDOW:].mean(dim=0, keepdim=True)
+    return torch.cat([joined, pad.expand(max_tokens - joined.shape[0], -1).to(joined.dtype)])[None]
 
 
 ENCODINGS = ("auto", "longalign")  # auto: LongAlign only for prompts over 77 tokens

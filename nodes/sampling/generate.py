@@ -1,8 +1,8 @@
-"""Text-to-image and image-to-image sampling on a denoiser and a latent codec.
+"""Text-to-image and image-to-image sampling on a denoiser and its latent space.
 
 This is the KSampler of the pack: seeded noise, classifier-free guidance in one batched call per step, a
 sampler from :mod:`nodes.sampling`, and a preview through the progress hook every step. Latents come in and go
-out unscaled, as ComfyUI keeps them in LATENT; the denoiser sees them scaled by the codec's factor.
+out unscaled, as ComfyUI keeps them in LATENT; the denoiser sees them scaled by the latent space's factor.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from ..common.denoiser import Conditioning, Denoiser, LatentCodec, guided_eps
+from ..common.denoiser import Conditioning, Denoiser, LatentSpace, guided_eps
 from .previews import progress_reporter
 from .samplers import STOCHASTIC_SAMPLERS, sample
 from .latents import seeded_noise
@@ -26,14 +26,15 @@ def with_image_size(conditioning: Conditioning, height: int, width: int) -> Cond
     return dataclasses.replace(conditioning, time_ids=time_ids)
 
 
-def generate(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Conditioning, negative: Conditioning,
-             latent: torch.Tensor, seed: int, steps: int, cfg: float, sampler: str, scheduler: str,
-             denoise: float = 1.0, momentum: float | None = None,
+def generate(denoiser: Denoiser, latent_space: LatentSpace, family: str, positive: Conditioning,
+             negative: Conditioning, latent: torch.Tensor, seed: int, steps: int, cfg: float, sampler: str,
+             scheduler: str, denoise: float = 1.0, momentum: float | None = None,
              initial_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample latents for ``positive`` against ``negative``.
 
     Args:
-        denoiser, codec: the model's denoiser and VAE.
+        denoiser: the model's denoiser.
+        latent_space: its latents' layout and scaling (a :class:`LatentCodec`, the VAE, serves).
         family: "sd1", "sd2" or "sdxl" (previews and the F-scheduler depend on it).
         positive, negative: conditionings of batch 1 or the latent's batch.
         latent: unscaled latents (B, C, h, w) on the model's device: zeros for text-to-image, an encoded image
@@ -47,13 +48,13 @@ def generate(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Cond
     Returns:
         Unscaled latents of ``latent``'s shape, on its device.
     """
-    if latent.ndim != 4 or latent.shape[1] != codec.latent_channels:
-        raise ValueError(f"latent must have shape (B, {codec.latent_channels}, h, w) for this model; "
+    if latent.ndim != 4 or latent.shape[1] != latent_space.latent_channels:
+        raise ValueError(f"latent must have shape (B, {latent_space.latent_channels}, h, w) for this model; "
                          f"got {tuple(latent.shape)}")
     device = latent.device
-    height, width = latent.shape[-2] * codec.downscale, latent.shape[-1] * codec.downscale
+    height, width = latent.shape[-2] * latent_space.downscale, latent.shape[-1] * latent_space.downscale
     positive, negative = (with_image_size(c, height, width).to(device) for c in (positive, negative))
-    scaled = (latent.float() - codec.shift_factor) * codec.scaling_factor
+    scaled = (latent.float() - latent_space.shift_factor) * latent_space.scaling_factor
     # One stream: the step noise of stochastic samplers continues after the starting noise instead of repeating
     # it (two generators on one seed would make the first step's noise equal to x_T).
     noise, generator = seeded_noise(seed, tuple(latent.shape))
@@ -71,4 +72,4 @@ def generate(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Cond
                     latent=scaled if denoise < 1 else None, denoise=denoise,
                     generator=generator if sampler in STOCHASTIC_SAMPLERS else None,
                     momentum=momentum, family=family, on_step=progress_reporter(family))
-    return result / codec.scaling_factor + codec.shift_factor
+    return result / latent_space.scaling_factor + latent_space.shift_factor

@@ -1,8 +1,6 @@
 """The adapters of ComfyUI's MODEL, VAE and CLIP (``nodes/models/comfy_adapters.py``), without ComfyUI: stand-in
-``comfy`` modules in ``sys.modules`` put the process on ComfyUI's side, as ``test_comfy_host.py`` does, and a
-stand-in model samples as ComfyUI's ``model_sampling`` does (k-diffusion view: the network sees
-x/√(σ² + 1), ε-models give x̂₀ = x − σ·ε, v-models x̂₀ = x/(σ² + 1) − v·σ/√(σ² + 1)). Real ComfyUI runs them in
-``test_comfy_pack_watermark.py``."""
+``comfy`` modules in ``sys.modules`` (``comfy_stand_ins.py``) put the process on ComfyUI's side, and a stand-in
+model samples as ComfyUI's ``model_sampling`` does. Real ComfyUI runs them in ``test_comfy_pack_watermark.py``."""
 
 from __future__ import annotations
 
@@ -12,57 +10,10 @@ import types
 import pytest
 import torch
 
+from comfy_stand_ins import EPS, SD15, SD_ALPHAS, SDXL, V_PREDICTION, ModelSamplingDiscrete, install_comfy
 from nodes.common.denoiser import Conditioning, DiffusersCodec, NoiseSchedule
-from nodes.models.comfy_adapters import ComfyCodec, ComfyDenoiser, denoiser_and_codec, text_conditioning
-from nodes.sampling.model_sampling import beta_schedule_alphas_cumprod
-
-SD_ALPHAS = beta_schedule_alphas_cumprod()
-
-
-class ModelSamplingDiscrete:
-    """Stands in for comfy.model_sampling.ModelSamplingDiscrete: float32 VE sigmas and the σ ↔ t map (nearest
-    training timestep in log σ)."""
-
-    def __init__(self, alphas_cumprod: torch.Tensor = SD_ALPHAS):
-        self.sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float()
-        self.num_timesteps = self.sigmas.shape[0]
-
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return (sigma.log()[None, :] - self.sigmas.log()[:, None]).abs().argmin(dim=0).float()
-
-    def calculate_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x / (sigma ** 2 + 1).sqrt().reshape(-1, 1, 1, 1)
-
-
-class EPS:
-    def calculate_denoised(self, sigma, output, x):
-        return x - output * sigma.reshape(-1, 1, 1, 1)
-
-
-class V_PREDICTION(EPS):  # noqa: N801  (ComfyUI's class names)
-    def calculate_denoised(self, sigma, output, x):
-        sigma = sigma.reshape(-1, 1, 1, 1)
-        return x / (sigma ** 2 + 1) - output * sigma / (sigma ** 2 + 1).sqrt()
-
-
-class X0(EPS):
-    pass
-
-
-class SD15:
-    pass
-
-
-class SD20:
-    pass
-
-
-class SDXL:
-    pass
-
-
-class SDXLRefiner:
-    pass
+from nodes.models.comfy_adapters import ComfyCodec, ComfyDenoiser, ComfyLatentSpace, denoiser_and_codec, \
+    text_conditioning
 
 
 def network(x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -94,7 +45,7 @@ class ModelPatcher:
         self.model = BaseModel(sampling, config())
         self.model_options = model_options or {}
         self.load_device = torch.device("cpu")
-        self.latent_format = types.SimpleNamespace(scale_factor=0.18215)
+        self.latent_format = types.SimpleNamespace(scale_factor=0.18215, latent_channels=4)
 
     def get_model_object(self, name):
         return {"model_sampling": self.model.model_sampling, "latent_format": self.latent_format}[name]
@@ -129,18 +80,9 @@ def inside_comfy(monkeypatch):
     """The stand-in comfy modules in sys.modules, as ComfyUI has them when it runs the pack; records the models
     load_models_gpu was asked for."""
     loaded = []
-    names = ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.model_sampling", "comfy.sd",
-             "comfy.supported_models")
-    modules = {name: types.ModuleType(name) for name in names}
-    modules["comfy.model_management"].load_models_gpu = lambda models: loaded.append(list(models))
-    modules["comfy.model_patcher"].ModelPatcher = ModelPatcher
-    modules["comfy.sd"].VAE, modules["comfy.sd"].CLIP = VAE, CLIP
-    for cls in (ModelSamplingDiscrete, EPS, V_PREDICTION, X0):
-        setattr(modules["comfy.model_sampling"], cls.__name__, cls)
-    for cls in (SD15, SD20, SDXL, SDXLRefiner):
-        setattr(modules["comfy.supported_models"], cls.__name__, cls)
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
+    install_comfy(monkeypatch, {
+        "comfy.model_management": {"load_models_gpu": lambda models: loaded.append(list(models))},
+        "comfy.model_patcher": {"ModelPatcher": ModelPatcher}, "comfy.sd": {"VAE": VAE, "CLIP": CLIP}})
     return loaded
 
 
@@ -202,6 +144,13 @@ def test_comfy_denoiser_refuses_sdxl_and_pooled_conditioning(inside_comfy):
     pooled = Conditioning(conditioning.embeds, torch.zeros(1, 1280), torch.zeros(1, 6))
     with pytest.raises(ValueError, match=r"pooled \(1, 1280\)"):
         ComfyDenoiser(ModelPatcher())(x_t, t, pooled)
+
+
+def test_comfy_latent_space_is_the_models_latent_format_without_a_vae(inside_comfy):
+    """What a sampler needs of ComfyUI's MODEL alone: the channels and scale of its latent format, SD's 8× size."""
+    assert ComfyLatentSpace.of(ModelPatcher()) == ComfyLatentSpace(4, 8, 0.18215, 0.0)
+    with pytest.raises(ValueError, match="'sdxl'"):
+        ComfyLatentSpace.of(ModelPatcher(config=SDXL))
 
 
 def test_comfy_codec_converts_the_layout_and_takes_the_models_scale(inside_comfy):

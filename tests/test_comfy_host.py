@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 
+from comfy_stand_ins import EPS, SD15, SD_ALPHAS, SDXL, V_PREDICTION, X0, ModelSamplingDiscrete, install_comfy
 from nodes.common.comfy_host import comfy_module, comfy_noise_schedule, inside_comfyui
 from nodes.common.denoiser import NoiseSchedule
 from nodes.generation.nodes import AtelierFScheduler, AtelierMomentumSampler
@@ -17,43 +18,7 @@ from nodes.sampling.model_sampling import DiscreteModelSampling, beta_schedule_a
 from nodes.sampling.momentum import sample_momentum
 from nodes.sampling.schedules import f_scheduler_schedule
 
-SD_SCHEDULE = NoiseSchedule(beta_schedule_alphas_cumprod(), "epsilon")
-
-
-class ModelSamplingDiscrete:
-    """Stands in for comfy.model_sampling.ModelSamplingDiscrete: float32 VE sigmas, as ComfyUI keeps them."""
-
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        self.sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float()
-        self.num_timesteps = self.sigmas.shape[0]
-
-
-class EPS:
-    pass
-
-
-class V_PREDICTION(EPS):  # noqa: N801  (ComfyUI's class names)
-    pass
-
-
-class X0(EPS):
-    pass
-
-
-class SD15:
-    pass
-
-
-class SD20:
-    pass
-
-
-class SDXL:
-    pass
-
-
-class SDXLRefiner:
-    pass
+SD_SCHEDULE = NoiseSchedule(SD_ALPHAS, "epsilon")
 
 
 class KSAMPLER:
@@ -79,17 +44,7 @@ class ModelPatcher:
 @pytest.fixture
 def inside_comfy(monkeypatch):
     """The stand-in comfy modules in sys.modules, as ComfyUI has them when it runs the pack."""
-    modules = {"comfy": types.ModuleType("comfy"), "comfy.model_management": types.ModuleType("comfy.model_management"),
-               "comfy.samplers": types.ModuleType("comfy.samplers"),
-               "comfy.model_sampling": types.ModuleType("comfy.model_sampling"),
-               "comfy.supported_models": types.ModuleType("comfy.supported_models")}
-    modules["comfy.samplers"].KSAMPLER = KSAMPLER
-    for cls in (ModelSamplingDiscrete, EPS, V_PREDICTION, X0):
-        setattr(modules["comfy.model_sampling"], cls.__name__, cls)
-    for cls in (SD15, SD20, SDXL, SDXLRefiner):
-        setattr(modules["comfy.supported_models"], cls.__name__, cls)
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
+    install_comfy(monkeypatch, {"comfy.model_management": {}, "comfy.samplers": {"KSAMPLER": KSAMPLER}})
 
 
 def comfy_model(prediction=EPS, config=SD15, alphas_cumprod=SD_SCHEDULE.alphas_cumprod) -> ModelPatcher:

@@ -104,7 +104,7 @@ class ComfyLatentSpace:
             ValueError: a model that is not SD1 or SD2.
         """
         _check_adapted(patcher)
-        latent_format = patcher.model.latent_format
+        latent_format = patcher.get_model_object("latent_format")
         return cls(int(latent_format.latent_channels), SD_DOWNSCALE, *_latent_scaling(latent_format))
 
 

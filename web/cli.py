@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DEFAULT_PORT = 8188  # ComfyUI's, so existing ComfyUI clients and scripts find us
 WILDCARD_ADDRESSES = ("0.0.0.0", "::")
+QUEUE_FILE = "queue.sqlite3"  # in the data folder, beside input/ and output/: the queue and history of `serve`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "workflows run headlessly.")
     commands = parser.add_subparsers(dest="command", required=True)
     folders = argparse.ArgumentParser(add_help=False)  # what both commands take
-    folders.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/ and user/")
+    folders.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/, user/ and the server's "
+                         "queue and history (queue.sqlite3)")
     folders.add_argument("--models-dir", default="models", help="folder laid out like ComfyUI's models/")
     folders.add_argument("--verbose", action="store_true", help="log engine and server details")
     folders.add_argument(MAX_PIXELS_OPTION, type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
@@ -107,7 +109,7 @@ def serve_editor(args: argparse.Namespace) -> int:
         allowed.add(args.listen)
     config = ServerConfig(folders=DataFolders.under(args.data_dir), models_dir=os.path.realpath(args.models_dir),
                           allowed_hosts=frozenset(allowed), token=token, max_upload_bytes=args.max_upload_mb << 20,
-                          limits=Limits(args.max_pixels))
+                          limits=Limits(args.max_pixels), queue_file=os.path.join(args.data_dir, QUEUE_FILE))
     shown_host = "127.0.0.1" if loopback or args.listen in WILDCARD_ADDRESSES else args.listen
     url = f"http://{shown_host}:{args.port}/" + (f"?token={token}" if token else "")
     app = create_app(config)

@@ -3,6 +3,10 @@
 One worker thread runs prompts one at a time, in priority order. Every change to the queue and every execution
 event goes out through one ``send(event, data, client_id)`` callback, which the server turns into websocket
 messages; it is called from the worker thread and from request handlers alike, so it must be thread-safe.
+
+With a :class:`~web.queue_store.QueueStore` every change is on disk before it is announced, and a queue opened on
+the store of a killed server runs what that server had pending or running (a restarted prompt's history entry
+begins with an ``execution_restarted`` message) and keeps its history.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from nodes.models.loading import unload_all
 
 from .executor import ExecutionResult, Executor
 from .json_io import finite_json
+from .queue_store import QueueStore
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,7 @@ class QueueItem:
     client_id: str | None
     create_time: int = dataclasses.field(default_factory=now_ms)
     start_time: int | None = None  # set when the worker takes it
+    restarts: int = 0  # how many times a server stopped while it ran (a stored queue re-queues it)
 
     def as_task(self) -> list:
         """ComfyUI's raw queue entry: ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""
@@ -101,8 +107,10 @@ class PromptQueue:
     """Queued prompts, the running one, and the history of finished ones."""
 
     def __init__(self, executor: Executor, send: Send, history_limit: int = HISTORY_LIMIT,
-                 history_max_bytes: int = HISTORY_MAX_BYTES, shown_paths: Mapping[str, str] | None = None):
-        """``shown_paths`` maps server folders to the names error reports show instead (see :func:`hide_paths`)."""
+                 history_max_bytes: int = HISTORY_MAX_BYTES, shown_paths: Mapping[str, str] | None = None,
+                 store: QueueStore | None = None):
+        """``shown_paths`` maps server folders to the names error reports show instead (see :func:`hide_paths`);
+        ``store`` keeps the queue and history on disk, and what it holds is queued and shown again."""
         self.executor = executor
         self.send = send
         self.history_limit = history_limit
@@ -118,6 +126,23 @@ class PromptQueue:
         self._free_after: dict[str, bool] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.store = store
+        if store is not None:
+            self._restore(store)
+
+    def _restore(self, store: QueueStore) -> None:
+        stored = store.load()
+        for fields, result, end_time in stored.history:
+            self._keep(HistoryRecord(QueueItem(**fields), result, end_time))
+        for fields in stored.queued:
+            item = QueueItem(**fields)
+            heapq.heappush(self._pending, (item.number, next(self._order), item))
+        # New prompts number after every stored one, as they would have in the server that stored them.
+        numbers = [record.item.number for record in self._history.values()] + [entry[0] for entry in self._pending]
+        self._numbers = itertools.count(int(max(map(abs, numbers), default=-1)) + 1)
+        if stored.queued:
+            logger.info("queued again %d prompts a stopped server left (%d of them were running)",
+                        len(stored.queued), sum(1 for fields in stored.queued if fields["restarts"]))
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -144,6 +169,8 @@ class PromptQueue:
             if number is None:
                 number = -counter if front else counter
             item = QueueItem(number, prompt_id or str(uuid.uuid4()), prompt, extra_data, outputs, client_id)
+            if self.store is not None:
+                self.store.add(dataclasses.asdict(item))
             heapq.heappush(self._pending, (item.number, next(self._order), item))
             self._lock.notify_all()
         self._queue_changed()
@@ -163,11 +190,15 @@ class PromptQueue:
         with self._lock:
             self._pending = [entry for entry in self._pending if entry[2].prompt_id not in set(prompt_ids)]
             heapq.heapify(self._pending)
+            if self.store is not None:
+                self.store.remove(prompt_ids, "pending")
         self._queue_changed()
 
     def clear(self) -> None:
         with self._lock:
             self._pending = []
+            if self.store is not None:
+                self.store.clear("pending")
         self._queue_changed()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
@@ -214,11 +245,15 @@ class PromptQueue:
                 record = self._history.pop(prompt_id, None)
                 if record is not None:
                     self._history_bytes -= record.size
+            if self.store is not None:
+                self.store.remove(prompt_ids, "done")
 
     def clear_history(self) -> None:
         with self._lock:
             self._history.clear()
             self._history_bytes = 0
+            if self.store is not None:
+                self.store.clear("done")
 
     def history_bytes(self) -> int:
         """The history's size as JSON, which stays within ``history_max_bytes``."""
@@ -240,23 +275,39 @@ class PromptQueue:
                 *_, item = heapq.heappop(self._pending)
                 item.start_time = now_ms()
                 self._running = item
+                if self.store is not None:
+                    self.store.start(dataclasses.asdict(item))
             self._queue_changed()
             result = self.executor.execute(item.prompt, item.prompt_id, item.outputs,
                                            lambda event, data: self.send(event, self._shown(event, data),
                                                                          item.client_id),
                                            item.extra_data)
             result.messages = [(event, self._shown(event, data)) for event, data in result.messages]
+            if item.restarts:
+                result.messages.insert(0, ("execution_restarted", {
+                    "prompt_id": item.prompt_id, "timestamp": item.start_time, "restarts": item.restarts}))
             record = HistoryRecord(item, result, now_ms())
-            record.size = len(finite_json(record.as_history()))
             with self._lock:
-                self._history[item.prompt_id] = record
-                self._history_bytes += record.size
-                while len(self._history) > self.history_limit or self._history_bytes > self.history_max_bytes:
-                    self._history_bytes -= self._history.popitem(last=False)[1].size
+                if self.store is not None:
+                    self.store.finish(item.prompt_id, result, record.end_time)
+                self._keep(record)
                 self._running = None
             self._queue_changed()
             self.send("executing", {"node": None, "prompt_id": item.prompt_id}, item.client_id)
             self._apply_free()
+
+    def _keep(self, record: HistoryRecord) -> None:
+        """Add ``record`` to the history (under the lock), dropping the oldest entries past its bounds."""
+        record.size = len(finite_json(record.as_history()))
+        self._history[record.item.prompt_id] = record
+        self._history_bytes += record.size
+        dropped = []
+        while len(self._history) > self.history_limit or self._history_bytes > self.history_max_bytes:
+            prompt_id, oldest = self._history.popitem(last=False)
+            self._history_bytes -= oldest.size
+            dropped.append(prompt_id)
+        if dropped and self.store is not None:
+            self.store.remove(dropped, "done")
 
     def _shown(self, event: str, data: dict) -> dict:
         """An ``execution_error`` as clients see it: server folders shown by their names, not their paths."""

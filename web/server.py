@@ -35,6 +35,7 @@ import nodes
 from .executor import Executor
 from .node_info import object_info
 from .prompt_queue import PromptQueue
+from .queue_store import QueueStore
 from .registry import display_names, node_classes
 from .security import security_middleware
 from .json_io import finite_json, json_response, parse_json, read_json
@@ -121,14 +122,18 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     state = ServerState(executor=executor, queue=None, node_classes=classes, display_names=display_names(),
                         loop=loop, outbox=asyncio.Queue())
-    state.queue = PromptQueue(executor, _Sender(state), history_max_bytes=app[CONFIG].history_max_bytes,
-                              shown_paths=app[CONFIG].shown_paths())
+    config = app[CONFIG]
+    store = None if config.queue_file is None else QueueStore(config.queue_file)
+    state.queue = PromptQueue(executor, _Sender(state), history_max_bytes=config.history_max_bytes,
+                              shown_paths=config.shown_paths(), store=store)
     app[STATE] = state
     state.queue.start()
     publisher = asyncio.create_task(_publish(state))
     yield
     publisher.cancel()
     await loop.run_in_executor(None, state.queue.stop)
+    if store is not None:
+        store.close()
 
 
 async def _close_sockets(app: web.Application) -> None:

@@ -36,6 +36,7 @@ class ServerConfig:
     first_workflow: str | None = "text_to_image"  # a new user's first graph: a file of workflows/, without .json
     limits: Limits = DEFAULT_LIMITS  # the pixel budget of image and latent batches (--max-pixels)
     history_max_bytes: int = HISTORY_MAX_BYTES  # the history's size as JSON, besides its count
+    queue_file: str | None = None  # the SQLite file that keeps the queue and history across restarts; None: memory
 
     def shown_paths(self) -> dict[str, str]:
         """Server folders and the names error reports show for them: ``input``, ``models``, ``atelier`` (this

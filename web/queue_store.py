@@ -1,0 +1,111 @@
+"""The prompt queue and its history on disk, so that a server killed at any moment loses no prompt.
+
+One SQLite file (stdlib ``sqlite3``, WAL journal) holds every prompt the queue accepted, in one of three states:
+``pending``, ``running`` or ``done`` (with its history entry). Each change is one committed transaction, made
+under the queue's lock before the change is announced: what a client was told is on disk. A server started on the
+same file re-queues what was pending and what was running (counted as a restart), and keeps its history.
+
+WAL with ``synchronous=NORMAL`` survives a killed process (SIGKILL, a crash) with every committed transaction;
+only a power cut may lose the last few, never corrupt the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from typing import Any
+
+from .executor import ExecutionResult
+from .json_io import finite_json
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- submission order, which breaks ties between equal numbers
+    prompt_id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done')),
+    item TEXT NOT NULL,  -- the QueueItem's fields as JSON
+    result TEXT,  -- done: the ExecutionResult and end time as JSON
+    finished INTEGER  -- done: the order in which prompts finished, the history's order
+)
+"""
+
+
+@dataclasses.dataclass
+class StoredPrompts:
+    """What a store held when it was opened."""
+
+    queued: list[dict]  # items' fields, pending and formerly running alike, in submission order
+    history: list[tuple[dict, ExecutionResult, int]]  # (item fields, result, end time), oldest first
+
+
+class QueueStore:
+    """The queue's prompts in one SQLite file. Not thread-safe by itself: the queue calls it under its lock."""
+
+    def __init__(self, path: str):
+        """Open (or create) the store at ``path``.
+
+        Raises:
+            sqlite3.DatabaseError: ``path`` is not a queue store.
+        """
+        self.path = path
+        # isolation_level=None: no implicit transactions; each write below is one explicit transaction.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def load(self) -> StoredPrompts:
+        """Everything held, with prompts that were running marked pending again and their restart count raised:
+        the process that ran them is gone."""
+        with self._db:
+            for prompt_id, item in self._db.execute("SELECT prompt_id, item FROM prompts WHERE state = 'running'"):
+                fields = json.loads(item)
+                fields["restarts"] = fields.get("restarts", 0) + 1
+                fields["start_time"] = None
+                self._db.execute("UPDATE prompts SET state = 'pending', item = ? WHERE prompt_id = ?",
+                                 (finite_json(fields), prompt_id))
+        queued = [json.loads(item) for (item,) in
+                  self._db.execute("SELECT item FROM prompts WHERE state = 'pending' ORDER BY seq")]
+        history = []
+        for item, result in self._db.execute("SELECT item, result FROM prompts WHERE state = 'done' ORDER BY finished"):
+            stored = json.loads(result)
+            history.append((json.loads(item), ExecutionResult(
+                stored["status"], stored["outputs"], [tuple(message) for message in stored["messages"]],
+                stored["executed"]), stored["end_time"]))
+        return StoredPrompts(queued, history)
+
+    def add(self, fields: dict[str, Any]) -> None:
+        """A newly queued prompt."""
+        with self._db:
+            self._db.execute("INSERT INTO prompts (prompt_id, state, item) VALUES (?, 'pending', ?)",
+                             (fields["prompt_id"], finite_json(fields)))
+
+    def start(self, fields: dict[str, Any]) -> None:
+        """The worker took the prompt (``fields`` with its start time)."""
+        with self._db:
+            self._db.execute("UPDATE prompts SET state = 'running', item = ? WHERE prompt_id = ?",
+                             (finite_json(fields), fields["prompt_id"]))
+
+    def finish(self, prompt_id: str, result: ExecutionResult, end_time: int) -> None:
+        """The prompt ended (success, error or interrupted) and joins the history."""
+        stored = {"status": result.status, "outputs": result.outputs, "messages": result.messages,
+                  "executed": result.executed, "end_time": end_time}
+        with self._db:
+            self._db.execute("UPDATE prompts SET state = 'done', result = ?, "
+                             "finished = (SELECT COALESCE(MAX(finished), 0) + 1 FROM prompts) WHERE prompt_id = ?",
+                             (finite_json(stored), prompt_id))
+
+    def remove(self, prompt_ids: list[str], state: str) -> None:
+        """Forget the prompts of ``prompt_ids`` that are in ``state`` ("pending" or "done")."""
+        with self._db:
+            self._db.executemany("DELETE FROM prompts WHERE prompt_id = ? AND state = ?",
+                                 [(prompt_id, state) for prompt_id in prompt_ids])
+
+    def clear(self, state: str) -> None:
+        """Forget every prompt in ``state`` ("pending" or "done")."""
+        with self._db:
+            self._db.execute("DELETE FROM prompts WHERE state = ?", (state,))

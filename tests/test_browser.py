@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -33,6 +32,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from PIL import Image
+
+from comfyui_host import free_port
 
 try:
     from playwright.sync_api import Error as PlaywrightError, TimeoutError as PlaywrightTimeoutError, expect, \
@@ -116,12 +117,6 @@ class Server:
 
     def log_tail(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from web.folders import DataFolders
 from web.prompt_queue import PromptQueue
 from web.queue_store import QueueStore
 from web.registry import node_classes
+from web.workers import LocalWorker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +60,7 @@ def gate_prompt(tag: int) -> dict:
 def make_queue(tmp_path, store: QueueStore, **options) -> PromptQueue:
     folders = DataFolders.under(str(tmp_path / "data"))
     executor = Executor({**node_classes(folders, str(tmp_path / "models")), "Gate": Gate})
-    return PromptQueue(executor, lambda event, data, client: None, store=store, **options)
+    return PromptQueue([LocalWorker(executor)], lambda event, data, client: None, store=store, **options)
 
 
 def finish(queue: PromptQueue, timeout: float = 30) -> None:

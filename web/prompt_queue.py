@@ -1,8 +1,11 @@
 """The prompt queue, its worker thread and the history (``comfyui-protocol.md`` §5.1).
 
-One worker thread runs prompts one at a time, in priority order. Every change to the queue and every execution
-event goes out through one ``send(event, data, client_id)`` callback, which the server turns into websocket
-messages; it is called from the worker thread and from request handlers alike, so it must be thread-safe.
+Each worker (``web/workers.py``: one in this process, or one Ray actor each with ``--ray``) has a thread that takes
+the next prompt in priority order, preferring, among idle workers, one that already holds the prompt's models.
+Every change to the queue and every execution event goes out through one ``send(event, data, client_id)``
+callback, which the server turns into websocket messages; it is called from the worker threads and from request
+handlers alike, so it must be thread-safe. A prompt whose worker dies runs once more on another worker, then is
+reported as an ``execution_error`` that names the cause.
 
 With a :class:`~web.queue_store.QueueStore` every change is on disk before it is announced, and a queue opened on
 the store of a killed server runs what that server had pending or running (a restarted prompt's history entry
@@ -20,15 +23,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from nodes.correspondence.cache import FEATURE_CACHE
-from nodes.models.loading import unload_all
-
-from .executor import ExecutionResult, Executor
+from .executor import ExecutionResult
 from .json_io import finite_json
 from .queue_store import QueueStore
+from .workers import Worker, WorkerLost, model_files
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ HISTORY_LIMIT = 10_000  # ComfyUI's: the oldest entries go first beyond this
 # meets this bound instead of growing the server by that much per prompt.
 HISTORY_MAX_BYTES = 64 << 20
 SECRET_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")  # comfy.org credentials: never stored, never echoed
+WORKER_LOSSES = 2  # a prompt whose worker dies runs once more, on another worker where there is one
 
 
 def hide_paths(value: Any, shown_paths: Mapping[str, str]) -> Any:
@@ -77,6 +79,7 @@ class QueueItem:
     create_time: int = dataclasses.field(default_factory=now_ms)
     start_time: int | None = None  # set when the worker takes it
     restarts: int = 0  # how many times a server stopped while it ran (a stored queue re-queues it)
+    lost_on: list[int] = dataclasses.field(default_factory=list)  # the workers that died while running it
 
     def as_task(self) -> list:
         """ComfyUI's raw queue entry: ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""
@@ -104,14 +107,17 @@ class HistoryRecord:
 
 
 class PromptQueue:
-    """Queued prompts, the running one, and the history of finished ones."""
+    """Queued prompts, the running ones, and the history of finished ones."""
 
-    def __init__(self, executor: Executor, send: Send, history_limit: int = HISTORY_LIMIT,
+    def __init__(self, workers: Sequence[Worker], send: Send, history_limit: int = HISTORY_LIMIT,
                  history_max_bytes: int = HISTORY_MAX_BYTES, shown_paths: Mapping[str, str] | None = None,
                  store: QueueStore | None = None):
-        """``shown_paths`` maps server folders to the names error reports show instead (see :func:`hide_paths`);
-        ``store`` keeps the queue and history on disk, and what it holds is queued and shown again."""
-        self.executor = executor
+        """``workers`` run the prompts, one each at a time; ``shown_paths`` maps server folders to the names error
+        reports show instead (see :func:`hide_paths`); ``store`` keeps the queue and history on disk, and what it
+        holds is queued and shown again."""
+        if not workers:
+            raise ValueError("a queue needs at least one worker")
+        self.workers = list(workers)
         self.send = send
         self.history_limit = history_limit
         self.history_max_bytes = history_max_bytes
@@ -121,11 +127,12 @@ class PromptQueue:
         self._pending: list[tuple[float, int, QueueItem]] = []  # a heap; the counter keeps equal numbers in order
         self._order = itertools.count()
         self._numbers = itertools.count()
-        self._running: QueueItem | None = None
+        self._running: dict[int, QueueItem] = {}  # worker index -> its prompt
+        self._held: list[frozenset[str]] = [frozenset()] * len(self.workers)  # model files each worker has loaded
         self._history: collections.OrderedDict[str, HistoryRecord] = collections.OrderedDict()
         self._free_after: dict[str, bool] = {}
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.store = store
         if store is not None:
             self._restore(store)
@@ -147,16 +154,20 @@ class PromptQueue:
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="atelier-worker", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, args=(index,), name=f"atelier-worker-{index}",
+                                          daemon=True) for index in range(len(self.workers))]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        self.executor.interrupt()
-        if self._thread is not None:
-            self._thread.join()
+            running = list(self._running)
+        for index in running:
+            self.workers[index].interrupt()
+        for thread in self._threads:
+            thread.join()
 
     # --- queue ---------------------------------------------------------------------------------------------------
 
@@ -169,8 +180,7 @@ class PromptQueue:
             if number is None:
                 number = -counter if front else counter
             item = QueueItem(number, prompt_id or str(uuid.uuid4()), prompt, extra_data, outputs, client_id)
-            if self.store is not None:
-                self.store.add(dataclasses.asdict(item))
+            self._stored(item, "pending")
             heapq.heappush(self._pending, (item.number, next(self._order), item))
             self._lock.notify_all()
         self._queue_changed()
@@ -178,12 +188,13 @@ class PromptQueue:
 
     def remaining(self) -> int:
         with self._lock:
-            return len(self._pending) + (self._running is not None)
+            return len(self._pending) + len(self._running)
 
     def snapshot(self) -> tuple[list[QueueItem], list[QueueItem]]:
-        """The running item (a list of at most one) and the pending ones in the order they will run."""
+        """The running items (one per busy worker, oldest first) and the pending ones in the order they will run."""
         with self._lock:
-            return ([self._running] if self._running else []), [item for *_, item in sorted(self._pending)]
+            running = sorted(self._running.values(), key=lambda item: item.start_time or 0)
+            return running, [item for *_, item in sorted(self._pending)]
 
     def delete(self, prompt_ids: list[str]) -> None:
         """Drop pending prompts; a running one is stopped with :meth:`interrupt` instead."""
@@ -202,20 +213,20 @@ class PromptQueue:
         self._queue_changed()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Stop the running prompt, or only if it is ``prompt_id``; returns whether an interrupt was sent."""
+        """Stop the running prompts, or only ``prompt_id`` if it runs; returns whether an interrupt was sent."""
         with self._lock:
-            running = self._running
-        if running is None or (prompt_id is not None and running.prompt_id != prompt_id):
-            return False
-        self.executor.interrupt()
-        return True
+            chosen = [index for index, item in self._running.items()
+                      if prompt_id is None or item.prompt_id == prompt_id]
+        for index in chosen:
+            self.workers[index].interrupt()
+        return bool(chosen)
 
     def free(self, unload_models: bool = False, free_memory: bool = False) -> None:
         """Drop cached results (and loaded models) once the running prompt, if any, has finished."""
         with self._lock:
             self._free_after["unload_models"] = self._free_after.get("unload_models", False) or unload_models
             self._free_after["free_memory"] = self._free_after.get("free_memory", False) or free_memory
-            idle = self._running is None
+            idle = not self._running
         if idle:
             self._apply_free()
 
@@ -265,23 +276,33 @@ class PromptQueue:
     def _queue_changed(self) -> None:
         self.send("status", {"status": {"exec_info": {"queue_remaining": self.remaining()}}}, None)
 
-    def _work(self) -> None:
+    def _work(self, index: int) -> None:
+        worker = self.workers[index]
         while True:
             with self._lock:
-                while not self._pending and not self._stopping:
+                while not self._stopping and not self._turn_of(index):
                     self._lock.wait()
                 if self._stopping:
                     return
                 *_, item = heapq.heappop(self._pending)
                 item.start_time = now_ms()
-                self._running = item
-                if self.store is not None:
-                    self.store.start(dataclasses.asdict(item))
+                self._running[index] = item
+                self._stored(item, "running")
+                self._lock.notify_all()  # the next prompt may be another idle worker's to take
             self._queue_changed()
-            result = self.executor.execute(item.prompt, item.prompt_id, item.outputs,
-                                           lambda event, data: self.send(event, self._shown(event, data),
-                                                                         item.client_id),
-                                           item.extra_data)
+            try:
+                result = worker.execute(item.prompt, item.prompt_id, item.outputs,
+                                        lambda event, data: self.send(event, self._shown(event, data),
+                                                                      item.client_id),
+                                        item.extra_data)
+            except WorkerLost as lost:
+                if self._queued_again(index, item, lost):
+                    continue
+                result = self._failed(item, "WorkerLost", f"the worker running this prompt died {WORKER_LOSSES} "
+                                      f"times ({', '.join(self.workers[i].name for i in item.lost_on)}); last: {lost}")
+            except Exception as error:  # the worker's own failure, not a node's: this prompt fails, the queue goes on
+                logger.exception("worker %s failed outside the prompt's nodes", worker.name)
+                result = self._failed(item, type(error).__name__, f"worker {worker.name} failed: {error}")
             result.messages = [(event, self._shown(event, data)) for event, data in result.messages]
             if item.restarts:
                 result.messages.insert(0, ("execution_restarted", {
@@ -291,10 +312,61 @@ class PromptQueue:
                 if self.store is not None:
                     self.store.finish(item.prompt_id, result, record.end_time)
                 self._keep(record)
-                self._running = None
+                self._running.pop(index, None)
+                self._held[index] = self._held[index] | model_files(item.prompt)
+                idle = not self._running
+                self._lock.notify_all()
             self._queue_changed()
             self.send("executing", {"node": None, "prompt_id": item.prompt_id}, item.client_id)
-            self._apply_free()
+            if idle:
+                self._apply_free()
+
+    def _turn_of(self, index: int) -> bool:
+        """Whether idle worker ``index`` takes the first pending prompt (under the lock): of the idle workers, the
+        one that did not die running it, holds its models, and comes first."""
+        if not self._pending or index in self._running:
+            return False
+        item = self._pending[0][2]
+        wanted = model_files(item.prompt)
+
+        def preference(worker: int) -> tuple[bool, bool, int]:
+            return worker in item.lost_on, not wanted <= self._held[worker], worker
+
+        return min((worker for worker in range(len(self.workers)) if worker not in self._running),
+                   key=preference) == index
+
+    def _queued_again(self, index: int, item: QueueItem, lost: WorkerLost) -> bool:
+        """After worker ``index`` died running ``item``: queue it again at its place, unless it has used up its
+        tries. The worker (restarted by its engine) has lost its models."""
+        logger.warning("worker %s died running prompt %s: %s", self.workers[index].name, item.prompt_id, lost)
+        with self._lock:
+            item.lost_on.append(index)
+            self._running.pop(index, None)
+            self._held[index] = frozenset()
+            again = len(item.lost_on) < WORKER_LOSSES and not self._stopping
+            if again:
+                item.start_time = None
+                self._stored(item, "pending")
+                heapq.heappush(self._pending, (item.number, next(self._order), item))
+            self._lock.notify_all()
+        if again:
+            self._queue_changed()
+        return again
+
+    def _failed(self, item: QueueItem, exception_type: str, message: str) -> ExecutionResult:
+        """The result of a prompt that no node failed, its worker did; its error goes to the client as a node's
+        would."""
+        error = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
+                 "exception_message": message, "exception_type": exception_type, "traceback": [],
+                 "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()}
+        self.send("execution_error", error, item.client_id)
+        return ExecutionResult("error", {}, [("execution_start", {"prompt_id": item.prompt_id,
+                                                                  "timestamp": item.start_time}),
+                                             ("execution_error", error)], [])
+
+    def _stored(self, item: QueueItem, state: str) -> None:
+        if self.store is not None:
+            self.store.update(dataclasses.asdict(item), state)
 
     def _keep(self, record: HistoryRecord) -> None:
         """Add ``record`` to the history (under the lock), dropping the oldest entries past its bounds."""
@@ -317,8 +389,7 @@ class PromptQueue:
         with self._lock:
             flags, self._free_after = self._free_after, {}
         if flags.get("free_memory") or flags.get("unload_models"):
-            self.executor.free()
-            FEATURE_CACHE.clear()  # extracted feature maps, up to 2 GiB, are cached results too
-            logger.info("freed cached results and feature maps")
-        if flags.get("unload_models"):
-            logger.info("unloaded %d models", unload_all())
+            for index, worker in enumerate(self.workers):
+                worker.release(bool(flags.get("unload_models")))
+                if flags.get("unload_models"):
+                    self._held[index] = frozenset()

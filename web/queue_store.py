@@ -78,17 +78,13 @@ class QueueStore:
                 stored["executed"]), stored["end_time"]))
         return StoredPrompts(queued, history)
 
-    def add(self, fields: dict[str, Any]) -> None:
-        """A newly queued prompt."""
+    def update(self, fields: dict[str, Any], state: str) -> None:
+        """A prompt queued ("pending"), taken by a worker ("running") or queued again after its worker died
+        ("pending"), with its fields as they are now."""
         with self._db:
-            self._db.execute("INSERT INTO prompts (prompt_id, state, item) VALUES (?, 'pending', ?)",
-                             (fields["prompt_id"], finite_json(fields)))
-
-    def start(self, fields: dict[str, Any]) -> None:
-        """The worker took the prompt (``fields`` with its start time)."""
-        with self._db:
-            self._db.execute("UPDATE prompts SET state = 'running', item = ? WHERE prompt_id = ?",
-                             (finite_json(fields), fields["prompt_id"]))
+            self._db.execute("INSERT INTO prompts (prompt_id, state, item) VALUES (?, ?, ?) ON CONFLICT (prompt_id) "
+                             "DO UPDATE SET state = excluded.state, item = excluded.item",
+                             (fields["prompt_id"], state, finite_json(fields)))
 
     def finish(self, prompt_id: str, result: ExecutionResult, end_time: int) -> None:
         """The prompt ended (success, error or interrupted) and joins the history."""

@@ -36,6 +36,7 @@ from .executor import Executor
 from .node_info import object_info
 from .prompt_queue import PromptQueue
 from .queue_store import QueueStore
+from .workers import LocalWorker
 from .registry import display_names, node_classes
 from .security import security_middleware
 from .json_io import finite_json, json_response, parse_json, read_json
@@ -124,7 +125,7 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
                         loop=loop, outbox=asyncio.Queue())
     config = app[CONFIG]
     store = None if config.queue_file is None else QueueStore(config.queue_file)
-    state.queue = PromptQueue(executor, _Sender(state), history_max_bytes=config.history_max_bytes,
+    state.queue = PromptQueue([LocalWorker(executor)], _Sender(state), history_max_bytes=config.history_max_bytes,
                               shown_paths=config.shown_paths(), store=store)
     app[STATE] = state
     state.queue.start()

@@ -2,6 +2,7 @@
 
     python install.py            # inside ComfyUI: the nodes' runtime only; elsewhere: the standalone app
     python install.py --tests    # the standalone app, plus what the tests need (and Debian's chromium, as root)
+    python install.py --ray      # the standalone app, plus Ray for `serve --ray` (--tests brings it too)
     python install.py --mode comfyui|standalone   # when the detection below guesses wrong
 
 Inside ComfyUI, a node pack that swaps the host's CUDA torch for a CPU build, or moves its frontend, is the worst
@@ -34,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNTIME_REQUIREMENTS = os.path.join(HERE, "requirements.txt")  # the nodes' runtime: all that ComfyUI gets
 APP_REQUIREMENTS = os.path.join(HERE, "requirements-app.txt")  # the standalone app's server and pinned editor
 TEST_REQUIREMENTS = os.path.join(HERE, "requirements-test.txt")
+RAY_REQUIREMENTS = os.path.join(HERE, "requirements-ray.txt")  # optional: prompts on Ray workers
 CPU_TORCH = "torch==2.13.0"  # the CPU build pip finds on our machines; plain "torch" pulls a CUDA build of several GB
 PINNED = ("torch", "torchvision", "torchaudio")  # standalone: installed versions of these are held as they are
 NEVER = ("torchvision", "torchaudio", "timm", "open_clip", "spandrel")  # each would pull in or break a torch
@@ -157,8 +159,9 @@ def install_into_comfyui(installed: dict[str, str]) -> int:
     return 0
 
 
-def install_standalone(installed: dict[str, str], tests: bool) -> int:
-    """The nodes' runtime and the standalone app (and the tests' needs), holding the installed torch."""
+def install_standalone(installed: dict[str, str], tests: bool, ray: bool = False) -> int:
+    """The nodes' runtime and the standalone app (and Ray, and the tests' needs, which include Ray), holding the
+    installed torch."""
     before = {name: version for name, version in installed.items() if name in PINNED}
     if "torch" not in before:
         print(f"install.py: no torch found; installing the CPU build {CPU_TORCH}", flush=True)
@@ -166,6 +169,8 @@ def install_standalone(installed: dict[str, str], tests: bool) -> int:
         before = {name: version for name, version in installed_versions().items() if name in PINNED}
 
     requirements = ["-r", RUNTIME_REQUIREMENTS, "-r", APP_REQUIREMENTS]
+    if ray or tests:  # the tests start a Ray cluster on loopback
+        requirements += ["-r", RAY_REQUIREMENTS]
     if tests:
         requirements += ["-r", TEST_REQUIREMENTS]
     pip_install_holding(requirements, before)
@@ -190,6 +195,7 @@ def install_standalone(installed: dict[str, str], tests: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tests", action="store_true", help="also install what the test suite needs (standalone)")
+    parser.add_argument("--ray", action="store_true", help="also install Ray, for `serve --ray` (standalone)")
     parser.add_argument("--mode", choices=MODES,
                         help="install into ComfyUI's Python or for the standalone app, instead of detecting which")
     args = parser.parse_args(argv)
@@ -198,12 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     mode, why = (args.mode, "--mode") if args.mode else detect_mode(HERE, installed, sys.prefix)
     print(f"install.py: installing for {mode} ({why})", flush=True)
     if mode == "comfyui":
-        if args.tests:
-            print("install.py: --tests sets up the standalone app's test environment, never ComfyUI's Python; "
+        if args.tests or args.ray:
+            print("install.py: --tests and --ray set up the standalone app, never ComfyUI's Python; "
                   "use a venv of the pack's own (README) or --mode standalone", file=sys.stderr)
             return 2
         return install_into_comfyui(installed)
-    return install_standalone(installed, args.tests)
+    return install_standalone(installed, args.tests, args.ray)
 
 
 if __name__ == "__main__":

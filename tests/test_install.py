@@ -47,7 +47,7 @@ def test_an_installed_cuda_torch_is_held_by_constraints(monkeypatch, pip_calls):
     [(args, constraints)] = pip_calls
     assert constraints == "torch==2.5.1+cu124\ntorchvision==0.20.1+cu124\n"
     assert args[:4] == ("-r", install.RUNTIME_REQUIREMENTS, "-r", install.APP_REQUIREMENTS)
-    assert install.TEST_REQUIREMENTS not in args
+    assert install.TEST_REQUIREMENTS not in args and install.RAY_REQUIREMENTS not in args
 
 
 def test_without_torch_the_cpu_build_comes_first_and_alone(monkeypatch, pip_calls):
@@ -55,7 +55,15 @@ def test_without_torch_the_cpu_build_comes_first_and_alone(monkeypatch, pip_call
     assert install.main(["--mode", "standalone", "--tests"]) == 0
     assert pip_calls[0] == (("torch==2.13.0",), None)
     args, constraints = pip_calls[1]
-    assert constraints == "torch==2.13.0+cpu\n" and args[5] == install.TEST_REQUIREMENTS
+    assert constraints == "torch==2.13.0+cpu\n"
+    assert args[4:8] == ("-r", install.RAY_REQUIREMENTS, "-r", install.TEST_REQUIREMENTS)  # the tests start Ray
+
+
+def test_ray_is_installed_on_request_only(monkeypatch, pip_calls):
+    versions_sequence(monkeypatch, {"torch": "2.13.0+cpu"})
+    assert install.main(["--mode", "standalone", "--ray"]) == 0
+    [(args, _)] = pip_calls
+    assert args[4:6] == ("-r", install.RAY_REQUIREMENTS) and install.TEST_REQUIREMENTS not in args
 
 
 def test_a_changed_torch_fails_loudly(monkeypatch, pip_calls, capsys):
@@ -65,7 +73,8 @@ def test_a_changed_torch_fails_loudly(monkeypatch, pip_calls, capsys):
 
 
 def test_requirements_never_name_torch_or_its_companions():
-    for path in (install.RUNTIME_REQUIREMENTS, install.APP_REQUIREMENTS, install.TEST_REQUIREMENTS):
+    for path in (install.RUNTIME_REQUIREMENTS, install.APP_REQUIREMENTS, install.TEST_REQUIREMENTS,
+                 install.RAY_REQUIREMENTS):
         names = {install.normalized(line.split(">")[0].split("=")[0].split("<")[0])
                  for line in install.requirement_lines(path)}
         assert not names & {"torch", "torchvision", "torchaudio", "timm", "open-clip-torch", "spandrel"}, path
@@ -153,7 +162,7 @@ def test_inside_comfyui_a_moved_version_fails_loudly_21(monkeypatch, pip_calls, 
 def test_inside_comfyui_tests_are_refused(monkeypatch, pip_calls, capsys):
     versions_sequence(monkeypatch, {"torch": "2.5.1+cu124"})
     assert install.main(["--mode", "comfyui", "--tests"]) == 2
-    assert pip_calls == [] and "--tests sets up the standalone app's" in capsys.readouterr().err
+    assert pip_calls == [] and "--tests and --ray set up the standalone app" in capsys.readouterr().err
 
 
 def fake_torch(site_packages, version):

@@ -174,14 +174,16 @@ def slow_prompt(index: int) -> dict:
 
 
 class RunningServer:
-    def __init__(self, data_dir, models_dir, log_path):
+    """``python -m web serve`` in a subprocess on a free loopback port, with ``options`` added."""
+
+    def __init__(self, data_dir, models_dir, log_path, *options: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "web", "serve", "--port", str(self.port), "--listen", "127.0.0.1",
-                 "--data-dir", str(data_dir), "--models-dir", str(models_dir)],
+                 "--data-dir", str(data_dir), "--models-dir", str(models_dir), "--verbose", *options],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

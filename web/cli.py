@@ -1,6 +1,7 @@
 """Atelier's command line.
 
     python -m web [serve] [--port 8188] [--listen ADDR] [--data-dir D] [--models-dir M] [--open]
+                  [--ray auto|ADDRESS [--workers N]]
     python -m web run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--output-dir D] [--data-dir D] [--models-dir M]
 
 ``serve`` (also a bare ``python -m web``) starts the editor's server and prints its URL. Bound to 127.0.0.1 it
@@ -26,6 +27,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(
     lambda record: TORCHVISION_FALLBACK_NOTICE not in record.getMessage())
 
 import argparse  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
@@ -48,7 +50,7 @@ from .node_info import input_specs  # noqa: E402
 from .registry import node_classes  # noqa: E402
 from .security import LOOPBACK_HOSTS, is_loopback  # noqa: E402
 from .server import create_app  # noqa: E402
-from .server_state import MAX_UPLOAD_BYTES, ServerConfig  # noqa: E402
+from .server_state import MAX_UPLOAD_BYTES, RaySettings, ServerConfig  # noqa: E402
 from .validation import ancestors  # noqa: E402
 from .workflow import WorkflowError, is_ui_workflow, ui_to_api  # noqa: E402
 
@@ -84,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES >> 20,
                        help=f"largest upload accepted, in MB (default {MAX_UPLOAD_BYTES >> 20})")
     serve.add_argument("--open", action="store_true", help="open the editor in the default browser")
+    serve.add_argument("--ray", metavar="auto|ADDRESS",
+                       help="run prompts on Ray workers: 'auto' joins this machine's cluster (ray start --head) or "
+                            "starts one on loopback; ADDRESS joins that cluster (pip install -r requirements-ray.txt)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="Ray workers (default: one per GPU of the cluster, or one on the CPU)")
     run = commands.add_parser("run", parents=[folders],
                               help="run a workflow file (API or UI format) and save its outputs")
     run.add_argument("workflow", help="path of the workflow .json file")
@@ -91,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="override an input; NODE is a node id or title, VALUE is JSON or plain text")
     run.add_argument("--output-dir", help="where saved images go (default: DATA_DIR/output)")
     args = parser.parse_args(argv)
+    if args.command == "serve" and args.workers is not None and args.ray is None:
+        parser.error("--workers needs --ray")
+    if args.command == "serve" and args.ray is not None and importlib.util.find_spec("ray") is None:
+        parser.error("--ray needs Ray: pip install -r requirements-ray.txt (or python install.py --ray)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return serve_editor(args) if args.command == "serve" else run_workflow(args)
@@ -109,7 +120,8 @@ def serve_editor(args: argparse.Namespace) -> int:
         allowed.add(args.listen)
     config = ServerConfig(folders=DataFolders.under(args.data_dir), models_dir=os.path.realpath(args.models_dir),
                           allowed_hosts=frozenset(allowed), token=token, max_upload_bytes=args.max_upload_mb << 20,
-                          limits=Limits(args.max_pixels), queue_file=os.path.join(args.data_dir, QUEUE_FILE))
+                          limits=Limits(args.max_pixels), queue_file=os.path.join(args.data_dir, QUEUE_FILE),
+                          ray=None if args.ray is None else RaySettings(args.ray, args.workers))
     shown_host = "127.0.0.1" if loopback or args.listen in WILDCARD_ADDRESSES else args.listen
     url = f"http://{shown_host}:{args.port}/" + (f"?token={token}" if token else "")
     app = create_app(config)

@@ -124,8 +124,17 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     state = ServerState(executor=executor, queue=None, node_classes=classes, display_names=display_names(),
                         loop=loop, outbox=asyncio.Queue())
     config = app[CONFIG]
+    ray = None
+    if config.ray is None:
+        workers = [LocalWorker(executor)]
+    else:  # imported here only: without --ray, Ray is never imported
+        from .ray_workers import init_ray, start_workers
+
+        ray = await loop.run_in_executor(None, init_ray, config.ray)
+        workers = await loop.run_in_executor(None, start_workers, config.ray, config.folders, config.models_dir,
+                                             config.limits)
     store = None if config.queue_file is None else QueueStore(config.queue_file)
-    state.queue = PromptQueue([LocalWorker(executor)], _Sender(state), history_max_bytes=config.history_max_bytes,
+    state.queue = PromptQueue(workers, _Sender(state), history_max_bytes=config.history_max_bytes,
                               shown_paths=config.shown_paths(), store=store)
     app[STATE] = state
     state.queue.start()
@@ -135,6 +144,8 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     await loop.run_in_executor(None, state.queue.stop)
     if store is not None:
         store.close()
+    if ray is not None:
+        await loop.run_in_executor(None, ray.shutdown)
 
 
 async def _close_sockets(app: web.Application) -> None:

@@ -27,6 +27,15 @@ DROPPABLE_EVENTS = ("preview", "progress", "progress_state", "status")
 
 
 @dataclasses.dataclass(frozen=True)
+class RaySettings:
+    """``serve --ray``: where the workers run (``web/ray_workers.py``)."""
+
+    address: str  # "auto": join the cluster started on this machine (`ray start --head`) or start one; else its address
+    workers: int | None = None  # None: one per GPU of the cluster, or one on the CPU when it has none
+    threads_per_worker: int | None = None  # torch threads of a CPU worker; None: the cluster's CPUs / workers
+
+
+@dataclasses.dataclass(frozen=True)
 class ServerConfig:
     folders: DataFolders
     models_dir: str
@@ -37,6 +46,7 @@ class ServerConfig:
     limits: Limits = DEFAULT_LIMITS  # the pixel budget of image and latent batches (--max-pixels)
     history_max_bytes: int = HISTORY_MAX_BYTES  # the history's size as JSON, besides its count
     queue_file: str | None = None  # the SQLite file that keeps the queue and history across restarts; None: memory
+    ray: RaySettings | None = None  # None: prompts run in this process, Ray is not imported
 
     def shown_paths(self) -> dict[str, str]:
         """Server folders and the names error reports show for them: ``input``, ``models``, ``atelier`` (this

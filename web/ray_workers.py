@@ -1,0 +1,183 @@
+"""Workers on a Ray cluster (``python -m web serve --ray auto|ADDRESS``): one Ray actor per worker, each with its own
+executor, model cache and result cache, streaming a prompt's events back to the server as they happen.
+
+Only ``serve --ray`` imports this module, and Ray with it. Ray is set up as ``environment.md`` §11 asks: usage stats
+off, token authentication on (a random token unless ``RAY_AUTH_TOKEN`` is set; a cluster started elsewhere needs its
+token in that variable), and a cluster this process starts listens on loopback only. Workers read models from and
+write outputs to the paths the server gives them, so a worker on another machine needs the same folders at the same
+paths (a shared file system); on one machine that holds by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import sys
+import tempfile
+import threading
+from typing import Any
+
+from .executor import ExecutionResult, Executor, Listener
+from .folders import DataFolders
+from .limits import Limits, bind_limits
+from .registry import node_classes
+from .server_state import RaySettings
+from .workers import LocalWorker, WorkerLost
+
+logger = logging.getLogger(__name__)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DONE = object()  # the end of a prompt's events
+WORKER_START_TIMEOUT_S = 300  # a worker imports torch and builds its node classes; a busy machine takes a minute
+
+
+def import_ray():
+    """The ``ray`` module, imported with the settings ``environment.md`` §11 asks for, which Ray reads when it is
+    first imported: every import of Ray in Atelier goes through here."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # a cluster this process starts listens on loopback only
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))  # auth on, nothing written to $HOME
+    if "ray" in sys.modules and not getattr(sys.modules["ray"], "_atelier_configured", False):
+        raise RuntimeError("Ray was imported before web.ray_workers.import_ray(): its loopback and usage settings "
+                           "may not hold")
+    import ray
+
+    ray._atelier_configured = True
+    return ray
+
+
+def init_ray(settings: RaySettings):
+    """Connect to (or start) the cluster as ``environment.md`` §11 asks; returns the ``ray`` module."""
+    ray = import_ray()
+    # Workers import Atelier's modules (web, nodes) by name: give them this checkout on their path.
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}}
+    if settings.address != "auto":
+        ray.init(address=settings.address, runtime_env=runtime_env)
+        return ray
+    try:  # the cluster `ray start --head` runs on this machine
+        ray.init(address="auto", runtime_env=runtime_env)
+        logger.info("joined the Ray cluster running on this machine")
+    except ConnectionError:
+        # None: a private one on loopback, in a short temporary folder (Ray puts Unix sockets in it, whose paths
+        # may not exceed 107 bytes).
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
+                 _temp_dir=tempfile.mkdtemp(prefix="ray"))
+        logger.info("started a Ray cluster on this machine, on loopback")
+    return ray
+
+
+class PromptActor:
+    """One worker's process on the cluster: an executor over the registry's node classes, as the server has."""
+
+    def __init__(self, folders: DataFolders, models_dir: str, limits: Limits, torch_threads: int | None):
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.worker = LocalWorker(Executor(bind_limits(node_classes(folders, models_dir), limits)))
+
+    def ready(self) -> str:
+        return f"pid {os.getpid()}"
+
+    def run(self, prompt: dict, prompt_id: str, outputs: list[str], extra_data: dict):
+        """Run the prompt on a thread and yield its events as they happen, ``("event", name, data)``, then
+        ``("result", ExecutionResult)``: a Ray streaming generator, so events reach the server while it runs."""
+        events: queue.Queue = queue.Queue()
+        finished: dict[str, Any] = {}
+
+        def execute() -> None:
+            try:
+                finished["result"] = self.worker.execute(prompt, prompt_id, outputs,
+                                                         lambda event, data: events.put((event, data)), extra_data)
+            except BaseException as error:  # handed to the server, which reports it as the worker's failure
+                finished["error"] = error
+            finally:
+                events.put(_DONE)
+
+        thread = threading.Thread(target=execute, name=f"prompt-{prompt_id}", daemon=True)
+        thread.start()
+        while (event := events.get()) is not _DONE:
+            yield ("event", *event)
+        thread.join()
+        if "error" in finished:
+            raise finished["error"]
+        yield ("result", finished["result"])
+
+    def interrupt(self) -> None:
+        self.worker.interrupt()
+
+    def release(self, unload_models: bool) -> None:
+        self.worker.release(unload_models)
+
+
+class RayWorker:
+    """A :class:`~web.workers.Worker` on a Ray actor. Ray restarts an actor that dies; the prompt it ran fails
+    here with :class:`WorkerLost`, and the queue runs it again."""
+
+    def __init__(self, ray, actor, name: str):
+        self.ray = ray
+        self.actor = actor
+        self.name = name
+
+    def execute(self, prompt: dict, prompt_id: str, outputs: list[str], listener: Listener,
+                extra_data: dict) -> ExecutionResult:
+        result = None
+        try:
+            for reference in self.actor.run.remote(prompt, prompt_id, outputs, extra_data):
+                kind, *payload = self.ray.get(reference)
+                if kind == "event":
+                    listener(*payload)
+                else:
+                    (result,) = payload
+        except self.ray.exceptions.RayActorError as error:
+            raise WorkerLost(f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
+        except self.ray.exceptions.RayTaskError as error:  # the actor's own code raised: hand over the cause
+            raise error.as_instanceof_cause() from error
+        if result is None:
+            raise WorkerLost(f"{self.name} ended the prompt without a result")
+        return result
+
+    def interrupt(self) -> None:
+        self.actor.interrupt.remote()
+
+    def release(self, unload_models: bool) -> None:
+        try:
+            self.ray.get(self.actor.release.remote(unload_models))
+        except self.ray.exceptions.RayActorError as error:  # a dead worker holds nothing
+            logger.warning("worker %s could not release its caches: %s", self.name, error)
+
+
+def start_workers(settings: RaySettings, folders: DataFolders, models_dir: str, limits: Limits) -> list[RayWorker]:
+    """Start the workers on the cluster (``init_ray`` first) and wait until each has built its executor.
+
+    One worker per GPU (``num_gpus=1``) when the cluster has GPUs, else CPU workers (``num_cpus=1`` each, torch
+    threads sharing the CPUs). Raises ``ValueError`` for a worker count the cluster cannot hold.
+    """
+    ray = import_ray()
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    count = settings.workers or max(gpus, 1)
+    if count < 1:
+        raise ValueError(f"--workers must be at least 1; got {count}")
+    if gpus and count > gpus:
+        raise ValueError(f"the cluster has {gpus} GPUs, one per worker; --workers {count} asks for more")
+    if not gpus and count > cpus:
+        raise ValueError(f"the cluster has {cpus} CPUs, at least one per worker; --workers {count} asks for more")
+    threads = settings.threads_per_worker or (None if gpus else max(1, cpus // count))
+    placement = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    # max_concurrency 2: interrupt() and release() reach an actor while run() streams; max_restarts -1: Ray
+    # restarts a worker that dies, and max_task_retries 0 leaves the retry of its prompt to the queue.
+    actor_class = ray.remote(PromptActor).options(max_concurrency=2, max_restarts=-1, max_task_retries=0,
+                                                  **placement)
+    actors = [actor_class.remote(folders, models_dir, limits, threads) for _ in range(count)]
+    try:
+        names = ray.get([actor.ready.remote() for actor in actors], timeout=WORKER_START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(f"the Ray cluster did not start {count} workers within {WORKER_START_TIMEOUT_S} s: "
+                           f"each needs {placement} free ({ray.available_resources()} are)") from None
+    workers = [RayWorker(ray, actor, f"ray-{index} ({name})") for index, (actor, name) in enumerate(zip(actors, names))]
+    logger.info("%d Ray workers ready (%s, %s torch threads each)", count, "one GPU each" if gpus else "CPU",
+                threads or "default")
+    return workers

@@ -39,6 +39,7 @@ def import_ray():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # a cluster this process starts listens on loopback only
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))  # auth on, nothing written to $HOME
+    os.environ["RAY_AUTH_MODE"] = "token"  # a driver joining a cluster sends the token only when told to
     if "ray" in sys.modules and not getattr(sys.modules["ray"], "_atelier_configured", False):
         raise RuntimeError("Ray was imported before web.ray_workers.import_ray(): its loopback and usage settings "
                            "may not hold")

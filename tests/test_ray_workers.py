@@ -14,15 +14,19 @@ import subprocess
 import threading
 import time
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from serving import solid_prompt
 from test_queue_store import RunningServer, slow_prompt
+from web.executor import Executor
 from web.folders import DataFolders
-from web.limits import DEFAULT_LIMITS
+from web.limits import DEFAULT_LIMITS, bind_limits
 from web.prompt_queue import PromptQueue
 from web.ray_workers import import_ray, init_ray, start_workers
+from web.registry import node_classes
 from web.server_state import RaySettings
 
 if importlib.util.find_spec("ray") is None:
@@ -134,6 +138,55 @@ def test_two_ray_workers_run_twenty_prompts_and_every_output_arrives(workers, fo
     assert {event for event, _ in events} >= {"execution_start", "executing", "executed", "status"}
 
 
+def tiled_prompt(seed: int) -> dict:
+    """The embedded model, Tiled Sample at 256² in 128-px tiles overlapping by 32 (nine 16×16 latent tiles, one
+    per UNet call, with and without the prompt: CFG 2), 3 steps, decoded and saved."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "atelier_embedded_sd1.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a red circle on the left"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": ""}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+        "3": {"class_type": "AtelierTiledSample", "inputs": {
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": seed,
+            "steps": 3, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "mode": "mixture", "tile_size": 128, "overlap": 32, "offset_stride": 64, "tile_batch_size": 1}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": f"tiled{seed}"}},
+    }
+
+
+def test_a_tiled_sample_spread_over_two_workers_equals_the_single_process_run(workers, folders):
+    """The worker that runs the prompt hands a run of tile batches to its idle peer every step; the picture is
+    the one this process draws alone, bit for bit (the same float32 model, one torch thread in every process)."""
+    queue = PromptQueue(workers, lambda *_: None)
+    queue.start()
+    try:
+        before = sum(ray.get([worker.actor.tile_statistics.remote() for worker in workers]))
+        item = queue.submit(tiled_prompt(11), ["9"], {}, None)
+        run_all(queue)
+        spread = sum(ray.get([worker.actor.tile_statistics.remote() for worker in workers])) - before
+    finally:
+        queue.stop()
+    entry = queue.history()[item.prompt_id]
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"][-1]
+    (saved,) = entry["outputs"]["9"]["images"]
+    assert spread > 0  # the idle peer took tile batches
+
+    data, models = folders
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = Executor(bind_limits(node_classes(data, models), DEFAULT_LIMITS))
+        checked = alone.validate(tiled_prompt(11))
+        result = alone.execute(checked.prompt, "alone", checked.outputs)
+    finally:
+        torch.set_num_threads(threads)
+    (mine,) = result.outputs["9"]["images"]
+    with Image.open(os.path.join(data.output, saved["filename"])) as spread_image, \
+            Image.open(os.path.join(data.output, mine["filename"])) as alone_image:
+        assert np.array_equal(np.asarray(spread_image), np.asarray(alone_image))
+
+
 def test_killing_a_worker_mid_prompt_loses_no_prompt(workers):
     """ray.kill on the actor running a prompt: Ray restarts the actor, the queue runs the prompt again on the
     other worker, and every prompt ends (none lost, none stuck)."""
@@ -153,5 +206,8 @@ def test_killing_a_worker_mid_prompt_loses_no_prompt(workers):
         queue.stop()
     history = queue.history()
     assert sorted(history) == sorted(item.prompt_id for item in items)
-    assert all(entry["status"]["status_str"] == "success" for entry in history.values())
+    failed = {key: entry["status"]["messages"][-1] for key, entry in history.items()
+              if entry["status"]["status_str"] != "success"}
+    assert failed == {}, [message[1]["exception_message"] for message in failed.values()]
     assert victim.lost_on == [index]
+

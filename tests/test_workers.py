@@ -81,16 +81,34 @@ def test_two_workers_share_the_queue_and_every_prompt_runs_once(tmp_path, events
     assert sorted(finished) == sorted(item.prompt_id for item in items)
 
 
+def taken(queue: PromptQueue, worker: int) -> str | None:
+    """Which pending prompt idle ``worker`` would take now (the queue's rule, without running anything)."""
+    entry = queue._choice_of(worker)
+    return None if entry is None else entry[2].prompt_id
+
+
 def test_an_idle_worker_that_holds_the_prompts_models_takes_it():
-    """The choice itself (the queue's rule, without running anything): worker 1 holds the checkpoint."""
     queue = PromptQueue([LocalWorker(None), LocalWorker(None)], lambda *_: None)
     prompt = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}}}
-    queue.submit(prompt, ["4"], {}, None)
-    assert queue._turn_of(0)  # nobody holds it: the first idle worker
+    item = queue.submit(prompt, ["4"], {}, None)
+    assert taken(queue, 0) == item.prompt_id  # nobody holds it: the first idle worker
     queue._held[1] = model_files(prompt)
-    assert not queue._turn_of(0) and queue._turn_of(1)
+    assert taken(queue, 0) is None and taken(queue, 1) == item.prompt_id
     queue._running[1] = object()  # worker 1 busy: the idle one takes it rather than wait
-    assert queue._turn_of(0)
+    assert taken(queue, 0) == item.prompt_id
+
+
+def test_a_prompt_whose_worker_died_waits_for_another_worker_and_the_idle_one_takes_the_next():
+    queue = PromptQueue([LocalWorker(None), LocalWorker(None)], lambda *_: None)
+    lost = queue.submit(solid_prompt("lost"), ["2"], {}, None)
+    later = queue.submit(solid_prompt("later"), ["2"], {}, None)
+    lost.lost_on.append(0)
+    queue._running[1] = object()  # the worker that did not lose it is busy
+    assert taken(queue, 0) == later.prompt_id
+    del queue._running[1]
+    assert taken(queue, 1) == lost.prompt_id and taken(queue, 0) == later.prompt_id
+    lost.lost_on.append(1)  # lost on every worker: any idle one may try (and the queue stops at two losses)
+    assert taken(queue, 0) == lost.prompt_id
 
 
 def test_a_prompt_whose_worker_dies_runs_again_on_the_other_worker(tmp_path, events):

@@ -280,11 +280,13 @@ class PromptQueue:
         worker = self.workers[index]
         while True:
             with self._lock:
-                while not self._stopping and not self._turn_of(index):
+                while not self._stopping and (entry := self._choice_of(index)) is None:
                     self._lock.wait()
                 if self._stopping:
                     return
-                *_, item = heapq.heappop(self._pending)
+                self._pending.remove(entry)
+                heapq.heapify(self._pending)
+                item = entry[2]
                 item.start_time = now_ms()
                 self._running[index] = item
                 self._stored(item, "running")
@@ -321,19 +323,27 @@ class PromptQueue:
             if idle:
                 self._apply_free()
 
-    def _turn_of(self, index: int) -> bool:
-        """Whether idle worker ``index`` takes the first pending prompt (under the lock): of the idle workers, the
-        one that did not die running it, holds its models, and comes first."""
-        if not self._pending or index in self._running:
-            return False
-        item = self._pending[0][2]
-        wanted = model_files(item.prompt)
+    def _choice_of(self, index: int) -> tuple[float, int, QueueItem] | None:
+        """The pending entry that idle worker ``index`` takes now (under the lock), or None.
 
-        def preference(worker: int) -> tuple[bool, bool, int]:
-            return worker in item.lost_on, not wanted <= self._held[worker], worker
-
-        return min((worker for worker in range(len(self.workers)) if worker not in self._running),
-                   key=preference) == index
+        Prompts go in priority order, each to an idle worker that did not die running it (while any worker did
+        not, the prompt waits for one of those), preferring one that holds its models, then the first.
+        """
+        if index in self._running:
+            return None
+        idle = [worker for worker in range(len(self.workers)) if worker not in self._running]
+        for entry in sorted(self._pending):
+            item = entry[2]
+            untried = [worker for worker in range(len(self.workers)) if worker not in item.lost_on]
+            allowed = [worker for worker in idle if worker in untried] if untried else idle
+            if not allowed:
+                continue
+            wanted = model_files(item.prompt)
+            chosen = min(allowed, key=lambda worker: (not wanted <= self._held[worker], worker))
+            if chosen == index:
+                return entry
+            idle.remove(chosen)  # that worker takes this prompt; look on for one of this worker's
+        return None
 
     def _queued_again(self, index: int, item: QueueItem, lost: WorkerLost) -> bool:
         """After worker ``index`` died running ``item``: queue it again at its place, unless it has used up its

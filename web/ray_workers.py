@@ -17,7 +17,16 @@ import secrets
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any
+
+import torch
+
+from nodes.common.denoiser import Conditioning, DiffusersDenoiser
+from nodes.common.tile_pool import Tile, set_tile_pool
+from nodes.highres.tiling import evaluate_tile_chunk
+from nodes.models.refs import ModelRecipe
 
 from .executor import ExecutionResult, Executor, Listener
 from .folders import DataFolders
@@ -30,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DONE = object()  # the end of a prompt's events
+RESTART_POLL_S = 0.2
 WORKER_START_TIMEOUT_S = 300  # a worker imports torch and builds its node classes; a busy machine takes a minute
 
 
@@ -70,7 +80,8 @@ def init_ray(settings: RaySettings):
 
 
 class PromptActor:
-    """One worker's process on the cluster: an executor over the registry's node classes, as the server has."""
+    """One worker's process on the cluster: an executor over the registry's node classes, as the server has, and
+    a share of its peers' tiles when it runs no prompt of its own."""
 
     def __init__(self, folders: DataFolders, models_dir: str, limits: Limits, torch_threads: int | None):
         import torch
@@ -78,9 +89,31 @@ class PromptActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.worker = LocalWorker(Executor(bind_limits(node_classes(folders, models_dir), limits)))
+        self.running = threading.Event()  # a prompt of its own runs: peers' tiles are refused (see evaluate_tiles)
+        self.peer_chunks = 0  # tile batches evaluated for peers
 
     def ready(self) -> str:
         return f"pid {os.getpid()}"
+
+    def join_pool(self, peers: list, index: int) -> None:
+        """Spread this worker's tiled sampling over ``peers`` (every worker's actor; this one is ``index``)."""
+        set_tile_pool(RayTilePool(peers, index) if len(peers) > 1 else None)
+
+    def evaluate_tiles(self, recipe: ModelRecipe, x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
+                       chunks: list[list[Tile]]) -> list[torch.Tensor] | None:
+        """A peer's tile batches (see :class:`RayTilePool`), or None while a prompt of this worker's own runs:
+        its thread may hold the model's lock, and waiting for it could wait on the peer that waits on us."""
+        if self.running.is_set():
+            return None
+        with recipe.load().in_use() as loaded:
+            denoiser = DiffusersDenoiser(loaded.unet, loaded.schedule)
+            x, t, conditioning = x.to(loaded.device), t.to(loaded.device), conditioning.to(loaded.device)
+            predictions = [evaluate_tile_chunk(denoiser, x, t, conditioning, chunk).cpu() for chunk in chunks]
+        self.peer_chunks += len(chunks)
+        return predictions
+
+    def tile_statistics(self) -> int:
+        return self.peer_chunks
 
     def run(self, prompt: dict, prompt_id: str, outputs: list[str], extra_data: dict):
         """Run the prompt on a thread and yield its events as they happen, ``("event", name, data)``, then
@@ -89,12 +122,14 @@ class PromptActor:
         finished: dict[str, Any] = {}
 
         def execute() -> None:
+            self.running.set()
             try:
                 finished["result"] = self.worker.execute(prompt, prompt_id, outputs,
                                                          lambda event, data: events.put((event, data)), extra_data)
             except BaseException as error:  # handed to the server, which reports it as the worker's failure
                 finished["error"] = error
             finally:
+                self.running.clear()
                 events.put(_DONE)
 
         thread = threading.Thread(target=execute, name=f"prompt-{prompt_id}", daemon=True)
@@ -113,19 +148,62 @@ class PromptActor:
         self.worker.release(unload_models)
 
 
+class RayTilePool:
+    """A :class:`~nodes.common.tile_pool.TilePool` over the workers' actors, inside one worker's process.
+
+    Each call (one sampler step) puts the latent and the conditioning in Ray's object store once, gives each peer
+    an equal run of consecutive tile batches to evaluate with its own copy of the model (``ModelRecipe``), works
+    through its own run meanwhile, and hands the predictions back in batch order, so the blend adds them as one
+    process would. A peer that is busy with a prompt of its own, or dead, returns its run to be evaluated here.
+    """
+
+    def __init__(self, peers: list, index: int):
+        import ray  # inside a Ray worker process: Ray itself imported it, with the cluster's settings
+
+        self.ray = ray
+        self.peers = peers
+        self.index = index
+
+    def predictions(self, model, x, t, conditioning, chunks, local) -> Iterator[torch.Tensor]:
+        runs = [chunks[k * len(chunks) // len(self.peers):(k + 1) * len(chunks) // len(self.peers)]
+                for k in range(len(self.peers))]
+        recipe = model.recipe()
+        x_ref, conditioning_ref = self.ray.put(x.cpu()), self.ray.put(conditioning.to("cpu"))
+        pending = {k: peer.evaluate_tiles.remote(recipe, x_ref, t.cpu(), conditioning_ref, runs[k])
+                   for k, peer in enumerate(self.peers) if k != self.index and runs[k]}
+        for k, run in enumerate(runs):
+            if k not in pending:
+                yield from map(local, run)
+                continue
+            try:
+                predictions = self.ray.get(pending[k])
+            except self.ray.exceptions.RayActorError:
+                predictions = None
+            if predictions is None:
+                yield from map(local, run)
+            else:
+                yield from (prediction.to(x.device) for prediction in predictions)
+
+
 class RayWorker:
     """A :class:`~web.workers.Worker` on a Ray actor. Ray restarts an actor that dies; the prompt it ran fails
     here with :class:`WorkerLost`, and the queue runs it again."""
 
-    def __init__(self, ray, actor, name: str):
+    def __init__(self, ray, actor, name: str, peers: list, index: int):
         self.ray = ray
         self.actor = actor
         self.name = name
+        self.peers, self.index = peers, index  # the tile pool it belongs to (every worker's actor, its place)
+        self.restarted = False
 
     def execute(self, prompt: dict, prompt_id: str, outputs: list[str], listener: Listener,
                 extra_data: dict) -> ExecutionResult:
         result = None
         try:
+            if self.restarted:  # Ray restarts the actor with its constructor's arguments: it left the pool
+                self._wait_until_restarted()
+                self.ray.get(self.actor.join_pool.remote(self.peers, self.index))
+                self.restarted = False
             for reference in self.actor.run.remote(prompt, prompt_id, outputs, extra_data):
                 kind, *payload = self.ray.get(reference)
                 if kind == "event":
@@ -133,12 +211,25 @@ class RayWorker:
                 else:
                     (result,) = payload
         except self.ray.exceptions.RayActorError as error:
+            self.restarted = True
             raise WorkerLost(f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
         except self.ray.exceptions.RayTaskError as error:  # the actor's own code raised: hand over the cause
             raise error.as_instanceof_cause() from error
         if result is None:
             raise WorkerLost(f"{self.name} ended the prompt without a result")
         return result
+
+    def _wait_until_restarted(self) -> None:
+        """Return once the actor answers again: a call to an actor that Ray is restarting fails at once."""
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while True:
+            try:
+                self.ray.get(self.actor.ready.remote())
+                return
+            except self.ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(RESTART_POLL_S)
 
     def interrupt(self) -> None:
         self.actor.interrupt.remote()
@@ -168,9 +259,10 @@ def start_workers(settings: RaySettings, folders: DataFolders, models_dir: str, 
         raise ValueError(f"the cluster has {cpus} CPUs, at least one per worker; --workers {count} asks for more")
     threads = settings.threads_per_worker or (None if gpus else max(1, cpus // count))
     placement = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    # max_concurrency 2: interrupt() and release() reach an actor while run() streams; max_restarts -1: Ray
-    # restarts a worker that dies, and max_task_retries 0 leaves the retry of its prompt to the queue.
-    actor_class = ray.remote(PromptActor).options(max_concurrency=2, max_restarts=-1, max_task_retries=0,
+    # max_concurrency 4: interrupt(), release() and peers' tiles reach an actor while run() streams;
+    # max_restarts -1: Ray restarts a worker that dies, and max_task_retries 0 leaves the retry of its prompt to
+    # the queue.
+    actor_class = ray.remote(PromptActor).options(max_concurrency=4, max_restarts=-1, max_task_retries=0,
                                                   **placement)
     actors = [actor_class.remote(folders, models_dir, limits, threads) for _ in range(count)]
     try:
@@ -178,7 +270,9 @@ def start_workers(settings: RaySettings, folders: DataFolders, models_dir: str, 
     except ray.exceptions.GetTimeoutError:
         raise RuntimeError(f"the Ray cluster did not start {count} workers within {WORKER_START_TIMEOUT_S} s: "
                            f"each needs {placement} free ({ray.available_resources()} are)") from None
-    workers = [RayWorker(ray, actor, f"ray-{index} ({name})") for index, (actor, name) in enumerate(zip(actors, names))]
+    ray.get([actor.join_pool.remote(actors, index) for index, actor in enumerate(actors)])
+    workers = [RayWorker(ray, actor, f"ray-{index} ({name})", actors, index)
+               for index, (actor, name) in enumerate(zip(actors, names))]
     logger.info("%d Ray workers ready (%s, %s torch threads each)", count, "one GPU each" if gpus else "CPU",
                 threads or "default")
     return workers

@@ -14,6 +14,7 @@ re-noising and denoising repair the upscale's softness as they repair the PIL re
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ def plan_stages(family: str, width: int, height: int, schedule: str, steps: int,
 def generate_large(denoiser: Denoiser, codec: LatentCodec, family: str, positive: Conditioning,
                    negative: Conditioning, stages: list[Stage], seed: int, steps: int, cfg: float, sampler: str,
                    scheduler: str, settings: TileSettings, device: torch.device | str = "cpu",
-                   untiled_base: bool = False) -> tuple[torch.Tensor, list[StageReport]]:
+                   untiled_base: bool = False, model: Any = None) -> tuple[torch.Tensor, list[StageReport]]:
     """Sample the latent of the last stage of ``stages``, stage by stage, with tiled diffusion.
 
     With LinFusion mounted, the first (text-to-image) stage runs on the whole latent (``untiled_base``): that is
@@ -89,6 +90,7 @@ def generate_large(denoiser: Denoiser, codec: LatentCodec, family: str, positive
         settings: the tiling of every stage.
         device: where the latents live.
         untiled_base: sample the first stage whole (LinFusion loaded), not tile by tile.
+        model: the ``ModelRef`` behind ``denoiser``, for a tile pool's workers (see :class:`TiledDenoiser`).
     Returns:
         The unscaled latent (1, C, H/f, W/f) on ``device``, and one :class:`StageReport` per stage.
     """
@@ -104,7 +106,7 @@ def generate_large(denoiser: Denoiser, codec: LatentCodec, family: str, positive
                               scheduler, denoise=stage.strength)
             reports.append(StageReport(stage, 1.0))
             continue
-        tiled = TiledDenoiser(denoiser, dataclasses.replace(settings, seed=seed + index))
+        tiled = TiledDenoiser(denoiser, dataclasses.replace(settings, seed=seed + index), model=model)
         latent = generate(tiled, codec, family, positive, negative, latent, seed + index, steps, cfg, sampler,
                           scheduler, denoise=stage.strength)
         reports.append(StageReport(stage, sum(tiled.tiles_per_call) / len(tiled.tiles_per_call)))

@@ -93,6 +93,12 @@ def denoiser_and_codec_with(model: Any, vae: Any, linfusion: LinFusion | None
         yield parts
 
 
+def _spreadable(model: Any, linfusion: LinFusion | None) -> ModelRef | None:
+    """The MODEL that a tile pool's workers can rebuild the denoiser from: Atelier's, without LinFusion mounted
+    (its layers live on this process's UNet only)."""
+    return model if isinstance(model, ModelRef) and linfusion is None else None
+
+
 def _model_device(model: Any) -> torch.device:
     """Where a sampling run keeps its latents: Atelier's model's device, or ComfyUI's MODEL's load device."""
     return model.model.device if isinstance(model, ModelRef) else model.load_device
@@ -190,7 +196,8 @@ class AtelierTiledSample:
             positive, negative = _plain_prompts(positive, negative, loaded.family)
             tiled = TiledDenoiser(DiffusersDenoiser(loaded.unet, loaded.schedule),
                                   _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed,
-                                                 codec.downscale))
+                                                 codec.downscale),
+                                  model=_spreadable(model, linfusion))
             latent = generate(tiled, codec, loaded.family, positive, negative,
                               latent_image["samples"].to(loaded.device), seed, steps, cfg, sampler_name, scheduler,
                               denoise)
@@ -302,7 +309,7 @@ class AtelierTiled16KGenerator:
             settings = _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed, codec.downscale)
             latent, reports = generate_large(denoiser, codec, family, positive, negative, stages, seed, steps, cfg,
                                              sampler_name, scheduler, settings, _model_device(model),
-                                             untiled_base=linfusion is not None)
+                                             untiled_base=linfusion is not None, model=_spreadable(model, linfusion))
         vae_tile = vae_tile_size // codec.downscale
         summary = "\n".join(report.line() for report in reports)
         if isinstance(codec, ComfyCodec):

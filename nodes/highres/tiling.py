@@ -27,19 +27,19 @@ base grid a quarter of the time; here the offsets run a seeded shuffled cycle th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from ..common.denoiser import Conditioning, Denoiser
 from ..common.progress import check_interrupt
+from ..common.tile_pool import Tile, tile_pool
 from ..common.tiles import tile_starts
 
 MODES = ("mixture", "multidiffusion", "shifted")
 # Source: Mixture of Diffusers, gaussian_weights in the official mixdiff code: var = 0.01 (relative to T²).
 GAUSSIAN_VARIANCE = 0.01
-
-Tile = tuple[int, int, int, int]  # (top, left, height, width) in latent pixels
 
 
 def shifted_starts(size: int, tile: int, offset: int) -> list[int]:
@@ -231,6 +231,31 @@ class TilePlanner:
         return self._plans[key]
 
 
+def tile_chunks(tiles: list[Tile], tile_batch_size: int) -> list[list[Tile]]:
+    """The tiles in batches of ``tile_batch_size``, in order: each batch is one denoiser call."""
+    return [tiles[first:first + tile_batch_size] for first in range(0, len(tiles), tile_batch_size)]
+
+
+def crop_tiles(x: torch.Tensor, chunk: list[Tile]) -> torch.Tensor:
+    """The chunk's tiles of ``x`` (B, C, H, W) stacked tile-major on the batch axis: (len(chunk)·B, C, h, w)."""
+    return torch.cat([x[..., top:top + h, left:left + w] for top, left, h, w in chunk])
+
+
+def blend_predictions(x: torch.Tensor, tiles: list[Tile], weights: list[torch.Tensor], tile_batch_size: int,
+                      predictions: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Blend the predictions of ``tile_chunks(tiles, tile_batch_size)``, one per chunk in order, as
+    :func:`blend_tiles` does: the sum is taken in tile order, whoever computed each chunk."""
+    batch = x.shape[0]
+    out = torch.zeros_like(x)
+    for first, prediction in zip(range(0, len(tiles), tile_batch_size), predictions):
+        chunk = tiles[first:first + tile_batch_size]
+        for (top, left, h, w), weight, part in zip(chunk, weights[first:first + tile_batch_size],
+                                                   prediction.split(batch)):
+            out[..., top:top + h, left:left + w] += part * weight.to(part.device, part.dtype)
+        check_interrupt()
+    return out
+
+
 def blend_tiles(x: torch.Tensor, tiles: list[Tile], weights: list[torch.Tensor], tile_batch_size: int,
                 evaluate: Callable[[torch.Tensor, list[Tile]], torch.Tensor]) -> torch.Tensor:
     """Evaluate ``x`` tile by tile, ``tile_batch_size`` tiles per call, and blend the predictions.
@@ -245,17 +270,15 @@ def blend_tiles(x: torch.Tensor, tiles: list[Tile], weights: list[torch.Tensor],
         (B, C, H, W) the blended prediction, in ``x``'s dtype. With one tile covering ``x`` its weight is exactly 1,
         so the result is ``evaluate``'s on ``x`` itself, bit for bit.
     """
-    batch = x.shape[0]
-    out = torch.zeros_like(x)
-    for first in range(0, len(tiles), tile_batch_size):
-        chunk = tiles[first:first + tile_batch_size]
-        crops = torch.cat([x[..., top:top + h, left:left + w] for top, left, h, w in chunk])
-        prediction = evaluate(crops, chunk)
-        for (top, left, h, w), weight, part in zip(chunk, weights[first:first + tile_batch_size],
-                                                   prediction.split(batch)):
-            out[..., top:top + h, left:left + w] += part * weight.to(part.device, part.dtype)
-        check_interrupt()
-    return out
+    predictions = (evaluate(crop_tiles(x, chunk), chunk) for chunk in tile_chunks(tiles, tile_batch_size))
+    return blend_predictions(x, tiles, weights, tile_batch_size, predictions)
+
+
+def evaluate_tile_chunk(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
+                        chunk: list[Tile]) -> torch.Tensor:
+    """One denoiser call on the chunk's tiles of ``x``, with ``t`` and ``conditioning`` (of ``x``'s batch)
+    repeated per tile: what a :class:`TiledDenoiser` evaluates, here or in a worker of the tile pool."""
+    return denoiser(crop_tiles(x, chunk), t.repeat(len(chunk)), Conditioning.cat([conditioning] * len(chunk)))
 
 
 class TiledDenoiser:
@@ -280,10 +303,14 @@ class TiledDenoiser:
         (True, [6])
     """
 
-    def __init__(self, denoiser: Denoiser, settings: TileSettings):
+    def __init__(self, denoiser: Denoiser, settings: TileSettings, model: Any = None):
+        """``model``: the ``ModelRef`` that ``denoiser`` is the plain diffusers denoiser of, when it is: where this
+        process has a tile pool (``nodes/common/tile_pool.py``), its peers rebuild the denoiser from it and take
+        a share of the tiles. None (LinFusion mounted, ComfyUI's MODEL, a test's denoiser) keeps every tile here."""
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
         self.settings = settings
+        self.model = model
         self.plan = TilePlanner(settings)
         self.tiles_per_call: list[int] = []
 
@@ -291,11 +318,16 @@ class TiledDenoiser:
         tiles, weights = self.plan(x_t.shape[-2], x_t.shape[-1], len(self.tiles_per_call))
         self.tiles_per_call.append(len(tiles))
         conditioning = conditioning.repeat_to(x_t.shape[0])
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        chunks = tile_chunks(tiles, self.settings.tile_batch_size)
 
-        def evaluate(crops: torch.Tensor, chunk: list[Tile]) -> torch.Tensor:
-            return self.denoiser(crops, t.repeat(len(chunk)), Conditioning.cat([conditioning] * len(chunk)))
+        def local(chunk: list[Tile]) -> torch.Tensor:
+            return evaluate_tile_chunk(self.denoiser, x_t, t, conditioning, chunk)
 
-        return blend_tiles(x_t, tiles, weights, self.settings.tile_batch_size, evaluate)
+        pool = tile_pool()
+        predictions = (map(local, chunks) if pool is None or self.model is None or len(chunks) < 2
+                       else pool.predictions(self.model, x_t, t, conditioning, chunks, local))
+        return blend_predictions(x_t, tiles, weights, self.settings.tile_batch_size, predictions)
 
 
 def tile_calls_per_step(height: int, width: int, settings: TileSettings, steps: int) -> float:

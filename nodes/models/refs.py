@@ -14,7 +14,9 @@ import os
 from collections.abc import Iterator
 from typing import ClassVar
 
-from .loading import LoadedModel, comfy_folder_paths
+import torch
+
+from .loading import LoadedModel, comfy_folder_paths, load_model
 from .lora import LoraSpec, set_loras
 
 
@@ -35,12 +37,32 @@ class ModelRef:
         """This model with one more LoRA (the shared model is not touched until a node uses the ref)."""
         return dataclasses.replace(self, loras=(*self.loras, lora))
 
+    def recipe(self) -> ModelRecipe:
+        """How another process loads the same model with the same LoRAs (see :class:`ModelRecipe`)."""
+        return ModelRecipe(self.model.source, self.model.schedule.prediction_type, str(self.model.dtype), self.loras)
+
     @contextlib.contextmanager
     def in_use(self) -> Iterator[LoadedModel]:
         """Holds the model's lock with this ref's LoRAs active: another thread cannot switch them mid-call."""
         with self.model.lock:
             set_loras(self.model, self.loras)
             yield self.model
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecipe:
+    """A :class:`ModelRef` as another process rebuilds it: the file (at the same path there), what the UNet
+    predicts and its dtype, and the LoRAs; small and picklable, where the model itself is neither."""
+
+    source: str
+    prediction_type: str
+    dtype: str  # "torch.float32", as str(torch.dtype) writes it
+    loras: tuple[LoraSpec, ...] = ()
+
+    def load(self) -> ModelRef:
+        """The model from this process's cache (:func:`~nodes.models.loader.load_model`), loaded on first use."""
+        dtype = getattr(torch, self.dtype.removeprefix("torch."))
+        return ModelRef(load_model(self.source, prediction_type=self.prediction_type, dtype=dtype), self.loras)
 
 
 def models_subfolder(models_dir: str | None, name: str, purpose: str | None = None) -> str | None:

@@ -2,8 +2,8 @@
 that stopped without warning runs what that one had pending or running, once, and keeps its history.
 
 The unit tests run the real :class:`PromptQueue` and executor on a real SQLite file; "a server killed" is a queue
-whose worker never ran, or that stops writing mid-prompt, whose file a second queue then opens. The last test kills a real server with
-SIGKILL during the 10th of 30 prompts and starts it again.
+whose worker never ran, or that stops writing mid-prompt, whose file a second queue then opens. The last test
+kills a real server with SIGKILL during the 10th of 30 prompts and starts it again.
 """
 
 from __future__ import annotations

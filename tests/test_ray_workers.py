@@ -8,6 +8,7 @@ middle of a prompt.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 import subprocess
@@ -140,7 +141,8 @@ def test_two_ray_workers_run_twenty_prompts_and_every_output_arrives(workers, fo
 
 def tiled_prompt(seed: int) -> dict:
     """The embedded model, Tiled Sample at 256² in 128-px tiles overlapping by 32 (nine 16×16 latent tiles, one
-    per UNet call, with and without the prompt: CFG 2), 3 steps, decoded and saved."""
+    per UNet call, with and without the prompt: CFG 2), 3 steps, then VAE Decode (Tiled) in 128-px tiles (three
+    rows of three), saved."""
     return {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "atelier_embedded_sd1.safetensors"}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a red circle on the left"}},
@@ -150,27 +152,33 @@ def tiled_prompt(seed: int) -> dict:
             "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": seed,
             "steps": 3, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
             "mode": "mixture", "tile_size": 128, "overlap": 32, "offset_stride": 64, "tile_batch_size": 1}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "8": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["4", 2], "tile_size": 128,
+                                                         "overlap": 32, "temporal_size": 64, "temporal_overlap": 8}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": f"tiled{seed}"}},
     }
 
 
 def test_a_tiled_sample_spread_over_two_workers_equals_the_single_process_run(workers, folders):
-    """The worker that runs the prompt hands a run of tile batches to its idle peer every step; the picture is
-    the one this process draws alone, bit for bit (the same float32 model, one torch thread in every process)."""
+    """The worker that runs the prompt hands a run of tile batches to its idle peer every step, and part of each
+    row of the tiled decode; the picture is the one this process draws alone, bit for bit (the same float32 model,
+    one torch thread in every process)."""
     queue = PromptQueue(workers, lambda *_: None)
     queue.start()
     try:
-        before = sum(ray.get([worker.actor.tile_statistics.remote() for worker in workers]))
+        def done_for_peers() -> collections.Counter:
+            return sum((collections.Counter(counts) for counts in
+                        ray.get([worker.actor.tile_statistics.remote() for worker in workers])), collections.Counter())
+
+        before = done_for_peers()
         item = queue.submit(tiled_prompt(11), ["9"], {}, None)
         run_all(queue)
-        spread = sum(ray.get([worker.actor.tile_statistics.remote() for worker in workers])) - before
+        spread = done_for_peers() - before
     finally:
         queue.stop()
     entry = queue.history()[item.prompt_id]
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"][-1]
     (saved,) = entry["outputs"]["9"]["images"]
-    assert spread > 0  # the idle peer took tile batches
+    assert spread["tile_batches"] > 0 and spread["decode_windows"] > 0, spread  # the idle peer took its share
 
     data, models = folders
     threads = torch.get_num_threads()

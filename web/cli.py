@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "workflows run headlessly.")
     commands = parser.add_subparsers(dest="command", required=True)
     folders = argparse.ArgumentParser(add_help=False)  # what both commands take
-    folders.add_argument("--data-dir", default="data", help="folder holding input/, output/, temp/, user/ and the server's "
-                         "queue and history (queue.sqlite3)")
+    folders.add_argument("--data-dir", default="data",
+                         help="folder holding input/, output/, temp/, user/ and the server's queue and history "
+                              "(queue.sqlite3)")
     folders.add_argument("--models-dir", default="models", help="folder laid out like ComfyUI's models/")
     folders.add_argument("--verbose", action="store_true", help="log engine and server details")
     folders.add_argument(MAX_PIXELS_OPTION, type=int, default=DEFAULT_MAX_PIXELS, metavar="N",

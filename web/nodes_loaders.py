@@ -48,7 +48,8 @@ class CheckpointLoaderSimple(ModelsFolder):
     def load_checkpoint(self, ckpt_name: str) -> tuple[ModelRef, Clip, DiffusersCodec]:
         loaded = load_checkpoint(ckpt_name, self.models_dir)
         ref = ModelRef(loaded)
-        return ref, Clip(ref, embedding_dirs=_embedding_dirs(self.models_dir)), DiffusersCodec(loaded.vae)
+        return (ref, Clip(ref, embedding_dirs=_embedding_dirs(self.models_dir)),
+                DiffusersCodec(loaded.vae, recipe=ref.recipe()))
 
 
 class VAELoader(ModelsFolder):

@@ -18,13 +18,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from nodes.common.denoiser import Conditioning, DiffusersDenoiser
+from nodes.common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
 from nodes.common.tile_pool import Tile, set_tile_pool
+from nodes.common.tiled_vae import decode_windows
+from nodes.common.tiles import Window
 from nodes.highres.tiling import evaluate_tile_chunk
 from nodes.models.refs import ModelRecipe
 
@@ -90,7 +92,7 @@ class PromptActor:
             torch.set_num_threads(torch_threads)
         self.worker = LocalWorker(Executor(bind_limits(node_classes(folders, models_dir), limits)))
         self.running = threading.Event()  # a prompt of its own runs: peers' tiles are refused (see evaluate_tiles)
-        self.peer_chunks = 0  # tile batches evaluated for peers
+        self.done_for_peers = {"tile_batches": 0, "decode_windows": 0}
 
     def ready(self) -> str:
         return f"pid {os.getpid()}"
@@ -109,11 +111,26 @@ class PromptActor:
             denoiser = DiffusersDenoiser(loaded.unet, loaded.schedule)
             x, t, conditioning = x.to(loaded.device), t.to(loaded.device), conditioning.to(loaded.device)
             predictions = [evaluate_tile_chunk(denoiser, x, t, conditioning, chunk).cpu() for chunk in chunks]
-        self.peer_chunks += len(chunks)
+        self.done_for_peers["tile_batches"] += len(chunks)
         return predictions
 
-    def tile_statistics(self) -> int:
-        return self.peer_chunks
+    def decode_windows(self, recipe: ModelRecipe, statistics: list, dtype: torch.dtype | None,
+                       latent: torch.Tensor, windows: list[Window]) -> list[torch.Tensor] | None:
+        """A peer's windows of a tiled VAE decode (see :class:`RayTilePool`); None while a prompt of this
+        worker's own runs, as for :meth:`evaluate_tiles`."""
+        if self.running.is_set():
+            return None
+        # The model's lock: the statistics hooks sit on the shared decoder for the call, so two peers' rows (or a
+        # prompt starting here meanwhile) must not decode through it at once.
+        with recipe.load().in_use() as loaded:
+            results = decode_windows(DiffusersCodec(loaded.vae), statistics, dtype, latent.to(loaded.device),
+                                     windows)
+        self.done_for_peers["decode_windows"] += len(windows)
+        return results
+
+    def tile_statistics(self) -> dict[str, int]:
+        """What this worker has computed for its peers so far."""
+        return dict(self.done_for_peers)
 
     def run(self, prompt: dict, prompt_id: str, outputs: list[str], extra_data: dict):
         """Run the prompt on a thread and yield its events as they happen, ``("event", name, data)``, then
@@ -155,6 +172,8 @@ class RayTilePool:
     an equal run of consecutive tile batches to evaluate with its own copy of the model (``ModelRecipe``), works
     through its own run meanwhile, and hands the predictions back in batch order, so the blend adds them as one
     process would. A peer that is busy with a prompt of its own, or dead, returns its run to be evaluated here.
+    A tiled VAE decode goes the same way, row by row, with the latent put once and the whole latent's GroupNorm
+    statistics sent along.
     """
 
     def __init__(self, peers: list, index: int):
@@ -163,26 +182,41 @@ class RayTilePool:
         self.ray = ray
         self.peers = peers
         self.index = index
+        self._latent: tuple[torch.Tensor, Any] | None = None  # the latent being decoded, and its object ref
 
     def predictions(self, model, x, t, conditioning, chunks, local) -> Iterator[torch.Tensor]:
-        runs = [chunks[k * len(chunks) // len(self.peers):(k + 1) * len(chunks) // len(self.peers)]
-                for k in range(len(self.peers))]
-        recipe = model.recipe()
         x_ref, conditioning_ref = self.ray.put(x.cpu()), self.ray.put(conditioning.to("cpu"))
-        pending = {k: peer.evaluate_tiles.remote(recipe, x_ref, t.cpu(), conditioning_ref, runs[k])
-                   for k, peer in enumerate(self.peers) if k != self.index and runs[k]}
+        recipe, t = model.recipe(), t.cpu()
+        results = self._spread(chunks, local, lambda peer, run: peer.evaluate_tiles.remote(
+            recipe, x_ref, t, conditioning_ref, run))
+        return (result.to(x.device) for result in results)
+
+    def decoded_windows(self, vae, statistics, dtype, latent, windows, local) -> Iterator[torch.Tensor]:
+        if self._latent is None or self._latent[0] is not latent:  # one put per decode, not per tile row
+            self._latent = (latent, self.ray.put(latent.cpu()))
+        latent_ref, statistics_ref = self._latent[1], self.ray.put(statistics)
+        return self._spread(windows, local, lambda peer, run: peer.decode_windows.remote(
+            vae, statistics_ref, dtype, latent_ref, run))
+
+    def _spread(self, items: list, local: Callable, call: Callable) -> Iterator[torch.Tensor]:
+        """``local(item)`` for every item, in order, some computed by peers: each peer gets an equal run of
+        consecutive items through ``call(peer, run)``, and this process computes its own run meanwhile. A busy or
+        dead peer's run is computed here afterwards."""
+        runs = [items[k * len(items) // len(self.peers):(k + 1) * len(items) // len(self.peers)]
+                for k in range(len(self.peers))]
+        pending = {k: call(peer, runs[k]) for k, peer in enumerate(self.peers) if k != self.index and runs[k]}
+        own = [local(item) for item in runs[self.index]]
         for k, run in enumerate(runs):
-            if k not in pending:
-                yield from map(local, run)
+            if k == self.index:
+                yield from own
                 continue
-            try:
-                predictions = self.ray.get(pending[k])
-            except self.ray.exceptions.RayActorError:
-                predictions = None
-            if predictions is None:
-                yield from map(local, run)
-            else:
-                yield from (prediction.to(x.device) for prediction in predictions)
+            results = None
+            if k in pending:
+                try:
+                    results = self.ray.get(pending[k])
+                except self.ray.exceptions.RayActorError:
+                    pass
+            yield from map(local, run) if results is None else results
 
 
 class RayWorker:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -223,8 +223,11 @@ class DiffusersDenoiser:
 class DiffusersCodec:
     """:class:`LatentCodec` over a diffusers ``AutoencoderKL``; encoding takes the posterior's mean."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, recipe: Any = None):
+        """``recipe``: how a tile pool's worker rebuilds this VAE, a ``ModelRecipe`` of the checkpoint it came
+        with (see ``nodes/common/tile_pool.py``); None for a VAE that only this process has."""
         self.vae = vae
+        self.recipe = recipe
         self.latent_channels = vae.config.latent_channels
         self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = vae.config.scaling_factor

@@ -2,8 +2,8 @@
 
 The standalone app's Ray workers (``web/ray_workers.py``) each set a pool of their peers here, so the tiled sampler
 and the 16K generator that run in one worker hand batches of tiles to the others every step, and blend the
-predictions in tile order, exactly as they would alone. Elsewhere (the plain standalone app, ComfyUI) there is no
-pool and every tile runs where the node runs.
+predictions in tile order, exactly as they would alone; the tiled VAE decode hands over part of each tile row.
+Elsewhere (the plain standalone app, ComfyUI) there is no pool and every tile runs where the node runs.
 """
 
 from __future__ import annotations
@@ -30,6 +30,15 @@ class TilePool(Protocol):
             conditioning: of batch B.
             chunks: tile batches, each evaluated as one call.
         """
+        ...
+
+
+    def decoded_windows(self, vae: Any, statistics: list[tuple[torch.Tensor, torch.Tensor]],
+                        dtype: torch.dtype | None, latent: torch.Tensor, windows: list[tuple],
+                        local: Callable[[tuple], torch.Tensor]) -> Iterator[torch.Tensor]:
+        """One tile row of a tiled VAE decode (``nodes/common/tiled_vae.py``), in window order: some windows
+        decoded by peers that rebuild the VAE from ``vae`` (a ``ModelRecipe``) and normalise with the whole
+        latent's GroupNorm ``statistics``, the rest by ``local(window)``."""
         ...
 
 

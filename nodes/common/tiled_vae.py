@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .denoiser import DiffusersCodec
-from .tiles import tiled_apply
+from .tile_pool import tile_pool
+from .tiles import Window, tiled_apply, window_result
 
 DECODER_MARGIN = 11  # latent pixels; the Tiled VAE extension's decoder padding
 ENCODER_MARGIN = 32  # image pixels; its encoder padding (a multiple of the VAE's factor 8)
@@ -61,6 +62,55 @@ def decode_dtype(precision: str, codec: DiffusersCodec) -> torch.dtype | None:
     return None
 
 
+def group_norm_statistics(module: torch.nn.Module,
+                          measure: Callable[[], object]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-sample, per-group (mean, variance) that each GroupNorm of ``module`` saw while ``measure()`` ran it
+    once, in module order (on the module's device)."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    statistics: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(norm: torch.nn.GroupNorm, args: tuple) -> None:
+        grouped = args[0].float().reshape(args[0].shape[0], norm.num_groups, -1)
+        variance, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
+        statistics[norm] = (mean[..., None], variance[..., None])
+
+    hooks = [norm.register_forward_pre_hook(record) for norm in norms]
+    try:
+        measure()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [statistics[norm] for norm in norms]
+
+
+@contextlib.contextmanager
+def normalised_with(module: torch.nn.Module, statistics: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Inside the block, the GroupNorms of ``module`` normalise with ``statistics`` (of
+    :func:`group_norm_statistics`, measured here or by another process on the same network), whatever their
+    input."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    if len(norms) != len(statistics):
+        raise ValueError(f"statistics for {len(statistics)} GroupNorms; the module has {len(norms)}")
+    by_norm = dict(zip(norms, statistics))
+
+    def normalise(norm: torch.nn.GroupNorm, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        mean, variance = (value.to(x.device) for value in by_norm[norm])
+        grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
+        y = ((grouped - mean) * torch.rsqrt(variance + norm.eps)).reshape(x.shape)
+        if norm.affine:
+            broadcast = (1, -1) + (1,) * (x.ndim - 2)
+            y = y * norm.weight.float().reshape(broadcast) + norm.bias.float().reshape(broadcast)
+        return y.to(output.dtype)
+
+    hooks = [norm.register_forward_hook(normalise) for norm in norms]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @contextlib.contextmanager
 def shared_group_norm_statistics(module: torch.nn.Module, measure: Callable[[], object]) -> Iterator[None]:
     """Inside the block, every GroupNorm of ``module`` normalises with the statistics it saw while ``measure()``
@@ -77,36 +127,8 @@ def shared_group_norm_statistics(module: torch.nn.Module, measure: Callable[[], 
         >>> torch.allclose(torch.cat([left, right], -1), norm(whole), atol=1e-5)
         True
     """
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
-    statistics: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def record(norm: torch.nn.GroupNorm, args: tuple) -> None:
-        grouped = args[0].float().reshape(args[0].shape[0], norm.num_groups, -1)
-        variance, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
-        statistics[norm] = (mean[..., None], variance[..., None])
-
-    def normalise(norm: torch.nn.GroupNorm, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        mean, variance = statistics[norm]
-        grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
-        y = ((grouped - mean) * torch.rsqrt(variance + norm.eps)).reshape(x.shape)
-        if norm.affine:
-            broadcast = (1, -1) + (1,) * (x.ndim - 2)
-            y = y * norm.weight.float().reshape(broadcast) + norm.bias.float().reshape(broadcast)
-        return y.to(output.dtype)
-
-    hooks = [norm.register_forward_pre_hook(record) for norm in norms]
-    try:
-        measure()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    hooks = [norm.register_forward_hook(normalise) for norm in norms]
-    try:
+    with normalised_with(module, group_norm_statistics(module, measure)):
         yield
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def _statistics_input(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -120,17 +142,21 @@ def _statistics_input(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _tiled_with_shared_statistics(function: Callable[[torch.Tensor], torch.Tensor], network: torch.nn.Module,
                                   x: torch.Tensor, tile: int, overlap: int, scale: Fraction, margin: int,
-                                  statistics_size: int, out: torch.Tensor | None) -> torch.Tensor:
+                                  statistics_size: int, out: torch.Tensor | None,
+                                  spread: Callable[[list], Callable] | None = None) -> torch.Tensor:
     """``function`` (which runs ``network``) over tiles of ``x``, every tile normalised with the statistics of
-    the whole ``x`` (or of its copy downsampled to ``statistics_size``), written to ``out`` if given."""
+    the whole ``x`` (or of its copy downsampled to ``statistics_size``), written to ``out`` if given.
+    ``spread(statistics)``, where given, returns the ``row_results`` that hands the tiles to a tile pool."""
     if max(x.shape[-2:]) <= tile:
         whole = function(x).cpu()  # one tile covers it: the whole-image pass itself
         if out is None:
             return whole
         out.copy_(whole)
         return out
-    with shared_group_norm_statistics(network, lambda: function(_statistics_input(x, statistics_size))):
-        return tiled_apply(function, x, tile, overlap, scale, margin, out)
+    statistics = group_norm_statistics(network, lambda: function(_statistics_input(x, statistics_size)))
+    with normalised_with(network, statistics):
+        return tiled_apply(function, x, tile, overlap, scale, margin, out,
+                           row_results=None if spread is None else spread(statistics))
 
 
 def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap: int,
@@ -157,9 +183,26 @@ def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap
         torch.Size([1, 3, 24, 40])
     """
     statistics_size = statistics_size or max(STATISTICS_SIDE_PX // codec.downscale, tile + 2 * margin)
+    pool = tile_pool()
+    spread = None
+    if pool is not None and codec.recipe is not None:
+        def spread(statistics: list) -> Callable[[list[Window]], Iterator[torch.Tensor]]:
+            return lambda windows: pool.decoded_windows(
+                codec.recipe, [(mean.cpu(), variance.cpu()) for mean, variance in statistics], dtype, latent,
+                windows, lambda window: window_result(codec.decode, latent, window))
+
     with torch.autocast(codec.vae.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         return _tiled_with_shared_statistics(codec.decode, codec.vae.decoder, latent, tile, overlap,
-                                             Fraction(codec.downscale), margin, statistics_size, out)
+                                             Fraction(codec.downscale), margin, statistics_size, out, spread)
+
+
+def decode_windows(codec: DiffusersCodec, statistics: list[tuple[torch.Tensor, torch.Tensor]],
+                   dtype: torch.dtype | None, latent: torch.Tensor, windows: list[Window]) -> list[torch.Tensor]:
+    """Decode some windows of a tiled decode (:func:`tiled_decode`) with the whole latent's GroupNorm
+    ``statistics``, as a tile pool's worker does for the worker that runs the decode."""
+    with torch.autocast(codec.vae.device.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
+            normalised_with(codec.vae.decoder, statistics):
+        return [window_result(codec.decode, latent, window) for window in windows]
 
 
 def tiled_encode(codec: DiffusersCodec, image: torch.Tensor, tile: int, overlap: int,

@@ -7,7 +7,7 @@ cross-faded with linear ramps so no seam shows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from fractions import Fraction
 
 import torch
@@ -63,8 +63,22 @@ def _ramp(length: int, start: int, starts: list[int], tile: int, scale: Fraction
     return weights
 
 
+# A tile's input box and where its output lies in the function's result: (top, bottom, left, right) of the input,
+# then (y, x, height, width) of the crop kept from the output.
+Window = tuple[int, int, int, int, int, int, int, int]
+
+
+def window_result(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: Window) -> torch.Tensor:
+    """``function`` on the window's box of ``x`` (its tile and margin), cropped back to the tile, on the CPU in
+    the function's dtype."""
+    top, bottom, left, right, crop_y, crop_x, height, width = window
+    padded = function(x[..., top:bottom, left:right])
+    return padded[..., crop_y:crop_y + height, crop_x:crop_x + width].to("cpu")
+
+
 def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-                scale: Fraction, margin: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+                scale: Fraction, margin: int = 0, out: torch.Tensor | None = None,
+                row_results: Callable[[list[Window]], Iterable[torch.Tensor]] | None = None) -> torch.Tensor:
     """``function`` applied to overlapping tiles of ``x`` and cross-faded into one result, streamed row by row.
 
     Each tile is widened by ``margin`` input pixels of real context on every side (less at the image's edges)
@@ -87,6 +101,8 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         out: where to write the result, shape (B, C', H·scale, W·scale), on the CPU; it may be a view of another
             layout (``image.permute(0, 3, 1, 2)`` of a (B, H, W, C) buffer writes that buffer). None: a new tensor
             in ``function``'s dtype.
+        row_results: each tile row's :func:`window_result` for its windows, in order; by default computed here,
+            one at a time (a tile pool computes them on several workers instead).
     Returns:
         ``out`` (or the new tensor), on the CPU: an accelerator holds one tile at a time.
     Raises:
@@ -113,16 +129,22 @@ def tiled_apply(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     columns = tile_starts(width, tile_w, min(overlap, tile_w - align), align)
     out_h, out_w = int(height * scale), int(width * scale)
     band_top, band, total, preview = 0, None, None, None  # the float32 rows not yet written, from band_top down
+    if row_results is None:
+        def row_results(windows: list[Window]) -> Iterable[torch.Tensor]:
+            return (window_result(function, x, window) for window in windows)
+
     for row_index, top in enumerate(rows):
         y = int(top * scale)
-        for column_index, left in enumerate(columns):
+        windows = []
+        for left in columns:
             context_top, context_left = max(top - margin, 0), max(left - margin, 0)
-            padded = function(x[..., context_top:top + tile_h + margin, context_left:left + tile_w + margin])
             crop_y, crop_x = int((top - context_top) * scale), int((left - context_left) * scale)
-            result = padded[..., crop_y:crop_y + int(tile_h * scale), crop_x:crop_x + int(tile_w * scale)]
-            result = result.to("cpu", torch.float32)
+            windows.append((context_top, top + tile_h + margin, context_left, left + tile_w + margin,
+                            crop_y, crop_x, int(tile_h * scale), int(tile_w * scale)))
+        for column_index, (left, result) in enumerate(zip(columns, row_results(windows))):
             if out is None:
-                out = torch.empty(*result.shape[:2], out_h, out_w, dtype=padded.dtype)
+                out = torch.empty(*result.shape[:2], out_h, out_w, dtype=result.dtype)
+            result = result.float()
             if band is None:
                 if tuple(out.shape) != (*result.shape[:2], out_h, out_w):
                     raise ValueError(f"out must have shape {(*result.shape[:2], out_h, out_w)}; got "

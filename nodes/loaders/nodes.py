@@ -51,7 +51,7 @@ class AtelierEmbeddedCheckpointLoader(ModelsFolder):
         ref = ModelRef(load_model(EMBEDDED_CHECKPOINT))
         # CheckpointLoaderSimple's embeddings folder: models_dir/embeddings when the app bound a models folder.
         embedding_dirs = () if self.models_dir is None else (os.path.join(self.models_dir, EMBEDDINGS_FOLDER),)
-        return ref, Clip(ref, embedding_dirs=embedding_dirs), DiffusersCodec(ref.model.vae)
+        return ref, Clip(ref, embedding_dirs=embedding_dirs), DiffusersCodec(ref.model.vae, recipe=ref.recipe())
 
 
 NODE_CLASS_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": AtelierEmbeddedCheckpointLoader}

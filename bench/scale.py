@@ -9,7 +9,7 @@ timing. On a machine with GPUs the workers take one GPU each instead, and the sa
 
 Then one tiled generation (Tiled Sample, Mixture of Diffusers in 512-px tiles overlapping by 128, 4 euler steps,
 CFG 5, decoded with the tiled VAE decode and saved) of 2048² (1024² with ``--quick``) on 1 and on 2 workers: the
-worker that runs it hands half of each step's tile batches to the idle one. Its VAE decode runs on one worker.
+worker that runs it hands half of each step's tile batches, and half of each row of the decode, to the idle one.
 
 Ends with ``BENCH scale prompts=… s_1w=… s_2w=… speedup_2w=… tiled_px=… tiled_s_1w=… tiled_s_2w=…
 tiled_speedup_2w=… device=…`` (issue 22 asks for speedup_2w ≥ 1.6 on the 2-core CPU).

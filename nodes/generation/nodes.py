@@ -16,17 +16,14 @@ objects of the host that runs them: inside ComfyUI, a ``comfy.samplers.KSAMPLER`
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from ..common.checks import range_errors
 from ..common.comfy_host import comfy_model_family, comfy_noise_schedule, inside_comfyui
-from ..common.denoiser import Denoiser, DiffusersCodec, DiffusersDenoiser, LatentSpace, NoiseSchedule
+from ..common.denoiser import NoiseSchedule
 from ..common.limits import MAX_CFG, MAX_SEED, MAX_STEPS
 from ..models.clip import Clip
-from ..models.comfy_adapters import ComfyDenoiser, ComfyLatentSpace, comfy_prompt_conditioning
+from ..models.comfy_adapters import comfy_prompt_conditioning, denoiser_and_latent_space, model_device, model_family
 from ..models.refs import ModelRef
 from ..models.text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt
 from ..sampling.generate import generate
@@ -124,31 +121,16 @@ class AtelierSampler:
         if "noise_mask" in latent_image:
             raise ValueError("AtelierSampler does not support a LATENT noise_mask (inpainting) yet; remove the "
                              "mask or use a latent without one")
-        with _denoiser_and_latent_space(model) as (denoiser, latent_space, family, device):
+        family = model_family(model)
+        with denoiser_and_latent_space(model) as (denoiser, latent_space):
             positive, negative = (to_conditioning(c, family, name) for c, name in
                                   ((positive, "positive"), (negative, "negative")))
             latent = generate(denoiser, latent_space, family, positive, negative,
-                              latent_image["samples"].to(device), seed, steps, cfg, sampler_name, scheduler, denoise,
-                              momentum or None, initial_noise=latent_image.get(INITIAL_NOISE_KEY))
+                              latent_image["samples"].to(model_device(model)), seed, steps, cfg, sampler_name,
+                              scheduler, denoise, momentum or None, initial_noise=latent_image.get(INITIAL_NOISE_KEY))
         # The output is no longer at its starting noise: a later pass (hires fix) draws its own.
         kept = {key: value for key, value in latent_image.items() if key != INITIAL_NOISE_KEY}
         return ({**kept, "samples": latent.cpu()},)
-
-
-@contextlib.contextmanager
-def _denoiser_and_latent_space(model) -> Iterator[tuple[Denoiser, LatentSpace, str, torch.device]]:
-    """The MODEL socket's denoiser, latent space, family and the device to sample on: Atelier's ModelRef, held for
-    the block; or ComfyUI's ModelPatcher, whose memory ComfyUI manages, sampled on its load device as ComfyUI's
-    KSampler does."""
-    if isinstance(model, ModelRef):
-        with model.in_use() as loaded:
-            yield (DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae), loaded.family,
-                   loaded.device)
-        return
-    if not inside_comfyui():
-        raise TypeError(f"model must be a MODEL (Atelier's ModelRef, or ComfyUI's ModelPatcher inside ComfyUI); "
-                        f"got {type(model).__name__}")
-    yield ComfyDenoiser(model), ComfyLatentSpace.of(model), comfy_model_family(model), model.load_device
 
 
 class AtelierMomentumSampler:

@@ -24,7 +24,7 @@ from ..common.images import to_channels_first
 from ..common.paths import confine
 from ..common.tiled_vae import DECODE_PRECISIONS, decode_dtype, tiled_decode
 from ..common.limits import MAX_CFG, MAX_RESOLUTION, MAX_SEED, MAX_STEPS
-from ..models.comfy_adapters import ComfyCodec, denoiser_and_codec, model_family
+from ..models.comfy_adapters import ComfyCodec, denoiser_and_codec, model_device, model_family
 from ..models.loading import LoadedModel, check_safetensors, files_under
 from ..models.refs import ModelRef, ModelsFolder
 from ..sampling.generate import generate
@@ -97,11 +97,6 @@ def _spreadable(model: Any, linfusion: LinFusion | None) -> ModelRef | None:
     """The MODEL that a tile pool's workers can rebuild the denoiser from: Atelier's, without LinFusion mounted
     (its layers live on this process's UNet only)."""
     return model if isinstance(model, ModelRef) and linfusion is None else None
-
-
-def _model_device(model: Any) -> torch.device:
-    """Where a sampling run keeps its latents: Atelier's model's device, or ComfyUI's MODEL's load device."""
-    return model.model.device if isinstance(model, ModelRef) else model.load_device
 
 
 def _plain_prompts(positive: list, negative: list, family: str) -> tuple[Conditioning, Conditioning]:
@@ -308,7 +303,7 @@ class AtelierTiled16KGenerator:
             check_sampler_settings(sampler_name, scheduler, steps, family=family)
             settings = _tile_settings(mode, tile_size, overlap, offset_stride, tile_batch_size, seed, codec.downscale)
             latent, reports = generate_large(denoiser, codec, family, positive, negative, stages, seed, steps, cfg,
-                                             sampler_name, scheduler, settings, _model_device(model),
+                                             sampler_name, scheduler, settings, model_device(model),
                                              untiled_base=linfusion is not None, model=_spreadable(model, linfusion))
         vae_tile = vae_tile_size // codec.downscale
         summary = "\n".join(report.line() for report in reports)

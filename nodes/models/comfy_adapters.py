@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..common.comfy_host import comfy_model_family, comfy_module, comfy_noise_schedule
-from ..common.denoiser import Conditioning, Denoiser, DiffusersCodec, DiffusersDenoiser, LatentCodec
+from ..common.denoiser import (Conditioning, Denoiser, DiffusersCodec, DiffusersDenoiser, LatentCodec,
+                               LatentSpace)
 from .clip import CHUNK_TOKENS, Clip
 from .refs import ModelRef
 from .text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt, join_segments, split_sentences
@@ -175,6 +176,32 @@ def denoiser_and_codec(model: Any, vae: Any) -> Iterator[tuple[Denoiser, LatentC
                         f"{type(vae).__name__}")
 
 
+@contextlib.contextmanager
+def denoiser_and_latent_space(model: Any) -> Iterator[tuple[Denoiser, LatentSpace]]:
+    """The :class:`Denoiser` and :class:`LatentSpace` of what arrived on a MODEL socket, for a sampler that needs
+    no VAE: Atelier's :class:`ModelRef` holds the model's lock with the ref's LoRAs for the ``with`` block (its
+    own VAE's codec gives the latent space); ComfyUI's ``ModelPatcher`` gives :class:`ComfyDenoiser` and
+    :class:`ComfyLatentSpace`.
+
+    Raises:
+        TypeError: neither.
+        ValueError: ComfyUI's model is of a family the adapter does not serve (see :class:`ComfyDenoiser`).
+    """
+    if isinstance(model, ModelRef):
+        with model.in_use() as loaded:
+            yield DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae)
+    elif _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):
+        yield ComfyDenoiser(model), ComfyLatentSpace.of(model)
+    else:
+        raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a sampling run on what arrived on a MODEL socket keeps its latents: Atelier's model's device, or
+    ComfyUI's MODEL's load device (where ComfyUI's KSampler samples)."""
+    return model.model.device if isinstance(model, ModelRef) else model.load_device
+
+
 def model_family(model: Any) -> str:
     """Atelier's family name (``"sd1"``, ``"sd2"``, ``"sdxl"``, ...) of what arrived on a MODEL socket: Atelier's
     :class:`ModelRef` knows its own; ComfyUI's ``ModelPatcher`` is read by :func:`comfy_model_family`.
@@ -228,25 +255,29 @@ def comfy_prompt_conditioning(clip: Any, text: str, encoding: str = "auto",
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}; got {encoding!r}")
 
-    def tokenize(prompt: str) -> dict[str, list]:
-        return clip.tokenize(prompt, return_word_ids=True)  # {tokenizer name: chunks of (token, weight, word id)}
-
-    def word_tokens(chunks: list) -> int:  # ComfyUI gives start, end and padding tokens the word id 0
-        return sum(1 for chunk in chunks for _, _, word in chunk if word > 0)
-
-    tokens = tokenize(text)
-    if encoding == "auto" and max(word_tokens(chunks) for chunks in tokens.values()) + 2 <= CHUNK_TOKENS:
+    tokens = _word_tokens(clip, text)
+    if encoding == "auto" and max(_word_count(chunks) for chunks in tokens.values()) + 2 <= CHUNK_TOKENS:
         states, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
         return [[states, {"pooled_output": pooled}]]
     kept, pooled = [], None
     for segment in split_sentences(text):
-        first_chunk = {name: chunks[:1] for name, chunks in tokenize(segment).items()}
-        length = 1 + max(word_tokens(chunks) for chunks in first_chunk.values())
+        first_chunk = {name: chunks[:1] for name, chunks in _word_tokens(clip, segment).items()}
+        length = 1 + max(_word_count(chunks) for chunks in first_chunk.values())
         states, segment_pooled = clip.encode_from_tokens(first_chunk, return_pooled=True)
         kept.append(states[0, :length])
         pooled = segment_pooled if pooled is None else pooled
-    empty_states, _ = clip.encode_from_tokens(tokenize(""), return_pooled=True)
+    empty_states, _ = clip.encode_from_tokens(_word_tokens(clip, ""), return_pooled=True)
     return [[join_segments(kept, empty_states[0], max_tokens), {"pooled_output": pooled}]]
+
+
+def _word_tokens(clip: Any, prompt: str) -> dict[str, list]:
+    """ComfyUI's tokens of ``prompt``: {tokenizer name: chunks of (token, weight, word id)}."""
+    return clip.tokenize(prompt, return_word_ids=True)
+
+
+def _word_count(chunks: list) -> int:
+    """The prompt's own tokens in ComfyUI's chunks: ComfyUI gives start, end and padding tokens the word id 0."""
+    return sum(1 for chunk in chunks for _, _, word in chunk if word > 0)
 
 
 def _check_comfy_clip(clip: Any) -> None:
@@ -287,10 +318,10 @@ def comfy_token_lengths(clip: Any, prompts: Sequence[str]) -> torch.Tensor:
     _check_comfy_clip(clip)
 
     def length(prompt: str) -> int:
-        tokens = clip.tokenize(prompt, return_word_ids=True)  # {tokenizer name: chunks of (token, weight, word id)}
+        tokens = _word_tokens(clip, prompt)
         if len(tokens) != 1:
             raise ValueError(f"prompt lengths are counted for a CLIP with one tokenizer (SD1, SD2); got {list(tokens)}")
         (chunks,) = tokens.values()
-        return sum(1 for chunk in chunks for _, _, word in chunk if word > 0) + 2  # and the start and end tokens
+        return _word_count(chunks) + 2  # and the start and end tokens
 
     return torch.tensor([float(length(prompt)) for prompt in prompts], dtype=torch.float64)

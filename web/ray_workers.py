@@ -73,8 +73,8 @@ def init_ray(settings: RaySettings):
         ray.init(address="auto", runtime_env=runtime_env)
         logger.info("joined the Ray cluster running on this machine")
     except ConnectionError:
-        # None: a private one on loopback, in a short temporary folder (Ray puts Unix sockets in it, whose paths
-        # may not exceed 107 bytes).
+        # No cluster here: start a private one on loopback, in a short temporary folder (Ray puts Unix sockets in
+        # it, whose paths may not exceed 107 bytes).
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
                  _temp_dir=tempfile.mkdtemp(prefix="ray"))
         logger.info("started a Ray cluster on this machine, on loopback")
@@ -182,7 +182,7 @@ class RayTilePool:
         self.ray = ray
         self.peers = peers
         self.index = index
-        self._latent: tuple[torch.Tensor, Any] | None = None  # the latent being decoded, and its object ref
+        self._decode: tuple | None = None  # the latent and statistics being decoded, and their object refs
 
     def predictions(self, model, x, t, conditioning, chunks, local) -> Iterator[torch.Tensor]:
         x_ref, conditioning_ref = self.ray.put(x.cpu()), self.ray.put(conditioning.to("cpu"))
@@ -192,9 +192,10 @@ class RayTilePool:
         return (result.to(x.device) for result in results)
 
     def decoded_windows(self, vae, statistics, dtype, latent, windows, local) -> Iterator[torch.Tensor]:
-        if self._latent is None or self._latent[0] is not latent:  # one put per decode, not per tile row
-            self._latent = (latent, self.ray.put(latent.cpu()))
-        latent_ref, statistics_ref = self._latent[1], self.ray.put(statistics)
+        # The same latent and statistics come for every tile row of a decode: put them once per decode.
+        if self._decode is None or self._decode[0] is not latent or self._decode[1] is not statistics:
+            self._decode = (latent, statistics, self.ray.put(latent.cpu()), self.ray.put(statistics))
+        *_, latent_ref, statistics_ref = self._decode
         return self._spread(windows, local, lambda peer, run: peer.decode_windows.remote(
             vae, statistics_ref, dtype, latent_ref, run))
 

@@ -187,9 +187,9 @@ def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap
     spread = None
     if pool is not None and codec.recipe is not None:
         def spread(statistics: list) -> Callable[[list[Window]], Iterator[torch.Tensor]]:
-            return lambda windows: pool.decoded_windows(
-                codec.recipe, [(mean.cpu(), variance.cpu()) for mean, variance in statistics], dtype, latent,
-                windows, lambda window: window_result(codec.decode, latent, window))
+            shipped = [(mean.cpu(), variance.cpu()) for mean, variance in statistics]  # once per decode
+            return lambda windows: pool.decoded_windows(codec.recipe, shipped, dtype, latent, windows,
+                                                        lambda window: window_result(codec.decode, latent, window))
 
     with torch.autocast(codec.vae.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         return _tiled_with_shared_statistics(codec.decode, codec.vae.decoder, latent, tile, overlap,

@@ -25,7 +25,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from serving import tiled_prompt, wait_until_idle  # noqa: E402
 
 from web.cli import load_workflow  # noqa: E402
 from web.folders import DataFolders  # noqa: E402
@@ -36,6 +38,7 @@ from web.registry import node_classes  # noqa: E402
 from web.server_state import RaySettings  # noqa: E402
 
 WORKFLOW = os.path.join(ROOT, "workflows", "text_to_image.json")
+RUN_TIMEOUT_S = 3600  # one batch; the 2048² tiled generation takes minutes on one CPU thread
 
 
 def prompts(folders: DataFolders, models_dir: str, count: int, first_seed: int) -> list[tuple[dict, list[str]]]:
@@ -55,8 +58,7 @@ def run(queue: PromptQueue, batch: list[tuple[dict, list[str]]]) -> float:
     """Seconds from queuing ``batch`` to the end of its last prompt; every prompt must succeed."""
     started = time.perf_counter()
     items = [queue.submit(prompt, outputs, {}, None) for prompt, outputs in batch]
-    while queue.remaining():
-        time.sleep(0.01)
+    wait_until_idle(queue, timeout=RUN_TIMEOUT_S)
     elapsed = time.perf_counter() - started
     history = queue.history()
     failed = [item.prompt_id for item in items if history[item.prompt_id]["status"]["status_str"] != "success"]
@@ -65,21 +67,9 @@ def run(queue: PromptQueue, batch: list[tuple[dict, list[str]]]) -> float:
     return elapsed
 
 
-def tiled_prompt(size: int, seed: int) -> tuple[dict, list[str]]:
+def tiled_generation(size: int, seed: int) -> tuple[dict, list[str]]:
     """One tiled generation of ``size``² on the embedded model (see the module docstring)."""
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "atelier_embedded_sd1.safetensors"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a red circle on the left"}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": ""}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "3": {"class_type": "AtelierTiledSample", "inputs": {
-            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": seed,
-            "steps": 4, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-            "mode": "mixture", "tile_size": 512, "overlap": 128, "offset_stride": 256, "tile_batch_size": 1}},
-        "8": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["4", 2], "tile_size": 512,
-                                                         "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "scale_tiled"}},
-    }, ["9"]
+    return tiled_prompt(size, seed, steps=4, cfg=5.0, tile=512, decode_overlap=64, prefix="scale_tiled"), ["9"]
 
 
 def measure(workers: int, folders: DataFolders, models_dir: str, count: int, seed: int,
@@ -93,8 +83,8 @@ def measure(workers: int, folders: DataFolders, models_dir: str, count: int, see
     try:
         run(queue, prompts(folders, models_dir, workers, seed - 1000))  # each worker loads the model once
         many = run(queue, prompts(folders, models_dir, count, seed))
-        run(queue, [tiled_prompt(256, seed)])  # the peers load the model for their tiles
-        return many, run(queue, [tiled_prompt(tiled_size, seed + 1)])
+        run(queue, [tiled_generation(256, seed)])  # the peers load the model for their tiles
+        return many, run(queue, [tiled_generation(tiled_size, seed + 1)])
     finally:
         queue.stop()
         for worker in pool:

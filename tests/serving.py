@@ -96,3 +96,46 @@ async def queue(client, prompt, client_id=None, **extra):
     response = await client.post("/api/prompt", json={"prompt": prompt, "client_id": client_id, **extra})
     assert response.status == 200, await response.text()
     return (await response.json())["prompt_id"]
+
+
+class EventLog:
+    """A prompt queue's ``send`` that records every ``(event, data)`` it is given, from any thread."""
+
+    def __init__(self):
+        self.received: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, data: dict, client_id: str | None) -> None:
+        with self._lock:
+            self.received.append((event, data))
+
+
+def wait_until_idle(queue, timeout: float) -> None:
+    """Return once nothing is pending or running in the prompt ``queue``; fail, saying what is left, after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while queue.remaining():
+        assert time.monotonic() < deadline, f"the queue did not finish: {queue.snapshot()}"
+        time.sleep(0.01)
+
+
+def tiled_prompt(size: int, seed: int, steps: int, cfg: float, tile: int, decode_overlap: int,
+                 prefix: str) -> dict:
+    """The embedded model, Tiled Sample (Mixture of Diffusers, euler) of ``size``² in ``tile``-px tiles
+    overlapping by a quarter tile, one tile per UNet call, then VAE Decode (Tiled) in ``tile``-px tiles overlapping
+    by ``decode_overlap`` px; saved (output node "9")."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "atelier_embedded_sd1.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a red circle on the left"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": ""}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "3": {"class_type": "AtelierTiledSample", "inputs": {
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": seed,
+            "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "mode": "mixture", "tile_size": tile, "overlap": tile // 4, "offset_stride": tile // 2,
+            "tile_batch_size": 1}},
+        "8": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["4", 2], "tile_size": tile,
+                                                         "overlap": decode_overlap, "temporal_size": 64,
+                                                         "temporal_overlap": 8}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
+    }

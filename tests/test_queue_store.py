@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from comfyui_host import free_port
-from serving import solid_prompt
+from serving import solid_prompt, wait_until_idle
 from web.executor import Executor
 from web.folders import DataFolders
 from web.prompt_queue import PromptQueue
@@ -66,11 +66,10 @@ def make_queue(tmp_path, store: QueueStore, **options) -> PromptQueue:
 def finish(queue: PromptQueue, timeout: float = 30) -> None:
     """Run the queue's worker until nothing is pending or running, then stop it."""
     queue.start()
-    deadline = time.monotonic() + timeout
-    while queue.remaining() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    queue.stop()
-    assert queue.remaining() == 0
+    try:
+        wait_until_idle(queue, timeout)
+    finally:
+        queue.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,6 @@ import collections
 import importlib.util
 import os
 import subprocess
-import threading
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serving import solid_prompt
+from serving import EventLog, solid_prompt, tiled_prompt, wait_until_idle
 from test_queue_store import RunningServer, slow_prompt
 from web.executor import Executor
 from web.folders import DataFolders
@@ -59,11 +58,8 @@ def workers(cluster, folders):
     return start_workers(cluster, data, models, DEFAULT_LIMITS)
 
 
-def run_all(queue: PromptQueue, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while queue.remaining():
-        assert time.monotonic() < deadline, f"the queue is stuck: {queue.snapshot()}"
-        time.sleep(0.05)
+def run_all(queue: PromptQueue) -> None:
+    wait_until_idle(queue, timeout=300)
 
 
 def test_the_server_runs_prompts_on_ray_workers(tmp_path):
@@ -114,13 +110,8 @@ def test_every_ray_socket_listens_on_loopback(workers):
 
 
 def test_two_ray_workers_run_twenty_prompts_and_every_output_arrives(workers, folders):
-    events, lock = [], threading.Lock()
-
-    def send(event, data, client):
-        with lock:
-            events.append((event, data))
-
-    queue = PromptQueue(workers, send)
+    events = EventLog()
+    queue = PromptQueue(workers, events)
     queue.start()
     try:
         items = [queue.submit(solid_prompt(f"ray{i:02d}", width=256, color=i), ["2"], {}, None) for i in range(20)]
@@ -129,33 +120,20 @@ def test_two_ray_workers_run_twenty_prompts_and_every_output_arrives(workers, fo
         queue.stop()
     history = queue.history()
     assert all(history[item.prompt_id]["status"]["status_str"] == "success" for item in items)
-    executed = [data["prompt_id"] for event, data in events if event == "executed"]
+    executed = [data["prompt_id"] for event, data in events.received if event == "executed"]
     assert sorted(executed) == sorted(item.prompt_id for item in items)  # streamed from the workers as they ran
     output = folders[0].output
     for index, item in enumerate(items):
         (saved,) = history[item.prompt_id]["outputs"]["2"]["images"]
         with Image.open(os.path.join(output, saved["filename"])) as image:
             assert image.getpixel((0, 0)) == (0, 0, index)
-    assert {event for event, _ in events} >= {"execution_start", "executing", "executed", "status"}
+    assert {event for event, _ in events.received} >= {"execution_start", "executing", "executed", "status"}
 
 
-def tiled_prompt(seed: int) -> dict:
-    """The embedded model, Tiled Sample at 256² in 128-px tiles overlapping by 32 (nine 16×16 latent tiles, one
-    per UNet call, with and without the prompt: CFG 2), 3 steps, then VAE Decode (Tiled) in 128-px tiles (three
-    rows of three), saved."""
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "atelier_embedded_sd1.safetensors"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a red circle on the left"}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": ""}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
-        "3": {"class_type": "AtelierTiledSample", "inputs": {
-            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": seed,
-            "steps": 3, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-            "mode": "mixture", "tile_size": 128, "overlap": 32, "offset_stride": 64, "tile_batch_size": 1}},
-        "8": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["4", 2], "tile_size": 128,
-                                                         "overlap": 32, "temporal_size": 64, "temporal_overlap": 8}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": f"tiled{seed}"}},
-    }
+def spread_prompt(seed: int) -> dict:
+    """Tiled Sample at 256² in 128-px tiles overlapping by 32 (nine 16×16 latent tiles, one per UNet call, with and
+    without the prompt: CFG 2), 3 steps, then VAE Decode (Tiled) in 128-px tiles (three rows of three)."""
+    return tiled_prompt(256, seed, steps=3, cfg=2.0, tile=128, decode_overlap=32, prefix=f"tiled{seed}")
 
 
 def test_a_tiled_sample_spread_over_two_workers_equals_the_single_process_run(workers, folders):
@@ -170,7 +148,7 @@ def test_a_tiled_sample_spread_over_two_workers_equals_the_single_process_run(wo
                         ray.get([worker.actor.tile_statistics.remote() for worker in workers])), collections.Counter())
 
         before = done_for_peers()
-        item = queue.submit(tiled_prompt(11), ["9"], {}, None)
+        item = queue.submit(spread_prompt(11), ["9"], {}, None)
         run_all(queue)
         spread = done_for_peers() - before
     finally:
@@ -185,7 +163,7 @@ def test_a_tiled_sample_spread_over_two_workers_equals_the_single_process_run(wo
     torch.set_num_threads(1)
     try:
         alone = Executor(bind_limits(node_classes(data, models), DEFAULT_LIMITS))
-        checked = alone.validate(tiled_prompt(11))
+        checked = alone.validate(spread_prompt(11))
         result = alone.execute(checked.prompt, "alone", checked.outputs)
     finally:
         torch.set_num_threads(threads)

@@ -5,12 +5,9 @@ runs the same queue on Ray actors."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
-from serving import solid_prompt
+from serving import EventLog, solid_prompt, wait_until_idle
 from web.executor import Executor
 from web.folders import DataFolders
 from web.prompt_queue import PromptQueue
@@ -26,10 +23,8 @@ class Recording(LocalWorker):
         self.name = name
         self.ran: list[str] = []
         self.deaths = 0
-        self.busy = threading.Event()
 
     def execute(self, prompt, prompt_id, outputs, listener, extra_data):
-        self.busy.set()
         if self.deaths:
             self.deaths -= 1
             raise WorkerLost(f"{self.name} was killed")
@@ -43,24 +38,13 @@ def workers(tmp_path, count: int) -> list[Recording]:
             for index in range(count)]
 
 
-def run_all(queue: PromptQueue, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while queue.remaining():
-        assert time.monotonic() < deadline, "the queue did not finish"
-        time.sleep(0.01)
+def run_all(queue: PromptQueue) -> None:
+    wait_until_idle(queue, timeout=60)
 
 
 @pytest.fixture
-def events():
-    received = []
-    lock = threading.Lock()
-
-    def send(event, data, client):
-        with lock:
-            received.append((event, data))
-
-    send.received = received
-    return send
+def events() -> EventLog:
+    return EventLog()
 
 
 def test_two_workers_share_the_queue_and_every_prompt_runs_once(tmp_path, events):

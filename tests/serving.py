@@ -31,8 +31,10 @@ class Steps:
 
     def run(self, steps, pause_ms):
         for step in range(1, steps + 1):
-            Steps.started.set()
             progress(step, steps, Image.new("RGB", (600, 300), (step % 255, 80, 160)))
+            # Set after the first progress frame went out: an interrupt that a test sends on seeing ``started``
+            # then lands after it, and not between this line and the frame (progress() checks for it first).
+            Steps.started.set()
             time.sleep(pause_ms / 1000)
         return {"ui": {"text": [f"{steps} steps"]}}
 

@@ -32,7 +32,6 @@ class TilePool(Protocol):
         """
         ...
 
-
     def decoded_windows(self, vae: Any, statistics: list[tuple[torch.Tensor, torch.Tensor]],
                         dtype: torch.dtype | None, latent: torch.Tensor, windows: list[tuple],
                         local: Callable[[tuple], torch.Tensor]) -> Iterator[torch.Tensor]:

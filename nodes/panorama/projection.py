@@ -33,7 +33,8 @@ MERGE_SIGMA = 0.1
 # bicubic reads two pixels either side of a sample; bilinear one
 _PAD = 2
 # ERP pixels per row segment that the merge tables rule out for a plane as a whole before testing single pixels
-_SEGMENT = 32
+_SEGMENT_BITS = 5
+_SEGMENT = 1 << _SEGMENT_BITS
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,6 @@ class _MergeTables:
     index: torch.Tensor
     grid: torch.Tensor
     weight: torch.Tensor
-    count: torch.Tensor
 
 
 def _erp_directions(height: int) -> torch.Tensor:
@@ -262,9 +262,8 @@ def _merge_tables(layout: PlaneLayout, height: int, device: torch.device, dtype:
     bound = sum(row.numel() for row, _ in candidates) * _SEGMENT
     index = torch.empty(bound, dtype=torch.int64)
     grid = torch.empty(bound, 2, dtype=dtype)
-    weight = torch.empty(bound, dtype=torch.float64)
-    total = torch.zeros(height * width, dtype=torch.float64)
-    offsets = torch.arange(_SEGMENT)
+    weight = torch.empty(bound, dtype=dtype)
+    total = torch.zeros(height * width, dtype=dtype)
     filled = 0
     for plane, (rotation, (row, segment)) in enumerate(zip(rotations, candidates)):
         # each candidate pixel's direction (cos lat·sin lon, sin lat, cos lat·cos lon) along the plane's axes
@@ -272,27 +271,29 @@ def _merge_tables(layout: PlaneLayout, height: int, device: torch.device, dtype:
         east, north, forward = (torch.addcmul(axis[1] * row_sin, row_cos, (axis[0] * sin_lon + axis[2] * cos_lon)
                                               .view(segments, _SEGMENT).index_select(0, segment))
                                 for axis in rotation.unbind(1))
-        x, y = east / forward, north / forward  # plane coordinates, ±half at the plane's edges
-        inside = torch.maximum(x.abs(), y.abs()).le_(half).logical_and_(forward > 0).view(-1)
+        inverse = forward.reciprocal_()
+        x, y = east.mul_(inverse), north.mul_(inverse)  # plane coordinates, ±half at the plane's edges
+        inside = torch.maximum(x.abs(), y.abs()).le_(half).logical_and_(inverse > 0).view(-1)
         flat = inside.nonzero().squeeze(1)
         hits = slice(filled, filled + flat.numel())
         filled = hits.stop
-        pixel = (row * width + segment * _SEGMENT)[:, None] + offsets
-        torch.index_select(pixel.view(-1), 0, flat, out=index[hits])
-        x, y = x.view(-1).index_select(0, flat), y.view(-1).index_select(0, flat)
+        # candidate c's pixel k is flat index c·_SEGMENT + k (a power of two: shift and mask)
+        start = row * width + segment * _SEGMENT
+        torch.add(start.index_select(0, flat >> _SEGMENT_BITS), flat & (_SEGMENT - 1), out=index[hits])
+        # the inside test needed float64; the tables are kept in ``dtype``
+        x, y = x.view(-1).index_select(0, flat).to(dtype), y.view(-1).index_select(0, flat).to(dtype)
         # plane pixel (x/half + 1)/2·S - ½ in a plane with a _PAD border, planes one above the other in the atlas,
         # in grid_sample's [-1, 1] (align_corners=False): the border and the half pixel cancel out
         torch.mul(x, size / (half * padded), out=grid[hits, 0])
-        torch.add(torch.tensor((2 * plane + 1) / layout.count - 1, dtype=torch.float64), y,
+        torch.add(torch.tensor((2 * plane + 1) / layout.count - 1, dtype=dtype), y,
                   alpha=-size / (half * padded * layout.count), out=grid[hits, 1])
         # the Gaussian window exp(-r²/(2σ²S²)) at plane pixel distance r = S/(2·half)·|(x, y)| from the centre
         window = torch.addcmul(x * x, y, y, out=weight[hits]).mul_(-1 / (8 * (MERGE_SIGMA * half) ** 2)).exp_()
         total.index_add_(0, index[hits], window)
-    index, grid, weight = index[:filled], grid[:filled], weight[:filled]
-    count = torch.bincount(index, minlength=height * width).to(torch.int32)
-    weight = torch.div(weight, total.index_select(0, index), out=torch.empty(filled, dtype=dtype))
-    return _MergeTables(index.to(device), grid.reshape(1, 1, -1, 2).to(device), weight.to(device),
-                        count.reshape(height, width))
+    index, grid = index[:filled], grid[:filled]
+    # one reciprocal per ERP pixel, gathered: a division per pair costs 3× as much
+    weight = weight[:filled].mul_(total.reciprocal_().index_select(0, index))
+    return _MergeTables(index.to(device), grid.reshape(1, 1, -1, 2).to(device), weight.to(device))
 
 
 def planes_to_erp(planes: torch.Tensor, layout: PlaneLayout, height: int, mode: str = "bilinear") -> torch.Tensor:
@@ -340,7 +341,8 @@ def coverage(layout: PlaneLayout, height: int) -> dict[str, float]:
         >>> report["covered"], report["max_planes"]
         (1.0, 4.0)
     """
-    count = _merge_tables(layout, height, torch.device("cpu"), torch.float32).count
+    index = _merge_tables(layout, height, torch.device("cpu"), torch.float32).index.cpu()
+    count = torch.bincount(index, minlength=2 * height * height).reshape(height, 2 * height)
     lat = math.pi / 2 - (torch.arange(height, dtype=torch.float64) + 0.5) / height * math.pi
     area = lat.cos()[:, None].expand_as(count)
     covered = count > 0

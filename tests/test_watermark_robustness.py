@@ -1,20 +1,23 @@
 """The post-hoc watermark under what people do to pictures (issue 27): small rotations, with and without a crop of
-the black corners, measured by the template; and the false-positive rate on unmarked images at a stated rate."""
+the black corners, measured by the template; crops from anywhere, found by the sync; blur and WebP; and the
+false-positive rate on unmarked images at a stated rate."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from skimage import data
 
 from nodes.watermark.detect import detect_posthoc_payload
 from nodes.watermark.nodes import DEFAULT_FPR
 from nodes.watermark.payload import encode_text
-from nodes.watermark.posthoc import MAX_READINGS, _luma, _template, detect_posthoc, embed_posthoc, estimate_geometry
+from nodes.watermark.posthoc import (MAX_READINGS, PERIOD, TILE, _layout, _luma, _template, detect_posthoc, embed_posthoc,
+                                     estimate_geometry, sync_offset)
 
 SIDE = 512
 
@@ -92,3 +95,60 @@ def test_detector_tries_at_most_max_readings_which_bounds_its_false_positives():
     tried = []
     detect_posthoc(marked, 64, "k", accept=lambda bits: tried.append(bits) is not None)
     assert len(tried) == MAX_READINGS
+
+
+def to_8bit(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((image[0].permute(1, 2, 0) * 255).round().byte().numpy())
+
+
+def from_8bit(picture: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(picture.convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def crop(image: torch.Tensor, fraction: float, top: float, left: float, resize_back: bool) -> torch.Tensor:
+    """Keep ``fraction`` of each side, its corner at (top, left) of the free margin (0..1); bilinear back to the
+    full side or kept at its size."""
+    kept = round(SIDE * fraction)
+    y0, x0 = round((SIDE - kept) * top), round((SIDE - kept) * left)
+    picture = to_8bit(image).crop((x0, y0, x0 + kept, y0 + kept))
+    return from_8bit(picture.resize((SIDE, SIDE), Image.Resampling.BILINEAR) if resize_back else picture)
+
+
+def test_every_tile_carries_every_bit_equally():
+    # A crop keeps whole tiles and parts of others: each tile must hold every bit's share of the slots.
+    owner, chips = _layout(64, "k")
+    assert owner.shape == (TILE * TILE, 10)
+    assert torch.equal(torch.bincount(owner.flatten(), minlength=64), torch.full((64,), 10))
+    assert set(chips.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_sync_finds_where_a_crop_was_taken():
+    marked = embed_posthoc(natural("coffee"), encode_text("sync", 4, 4), "k")
+    for top, left in ((0, 0), (37, 50), (101, 3)):
+        luma = _luma(marked[0, :, top: top + 400, left: left + 400]) * 255
+        found = sync_offset(luma, torch.ones_like(luma), "k")
+        for measured, true in zip(found, (top, left)):  # modulo the period, to half a pixel
+            assert abs((measured - true + PERIOD / 2) % PERIOD - PERIOD / 2) < 0.5, (found, top, left)
+    unmarked = _luma(natural("coffee")[0]) * 255
+    assert sync_offset(unmarked, torch.ones_like(unmarked), "k") is None
+
+
+@pytest.mark.parametrize(("name", "fraction", "top", "left", "resize_back"), [
+    ("coffee", 0.8, 0.0, 1.0, False), ("astronaut", 0.85, 1.0, 0.3, True),
+    ("immunohistochemistry", 0.9, 0.7, 0.0, False), ("rocket", 0.8, 0.2, 0.9, True)])
+def test_posthoc_text_survives_off_centre_crops_issue_27(name, fraction, top, left, resize_back):
+    marked = embed_posthoc(natural(name), encode_text("crop", 4, 4), "k")
+    found = detect_posthoc_payload(crop(marked, fraction, top, left, resize_back), "k", None, 1e-3)[0]
+    assert found.payload == "crop" and found.detected, found
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea"])
+def test_posthoc_text_survives_blur_and_webp_issue_27(name):
+    marked = embed_posthoc(natural(name), encode_text("soft", 4, 4), "k")
+    blurred = from_8bit(to_8bit(marked).filter(ImageFilter.GaussianBlur(2.0)))
+    buffer = io.BytesIO()
+    to_8bit(marked).save(buffer, format="WEBP", quality=60)
+    webp = from_8bit(Image.open(io.BytesIO(buffer.getvalue())))
+    for attacked in (blurred, webp):
+        found = detect_posthoc_payload(attacked, "k", None, 1e-3)[0]
+        assert found.payload == "soft" and found.detected, found

@@ -202,7 +202,9 @@ def against_comfyui(rounds: int) -> None:
     ratios = [mine / theirs for mine, theirs in zip(ours, comfyui)]
     ours_ms, comfyui_ms = statistics.median(ours) * 1e3, statistics.median(comfyui) * 1e3
     print(f"POST -> done, {nodes} core nodes, cold, {rounds} rounds: ours {ours_ms:.1f} ms, "
-          f"ComfyUI {comfyui_ms:.1f} ms (medians); ratio per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+          f"ComfyUI {comfyui_ms:.1f} ms (medians); ratio per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
+          f"ours per round (ms): {', '.join(f'{t * 1e3:.0f}' for t in ours)}; "
+          f"ComfyUI's: {', '.join(f'{t * 1e3:.0f}' for t in comfyui)}")
     print(f"BENCH executor_server nodes={nodes} ours_ms={ours_ms:.1f} comfyui_ms={comfyui_ms:.1f} "
           f"ratio_median={statistics.median(ratios):.2f} ratio_max={max(ratios):.2f}")
 

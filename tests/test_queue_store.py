@@ -263,3 +263,23 @@ def server_history_on_disk(data_dir) -> list[str]:
     running prompt's restart)."""
     with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'queue.sqlite3'}?mode=ro", uri=True)) as db:
         return [prompt_id for (prompt_id,) in db.execute("SELECT prompt_id FROM prompts WHERE state = 'done'")]
+
+
+def test_commits_never_checkpoint_and_a_background_thread_does(tmp_path):
+    # SQLite's own checkpoint runs inside the commit that crosses 1000 WAL pages and stalls that prompt; the store
+    # turns it off and checkpoints from its own thread, so the WAL's pages reach the database file without any
+    # call from here.
+    path = str(tmp_path / "queue.sqlite3")
+    store = QueueStore(path)
+    try:
+        assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        before = os.path.getsize(path)
+        for index in range(40):
+            store.update({"prompt_id": f"p{index}", "padding": "x" * 20_000}, "pending")
+        deadline = time.monotonic() + 10
+        while os.path.getsize(path) < before + 40 * 20_000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert os.path.getsize(path) >= before + 40 * 20_000
+    finally:
+        store.close()
+    assert not store._checkpointer.is_alive()

@@ -9,6 +9,7 @@ reach the websockets through one queue drained by one task, so they keep their o
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.metadata
 import importlib.resources
 import io
@@ -137,6 +138,11 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     state.queue = PromptQueue(workers, _Sender(state), history_max_bytes=config.history_max_bytes,
                               shown_paths=config.shown_paths(), store=store)
     app[STATE] = state
+    # Everything imported so far (torch, diffusers, transformers: a few hundred thousand objects) lives as long as
+    # the server: frozen, the cyclic collector stops walking it on every full collection, which otherwise stalled
+    # one prompt in about thirty by 0.2 s (issue 18's executor benchmark).
+    gc.collect()
+    gc.freeze()
     state.queue.start()
     publisher = asyncio.create_task(_publish(state))
     yield

@@ -83,8 +83,6 @@ def _chunked_search(source: torch.Tensor, target: torch.Tensor, max_elements: in
     # built as (C + 2, M), contiguous: a transposed operand would be copied by every chunk's product
     target_aug = torch.cat([-2 * target.T, (target * target).sum(1)[None], torch.ones_like(target[:, 0])[None]])
     forward = torch.empty(source.shape[0], dtype=torch.long, device=source.device)
-    best_back = torch.full((target.shape[0],), float("inf"), dtype=source.dtype, device=source.device)
-    backward = torch.zeros(target.shape[0], dtype=torch.long, device=source.device)
     # one block for every chunk: a fresh one per chunk costs the CPU as much as the product again in page faults
     block = torch.empty(rows, target.shape[0], dtype=source.dtype, device=source.device)
     for start in range(0, source.shape[0], rows):
@@ -94,10 +92,13 @@ def _chunked_search(source: torch.Tensor, target: torch.Tensor, max_elements: in
         forward[start:start + rows] = distances.min(1).indices
         # a column minimum with its index is a slow reduction on the CPU (4× a plain one, 8× amin): take the
         # minima alone, and the indices only of the columns this chunk improves (about 1/k of them at the k-th chunk)
-        chunk_best = distances.amin(0)
-        better = (chunk_best < best_back).nonzero().squeeze(1)  # strict: an earlier chunk keeps a tie, as argmin
-        best_back.index_copy_(0, better, chunk_best.index_select(0, better))
-        backward.index_copy_(0, better, distances.index_select(1, better).argmin(0) + start)
+        if start == 0:  # every column improves: reducing the block beats copying all of it first (34 vs 42 ms)
+            best_back, backward = distances.min(0)
+        else:
+            chunk_best = distances.amin(0)
+            better = (chunk_best < best_back).nonzero().squeeze(1)  # strict: an earlier chunk keeps a tie, as argmin
+            best_back.index_copy_(0, better, chunk_best.index_select(0, better))
+            backward.index_copy_(0, better, distances.index_select(1, better).argmin(0) + start)
         if on_chunk is not None:
             on_chunk(start, distances, forward[start:start + rows])
     return forward, backward

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from scipy import stats
-from skimage import data
 
 from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
 from nodes.common.denoiser import DiffusersCodec, DiffusersDenoiser
@@ -31,18 +30,9 @@ from nodes.watermark.payload import (binomial_tail, binomial_threshold, chacha20
 from nodes.watermark.posthoc import (MAX_READINGS, _luma, _template, embed_posthoc, estimate_zoom, haar_dwt,
                                      haar_idwt)
 from nodes.watermark.trigger import strip_trigger
+from photos import SIDE, natural
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIDE = 512  # natural test images, area-resized to the size the issue sets its PSNR target at
-
-
-def natural(name: str) -> torch.Tensor:
-    """A scikit-image photo, centre-cropped and area-resized to SIDE², as (1, 3, H, W) in [0, 1]."""
-    rgb = getattr(data, name)()
-    s = min(rgb.shape[:2])
-    y0, x0 = (rgb.shape[0] - s) // 2, (rgb.shape[1] - s) // 2
-    square = Image.fromarray(rgb[y0:y0 + s, x0:x0 + s]).resize((SIDE, SIDE), Image.Resampling.BOX)
-    return torch.from_numpy(np.asarray(square).copy()).permute(2, 0, 1)[None].float() / 255
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

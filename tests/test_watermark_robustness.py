@@ -16,19 +16,9 @@ from skimage import data
 from nodes.watermark.detect import detect_posthoc_payload
 from nodes.watermark.nodes import DEFAULT_FPR
 from nodes.watermark.payload import encode_text
-from nodes.watermark.posthoc import (MAX_READINGS, PERIOD, TILE, _layout, _luma, _template, detect_posthoc, embed_posthoc,
-                                     estimate_geometry, sync_offset)
-
-SIDE = 512
-
-
-def natural(name: str) -> torch.Tensor:
-    """A scikit-image photo, centre-cropped and area-resized to SIDE², as (1, 3, H, W) in [0, 1]."""
-    rgb = getattr(data, name)()
-    s = min(rgb.shape[:2])
-    y0, x0 = (rgb.shape[0] - s) // 2, (rgb.shape[1] - s) // 2
-    square = Image.fromarray(rgb[y0:y0 + s, x0:x0 + s]).resize((SIDE, SIDE), Image.Resampling.BOX)
-    return torch.from_numpy(np.asarray(square).copy()).permute(2, 0, 1)[None].float() / 255
+from nodes.watermark.posthoc import (MAX_READINGS, PERIOD, TILE, _layout, _luma, _template, detect_posthoc,
+                                     embed_posthoc, estimate_geometry, sync_offset)
+from photos import SIDE, natural
 
 
 def rotate(image: torch.Tensor, degrees: float, crop_borders: bool = False) -> torch.Tensor:

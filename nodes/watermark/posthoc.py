@@ -535,9 +535,10 @@ def detect_posthoc(image: torch.Tensor, code_bits: int, key: str,
     the tiling's offset to about a pixel; the error-correcting code decides among the readings: no warp, then the
     template's geometry and its neighbouring zooms (``ZOOM_REFINE_STEP``); for each, the sync's offset and the two
     neighbouring offsets with the most correlation energy (``ALIGN_TRIES``); each read plainly and then deblurred
-    (``DEBLUR_SIGMAS``); the first that ``accept`` takes wins; with none taken, the first reading. At most :data:`MAX_READINGS` readings
-    are tried, each a chance for an unmarked image to decode: a caller's p-value is the kept reading's times
-    :data:`MAX_READINGS` (union bound), as :func:`~nodes.watermark.detect.detect_posthoc_payload` reports it.
+    (``DEBLUR_SIGMAS``); the first that ``accept`` takes wins; with none taken, the first reading. At most
+    :data:`MAX_READINGS` readings are tried, each a chance for an unmarked image to decode: a caller's p-value is
+    the kept reading's times :data:`MAX_READINGS` (union bound), as
+    :func:`~nodes.watermark.detect.detect_posthoc_payload` reports it.
 
     Args:
         image: (B, 3, H, W) in [0, 1], H and W >= 128.

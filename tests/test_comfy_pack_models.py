@@ -239,3 +239,42 @@ def test_long_prompt_encoder_and_ateliers_sampler_run_on_comfyuis_own_clip_and_m
     print(f"LongAlign + TCD, ComfyUI against Atelier: {measured:.1f} dB; against CLIPTextEncode's: {against_cut:.1f} dB")
     assert measured >= TARGET_PSNR_DB
     assert against_cut < TARGET_PSNR_DB - 10
+
+
+def noiseshift_prompt(checkpoint: str) -> dict:
+    """A plain 2-step KSampler run; its latents as the clean latents of NoiseShift Calibrate (2 levels); NoiseShift
+    Apply's MODEL into a second KSampler with the same seed, decoded and saved."""
+    sampling = {"seed": SEED, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["4", 0], **sampling}},
+        "11": {"class_type": "AtelierNoiseShiftCalibrate", "inputs": {
+            "model": ["4", 0], "positive": ["6", 0], "latent": ["10", 0], "levels": 2, "seed": 0}},
+        "12": {"class_type": "AtelierNoiseShiftApply", "inputs": {"model": ["4", 0], "table": ["11", 0]}},
+        "13": {"class_type": "KSampler", "inputs": {"model": ["12", 0], **sampling}},
+        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["4", 2]}},
+        SAVE_NODE: {"class_type": "SaveImage", "inputs": {"filename_prefix": "noiseshift", "images": ["14", 0]}},
+        "15": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["4", 2]}},
+        "16": {"class_type": "SaveImage", "inputs": {"filename_prefix": "plain", "images": ["15", 0]}},
+    }
+
+
+def test_noiseshift_calibrates_and_patches_comfyuis_own_model_as_standalone(comfyui_server, random_sd15_models,
+                                                                            atelier):
+    """NoiseShift Calibrate runs on ComfyUI's MODEL (through ``denoiser_and_latent_space``) and Apply's object
+    patch of its ``model_sampling`` drives ComfyUI's own KSampler; the standalone run of the same prompt (its
+    KSampler follows the ref's table) gives the same picture."""
+    prompt = noiseshift_prompt(random_sd15_models.checkpoint)
+    comfy_images = comfyui_server.run(prompt)
+    (comfy_image,), (comfy_plain,) = comfy_images[SAVE_NODE], comfy_images["16"]
+    (atelier_image,) = atelier.run(prompt)[SAVE_NODE]
+    assert comfy_image.shape == atelier_image.shape == (64, 64, 3)
+    measured = psnr(comfy_image, atelier_image)
+    print(f"NoiseShift, ComfyUI against Atelier: {measured:.1f} dB; shifted against plain in ComfyUI: "
+          f"{psnr(comfy_image, comfy_plain):.1f} dB")
+    assert measured >= TARGET_PSNR_DB
+    assert not np.array_equal(comfy_image, comfy_plain)  # the patch reached ComfyUI's sampler

@@ -42,6 +42,10 @@ TECHNIQUE_NOTES: dict[str, tuple[str, str]] = {
                               "Gaussian Shading (CVPR 2024), Tree-Ring and Safe-SD's trigger word, without "
                               "training; one key per user with a fresh nonce per image, and χ² tests on ring means "
                               "so the null is calibrated (see \"Departures from the papers\")."),
+    "nodes.noiseshift.nodes": ("NoiseShift: the noise level at other resolutions (`atelier/noiseshift`)",
+                               "NoiseShift (techniques.md row 29; no official code): a grid-searched noise-level "
+                               "table per model and resolution, applied as a model-sampling patch; calibrated on a "
+                               "σ grid rather than per sampler step, on SD UNets rather than flow models."),
     "nodes.router.nodes": ("The prompt router",
                            "After APTP (ICLR 2025): routes each prompt to one of your pipeline variants under a "
                            "compute budget, with no training; prompts are embedded by the checkpoint's own text "

@@ -153,6 +153,15 @@ def _is_comfy(value: Any, module: str, name: str) -> bool:
     return cls is not None and isinstance(value, cls)
 
 
+def _check_unshifted(model: ModelRef) -> None:
+    # Inside ComfyUI the shift lives in the MODEL's model_sampling and every sampler follows it; standalone, only
+    # the KSampler nodes' model sampling does (nodes/sampling/guiders.py).
+    if model.noise_shift is not None:
+        raise ValueError("this node samples with its own sampler, which does not follow NoiseShift in the standalone "
+                         "app: use KSampler or SamplerCustom after NoiseShift Apply, or give this node the model "
+                         "from before it")
+
+
 @contextlib.contextmanager
 def denoiser_and_codec(model: Any, vae: Any) -> Iterator[tuple[Denoiser, LatentCodec]]:
     """The :class:`Denoiser` and :class:`LatentCodec` of what arrived on a MODEL and a VAE socket.
@@ -166,6 +175,7 @@ def denoiser_and_codec(model: Any, vae: Any) -> Iterator[tuple[Denoiser, LatentC
         ValueError: ComfyUI's model is of a family the adapter does not serve (see :class:`ComfyDenoiser`).
     """
     if isinstance(model, ModelRef) and isinstance(vae, DiffusersCodec):
+        _check_unshifted(model)
         with model.in_use() as loaded:
             yield DiffusersDenoiser(loaded.unet, loaded.schedule), vae
     elif _is_comfy(model, "comfy.model_patcher", "ModelPatcher") and _is_comfy(vae, "comfy.sd", "VAE"):
@@ -188,6 +198,7 @@ def denoiser_and_latent_space(model: Any) -> Iterator[tuple[Denoiser, LatentSpac
         ValueError: ComfyUI's model is of a family the adapter does not serve (see :class:`ComfyDenoiser`).
     """
     if isinstance(model, ModelRef):
+        _check_unshifted(model)
         with model.in_use() as loaded:
             yield DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae)
     elif _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):

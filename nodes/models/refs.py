@@ -32,6 +32,8 @@ class ModelRef:
 
     model: LoadedModel
     loras: tuple[LoraSpec, ...] = ()
+    # NoiseShift's table (nodes/noiseshift), which the KSampler nodes' model sampling follows; None: no shift
+    noise_shift: object | None = None
 
     def with_lora(self, lora: LoraSpec) -> ModelRef:
         """This model with one more LoRA (the shared model is not touched until a node uses the ref)."""
@@ -39,7 +41,8 @@ class ModelRef:
 
     def recipe(self) -> ModelRecipe:
         """How another process loads the same model with the same LoRAs (see :class:`ModelRecipe`)."""
-        return ModelRecipe(self.model.source, self.model.schedule.prediction_type, str(self.model.dtype), self.loras)
+        return ModelRecipe(self.model.source, self.model.schedule.prediction_type, str(self.model.dtype), self.loras,
+                           self.noise_shift)
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[LoadedModel]:
@@ -58,11 +61,13 @@ class ModelRecipe:
     prediction_type: str
     dtype: str  # "torch.float32", as str(torch.dtype) writes it
     loras: tuple[LoraSpec, ...] = ()
+    noise_shift: object | None = None
 
     def load(self) -> ModelRef:
         """The model from this process's cache (:func:`~nodes.models.loader.load_model`), loaded on first use."""
         dtype = getattr(torch, self.dtype.removeprefix("torch."))
-        return ModelRef(load_model(self.source, prediction_type=self.prediction_type, dtype=dtype), self.loras)
+        return ModelRef(load_model(self.source, prediction_type=self.prediction_type, dtype=dtype), self.loras,
+                        self.noise_shift)
 
 
 def models_subfolder(models_dir: str | None, name: str, purpose: str | None = None) -> str | None:

@@ -16,8 +16,10 @@ from nodes.models.clip import Clip
 from nodes.models.comfy_adapters import denoiser_and_latent_space
 from nodes.models.loading import load_model
 from nodes.models.refs import ModelRef
-from nodes.noiseshift.nodes import AtelierNoiseShiftApply, AtelierNoiseShiftCalibrate
-from nodes.noiseshift.shift import NoiseShiftTable, calibrate, shifted_model_sampling
+from nodes.common.paths import PathOutsideFolderError
+from nodes.noiseshift.nodes import (AtelierNoiseShiftApply, AtelierNoiseShiftCalibrate, AtelierNoiseShiftLoad,
+                                    AtelierNoiseShiftSave)
+from nodes.noiseshift.shift import NoiseShiftTable, calibrate, load_table, shifted_model_sampling
 from nodes.sampling.guiders import model_sampling_of
 from nodes.sampling.model_sampling import DiscreteModelSampling
 from web.nodes_sampling import KSampler
@@ -160,3 +162,29 @@ def test_noiseshift_workflow_runs_headless_on_the_shipped_model(tmp_path, capsys
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("output: ")]
     assert len(lines) == 8  # four pictures with NoiseShift, four without
     assert all("noiseshift" in line for line in lines)
+
+
+def test_save_and_load_nodes_round_trip_a_table_inside_the_models_folder(tmp_path):
+    table = NoiseShiftTable(torch.tensor([0.1, 1.0], dtype=torch.float64), torch.tensor([0.08, 0.9],
+                                                                                        dtype=torch.float64), (16, 24))
+    save = type("Save", (AtelierNoiseShiftSave,), {"models_dir": str(tmp_path)})
+    load = type("Load", (AtelierNoiseShiftLoad,), {"models_dir": str(tmp_path)})
+    assert save().save(table, "sd15_256")["ui"]["text"] == ["noiseshift/sd15_256.safetensors"]
+    assert load.INPUT_TYPES()["required"]["table_name"][0] == ["sd15_256.safetensors"]
+    (loaded,) = load().load("sd15_256.safetensors")
+    assert torch.equal(loaded.sigmas, table.sigmas) and torch.equal(loaded.shifted, table.shifted)
+    assert loaded.latent_size == (16, 24)
+    before = load.IS_CHANGED("sd15_256.safetensors")
+    save().save(NoiseShiftTable.identity(torch.tensor([1.0]), (8, 8)), "sd15_256.safetensors")
+    assert load.IS_CHANGED("sd15_256.safetensors") != before  # a rewritten file is read again
+    with pytest.raises(PathOutsideFolderError):
+        save().save(table, "../escaped")
+    assert "got an empty name" in AtelierNoiseShiftSave.VALIDATE_INPUTS("  ")
+    from safetensors.torch import save_file
+
+    save_file({"sigmas": torch.ones(2)}, str(tmp_path / "noiseshift" / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an Atelier NoiseShift table"):
+        load_table(tmp_path / "noiseshift" / "other.safetensors")
+    (tmp_path / "noiseshift" / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_table(tmp_path / "noiseshift" / "garbage.safetensors")

@@ -9,22 +9,28 @@ own KSampler included, evaluates the network at the shifted noise level. The tab
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from typing import Any
 
 import torch
 
 from ..common.comfy_host import inside_comfyui
 from ..common.limits import MAX_SEED
+from ..common.paths import confine
 from ..common.progress import progress
 from ..models.comfy_adapters import denoiser_and_latent_space, model_device, model_family
-from ..models.refs import ModelRef
+from ..models.loading import files_under
+from ..models.refs import ModelRef, ModelsFolder
 from ..sampling.guidance import to_conditioning
-from .shift import DEFAULT_LEVELS, NoiseShiftTable, calibrate, denoiser_x0, log_grid, nearest_training_sigma
+from .shift import (DEFAULT_LEVELS, NoiseShiftTable, calibrate, denoiser_x0, load_table, log_grid,
+                    nearest_training_sigma, save_table)
 
 CATEGORY = "atelier/noiseshift"
 TABLE_TYPE = "ATELIER_NOISESHIFT"
 MIN_LEVELS, MAX_LEVELS = 2, 64
 MAX_CALIBRATION_LATENTS = 64  # a batch of clean latents evaluated 30 times per level
+TABLES_FOLDER, TABLE_EXTENSION = "noiseshift", ".safetensors"
 
 
 def _check_unshifted_comfy(model: Any) -> None:
@@ -116,6 +122,79 @@ class AtelierNoiseShiftApply:
         return (patched,)
 
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AtelierNoiseShiftCalibrate, AtelierNoiseShiftApply)}
+class _TablesFolder(ModelsFolder):
+    """Nodes that read or write NoiseShift tables: ``models_dir/noiseshift``, or ComfyUI's ``models/noiseshift``."""
+
+    @classmethod
+    def tables_folder(cls) -> str:
+        return cls.models_subfolder(TABLES_FOLDER, "NoiseShift tables")
+
+    @classmethod
+    def table_names(cls) -> list[str]:
+        return sorted(files_under(cls.tables_folder(), (TABLE_EXTENSION,)))
+
+
+class AtelierNoiseShiftSave(_TablesFolder):
+    DESCRIPTION = ("Saves a NoiseShift table as a small .safetensors file in the models folder's noiseshift/, so "
+                   "that a model is calibrated once per resolution; NoiseShift Load reads it back.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    RETURN_NAMES = ()
+    OUTPUT_TOOLTIPS = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "table": (TABLE_TYPE, {"tooltip": "The table to save."}),
+            "filename": ("STRING", {"default": "noiseshift", "tooltip": "The file name inside models/noiseshift "
+                                                                          "(name it after the model and size); "
+                                                                          ".safetensors is added when missing."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename: str | None) -> bool | str:
+        if filename is not None and not filename.strip():
+            return "filename must name a file inside models/noiseshift; got an empty name"
+        return True
+
+    def save(self, table: NoiseShiftTable, filename: str) -> dict:
+        name = filename.strip()
+        name = name if name.endswith(TABLE_EXTENSION) else name + TABLE_EXTENSION
+        folder = self.tables_folder()
+        path = confine(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_table(table, path)
+        return {"ui": {"text": [f"{TABLES_FOLDER}/{os.path.relpath(path, os.path.realpath(folder))}"]},
+                "result": ()}
+
+
+class AtelierNoiseShiftLoad(_TablesFolder):
+    DESCRIPTION = "Loads a NoiseShift table (.safetensors) from the models folder's noiseshift/."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (TABLE_TYPE,)
+    RETURN_NAMES = ("table",)
+    OUTPUT_TOOLTIPS = ("The table, as it was saved.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "table_name": (cls.table_names(), {"tooltip": "A NoiseShift table in models/noiseshift."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, table_name: str) -> str:
+        with open(confine(cls.tables_folder(), table_name), "rb") as file:
+            return hashlib.sha256(file.read()).hexdigest()
+
+    def load(self, table_name: str) -> tuple[NoiseShiftTable]:
+        return (load_table(confine(self.tables_folder(), table_name)),)
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AtelierNoiseShiftCalibrate, AtelierNoiseShiftApply,
+                                                     AtelierNoiseShiftSave, AtelierNoiseShiftLoad)}
 NODE_DISPLAY_NAME_MAPPINGS = {"AtelierNoiseShiftCalibrate": "NoiseShift Calibrate",
-                              "AtelierNoiseShiftApply": "NoiseShift Apply"}
+                              "AtelierNoiseShiftApply": "NoiseShift Apply",
+                              "AtelierNoiseShiftSave": "NoiseShift Save", "AtelierNoiseShiftLoad": "NoiseShift Load"}

@@ -19,16 +19,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from ..common.denoiser import Conditioning, Denoiser, NoiseSchedule
+from ..common.paths import atomic_write
 
 # Source: techniques.md §4.7: 20 log-spaced candidates in [σ/2, 2σ], then 10 around the best.
 COARSE_CANDIDATES, FINE_CANDIDATES = 20, 10
 SEARCH_SPAN = 2.0
 DEFAULT_LEVELS = 16  # σ values calibrated between the model's smallest and largest
+TABLE_FORMAT, TABLE_VERSION = "atelier.noiseshift", "1"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # tensors have no truth value: a table equals only itself
@@ -81,6 +86,54 @@ class NoiseShiftTable:
             ratio = (log_ratio[position - 1] * (1 - weight) + log_ratio[position] * weight).view_as(log_sigma)
         shifted = (log_sigma + ratio).exp().to(sigma.device, sigma.dtype)
         return torch.where(sigma > 0, shifted, sigma)
+
+
+def save_table(table: NoiseShiftTable, path: str | os.PathLike) -> None:
+    """Write ``table`` as a small ``.safetensors`` file, atomically: tensors ``sigmas`` and ``shifted`` (float64),
+    metadata ``format`` "atelier.noiseshift", ``version`` and ``latent_size`` ("h,w").
+
+    Raises:
+        OSError: the folder is missing or not writable.
+    """
+    metadata = {"format": TABLE_FORMAT, "version": TABLE_VERSION,
+                "latent_size": f"{table.latent_size[0]},{table.latent_size[1]}"}
+    atomic_write(path, safetensors_bytes({"sigmas": table.sigmas.double().contiguous(),
+                                          "shifted": table.shifted.double().contiguous()}, metadata))
+
+
+def load_table(path: str | os.PathLike) -> NoiseShiftTable:
+    """Read a table that :func:`save_table` wrote; nothing is unpickled.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a safetensors file, not a NoiseShift table of this version, or inconsistent tensors.
+    Example:
+        >>> import tempfile
+        >>> table = NoiseShiftTable.identity(torch.tensor([0.5, 2.0]), (8, 12))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_table(table, os.path.join(folder, "t.safetensors"))
+        ...     loaded = load_table(os.path.join(folder, "t.safetensors"))
+        >>> loaded.latent_size, torch.equal(loaded.shifted, table.shifted)
+        ((8, 12), True)
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no NoiseShift table {os.fspath(path)!r}")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{os.fspath(path)!r} is not a safetensors file: {error}") from error
+    if metadata.get("format") != TABLE_FORMAT or metadata.get("version") != TABLE_VERSION:
+        raise ValueError(f"{os.fspath(path)!r} is not an Atelier NoiseShift table of version {TABLE_VERSION}; its "
+                         f"metadata says format {metadata.get('format')!r}, version {metadata.get('version')!r}")
+    try:
+        height, width = (int(side) for side in metadata.get("latent_size", "").split(","))
+    except ValueError as error:
+        raise ValueError(f"{os.fspath(path)!r} has no readable latent_size: {error}") from error
+    if {"sigmas", "shifted"} - tensors.keys():
+        raise ValueError(f"{os.fspath(path)!r} lacks the tensors {sorted({'sigmas', 'shifted'} - tensors.keys())}")
+    return NoiseShiftTable(tensors["sigmas"].double(), tensors["shifted"].double(), (height, width))
 
 
 def log_grid(low: float, high: float, count: int) -> torch.Tensor:

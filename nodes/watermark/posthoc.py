@@ -304,8 +304,8 @@ def embed_posthoc(image: torch.Tensor, bits: torch.Tensor, key: str,
     zero = torch.zeros(rows * BLOCK, cols * BLOCK)
     out = torch.empty_like(image, dtype=torch.float32)
     for index, picture in enumerate(image.float() * 255):
-        # Moving R, G and B by the same amount moves Y by it and leaves the chroma (U, V) as it was: the bits and
-        # the template are a luma change added to all three channels; the sync a change of R − Y alone.
+        # Moving R, G and B by the same amount moves Y by it and leaves the chroma (U, V) as it was: the bits, the
+        # template and the sync are a luma change added to all three channels.
         current = (picture + pattern).clamp_(0, 255).round_()
         for _ in range(EMBED_PASSES):
             marked = current[:, : rows * step, : cols * step]
@@ -490,9 +490,9 @@ def _correlations_at(luma: torch.Tensor, shown: torch.Tensor, origin: tuple[int,
     """The correlations h_j (len(DEBLUR_SIGMAS), N) of an image whose block grid is the marked one's."""
     rows, cols = luma.shape[0] // (2 * BLOCK), luma.shape[1] // (2 * BLOCK)
     spectra = _spectra(luma[: rows * 2 * BLOCK, : cols * 2 * BLOCK], dct)
-    # Blocks the crop or the rotation cut into hold a false edge whose energy would swamp the correlations: drop them.
+    # Blocks the crop or the rotation cut into hold a false edge whose energy would swamp the correlations: they
+    # weigh nothing.
     whole = F.avg_pool2d(shown[None, None, : rows * 2 * BLOCK, : cols * 2 * BLOCK], 2 * BLOCK)[0, 0].reshape(-1)
-    spectra = spectra * (whole > 0.999)[:, None, None]
     weights = _block_weights(spectra) * (whole > 0.999)[:, None].expand(-1, len(COEFFICIENTS)).reshape(-1)
     owner, chips = _tiled_layout(rows, cols, origin, *_layout(code_bits, key))
     values = _gather(spectra).reshape(-1, len(COEFFICIENTS))
@@ -517,13 +517,11 @@ def _readings(luma: torch.Tensor, zoom: float, angle: float, dct: torch.Tensor, 
     # whole pixels where nothing is resampled, half pixels where the unwarping resamples anyway
     offset, step = ((round(offset[0]), round(offset[1])), 1) if identity else (offset, 0.5)
     yield from _correlations_at(*_block_grid(luma, zoom, angle, offset), dct, code_bits, key)
-    neighbours = {}
-    for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
-        moved = (offset[0] + dy * step, offset[1] + dx * step)
-        correlations = _correlations_at(*_block_grid(luma, zoom, angle, moved), dct, code_bits, key)
-        neighbours[moved] = correlations
-    for moved in sorted(neighbours, key=lambda m: -float(neighbours[m][0].square().sum()))[: ALIGN_TRIES - 1]:
-        yield from neighbours[moved]
+    neighbours = [_correlations_at(*_block_grid(luma, zoom, angle, (offset[0] + dy * step, offset[1] + dx * step)),
+                                   dct, code_bits, key)
+                  for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    for correlations in sorted(neighbours, key=lambda c: -float(c[0].square().sum()))[: ALIGN_TRIES - 1]:
+        yield from correlations
 
 
 def detect_posthoc(image: torch.Tensor, code_bits: int, key: str,

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
 
-from .loading import LoadedModel, comfy_folder_paths, load_model
+from ..common.paths import confine
+from .loading import LoadedModel, comfy_folder_paths, files_under, load_model
 from .lora import LoraSpec, set_loras
 
 
@@ -99,3 +101,47 @@ class ModelsFolder:
     def models_subfolder(cls, name: str, purpose: str | None = None) -> str | None:
         """This node's ``models/name`` folder (see :func:`models_subfolder`)."""
         return models_subfolder(cls.models_dir, name, purpose)
+
+
+class SavedFilesFolder(ModelsFolder):
+    """Nodes that save files of one kind in a models subfolder and load them back (routers, NoiseShift tables):
+    ``FOLDER`` in the models folder, ``.safetensors`` only; every name is confined to the folder."""
+
+    FOLDER: ClassVar[str]
+    PURPOSE: ClassVar[str]  # what the files are, for the error when no models folder is known
+    EXTENSION: ClassVar[str] = ".safetensors"
+
+    @classmethod
+    def saved_folder(cls) -> str:
+        return cls.models_subfolder(cls.FOLDER, cls.PURPOSE)
+
+    @classmethod
+    def saved_names(cls) -> list[str]:
+        """The files a Load node lists."""
+        return sorted(files_under(cls.saved_folder(), (cls.EXTENSION,)))
+
+    @classmethod
+    def saved_path(cls, name: str) -> str:
+        return confine(cls.saved_folder(), name)
+
+    @classmethod
+    def saved_digest(cls, name: str) -> str:
+        """The file's SHA-256: a Load node's IS_CHANGED, so that a rewritten file is read again."""
+        with open(cls.saved_path(name), "rb") as file:
+            return hashlib.sha256(file.read()).hexdigest()
+
+    @classmethod
+    def filename_error(cls, filename: str | None) -> bool | str:
+        """A Save node's VALIDATE_INPUTS for its ``filename`` widget."""
+        if filename is not None and not filename.strip():
+            return f"filename must name a file inside models/{cls.FOLDER}; got an empty name"
+        return True
+
+    @classmethod
+    def path_to_save(cls, filename: str) -> tuple[str, str]:
+        """Where a Save node writes ``filename`` (the extension added when missing; the folder made), and how the
+        node shows it: ``FOLDER/name``."""
+        name = filename.strip()
+        path = cls.saved_path(name if name.endswith(cls.EXTENSION) else name + cls.EXTENSION)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path, f"{cls.FOLDER}/{os.path.relpath(path, os.path.realpath(cls.saved_folder()))}"

@@ -9,19 +9,15 @@ own KSampler included, evaluates the network at the shifted noise level. The tab
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 from typing import Any
 
 import torch
 
 from ..common.comfy_host import inside_comfyui
 from ..common.limits import MAX_SEED
-from ..common.paths import confine
 from ..common.progress import progress
 from ..models.comfy_adapters import denoiser_and_latent_space, model_device, model_family
-from ..models.loading import files_under
-from ..models.refs import ModelRef, ModelsFolder
+from ..models.refs import ModelRef, SavedFilesFolder
 from ..sampling.guidance import to_conditioning
 from .shift import (DEFAULT_LEVELS, NoiseShiftTable, calibrate, denoiser_x0, load_table, log_grid,
                     nearest_training_sigma, save_table)
@@ -30,12 +26,17 @@ CATEGORY = "atelier/noiseshift"
 TABLE_TYPE = "ATELIER_NOISESHIFT"
 MIN_LEVELS, MAX_LEVELS = 2, 64
 MAX_CALIBRATION_LATENTS = 64  # a batch of clean latents evaluated 30 times per level
-TABLES_FOLDER, TABLE_EXTENSION = "noiseshift", ".safetensors"
+TABLES_FOLDER = "noiseshift"
 
 
-def _check_unshifted_comfy(model: Any) -> None:
-    sampling = getattr(model, "object_patches", {}).get("model_sampling")
-    if getattr(sampling, "noise_shift", None) is not None:
+def _check_unshifted(model: Any) -> None:
+    """Calibration measures the model itself: a table applied before (Atelier's ref, or ComfyUI's object patch of
+    ``model_sampling``) would compound with the one being found."""
+    if isinstance(model, ModelRef):
+        table = model.noise_shift
+    else:
+        table = getattr(getattr(model, "object_patches", {}).get("model_sampling"), "noise_shift", None)
+    if table is not None:
         raise ValueError("this MODEL is NoiseShift-patched already: calibrate the model from before NoiseShift Apply")
 
 
@@ -66,10 +67,7 @@ class AtelierNoiseShiftCalibrate:
         }}
 
     def calibrate(self, model, positive: list, latent: dict, levels: int, seed: int) -> tuple[NoiseShiftTable, str]:
-        if isinstance(model, ModelRef) and model.noise_shift is not None:
-            raise ValueError("this MODEL is NoiseShift-patched already: calibrate the model from before NoiseShift "
-                             "Apply")
-        _check_unshifted_comfy(model)
+        _check_unshifted(model)
         samples = latent["samples"]
         if samples.ndim != 4 or not 1 <= samples.shape[0] <= MAX_CALIBRATION_LATENTS:
             raise ValueError(f"latent must hold 1 to {MAX_CALIBRATION_LATENTS} latents (B, C, h, w); got shape "
@@ -122,16 +120,10 @@ class AtelierNoiseShiftApply:
         return (patched,)
 
 
-class _TablesFolder(ModelsFolder):
+class _TablesFolder(SavedFilesFolder):
     """Nodes that read or write NoiseShift tables: ``models_dir/noiseshift``, or ComfyUI's ``models/noiseshift``."""
 
-    @classmethod
-    def tables_folder(cls) -> str:
-        return cls.models_subfolder(TABLES_FOLDER, "NoiseShift tables")
-
-    @classmethod
-    def table_names(cls) -> list[str]:
-        return sorted(files_under(cls.tables_folder(), (TABLE_EXTENSION,)))
+    FOLDER, PURPOSE = TABLES_FOLDER, "NoiseShift tables"
 
 
 class AtelierNoiseShiftSave(_TablesFolder):
@@ -155,19 +147,12 @@ class AtelierNoiseShiftSave(_TablesFolder):
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename: str | None) -> bool | str:
-        if filename is not None and not filename.strip():
-            return "filename must name a file inside models/noiseshift; got an empty name"
-        return True
+        return cls.filename_error(filename)
 
     def save(self, table: NoiseShiftTable, filename: str) -> dict:
-        name = filename.strip()
-        name = name if name.endswith(TABLE_EXTENSION) else name + TABLE_EXTENSION
-        folder = self.tables_folder()
-        path = confine(folder, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path, shown = self.path_to_save(filename)
         save_table(table, path)
-        return {"ui": {"text": [f"{TABLES_FOLDER}/{os.path.relpath(path, os.path.realpath(folder))}"]},
-                "result": ()}
+        return {"ui": {"text": [shown]}, "result": ()}
 
 
 class AtelierNoiseShiftLoad(_TablesFolder):
@@ -181,16 +166,15 @@ class AtelierNoiseShiftLoad(_TablesFolder):
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "table_name": (cls.table_names(), {"tooltip": "A NoiseShift table in models/noiseshift."}),
+            "table_name": (cls.saved_names(), {"tooltip": "A NoiseShift table in models/noiseshift."}),
         }}
 
     @classmethod
     def IS_CHANGED(cls, table_name: str) -> str:
-        with open(confine(cls.tables_folder(), table_name), "rb") as file:
-            return hashlib.sha256(file.read()).hexdigest()
+        return cls.saved_digest(table_name)
 
     def load(self, table_name: str) -> tuple[NoiseShiftTable]:
-        return (load_table(confine(self.tables_folder(), table_name)),)
+        return (load_table(self.saved_path(table_name)),)
 
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AtelierNoiseShiftCalibrate, AtelierNoiseShiftApply,

@@ -23,11 +23,9 @@ import os
 from collections.abc import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from ..common.denoiser import Conditioning, Denoiser, NoiseSchedule
-from ..common.paths import atomic_write
+from ..common.tagged_files import read_tagged, write_tagged
 
 # Source: techniques.md §4.7: 20 log-spaced candidates in [σ/2, 2σ], then 10 around the best.
 COARSE_CANDIDATES, FINE_CANDIDATES = 20, 10
@@ -95,10 +93,8 @@ def save_table(table: NoiseShiftTable, path: str | os.PathLike) -> None:
     Raises:
         OSError: the folder is missing or not writable.
     """
-    metadata = {"format": TABLE_FORMAT, "version": TABLE_VERSION,
-                "latent_size": f"{table.latent_size[0]},{table.latent_size[1]}"}
-    atomic_write(path, safetensors_bytes({"sigmas": table.sigmas.double().contiguous(),
-                                          "shifted": table.shifted.double().contiguous()}, metadata))
+    write_tagged(path, {"sigmas": table.sigmas, "shifted": table.shifted}, TABLE_FORMAT, TABLE_VERSION,
+                 {"latent_size": f"{table.latent_size[0]},{table.latent_size[1]}"})
 
 
 def load_table(path: str | os.PathLike) -> NoiseShiftTable:
@@ -116,17 +112,7 @@ def load_table(path: str | os.PathLike) -> NoiseShiftTable:
         >>> loaded.latent_size, torch.equal(loaded.shifted, table.shifted)
         ((8, 12), True)
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no NoiseShift table {os.fspath(path)!r}")
-    try:
-        with safe_open(os.fspath(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
-    except SafetensorError as error:
-        raise ValueError(f"{os.fspath(path)!r} is not a safetensors file: {error}") from error
-    if metadata.get("format") != TABLE_FORMAT or metadata.get("version") != TABLE_VERSION:
-        raise ValueError(f"{os.fspath(path)!r} is not an Atelier NoiseShift table of version {TABLE_VERSION}; its "
-                         f"metadata says format {metadata.get('format')!r}, version {metadata.get('version')!r}")
+    metadata, tensors = read_tagged(path, "NoiseShift table", TABLE_FORMAT, (TABLE_VERSION,))
     try:
         height, width = (int(side) for side in metadata.get("latent_size", "").split(","))
     except ValueError as error:

@@ -12,18 +12,16 @@ alone (a lazy input), so the other samplers never run.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
 import torch
 
 from ..common.limits import MAX_SEED
-from ..common.paths import confine
 from ..models.clip import Clip
 from ..models.comfy_adapters import comfy_pooled_text_embeddings, comfy_token_lengths
-from ..models.loading import files_under, list_models, load_transformers_folder, resolve_model_path
-from ..models.refs import ModelsFolder
+from ..models.loading import list_models, load_transformers_folder, resolve_model_path
+from ..models.refs import ModelsFolder, SavedFilesFolder
 from .embeddings import (SentenceEncoder, pooled_text_embeddings, sentence_embeddings, sentence_encoder_pooling,
                          token_lengths)
 from .fitting import FIT_METHODS, fit_router
@@ -34,7 +32,6 @@ CATEGORY = "atelier/router"
 MAX_BRANCHES = 8  # Source: APTP's shipped configs use K = 8 architecture codes; Route Switch has 8 inputs
 MAX_COST = 100.0  # costs are relative to a reference variant (1.0); 100× covers any sensible variant
 ROUTERS_FOLDER = "routers"
-ROUTER_EXTENSION = ".safetensors"
 DEFAULT_VARIANTS = "4 steps = 0.2\n8 steps = 0.4\n20 steps = 1.0"  # the example workflow's sampler branches
 SENTENCE_ENCODER_PREFIX = "sentence encoder "  # how a router file names a sentence encoder it was fitted with
 DEFAULT_BUDGET = 0.6  # Source: APTP's pruning_target 0.6 (configs/pruning/*.yaml)
@@ -149,16 +146,10 @@ def _budget_input() -> tuple[str, dict]:
                                  "between the cheapest and the dearest variant's cost."})
 
 
-class _RoutersFolder(ModelsFolder):
+class _RoutersFolder(SavedFilesFolder):
     """Nodes that read or write router files: ``models_dir/routers``, or ComfyUI's ``models/routers``."""
 
-    @classmethod
-    def routers_folder(cls) -> str:
-        return cls.models_subfolder(ROUTERS_FOLDER, "router files")
-
-    @classmethod
-    def router_names(cls) -> list[str]:
-        return sorted(files_under(cls.routers_folder(), (ROUTER_EXTENSION,)))
+    FOLDER, PURPOSE = ROUTERS_FOLDER, "router files"
 
 
 class AtelierFitRouter:
@@ -230,19 +221,12 @@ class AtelierSaveRouter(_RoutersFolder):
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename: str | None) -> bool | str:
-        if filename is not None and not filename.strip():
-            return "filename must name a file inside models/routers; got an empty name"
-        return True
+        return cls.filename_error(filename)
 
     def save(self, router: Router, filename: str) -> dict:
-        name = filename.strip()
-        name = name if name.endswith(ROUTER_EXTENSION) else name + ROUTER_EXTENSION
-        folder = self.routers_folder()
-        path = confine(folder, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path, shown = self.path_to_save(filename)
         save_router(router, path)
-        return {"ui": {"text": [f"{ROUTERS_FOLDER}/{os.path.relpath(path, os.path.realpath(folder))}"]},
-                "result": ()}
+        return {"ui": {"text": [shown]}, "result": ()}
 
 
 class AtelierLoadRouter(_RoutersFolder):
@@ -256,16 +240,15 @@ class AtelierLoadRouter(_RoutersFolder):
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "router_name": (cls.router_names(), {"tooltip": "A router file in models/routers."}),
+            "router_name": (cls.saved_names(), {"tooltip": "A router file in models/routers."}),
         }}
 
     @classmethod
     def IS_CHANGED(cls, router_name: str) -> str:
-        with open(confine(cls.routers_folder(), router_name), "rb") as file:
-            return hashlib.sha256(file.read()).hexdigest()
+        return cls.saved_digest(router_name)
 
     def load(self, router_name: str) -> tuple[Router]:
-        return (load_router(confine(self.routers_folder(), router_name)),)
+        return (load_router(self.saved_path(router_name)),)
 
 
 class AtelierLoadSentenceEncoder(ModelsFolder):

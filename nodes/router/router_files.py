@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
-
-from ..common.paths import atomic_write
+from ..common.tagged_files import read_tagged, write_tagged
 from .routing import Router
 
 ROUTER_FORMAT, ROUTER_VERSION = "atelier.router", "2"
-READABLE_VERSIONS = ("1", "2")  # version 1 is version 2 without the optional centre and quality
+READABLE_VERSIONS = ("1", ROUTER_VERSION)  # version 1 is version 2 without the optional centre and quality
 
 
 def save_router(router: Router, path: str | os.PathLike) -> None:
@@ -30,9 +27,8 @@ def save_router(router: Router, path: str | os.PathLike) -> None:
     for name in ("centre", "quality"):
         if getattr(router, name) is not None:
             tensors[name] = getattr(router, name)
-    metadata = {"format": ROUTER_FORMAT, "version": ROUTER_VERSION, "labels": json.dumps(list(router.labels)),
-                "embedding": router.embedding}
-    atomic_write(path, safetensors_bytes({name: t.double().contiguous() for name, t in tensors.items()}, metadata))
+    write_tagged(path, tensors, ROUTER_FORMAT, ROUTER_VERSION,
+                 {"labels": json.dumps(list(router.labels)), "embedding": router.embedding})
 
 
 def load_router(path: str | os.PathLike) -> Router:
@@ -51,17 +47,7 @@ def load_router(path: str | os.PathLike) -> Router:
         >>> loaded.labels, torch.equal(loaded.prototypes, router.prototypes)
         (('fast', 'full'), True)
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no router file {os.fspath(path)!r}")
-    try:
-        with safe_open(os.fspath(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
-    except SafetensorError as error:
-        raise ValueError(f"{os.fspath(path)!r} is not a safetensors file: {error}") from error
-    if metadata.get("format") != ROUTER_FORMAT or metadata.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"{os.fspath(path)!r} is not an Atelier router of version {ROUTER_VERSION}; its metadata "
-                         f"says format {metadata.get('format')!r}, version {metadata.get('version')!r}")
+    metadata, tensors = read_tagged(path, "router", ROUTER_FORMAT, READABLE_VERSIONS)
     needed = {"prototypes", "costs", "bias_budgets", "bias_lambdas"}
     if needed - tensors.keys():
         raise ValueError(f"{os.fspath(path)!r} lacks the tensors {sorted(needed - tensors.keys())}")

@@ -45,3 +45,16 @@ def tiny_sdxl_lora(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny_sdxl_lora") / "xl.safetensors")
     write_tiny_lora(build_tiny_pipeline("sdxl"), path, style="peft", seed=3)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_prompts(tiny_sd1):
+    """The tiny SD1 model loaded on the CPU as a MODEL, with 'a red circle' and the empty prompt encoded by its
+    CLIP: (model, positive, negative)."""
+    from nodes.models.clip import Clip
+    from nodes.models.loading import load_model
+    from nodes.models.refs import ModelRef
+
+    ref = ModelRef(load_model(tiny_sd1.folder, device="cpu"))
+    clip = Clip(ref)
+    return ref, clip.encode("a red circle"), clip.encode("")

@@ -6,11 +6,9 @@ import math
 import pytest
 import torch
 
-from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
+from fixtures_models import tiny_sd1, tiny_sd1_prompts  # noqa: F401  (session fixtures)
 from nodes.common.denoiser import Conditioning
 from nodes.models.clip import Clip
-from nodes.models.loading import load_model
-from nodes.models.refs import ModelRef
 from nodes.sampling.guidance import mirror_areas, predict_x0, resolve_conditioning
 from nodes.sampling.model_sampling import DiscreteModelSampling
 from nodes.sampling.noise import prepare_noise
@@ -159,15 +157,8 @@ def test_random_noise_is_comfyuis_prepare_noise():
     assert torch.equal(prepare_noise(latent["samples"], 7), noise.generate_noise(latent))
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_sd1):  # noqa: F811
-    ref = ModelRef(load_model(tiny_sd1.folder, device="cpu"))
-    clip = Clip(ref)
-    return ref, clip.encode("a red circle"), clip.encode("")
-
-
-def test_ksampler_custom_samplers_and_a_guider_give_the_same_latents(tiny):
-    model, positive, negative = tiny
+def test_ksampler_custom_samplers_and_a_guider_give_the_same_latents(tiny_sd1_prompts):
+    model, positive, negative = tiny_sd1_prompts
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     (ksampled,) = KSampler().sample(model, 3, 4, 5.0, "dpmpp_2m", "karras", positive, negative, latent, 1.0)
     (sampler,) = KSamplerSelect().get_sampler("dpmpp_2m")
@@ -180,9 +171,9 @@ def test_ksampler_custom_samplers_and_a_guider_give_the_same_latents(tiny):
     assert denoised["samples"].shape == custom["samples"].shape
 
 
-def test_ksampler_advanced_split_in_two_passes_equals_one_pass(tiny):
+def test_ksampler_advanced_split_in_two_passes_equals_one_pass(tiny_sd1_prompts):
     """Steps 0–2 with leftover noise, then 2–4 without new noise: KSamplerAdvanced's refiner pattern."""
-    model, positive, negative = tiny
+    model, positive, negative = tiny_sd1_prompts
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     args = dict(model=model, noise_seed=11, steps=4, cfg=3.0, sampler_name="euler", scheduler="normal",
                 positive=positive, negative=negative)
@@ -198,8 +189,8 @@ def test_ksampler_advanced_split_in_two_passes_equals_one_pass(tiny):
     assert torch.equal(high[-1], low[0]) and len(high) + len(low) == len(sigmas) + 1
 
 
-def test_cfg_one_skips_the_negative(tiny, monkeypatch):
-    model, positive, negative = tiny
+def test_cfg_one_skips_the_negative(tiny_sd1_prompts, monkeypatch):
+    model, positive, negative = tiny_sd1_prompts
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     calls = []
     unet = model.model.unet
@@ -217,8 +208,8 @@ def test_cfg_one_skips_the_negative(tiny, monkeypatch):
     assert calls == [2, 2]
 
 
-def test_clip_set_last_layer_changes_the_encoding(tiny):
-    model, positive, _ = tiny
+def test_clip_set_last_layer_changes_the_encoding(tiny_sd1_prompts):
+    model, positive, _ = tiny_sd1_prompts
     (skipped,) = CLIPSetLastLayer().set_last_layer(Clip(model), -2)
     assert not torch.allclose(skipped.encode("a red circle")[0][0], positive[0][0])
     assert math.isclose(float(Clip(model).encode("a red circle")[0][0].sum()), float(positive[0][0].sum()))
@@ -251,11 +242,11 @@ def test_ghvb_with_momentum_one_is_comfyuis_euler_and_momentum_changes_it():
     assert abs(float(run(ghvb).mean()) - 0.3) < 0.1
 
 
-def test_f_scheduler_sigmas_are_the_schedules_truncated_grid(tiny):
+def test_f_scheduler_sigmas_are_the_schedules_truncated_grid(tiny_sd1_prompts):
     from nodes.generation.nodes import AtelierFScheduler
     from nodes.sampling.schedules import f_scheduler_schedule
 
-    model = tiny[0]
+    model = tiny_sd1_prompts[0]
     (sigmas,) = AtelierFScheduler().get_sigmas(model, 5)
     _, expected = f_scheduler_schedule(model.model.schedule, 5, "sd1")
     assert sigmas.shape == (6,) and torch.allclose(sigmas.double(), expected) and float(sigmas[-1]) > 0.1

@@ -11,11 +11,8 @@ import sys
 import pytest
 import torch
 
-from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
-from nodes.models.clip import Clip
+from fixtures_models import tiny_sd1, tiny_sd1_prompts  # noqa: F401  (session fixtures)
 from nodes.models.comfy_adapters import denoiser_and_latent_space
-from nodes.models.loading import load_model
-from nodes.models.refs import ModelRef
 from nodes.common.paths import PathOutsideFolderError
 from nodes.noiseshift.nodes import (AtelierNoiseShiftApply, AtelierNoiseShiftCalibrate, AtelierNoiseShiftLoad,
                                     AtelierNoiseShiftSave)
@@ -43,8 +40,8 @@ def test_grid_search_finds_the_wiener_shift_sigma_times_s0_over_s1(true_std, ass
 
 
 def test_table_shifts_in_log_sigma_and_keeps_zero():
-    table = NoiseShiftTable(torch.tensor([1.0, 4.0], dtype=torch.float64), torch.tensor([2.0, 4.0], dtype=torch.float64),
-                            (8, 8))
+    table = NoiseShiftTable(torch.tensor([1.0, 4.0], dtype=torch.float64),
+                            torch.tensor([2.0, 4.0], dtype=torch.float64), (8, 8))
     shifted = table.shift(torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0, 10.0]))
     assert shifted.tolist() == pytest.approx([0.0, 1.0, 2.0, 2 * math.sqrt(2), 4.0, 10.0], rel=1e-6)
     identity = NoiseShiftTable.identity(torch.tensor([0.1, 1.0, 10.0]), (8, 8))
@@ -75,15 +72,8 @@ def test_shifted_model_sampling_tells_the_network_the_shifted_sigma_only():
         shifted_model_sampling(DiscreteModelSampling.from_beta_schedule("lcm"), table)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_sd1):  # noqa: F811
-    ref = ModelRef(load_model(tiny_sd1.folder, device="cpu"))
-    clip = Clip(ref)
-    return ref, clip.encode("a red circle"), clip.encode("")
-
-
-def test_identity_table_samples_exactly_as_the_plain_model_and_a_shift_changes_it(tiny):
-    model, positive, negative = tiny
+def test_identity_table_samples_exactly_as_the_plain_model_and_a_shift_changes_it(tiny_sd1_prompts):
+    model, positive, negative = tiny_sd1_prompts
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     (plain,) = KSampler().sample(model, 3, 4, 5.0, "euler", "karras", positive, negative, latent, 1.0)
     training = model_sampling_of(model).sigmas.double()
@@ -97,8 +87,8 @@ def test_identity_table_samples_exactly_as_the_plain_model_and_a_shift_changes_i
     assert model.noise_shift is None  # the input model is unchanged
 
 
-def test_calibrate_node_gives_a_table_on_training_sigmas_and_refuses_shifted_models(tiny):
-    model, positive, _ = tiny
+def test_calibrate_node_gives_a_table_on_training_sigmas_and_refuses_shifted_models(tiny_sd1_prompts):
+    model, positive, _ = tiny_sd1_prompts
     latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     table, report = AtelierNoiseShiftCalibrate().calibrate(model, positive, latent, 4, 0)
     training = model_sampling_of(model).sigmas.double()

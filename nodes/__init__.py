@@ -4,6 +4,7 @@ Only relative imports live here: inside ComfyUI, ``import nodes`` is ComfyUI's o
 """
 
 from .correspondence import nodes as correspondence_nodes
+from .fasterdiffusion import nodes as fasterdiffusion_nodes
 from .generation import nodes as generation_nodes
 from .highres import nodes as highres_nodes
 from .loaders import nodes as loader_nodes
@@ -13,7 +14,7 @@ from .router import nodes as router_nodes
 from .watermark import nodes as watermark_nodes
 
 _TECHNIQUES = (loader_nodes, generation_nodes, highres_nodes, panorama_nodes, correspondence_nodes, watermark_nodes,
-               router_nodes, noiseshift_nodes)
+               router_nodes, noiseshift_nodes, fasterdiffusion_nodes)
 NODE_CLASS_MAPPINGS: dict[str, type] = {name: cls for module in _TECHNIQUES
                                         for name, cls in module.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {name: label for module in _TECHNIQUES

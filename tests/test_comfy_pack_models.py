@@ -278,3 +278,49 @@ def test_noiseshift_calibrates_and_patches_comfyuis_own_model_as_standalone(comf
           f"{psnr(comfy_image, comfy_plain):.1f} dB")
     assert measured >= TARGET_PSNR_DB
     assert not np.array_equal(comfy_image, comfy_plain)  # the patch reached ComfyUI's sampler
+
+
+def faster_diffusion_prompt(checkpoint: str) -> dict:
+    """DDIM at 8 steps three times with one seed: on the plain MODEL, through Faster Diffusion with every step a key
+    step and no injection, and through Faster Diffusion's defaults (the paper's set scaled to 8 steps: keys 0, 1, 2,
+    4, 6)."""
+    sampling = {"seed": SEED, "steps": 8, "cfg": 7.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
+                "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "20": {"class_type": "AtelierFasterDiffusion", "inputs": {
+            "model": ["4", 0], "key_steps": "uniform", "interval": 1, "noise_alpha": 0.0, "noise_tau": 500,
+            "parallel": False, "max_group": 10}},
+        "21": {"class_type": "AtelierFasterDiffusion", "inputs": {
+            "model": ["4", 0], "key_steps": "paper", "interval": 4, "noise_alpha": 0.003, "noise_tau": 500,
+            "parallel": False, "max_group": 10}},
+    }
+    for save, model in ((FD_PLAIN, ["4", 0]), (FD_EVERY_STEP, ["20", 0]), (FD_PAPER, ["21", 0])):
+        sample, decode = str(int(save) + 1), str(int(save) + 2)
+        prompt[sample] = {"class_type": "KSampler", "inputs": {"model": model, **sampling}}
+        prompt[decode] = {"class_type": "VAEDecode", "inputs": {"samples": [sample, 0], "vae": ["4", 2]}}
+        prompt[save] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "fd" + save,
+                                                              "images": [decode, 0]}}
+    return prompt
+
+
+FD_PLAIN, FD_EVERY_STEP, FD_PAPER = "30", "40", "50"  # the SaveImage nodes of faster_diffusion_prompt
+
+
+def test_faster_diffusion_patches_comfyuis_own_ksampler_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """Faster Diffusion's wrappers run under ComfyUI's own KSampler through the UNet split of ComfyUI's UNetModel:
+    with every step a key step the picture is the unpatched KSampler's, bit for bit; with the paper's set it
+    changes, and it is the standalone run's picture (Atelier's split of the diffusers UNet, Atelier's KSampler)."""
+    prompt = faster_diffusion_prompt(random_sd15_models.checkpoint)
+    comfy_images = comfyui_server.run(prompt)
+    (plain,), (every_step,), (paper,) = (comfy_images[node] for node in (FD_PLAIN, FD_EVERY_STEP, FD_PAPER))
+    assert np.array_equal(every_step, plain)
+    assert not np.array_equal(paper, plain)
+    (atelier_paper,) = atelier.run(prompt)[FD_PAPER]
+    measured = psnr(paper, atelier_paper)
+    print(f"Faster Diffusion, ComfyUI against Atelier: {measured:.1f} dB; against ComfyUI's plain KSampler: "
+          f"{psnr(paper, plain):.1f} dB")
+    assert measured >= TARGET_PSNR_DB

@@ -31,6 +31,15 @@ def inside_comfyui() -> bool:
     return HOST_MARKER_MODULE in sys.modules
 
 
+# The key of Atelier's sampling patches among a ComfyUI MODEL's wrappers (nodes/sampling/patches.py)
+SAMPLING_PATCH_KEY = "atelier_sampling_patch"
+
+
+def has_sampling_patch(patcher: Any) -> bool:
+    """Whether ComfyUI's MODEL carries an Atelier sampling patch (Faster Diffusion, ...)."""
+    return any(key == SAMPLING_PATCH_KEY for wrappers in patcher.wrappers.values() for key in wrappers)
+
+
 def comfy_module(name: str) -> ModuleType | None:
     """ComfyUI's module ``name`` (``"comfy.samplers"``, ...) inside ComfyUI; None in the standalone app.
 

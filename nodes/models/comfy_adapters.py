@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..common.comfy_host import comfy_model_family, comfy_module, comfy_noise_schedule
+from ..common.comfy_host import comfy_model_family, comfy_module, comfy_noise_schedule, has_sampling_patch
 from ..common.denoiser import (Conditioning, Denoiser, DiffusersCodec, DiffusersDenoiser, LatentCodec,
                                LatentSpace)
 from .clip import CHUNK_TOKENS, Clip
@@ -55,6 +55,9 @@ class ComfyDenoiser:
             ValueError: a model that is not SD1 or SD2, or not on a discrete ε, v or x0 schedule.
         """
         _check_adapted(patcher)
+        if has_sampling_patch(patcher):  # its wrappers run under ComfyUI's samplers only, never here
+            raise ValueError("this node samples with its own sampler, which does not run a sampling patch (Faster "
+                             "Diffusion, ...): give it the model from before the patch")
         self.patcher = patcher
         self.schedule = dataclasses.replace(comfy_noise_schedule(patcher), prediction_type="sample")
 
@@ -153,13 +156,17 @@ def _is_comfy(value: Any, module: str, name: str) -> bool:
     return cls is not None and isinstance(value, cls)
 
 
-def _check_unshifted(model: ModelRef) -> None:
-    # Inside ComfyUI the shift lives in the MODEL's model_sampling and every sampler follows it; standalone, only
-    # the KSampler nodes' model sampling does (nodes/sampling/guiders.py).
+def _check_unpatched(model: ModelRef) -> None:
+    # Inside ComfyUI a NoiseShift table lives in the MODEL's model_sampling and a sampling patch in its wrappers, and
+    # every sampler follows them; standalone, only the KSampler nodes' guider does (nodes/sampling/guiders.py).
     if model.noise_shift is not None:
         raise ValueError("this node samples with its own sampler, which does not follow NoiseShift in the standalone "
                          "app: use KSampler or SamplerCustom after NoiseShift Apply, or give this node the model "
                          "from before it")
+    if model.sampling_patch is not None:
+        raise ValueError("this node samples with its own sampler, which does not run a sampling patch (Faster "
+                         "Diffusion, ...) in the standalone app: use KSampler or SamplerCustom after the patch, or "
+                         "give this node the model from before it")
 
 
 @contextlib.contextmanager
@@ -175,7 +182,7 @@ def denoiser_and_codec(model: Any, vae: Any) -> Iterator[tuple[Denoiser, LatentC
         ValueError: ComfyUI's model is of a family the adapter does not serve (see :class:`ComfyDenoiser`).
     """
     if isinstance(model, ModelRef) and isinstance(vae, DiffusersCodec):
-        _check_unshifted(model)
+        _check_unpatched(model)
         with model.in_use() as loaded:
             yield DiffusersDenoiser(loaded.unet, loaded.schedule), vae
     elif _is_comfy(model, "comfy.model_patcher", "ModelPatcher") and _is_comfy(vae, "comfy.sd", "VAE"):
@@ -198,7 +205,7 @@ def denoiser_and_latent_space(model: Any) -> Iterator[tuple[Denoiser, LatentSpac
         ValueError: ComfyUI's model is of a family the adapter does not serve (see :class:`ComfyDenoiser`).
     """
     if isinstance(model, ModelRef):
-        _check_unshifted(model)
+        _check_unpatched(model)
         with model.in_use() as loaded:
             yield DiffusersDenoiser(loaded.unet, loaded.schedule), DiffusersCodec(loaded.vae)
     elif _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):

@@ -36,6 +36,9 @@ class ModelRef:
     loras: tuple[LoraSpec, ...] = ()
     # NoiseShift's table (nodes/noiseshift), which the KSampler nodes' model sampling follows; None: no shift
     noise_shift: object | None = None
+    # a step-aware patch (nodes/sampling/patches.py: Faster Diffusion, ...), which the KSampler nodes' guider runs;
+    # it stays in this process (a recipe does not carry it: the nodes that spread work refuse a patched model)
+    sampling_patch: object | None = None
 
     def with_lora(self, lora: LoraSpec) -> ModelRef:
         """This model with one more LoRA (the shared model is not touched until a node uses the ref)."""

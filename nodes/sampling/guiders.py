@@ -14,11 +14,14 @@ from collections.abc import Callable
 import torch
 
 from ..common.denoiser import DiffusersCodec, DiffusersDenoiser
+from ..common.unet_split import DiffusersUNetCall
+from ..models.loaded import LoadedModel
 from ..models.refs import ModelRef
 from .guidance import CONDITIONING_KINDS, add_inpaint_concat, classifier_free_guidance, mirror_areas, \
     resolve_conditioning
 from .k_samplers import Sampler, prepare_mask, run_sampler
 from .model_sampling import DiscreteModelSampling
+from .patches import StepSchedule
 from .previews import LATENT_RGB_MAPS, progress_reporter
 
 INPAINT_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
@@ -91,8 +94,7 @@ class Guider:
             if loaded.unet.config.in_channels == INPAINT_UNET_CHANNELS:
                 add_inpaint_concat(conds, latent, mask)
             mirror_areas(conds)
-            model_fn = classifier_free_guidance(DiffusersDenoiser(loaded.unet, loaded.schedule), model_sampling,
-                                                conds, self.cfg)
+            model_fn = self._guided(loaded, model_sampling, conds, sigmas)
             report = progress_reporter(_preview_family(loaded.family)) if preview else None
             total = sigmas.numel() - 1
 
@@ -105,6 +107,26 @@ class Guider:
             samples = run_sampler(sampler, model_fn, model_sampling, sigmas.to(device), noise.to(device), latent,
                                   seed, denoise_mask=mask, callback=on_step)
         return self.unscale(samples)
+
+    def _guided(self, loaded: LoadedModel, model_sampling: DiscreteModelSampling, conds: dict,
+                sigmas: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """The guided denoiser D(x, σ) the sampler calls, through the ref's sampling patch if it has one."""
+        patch = self.model.sampling_patch
+        if patch is None:
+            return classifier_free_guidance(DiffusersDenoiser(loaded.unet, loaded.schedule), model_sampling, conds,
+                                            self.cfg)
+        steps = StepSchedule.of(sigmas, model_sampling.timestep)
+
+        def unet_patch(unet, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None):
+            return patch.unet(DiffusersUNetCall(unet, embeds, added), x, t, steps)
+
+        guided = classifier_free_guidance(DiffusersDenoiser(loaded.unet, loaded.schedule, unet_patch),
+                                          model_sampling, conds, self.cfg)
+
+        def patched(x: torch.Tensor, sigma: torch.Tensor, **extra: object) -> torch.Tensor:
+            return patch.denoised(lambda x_in: guided(x_in, sigma, **extra), x, sigma, steps)
+
+        return patched
 
     def unscale(self, latent: torch.Tensor) -> torch.Tensor:
         """Latents as the model sees them, back to a LATENT's unscaled values (on the CPU)."""

@@ -41,6 +41,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from nodes.common.denoiser import NoiseSchedule  # noqa: E402
 from nodes.sampling.latents import empty_latent, seeded_noise  # noqa: E402
 from nodes.generation.nodes import AtelierSampler, AtelierTextEncode, ModelRef  # noqa: E402
+from nodes.models.clip import Clip  # noqa: E402
 from nodes.models.loading import LoadedModel, load_tokenizer, shipped_config_dir  # noqa: E402
 
 FAMILIES = {"sd15": "sd1", "sdxl": "sdxl"}  # benchmark name -> our family name
@@ -150,8 +151,9 @@ def main() -> None:
            f"on {device}) in {time.perf_counter() - started:.1f} s")
 
     # 2. The same inputs for both sides
-    positive, = AtelierTextEncode().encode(model, PROMPT, "auto")
-    negative, = AtelierTextEncode().encode(model, NEGATIVE, "auto")
+    clip = Clip(model)
+    positive, = AtelierTextEncode().encode(clip, PROMPT, "auto")
+    negative, = AtelierTextEncode().encode(clip, NEGATIVE, "auto")
     latent_image = {"samples": empty_latent(1, pipeline.unet.config.in_channels, size, size)}
     noise = seeded_noise(SEED, tuple(latent_image["samples"].shape))[0].to(device, dtype)
     peer_inputs = {"prompt_embeds": positive.embeds.to(device, dtype),

@@ -283,7 +283,7 @@ def test_noiseshift_calibrates_and_patches_comfyuis_own_model_as_standalone(comf
 def faster_diffusion_prompt(checkpoint: str) -> dict:
     """DDIM at 8 steps three times with one seed: on the plain MODEL, through Faster Diffusion with every step a key
     step and no injection, and through Faster Diffusion's defaults (the paper's set scaled to 8 steps: keys 0, 1, 2,
-    4, 6)."""
+    4, 6; parallel decoding)."""
     sampling = {"seed": SEED, "steps": 8, "cfg": 7.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
                 "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
     prompt = {
@@ -296,7 +296,7 @@ def faster_diffusion_prompt(checkpoint: str) -> dict:
             "parallel": False, "max_group": 10}},
         "21": {"class_type": "AtelierFasterDiffusion", "inputs": {
             "model": ["4", 0], "key_steps": "paper", "interval": 4, "noise_alpha": 0.003, "noise_tau": 500,
-            "parallel": False, "max_group": 10}},
+            "parallel": True, "max_group": 10}},
     }
     for save, model in ((FD_PLAIN, ["4", 0]), (FD_EVERY_STEP, ["20", 0]), (FD_PAPER, ["21", 0])):
         sample, decode = str(int(save) + 1), str(int(save) + 2)

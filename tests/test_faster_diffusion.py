@@ -5,6 +5,8 @@ step land where it lands from the injected latent; and the patched MODEL runs wh
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -90,6 +92,8 @@ def test_key_step_sets_are_the_official_ones():
 class CountingCall:
     """A UNet call whose encoder sums the latent and whose decoder adds the timestep: it counts both."""
 
+    batches_steps = True
+
     def __init__(self):
         self.encodes, self.decodes = 0, 0
 
@@ -115,20 +119,27 @@ def test_paper_set_runs_the_encoder_9_times_in_50_steps_and_a_non_key_step_ignor
     assert steps.count == 50
     latents = [torch.full((2, 4, 2, 2), float(i)) for i in range(50)]
     call = CountingCall()
-    outputs = _run(EncoderPropagation(noise_alpha=0), steps, latents, call)
+    outputs = _run(EncoderPropagation(noise_alpha=0, parallel=False), steps, latents, call)
     assert (call.encodes, call.decodes) == (9, 50)
+    in_groups = CountingCall()
+    assert all(torch.equal(a, b) for a, b in zip(_run(EncoderPropagation(noise_alpha=0), steps, latents, in_groups),
+                                                   outputs))
+    # groups of at most 10: [0] [1] [2] [3, 4] [5..9] [10..14] [15..24] [25..34] [35..44] [45..49]
+    assert (in_groups.encodes, in_groups.decodes) == (9, 10)
     # step 4 reuses step 3's features: its output is step 3's encoding decoded at step 4's timestep
     assert torch.equal(outputs[4], CountingCall().decode(CountingCall().encode(latents[3], None),
                                                           steps.timesteps[4].expand(2)))
     other = [x if i != 4 else torch.randn_like(x) for i, x in enumerate(latents)]
-    assert torch.equal(_run(EncoderPropagation(noise_alpha=0), steps, other, CountingCall())[4], outputs[4])
+    assert torch.equal(_run(EncoderPropagation(noise_alpha=0, parallel=False), steps, other, CountingCall())[4],
+                       outputs[4])
 
 
 def test_parallel_decoding_equals_sequential_and_batches_each_group():
     sampling = DiscreteModelSampling.from_beta_schedule()
     steps = StepSchedule.of(torch.cat([sampling.sigmas.flip(0)[::100], torch.zeros(1)]), sampling.timestep)
     latents = [torch.randn(2, 4, 2, 2) for _ in range(steps.count)]
-    sequential = _run(EncoderPropagation("uniform", 4, noise_alpha=0), steps, latents, CountingCall())
+    sequential = _run(EncoderPropagation("uniform", 4, noise_alpha=0, parallel=False), steps, latents,
+                      CountingCall())
     call = CountingCall()
     parallel = _run(EncoderPropagation("uniform", 4, noise_alpha=0, parallel=True, max_group=3), steps, latents, call)
     for a, b in zip(parallel, sequential):
@@ -190,3 +201,17 @@ def test_a_patched_model_is_refused_twice_and_by_nodes_with_samplers_of_their_ow
             pass
     with pytest.raises(TypeError, match="Atelier's or ComfyUI's MODEL"):
         patch_model(object(), EncoderPropagation())
+
+
+def test_faster_diffusion_workflow_runs_headless_on_the_shipped_model(tmp_path, capsys):
+    from web.cli import main
+
+    workflow = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
+                            "faster_diffusion.json")
+    code = main(["run", workflow, "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"),
+                 "--set", "5.steps=6", "--set", "10.steps=6"])
+    assert code == 0
+    names = [os.path.basename(line.split("output: ")[-1]) for line in capsys.readouterr().out.splitlines()
+             if "output: " in line]
+    assert sum(name.startswith("faster_diffusion_") for name in names) == 4  # four pictures with it
+    assert sum(name.startswith("plain_") for name in names) == 4  # and the same seeds without

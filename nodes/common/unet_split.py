@@ -42,7 +42,12 @@ class UNetFeatures:
 
 
 class UNetCall(Protocol):
-    """One UNet call with its conditioning bound (batch B): latents and timesteps in, the raw prediction out."""
+    """One UNet call with its conditioning bound (batch B): latents and timesteps in, the raw prediction out.
+
+    ``batches_steps``: whether :meth:`decode` takes several steps' timesteps in one batch (not where ControlNet
+    residuals of this step enter the decoder)."""
+
+    batches_steps: bool
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The full forward: x (B, C, h, w) at timesteps (B,) to the prediction (B, C_out, h, w)."""
@@ -90,6 +95,7 @@ class DiffusersUNetCall:
         self.added_cond_kwargs = added_cond_kwargs
         self.down_residuals = down_block_additional_residuals
         self.mid_residual = mid_block_additional_residual
+        self.batches_steps = True  # ControlNet residuals enter at encode time
 
     def _repeated(self, times: int) -> tuple[torch.Tensor, dict | None]:
         added = self.added_cond_kwargs
@@ -184,6 +190,7 @@ class ComfyUNetCall:
         self.y = y
         self.control = control
         self.transformer_options = transformer_options
+        self.batches_steps = control is None  # ComfyUI adds a ControlNet's skip residuals in the decoder
         self._openaimodel = comfy_module("comfy.ldm.modules.diffusionmodules.openaimodel")
         self._util = comfy_module("comfy.ldm.modules.diffusionmodules.util")
 

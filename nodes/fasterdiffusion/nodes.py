@@ -7,7 +7,7 @@ of wrappers on a clone of the user's MODEL. See :mod:`.propagation` for the algo
 from __future__ import annotations
 
 from ..sampling.patches import patch_model
-from .propagation import (DEFAULT_INTERVAL, DEFAULT_MAX_GROUP, KEY_MODES, NOISE_ALPHA, NOISE_TAU,
+from .propagation import (DEFAULT_INTERVAL, DEFAULT_MAX_GROUP, DEFAULT_PARALLEL, KEY_MODES, NOISE_ALPHA, NOISE_TAU,
                           EncoderPropagation)
 
 CATEGORY = "atelier/acceleration"
@@ -43,9 +43,10 @@ class AtelierFasterDiffusion:
                                                  "off)."}),
             "noise_tau": ("INT", {"default": NOISE_TAU, "min": 0, "max": 1000, "step": 1,
                                   "tooltip": "Noise injection applies at timesteps below this (of 1000)."}),
-            "parallel": ("BOOLEAN", {"default": False,
-                                     "tooltip": "Decode a key step and the steps after it in one batch: faster on a "
-                                                "GPU, more memory; same picture. Not under a ControlNet."}),
+            "parallel": ("BOOLEAN", {"default": DEFAULT_PARALLEL,
+                                     "tooltip": "Decode a key step and the steps after it in one batch (the "
+                                                "authors' way): faster, more memory, same picture. Under a "
+                                                "ControlNet in ComfyUI the steps are decoded one by one."}),
             "max_group": ("INT", {"default": DEFAULT_MAX_GROUP, "min": 1, "max": MAX_GROUP, "step": 1,
                                   "tooltip": "Parallel mode: at most this many steps decoded in one batch."}),
         }}

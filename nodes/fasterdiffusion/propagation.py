@@ -47,6 +47,9 @@ DEFAULT_INTERVAL = 4  # Source: official README, uniform mode for community (Civ
 NOISE_ALPHA = 0.003  # Source: official utils_sd.py, latents + 0.003*init_latents
 NOISE_TAU = 500  # Source: official utils_sd.py, t/1000 < 0.5
 DEFAULT_MAX_GROUP = 10  # our choice: the default set's largest groups (10 and 15 steps) are split to bound memory
+# Parallel decoding is the official code's only mode (its forward always decodes a key step's span in one batch);
+# it is faster on the CPU too (bench/acceleration.py)
+DEFAULT_PARALLEL = True
 
 
 def key_steps(count: int, mode: str = "paper", interval: int = DEFAULT_INTERVAL) -> frozenset[int]:
@@ -83,7 +86,7 @@ class EncoderPropagation:
     """
 
     def __init__(self, mode: str = "paper", interval: int = DEFAULT_INTERVAL, noise_alpha: float = NOISE_ALPHA,
-                 noise_tau: float = NOISE_TAU, parallel: bool = False, max_group: int = DEFAULT_MAX_GROUP):
+                 noise_tau: float = NOISE_TAU, parallel: bool = DEFAULT_PARALLEL, max_group: int = DEFAULT_MAX_GROUP):
         key_steps(1, mode, interval)  # checks mode and interval
         if noise_alpha < 0 or not 0 <= noise_tau <= 1000 or max_group < 1:
             raise ValueError(f"noise_alpha must be >= 0, noise_tau in [0, 1000], max_group >= 1; got {noise_alpha}, "
@@ -137,13 +140,15 @@ class EncoderPropagation:
             self._decoded.clear()
         slot = self._slot(index, x)
         keys = self.keys(steps)
-        if index not in keys and slot in self._features:
-            decoded = self._decoded.pop((slot, index), None)
-            return decoded if decoded is not None else call.decode(self._features[slot], timesteps)
-        features = call.encode(x, timesteps)
-        self._features[slot] = features
-        if not self.parallel:
+        if index in keys or slot not in self._features:
+            self._features[slot] = call.encode(x, timesteps)
+            self._decoded = {key: value for key, value in self._decoded.items() if key[0] != slot}
+        elif (slot, index) in self._decoded:
+            return self._decoded.pop((slot, index))
+        features = self._features[slot]
+        if not (self.parallel and call.batches_steps):
             return call.decode(features, timesteps)
+        # parallel: this step and the non-key steps after it (at most max_group) in one decoder batch
         group = [index]
         while len(group) < self.max_group and group[-1] + 1 < steps.count and group[-1] + 1 not in keys:
             group.append(group[-1] + 1)

@@ -280,10 +280,10 @@ def test_noiseshift_calibrates_and_patches_comfyuis_own_model_as_standalone(comf
     assert not np.array_equal(comfy_image, comfy_plain)  # the patch reached ComfyUI's sampler
 
 
-def faster_diffusion_prompt(checkpoint: str) -> dict:
-    """DDIM at 8 steps three times with one seed: on the plain MODEL, through Faster Diffusion with every step a key
-    step and no injection, and through Faster Diffusion's defaults (the paper's set scaled to 8 steps: keys 0, 1, 2,
-    4, 6; parallel decoding)."""
+def acceleration_prompt(checkpoint: str) -> dict:
+    """DDIM at 8 steps four times with one seed: on the plain MODEL, through Faster Diffusion with every step a key
+    step and no injection, through Faster Diffusion's defaults (the paper's set scaled to 8 steps: keys 0, 1, 2, 4,
+    6; parallel decoding), and through T-Stitch with the model itself as the small model."""
     sampling = {"seed": SEED, "steps": 8, "cfg": 7.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
                 "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
     prompt = {
@@ -297,8 +297,10 @@ def faster_diffusion_prompt(checkpoint: str) -> dict:
         "21": {"class_type": "AtelierFasterDiffusion", "inputs": {
             "model": ["4", 0], "key_steps": "paper", "interval": 4, "noise_alpha": 0.003, "noise_tau": 500,
             "parallel": True, "max_group": 10}},
+        "22": {"class_type": "AtelierTStitch", "inputs": {"model": ["4", 0], "small_model": ["4", 0], "ratio": 0.4}},
     }
-    for save, model in ((FD_PLAIN, ["4", 0]), (FD_EVERY_STEP, ["20", 0]), (FD_PAPER, ["21", 0])):
+    for save, model in ((FD_PLAIN, ["4", 0]), (FD_EVERY_STEP, ["20", 0]), (FD_PAPER, ["21", 0]),
+                        (TSTITCH_SAME, ["22", 0])):
         sample, decode = str(int(save) + 1), str(int(save) + 2)
         prompt[sample] = {"class_type": "KSampler", "inputs": {"model": model, **sampling}}
         prompt[decode] = {"class_type": "VAEDecode", "inputs": {"samples": [sample, 0], "vae": ["4", 2]}}
@@ -307,17 +309,22 @@ def faster_diffusion_prompt(checkpoint: str) -> dict:
     return prompt
 
 
-FD_PLAIN, FD_EVERY_STEP, FD_PAPER = "30", "40", "50"  # the SaveImage nodes of faster_diffusion_prompt
+# the SaveImage nodes of acceleration_prompt
+FD_PLAIN, FD_EVERY_STEP, FD_PAPER, TSTITCH_SAME = "30", "40", "50", "60"
 
 
-def test_faster_diffusion_patches_comfyuis_own_ksampler_as_standalone(comfyui_server, random_sd15_models, atelier):
-    """Faster Diffusion's wrappers run under ComfyUI's own KSampler through the UNet split of ComfyUI's UNetModel:
-    with every step a key step the picture is the unpatched KSampler's, bit for bit; with the paper's set it
-    changes, and it is the standalone run's picture (Atelier's split of the diffusers UNet, Atelier's KSampler)."""
-    prompt = faster_diffusion_prompt(random_sd15_models.checkpoint)
+def test_acceleration_patches_run_under_comfyuis_own_ksampler_as_standalone(comfyui_server, random_sd15_models,
+                                                                            atelier):
+    """Faster Diffusion's and T-Stitch's wrappers run under ComfyUI's own KSampler through the UNet split of ComfyUI's
+    UNetModel: with every step a key step, or with the model stitched to itself, the picture is the unpatched
+    KSampler's, bit for bit; with the paper's set it changes, and it is the standalone run's picture (Atelier's split
+    of the diffusers UNet, Atelier's KSampler)."""
+    prompt = acceleration_prompt(random_sd15_models.checkpoint)
     comfy_images = comfyui_server.run(prompt)
-    (plain,), (every_step,), (paper,) = (comfy_images[node] for node in (FD_PLAIN, FD_EVERY_STEP, FD_PAPER))
+    (plain,), (every_step,), (paper,), (stitched,) = (comfy_images[node] for node in (FD_PLAIN, FD_EVERY_STEP,
+                                                                                      FD_PAPER, TSTITCH_SAME))
     assert np.array_equal(every_step, plain)
+    assert np.array_equal(stitched, plain)
     assert not np.array_equal(paper, plain)
     (atelier_paper,) = atelier.run(prompt)[FD_PAPER]
     measured = psnr(paper, atelier_paper)

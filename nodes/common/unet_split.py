@@ -48,6 +48,12 @@ class UNetCall(Protocol):
     residuals of this step enter the decoder)."""
 
     batches_steps: bool
+    dtype: torch.dtype  # the network's: inputs are cast to it
+
+    def with_network(self, network: Any, dtype: torch.dtype) -> UNetCall:
+        """The same call (conditioning, not ControlNet residuals) on another network of the same host and family
+        (T-Stitch's small model), which computes in ``dtype``."""
+        ...
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The full forward: x (B, C, h, w) at timesteps (B,) to the prediction (B, C_out, h, w)."""
@@ -96,6 +102,13 @@ class DiffusersUNetCall:
         self.down_residuals = down_block_additional_residuals
         self.mid_residual = mid_block_additional_residual
         self.batches_steps = True  # ControlNet residuals enter at encode time
+        self.dtype = unet.dtype
+
+    def with_network(self, network: Any, dtype: torch.dtype) -> DiffusersUNetCall:
+        added = self.added_cond_kwargs
+        if added is not None:
+            added = {name: value.to(dtype) for name, value in added.items()}
+        return DiffusersUNetCall(network, self.encoder_hidden_states.to(dtype), added)
 
     def _repeated(self, times: int) -> tuple[torch.Tensor, dict | None]:
         added = self.added_cond_kwargs
@@ -177,8 +190,10 @@ class ComfyUNetCall:
     """
 
     def __init__(self, diffusion_model: Any, context: torch.Tensor | None, y: torch.Tensor | None, control: Any,
-                 transformer_options: dict, **kwargs: Any):
-        """
+                 transformer_options: dict, dtype: torch.dtype | None = None, **kwargs: Any):
+        """``dtype``: what the network computes in (ComfyUI's manual cast may differ from the weights'); default
+        the network's own.
+
         Raises:
             ValueError: keywords this split does not pass on (video UNets), or a codebook head.
         """
@@ -191,8 +206,17 @@ class ComfyUNetCall:
         self.control = control
         self.transformer_options = transformer_options
         self.batches_steps = control is None  # ComfyUI adds a ControlNet's skip residuals in the decoder
+        self.dtype = diffusion_model.dtype if dtype is None else dtype
+        self.extra = kwargs
         self._openaimodel = comfy_module("comfy.ldm.modules.diffusionmodules.openaimodel")
         self._util = comfy_module("comfy.ldm.modules.diffusionmodules.util")
+
+    def with_network(self, network: Any, dtype: torch.dtype) -> ComfyUNetCall:
+        def cast(value):
+            return None if value is None else value.to(dtype)
+
+        return ComfyUNetCall(network, cast(self.context), cast(self.y), None, self.transformer_options, dtype,
+                             **self.extra)
 
     def _embedding(self, timesteps: torch.Tensor, dtype: torch.dtype, y: torch.Tensor | None) -> torch.Tensor:
         model = self.model

@@ -133,7 +133,7 @@ def _comfy_diffusion_model_wrapper(patch: SamplingPatch) -> Callable:
         steps = transformer_options.get(STEPS_OPTION)
         if steps is None:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        call = ComfyUNetCall(executor.class_obj, context, y, control, transformer_options, **kwargs)
+        call = ComfyUNetCall(executor.class_obj, context, y, control, transformer_options, x.dtype, **kwargs)
         return patch.unet(call, x, timesteps, steps)
 
     return wrapper

@@ -13,13 +13,16 @@ Two models:
    for every arm).
 
 Arms: Faster Diffusion with the node's defaults (the paper's key steps, prior noise injection, parallel decoding in
-groups of at most 10), and with the encoder every second step (uniform, m = 2).
+groups of at most 10), and with the encoder every second step (uniform, m = 2); T-Stitch at r = 0.4 with a small
+model of a quarter the width (full-size model only: the embedded family has no trained small model; passes counted
+are the large UNet's).
 
     python bench/acceleration.py [--quick]
 
 ``--quick``: 128×128 for the full-size model, one timed run per side, 40 captions; the full run: 256×256, two timed
 runs per side, 200 captions. Ends with ``BENCH acceleration faster_diffusion_speedup=... ...``; the issue's targets
-on this CPU: Faster Diffusion >= 1.6x at DDIM-50, losing at most 0.03 of colour or position accuracy.
+on this CPU: Faster Diffusion >= 1.6x at DDIM-50, losing at most 0.03 of colour or position accuracy; T-Stitch
+>= 1.4x.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 
 from bench.embedded_model import FULL_CAPTIONS, QUICK_CAPTIONS, NodeGenerator, accuracy  # noqa: E402
 from bench.sampler import build_pipeline  # noqa: E402
@@ -46,10 +50,12 @@ from nodes.generation.nodes import AtelierTextEncode  # noqa: E402
 from nodes.models.clip import Clip  # noqa: E402
 from nodes.models.loading import SHIPPED_MODELS, LoadedModel  # noqa: E402
 from nodes.models.refs import ModelRef  # noqa: E402
+from nodes.tstitch.nodes import AtelierTStitch  # noqa: E402
 from web.nodes_latent import EmptyLatentImage  # noqa: E402
 from web.nodes_sampling import KSampler  # noqa: E402
 
 CFG, SEED = 7.5, 0
+TSTITCH_RATIO = 0.4  # the issue's r
 PROMPT, NEGATIVE = "a photo of a cat sitting on a wooden table, soft light", "blurry, low quality"
 SOLVERS = {"ddim50": ("ddim", "ddim_uniform", 50), "dpmpp20": ("dpmpp_2m", "normal", 20)}
 QUICK = {"size": 128, "runs": 1, "captions": QUICK_CAPTIONS}
@@ -117,22 +123,40 @@ def time_arms(arms: dict[str, ModelRef], solver: str, positive, negative, latent
     return {name: (statistics.median(times[name]), counts[name]) for name in arms}
 
 
+def quarter_width(pipeline) -> ModelRef:
+    """T-Stitch's small model: SD1.5's UNet at a quarter of its widths (80, 160, 320, 320; GroupNorm in 16 groups,
+    as 32 does not divide 80), random weights, with the large model's text encoder, VAE and schedule."""
+    config = dict(pipeline.unet.config)
+    config.update(block_out_channels=[width // 4 for width in config["block_out_channels"]], norm_num_groups=16)
+    torch.manual_seed(SEED + 1)
+    unet = UNet2DConditionModel.from_config(config).requires_grad_(False)
+    small = StableDiffusionPipeline(**{**pipeline.components, "unet": unet})
+    report(f"T-Stitch small model: {sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M parameters against "
+           f"{sum(p.numel() for p in pipeline.unet.parameters()) / 1e6:.0f} M")
+    return _ref(small, "random sd15 quarter width")
+
+
+def _ref(pipeline, source: str) -> ModelRef:
+    schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), "epsilon")
+    return ModelRef(LoadedModel(pipeline=pipeline, family="sd1", schedule=schedule, dtype=torch.float32,
+                                device=torch.device("cpu"), source=source))
+
+
 def full_size(size: int, runs: int) -> dict[str, float]:
     """Speedups and pass counts on the random full-size SD1.5 UNet."""
     torch.set_grad_enabled(False)
     pipeline = build_pipeline("sd15", torch.device("cpu"), torch.float32)
-    schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), "epsilon")
-    plain = ModelRef(LoadedModel(pipeline=pipeline, family="sd1", schedule=schedule, dtype=torch.float32,
-                                 device=torch.device("cpu"), source="random sd15"))
+    plain = _ref(pipeline, "random sd15")
     counter = CallCounter(pipeline.unet)
     clip = Clip(plain)
     positive, = AtelierTextEncode().encode(clip, PROMPT, "auto")
     negative, = AtelierTextEncode().encode(clip, NEGATIVE, "auto")
     latent = EmptyLatentImage().generate(size, size, 1)[0]
+    stitched = AtelierTStitch().patch(plain, quarter_width(pipeline), TSTITCH_RATIO)[0]
     figures = {}
     for solver in SOLVERS:
-        results = time_arms({"plain": plain, **{name: make(plain) for name, make in TECHNIQUES.items()}}, solver,
-                            positive, negative, latent, runs, counter)
+        arms = {"plain": plain, **{name: make(plain) for name, make in TECHNIQUES.items()}, "tstitch": stitched}
+        results = time_arms(arms, solver, positive, negative, latent, runs, counter)
         plain_s, (plain_passes, _) = results.pop("plain")
         for name, (seconds, (encoder, decoder)) in results.items():
             speedup = plain_s / seconds

@@ -283,7 +283,8 @@ def test_noiseshift_calibrates_and_patches_comfyuis_own_model_as_standalone(comf
 def acceleration_prompt(checkpoint: str) -> dict:
     """DDIM at 8 steps four times with one seed: on the plain MODEL, through Faster Diffusion with every step a key
     step and no injection, through Faster Diffusion's defaults (the paper's set scaled to 8 steps: keys 0, 1, 2, 4,
-    6; parallel decoding), and through T-Stitch with the model itself as the small model."""
+    6; parallel decoding), and through T-Stitch with the model itself as the small model; and SamplerCustom with
+    the SADA sampler (Euler, 16 steps, its ranges shrunk to them)."""
     sampling = {"seed": SEED, "steps": 8, "cfg": 7.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
                 "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
     prompt = {
@@ -298,6 +299,16 @@ def acceleration_prompt(checkpoint: str) -> dict:
             "model": ["4", 0], "key_steps": "paper", "interval": 4, "noise_alpha": 0.003, "noise_tau": 500,
             "parallel": True, "max_group": 10}},
         "22": {"class_type": "AtelierTStitch", "inputs": {"model": ["4", 0], "small_model": ["4", 0], "ratio": 0.4}},
+        "23": {"class_type": "AtelierSADASampler", "inputs": {
+            "solver": "euler", "acc_start": 3, "acc_end": 14, "lagrange_step": 8, "lagrange_int": 4,
+            "lagrange_term": 4, "max_interval": 4}},
+        "24": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "normal", "steps": 16,
+                                                         "denoise": 1.0}},
+        "71": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["4", 0], "add_noise": True, "noise_seed": SEED, "cfg": 7.0, "positive": ["6", 0],
+            "negative": ["7", 0], "sampler": ["23", 0], "sigmas": ["24", 0], "latent_image": ["5", 0]}},
+        "72": {"class_type": "VAEDecode", "inputs": {"samples": ["71", 0], "vae": ["4", 2]}},
+        SADA_SAVE: {"class_type": "SaveImage", "inputs": {"filename_prefix": "sada", "images": ["72", 0]}},
     }
     for save, model in ((FD_PLAIN, ["4", 0]), (FD_EVERY_STEP, ["20", 0]), (FD_PAPER, ["21", 0]),
                         (TSTITCH_SAME, ["22", 0])):
@@ -310,13 +321,13 @@ def acceleration_prompt(checkpoint: str) -> dict:
 
 
 # the SaveImage nodes of acceleration_prompt
-FD_PLAIN, FD_EVERY_STEP, FD_PAPER, TSTITCH_SAME = "30", "40", "50", "60"
+FD_PLAIN, FD_EVERY_STEP, FD_PAPER, TSTITCH_SAME, SADA_SAVE = "30", "40", "50", "60", "70"
 
 
 def test_acceleration_patches_run_under_comfyuis_own_ksampler_as_standalone(comfyui_server, random_sd15_models,
                                                                             atelier):
-    """Faster Diffusion's and T-Stitch's wrappers run under ComfyUI's own KSampler through the UNet split of ComfyUI's
-    UNetModel: with every step a key step, or with the model stitched to itself, the picture is the unpatched
+    """SADA's sampler runs under ComfyUI's SamplerCustom as standalone; Faster Diffusion's and T-Stitch's wrappers
+    run under ComfyUI's own KSampler through the UNet split of ComfyUI's UNetModel: with every step a key step, or with the model stitched to itself, the picture is the unpatched
     KSampler's, bit for bit; with the paper's set it changes, and it is the standalone run's picture (Atelier's split
     of the diffusers UNet, Atelier's KSampler)."""
     prompt = acceleration_prompt(random_sd15_models.checkpoint)
@@ -326,8 +337,11 @@ def test_acceleration_patches_run_under_comfyuis_own_ksampler_as_standalone(comf
     assert np.array_equal(every_step, plain)
     assert np.array_equal(stitched, plain)
     assert not np.array_equal(paper, plain)
-    (atelier_paper,) = atelier.run(prompt)[FD_PAPER]
-    measured = psnr(paper, atelier_paper)
+    atelier_images = atelier.run(prompt)
+    measured = psnr(paper, atelier_images[FD_PAPER][0])
     print(f"Faster Diffusion, ComfyUI against Atelier: {measured:.1f} dB; against ComfyUI's plain KSampler: "
           f"{psnr(paper, plain):.1f} dB")
     assert measured >= TARGET_PSNR_DB
+    sada = psnr(comfy_images[SADA_SAVE][0], atelier_images[SADA_SAVE][0])
+    print(f"SADA under SamplerCustom, ComfyUI against Atelier: {sada:.1f} dB")
+    assert sada >= TARGET_PSNR_DB

@@ -399,16 +399,26 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * ones, **extra_args)
         _report(callback, x, i, sigmas[i], denoised)
-        lam, lam_next = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
-        h = lam_next - lam
-        if old_denoised is None or sigmas[i + 1] == 0:
-            estimate = denoised
-        else:
-            r = (lam - _lambda(sigmas[i - 1])) / h
-            estimate = heavy_ball((1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised)
-        x = (_sigma_of_lambda(lam_next) / _sigma_of_lambda(lam)) * x - (-h).expm1() * estimate
+        x = dpmpp_2m_step(x, sigmas, i, denoised, old_denoised, heavy_ball)
         old_denoised = denoised
     return x
+
+
+def dpmpp_2m_step(x: torch.Tensor, sigmas: torch.Tensor, i: int, denoised: torch.Tensor,
+                  old_denoised: torch.Tensor | None, heavy_ball: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """One DPM-Solver++(2M) step from ``sigmas[i]`` to ``sigmas[i + 1]`` (see :func:`sample_dpmpp_2m`); first order
+    without a previous x̂₀ and into σ = 0. ``heavy_ball`` smooths the second-order estimate (HB-DPM++2M)."""
+    lam, lam_next = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+    h = lam_next - lam
+    if old_denoised is None or sigmas[i + 1] == 0:
+        estimate = denoised
+    else:
+        r = (lam - _lambda(sigmas[i - 1])) / h
+        estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        if heavy_ball is not None:
+            estimate = heavy_ball(estimate)
+    return (_sigma_of_lambda(lam_next) / _sigma_of_lambda(lam)) * x - (-h).expm1() * estimate
 
 
 @torch.no_grad()

@@ -283,8 +283,9 @@ def test_noiseshift_calibrates_and_patches_comfyuis_own_model_as_standalone(comf
 def acceleration_prompt(checkpoint: str) -> dict:
     """DDIM at 8 steps four times with one seed: on the plain MODEL, through Faster Diffusion with every step a key
     step and no injection, through Faster Diffusion's defaults (the paper's set scaled to 8 steps: keys 0, 1, 2, 4,
-    6; parallel decoding), and through T-Stitch with the model itself as the small model; and SamplerCustom with
-    the SADA sampler (Euler, 16 steps, its ranges shrunk to them)."""
+    6; parallel decoding), through T-Stitch with the model itself as the small model, and through feature
+    inheritance with every step full and with its defaults; and SamplerCustom with the SADA sampler (Euler, 16
+    steps, its ranges shrunk to them)."""
     sampling = {"seed": SEED, "steps": 8, "cfg": 7.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
                 "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
     prompt = {
@@ -299,6 +300,12 @@ def acceleration_prompt(checkpoint: str) -> dict:
             "model": ["4", 0], "key_steps": "paper", "interval": 4, "noise_alpha": 0.003, "noise_tau": 500,
             "parallel": True, "max_group": 10}},
         "22": {"class_type": "AtelierTStitch", "inputs": {"model": ["4", 0], "small_model": ["4", 0], "ratio": 0.4}},
+        "25": {"class_type": "AtelierFeatureInheritance", "inputs": {
+            "model": ["4", 0], "granularity": "layer", "mode": "uniform", "interval": 1, "front": 0.0,
+            "min_level": 0}},
+        "26": {"class_type": "AtelierFeatureInheritance", "inputs": {
+            "model": ["4", 0], "granularity": "layer", "mode": "front_dense", "interval": 2, "front": 0.2,
+            "min_level": 2}},
         "23": {"class_type": "AtelierSADASampler", "inputs": {
             "solver": "euler", "acc_start": 3, "acc_end": 14, "lagrange_step": 8, "lagrange_int": 4,
             "lagrange_term": 4, "max_interval": 4}},
@@ -311,7 +318,7 @@ def acceleration_prompt(checkpoint: str) -> dict:
         SADA_SAVE: {"class_type": "SaveImage", "inputs": {"filename_prefix": "sada", "images": ["72", 0]}},
     }
     for save, model in ((FD_PLAIN, ["4", 0]), (FD_EVERY_STEP, ["20", 0]), (FD_PAPER, ["21", 0]),
-                        (TSTITCH_SAME, ["22", 0])):
+                        (TSTITCH_SAME, ["22", 0]), (FI_EVERY_STEP, ["25", 0]), (FI_DEFAULT, ["26", 0])):
         sample, decode = str(int(save) + 1), str(int(save) + 2)
         prompt[sample] = {"class_type": "KSampler", "inputs": {"model": model, **sampling}}
         prompt[decode] = {"class_type": "VAEDecode", "inputs": {"samples": [sample, 0], "vae": ["4", 2]}}
@@ -321,13 +328,16 @@ def acceleration_prompt(checkpoint: str) -> dict:
 
 
 # the SaveImage nodes of acceleration_prompt
-FD_PLAIN, FD_EVERY_STEP, FD_PAPER, TSTITCH_SAME, SADA_SAVE = "30", "40", "50", "60", "70"
+FD_PLAIN, FD_EVERY_STEP, FD_PAPER, TSTITCH_SAME, SADA_SAVE, FI_EVERY_STEP, FI_DEFAULT = "30", "40", "50", "60", "70", \
+    "80", "90"
 
 
 def test_acceleration_patches_run_under_comfyuis_own_ksampler_as_standalone(comfyui_server, random_sd15_models,
                                                                             atelier):
-    """SADA's sampler runs under ComfyUI's SamplerCustom as standalone; Faster Diffusion's and T-Stitch's wrappers
-    run under ComfyUI's own KSampler through the UNet split of ComfyUI's UNetModel: with every step a key step, or with the model stitched to itself, the picture is the unpatched
+    """SADA's sampler runs under ComfyUI's SamplerCustom as standalone; Faster Diffusion's, T-Stitch's and feature
+    inheritance's wrappers run under ComfyUI's own KSampler through the UNet split of ComfyUI's UNetModel (every
+    step full, or the model stitched to itself: the plain picture, bit for bit; feature inheritance's defaults:
+    the standalone picture): with every step a key step, or with the model stitched to itself, the picture is the unpatched
     KSampler's, bit for bit; with the paper's set it changes, and it is the standalone run's picture (Atelier's split
     of the diffusers UNet, Atelier's KSampler)."""
     prompt = acceleration_prompt(random_sd15_models.checkpoint)
@@ -336,12 +346,17 @@ def test_acceleration_patches_run_under_comfyuis_own_ksampler_as_standalone(comf
                                                                                       FD_PAPER, TSTITCH_SAME))
     assert np.array_equal(every_step, plain)
     assert np.array_equal(stitched, plain)
+    assert np.array_equal(comfy_images[FI_EVERY_STEP][0], plain)
     assert not np.array_equal(paper, plain)
     atelier_images = atelier.run(prompt)
     measured = psnr(paper, atelier_images[FD_PAPER][0])
     print(f"Faster Diffusion, ComfyUI against Atelier: {measured:.1f} dB; against ComfyUI's plain KSampler: "
           f"{psnr(paper, plain):.1f} dB")
     assert measured >= TARGET_PSNR_DB
+    inherited = psnr(comfy_images[FI_DEFAULT][0], atelier_images[FI_DEFAULT][0])
+    print(f"Feature inheritance, ComfyUI against Atelier: {inherited:.1f} dB; against ComfyUI's plain KSampler: "
+          f"{psnr(comfy_images[FI_DEFAULT][0], plain):.1f} dB")
+    assert inherited >= TARGET_PSNR_DB and not np.array_equal(comfy_images[FI_DEFAULT][0], plain)
     sada = psnr(comfy_images[SADA_SAVE][0], atelier_images[SADA_SAVE][0])
     print(f"SADA under SamplerCustom, ComfyUI against Atelier: {sada:.1f} dB")
     assert sada >= TARGET_PSNR_DB

@@ -49,6 +49,7 @@ class UNetCall(Protocol):
 
     batches_steps: bool
     dtype: torch.dtype  # the network's: inputs are cast to it
+    network: torch.nn.Module  # the UNet itself (feature inheritance wraps its layers)
 
     def with_network(self, network: Any, dtype: torch.dtype) -> UNetCall:
         """The same call (conditioning, not ControlNet residuals) on another network of the same host and family
@@ -96,7 +97,7 @@ class DiffusersUNetCall:
                              f"SDXL's text_time; got addition_embed_type {config.addition_embed_type!r}")
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError("ControlNet residuals come as both the down-block and the mid-block ones, or neither")
-        self.unet = unet
+        self.unet = self.network = unet
         self.encoder_hidden_states = encoder_hidden_states
         self.added_cond_kwargs = added_cond_kwargs
         self.down_residuals = down_block_additional_residuals
@@ -200,7 +201,7 @@ class ComfyUNetCall:
         unexpected = {name for name, value in kwargs.items() if value is not None}
         if unexpected or diffusion_model.predict_codebook_ids:
             raise ValueError(f"the UNet split serves image UNets; got {sorted(unexpected) or 'a codebook head'}")
-        self.model = diffusion_model
+        self.model = self.network = diffusion_model
         self.context = context
         self.y = y
         self.control = control

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from ..common.unet_split import UNetCall, UNetFeatures
-from ..sampling.patches import StepSchedule
+from ..sampling.patches import CallSlots, StepSchedule
 
 KEY_MODES = ("paper", "uniform")
 # Source: official utils_sd.py, the default "50ls" set.
@@ -97,7 +97,7 @@ class EncoderPropagation:
         self._features: dict[tuple, UNetFeatures] = {}
         self._decoded: dict[tuple, torch.Tensor] = {}  # parallel mode: predictions of the coming non-key steps
         self._initial: dict[tuple, torch.Tensor] = {}  # z_T of each batch shape, for the injection
-        self._step, self._calls = -1, 0  # the step of the last UNet call, and how many calls it has had
+        self._slots = CallSlots()
         self._injected_step = -1
 
     def keys(self, steps: StepSchedule) -> frozenset[int]:
@@ -124,21 +124,12 @@ class EncoderPropagation:
         delta = self.noise_alpha * self._initial[shape] * math.sqrt(1 + level ** 2)
         return apply(x + delta) + delta * (next_level / (level - next_level))
 
-    def _slot(self, index: int, x: torch.Tensor) -> tuple:
-        """Which of the step's model calls this is, with its shape: the cache key that finds this call's features
-        at the next steps."""
-        if index != self._step:
-            self._step, self._calls = index, 0
-        slot = (self._calls, tuple(x.shape))
-        self._calls += 1
-        return slot
-
     def unet(self, call: UNetCall, x: torch.Tensor, timesteps: torch.Tensor, steps: StepSchedule) -> torch.Tensor:
         index = steps.index_of_timestep(timesteps.reshape(-1)[0])
-        if index == 0 and self._step != 0:  # a new run
+        if index == 0 and self._slots.step != 0:  # a new run
             self._features.clear()
             self._decoded.clear()
-        slot = self._slot(index, x)
+        slot = self._slots.name(index, x)
         keys = self.keys(steps)
         if index in keys or slot not in self._features:
             self._features[slot] = call.encode(x, timesteps)

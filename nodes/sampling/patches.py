@@ -63,6 +63,28 @@ class StepSchedule:
         return int((self.timesteps - float(timestep)).abs().argmin())
 
 
+class CallSlots:
+    """Names the model calls of a run's steps, so that a patch finds at step j what it kept for the same call at
+    step i: the host evaluates a step in one call (both guidance halves) or in several (each half, or batches it
+    chose), the same way every step. A slot is (the call's rank within its step, the input's shape)."""
+
+    def __init__(self):
+        self._step, self._calls = -1, 0
+
+    @property
+    def step(self) -> int:
+        """The step of the last call named; -1 before the first."""
+        return self._step
+
+    def name(self, index: int, x: torch.Tensor) -> tuple:
+        """The slot of a call at step ``index`` with input ``x``."""
+        if index != self._step:
+            self._step, self._calls = index, 0
+        slot = (self._calls, tuple(x.shape))
+        self._calls += 1
+        return slot
+
+
 class SamplingPatch(Protocol):
     """What a step-aware patch provides; either hook may pass straight through."""
 

@@ -13,21 +13,24 @@ Two models:
    for every arm).
 
 Arms: Faster Diffusion with the node's defaults (the paper's key steps, prior noise injection, parallel decoding in
-groups of at most 10), and with the encoder every second step (uniform, m = 2); T-Stitch at r = 0.4 with a small
-model of a quarter the width (full-size model only: the embedded family has no trained small model; passes counted
-are the large UNet's).
+groups of at most 10), and with the encoder every second step (uniform, m = 2); SADA with its defaults, step
+skipping and token pruning (Euler at DDIM-50's sigmas, DPM++ 2M at 20 steps; through SamplerCustom), and without
+its Lagrange phase (the stability criterion up to step 47); feature
+inheritance with the node's defaults (our settings); T-Stitch at r = 0.4 with a small model of a quarter the width (full-size model only: the embedded family
+has no trained small model; the passes counted are the large UNet's).
 
     python bench/acceleration.py [--quick]
 
 ``--quick``: 128×128 for the full-size model, one timed run per side, 40 captions; the full run: 256×256, two timed
 runs per side, 200 captions. Ends with ``BENCH acceleration faster_diffusion_speedup=... ...``; the issue's targets
-on this CPU: Faster Diffusion >= 1.6x at DDIM-50, losing at most 0.03 of colour or position accuracy; T-Stitch
->= 1.4x.
+on this CPU: Faster Diffusion >= 1.6x and SADA >= 1.5x at DDIM-50, each losing at most 0.03 of colour or position
+accuracy; T-Stitch >= 1.4x.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -50,9 +53,11 @@ from nodes.generation.nodes import AtelierTextEncode  # noqa: E402
 from nodes.models.clip import Clip  # noqa: E402
 from nodes.models.loading import SHIPPED_MODELS, LoadedModel  # noqa: E402
 from nodes.models.refs import ModelRef  # noqa: E402
+from nodes.inheritance.nodes import AtelierFeatureInheritance  # noqa: E402
+from nodes.sada.nodes import AtelierSADA  # noqa: E402
 from nodes.tstitch.nodes import AtelierTStitch  # noqa: E402
 from web.nodes_latent import EmptyLatentImage  # noqa: E402
-from web.nodes_sampling import KSampler  # noqa: E402
+from web.nodes_sampling import BasicScheduler, KSampler, SamplerCustom  # noqa: E402
 
 CFG, SEED = 7.5, 0
 TSTITCH_RATIO = 0.4  # the issue's r
@@ -73,11 +78,30 @@ def faster_diffusion(**settings) -> Callable[[ModelRef], ModelRef]:
     return lambda model: AtelierFasterDiffusion().patch(model, **{**defaults, **settings})[0]
 
 
-# arm -> the MODEL it samples with; each runs at both solvers. faster_diffusion_uniform2: the encoder every second
-# step, the setting that keeps the embedded model's accuracy (README, "Faster Diffusion")
-TECHNIQUES: dict[str, Callable[[ModelRef], ModelRef]] = {
-    "faster_diffusion": faster_diffusion(),
-    "faster_diffusion_uniform2": faster_diffusion(key_steps="uniform", interval=2),
+def feature_inheritance(model: ModelRef) -> ModelRef:
+    """The Feature Inheritance node with its defaults."""
+    defaults = {name: spec[1]["default"] for name, spec in
+                AtelierFeatureInheritance.INPUT_TYPES()["required"].items() if name != "model"}
+    return AtelierFeatureInheritance().patch(model, **defaults)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """What an arm samples with: its MODEL, and with ``sada`` SADA's node (its MODEL and SAMPLER, through
+    SamplerCustom), its defaults but for ``sada``'s settings, instead of the solver."""
+
+    model: ModelRef
+    sada: dict | None = None
+
+
+# arm -> how it is made from the plain MODEL; each runs at both solvers. faster_diffusion_uniform2: the encoder every
+# second step, the setting that keeps the embedded model's accuracy (README, "Faster Diffusion")
+TECHNIQUES: dict[str, Callable[[ModelRef], Arm]] = {
+    "faster_diffusion": lambda model: Arm(faster_diffusion()(model)),
+    "faster_diffusion_uniform2": lambda model: Arm(faster_diffusion(key_steps="uniform", interval=2)(model)),
+    "sada": lambda model: Arm(model, sada={}),
+    "sada_no_lagrange": lambda model: Arm(model, sada={"lagrange_term": 0}),
+    "feature_inheritance": lambda model: Arm(feature_inheritance(model)),
 }
 
 
@@ -98,13 +122,22 @@ class CallCounter:
         return counts
 
 
-def sample(model: ModelRef, solver: str, positive, negative, latent: dict, seed: int) -> torch.Tensor:
+def sample(arm: Arm, solver: str, positive, negative, latent: dict, seed: int) -> torch.Tensor:
+    """KSampler at the solver's settings; SADA's arm: SamplerCustom with the SADA node's MODEL and SAMPLER on the
+    solver's sigmas (DDIM is Euler on the ddim_uniform schedule)."""
     sampler_name, scheduler, steps = SOLVERS[solver]
-    return KSampler().sample(model, seed, steps, CFG, sampler_name, scheduler, positive, negative, latent,
-                             1.0)[0]["samples"]
+    if arm.sada is None:
+        return KSampler().sample(arm.model, seed, steps, CFG, sampler_name, scheduler, positive, negative, latent,
+                                 1.0)[0]["samples"]
+    defaults = {name: spec[1]["default"] for name, spec in AtelierSADA.INPUT_TYPES()["required"].items()
+                if name not in ("model", "solver")}
+    model, sampler = AtelierSADA().build(arm.model, "dpmpp_2m" if sampler_name == "dpmpp_2m" else "euler",
+                                         **{**defaults, **arm.sada})
+    (sigmas,) = BasicScheduler().get_sigmas(arm.model, scheduler, steps, 1.0)
+    return SamplerCustom().sample(model, True, seed, CFG, positive, negative, sampler, sigmas, latent)[0]["samples"]
 
 
-def time_arms(arms: dict[str, ModelRef], solver: str, positive, negative, latent: dict, runs: int,
+def time_arms(arms: dict[str, Arm], solver: str, positive, negative, latent: dict, runs: int,
               counter: CallCounter) -> dict[str, tuple[float, tuple[int, int]]]:
     """Median seconds per image and (encoder, decoder) passes of each arm, runs alternating between arms."""
     times: dict[str, list[float]] = {name: [] for name in arms}
@@ -155,7 +188,8 @@ def full_size(size: int, runs: int) -> dict[str, float]:
     stitched = AtelierTStitch().patch(plain, quarter_width(pipeline), TSTITCH_RATIO)[0]
     figures = {}
     for solver in SOLVERS:
-        arms = {"plain": plain, **{name: make(plain) for name, make in TECHNIQUES.items()}, "tstitch": stitched}
+        arms = {"plain": Arm(plain), **{name: make(plain) for name, make in TECHNIQUES.items()},
+                "tstitch": Arm(stitched)}
         results = time_arms(arms, solver, positive, negative, latent, runs, counter)
         plain_s, (plain_passes, _) = results.pop("plain")
         for name, (seconds, (encoder, decoder)) in results.items():
@@ -172,10 +206,10 @@ def embedded(captions: int) -> dict[str, float]:
     """Speedups and accuracies on the embedded model at DDIM-50."""
     generator = NodeGenerator(os.path.join(SHIPPED_MODELS, "diffusers", SHIPPED_NAME), 50, CFG)
     scenes = held_out_captions(captions)
-    arms = {"plain": generator.ref, **{name: make(generator.ref) for name, make in TECHNIQUES.items()}}
+    arms = {"plain": Arm(generator.ref), **{name: make(generator.ref) for name, make in TECHNIQUES.items()}}
     images: dict[str, list[torch.Tensor]] = {name: [] for name in arms}
     seconds: dict[str, float] = dict.fromkeys(arms, 0.0)
-    sample(generator.ref, "ddim50", generator.negative, generator.negative, generator.latent, SEED)  # warm-up
+    sample(arms["plain"], "ddim50", generator.negative, generator.negative, generator.latent, SEED)  # warm-up
     for index, scene in enumerate(scenes):
         positive = generator.encode.encode(generator.clip, scene.caption)[0]
         for name, model in arms.items():
@@ -188,7 +222,7 @@ def embedded(captions: int) -> dict[str, float]:
     report(f"embedded {IMAGE_SIZE}² ddim50 plain: colour {plain_colour:.3f}, position {plain_position:.3f}, "
            f"{seconds['plain'] / captions * 1000:.0f} ms per image")
     figures.update(colour_acc_plain=plain_colour, position_acc_plain=plain_position)
-    for name in TECHNIQUES:
+    for name in arms.keys() - {"plain"}:
         colour, position = accuracy(scenes, images[name])
         speedup = seconds["plain"] / seconds[name]
         report(f"embedded {IMAGE_SIZE}² ddim50 {name}: colour {colour:.3f} ({colour - plain_colour:+.3f}), position "
@@ -202,8 +236,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['size']}² full-size runs, {QUICK['runs']} "
                                                              f"timed run per side, {QUICK['captions']} captions")
+    parser.add_argument("--size", type=int, help="the full-size runs' image side (default 256; 128 with --quick)")
     args = parser.parse_args()
-    mode = QUICK if args.quick else FULL
+    mode = {**(QUICK if args.quick else FULL), **({"size": args.size} if args.size else {})}
     torch.set_grad_enabled(False)
     figures = {**full_size(mode["size"], mode["runs"]), **embedded(mode["captions"])}
     fields = " ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"

@@ -284,8 +284,8 @@ def acceleration_prompt(checkpoint: str) -> dict:
     """DDIM at 8 steps four times with one seed: on the plain MODEL, through Faster Diffusion with every step a key
     step and no injection, through Faster Diffusion's defaults (the paper's set scaled to 8 steps: keys 0, 1, 2, 4,
     6; parallel decoding), through T-Stitch with the model itself as the small model, and through feature
-    inheritance with every step full and with its defaults; and SamplerCustom with the SADA sampler (Euler, 16
-    steps, its ranges shrunk to them)."""
+    inheritance with every step full and with its defaults; and SamplerCustom with SADA's MODEL and SAMPLER (Euler,
+    16 steps, its ranges shrunk to them)."""
     sampling = {"seed": SEED, "steps": 8, "cfg": 7.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
                 "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
     prompt = {
@@ -306,14 +306,15 @@ def acceleration_prompt(checkpoint: str) -> dict:
         "26": {"class_type": "AtelierFeatureInheritance", "inputs": {
             "model": ["4", 0], "granularity": "layer", "mode": "front_dense", "interval": 2, "front": 0.2,
             "min_level": 2}},
-        "23": {"class_type": "AtelierSADASampler", "inputs": {
-            "solver": "euler", "acc_start": 3, "acc_end": 14, "lagrange_step": 8, "lagrange_int": 4,
-            "lagrange_term": 4, "max_interval": 4}},
+        "23": {"class_type": "AtelierSADA", "inputs": {
+            "model": ["4", 0], "solver": "euler", "acc_start": 3, "acc_end": 14, "lagrange_step": 8,
+            "lagrange_int": 4, "lagrange_term": 4, "max_interval": 4, "sx": 3, "sy": 3, "max_downsample": 1,
+            "max_fix": 5120}},
         "24": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "normal", "steps": 16,
                                                          "denoise": 1.0}},
         "71": {"class_type": "SamplerCustom", "inputs": {
-            "model": ["4", 0], "add_noise": True, "noise_seed": SEED, "cfg": 7.0, "positive": ["6", 0],
-            "negative": ["7", 0], "sampler": ["23", 0], "sigmas": ["24", 0], "latent_image": ["5", 0]}},
+            "model": ["23", 0], "add_noise": True, "noise_seed": SEED, "cfg": 7.0, "positive": ["6", 0],
+            "negative": ["7", 0], "sampler": ["23", 1], "sigmas": ["24", 0], "latent_image": ["5", 0]}},
         "72": {"class_type": "VAEDecode", "inputs": {"samples": ["71", 0], "vae": ["4", 2]}},
         SADA_SAVE: {"class_type": "SaveImage", "inputs": {"filename_prefix": "sada", "images": ["72", 0]}},
     }
@@ -334,7 +335,7 @@ FD_PLAIN, FD_EVERY_STEP, FD_PAPER, TSTITCH_SAME, SADA_SAVE, FI_EVERY_STEP, FI_DE
 
 def test_acceleration_patches_run_under_comfyuis_own_ksampler_as_standalone(comfyui_server, random_sd15_models,
                                                                             atelier):
-    """SADA's sampler runs under ComfyUI's SamplerCustom as standalone; Faster Diffusion's, T-Stitch's and feature
+    """SADA's sampler and token pruning run under ComfyUI's SamplerCustom as standalone; Faster Diffusion's, T-Stitch's and feature
     inheritance's wrappers run under ComfyUI's own KSampler through the UNet split of ComfyUI's UNetModel (every
     step full, or the model stitched to itself: the plain picture, bit for bit; feature inheritance's defaults:
     the standalone picture): with every step a key step, or with the model stitched to itself, the picture is the unpatched

@@ -5,8 +5,6 @@ step land where it lands from the injected latent; and the patched MODEL runs wh
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -202,16 +200,3 @@ def test_a_patched_model_is_refused_twice_and_by_nodes_with_samplers_of_their_ow
     with pytest.raises(TypeError, match="Atelier's or ComfyUI's MODEL"):
         patch_model(object(), EncoderPropagation())
 
-
-def test_faster_diffusion_workflow_runs_headless_on_the_shipped_model(tmp_path, capsys):
-    from web.cli import main
-
-    workflow = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
-                            "faster_diffusion.json")
-    code = main(["run", workflow, "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"),
-                 "--set", "5.steps=6", "--set", "10.steps=6"])
-    assert code == 0
-    names = [os.path.basename(line.split("output: ")[-1]) for line in capsys.readouterr().out.splitlines()
-             if "output: " in line]
-    assert sum(name.startswith("faster_diffusion_") for name in names) == 4  # four pictures with it
-    assert sum(name.startswith("plain_") for name in names) == 4  # and the same seeds without

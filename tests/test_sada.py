@@ -1,7 +1,7 @@
-"""SADA's step-wise sparsity (techniques.md §4.5, Targets 3 and 8): an empty acceleration range is the plain Euler
-and DPM++ 2M, bit for bit; a trajectory whose ε is affine in z is stable, so calls are skipped, never more than
-max_interval in a row; the Lagrange extrapolation is exact for cubic x̂₀ trajectories; and the sampler node runs
-through SamplerCustom on a tiny model."""
+"""SADA (techniques.md §4.5, Targets 3 and 8): an empty acceleration range is the plain Euler and DPM++ 2M, bit for
+bit; a trajectory whose ε is affine in z is stable, so calls are skipped, never more than max_interval in a row; the
+Lagrange extrapolation is exact for cubic x̂₀ trajectories; windows of one token (sx = sy = 1) equal step skipping
+alone; and the node's MODEL and SAMPLER run through SamplerCustom on a tiny model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from fixtures_models import tiny_sd1, tiny_sd1_prompts  # noqa: F401  (session fixtures)
-from nodes.sada.nodes import AtelierSADASampler
+from nodes.sada.nodes import AtelierSADA
 from nodes.sada.solver import SadaSettings, lagrange_extrapolate, sample_sada
+from nodes.sada.tokens import TokenPruning, TokenScores, window_tokens
 from nodes.sampling.k_samplers import Sampler, run_sampler
 from nodes.sampling.model_sampling import DiscreteModelSampling
 from web.nodes_sampling import BasicScheduler, SamplerCustom
@@ -106,13 +107,48 @@ def test_settings_are_checked():
     assert SadaSettings().skip_kind(12, True, 4) is None  # four in a row already
 
 
-def test_sada_sampler_node_runs_through_sampler_custom_with_fewer_calls(tiny_sd1_prompts):
-    model, positive, negative = tiny_sd1_prompts
-    calls = []
-    model.model.unet.conv_out.register_forward_hook(lambda *_: calls.append(1))
-    (sampler,) = AtelierSADASampler().get_sampler("euler", 10, 47, 24, 4, 4, 4)
+def _sada_run(model, positive, negative, sx: int = 3, sy: int = 3, patched: bool = True):
+    """SamplerCustom with the SADA node's sampler (its defaults, 50 steps) and its MODEL, or the plain MODEL."""
+    sada_model, sampler = AtelierSADA().build(model, "euler", 10, 47, 24, 4, 4, 4, sx, sy, 1, 5 * 1024)
     (sigmas,) = BasicScheduler().get_sigmas(model, "normal", 50, 1.0)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    sampled, _ = SamplerCustom().sample(model, True, 5, 5.0, positive, negative, sampler, sigmas, latent)
-    assert sampled["samples"].shape == (1, 4, 8, 8) and torch.isfinite(sampled["samples"]).all()
+    sampled, _ = SamplerCustom().sample(sada_model if patched else model, True, 5, 5.0, positive, negative, sampler,
+                                        sigmas, latent)
+    return sampled["samples"], sada_model.sampling_patch
+
+
+def test_sada_node_runs_through_sampler_custom_with_fewer_calls_and_pruned_blocks(tiny_sd1_prompts):
+    model, positive, negative = tiny_sd1_prompts
+    calls = []
+    hook = model.model.unet.conv_out.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        sampled, pruning = _sada_run(model, positive, negative)
+    finally:
+        hook.remove()
+    assert sampled.shape == (1, 4, 8, 8) and torch.isfinite(sampled).all()
     assert 20 <= len(calls) < 50  # the Lagrange phase alone skips 18 of steps 25..46
+    assert pruning.pruned_passes > 0
+
+
+def test_windows_of_one_token_keep_every_token_and_equal_the_step_skipping_alone(tiny_sd1_prompts):
+    model, positive, negative = tiny_sd1_prompts
+    steps_only, _ = _sada_run(model, positive, negative, patched=False)
+    every_token, pruning = _sada_run(model, positive, negative, sx=1, sy=1)
+    assert pruning.pruned_passes > 0 and torch.equal(every_token, steps_only)
+    pruned, _ = _sada_run(model, positive, negative)
+    assert not torch.equal(pruned, steps_only)
+
+
+def test_token_windows_and_the_refresh_rule():
+    mask = window_tokens(7, 8, 3, 3, torch.Generator().manual_seed(1)).reshape(7, 8)
+    assert int(mask.sum()) == 2 * 2 and not mask[6:].any() and not mask[:, 6:].any()  # whole windows only
+    for row in range(2):
+        for column in range(2):
+            assert int(mask[row * 3:row * 3 + 3, column * 3:column * 3 + 3].sum()) == 1
+    scores = TokenScores(SadaSettings())
+    pruning = TokenPruning(scores)
+    assert pruning.mode(12) is None  # no criterion recorded yet
+    scores.record(torch.randn(1, 4, 8, 8))
+    assert [pruning.mode(step) for step in (9, 10, 11, 14, 47)] == [None, "full", "prune", "full", None]
+    scores.last_skipped = 20  # refreshes count from the step after the last skipped one
+    assert [pruning.mode(step) for step in (21, 22, 25)] == ["full", "prune", "full"]

@@ -22,6 +22,7 @@ timesteps and features:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Protocol
 
 import torch
@@ -66,6 +67,18 @@ class UNetCall(Protocol):
         """The prediction from ``features`` of batch n·B, with the time embedding of ``timesteps`` (n·B,): n copies
         of the call's conditioning are decoded in one batch (Faster Diffusion's parallel decoding)."""
         ...
+
+
+def feature_level(tensor: torch.Tensor, latent_size: tuple[int, int]) -> int:
+    """How many times a UNet feature map (B, C, h, w) or token sequence (B, h·w, C) was halved from the latent's
+    size (H, W): 0 at full resolution.
+
+    Example:
+        >>> feature_level(torch.zeros(2, 320, 16, 16), (64, 64)), feature_level(torch.zeros(2, 64 * 64, 320), (64, 64))
+        (2, 0)
+    """
+    pixels = tensor.shape[-2] * tensor.shape[-1] if tensor.ndim == 4 else tensor.shape[1]
+    return round(math.log(latent_size[0] * latent_size[1] / pixels, 4))
 
 
 def _repeat_batch(value: Any, times: int) -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..common.unet_split import UNetCall
+from ..common.unet_split import UNetCall, feature_level
 from ..sampling.patches import CallSlots, StepSchedule
 
 GRANULARITIES = ("unit", "layer", "unet")
@@ -61,12 +61,6 @@ def full_steps(count: int, mode: str = DEFAULT_MODE, interval: int = DEFAULT_INT
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     dense = max(1, math.ceil(front * count))
     return frozenset(range(dense)) | frozenset(range(dense - 1, count, interval))
-
-
-def _level(tensor: torch.Tensor, latent_size: tuple[int, int]) -> int:
-    """How many times a feature (B, C, h, w) or token sequence (B, h·w, C) was halved from the latent's size."""
-    pixels = tensor.shape[-2] * tensor.shape[-1] if tensor.ndim == 4 else tensor.shape[1]
-    return round(math.log(latent_size[0] * latent_size[1] / pixels, 4))
 
 
 class FeatureInheritance:
@@ -139,7 +133,7 @@ class FeatureInheritance:
         residual_kind = self.granularity == "layer"
 
         def run(hidden, *args, **kwargs):
-            if _level(hidden, latent_size) < self.min_level:
+            if feature_level(hidden, latent_size) < self.min_level:
                 return forward(hidden, *args, **kwargs)
             if inherit and key in self._kept:
                 is_residual, kept = self._kept[key]

@@ -20,7 +20,7 @@ the DPM++ one keeps x̂₀), a skipped step's ε the last computed one.
 Departures: the drift takes ε from x̂₀ for every prediction type (the official code uses a v-model's raw output
 there); the residual is measured in the k-diffusion view (x, VE) for both solvers, where the DPM++ code measures
 it in z: the two differ by the positive factor α_{n+1}, which leaves the decision (the sign of a mean) as it is.
-Token-wise sparsity (the pruned transformer blocks at full resolution) is not built yet.
+Token-wise sparsity is in :mod:`.tokens`.
 """
 
 from __future__ import annotations
@@ -117,9 +117,13 @@ def _training_betas(model_sampling: Any) -> torch.Tensor:
 def sample_sada(model, x, sigmas, extra_args=None, callback=None, disable=None, solver: str = "euler",
                 acc_start: int = DEFAULTS["acc_start"], acc_end: int = DEFAULTS["acc_end"],
                 lagrange_int: int = DEFAULTS["lagrange_int"], lagrange_step: int = DEFAULTS["lagrange_step"],
-                lagrange_term: int = DEFAULTS["lagrange_term"], max_interval: int = DEFAULTS["max_interval"]):
+                lagrange_term: int = DEFAULTS["lagrange_term"], max_interval: int = DEFAULTS["max_interval"],
+                tokens: Any = None):
     """Euler or DPM-Solver++(2M) with SADA's step skipping (the module docstring), as a k-diffusion sampling
-    function: ``model(x, σ)`` is the guided x̂₀, called once per step that is not skipped."""
+    function: ``model(x, σ)`` is the guided x̂₀, called once per step that is not skipped.
+
+    ``tokens``: the :class:`~.tokens.TokenScores` that SADA's token pruning on the MODEL reads; the sampler records
+    in it each computed step's unstable tokens and the skipped steps."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
     settings = SadaSettings(acc_start, acc_end, lagrange_int, lagrange_step, lagrange_term, max_interval)
@@ -134,6 +138,8 @@ def sample_sada(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     lagrange_values: list[torch.Tensor] = []
     old_denoised = eps = skipped = None
     in_a_row, skipped_steps = 0, []
+    if tokens is not None:
+        tokens.start_run()
     for i in range(count):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         alpha, alpha_next = (1 + sigma ** 2) ** -0.5, (1 + sigma_next ** 2) ** -0.5
@@ -163,6 +169,8 @@ def sample_sada(model, x, sigmas, extra_args=None, callback=None, disable=None, 
             kind = settings.skip_kind(i, bool(score.mean() <= 0), in_a_row)
             if kind is not None and i + 1 < count:
                 in_a_row += 1
+                if tokens is not None:
+                    tokens.last_skipped = i + 1
                 if kind == "extrapolate":
                     skipped = predicted / alpha_next - sigma_next * eps
                 else:
@@ -170,6 +178,8 @@ def sample_sada(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                     skipped = skipped * alpha_next if solver == "euler" else skipped
             else:
                 in_a_row = 0
+                if tokens is not None:
+                    tokens.record(score)
         drifts = (drifts + [drift])[-2:]
         x = x_next
     logger.info("SADA skipped %d of %d network calls: steps %s", len(skipped_steps), count, skipped_steps)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from comfy_stand_ins import EPS, SD15, SD_ALPHAS, SDXL, V_PREDICTION, ModelSamplingDiscrete, install_comfy
+from nodes.common.comfy_host import SAMPLING_PATCH_KEY
 from nodes.common.denoiser import Conditioning, DiffusersCodec, NoiseSchedule
 from nodes.models.comfy_adapters import ComfyCodec, ComfyDenoiser, ComfyLatentSpace, denoiser_and_codec, \
     text_conditioning
@@ -44,6 +45,7 @@ class ModelPatcher:
         sampling = type("ModelSampling", (ModelSamplingDiscrete, prediction), {})()
         self.model = BaseModel(sampling, config())
         self.model_options = model_options or {}
+        self.wrappers = {}  # ComfyUI's wrapper registry, by kind and key (an Atelier sampling patch registers here)
         self.load_device = torch.device("cpu")
         self.latent_format = types.SimpleNamespace(scale_factor=0.18215, latent_channels=4)
 
@@ -144,6 +146,16 @@ def test_comfy_denoiser_refuses_sdxl_and_pooled_conditioning(inside_comfy):
     pooled = Conditioning(conditioning.embeds, torch.zeros(1, 1280), torch.zeros(1, 6))
     with pytest.raises(ValueError, match=r"pooled \(1, 1280\)"):
         ComfyDenoiser(ModelPatcher())(x_t, t, pooled)
+
+
+def test_comfy_denoiser_refuses_a_model_with_an_atelier_sampling_patch(inside_comfy):
+    """The patch's wrappers run under ComfyUI's samplers only: Atelier's own samplers would drop it silently."""
+    patched = ModelPatcher()
+    patched.wrappers = {"apply_model": {SAMPLING_PATCH_KEY: [lambda *args: None]}}
+    with pytest.raises(ValueError, match="does not run a sampling patch"):
+        ComfyDenoiser(patched)
+    patched.wrappers = {"apply_model": {"someone_elses": [lambda *args: None]}}
+    ComfyDenoiser(patched)
 
 
 def test_comfy_latent_space_is_the_models_latent_format_without_a_vae(inside_comfy):

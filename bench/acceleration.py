@@ -71,18 +71,20 @@ def report(line: str) -> None:
     print(line, flush=True)
 
 
+def node_defaults(node: type, *sockets: str) -> dict:
+    """A node's widget defaults, all its inputs but ``sockets``."""
+    return {name: spec[1]["default"] for name, spec in node.INPUT_TYPES()["required"].items() if name not in sockets}
+
+
 def faster_diffusion(**settings) -> Callable[[ModelRef], ModelRef]:
     """The Faster Diffusion node with its defaults, except ``settings``."""
-    defaults = {name: spec[1]["default"] for name, spec in AtelierFasterDiffusion.INPUT_TYPES()["required"].items()
-                if name != "model"}
+    defaults = node_defaults(AtelierFasterDiffusion, "model")
     return lambda model: AtelierFasterDiffusion().patch(model, **{**defaults, **settings})[0]
 
 
 def feature_inheritance(model: ModelRef) -> ModelRef:
     """The Feature Inheritance node with its defaults."""
-    defaults = {name: spec[1]["default"] for name, spec in
-                AtelierFeatureInheritance.INPUT_TYPES()["required"].items() if name != "model"}
-    return AtelierFeatureInheritance().patch(model, **defaults)[0]
+    return AtelierFeatureInheritance().patch(model, **node_defaults(AtelierFeatureInheritance, "model"))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +131,7 @@ def sample(arm: Arm, solver: str, positive, negative, latent: dict, seed: int) -
     if arm.sada is None:
         return KSampler().sample(arm.model, seed, steps, CFG, sampler_name, scheduler, positive, negative, latent,
                                  1.0)[0]["samples"]
-    defaults = {name: spec[1]["default"] for name, spec in AtelierSADA.INPUT_TYPES()["required"].items()
-                if name not in ("model", "solver")}
+    defaults = node_defaults(AtelierSADA, "model", "solver")
     model, sampler = AtelierSADA().build(arm.model, "dpmpp_2m" if sampler_name == "dpmpp_2m" else "euler",
                                          **{**defaults, **arm.sada})
     (sigmas,) = BasicScheduler().get_sigmas(arm.model, scheduler, steps, 1.0)

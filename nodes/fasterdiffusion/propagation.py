@@ -107,7 +107,7 @@ class EncoderPropagation:
                  steps: StepSchedule) -> torch.Tensor:
         if self.noise_alpha == 0:
             return apply(x)
-        index = steps.index_of_sigma(sigma.reshape(-1)[0])
+        index = steps.index_of_sigma(sigma)
         level = float(steps.sigmas[index])
         shape = tuple(x.shape)
         if index == 0:
@@ -125,8 +125,8 @@ class EncoderPropagation:
         return apply(x + delta) + delta * (next_level / (level - next_level))
 
     def unet(self, call: UNetCall, x: torch.Tensor, timesteps: torch.Tensor, steps: StepSchedule) -> torch.Tensor:
-        index = steps.index_of_timestep(timesteps.reshape(-1)[0])
-        if index == 0 and self._slots.step != 0:  # a new run
+        index = steps.index_of_timestep(timesteps)
+        if self._slots.starts_run(index):
             self._features.clear()
             self._decoded.clear()
         slot = self._slots.name(index, x)

@@ -87,8 +87,8 @@ class FeatureInheritance:
         return apply(x)
 
     def unet(self, call: UNetCall, x: torch.Tensor, timesteps: torch.Tensor, steps: StepSchedule) -> torch.Tensor:
-        index = steps.index_of_timestep(timesteps.reshape(-1)[0])
-        if index == 0 and self._slots.step != 0:  # a new run
+        index = steps.index_of_timestep(timesteps)
+        if self._slots.starts_run(index):
             self._kept.clear()
         slot = self._slots.name(index, x)
         inherit = index not in full_steps(steps.count, self.mode, self.interval, self.front)

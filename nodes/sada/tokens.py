@@ -100,8 +100,8 @@ class TokenPruning:
         return "full" if since % settings.max_interval == 0 else "prune"
 
     def unet(self, call: UNetCall, x: torch.Tensor, timesteps: torch.Tensor, steps: StepSchedule) -> torch.Tensor:
-        index = steps.index_of_timestep(timesteps.reshape(-1)[0])
-        if index == 0 and self._slots.step != 0:  # a new run
+        index = steps.index_of_timestep(timesteps)
+        if self._slots.starts_run(index):
             self._cache.clear()
             self._generator.manual_seed(WINDOW_SEED)
         new_step = index != self._slots.step

@@ -54,13 +54,17 @@ class StepSchedule:
         return self.timesteps.numel()
 
     def index_of_sigma(self, sigma: torch.Tensor | float) -> int:
-        """The step whose σ is nearest to ``sigma`` (a second-order sampler's extra evaluations count as the step
-        they end at)."""
-        return int((self.sigmas[:-1] - float(sigma)).abs().argmin())
+        """The step whose σ is nearest to ``sigma``, a call's σ (B,) or one value: a call's batch is at one step (a
+        second-order sampler's extra evaluations count as the step they end at)."""
+        return int((self.sigmas[:-1] - _first(sigma)).abs().argmin())
 
     def index_of_timestep(self, timestep: torch.Tensor | float) -> int:
-        """The step whose timestep is nearest to ``timestep``."""
-        return int((self.timesteps - float(timestep)).abs().argmin())
+        """The step whose timestep is nearest to ``timestep``, a call's timesteps (B,) or one value."""
+        return int((self.timesteps - _first(timestep)).abs().argmin())
+
+
+def _first(value: torch.Tensor | float) -> float:
+    return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
 
 
 class CallSlots:
@@ -75,6 +79,10 @@ class CallSlots:
     def step(self) -> int:
         """The step of the last call named; -1 before the first."""
         return self._step
+
+    def starts_run(self, index: int) -> bool:
+        """Whether a call at step ``index`` begins a new run: a patch drops what it kept for the last one."""
+        return index == 0 and self._step != 0
 
     def name(self, index: int, x: torch.Tensor) -> tuple:
         """The slot of a call at step ``index`` with input ``x``."""

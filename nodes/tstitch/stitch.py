@@ -55,7 +55,7 @@ class TrajectoryStitch:
         return apply(x)
 
     def unet(self, call: UNetCall, x: torch.Tensor, timesteps: torch.Tensor, steps: StepSchedule) -> torch.Tensor:
-        if steps.index_of_timestep(timesteps.reshape(-1)[0]) >= small_model_steps(steps.count, self.ratio):
+        if steps.index_of_timestep(timesteps) >= small_model_steps(steps.count, self.ratio):
             return call.forward(x, timesteps)
         with self.small() as (network, dtype):
             return call.with_network(network, dtype).forward(x.to(dtype), timesteps).to(x.dtype)

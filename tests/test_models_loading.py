@@ -464,7 +464,7 @@ def test_an_inpainting_file_derives_a_9_channel_unet_config_and_nothing_else():
 def sd1_model(tiny_sd1):
     model = loading.load_model(tiny_sd1.single_file, config_dir=tiny_sd1.config_dir)
     yield model
-    lora.remove_all_loras(model)
+    model.remove_all_loras()
 
 
 def test_lora_applied_then_removed_restores_the_base_weights_exactly(sd1_model, tiny_sd1_loras):
@@ -473,7 +473,7 @@ def test_lora_applied_then_removed_restores_the_base_weights_exactly(sd1_model, 
     lora.set_loras(sd1_model, [lora.LoraSpec(tiny_sd1_loras[0])])
     assert not torch.equal(unet_output(sd1_model), base_unet)
     assert not torch.equal(text_output(sd1_model)[0], base_text[0])
-    lora.remove_all_loras(sd1_model)
+    sd1_model.remove_all_loras()
     state = sd1_model.unet.state_dict()
     assert state.keys() == base_state.keys()
     assert [key for key in state if not torch.equal(state[key], base_state[key])] == []
@@ -495,7 +495,7 @@ def test_hot_swap_from_a_to_b_equals_b_alone(sd1_model, tiny_sd1_loras):
     lora.set_loras(sd1_model, [a])
     lora.set_loras(sd1_model, [b])
     swapped = unet_output(sd1_model)
-    lora.remove_all_loras(sd1_model)
+    sd1_model.remove_all_loras()
     lora.set_loras(sd1_model, [b])
     assert torch.equal(swapped, unet_output(sd1_model))
 
@@ -531,7 +531,7 @@ def test_lora_read_ahead_then_attached_equals_a_direct_load(sd1_model, tiny_sd1_
     base = unet_output(sd1_model)
     lora.set_loras(sd1_model, [lora.LoraSpec(tiny_sd1_loras[1])])
     direct = unet_output(sd1_model)
-    lora.remove_all_loras(sd1_model)
+    sd1_model.remove_all_loras()
     tensors = lora.read_lora_file(tiny_sd1_loras[1])
     adapter = lora.load_lora(sd1_model, tiny_sd1_loras[1], tensors=tensors)
     assert lora.load_lora(sd1_model, tiny_sd1_loras[1]) is adapter  # resident once
@@ -563,7 +563,7 @@ def test_sdxl_lora_reaches_both_text_encoders_and_is_removed_exactly(tiny_sdxl, 
         assert not torch.equal(changed[0], base_text[0]) and not torch.equal(changed[1], base_text[1])
         assert not torch.equal(unet_output(model), base_unet)
     finally:
-        lora.remove_all_loras(model)
+        model.remove_all_loras()
     assert torch.equal(unet_output(model), base_unet)
     assert all(torch.equal(x, y) for x, y in zip(text_output(model), base_text, strict=True))
 
@@ -733,7 +733,7 @@ def test_a_kohya_lora_acts_exactly_as_the_same_lora_in_diffusers_layout(family, 
             # float32 rounding only: a wrong alpha/rank scale or a layer left out would differ by its whole effect
             assert (kohya - peft).abs().max() < 1e-3 * peft.abs().max()
     finally:
-        lora.remove_all_loras(model)
+        model.remove_all_loras()
         loading.unload_all()
 
 

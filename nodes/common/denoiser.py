@@ -11,12 +11,15 @@ sigma s_t = σ_t / √ᾱ_t; ε is the noise prediction after classifier-free gu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+
+from .memory import MEMORY
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -243,12 +246,17 @@ class DiffusersCodec:
         self.scaling_factor = vae.config.scaling_factor
         self.shift_factor = vae.config.shift_factor or 0.0
 
+    def in_use(self) -> contextlib.AbstractContextManager:
+        """Holds the VAE on its device (the memory manager may have offloaded it) for the block; encode and decode
+        hold it themselves, a caller that reads ``vae`` across several of them holds it around them all."""
+        return MEMORY.use_module(self.vae)
+
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self.in_use():
             posterior = self.vae.encode((image * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
         return posterior.mean.float()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self.in_use():
             image = self.vae.decode(latent.to(self.vae.device, self.vae.dtype)).sample
         return ((image.float() + 1) / 2).clamp(0, 1)

@@ -191,7 +191,8 @@ def tiled_decode(codec: DiffusersCodec, latent: torch.Tensor, tile: int, overlap
             return lambda windows: pool.decoded_windows(codec.recipe, shipped, dtype, latent, windows,
                                                         lambda window: window_result(codec.decode, latent, window))
 
-    with torch.autocast(codec.vae.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with codec.in_use(), torch.autocast(codec.vae.device.type, dtype=dtype or torch.float32,
+                                        enabled=dtype is not None):
         return _tiled_with_shared_statistics(codec.decode, codec.vae.decoder, latent, tile, overlap,
                                              Fraction(codec.downscale), margin, statistics_size, out, spread)
 
@@ -200,8 +201,8 @@ def decode_windows(codec: DiffusersCodec, statistics: list[tuple[torch.Tensor, t
                    dtype: torch.dtype | None, latent: torch.Tensor, windows: list[Window]) -> list[torch.Tensor]:
     """Decode some windows of a tiled decode (:func:`tiled_decode`) with the whole latent's GroupNorm
     ``statistics``, as a tile pool's worker does for the worker that runs the decode."""
-    with torch.autocast(codec.vae.device.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
-            normalised_with(codec.vae.decoder, statistics):
+    with codec.in_use(), torch.autocast(codec.vae.device.type, dtype=dtype or torch.float32,
+                                        enabled=dtype is not None), normalised_with(codec.vae.decoder, statistics):
         return [window_result(codec.decode, latent, window) for window in windows]
 
 
@@ -218,5 +219,6 @@ def tiled_encode(codec: DiffusersCodec, image: torch.Tensor, tile: int, overlap:
         (B, C, H/f, W/f) unscaled latents (the posterior's mean), on the CPU.
     """
     statistics_size = statistics_size or max(STATISTICS_SIDE_PX, tile + 2 * margin)
-    return _tiled_with_shared_statistics(codec.encode, codec.vae.encoder, image, tile, overlap,
-                                         Fraction(1, codec.downscale), margin, statistics_size, None)
+    with codec.in_use():
+        return _tiled_with_shared_statistics(codec.encode, codec.vae.encoder, image, tile, overlap,
+                                             Fraction(1, codec.downscale), margin, statistics_size, None)

@@ -60,7 +60,7 @@ class AtelierTextEncode:
     def encode(self, clip, text: str, encoding: str) -> tuple[list]:
         if not isinstance(clip, Clip):  # ComfyUI's CLIP, inside ComfyUI
             return (comfy_prompt_conditioning(clip, text, encoding),)
-        with clip.ref.in_use() as loaded:
+        with clip.ref.in_use("text") as loaded:
             return (from_conditioning(encode_prompt(loaded.tokenizers, loaded.text_encoders, loaded.family, text,
                                                     max_tokens=LONGALIGN_TOKENS, encoding=encoding).to("cpu")),)
 

@@ -538,7 +538,7 @@ class Clip:
             raise ValueError(f"tokens for a {self.family} model need the keys {[role.key for role in self._roles]}; "
                              f"{missing} missing from {sorted(tokens)}")
         encoded = []
-        with self.ref.in_use() as loaded, torch.no_grad():
+        with self.ref.in_use("text") as loaded, torch.no_grad():
             for role in self._roles:
                 encoder = loaded.text_encoders[role.position]
                 layer_idx = self.layer_idx if self.layer_idx is not None else role.default_layer

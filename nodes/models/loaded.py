@@ -63,6 +63,27 @@ class LoadedModel:
     # Held while choosing LoRAs and running the model: the model is shared, and a LoRA switch in another thread
     # must not land in the middle of a sampling loop.
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False)
+    # its components as the memory manager keeps them (nodes/common/memory.py); None inside ComfyUI
+    resident: Any = dataclasses.field(default=None, repr=False)
+
+    def remove_all_loras(self) -> None:
+        """Unload every LoRA: the adapter layers are taken out and the original modules put back, so the model's
+        parameters and outputs are exactly the base model's again (``nodes.models.lora`` adds them)."""
+        if self.lora_adapters:
+            self.pipeline.unload_lora_weights()
+        self.lora_adapters.clear()
+        self.active_loras = ()
+
+    def parts(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The pipeline components that ``names`` stand for: ``"unet"``, ``"vae"``, ``"text"`` (every text
+        encoder of :attr:`text_encoders`), as :meth:`~nodes.models.refs.ModelRef.in_use` takes them."""
+        components = {"unet": ("unet",), "vae": ("vae",),
+                      "text": ("text_encoder_2",) if self.family == "sdxl_refiner" else
+                      ("text_encoder", "text_encoder_2") if self.family == "sdxl" else ("text_encoder",)}
+        unknown = set(names) - set(components)
+        if unknown:
+            raise ValueError(f"model parts are {sorted(components)}; got {sorted(unknown)}")
+        return tuple(part for name in names for part in components[name])
 
     @property
     def unet(self) -> torch.nn.Module:

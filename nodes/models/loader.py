@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from ..common.denoiser import PREDICTION_TYPES, NoiseSchedule
+from ..common.memory import MEMORY, Resident
 from .devices import ACCEPTED_DTYPES, default_device, default_dtype
 from .families import (CheckpointInfo, UnknownModelLayoutError, family_from_diffusers_folder, inspect_single_file,
                        prediction_type_from_diffusers_folder, read_json)
@@ -180,39 +182,87 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
         if key in _CACHE:
             return _CACHE[key]
         started = time.perf_counter()
-        with quiet_loading():
-            if is_folder:
-                pipeline, family = _load_folder(path, dtype)
-            else:
-                pipeline, family = _load_single_file(path, info, config_dir, dtype), info.family
-        if pipeline.scheduler.config.get("prediction_type") != resolved:
-            pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
-                                                                      prediction_type=resolved)
-        pipeline.to(device)
-        if getattr(pipeline.vae.config, "force_upcast", False) and dtype == torch.float16:
-            pipeline.vae.to(torch.float32)  # SDXL's VAE overflows in float16; diffusers marks it force_upcast
-            logger.info("%s: VAE kept in float32 (force_upcast)", os.path.basename(path))
-        pipeline.set_progress_bar_config(disable=True)
-        for module in pipeline.components.values():
-            if isinstance(module, torch.nn.Module):
-                module.requires_grad_(False)  # inference only: no autograd graph even outside no_grad
+        name = os.path.basename(path)
+        MEMORY.make_room("cpu", weight_bytes(path, dtype), name)
+        pipeline = _build_pipeline(path, info, config_dir, resolved, dtype)
+        family = info.family if info is not None else family_from_diffusers_folder(path)
         schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), resolved)
         model = LoadedModel(pipeline=pipeline, family=family, schedule=schedule, dtype=dtype, device=device,
                             source=path)
+        model.resident = _resident(model, lambda: _build_pipeline(path, info, config_dir, resolved, dtype))
         _CACHE[key] = model
-        logger.info("loaded %s (%s, %s, %s on %s) in %.1f s", os.path.basename(path), family, resolved,
+        logger.info("loaded %s (%s, %s, %s on %s) in %.1f s", name, family, resolved,
                     str(dtype).removeprefix("torch."), device, time.perf_counter() - started)
         return model
 
 
+def _build_pipeline(path: str, info: CheckpointInfo | None, config_dir: str | None, resolved: str,
+                    dtype: torch.dtype) -> Any:
+    """The pipeline of a file or folder on the CPU, ready to run: what a first load and a read-back both make."""
+    with quiet_loading():
+        if info is None:
+            pipeline, _ = _load_folder(path, dtype)
+        else:
+            pipeline = _load_single_file(path, info, config_dir, dtype)
+    if pipeline.scheduler.config.get("prediction_type") != resolved:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=resolved)
+    if getattr(pipeline.vae.config, "force_upcast", False) and dtype == torch.float16:
+        pipeline.vae.to(torch.float32)  # SDXL's VAE overflows in float16; diffusers marks it force_upcast
+        logger.info("%s: VAE kept in float32 (force_upcast)", os.path.basename(path))
+    pipeline.set_progress_bar_config(disable=True)
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)  # inference only: no autograd graph even outside no_grad
+    return pipeline
+
+
+def _resident(model: LoadedModel, build: Any) -> Resident | None:
+    """Register ``model``'s components with the memory manager and move them to the model's device (making room
+    there first); None where the manager stands aside (inside ComfyUI), the components then simply moved."""
+    pipeline = model.pipeline
+    parts = {name: module for name, module in pipeline.components.items() if isinstance(module, torch.nn.Module)}
+    if not MEMORY.enabled:
+        pipeline.to(model.device)
+        return None
+
+    def read_back() -> dict[str, torch.nn.Module]:
+        fresh = build()
+        return {name: getattr(fresh, name) for name in parts}
+
+    resident = MEMORY.register(Resident(os.path.basename(model.source), parts, reload=read_back,
+                                        before_drop=model.remove_all_loras, home=model.device))
+    with MEMORY.use(resident):  # to the model's device
+        pass
+    return resident
+
+
+def weight_bytes(path: str, dtype: torch.dtype) -> int:
+    """What the weights of a ``.safetensors`` file, or of a folder's, take once loaded in ``dtype``: read from the
+    files' headers, before anything is allocated (tensors the loader skips, such as EMA copies, are counted too)."""
+    from safetensors import safe_open
+
+    files = [path] if os.path.isfile(path) else [
+        os.path.join(current, name) for current, _, names in os.walk(path) for name in names
+        if name.endswith(SAFE_EXTENSION)]
+    element = torch.tensor([], dtype=dtype).element_size()
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                total += math.prod(handle.get_slice(key).get_shape()) * element
+    return total
+
+
 def unload_all() -> int:
-    """Drop every cached model (the server's ``/free`` calls this); returns how many there were.
+    """Drop every cached model and everything else the memory manager keeps (the server's ``/free`` calls this);
+    returns how many models there were.
 
     Memory is freed once no node output still holds a model.
     """
     with _CACHE_LOCK:
         count = len(_CACHE)
         _CACHE.clear()
+    MEMORY.free_all()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -233,12 +233,3 @@ def _drop_adapters(model: LoadedModel, names: list[str]) -> None:
         model.pipeline.delete_adapters(names)
     else:
         model.pipeline.unload_lora_weights()
-
-
-def remove_all_loras(model: LoadedModel) -> None:
-    """Unload every LoRA: the adapter layers are taken out and the original modules put back, so the model's
-    parameters and outputs are exactly the base model's again."""
-    if model.lora_adapters:
-        model.pipeline.unload_lora_weights()
-    model.lora_adapters.clear()
-    model.active_loras = ()

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from ..common.memory import MEMORY
 from ..common.paths import confine
 from .loading import LoadedModel, comfy_folder_paths, files_under, load_model
 from .lora import LoraSpec, set_loras
@@ -50,11 +51,21 @@ class ModelRef:
                            self.noise_shift)
 
     @contextlib.contextmanager
-    def in_use(self) -> Iterator[LoadedModel]:
-        """Holds the model's lock with this ref's LoRAs active: another thread cannot switch them mid-call."""
-        with self.model.lock:
-            set_loras(self.model, self.loras)
-            yield self.model
+    def in_use(self, *parts: str) -> Iterator[LoadedModel]:
+        """Holds the model's lock with this ref's LoRAs active (another thread cannot switch them mid-call), and
+        ``parts`` (``"unet"``, ``"text"``, ``"vae"``; by default all) on the model's device, where the memory
+        manager keeps them until the block ends."""
+        model = self.model
+        with model.lock:
+            resident = model.resident
+            if resident is None:  # inside ComfyUI: no manager
+                set_loras(model, self.loras)
+                yield model
+                return
+            with MEMORY.use(resident, model.parts(parts) if parts else None):
+                set_loras(model, self.loras)
+                MEMORY.resized(resident)  # adapters may have come
+                yield model
 
 
 @dataclasses.dataclass(frozen=True)

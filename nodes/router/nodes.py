@@ -111,7 +111,7 @@ def _embed(clip: Any, prompts: list[str], sentence_encoder: SentenceEncoder | No
         return sentence_embeddings(sentence_encoder, prompts)
     if not isinstance(clip, Clip):
         return comfy_pooled_text_embeddings(clip, prompts)
-    with clip.ref.in_use() as loaded:
+    with clip.ref.in_use("text") as loaded:
         return pooled_text_embeddings(loaded.tokenizers, loaded.text_encoders, prompts)
 
 

@@ -77,7 +77,7 @@ class Guider:
             return latent_image
         if noise.shape != latent_image.shape:
             raise ValueError(f"noise {tuple(noise.shape)} and latent {tuple(latent_image.shape)} shapes differ")
-        with self.model.in_use() as loaded:
+        with self.model.in_use("unet") as loaded:
             codec = DiffusersCodec(loaded.vae)
             if latent_image.shape[1] != codec.latent_channels:
                 raise ValueError(f"this model's latents have {codec.latent_channels} channels; the LATENT has "

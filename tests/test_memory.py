@@ -1,0 +1,186 @@
+"""The memory manager (issue 28): residents under a byte budget, least recently used out first, never one in use,
+read back bit for bit; and the loaded models, their components and LoRAs kept by it.
+
+Budgets are far below real models' sizes: tiny modules and tiny checkpoints, budgets in bytes, on the CPU.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+
+from fixtures_models import tiny_sd1, tiny_sd1_loras  # noqa: F401
+from nodes.common.memory import MEMORY, MemoryBudgetError, MemoryManager, Resident, module_bytes
+from nodes.models import loading
+from nodes.models.lora import LoraSpec
+from nodes.models.refs import ModelRef
+
+LINEAR_BYTES = module_bytes(torch.nn.Linear(10, 10))  # 440
+
+
+def linear(seed: int) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(10, 10)
+
+
+def resident(name: str, seed: int) -> Resident:
+    """A resident whose weights read back from "its file": the same seed again."""
+    return Resident(name, {"net": linear(seed)}, reload=lambda: {"net": linear(seed)})
+
+
+def test_a_resident_over_the_budget_evicts_the_least_recently_used_and_reads_back_bit_for_bit():
+    manager = MemoryManager(budgets={"cpu": 2 * LINEAR_BYTES}, enabled=True)
+    first, second = manager.register(resident("first", 1)), manager.register(resident("second", 2))
+    weight = first._parts["net"].module.weight.clone()
+    with manager.use(first):
+        pass  # first is now the most recently used: second goes
+    manager.register(resident("third", 3))
+    assert second.is_out and not first.is_out
+    assert second._parts["net"].module.weight.is_meta
+    with manager.use(second) as back:
+        assert torch.equal(back._parts["net"].module.weight, linear(2).weight)
+    assert first.is_out  # the least recently used made room
+    with manager.use(first):
+        assert torch.equal(first._parts["net"].module.weight, weight)
+    assert manager.peak["cpu"] <= 2 * LINEAR_BYTES and manager.evictions == 3
+
+
+def test_a_resident_in_use_is_never_evicted_and_what_cannot_fit_is_refused_by_name():
+    manager = MemoryManager(budgets={"cpu": 2 * LINEAR_BYTES}, enabled=True)
+    first, second = manager.register(resident("first", 1)), manager.register(resident("second", 2))
+    with manager.use(first), manager.use(second):
+        with pytest.raises(MemoryBudgetError, match="running prompt is using"):
+            manager.register(resident("third", 3))
+        with pytest.raises(RuntimeError, match="in use"):
+            manager.evict(first)
+    assert not first.is_out and not second.is_out
+    big = Resident("big", {"net": torch.nn.Linear(30, 30)})
+    with pytest.raises(MemoryBudgetError, match=r"big needs 4 MB|big needs \d+ MB"):
+        manager.register(big)
+
+
+def test_over_a_random_sequence_of_uses_the_count_never_exceeds_the_budget_and_results_match_no_eviction():
+    budget = 3 * LINEAR_BYTES
+    bounded, unbounded = (MemoryManager(budgets={"cpu": b}, enabled=True) for b in (budget, None))
+    names = [f"r{seed}" for seed in range(6)]
+    residents = {manager: {name: manager.register(resident(name, seed)) for seed, name in enumerate(names)}
+                 for manager in (bounded, unbounded)}
+    generator = random.Random(0)
+    x = torch.randn(2, 10)
+    for _ in range(40):
+        name = generator.choice(names)
+        outputs = []
+        for manager in (bounded, unbounded):
+            with manager.use(residents[manager][name]) as held:
+                outputs.append(held._parts["net"].module(x))
+                assert manager.used("cpu") <= (budget if manager is bounded else 6 * LINEAR_BYTES)
+        assert torch.equal(*outputs)
+    assert bounded.peak["cpu"] <= budget < unbounded.peak["cpu"]
+    assert bounded.evictions > 0 and unbounded.evictions == 0
+
+
+def test_free_all_forgets_everything_not_in_use_and_a_forgotten_resident_says_so():
+    manager = MemoryManager(budgets={"cpu": 10 * LINEAR_BYTES}, enabled=True)
+    kept, gone = manager.register(resident("kept", 1)), manager.register(Resident("gone", {"net": linear(2)}))
+    with manager.use(kept):
+        assert manager.free_all() == 1
+    assert manager.residents() == [kept] and manager.used("cpu") == LINEAR_BYTES
+    manager.evict(kept)
+    assert manager.used("cpu") == 0 and manager.free_all() == 1 and manager.residents() == []
+    other = manager.register(Resident("once", {"net": linear(3)}))
+    manager.set_budget("cpu", LINEAR_BYTES)
+    manager.register(resident("next", 4))  # "once" has no file to come back from: it is forgotten
+    assert other.forgotten and other not in manager.residents()
+    with pytest.raises(RuntimeError, match="once was freed"):
+        with manager.use(other):
+            pass
+    assert gone not in manager.residents()
+
+
+def test_a_disabled_manager_as_inside_comfyui_keeps_no_account():
+    manager = MemoryManager(budgets={"cpu": 0}, enabled=False)
+    held = manager.register(resident("any", 1))
+    with manager.use(held), manager.use_module(held._parts["net"].module):
+        pass
+    assert manager.residents() == [] and manager.used("cpu") == 0
+
+
+@pytest.fixture
+def copies(tiny_sd1, tmp_path):
+    """Three files of the tiny SD1 model (three models to the cache) and the global manager's CPU budget,
+    restored afterwards."""
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"copy{index}.safetensors"
+        shutil.copyfile(tiny_sd1.single_file, path)
+        paths.append(str(path))
+    loading.unload_all()
+    MEMORY.peak.clear()
+    before = MEMORY._budgets.get("cpu")
+    yield paths
+    loading.unload_all()
+    MEMORY.set_budget("cpu", before)
+
+
+def _load(path: str, tiny) -> ModelRef:
+    return ModelRef(loading.load_model(path, config_dir=tiny.config_dir, device="cpu"))
+
+
+def _outputs(ref: ModelRef) -> tuple[torch.Tensor, ...]:
+    """ε, the text embedding and a decoded image of fixed inputs: every component's work."""
+    from nodes.common.denoiser import DiffusersCodec
+
+    torch.manual_seed(0)
+    latent, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with ref.in_use("text") as loaded:
+        tokens = loaded.tokenizers[0](["a red circle"], padding="max_length", max_length=77, return_tensors="pt")
+        embeds = loaded.text_encoders[0](tokens.input_ids)[0]
+    with ref.in_use("unet") as loaded:
+        eps = loaded.unet(latent, t, encoder_hidden_states=embeds).sample
+    image = DiffusersCodec(ref.model.vae).decode(latent)
+    return eps, embeds, image
+
+
+def test_loading_a_third_model_evicts_the_least_recently_used_and_results_are_bit_identical(copies, tiny_sd1,
+                                                                                             tiny_sd1_loras):
+    first = _load(copies[0], tiny_sd1).with_lora(LoraSpec(tiny_sd1_loras[0]))
+    size = first.model.resident.nbytes()
+    MEMORY.set_budget("cpu", int(2.5 * size))
+    before = _outputs(first)
+    second = _load(copies[1], tiny_sd1)
+    _outputs(second)
+    with first.in_use():
+        third = _load(copies[2], tiny_sd1)  # first is in use: second, less recently used anyway, goes
+    assert second.model.resident.is_out and not first.model.resident.is_out
+    _outputs(third)
+    _outputs(second)  # read back: first, now the least recently used, goes
+    assert first.model.resident.is_out and first.model.unet.conv_in.weight.is_meta
+    after = _outputs(first)  # read back, its LoRA applied again
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert first.model.lora_adapters and MEMORY.peak["cpu"] <= int(2.5 * size)
+    assert loading.load_model(copies[0], config_dir=tiny_sd1.config_dir, device="cpu") is first.model
+
+
+def test_a_model_in_use_is_never_evicted_mid_call(copies, tiny_sd1):
+    first, second = _load(copies[0], tiny_sd1), _load(copies[1], tiny_sd1)
+    MEMORY.set_budget("cpu", int(1.5 * first.model.resident.nbytes()))
+    with first.in_use(), pytest.raises(MemoryBudgetError, match="copy0.safetensors"):
+        _outputs(second)  # second was evicted by the budget; it cannot come back while first runs
+    assert not first.model.resident.is_out and second.model.resident.is_out
+
+
+def test_free_memory_empties_the_models_and_the_manager(copies, tiny_sd1):
+    refs = [_load(path, tiny_sd1) for path in copies[:2]]
+    assert len(MEMORY.residents()) >= 2 and MEMORY.used("cpu") >= refs[0].model.resident.nbytes()
+    assert loading.unload_all() == 2
+    assert MEMORY.residents() == [] and MEMORY.used("cpu") == 0 and loading.cached_models() == []
+
+
+def test_a_first_load_is_refused_before_reading_when_its_weights_cannot_fit(copies, tiny_sd1):
+    MEMORY.set_budget("cpu", 1000)
+    with pytest.raises(MemoryBudgetError, match="copy0.safetensors needs"):
+        _load(copies[0], tiny_sd1)
+    assert loading.cached_models() == []

@@ -14,7 +14,10 @@ import torch
 
 from fixtures_models import tiny_sd1, tiny_sd1_loras  # noqa: F401
 from nodes.common.memory import MEMORY, MemoryBudgetError, MemoryManager, Resident, module_bytes
+from nodes.correspondence.cache import FeatureCache
+from nodes.correspondence.features import FeatureMaps
 from nodes.models import loading
+from nodes.models.loader import weight_bytes
 from nodes.models.lora import LoraSpec
 from nodes.models.refs import ModelRef
 
@@ -184,3 +187,64 @@ def test_a_first_load_is_refused_before_reading_when_its_weights_cannot_fit(copi
     with pytest.raises(MemoryBudgetError, match="copy0.safetensors needs"):
         _load(copies[0], tiny_sd1)
     assert loading.cached_models() == []
+
+
+def test_the_feature_cache_is_counted_and_emptied_when_it_is_the_least_recently_used(copies, tiny_sd1):
+    cache = FeatureCache()
+    try:
+        maps = FeatureMaps((torch.zeros(64, 64, 64),), "demo", (64, 64))  # 1 MiB
+        cache.get_or_compute("a", lambda: maps)
+        assert MEMORY.used("cpu") == cache.bytes_on("cpu") == 1 << 20
+        size = weight_bytes(copies[0], torch.float32)
+        MEMORY.set_budget("cpu", size + (1 << 19))  # the model, and half the cached maps
+        _load(copies[0], tiny_sd1)
+        assert len(cache) == 0 and MEMORY.used("cpu") <= size + (1 << 19)
+    finally:
+        MEMORY.remove_store(cache)
+
+
+def test_encoders_load_once_per_folder_and_read_back_bit_for_bit(copies, tmp_path):
+    from test_correspondence import TINY_DINOV2_NAME, write_tiny_dinov2
+
+    write_tiny_dinov2(tmp_path)
+    folder = tmp_path / "dinov2" / TINY_DINOV2_NAME
+    _, model = loading.load_transformers_folder(folder, device="cpu")
+    assert loading.load_transformers_folder(folder, device="cpu")[1] is model
+    pixels = torch.rand(1, 3, 28, 28)
+    with MEMORY.use_module(model):
+        before = model(pixel_values=pixels).last_hidden_state
+    resident, _ = MEMORY.owner(model)
+    MEMORY.evict(resident)
+    assert next(model.parameters()).is_meta
+    with MEMORY.use_module(model):
+        assert torch.equal(model(pixel_values=pixels).last_hidden_state, before)
+
+
+def test_the_command_line_sets_the_budgets(copies):
+    from web.cli import set_memory_budgets
+
+    set_memory_budgets(1.5, None)
+    assert MEMORY.budget("cpu") == int(1.5 * 2**30)
+
+
+class _FakeAcceleratorResident(Resident):
+    """Moves only in the count: this machine has no GPU, and the tiering logic is what is under test."""
+
+    def _move(self, part: str, device: str) -> None:
+        self._parts[part].device = device
+
+
+def test_on_an_accelerator_the_least_recently_used_goes_to_the_cpu_first_then_out():
+    manager = MemoryManager(budgets={"cuda:0": int(1.5 * LINEAR_BYTES), "cpu": int(2.5 * LINEAR_BYTES)},
+                            enabled=True)
+    first, second, third = (manager.register(_FakeAcceleratorResident(
+        name, {"net": linear(seed)}, reload=lambda seed=seed: {"net": linear(seed)}, home="cuda:0"))
+        for seed, name in enumerate(("first", "second", "third")))
+    assert first.is_out and second.device_of("net") == third.device_of("net") == "cpu"  # the CPU holds two
+    with manager.use(third):
+        assert third.device_of("net") == "cuda:0"
+    with manager.use(first):  # read back beside second; third leaves the GPU for the CPU, where second goes out
+        assert (first.device_of("net"), third.device_of("net"), second.is_out) == ("cuda:0", "cpu", True)
+    with manager.use(second):  # read back; first leaves the GPU for the CPU, where third goes out
+        assert (second.device_of("net"), first.device_of("net"), third.is_out) == ("cuda:0", "cpu", True)
+    assert manager.peak == {"cpu": 2 * LINEAR_BYTES, "cuda:0": LINEAR_BYTES}

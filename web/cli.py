@@ -38,8 +38,10 @@ import webbrowser  # noqa: E402
 from typing import Any  # noqa: E402
 
 from aiohttp import web  # noqa: E402
+import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from nodes.common.memory import MEMORY  # noqa: E402
 from nodes.common.paths import confine  # noqa: E402
 
 from .executor import Executor  # noqa: E402
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     folders.add_argument(MAX_PIXELS_OPTION, type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help=f"pixel budget of an image or latent batch, batch × height × width "
                               f"(default {DEFAULT_MAX_PIXELS}, one 16384² image)")
+    for device, default in (("cpu", "the machine's memory less 4 GB"), ("gpu", "the GPU's memory less 2 GB")):
+        folders.add_argument(f"--{device}-memory", type=float, metavar="GB",
+                             help=f"budget for the models, LoRAs, encoders and feature caches kept in {device.upper()} "
+                                  f"memory; the least recently used go first (default: {default})")
     serve = commands.add_parser("serve", parents=[folders], help="start the editor's server (the default)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     serve.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
@@ -103,9 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers needs --ray")
     if args.command == "serve" and args.ray is not None and importlib.util.find_spec("ray") is None:
         parser.error("--ray needs Ray: pip install -r requirements-ray.txt (or python install.py --ray)")
+    for device, budget in (("cpu", args.cpu_memory), ("gpu", args.gpu_memory)):
+        if budget is not None and budget <= 0:
+            parser.error(f"--{device}-memory must be a positive number of GB; got {budget}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    set_memory_budgets(args.cpu_memory, args.gpu_memory)
     return serve_editor(args) if args.command == "serve" else run_workflow(args)
+
+
+def set_memory_budgets(cpu_gb: float | None, gpu_gb: float | None) -> None:
+    """This process's memory manager budgets (``nodes.common.memory``), where given; each GPU gets the GPU one."""
+    if cpu_gb is not None:
+        MEMORY.set_budget("cpu", int(cpu_gb * 2**30))
+    if gpu_gb is not None:
+        for index in range(torch.cuda.device_count()):
+            MEMORY.set_budget(f"cuda:{index}", int(gpu_gb * 2**30))
 
 
 def say(line: str) -> None:

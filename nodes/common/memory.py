@@ -33,7 +33,8 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any, Protocol
 
 import torch
 
@@ -185,6 +186,17 @@ class Resident:
             part.nbytes = module_bytes(part.module)
 
 
+class Store(Protocol):
+    """A cache of computed tensors the manager counts beside the residents (the correspondence feature cache): it
+    says its bytes per device and can be emptied; it calls :meth:`MemoryManager.touched` when used or grown."""
+
+    name: str
+
+    def bytes_on(self, device: str) -> int: ...
+
+    def clear(self) -> None: ...
+
+
 def _device_of(module: torch.nn.Module) -> str | None:
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         return None if tensor.is_meta else device_key(tensor.device)
@@ -218,6 +230,8 @@ class MemoryManager:
         self._enabled = enabled
         self._residents: list[Resident] = []
         self._owners: dict[int, tuple[Resident, str]] = {}  # id(module) → its resident and part
+        self._kept: dict[Hashable, tuple[Any, Resident]] = {}  # what kept() loaded, by its key
+        self._stores: dict[int, tuple[Store, int]] = {}  # id → the store and when it was last used
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
         self.peak: dict[str, int] = {}  # the most ever counted per device
@@ -250,10 +264,11 @@ class MemoryManager:
         return self._budgets[device]
 
     def used(self, device: str) -> int:
-        """Bytes of residents on ``device`` now, as counted."""
+        """Bytes of residents and stores on ``device`` now, as counted."""
         device = device_key(device)
         with self._lock:
-            return sum(resident.bytes_on(device) for resident in self._residents)
+            return (sum(resident.bytes_on(device) for resident in self._residents) +
+                    sum(store.bytes_on(device) for store, _ in self._stores.values()))
 
     def residents(self) -> list[Resident]:
         with self._lock:
@@ -274,6 +289,48 @@ class MemoryManager:
             resident.last_used = next(self._clock)
             self._settle(resident)
         return resident
+
+    def kept(self, key: Hashable, load: Callable[[], tuple[Any, Resident]]) -> Any:
+        """What ``load`` gives (a value and the resident holding its modules), loaded once per ``key`` and kept
+        until freed; with the manager standing aside, loaded on every call, as the host keeps outputs itself.
+
+        Example: ``MEMORY.kept(("dinov2", folder, signature), lambda: (model, Resident(...)))``.
+        """
+        if not self.enabled:
+            return load()[0]
+        with self._lock:
+            if key in self._kept:
+                value, resident = self._kept[key]
+                if not resident.forgotten:
+                    return value
+            value, resident = load()
+            self.register(resident)
+            self._kept[key] = value, resident
+            return value
+
+    def add_store(self, store: Store) -> None:
+        """Count ``store`` from now on; it is emptied when it is the least recently used and room is needed."""
+        if self.enabled:
+            with self._lock:
+                self._stores[id(store)] = store, next(self._clock)
+
+    def remove_store(self, store: Store) -> None:
+        """Stop counting ``store``."""
+        with self._lock:
+            self._stores.pop(id(store), None)
+
+    def touched(self, store: Store) -> None:
+        """``store`` was used or grew: it becomes the most recently used, and others are evicted if it is over."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if id(store) not in self._stores:
+                return
+            self._stores[id(store)] = store, next(self._clock)
+            for device in {*self._budgets, CPU}:
+                if store.bytes_on(device):
+                    self._make_room(device, 0, store.name, keep=None, store=store)
+                    self._record(device)
 
     def make_room(self, device: str, nbytes: int, for_what: str) -> None:
         """Evict until ``nbytes`` more fit on ``device`` (before loading something of that size).
@@ -306,9 +363,14 @@ class MemoryManager:
             yield resident
             return
         with self._lock:
-            self._bring(resident, names, device)
-            for name in names:
+            for name in names:  # pinned first: making room for one part must not evict the others
                 resident._parts[name].pins += 1
+            try:
+                self._bring(resident, names, device)
+            except BaseException:
+                for name in names:
+                    resident._parts[name].pins -= 1
+                raise
         try:
             yield resident
         finally:
@@ -342,6 +404,8 @@ class MemoryManager:
             freed = [resident for resident in self._residents if not resident.in_use]
             for resident in freed:
                 self._forget(resident)
+            for store, _ in self._stores.values():
+                store.clear()
         return len(freed)
 
     def forget(self, resident: Resident) -> None:
@@ -356,6 +420,8 @@ class MemoryManager:
             self._residents.remove(resident)
         for name in resident.part_names:
             self._owners.pop(id(resident._parts[name].module), None)
+        for key in [key for key, (_, kept) in self._kept.items() if kept is resident]:
+            del self._kept[key]
 
     def _bring(self, resident: Resident, names: tuple[str, ...], device: torch.device | str | None) -> None:
         if resident.is_out:
@@ -378,7 +444,10 @@ class MemoryManager:
             self._make_room(device, 0, resident.name, keep=resident)
             self._record(device)
 
-    def _make_room(self, device: str, nbytes: int, for_what: str, keep: Resident | None) -> None:
+    def _make_room(self, device: str, nbytes: int, for_what: str, keep: Resident | None,
+                   store: Store | None = None) -> None:
+        """Evict until ``nbytes`` more fit on ``device``, never ``keep`` (the resident being brought in) nor
+        ``store`` (the store that grew; it bounds itself)."""
         budget = self.budget(device)
         if budget is None:
             return
@@ -388,15 +457,22 @@ class MemoryManager:
                 f"{for_what} needs {(own + nbytes) / 2**20:.0f} MB on {device}, over its memory budget of "
                 f"{budget / 2**20:.0f} MB; raise the budget (--cpu-memory / --gpu-memory) or use a smaller model")
         while self.used(device) + nbytes > budget:
-            victims = [resident for resident in self._residents if resident is not keep and
-                       self._evictable(resident, device)]
+            victims: list[tuple[int, Any]] = [
+                (resident.last_used, resident) for resident in self._residents
+                if resident is not keep and self._evictable(resident, device)]
+            victims += [(used, other) for other, used in self._stores.values()
+                        if other is not store and other.bytes_on(device)]
             if not victims:
                 busy = ", ".join(resident.name for resident in self._residents if resident.bytes_on(device))
                 raise MemoryBudgetError(
                     f"{for_what} needs {nbytes / 2**20:.0f} MB more on {device}, but its budget of "
                     f"{budget / 2**20:.0f} MB is held by what the running prompt is using ({busy})")
-            victim = min(victims, key=lambda resident: resident.last_used)
-            if device == CPU:
+            _, victim = min(victims, key=lambda entry: entry[0])
+            if not isinstance(victim, Resident):
+                victim.clear()
+                self.evictions += 1
+                logger.info("emptied %s to make room for %s", victim.name, for_what)
+            elif device == CPU:
                 self._drop(victim)
             else:
                 self._offload(victim, device)

@@ -24,6 +24,7 @@ from ..common.comfy_host import comfy_model_family
 from ..common.denoiser import Conditioning
 from ..common.images import to_channels_first
 from ..common.limits import MAX_SEED
+from ..common.memory import MEMORY
 from ..common.progress import progress
 from ..models.comfy_adapters import ComfyDenoiser, denoiser_and_codec
 from ..models.loading import list_models, load_transformers_folder, resolve_model_path
@@ -225,7 +226,8 @@ class AtelierDINOv2Features(_Extractor):
     def extract(self, dinov2: DinoBackbone, image: torch.Tensor, size: int) -> tuple[FeatureMaps]:
         pixels = _image(image, "image")
         key = ("dinov2", tensor_digest(pixels), dinov2.source, size)
-        maps = FEATURE_CACHE.get_or_compute(key, lambda: dinov2_features(dinov2.model, pixels, size))
+        with MEMORY.use_module(dinov2.model):
+            maps = FEATURE_CACHE.get_or_compute(key, lambda: dinov2_features(dinov2.model, pixels, size))
         progress(1, 1)
         return (maps,)
 

@@ -37,12 +37,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
+
+from ..common.memory import MEMORY, Resident
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 # Source: LinFusion train script, --mid_dim_scale: 1 (m = d) for SD1.5/SD2.1, 16 (m = d/16) for SDXL.
@@ -198,10 +201,21 @@ def read_linfusion(path: str, config: list[LayerConfig], family: str) -> torch.n
 
 
 def load_linfusion(path: str, unet: torch.nn.Module, family: str) -> torch.nn.ModuleList:
-    """:func:`read_linfusion` for a diffusers ``unet``, on its device and in its dtype."""
-    layers = read_linfusion(path, linfusion_config(unet, family), family)
+    """:func:`read_linfusion` for a diffusers ``unet``, on its device and in its dtype; one copy per file and
+    UNet layout, kept by the memory manager (a caller that runs the layers holds them with
+    ``MEMORY.use_module(layers)``, which reads them back if they were evicted)."""
+    config = linfusion_config(unet, family)
     parameter = next(unet.parameters())
-    return layers.to(parameter.device, parameter.dtype)
+    stat = os.stat(path)
+
+    def load() -> tuple[torch.nn.ModuleList, Resident]:
+        layers = read_linfusion(path, config, family).to(parameter.device, parameter.dtype)
+        return layers, Resident(f"LinFusion {os.path.basename(path)}", {"layers": layers}, home=parameter.device,
+                                reload=lambda: {"layers": read_linfusion(path, config, family).to(parameter.dtype)})
+
+    key = ("linfusion", os.path.realpath(path), stat.st_size, stat.st_mtime_ns, family, tuple(config),
+           parameter.device, parameter.dtype)
+    return MEMORY.kept(key, load)
 
 
 class LdmSelfAttention(torch.nn.Module):

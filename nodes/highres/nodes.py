@@ -24,6 +24,7 @@ from ..common.images import to_channels_first
 from ..common.paths import confine
 from ..common.tiled_vae import DECODE_PRECISIONS, decode_dtype, tiled_decode
 from ..common.limits import MAX_CFG, MAX_RESOLUTION, MAX_SEED, MAX_STEPS
+from ..common.memory import MEMORY
 from ..models.comfy_adapters import ComfyCodec, denoiser_and_codec, model_device, model_family
 from ..models.loading import LoadedModel, check_safetensors, files_under
 from ..models.refs import ModelRef, ModelsFolder
@@ -67,7 +68,7 @@ def model_in_use(model: ModelRef, linfusion: LinFusion | None) -> Iterator[Loade
         if linfusion is None:
             yield loaded
             return
-        with mounted(loaded.unet, linfusion.layers, list(linfusion.config)):
+        with MEMORY.use_module(linfusion.layers), mounted(loaded.unet, linfusion.layers, list(linfusion.config)):
             yield loaded
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..common.comfy_host import inside_comfyui
+from ..common.comfy_host import comfy_module, inside_comfyui
 from ..common.denoiser import DiffusersCodec
 from ..models.clip import Clip
-from ..models.formats import SAFE_EXTENSION
-from ..models.loading import SHIPPED_MODELS, comfy_folder_paths, load_model
+from ..models.formats import SAFE_EXTENSION, check_safetensors
+from ..models.loading import SHIPPED_MODELS, comfy_folder_paths, list_models, load_model, resolve_model_path
+from ..models.lora import LORA_READS, MAX_STRENGTH, LoraSpec
 from ..models.refs import ModelRef, ModelsFolder
 from ..models.sources import SHIPPED_NAME
 from .comfy_native import load_comfy_native
@@ -26,6 +27,7 @@ EMBEDDED_CHECKPOINT = os.path.join(SHIPPED_MODELS, "checkpoints", SHIPPED_NAME +
 # The same weights as a diffusers folder: its configs are the architecture the single file lacks.
 EMBEDDED_CONFIG_DIR = os.path.join(SHIPPED_MODELS, "diffusers", SHIPPED_NAME)
 EMBEDDINGS_FOLDER = "embeddings"
+LORA_FOLDER = "loras"
 
 
 class AtelierEmbeddedCheckpointLoader(ModelsFolder):
@@ -54,5 +56,41 @@ class AtelierEmbeddedCheckpointLoader(ModelsFolder):
         return ref, Clip(ref, embedding_dirs=embedding_dirs), DiffusersCodec(ref.model.vae, recipe=ref.recipe())
 
 
-NODE_CLASS_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": AtelierEmbeddedCheckpointLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": "Load Embedded Checkpoint (Atelier)"}
+class AtelierLoraWhenReady(ModelsFolder):
+    DESCRIPTION = ("Loads a LoRA for the diffusion model while sampling goes on (SwiftDiffusion): sampling starts on "
+                   "the base weights and the LoRA comes in at the first step boundary after its file is read, never "
+                   "inside a step. The first steps may then run without it: use Load LoRA for an exact result. "
+                   "Inside ComfyUI, whose model management owns the weights, the LoRA is applied before sampling.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model, with the LoRA from the step its file is ready.",)
+    FUNCTION = "load_lora"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
+            "lora_name": (list_models(LORA_FOLDER, cls.models_dir), {"tooltip": "A LoRA in models/loras."}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
+                                         "round": 0.001, "tooltip": "How strongly to modify the diffusion model; "
+                                                                    "can be negative."}),
+        }}
+
+    def load_lora(self, model: Any, lora_name: str, strength_model: float) -> tuple[Any]:
+        path = resolve_model_path(LORA_FOLDER, lora_name, self.models_dir)
+        check_safetensors(path)
+        if strength_model == 0:
+            return (model,)
+        if inside_comfyui():
+            comfy_sd, comfy_utils = comfy_module("comfy.sd"), comfy_module("comfy.utils")
+            tensors = comfy_utils.load_torch_file(path, safe_load=True)
+            return (comfy_sd.load_lora_for_models(model, None, tensors, strength_model, 0)[0],)
+        LORA_READS.start(path)
+        return (model.with_lora(LoraSpec(path, strength_model, 0.0, when_ready=True)),)
+
+
+NODE_CLASS_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": AtelierEmbeddedCheckpointLoader,
+                       "AtelierLoraWhenReady": AtelierLoraWhenReady}
+NODE_DISPLAY_NAME_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": "Load Embedded Checkpoint (Atelier)",
+                              "AtelierLoraWhenReady": "Load LoRA When Ready (Atelier)"}

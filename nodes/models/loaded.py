@@ -24,6 +24,9 @@ class LoraSpec:
     path: str
     strength_model: float = 1.0
     strength_clip: float = 1.0
+    # SwiftDiffusion's opt-in: sampling starts without it and it comes in at the first step boundary after its file
+    # is read (nodes.models.lora.LoraReads); by default a run waits for every LoRA before its first step
+    when_ready: bool = False
 
     def __post_init__(self) -> None:
         for name in ("strength_model", "strength_clip"):

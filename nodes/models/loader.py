@@ -100,26 +100,42 @@ def load_transformers_folder(folder: str | os.PathLike, model_class: type | None
                              device: torch.device | str | None = None) -> tuple[Any, torch.nn.Module]:
     """A transformers model and its tokenizer or image processor from a ``save_pretrained`` folder, offline and
     from ``.safetensors`` weights only (a DINOv2 backbone in ``models/dinov2``, a sentence encoder in
-    ``models/sentence_encoders``).
+    ``models/sentence_encoders``); one copy per folder, kept by the memory manager.
 
     Args:
         folder: holds ``config.json`` and ``model.safetensors`` (or sharded safetensors).
         model_class: the transformers class to build; by default ``AutoModel`` picks it from the config.
         device: by default :func:`default_device`. The model is in eval mode, in float32.
     Returns:
-        (the tokenizer, or the image processor when the folder has no tokenizer, or None; the model).
+        (the tokenizer, or the image processor when the folder has no tokenizer, or None; the model). A caller
+        that runs the model holds it with ``MEMORY.use_module(model)``, which reads it back if it was evicted.
     Raises:
         FileNotFoundError: no ``config.json`` in ``folder``.
         UnsafeModelFormatError: the folder has only pickle-based weights.
     """
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
     folder = os.path.realpath(os.fspath(folder))
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder!r} is not a transformers model folder: it has no config.json")
     if not any(name.lower().endswith(SAFE_EXTENSION) for name in os.listdir(folder)):
         raise UnsafeModelFormatError(f"{folder!r} holds no .safetensors weights; only safetensors are loaded "
                                      f"(convert pickle-based weights first)")
+    device = torch.device(device) if device is not None else default_device()
+    name = os.path.basename(folder)
+
+    def load() -> tuple[tuple[Any, torch.nn.Module], Resident]:
+        MEMORY.make_room("cpu", weight_bytes(folder, torch.float32), name)
+        preprocessor, model = _read_transformers_folder(folder, model_class)
+        model.to(device)
+        resident = Resident(name, {"model": model}, home=device,
+                            reload=lambda: {"model": _read_transformers_folder(folder, model_class)[1]})
+        return (preprocessor, model), resident
+
+    return MEMORY.kept(("transformers", folder, _file_signature(folder), model_class, device), load)
+
+
+def _read_transformers_folder(folder: str, model_class: type | None) -> tuple[Any, torch.nn.Module]:
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
     model = (model_class or AutoModel).from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                                        dtype=torch.float32)
     preprocessor = None
@@ -129,7 +145,7 @@ def load_transformers_folder(folder: str | os.PathLike, model_class: type | None
             break
         except (OSError, ValueError, KeyError):
             continue
-    return preprocessor, model.to(device if device is not None else default_device()).eval()
+    return preprocessor, model.eval()
 
 
 def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,

@@ -11,17 +11,26 @@ which run, with what strengths. Because one loaded model is shared by every node
 caller activates its own LoRA list right before it runs the model (``set_loras(model, specs)``; an empty list
 runs the base weights).
 
+LoRA files are read on a background thread (:data:`LORA_READS`, SwiftDiffusion's asynchronous loading): the
+LoRA nodes start the read, the graph goes on (prompts are encoded, latents made) and the sampler takes the
+tensors when it needs them, waiting only for what is left. A LoRA marked ``when_ready`` does not even make it wait:
+sampling starts on the base weights and the LoRA comes in at the first step boundary after its read finished
+(``nodes.sampling.guiders``). At most :data:`MAX_RESIDENT_LORAS` adapters stay resident per model.
+
 Requires the ``peft`` package (diffusers' LoRA backend).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import logging
 import os
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,6 +42,8 @@ from .offline import quiet_loading
 logger = logging.getLogger(__name__)
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+MAX_RESIDENT_LORAS = 8  # adapters per model; the least recently run go first (each is a few to a few hundred MB)
+MAX_READS_AHEAD = 4  # LoRA files read and not yet taken; older ones are dropped (and read again if asked)
 MESSAGE_LINES = 3  # of a diffusers loading error, quoted in ours
 
 
@@ -70,6 +81,55 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no LoRA file at {path!r}")
     return load_file(path)
+
+
+class LoraReads:
+    """LoRA files read into CPU memory on one background thread, a bounded few ahead of their use.
+
+    Args:
+        read: reads a file's tensors (:func:`read_lora_file`; tests slow it down).
+        ahead: at most this many reads kept untaken; the oldest is dropped beyond it.
+    """
+
+    def __init__(self, read: Callable[[str], dict[str, torch.Tensor]] = read_lora_file, ahead: int = MAX_READS_AHEAD):
+        self._read = read
+        self._ahead = ahead
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lora-read")
+        self._reads: collections.OrderedDict[tuple, concurrent.futures.Future] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(path: str) -> tuple:
+        path = os.path.realpath(os.fspath(path))
+        return path, _signature(path) if os.path.isfile(path) else None
+
+    def start(self, path: str | os.PathLike) -> concurrent.futures.Future:
+        """Start reading ``path`` (once: a read under way or done and untaken is reused)."""
+        key = self._key(path)
+        with self._lock:
+            if key not in self._reads:
+                self._reads[key] = self._pool.submit(self._read, key[0])
+                while len(self._reads) > self._ahead:
+                    _, dropped = self._reads.popitem(last=False)
+                    dropped.cancel()
+            return self._reads[key]
+
+    def ready(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` has been read (or failed to be: taking it raises the error)."""
+        with self._lock:
+            read = self._reads.get(self._key(path))
+        return read is not None and read.done()
+
+    def take(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """``path``'s tensors: from the read under way (waiting for what is left of it), or read now."""
+        with self._lock:
+            read = self._reads.pop(self._key(path), None)
+        if read is None or read.cancelled():
+            return self._read(os.path.realpath(os.fspath(path)))
+        return read.result()
+
+
+LORA_READS = LoraReads()
 
 
 def find_adapter(model: LoadedModel, path: str | os.PathLike) -> LoraAdapter | None:
@@ -112,7 +172,7 @@ def load_lora(model: LoadedModel, path: str | os.PathLike,
         _drop_adapters(model, [adapter.name for adapter in stale])
         model.active_loras = tuple(spec for spec in model.active_loras if os.path.realpath(spec.path) != path)
     if tensors is None:
-        tensors = read_lora_file(path)
+        tensors = LORA_READS.take(path)
     signature = _signature(path)
     name = _adapter_name(path, signature)
     pipeline = model.pipeline
@@ -158,7 +218,8 @@ def _merge(specs: Sequence[LoraSpec]) -> list[LoraSpec]:
         path = os.path.realpath(spec.path)
         if path in merged:
             first = merged[path]
-            spec = LoraSpec(path, first.strength_model + spec.strength_model, first.strength_clip + spec.strength_clip)
+            spec = LoraSpec(path, first.strength_model + spec.strength_model, first.strength_clip + spec.strength_clip,
+                            first.when_ready and spec.when_ready)
         merged[path] = dataclasses.replace(spec, path=path)
     return list(merged.values())
 
@@ -204,9 +265,29 @@ def set_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> None:
     """
     specs = _merge(specs)
     for spec in specs:
-        load_lora(model, spec.path)
+        adapter = load_lora(model, spec.path)
+        model.lora_adapters[adapter.name] = model.lora_adapters.pop(adapter.name)  # most recently run last
+    running = {os.path.realpath(spec.path) for spec in specs}
+    idle = [adapter.name for adapter in model.lora_adapters.values() if adapter.path not in running]
+    excess = len(model.lora_adapters) - MAX_RESIDENT_LORAS
+    if excess > 0 and idle:
+        logger.info("%d LoRA adapters resident on %s; unloading the %d least recently run",
+                    len(model.lora_adapters), os.path.basename(model.source), min(excess, len(idle)))
+        _drop_adapters(model, idle[:excess])
     _activate(model, specs)
     model.active_loras = tuple(specs)
+
+
+def ready_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> tuple[LoraSpec, ...]:
+    """``specs`` less the ``when_ready`` ones that are neither resident on ``model`` nor read yet (whose reads
+    this starts): what a run sets with :func:`set_loras` now, the rest coming in at a later step boundary."""
+    ready = []
+    for spec in specs:
+        if spec.when_ready and find_adapter(model, spec.path) is None and not LORA_READS.ready(spec.path):
+            LORA_READS.start(spec.path)
+        else:
+            ready.append(spec)
+    return tuple(ready)
 
 
 def remove_lora(model: LoadedModel, path: str | os.PathLike) -> None:

@@ -20,7 +20,7 @@ import torch
 from ..common.memory import MEMORY
 from ..common.paths import confine
 from .loading import LoadedModel, comfy_folder_paths, files_under, load_model
-from .lora import LoraSpec, set_loras
+from .lora import LoraSpec, ready_loras, set_loras
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +59,28 @@ class ModelRef:
         with model.lock:
             resident = model.resident
             if resident is None:  # inside ComfyUI: no manager
-                set_loras(model, self.loras)
+                set_loras(model, ready_loras(model, self.loras))
                 yield model
                 return
             with MEMORY.use(resident, model.parts(parts) if parts else None):
-                set_loras(model, self.loras)
+                set_loras(model, ready_loras(model, self.loras))
                 MEMORY.resized(resident)  # adapters may have come
                 yield model
+
+    def pending_loras(self) -> tuple[LoraSpec, ...]:
+        """The ``when_ready`` LoRAs not running yet, their files still being read (inside :meth:`in_use`)."""
+        ready = ready_loras(self.model, self.loras)
+        return tuple(spec for spec in self.loras if spec not in ready)
+
+    def bring_in_loras(self, pending: tuple[LoraSpec, ...], wait: bool = False) -> tuple[LoraSpec, ...]:
+        """Inside :meth:`in_use`, between two sampling steps: run the ``pending`` LoRAs whose files have been
+        read since (all of them with ``wait``, waiting for their reads); returns those still pending."""
+        still = () if wait else self.pending_loras()
+        if len(still) < len(pending):
+            set_loras(self.model, self.loras if wait else ready_loras(self.model, self.loras))
+            if self.model.resident is not None:
+                MEMORY.resized(self.model.resident)
+        return still
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..common.memory import MEMORY
 from ..models.clip import CHUNK_TOKENS
 from ..models.text import token_count
 
@@ -81,9 +82,9 @@ def sentence_embeddings(encoder: SentenceEncoder, prompts: Sequence[str]) -> tor
     """
     if not prompts:
         raise ValueError("prompts must hold at least one prompt; got none")
-    device = next(encoder.model.parameters()).device
     pooled = []
-    with torch.no_grad():
+    with torch.no_grad(), MEMORY.use_module(encoder.model):
+        device = next(encoder.model.parameters()).device
         for start in range(0, len(prompts), ENCODE_BATCH):
             batch = encoder.tokenizer(list(prompts[start:start + ENCODE_BATCH]), padding=True, truncation=True,
                                       return_tensors="pt").to(device)

@@ -9,6 +9,9 @@ k-diffusion convention and scales back. The KSampler nodes build one and call it
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -19,10 +22,12 @@ from ..models.loaded import LoadedModel
 from ..models.refs import ModelRef
 from .guidance import CONDITIONING_KINDS, add_inpaint_concat, classifier_free_guidance, mirror_areas, \
     resolve_conditioning
-from .k_samplers import Sampler, prepare_mask, run_sampler
+from .k_samplers import EVALUATIONS_PER_STEP, Sampler, prepare_mask, run_sampler
 from .model_sampling import DiscreteModelSampling
 from .patches import StepSchedule
 from .previews import LATENT_RGB_MAPS, progress_reporter
+
+logger = logging.getLogger(__name__)
 
 INPAINT_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 
@@ -94,7 +99,7 @@ class Guider:
             if loaded.unet.config.in_channels == INPAINT_UNET_CHANNELS:
                 add_inpaint_concat(conds, latent, mask)
             mirror_areas(conds)
-            model_fn = self._guided(loaded, model_sampling, conds, sigmas)
+            model_fn = self._bringing_in_loras(self._guided(loaded, model_sampling, conds, sigmas), sampler)
             report = progress_reporter(_preview_family(loaded.family)) if preview else None
             total = sigmas.numel() - 1
 
@@ -127,6 +132,34 @@ class Guider:
             return patch.denoised(lambda x_in: guided(x_in, sigma, **extra), x, sigma, steps)
 
         return patched
+
+    def _bringing_in_loras(self, model_fn: Callable[..., torch.Tensor], sampler: Sampler
+                           ) -> Callable[..., torch.Tensor]:
+        """``model_fn`` bringing in the ref's ``when_ready`` LoRAs at the first step boundary after their files are
+        read (SwiftDiffusion's asynchronous loading): before the first model call of a step, never inside one."""
+        pending = self.model.pending_loras()
+        if not pending:
+            return model_fn
+        every = EVALUATIONS_PER_STEP.get(getattr(sampler, "name", None))
+        names = ", ".join(os.path.basename(spec.path) for spec in pending)
+        if every is None:
+            logger.info("sampler %s calls the model a varying number of times per step; waiting for %s",
+                        getattr(sampler, "name", sampler), names)
+            self.model.bring_in_loras(pending, wait=True)
+            return model_fn
+        logger.info("sampling starts without %s, which comes in when read", names)
+        calls = itertools.count()
+
+        def at_step_starts(x: torch.Tensor, sigma: torch.Tensor, **extra: object) -> torch.Tensor:
+            nonlocal pending
+            call = next(calls)
+            if pending and call and call % every == 0:
+                pending = self.model.bring_in_loras(pending)
+                if not pending:
+                    logger.info("%s in from step %d", names, call // every)
+            return model_fn(x, sigma, **extra)
+
+        return at_step_starts
 
     def unscale(self, latent: torch.Tensor) -> torch.Tensor:
         """Latents as the model sees them, back to a LATENT's unscaled values (on the CPU)."""

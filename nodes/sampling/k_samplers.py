@@ -1402,6 +1402,19 @@ COMFYUI_SAMPLER_NAMES = (
     "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
     "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc",
     "uni_pc_bh2")
+# How many times each sampler calls the model per step, for those that call it as often at every step but the
+# last ones (where a multi-stage step degenerates): the first call of step i is call i·n, right before the step's
+# callback. A LoRA brought in between steps (SwiftDiffusion) needs this; the others (dpm_fast, dpm_adaptive,
+# sa_solver_pece) vary, and a LoRA waits for its file before they start.
+EVALUATIONS_PER_STEP = {
+    **dict.fromkeys(("euler", "euler_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+                     "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
+                     "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral", "gradient_estimation",
+                     "er_sde", "sa_solver", "ddim", "uni_pc", "uni_pc_bh2"), 1),
+    **dict.fromkeys(("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_sde_gpu",
+                     "seeds_2"), 2),
+    **dict.fromkeys(("heunpp2", "seeds_3"), 3),
+}
 # Samplers whose inpaint blend re-noises the kept region with noise of its own (seed + 1), not the run's noise.
 FRESH_INPAINT_NOISE_SAMPLERS = frozenset(("ddim",))
 FALLBACK_INPAINT_SEED = 41

@@ -1,6 +1,6 @@
 """Everything that needs a GPU, measured by one command (issue #20): GPU time comes rarely and in short slices.
 
-Six parts run in this order, each in its own subprocess with its own time box, so that a part that hangs, crashes
+Seven parts run in this order, each in its own subprocess with its own time box, so that a part that hangs, crashes
 or runs out of memory is reported as such and the suite goes on:
 
 1. ``workflows``: every ``workflows/*.json`` runs through the CLI's path (``load_workflow``, then the executor's
@@ -27,6 +27,9 @@ or runs out of memory is reported as such and the suite goes on:
    allows) and peak memory.
 6. ``watermark``: post-hoc embed and detect ms at 512² (on the CPU, where the node's IMAGE lives; also on CUDA when
    there is one), and generative detection at 512²: VAE encode, 50-step DDIM inversion, Gaussian Shading decision.
+7. ``memory``: two SDXL checkpoints (the sampler part's file under a second name) and a LoRA under a 10 GB GPU
+   budget, prompts alternating between them through the app's nodes (``bench/memory.py``): the peak
+   ``torch.cuda.max_memory_allocated`` over the budget, and seconds per switch.
 
 Weights are random (speed and memory do not depend on their values): full-size original-layout single files
 written once per run by :func:`nodes.models.export.write_random_single_file` and loaded by ``load_model``, as a
@@ -68,7 +71,7 @@ sys.path.insert(0, ROOT)
 # Before diffusers imports huggingface_hub (in the parts): everything here is built offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PARTS = ("workflows", "sampler", "highres", "correspondence", "panorama", "watermark")
+PARTS = ("workflows", "sampler", "highres", "correspondence", "panorama", "watermark", "memory")
 RECORD_PREFIX = "GPU_SUITE_RECORD "  # how a part's process hands results to the suite, one JSON object a line
 KILL_GRACE_S = 5  # after a part's time box, how long its process group gets to die before the suite moves on
 LOG_TAIL_LINES = 12  # lines of a failed part's log shown on the console
@@ -83,6 +86,7 @@ VAE_OVERLAP_DIVISOR = 8  # VAE tiles overlap by 1/8 of their side, as the genera
 # DINOv2 ViT-B/14 (facebook/dinov2-base's config.json); the smoke run's is the tests' tiny one.
 DINOV2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                    patch_size=14, image_size=518)
+SMOKE_MEMORY_WIDTH = 32  # the memory part's checkpoints in the smoke run: SD1.5's layout at its smallest width
 DINOV2_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
                    image_size=56)
 
@@ -121,10 +125,11 @@ class Settings:
 
 GPU = Settings(
     smoke=False,
-    # 470 s in all, within the issue's 8 minutes with the suite's own start. The sampler part writes and loads both
-    # random checkpoints (2.1 GB and 6.9 GB) that the later parts reuse; the highres part sizes its steps to its box.
+    # 470 s in all for parts 1-6, within issue 20's 8 minutes with the suite's own start; the memory part (issue
+    # 28) adds 90 s. The sampler part writes and loads both random checkpoints (2.1 GB and 6.9 GB) that the later
+    # parts reuse; the highres part sizes its steps to its box.
     time_box_s={"workflows": 60, "sampler": 130, "highres": 150, "correspondence": 35, "panorama": 60,
-                "watermark": 35},
+                "watermark": 35, "memory": 90},
     workflow_time_box_s=30,
     sampler_cases=(("sd1", 512), ("sdxl", 1024)), sampler_steps=20, sampler_runs=3,
     # README, Tiled 16K generator: SD1.5 at 16K takes base 1024, 512 px tiles, 128 px overlap, 256 px stride.
@@ -247,7 +252,15 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     from web.folders import DataFolders
     from web.registry import node_classes
 
+    from nodes.loaders.nodes import EMBEDDED_CHECKPOINT
+    from nodes.models.loading import load_model
+    from tests.tiny_models import write_tiny_lora
+
     record(**device_fields())
+    # lora_when_ready.json names models/loras/style.safetensors: a random LoRA for the embedded model stands in.
+    loras = os.path.join(work_dir, "models", "loras")
+    os.makedirs(loras, exist_ok=True)
+    write_tiny_lora(load_model(EMBEDDED_CHECKPOINT).pipeline, os.path.join(loras, "style.safetensors"))
     classes = node_classes(DataFolders.under(os.path.join(work_dir, "data")), os.path.join(work_dir, "models"))
     executed: set[str] = set()
     outcomes: dict[str, dict[str, Any]] = {}
@@ -603,10 +616,43 @@ def part_watermark(settings: Settings, work_dir: str, deadline: float) -> None:
            generative_peak_mib=peak_mib())
 
 
+def part_memory(settings: Settings, work_dir: str, deadline: float) -> None:
+    import torch
+
+    from bench.memory import run
+    from nodes.models.export import write_random_lora, write_random_single_file
+    from nodes.models.loader import weight_bytes
+
+    record(**device_fields())
+    family = "sd1" if settings.smoke else "sdxl"
+    models_dir = os.path.join(work_dir, "memory_models")
+    checkpoints = os.path.join(models_dir, "checkpoints")
+    os.makedirs(checkpoints, exist_ok=True)
+    os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
+    width = SMOKE_MEMORY_WIDTH if settings.smoke else None
+    if settings.smoke:
+        for seed, name in enumerate("ab"):
+            write_random_single_file(family, os.path.join(checkpoints, f"{name}.safetensors"), seed, width=width)
+    else:
+        random_model(family, settings, work_dir)  # writes the file if the sampler part did not
+        for name in "ab":  # the same weights under two names: two models to the cache, no second write
+            target = os.path.join(checkpoints, f"{name}.safetensors")
+            if not os.path.exists(target):
+                os.link(os.path.join(work_dir, f"random_{family}.safetensors"), target)
+    write_random_lora(family, os.path.join(models_dir, "loras", "style.safetensors"), seed=3, rank=16, width=width)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = 10 << 30 if device == "cuda" else int(1.5 * weight_bytes(os.path.join(checkpoints, "a.safetensors"),
+                                                                     torch.float32))
+    figures = run(models_dir, 2, device, budget)
+    record(family=family, budget_mb=round(budget / 2**20), switches=2,
+           **{key: round(value, 2) for key, value in figures.items()})
+
+
 # Each takes the settings, the suite's work folder (shared random checkpoints) and its box's time.monotonic() deadline.
 PART_FUNCTIONS: dict[str, Callable[[Settings, str, float], None]] = {
     "workflows": part_workflows, "sampler": part_sampler, "highres": part_highres,
-    "correspondence": part_correspondence, "panorama": part_panorama, "watermark": part_watermark}
+    "correspondence": part_correspondence, "panorama": part_panorama, "watermark": part_watermark,
+    "memory": part_memory}
 
 
 def run_part(part: str, settings: Settings, work_dir: str, time_box_s: float) -> int:

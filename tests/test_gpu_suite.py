@@ -29,7 +29,7 @@ def test_cpu_smoke_runs_every_part_and_reports_each_in_bench_lines_and_json(tmp_
     bench = [line.split() for line in done.stdout.splitlines() if line.startswith("BENCH ")]
     assert [words[1] for words in bench] == [f"gpu_suite_{part}" for part in PARTS] + ["gpu_suite"]
     assert all("status=ok" in words for words in bench[:-1])
-    assert "parts_ok=6/6" in bench[-1] and "smoke=1" in bench[-1]
+    assert "parts_ok=7/7" in bench[-1] and "smoke=1" in bench[-1]
 
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     parts = results["parts"]
@@ -51,10 +51,11 @@ def test_cpu_smoke_runs_every_part_and_reports_each_in_bench_lines_and_json(tmp_
     assert highres["steps"] >= highres["min_steps"] and highres["stages"] == 2
     assert [highres[f"stage_{k}"]["size"] for k in (1, 2)] == ["64x64", "128x128"]
     assert highres["decode_s"] > 0
-    # 4-6: the timings exist.
+    # 4-7: the timings exist.
     assert parts["correspondence"]["ms_per_pair"] > 0 and parts["correspondence"]["match_ms"] > 0
     assert parts["panorama"]["output"] == "128x64" and parts["panorama"]["cold_s"] > 0
     assert parts["watermark"]["posthoc_embed_ms"] > 0 and parts["watermark"]["generative_detect_ms"] > 0
+    assert parts["memory"]["same_model_s"] > 0 and parts["memory"]["counted_peak_mb"] <= parts["memory"]["budget_mb"]
 
 
 def test_a_part_past_its_time_box_is_killed_and_reported_as_timed_out(tmp_path):

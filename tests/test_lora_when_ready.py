@@ -182,3 +182,23 @@ def test_reads_ahead_are_bounded_and_a_dropped_read_is_read_again(tiny_sd1_loras
         bad.write_bytes(b"0")
         reads.start(bad)
         reads.take(bad)
+
+
+def test_the_example_workflow_runs_headless_on_the_shipped_model_with_a_lora_for_it(tmp_path, capsys):
+    import os
+
+    from nodes.loaders.nodes import EMBEDDED_CHECKPOINT
+    from nodes.models.loading import load_model
+    from tiny_models import write_tiny_lora
+    from web.cli import main
+
+    (tmp_path / "models" / "loras").mkdir(parents=True)
+    write_tiny_lora(load_model(EMBEDDED_CHECKPOINT).pipeline, tmp_path / "models" / "loras" / "style.safetensors")
+    workflow = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
+                            "lora_when_ready.json")
+    assert main(["run", workflow, "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"),
+                 "--set", "5.steps=4", "--set", "10.steps=4"]) == 0
+    saved = [os.path.basename(line.split("output: ")[-1]) for line in capsys.readouterr().out.splitlines()
+             if "output: " in line]
+    assert sum(file.startswith("lora_when_ready_") for file in saved) == 4
+    assert sum(file.startswith("lora_waited_") for file in saved) == 4

@@ -361,3 +361,46 @@ def test_acceleration_patches_run_under_comfyuis_own_ksampler_as_standalone(comf
     sada = psnr(comfy_images[SADA_SAVE][0], atelier_images[SADA_SAVE][0])
     print(f"SADA under SamplerCustom, ComfyUI against Atelier: {sada:.1f} dB")
     assert sada >= TARGET_PSNR_DB
+
+
+def test_lora_when_ready_applies_comfyuis_own_lora_inside_comfyui_and_matches_the_standalone_run(
+        comfyui_server, random_sd15_models, atelier):
+    """Load LoRA When Ready inside ComfyUI is ComfyUI's own LoRA patch on its MODEL (the same picture as ComfyUI's
+    LoraLoaderModelOnly, bit for bit); standalone (Atelier's adapter beside the base weights) the picture is the
+    same within float32 arithmetic."""
+    from nodes.models.export import write_random_lora
+    from nodes.models.lora import LORA_READS
+
+    loras = os.path.join(random_sd15_models.path, "loras")
+    os.makedirs(loras, exist_ok=True)
+    write_random_lora("sd1", os.path.join(loras, "style.safetensors"), seed=3, rank=8, scale=0.3)
+    sampling = {"seed": SEED, "steps": 4, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "AtelierLoraWhenReady", "inputs": {"model": ["4", 0], "lora_name": "style.safetensors",
+                                                                "strength_model": 1.0}},
+        "20": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["4", 0], "lora_name": "style.safetensors",
+                                                               "strength_model": 1.0}},
+    }
+    for save, model in (("13", ["10", 0]), ("23", ["20", 0]), ("33", ["4", 0])):
+        sample, decode = str(int(save) - 2), str(int(save) - 1)
+        prompt[sample] = {"class_type": "KSampler", "inputs": {"model": model, **sampling}}
+        prompt[decode] = {"class_type": "VAEDecode", "inputs": {"samples": [sample, 0], "vae": ["4", 2]}}
+        prompt[save] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "lora" + save,
+                                                              "images": [decode, 0]}}
+    comfy_images = comfyui_server.run(prompt)
+    (when_ready,), (waited,), (plain,) = (comfy_images[node] for node in ("13", "23", "33"))
+    assert np.array_equal(when_ready, waited) and not np.array_equal(when_ready, plain)
+    # Standalone, a file still being read when sampling starts comes in at a later step (test_lora_when_ready.py);
+    # read first here, the when-ready picture is the waited one.
+    LORA_READS.start(os.path.join(loras, "style.safetensors")).result()
+    standalone = atelier.run(prompt)
+    measured = psnr(when_ready, standalone["13"][0])
+    assert np.array_equal(standalone["13"][0], standalone["23"][0])
+    print(f"LoRA when ready, ComfyUI against Atelier: {measured:.1f} dB; with against without the LoRA in ComfyUI: "
+          f"{psnr(when_ready, plain):.1f} dB")
+    assert measured >= TARGET_PSNR_DB

@@ -248,3 +248,12 @@ def test_on_an_accelerator_the_least_recently_used_goes_to_the_cpu_first_then_ou
     with manager.use(second):  # read back; first leaves the GPU for the CPU, where third goes out
         assert (second.device_of("net"), first.device_of("net"), third.is_out) == ("cuda:0", "cpu", True)
     assert manager.peak == {"cpu": 2 * LINEAR_BYTES, "cuda:0": LINEAR_BYTES}
+
+
+def test_inside_comfyui_the_manager_stands_aside(monkeypatch):
+    import sys
+    import types
+
+    assert MemoryManager().enabled
+    monkeypatch.setitem(sys.modules, "comfy.model_management", types.ModuleType("comfy.model_management"))
+    assert not MemoryManager().enabled

@@ -65,6 +65,15 @@ def gated_reads(monkeypatch):
     return reads, gate
 
 
+@pytest.fixture
+def prompts(tiny_sd1_prompts):
+    """The shared tiny SD1 model (no LoRA resident, before and after) with its two prompts."""
+    ref = tiny_sd1_prompts[0]
+    ref.model.remove_all_loras()
+    yield tiny_sd1_prompts
+    ref.model.remove_all_loras()
+
+
 def _record_unet_calls(unet: torch.nn.Module, model) -> tuple[list, object]:
     calls = []
 
@@ -82,11 +91,10 @@ def _sample(ref, positive, negative, sampler_name: str, callback=None) -> torch.
 
 
 @pytest.mark.parametrize("sampler_name", ["euler", "heun"])
-def test_a_lora_read_during_step_j_runs_from_step_j_plus_one_and_base_before(tiny_sd1_prompts, tiny_sd1_loras,
-                                                                               gated_reads, sampler_name):
+def test_a_lora_read_during_step_j_runs_from_step_j_plus_one_and_base_before(prompts, tiny_sd1_loras, gated_reads,
+                                                                               sampler_name):
     reads, gate = gated_reads
-    ref, positive, negative = tiny_sd1_prompts
-    ref.model.remove_all_loras()
+    ref, positive, negative = prompts
     spec = LoraSpec(tiny_sd1_loras[0], 1.0, 0.0, when_ready=True)
     with_lora = ref.with_lora(spec)
     ready_during = 2
@@ -110,14 +118,27 @@ def test_a_lora_read_during_step_j_runs_from_step_j_plus_one_and_base_before(tin
         for x, t, embeds, eps, active in calls:
             if bool(active) == lora_on:
                 assert torch.equal(ref.model.unet(x, t, encoder_hidden_states=embeds).sample, eps)
-    ref.model.remove_all_loras()
 
 
-def test_by_default_a_run_waits_for_its_lora_and_equals_a_synchronous_load(tiny_sd1_prompts, tiny_sd1_loras,
+def test_a_when_ready_lora_read_before_sampling_runs_from_the_first_step(prompts, tiny_sd1_loras,
+                                                                         gated_reads):
+    reads, gate = gated_reads
+    ref, positive, negative = prompts
+    spec = LoraSpec(tiny_sd1_loras[0], 1.0, 0.0, when_ready=True)
+    gate.set()
+    reads.start(spec.path).result()
+    calls, handle = _record_unet_calls(ref.model.unet, ref.model)
+    try:
+        _sample(ref.with_lora(spec), positive, negative, "euler")
+    finally:
+        handle.remove()
+    assert calls and all(active for *_, active in calls)
+
+
+def test_by_default_a_run_waits_for_its_lora_and_equals_a_synchronous_load(prompts, tiny_sd1_loras,
                                                                            gated_reads):
     reads, gate = gated_reads
-    ref, positive, negative = tiny_sd1_prompts
-    ref.model.remove_all_loras()
+    ref, positive, negative = prompts
     waiting = ref.with_lora(LoraSpec(tiny_sd1_loras[1]))
     reads.start(tiny_sd1_loras[1])  # as Load LoRA does
     threading.Timer(0.3, gate.set).start()
@@ -126,27 +147,22 @@ def test_by_default_a_run_waits_for_its_lora_and_equals_a_synchronous_load(tiny_
     synchronous = _sample(waiting, positive, negative, "euler")  # read on this thread (the gate is open)
     assert torch.equal(background, synchronous)
     assert not torch.equal(background, _sample(ref, positive, negative, "euler"))
-    ref.model.remove_all_loras()
 
 
-def test_a_when_ready_lora_waits_under_a_sampler_without_fixed_boundaries(tiny_sd1_prompts, tiny_sd1_loras,
+def test_a_when_ready_lora_waits_under_a_sampler_without_fixed_boundaries(prompts, tiny_sd1_loras,
                                                                           gated_reads):
     reads, gate = gated_reads
-    ref, positive, negative = tiny_sd1_prompts
-    ref.model.remove_all_loras()
+    ref, positive, negative = prompts
     gate.set()
     exact = _sample(ref.with_lora(LoraSpec(tiny_sd1_loras[0])), positive, negative, "dpm_adaptive")
     ref.model.remove_all_loras()
     when_ready = _sample(ref.with_lora(LoraSpec(tiny_sd1_loras[0], when_ready=True)), positive, negative,
                          "dpm_adaptive")
     assert torch.equal(exact, when_ready)
-    ref.model.remove_all_loras()
 
 
-def test_resident_adapters_are_bounded_least_recently_run_first(tiny_sd1_prompts, tiny_sd1_loras, monkeypatch):
-    ref, _, _ = tiny_sd1_prompts
-    model = ref.model
-    model.remove_all_loras()
+def test_resident_adapters_are_bounded_least_recently_run_first(prompts, tiny_sd1_loras, monkeypatch):
+    model = prompts[0].model
     monkeypatch.setattr(lora, "MAX_RESIDENT_LORAS", 1)
     a, b = (LoraSpec(path) for path in tiny_sd1_loras)
     lora.set_loras(model, [a])
@@ -160,7 +176,6 @@ def test_resident_adapters_are_bounded_least_recently_run_first(tiny_sd1_prompts
     assert torch.equal(swapped, model.unet(x, t, encoder_hidden_states=embeds).sample)
     lora.set_loras(model, [a, b])  # both running: over the bound, but nothing running is unloaded
     assert len(model.lora_adapters) == 2
-    model.remove_all_loras()
 
 
 def test_reads_ahead_are_bounded_and_a_dropped_read_is_read_again(tiny_sd1_loras, tmp_path):

@@ -280,18 +280,16 @@ def test_panorama_superres_workflow_runs_on_the_shipped_model(tmp_path, capsys):
 def test_omnissr_keeps_every_tensor_on_the_models_device():
     """The meta device stands in for CUDA: the low-res input and the seeded noise must meet the latents there (a CPU
     tensor mixed in raises), and the panorama comes back on the model's device."""
-    import types
-
     import torch.nn.functional as F
 
     from nodes.common.denoiser import Conditioning, NoiseSchedule
     from nodes.panorama.omnissr import omnissr_super_resolve
 
-    device = torch.device("meta")
+    device = meta = torch.device("meta")
 
     class Codec:
         latent_channels, downscale, scaling_factor, shift_factor = 4, 8, 0.18215, 0.0
-        vae = types.SimpleNamespace(device=device)  # only its device is read
+        device = meta  # where it computes, which OmniSSR reads
 
         def encode(self, image):
             assert image.device == device

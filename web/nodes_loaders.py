@@ -13,7 +13,7 @@ import os
 from nodes.common.denoiser import DiffusersCodec
 from nodes.models.clip import Clip
 from nodes.models.loading import list_checkpoints, list_models, load_checkpoint, resolve_model_path
-from nodes.models.lora import LORA_READS, MAX_STRENGTH, LoraSpec, find_adapter
+from nodes.models.lora import MAX_STRENGTH, LoraSpec, prefetch_lora
 from nodes.models.refs import ModelRef, ModelsFolder
 from nodes.models.vae import list_vaes, load_vae
 
@@ -92,8 +92,7 @@ class LoraLoader(ModelsFolder):
         if strength_model == 0 and strength_clip == 0:
             return model, clip
         path = resolve_model_path("loras", lora_name, self.models_dir)
-        if find_adapter(model.model, path) is None:
-            LORA_READS.start(path)  # read on a background thread while the graph goes on; the sampler takes it
+        prefetch_lora(model.model, path)
         if strength_model != 0:
             model = model.with_lora(LoraSpec(path, strength_model, 0.0))
         if clip is not None and strength_clip != 0:

@@ -166,7 +166,10 @@ class LatentSpace(Protocol):
 
 
 class LatentCodec(LatentSpace, Protocol):
-    """A VAE: images (B, 3, H, W) in 0..1 to latents (B, C, H/f, W/f) and back, unscaled as ComfyUI keeps them."""
+    """A VAE: images (B, 3, H, W) in 0..1 to latents (B, C, H/f, W/f) and back, unscaled as ComfyUI keeps them;
+    ``device`` is where it computes."""
+
+    device: torch.device
 
     def encode(self, image: torch.Tensor) -> torch.Tensor: ...
 
@@ -245,6 +248,11 @@ class DiffusersCodec:
         self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = vae.config.scaling_factor
         self.shift_factor = vae.config.shift_factor or 0.0
+
+    @property
+    def device(self) -> torch.device:
+        """Where the VAE runs, without touching its weights (the memory manager may hold them elsewhere)."""
+        return MEMORY.home(self.vae) or self.vae.device
 
     def in_use(self) -> contextlib.AbstractContextManager:
         """Holds the VAE on its device (the memory manager may have offloaded it) for the block; encode and decode

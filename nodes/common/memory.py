@@ -49,6 +49,16 @@ class MemoryBudgetError(MemoryError):
     """What is asked for cannot fit the budget, even with everything unused evicted."""
 
 
+def _size(nbytes: int) -> str:
+    """A byte count for messages: MB, or bytes below one MB (tests' tiny budgets).
+
+    Example:
+        >>> _size(3 << 20), _size(2200)
+        ('3 MB', '2200 bytes')
+    """
+    return f"{nbytes / 2**20:.0f} MB" if nbytes >= 2**20 else f"{nbytes} bytes"
+
+
 def device_key(device: torch.device | str) -> str:
     """``"cpu"``, or an accelerator with its index (``"cuda:0"``): the manager keeps one budget per key.
 
@@ -168,9 +178,19 @@ class Resident:
         self._parts[part].module.to(device)
         self._parts[part].device = device
 
+    def pinned_bytes_on(self, device: str) -> int:
+        """Bytes of the parts on ``device`` that a call holds now."""
+        return sum(part.nbytes for part in self._parts.values() if part.device == device and part.pins)
+
+    def to_home(self) -> None:
+        """Move every part to where it runs, with no accounting (where no manager keeps it)."""
+        for name in self.part_names:
+            self._move(name, self.home_of(name))
+
     def _drop(self) -> None:
         if self.before_drop is not None:
             self.before_drop()
+            self.measure()  # what comes back is what is left (the adapters taken out are not read back)
         for part in self._parts.values():
             part.module.to("meta")
             part.device = None
@@ -234,6 +254,7 @@ class MemoryManager:
         self._stores: dict[int, tuple[Store, int]] = {}  # id → the store and when it was last used
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
+        self._loading = threading.Lock()
         self.peak: dict[str, int] = {}  # the most ever counted per device
         self.evictions = 0
         self._budgets: dict[str, int | None] = {}
@@ -283,11 +304,15 @@ class MemoryManager:
         if not self.enabled:
             return resident
         with self._lock:
+            devices = {resident.device_of(name) for name in resident.part_names}
+            for device in devices:  # before it counts: a refused resident leaves no trace
+                self._make_room(device, resident.bytes_on(device), resident.name, keep=None)
             self._residents.append(resident)
             for name in resident.part_names:
                 self._owners[id(resident._parts[name].module)] = (resident, name)
             resident.last_used = next(self._clock)
-            self._settle(resident)
+            for device in devices:
+                self._record(device)
         return resident
 
     def kept(self, key: Hashable, load: Callable[[], tuple[Any, Resident]]) -> Any:
@@ -297,16 +322,20 @@ class MemoryManager:
         Example: ``MEMORY.kept(("dinov2", folder, signature), lambda: (model, Resident(...)))``.
         """
         if not self.enabled:
-            return load()[0]
-        with self._lock:
-            if key in self._kept:
-                value, resident = self._kept[key]
-                if not resident.forgotten:
-                    return value
+            value, resident = load()
+            resident.to_home()
+            return value
+        with self._loading:  # one load at a time, outside the manager's lock: reading a file takes seconds
+            with self._lock:
+                if key in self._kept and not self._kept[key][1].forgotten:
+                    return self._kept[key][0]
             value, resident = load()
             self.register(resident)
-            self._kept[key] = value, resident
-            return value
+            with self._lock:
+                self._kept[key] = value, resident
+        with self.use(resident):  # to where it runs, room made there first
+            pass
+        return value
 
     def add_store(self, store: Store) -> None:
         """Count ``store`` from now on; it is emptied when it is the least recently used and room is needed."""
@@ -329,7 +358,11 @@ class MemoryManager:
             self._stores[id(store)] = store, next(self._clock)
             for device in {*self._budgets, CPU}:
                 if store.bytes_on(device):
-                    self._make_room(device, 0, store.name, keep=None, store=store)
+                    try:
+                        self._make_room(device, 0, store.name, keep=None, store=store)
+                    except MemoryBudgetError:  # what is in use fills the budget: a cache gives way, never a node
+                        logger.info("emptied %s: the running prompt's models fill the budget", store.name)
+                        store.clear()
                     self._record(device)
 
     def make_room(self, device: str, nbytes: int, for_what: str) -> None:
@@ -342,12 +375,22 @@ class MemoryManager:
             with self._lock:
                 self._make_room(device_key(device), nbytes, for_what, keep=None)
 
-    def resized(self, resident: Resident) -> None:
-        """``resident``'s modules changed size (adapters came or went): count again, and evict others if over."""
-        if self.enabled:
-            with self._lock:
-                resident.measure()
-                self._settle(resident)
+    @contextlib.contextmanager
+    def resizing(self, resident: Resident | None) -> Iterator[None]:
+        """Around a change of ``resident``'s modules (adapters come or go): nothing moves them meanwhile; then
+        they are counted again, and others evicted if they are over."""
+        if not self.enabled or resident is None:
+            yield
+            return
+        with self._lock:
+            yield
+            resident.measure()
+            self._settle(resident)
+
+    def home(self, module: torch.nn.Module) -> torch.device | None:
+        """Where ``module`` runs, if the manager keeps it (it may be elsewhere, or out, until a call holds it)."""
+        owner = self.owner(module) if self.enabled else None
+        return None if owner is None else torch.device(owner[0].home_of(owner[1]))
 
     @contextlib.contextmanager
     def use(self, resident: Resident, parts: Iterable[str] | None = None,
@@ -426,7 +469,7 @@ class MemoryManager:
     def _bring(self, resident: Resident, names: tuple[str, ...], device: torch.device | str | None) -> None:
         if resident.is_out:
             self._make_room(CPU, resident.nbytes(), resident.name, keep=resident)
-            logger.info("reading %s back (%.0f MB)", resident.name, resident.nbytes() / 2**20)
+            logger.info("reading %s back (%s)", resident.name, _size(resident.nbytes()))
             resident._restore()
             self._record(CPU)
         for name in names:
@@ -446,27 +489,28 @@ class MemoryManager:
 
     def _make_room(self, device: str, nbytes: int, for_what: str, keep: Resident | None,
                    store: Store | None = None) -> None:
-        """Evict until ``nbytes`` more fit on ``device``, never ``keep`` (the resident being brought in) nor
+        """Evict until ``nbytes`` more fit on ``device``; never ``keep`` (the resident being brought in) out of the
+        CPU, though its parts that no call holds may leave an accelerator (its components take turns there), nor
         ``store`` (the store that grew; it bounds itself)."""
         budget = self.budget(device)
         if budget is None:
             return
-        own = keep.bytes_on(device) if keep is not None else 0
-        if own + nbytes > budget:
+        held = keep.pinned_bytes_on(device) if keep is not None else 0
+        if held + nbytes > budget:
             raise MemoryBudgetError(
-                f"{for_what} needs {(own + nbytes) / 2**20:.0f} MB on {device}, over its memory budget of "
-                f"{budget / 2**20:.0f} MB; raise the budget (--cpu-memory / --gpu-memory) or use a smaller model")
+                f"{for_what} needs {_size(held + nbytes)} on {device}, over its memory budget of {_size(budget)}; "
+                f"raise the budget (--cpu-memory / --gpu-memory) or use a smaller model")
         while self.used(device) + nbytes > budget:
             victims: list[tuple[int, Any]] = [
                 (resident.last_used, resident) for resident in self._residents
-                if resident is not keep and self._evictable(resident, device)]
+                if (resident is not keep or device != CPU) and self._evictable(resident, device)]
             victims += [(used, other) for other, used in self._stores.values()
                         if other is not store and other.bytes_on(device)]
             if not victims:
                 busy = ", ".join(resident.name for resident in self._residents if resident.bytes_on(device))
                 raise MemoryBudgetError(
-                    f"{for_what} needs {nbytes / 2**20:.0f} MB more on {device}, but its budget of "
-                    f"{budget / 2**20:.0f} MB is held by what the running prompt is using ({busy})")
+                    f"{for_what} needs {_size(nbytes)} more on {device}, but its budget of {_size(budget)} is held "
+                    f"by what the running prompt is using ({busy})")
             _, victim = min(victims, key=lambda entry: entry[0])
             if not isinstance(victim, Resident):
                 victim.clear()
@@ -504,7 +548,7 @@ class MemoryManager:
         freed = resident.nbytes()
         resident._drop()
         self.evictions += 1
-        logger.info("evicted %s (%.0f MB) from memory", resident.name, freed / 2**20)
+        logger.info("evicted %s (%s) from memory", resident.name, _size(freed))
         if resident.forgotten:
             self._forget(resident)
 

@@ -57,7 +57,7 @@ def decode_dtype(precision: str, codec: DiffusersCodec) -> torch.dtype | None:
     if precision not in DECODE_PRECISIONS:
         raise ValueError(f"precision must be one of {DECODE_PRECISIONS}; got {precision!r}")
     if precision == "bfloat16" or (precision == "auto" and codec.vae.dtype == torch.float32
-                                   and native_bfloat16(codec.vae.device)):
+                                   and native_bfloat16(codec.device)):
         return torch.bfloat16
     return None
 

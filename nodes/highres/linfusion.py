@@ -209,7 +209,7 @@ def load_linfusion(path: str, unet: torch.nn.Module, family: str) -> torch.nn.Mo
     stat = os.stat(path)
 
     def load() -> tuple[torch.nn.ModuleList, Resident]:
-        layers = read_linfusion(path, config, family).to(parameter.device, parameter.dtype)
+        layers = read_linfusion(path, config, family).to(parameter.dtype)
         return layers, Resident(f"LinFusion {os.path.basename(path)}", {"layers": layers}, home=parameter.device,
                                 reload=lambda: {"layers": read_linfusion(path, config, family).to(parameter.dtype)})
 

@@ -17,7 +17,7 @@ from ..common.denoiser import DiffusersCodec
 from ..models.clip import Clip
 from ..models.formats import SAFE_EXTENSION, check_safetensors
 from ..models.loading import SHIPPED_MODELS, comfy_folder_paths, list_models, load_model, resolve_model_path
-from ..models.lora import LORA_READS, MAX_STRENGTH, LoraSpec
+from ..models.lora import MAX_STRENGTH, LoraSpec, prefetch_lora
 from ..models.refs import ModelRef, ModelsFolder
 from ..models.sources import SHIPPED_NAME
 from .comfy_native import load_comfy_native
@@ -86,7 +86,7 @@ class AtelierLoraWhenReady(ModelsFolder):
             comfy_sd, comfy_utils = comfy_module("comfy.sd"), comfy_module("comfy.utils")
             tensors = comfy_utils.load_torch_file(path, safe_load=True)
             return (comfy_sd.load_lora_for_models(model, None, tensors, strength_model, 0)[0],)
-        LORA_READS.start(path)
+        prefetch_lora(model.model, path)
         return (model.with_lora(LoraSpec(path, strength_model, 0.0, when_ready=True)),)
 
 

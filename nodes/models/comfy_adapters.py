@@ -134,6 +134,11 @@ class ComfyCodec:
         self.downscale = vae.downscale_ratio
         self.scaling_factor, self.shift_factor = _latent_scaling(latent_format)
 
+    @property
+    def device(self) -> torch.device:
+        """ComfyUI's VAE's load device, where it computes."""
+        return self.vae.device
+
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, H/f, W/f) of images (B, 3, H, W) in 0..1, on the images' device (ComfyUI's VAE returns
         them on its intermediate device, the CPU); ComfyUI's VAE takes IMAGE's (B, H, W, 3)."""

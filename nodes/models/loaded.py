@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..common.denoiser import NoiseSchedule
+from ..common.memory import Resident
 
 MAX_LORA_STRENGTH = 100.0  # far beyond any useful strength; larger values are typing mistakes
 
@@ -66,8 +67,8 @@ class LoadedModel:
     # Held while choosing LoRAs and running the model: the model is shared, and a LoRA switch in another thread
     # must not land in the middle of a sampling loop.
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False)
-    # its components as the memory manager keeps them (nodes/common/memory.py); None inside ComfyUI
-    resident: Any = dataclasses.field(default=None, repr=False)
+    # its components as the memory manager keeps them; None inside ComfyUI
+    resident: Resident | None = dataclasses.field(default=None, repr=False)
 
     def remove_all_loras(self) -> None:
         """Unload every LoRA: the adapter layers are taken out and the original modules put back, so the model's
@@ -80,9 +81,9 @@ class LoadedModel:
     def parts(self, names: tuple[str, ...]) -> tuple[str, ...]:
         """The pipeline components that ``names`` stand for: ``"unet"``, ``"vae"``, ``"text"`` (every text
         encoder of :attr:`text_encoders`), as :meth:`~nodes.models.refs.ModelRef.in_use` takes them."""
-        components = {"unet": ("unet",), "vae": ("vae",),
-                      "text": ("text_encoder_2",) if self.family == "sdxl_refiner" else
-                      ("text_encoder", "text_encoder_2") if self.family == "sdxl" else ("text_encoder",)}
+        text = tuple(name for name in ("text_encoder", "text_encoder_2")
+                     if any(getattr(self.pipeline, name, None) is encoder for encoder in self.text_encoders))
+        components = {"unet": ("unet",), "vae": ("vae",), "text": text}
         unknown = set(names) - set(components)
         if unknown:
             raise ValueError(f"model parts are {sorted(components)}; got {sorted(unknown)}")

@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,13 +88,12 @@ def _load_single_file(path: str, info: CheckpointInfo, config_dir: str | None, d
             f"(models/diffusers/), which carries its own configs") from error
 
 
-def _load_folder(folder: str, dtype: torch.dtype) -> tuple[Any, str]:
-    family = family_from_diffusers_folder(folder)
+def _load_folder(folder: str, family: str, dtype: torch.dtype) -> Any:
     variant = check_folder_weights(folder)
     unet_in_channels = read_json(os.path.join(folder, "unet", "config.json")).get("in_channels", 4)
     pipeline = pipeline_class(family, unet_in_channels).from_pretrained(
         folder, local_files_only=True, use_safetensors=True, dtype=dtype, variant=variant, **pipeline_extras(family))
-    return pipeline, family
+    return pipeline
 
 
 def load_transformers_folder(folder: str | os.PathLike, model_class: type | None = None,
@@ -125,7 +125,6 @@ def load_transformers_folder(folder: str | os.PathLike, model_class: type | None
     def load() -> tuple[tuple[Any, torch.nn.Module], Resident]:
         MEMORY.make_room("cpu", weight_bytes(folder, torch.float32), name)
         preprocessor, model = _read_transformers_folder(folder, model_class)
-        model.to(device)
         resident = Resident(name, {"model": model}, home=device,
                             reload=lambda: {"model": _read_transformers_folder(folder, model_class)[1]})
         return (preprocessor, model), resident
@@ -200,24 +199,32 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
         started = time.perf_counter()
         name = os.path.basename(path)
         MEMORY.make_room("cpu", weight_bytes(path, dtype), name)
-        pipeline = _build_pipeline(path, info, config_dir, resolved, dtype)
         family = info.family if info is not None else family_from_diffusers_folder(path)
+        pipeline = _build_pipeline(path, info, family, config_dir, resolved, dtype)
         schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), resolved)
         model = LoadedModel(pipeline=pipeline, family=family, schedule=schedule, dtype=dtype, device=device,
                             source=path)
-        model.resident = _resident(model, lambda: _build_pipeline(path, info, config_dir, resolved, dtype))
+        signature = key[1]
+
+        def read_back() -> Any:
+            if _file_signature(path) != signature:
+                raise RuntimeError(f"{name} changed on disk since it was loaded; load it again (its node reads "
+                                   f"the new file on the next run)")
+            return _build_pipeline(path, info, family, config_dir, resolved, dtype)
+
+        model.resident = _resident(model, read_back)
         _CACHE[key] = model
         logger.info("loaded %s (%s, %s, %s on %s) in %.1f s", name, family, resolved,
                     str(dtype).removeprefix("torch."), device, time.perf_counter() - started)
         return model
 
 
-def _build_pipeline(path: str, info: CheckpointInfo | None, config_dir: str | None, resolved: str,
+def _build_pipeline(path: str, info: CheckpointInfo | None, family: str, config_dir: str | None, resolved: str,
                     dtype: torch.dtype) -> Any:
     """The pipeline of a file or folder on the CPU, ready to run: what a first load and a read-back both make."""
     with quiet_loading():
         if info is None:
-            pipeline, _ = _load_folder(path, dtype)
+            pipeline = _load_folder(path, family, dtype)
         else:
             pipeline = _load_single_file(path, info, config_dir, dtype)
     if pipeline.scheduler.config.get("prediction_type") != resolved:
@@ -232,9 +239,10 @@ def _build_pipeline(path: str, info: CheckpointInfo | None, config_dir: str | No
     return pipeline
 
 
-def _resident(model: LoadedModel, build: Any) -> Resident | None:
-    """Register ``model``'s components with the memory manager and move them to the model's device (making room
-    there first); None where the manager stands aside (inside ComfyUI), the components then simply moved."""
+def _resident(model: LoadedModel, build: Callable[[], Any]) -> Resident | None:
+    """Register ``model``'s components with the memory manager and move them to the model's device one by one
+    (room made there first: on a small GPU the last ones may send the first back); None where the manager stands
+    aside (inside ComfyUI), the components then simply moved."""
     pipeline = model.pipeline
     parts = {name: module for name, module in pipeline.components.items() if isinstance(module, torch.nn.Module)}
     if not MEMORY.enabled:
@@ -247,8 +255,9 @@ def _resident(model: LoadedModel, build: Any) -> Resident | None:
 
     resident = MEMORY.register(Resident(os.path.basename(model.source), parts, reload=read_back,
                                         before_drop=model.remove_all_loras, home=model.device))
-    with MEMORY.use(resident):  # to the model's device
-        pass
+    for name in parts:
+        with MEMORY.use(resident, (name,)):
+            pass
     return resident
 
 
@@ -257,9 +266,15 @@ def weight_bytes(path: str, dtype: torch.dtype) -> int:
     files' headers, before anything is allocated (tensors the loader skips, such as EMA copies, are counted too)."""
     from safetensors import safe_open
 
-    files = [path] if os.path.isfile(path) else [
-        os.path.join(current, name) for current, _, names in os.walk(path) for name in names
-        if name.endswith(SAFE_EXTENSION)]
+    files = [path]
+    if os.path.isdir(path):  # the files the loader reads: the variant's where it has them, else the plain ones
+        variant = check_folder_weights(path) if os.path.isfile(os.path.join(path, "model_index.json")) else None
+        files = []
+        for current, _, names in os.walk(path):
+            safe = [name for name in names if name.endswith(SAFE_EXTENSION)]
+            chosen = [name for name in safe if f".{variant}." in name] if variant else []
+            plain = [name for name in safe if ".fp16." not in name]
+            files += [os.path.join(current, name) for name in chosen or plain or safe]
     element = torch.tensor([], dtype=dtype).element_size()
     total = 0
     for file in files:

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 MAX_RESIDENT_LORAS = 8  # adapters per model; the least recently run go first (each is a few to a few hundred MB)
-MAX_READS_AHEAD = 4  # LoRA files read and not yet taken; older ones are dropped (and read again if asked)
+MAX_READS_AHEAD = MAX_RESIDENT_LORAS  # LoRA files read and not yet taken; older ones are dropped (read again if asked)
 MESSAGE_LINES = 3  # of a diffusers loading error, quoted in ours
 
 
@@ -136,7 +136,7 @@ def find_adapter(model: LoadedModel, path: str | os.PathLike) -> LoraAdapter | N
     """The resident adapter of LoRA file ``path`` on ``model``, if it is loaded and unchanged on disk."""
     path = os.path.realpath(os.fspath(path))
     signature = _signature(path) if os.path.isfile(path) else None
-    for adapter in model.lora_adapters.values():
+    for adapter in list(model.lora_adapters.values()):  # a copy: a node may ask while a run switches LoRAs
         if adapter.path == path and adapter.signature == signature:
             return adapter
     return None
@@ -276,6 +276,13 @@ def set_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> None:
         _drop_adapters(model, idle[:excess])
     _activate(model, specs)
     model.active_loras = tuple(specs)
+
+
+def prefetch_lora(model: LoadedModel, path: str | os.PathLike) -> None:
+    """Start reading LoRA file ``path`` on the background thread, unless it is resident on ``model``: the LoRA
+    nodes call this, so that the graph goes on while the file is read and the sampler takes what was read."""
+    if find_adapter(model, path) is None:
+        LORA_READS.start(path)
 
 
 def ready_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> tuple[LoraSpec, ...]:

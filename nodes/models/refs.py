@@ -51,36 +51,35 @@ class ModelRef:
                            self.noise_shift)
 
     @contextlib.contextmanager
-    def in_use(self, *parts: str) -> Iterator[LoadedModel]:
+    def in_use(self, *parts: str, when_ready: bool = False) -> Iterator[LoadedModel]:
         """Holds the model's lock with this ref's LoRAs active (another thread cannot switch them mid-call), and
         ``parts`` (``"unet"``, ``"text"``, ``"vae"``; by default all) on the model's device, where the memory
-        manager keeps them until the block ends."""
+        manager keeps them until the block ends.
+
+        Every LoRA is waited for, unless ``when_ready``: then the ``when_ready`` ones still being read stay out,
+        for a sampler that brings them in between steps (:meth:`pending_loras`, :meth:`bring_in_loras`).
+        """
         model = self.model
-        with model.lock:
-            resident = model.resident
-            if resident is None:  # inside ComfyUI: no manager
-                set_loras(model, ready_loras(model, self.loras))
-                yield model
-                return
-            with MEMORY.use(resident, model.parts(parts) if parts else None):
-                set_loras(model, ready_loras(model, self.loras))
-                MEMORY.resized(resident)  # adapters may have come
-                yield model
+        held = (MEMORY.use(model.resident, model.parts(parts) if parts else None) if model.resident is not None
+                else contextlib.nullcontext())
+        with model.lock, held:
+            with MEMORY.resizing(model.resident):
+                set_loras(model, ready_loras(model, self.loras) if when_ready else self.loras)
+            yield model
 
     def pending_loras(self) -> tuple[LoraSpec, ...]:
-        """The ``when_ready`` LoRAs not running yet, their files still being read (inside :meth:`in_use`)."""
-        ready = ready_loras(self.model, self.loras)
-        return tuple(spec for spec in self.loras if spec not in ready)
+        """This ref's LoRAs not running now (``when_ready`` ones whose files are still being read), inside
+        :meth:`in_use`."""
+        running = {spec.path for spec in self.model.active_loras}  # real paths, as set_loras keeps them
+        return tuple(spec for spec in self.loras if os.path.realpath(spec.path) not in running)
 
     def bring_in_loras(self, pending: tuple[LoraSpec, ...], wait: bool = False) -> tuple[LoraSpec, ...]:
         """Inside :meth:`in_use`, between two sampling steps: run the ``pending`` LoRAs whose files have been
         read since (all of them with ``wait``, waiting for their reads); returns those still pending."""
-        still = () if wait else self.pending_loras()
-        if len(still) < len(pending):
-            set_loras(self.model, self.loras if wait else ready_loras(self.model, self.loras))
-            if self.model.resident is not None:
-                MEMORY.resized(self.model.resident)
-        return still
+        if wait or ready_loras(self.model, pending):
+            with MEMORY.resizing(self.model.resident):
+                set_loras(self.model, self.loras if wait else ready_loras(self.model, self.loras))
+        return self.pending_loras()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,9 +49,9 @@ def omnissr_super_resolve(denoiser: Denoiser, codec: LatentCodec, low_res: torch
     if steps < 1 or every_k < 1 or not 0 < strength <= 1 or not 0 <= gamma_l <= 1:
         raise ValueError(f"steps and every_k must be >= 1, strength in (0, 1], gamma_l in [0, 1]; got steps "
                          f"{steps}, every_k {every_k}, strength {strength}, gamma_l {gamma_l}")
-    # GD meets the decoded planes on the VAE's device: both codecs keep their VAE as ``vae`` (diffusers' AutoencoderKL,
-    # or ComfyUI's VAE, whose ``device`` is its load device), and both return what they compute on their input's.
-    low_res = low_res.to(codec.vae.device, torch.float32)
+    # GD meets the decoded planes on the VAE's device: both codecs say where their VAE computes, and both return what
+    # they compute on their input's device.
+    low_res = low_res.to(codec.device, torch.float32)
     batch, height = low_res.shape[0], low_res.shape[-2] * scale
     high_res = F.interpolate(low_res, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
 

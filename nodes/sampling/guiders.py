@@ -82,7 +82,7 @@ class Guider:
             return latent_image
         if noise.shape != latent_image.shape:
             raise ValueError(f"noise {tuple(noise.shape)} and latent {tuple(latent_image.shape)} shapes differ")
-        with self.model.in_use("unet") as loaded:
+        with self.model.in_use("unet", when_ready=True) as loaded:
             codec = DiffusersCodec(loaded.vae)
             if latent_image.shape[1] != codec.latent_channels:
                 raise ValueError(f"this model's latents have {codec.latent_channels} channels; the LATENT has "
@@ -111,6 +111,10 @@ class Guider:
 
             samples = run_sampler(sampler, model_fn, model_sampling, sigmas.to(device), noise.to(device), latent,
                                   seed, denoise_mask=mask, callback=on_step)
+            late = self.model.pending_loras()
+            if late:
+                logger.warning("sampling ended before %s was read; it did not run",
+                               ", ".join(os.path.basename(spec.path) for spec in late))
         return self.unscale(samples)
 
     def _guided(self, loaded: LoadedModel, model_sampling: DiscreteModelSampling, conds: dict,
@@ -140,11 +144,11 @@ class Guider:
         pending = self.model.pending_loras()
         if not pending:
             return model_fn
-        every = EVALUATIONS_PER_STEP.get(getattr(sampler, "name", None))
+        every = EVALUATIONS_PER_STEP.get(sampler.name)
         names = ", ".join(os.path.basename(spec.path) for spec in pending)
         if every is None:
             logger.info("sampler %s calls the model a varying number of times per step; waiting for %s",
-                        getattr(sampler, "name", sampler), names)
+                        sampler.name, names)
             self.model.bring_in_loras(pending, wait=True)
             return model_fn
         logger.info("sampling starts without %s, which comes in when read", names)

@@ -248,10 +248,13 @@ def test_the_feature_cache_gives_way_and_never_fails_a_node_when_what_runs_fills
 
 
 class _FakeAcceleratorResident(Resident):
-    """Moves only in the count: this machine has no GPU, and the tiering logic is what is under test."""
+    """Moves only in the count (and in :attr:`moves`): this machine has no GPU, and the tiering logic is what is
+    under test."""
 
-    def _move(self, part: str, device: str) -> None:
-        self._parts[part].device = device
+    moves: list[tuple[torch.nn.Module, str]] = []
+
+    def _move_module(self, module: torch.nn.Module, device: str) -> None:
+        self.moves.append((module, device))
 
 
 def test_on_an_accelerator_the_least_recently_used_goes_to_the_cpu_first_then_out():
@@ -294,7 +297,37 @@ def test_on_an_accelerator_a_models_own_components_take_turns_when_it_does_not_f
         assert where() == {"text_encoder": "cuda:0", "unet": "cpu", "vae": "cpu"}
     with manager.use(model, ("unet",)):
         assert where() == {"text_encoder": "cpu", "unet": "cuda:0", "vae": "cpu"}
-    with pytest.raises(MemoryBudgetError, match=r"model \(vae\) needs 880 bytes on cuda:0"):
-        with manager.use(model, ("unet", "vae")):  # both at once cannot fit
+    with pytest.raises(MemoryBudgetError, match=r"model \(vae\) has a block of 440 bytes that cannot run on cuda:0"):
+        with manager.use(model, ("unet", "vae")):  # both at once cannot fit, not even the VAE block by block
             pass
     assert manager.peak["cuda:0"] == LINEAR_BYTES and not model.in_use
+
+
+def test_a_part_that_alone_exceeds_the_gpu_budget_runs_there_block_by_block_and_whole_once_it_fits():
+    """Module-level offload: each block goes to the GPU for its forward and back after it; the output is the
+    model's; with a larger budget the part moves whole again, its hooks gone."""
+    manager = MemoryManager(budgets={"cuda:0": 2 * LINEAR_BYTES, "cpu": 10 * LINEAR_BYTES}, enabled=True)
+    torch.manual_seed(0)
+    unet = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(),
+                               torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)))
+    x = torch.randn(3, 10)
+    expected = unet(x)
+    model = manager.register(_FakeAcceleratorResident("model", {"unet": unet}, home="cuda:0"))
+    model.moves.clear()
+    with manager.use(model):
+        assert model.streamed_on("unet") == "cuda:0" and model.device_of("unet") == "cpu"
+        moves_before = len(model.moves)
+        assert torch.equal(unet(x), expected)
+    linears = [unet[0], unet[2][0], unet[2][1]]
+    assert model.moves[moves_before:] == [(block, device) for block in linears for device in ("cuda:0", "cpu")]
+    assert manager.used("cuda:0") == 0 and manager.peak.get("cuda:0", 0) == 0
+    manager.set_budget("cuda:0", 4 * LINEAR_BYTES)
+    with manager.use(model):
+        assert model.streamed_on("unet") is None and model.device_of("unet") == "cuda:0"
+        moves_before = len(model.moves)
+        unet(x)
+    assert len(model.moves) == moves_before  # no hooks left
+    single = manager.register(_FakeAcceleratorResident("single", {"net": torch.nn.Linear(30, 30)}, home="cuda:0"))
+    with pytest.raises(MemoryBudgetError, match=r"single \(net\) has a block of 3720 bytes that cannot run on cuda:0"):
+        with manager.use(single):  # one layer over the budget: no block is small enough
+            pass

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .memory import MEMORY
+from .memory import MEMORY, runs_on
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -252,7 +252,7 @@ class DiffusersCodec:
     @property
     def device(self) -> torch.device:
         """Where the VAE runs, without touching its weights (the memory manager may hold them elsewhere)."""
-        return MEMORY.home(self.vae) or self.vae.device
+        return runs_on(self.vae)
 
     def in_use(self) -> contextlib.AbstractContextManager:
         """Holds the VAE on its device (the memory manager may have offloaded it) for the block; encode and decode

@@ -91,6 +91,39 @@ def module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def streaming_blocks(module: torch.nn.Module, limit: int) -> list[torch.nn.Module]:
+    """The blocks ``module`` runs in for module-level offload: its children, each split into its own children
+    while over ``limit`` bytes; a module with weights of its own stays whole (they move with it).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Sequential(torch.nn.Linear(10, 10)))
+        >>> [type(block).__name__ for block in streaming_blocks(net, 400)]  # the inner Sequential (440 bytes) splits
+        ['Linear', 'Linear']
+    """
+    if _has_own_weights(module) or not any(True for _ in module.children()):
+        return [module]
+    blocks = []
+    for child in module.children():
+        if module_bytes(child) > limit:
+            blocks += streaming_blocks(child, limit)
+        elif module_bytes(child):
+            blocks.append(child)
+    return blocks
+
+
+def _has_own_weights(module: torch.nn.Module) -> bool:
+    return any(True for _ in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
+
+
+def runs_on(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: its home if the memory manager keeps it (its weights may be elsewhere, or go
+    there block by block), else where its first weight is. Callers put their inputs there."""
+    home = MEMORY.home(module)
+    if home is not None:
+        return home
+    return next(itertools.chain(module.parameters(), module.buffers()), torch.empty(0)).device
+
+
 def adopt_tensors(target: torch.nn.Module, source: torch.nn.Module) -> None:
     """Put ``source``'s parameters and buffers (persistent or not) into ``target``, module by module: ``target``
     stays the same object, so whoever holds it sees the restored weights."""
@@ -109,6 +142,9 @@ class _Part:
     device: str | None  # None: out of memory (the module's tensors are on the meta device)
     home: str  # where it runs: :meth:`MemoryManager.use` brings it there
     pins: int = 0
+    # module-level offload: the accelerator it runs on block by block, its weights staying on the CPU; the hooks
+    streamed: str | None = None
+    hooks: list = dataclasses.field(default_factory=list)
 
 
 class Resident:
@@ -175,8 +211,36 @@ class Resident:
                 part.nbytes = module_bytes(part.module)
 
     def _move(self, part: str, device: str) -> None:
-        self._parts[part].module.to(device)
+        self._unstream(part)
+        self._move_module(self._parts[part].module, device)
         self._parts[part].device = device
+
+    @staticmethod
+    def _move_module(module: torch.nn.Module, device: str) -> None:
+        module.to(device)
+
+    def _stream(self, part: str, device: str, blocks: list[torch.nn.Module]) -> None:
+        """Run ``part`` on ``device`` one block at a time: each block's weights go there for its forward and back
+        to the CPU after it (what diffusers calls sequential CPU offload, at the granularity of ``blocks``)."""
+        held = self._parts[part]
+        self._move(part, CPU)
+        for block in blocks:
+            held.hooks.append(block.register_forward_pre_hook(
+                lambda module, args: self._move_module(module, device)))
+            held.hooks.append(block.register_forward_hook(
+                lambda module, args, output: self._move_module(module, CPU)))
+        held.streamed = device
+
+    def _unstream(self, part: str) -> None:
+        held = self._parts[part]
+        for hook in held.hooks:
+            hook.remove()
+        held.hooks.clear()
+        held.streamed = None
+
+    def streamed_on(self, part: str) -> str | None:
+        """The accelerator ``part`` runs on block by block (module-level offload), or None."""
+        return self._parts[part].streamed
 
     def pinned_bytes_on(self, device: str) -> int:
         """Bytes of the parts on ``device`` that a call holds now."""
@@ -188,6 +252,8 @@ class Resident:
             self._move(name, self.home_of(name))
 
     def _drop(self) -> None:
+        for name in self.part_names:
+            self._unstream(name)
         if self.before_drop is not None:
             self.before_drop()
             self.measure()  # what comes back is what is left (the adapters taken out are not read back)
@@ -475,11 +541,38 @@ class MemoryManager:
         for name in names:
             here = resident.device_of(name)
             target = device_key(device) if device is not None else resident.home_of(name)
-            if here == target:
+            if here == target or resident.streamed_on(name) == target and not self._fits(resident, name, target):
+                continue
+            if target != CPU and not self._fits(resident, name, target):
+                self._stream(resident, name, target)
                 continue
             self._make_room(target, resident.nbytes(name), f"{resident.name} ({name})", keep=resident)
             resident._move(name, target)
             self._record(target)
+
+    def _fits(self, resident: Resident, name: str, device: str) -> bool:
+        """Whether part ``name`` fits ``device``'s budget beside the parts of its resident that calls hold there."""
+        budget = self.budget(device)
+        return budget is None or resident.pinned_bytes_on(device) + resident.nbytes(name) <= budget
+
+    def _stream(self, resident: Resident, name: str, device: str) -> None:
+        """Module-level offload of a part that alone exceeds ``device``'s budget: it runs there block by block,
+        blocks small enough that the largest fits beside what calls hold there, its weights kept on the CPU."""
+        room = self.budget(device) - resident.pinned_bytes_on(device)
+        blocks = streaming_blocks(resident._parts[name].module, room // 2)
+        largest = max(module_bytes(block) for block in blocks)
+        what = f"{resident.name} ({name})"
+        if largest > room:
+            raise MemoryBudgetError(f"{what} has a block of {_size(largest)} that cannot run on {device} within its "
+                                    f"budget of {_size(self.budget(device))}; raise --gpu-memory")
+        self._make_room(device, largest, what, keep=resident)  # room for the block on its way through
+        if resident.device_of(name) != CPU:
+            self._make_room(CPU, resident.nbytes(name), what, keep=resident)
+        logger.warning("%s (%s) alone exceeds the %s budget of %s: it runs there block by block from the CPU "
+                       "(%d blocks, module-level offload; slower)", what, _size(resident.nbytes(name)), device,
+                       _size(self.budget(device)), len(blocks))
+        resident._stream(name, device, blocks)
+        self._record(CPU)
 
     def _settle(self, resident: Resident) -> None:
         """After ``resident`` came in or grew: evict others until every device is within its budget again."""

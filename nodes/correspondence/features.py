@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.denoiser import Conditioning, Denoiser, DiffusersDenoiser, LatentCodec, NoiseSchedule
+from ..common.memory import runs_on
 from ..sampling.latents import seeded_noise
 
 # Source: sd-dino, --SIZE 960 (SD input) and 840 (DINOv2 input, 60×60 tokens of ViT-B/14).
@@ -268,7 +269,7 @@ def dinov2_features(model: torch.nn.Module, image: torch.Tensor, size: int = DIN
     if size % patch or not patch <= size <= 4096:
         raise ValueError(f"size must be a multiple of the patch size {patch} in [{patch}, 4096]; got {size}")
     height, width = fit_size(*image.shape[-2:], size, patch)
-    device = next(model.parameters()).device
+    device = runs_on(model)
     pixels = resize_image(image.float(), (height, width)).to(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)

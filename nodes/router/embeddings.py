@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..common.memory import MEMORY
+from ..common.memory import MEMORY, runs_on
 from ..models.clip import CHUNK_TOKENS
 from ..models.text import token_count
 
@@ -84,7 +84,7 @@ def sentence_embeddings(encoder: SentenceEncoder, prompts: Sequence[str]) -> tor
         raise ValueError("prompts must hold at least one prompt; got none")
     pooled = []
     with torch.no_grad(), MEMORY.use_module(encoder.model):
-        device = next(encoder.model.parameters()).device
+        device = runs_on(encoder.model)
         for start in range(0, len(prompts), ENCODE_BATCH):
             batch = encoder.tokenizer(list(prompts[start:start + ENCODE_BATCH]), padding=True, truncation=True,
                                       return_tensors="pt").to(device)

@@ -34,6 +34,11 @@ ADAPTED_FAMILIES = ("sd1", "sd2")
 # calc_cond_batch's marker for a conditional chunk (comfy/samplers.py: COND = 0); patches read it per chunk.
 COND_CHUNK = 0
 
+# What a node that samples with its own sampler says of a MODEL carrying a sampling patch, in either host.
+SAMPLING_PATCH_REFUSAL = ("this node samples with its own sampler, which does not run a sampling patch (Faster "
+                          "Diffusion, ...): use KSampler or SamplerCustom after the patch, or give this node the "
+                          "model from before it")
+
 
 def _check_adapted(patcher: Any) -> None:
     family = comfy_model_family(patcher)
@@ -56,8 +61,7 @@ class ComfyDenoiser:
         """
         _check_adapted(patcher)
         if has_sampling_patch(patcher):  # its wrappers run under ComfyUI's samplers only, never here
-            raise ValueError("this node samples with its own sampler, which does not run a sampling patch (Faster "
-                             "Diffusion, ...): give it the model from before the patch")
+            raise ValueError(SAMPLING_PATCH_REFUSAL)
         self.patcher = patcher
         self.schedule = dataclasses.replace(comfy_noise_schedule(patcher), prediction_type="sample")
 
@@ -169,9 +173,7 @@ def _check_unpatched(model: ModelRef) -> None:
                          "app: use KSampler or SamplerCustom after NoiseShift Apply, or give this node the model "
                          "from before it")
     if model.sampling_patch is not None:
-        raise ValueError("this node samples with its own sampler, which does not run a sampling patch (Faster "
-                         "Diffusion, ...) in the standalone app: use KSampler or SamplerCustom after the patch, or "
-                         "give this node the model from before it")
+        raise ValueError(SAMPLING_PATCH_REFUSAL)
 
 
 @contextlib.contextmanager

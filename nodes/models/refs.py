@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
@@ -158,18 +158,29 @@ class SavedFilesFolder(ModelsFolder):
         with open(cls.saved_path(name), "rb") as file:
             return hashlib.sha256(file.read()).hexdigest()
 
+
+class SaveToFolder(SavedFilesFolder):
+    """A Save node of a :class:`SavedFilesFolder` kind: an output node whose ``filename`` widget names the file in
+    ``models/FOLDER``; the subclass's ``save`` hands :meth:`saved` the function that writes the file."""
+
+    RETURN_TYPES: ClassVar[tuple] = ()
+    RETURN_NAMES: ClassVar[tuple] = ()
+    OUTPUT_TOOLTIPS: ClassVar[tuple] = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
     @classmethod
-    def filename_error(cls, filename: str | None) -> bool | str:
-        """A Save node's VALIDATE_INPUTS for its ``filename`` widget."""
+    def VALIDATE_INPUTS(cls, filename: str | None) -> bool | str:
         if filename is not None and not filename.strip():
             return f"filename must name a file inside models/{cls.FOLDER}; got an empty name"
         return True
 
-    @classmethod
-    def path_to_save(cls, filename: str) -> tuple[str, str]:
-        """Where a Save node writes ``filename`` (the extension added when missing; the folder made), and how the
-        node shows it: ``FOLDER/name``."""
+    def saved(self, filename: str, write: Callable[[str], None]) -> dict:
+        """Write ``filename`` (the extension added when missing; the folder made) with ``write(path)``; the node's
+        result, which shows ``FOLDER/name``."""
         name = filename.strip()
-        path = cls.saved_path(name if name.endswith(cls.EXTENSION) else name + cls.EXTENSION)
+        path = self.saved_path(name if name.endswith(self.EXTENSION) else name + self.EXTENSION)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return path, f"{cls.FOLDER}/{os.path.relpath(path, os.path.realpath(cls.saved_folder()))}"
+        write(path)
+        return {"ui": {"text": [f"{self.FOLDER}/{os.path.relpath(path, os.path.realpath(self.saved_folder()))}"]},
+                "result": ()}

@@ -17,7 +17,7 @@ from ..common.comfy_host import inside_comfyui
 from ..common.limits import MAX_SEED
 from ..common.progress import progress
 from ..models.comfy_adapters import denoiser_and_latent_space, model_device, model_family
-from ..models.refs import ModelRef, SavedFilesFolder
+from ..models.refs import ModelRef, SavedFilesFolder, SaveToFolder
 from ..sampling.guidance import to_conditioning
 from .shift import (DEFAULT_LEVELS, NoiseShiftTable, calibrate, denoiser_x0, load_table, log_grid,
                     nearest_training_sigma, save_table)
@@ -126,15 +126,10 @@ class _TablesFolder(SavedFilesFolder):
     FOLDER, PURPOSE = TABLES_FOLDER, "NoiseShift tables"
 
 
-class AtelierNoiseShiftSave(_TablesFolder):
+class AtelierNoiseShiftSave(SaveToFolder, _TablesFolder):
     DESCRIPTION = ("Saves a NoiseShift table as a small .safetensors file in the models folder's noiseshift/, so "
                    "that a model is calibrated once per resolution; NoiseShift Load reads it back.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ()
-    RETURN_NAMES = ()
-    OUTPUT_TOOLTIPS = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
@@ -145,14 +140,8 @@ class AtelierNoiseShiftSave(_TablesFolder):
                                                                           ".safetensors is added when missing."}),
         }}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, filename: str | None) -> bool | str:
-        return cls.filename_error(filename)
-
     def save(self, table: NoiseShiftTable, filename: str) -> dict:
-        path, shown = self.path_to_save(filename)
-        save_table(table, path)
-        return {"ui": {"text": [shown]}, "result": ()}
+        return self.saved(filename, lambda path: save_table(table, path))
 
 
 class AtelierNoiseShiftLoad(_TablesFolder):

@@ -21,7 +21,7 @@ from ..common.limits import MAX_SEED
 from ..models.clip import Clip
 from ..models.comfy_adapters import comfy_pooled_text_embeddings, comfy_token_lengths
 from ..models.loading import list_models, load_transformers_folder, resolve_model_path
-from ..models.refs import ModelsFolder, SavedFilesFolder
+from ..models.refs import ModelsFolder, SavedFilesFolder, SaveToFolder
 from .embeddings import (SentenceEncoder, pooled_text_embeddings, sentence_embeddings, sentence_encoder_pooling,
                          token_lengths)
 from .fitting import FIT_METHODS, fit_router
@@ -202,14 +202,9 @@ class AtelierFitRouter:
                            embedding=_embedding_name(clip, sentence_encoder)),)
 
 
-class AtelierSaveRouter(_RoutersFolder):
+class AtelierSaveRouter(SaveToFolder, _RoutersFolder):
     DESCRIPTION = "Saves a router as a .safetensors file in the models folder's routers/, for Load Router."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ()
-    RETURN_NAMES = ()
-    OUTPUT_TOOLTIPS = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
@@ -219,14 +214,8 @@ class AtelierSaveRouter(_RoutersFolder):
                                                                       ".safetensors is added when missing."}),
         }}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, filename: str | None) -> bool | str:
-        return cls.filename_error(filename)
-
     def save(self, router: Router, filename: str) -> dict:
-        path, shown = self.path_to_save(filename)
-        save_router(router, path)
-        return {"ui": {"text": [shown]}, "result": ()}
+        return self.saved(filename, lambda path: save_router(router, path))
 
 
 class AtelierLoadRouter(_RoutersFolder):

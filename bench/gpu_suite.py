@@ -407,6 +407,9 @@ class StageClock:
                                                   "strength": round(stage.strength, 3),
                                                   "seconds": round(self.done[-1], 2)}})
 
+    def text(self, message: str) -> None:
+        record(progress_text=message)  # an offload mode the memory budget chose
+
     def interrupted(self) -> bool:
         return False
 

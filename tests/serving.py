@@ -7,7 +7,7 @@ import time
 
 from PIL import Image
 
-from nodes.common.progress import progress
+from nodes.common.progress import progress, progress_text
 from web.folders import DataFolders
 from web.registry import node_classes
 from web.server import create_app
@@ -39,6 +39,22 @@ class Steps:
         return {"ui": {"text": [f"{steps} steps"]}}
 
 
+class Says:
+    """Shows ``text`` on itself in the editor (progress text), then ends."""
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": "hello"})}}
+
+    def run(self, text):
+        progress_text(text)
+        return {}
+
+
 class Explode:
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -55,7 +71,8 @@ class Explode:
 def make_app(root, token=None, allowed_hosts=LOOPBACK):
     folders = DataFolders.under(str(root / "data"))
     config = ServerConfig(folders=folders, models_dir=str(root / "models"), allowed_hosts=allowed_hosts, token=token)
-    return create_app(config, {**node_classes(folders, config.models_dir), "Steps": Steps, "Explode": Explode})
+    return create_app(config, {**node_classes(folders, config.models_dir), "Steps": Steps, "Says": Says,
+                                                                   "Explode": Explode})
 
 
 def solid_prompt(prefix="test", width=16, color=0x336699):

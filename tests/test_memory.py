@@ -14,6 +14,7 @@ import torch
 
 from fixtures_models import tiny_sd1, tiny_sd1_loras  # noqa: F401
 from nodes.common.memory import MEMORY, MemoryBudgetError, MemoryManager, Resident, module_bytes
+from nodes.common.progress import use_sink
 from nodes.correspondence.cache import FeatureCache
 from nodes.correspondence.features import FeatureMaps
 from nodes.models import loading
@@ -282,9 +283,25 @@ def test_inside_comfyui_the_manager_stands_aside(monkeypatch):
     assert not MemoryManager().enabled
 
 
+class _TextRecorder:
+    """A progress sink that keeps the running node's progress texts."""
+
+    def __init__(self):
+        self.texts = []
+
+    def progress(self, step, total, preview):
+        pass
+
+    def text(self, message):
+        self.texts.append(message)
+
+    def interrupted(self):
+        return False
+
+
 def test_on_an_accelerator_a_models_own_components_take_turns_when_it_does_not_fit_whole():
     """Sequential offload: the text encoder leaves the GPU for the UNet, the UNet for the VAE (one model, a GPU
-    budget of one and a half components); loading moves the components one by one."""
+    budget of one and a half components); loading moves the components one by one; the node says so."""
     manager = MemoryManager(budgets={"cuda:0": int(1.5 * LINEAR_BYTES), "cpu": 10 * LINEAR_BYTES}, enabled=True)
     parts = {name: linear(seed) for seed, name in enumerate(("text_encoder", "unet", "vae"))}
     model = manager.register(_FakeAcceleratorResident("model", parts, home="cuda:0"))
@@ -293,8 +310,10 @@ def test_on_an_accelerator_a_models_own_components_take_turns_when_it_does_not_f
             pass
     where = lambda: {name: model.device_of(name) for name in parts}  # noqa: E731
     assert where() == {"text_encoder": "cpu", "unet": "cpu", "vae": "cuda:0"}
-    with manager.use(model, ("text_encoder",)):
+    recorder = _TextRecorder()
+    with use_sink(recorder), manager.use(model, ("text_encoder",)):
         assert where() == {"text_encoder": "cuda:0", "unet": "cpu", "vae": "cpu"}
+    assert recorder.texts == ["low memory: model runs its components in turn on cuda:0 (sequential offload)"]
     with manager.use(model, ("unet",)):
         assert where() == {"text_encoder": "cpu", "unet": "cuda:0", "vae": "cpu"}
     with pytest.raises(MemoryBudgetError, match=r"model \(vae\) has a block of 440 bytes that cannot run on cuda:0"):
@@ -314,10 +333,13 @@ def test_a_part_that_alone_exceeds_the_gpu_budget_runs_there_block_by_block_and_
     expected = unet(x)
     model = manager.register(_FakeAcceleratorResident("model", {"unet": unet}, home="cuda:0"))
     model.moves.clear()
-    with manager.use(model):
+    recorder = _TextRecorder()
+    with use_sink(recorder), manager.use(model):
         assert model.streamed_on("unet") == "cuda:0" and model.device_of("unet") == "cpu"
         moves_before = len(model.moves)
         assert torch.equal(unet(x), expected)
+    assert recorder.texts == ["low memory: model (unet) runs on cuda:0 block by block from the CPU (module-level "
+                              "offload)"]
     linears = [unet[0], unet[2][0], unet[2][1]]
     assert model.moves[moves_before:] == [(block, device) for block in linears for device in ("cuda:0", "cpu")]
     assert manager.used("cuda:0") == 0 and manager.peak.get("cuda:0", 0) == 0

@@ -295,6 +295,15 @@ async def test_previews_are_framed_per_client_flags(client):
     assert Image.open(io.BytesIO(frames[0][8:])).format == "JPEG"
 
 
+async def test_a_nodes_progress_text_reaches_its_client_as_comfyuis_text_frame(client):
+    socket = await connect(client, "alice")
+    prompt_id = await queue(client, {"1": {"class_type": "Says", "inputs": {"text": "low memory: ünïcode"}}}, "alice")
+    frames = [m for m in await messages_until_done(socket, prompt_id) if isinstance(m, bytes)]
+    assert len(frames) == 1
+    kind, length = struct.unpack(">II", frames[0][:8])
+    assert (kind, frames[0][8:8 + length], frames[0][8 + length:].decode()) == (3, b"1", "low memory: ünïcode")
+
+
 async def test_two_clients_do_not_see_each_others_events(client):
     alice, bob = await connect(client, "alice"), await connect(client, "bob")
     alice_prompt = await queue(client, solid_prompt("a"), "alice")

@@ -352,6 +352,9 @@ class _NodeSink:
         if preview is not None:
             self.run.emit("preview", {"node": self.node_id, "image": preview})
 
+    def text(self, message: str) -> None:
+        self.run.emit("progress_text", {"node": self.node_id, "text": message})
+
     def interrupted(self) -> bool:
         return self.run.executor._interrupt.is_set()
 

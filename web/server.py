@@ -55,7 +55,7 @@ FRONTEND_PACKAGE = "comfyui-frontend-package"
 COMFYUI_VERSION = "0.3.64"  # the ComfyUI API version whose contract we implement (comfyui-protocol.md §0)
 PREVIEW_MAX_SIZE = 512  # ComfyUI's default --preview-size
 PREVIEW_JPEG_QUALITY = 85  # a preview is looked at once, while the next step is being computed
-BINARY_PREVIEW, BINARY_PREVIEW_WITH_METADATA, JPEG = 1, 4, 1  # websocket binary event types and image format
+BINARY_PREVIEW, BINARY_TEXT, BINARY_PREVIEW_WITH_METADATA, JPEG = 1, 3, 4, 1  # websocket binary event types, image format
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 # Execution events that go to the submitting client only, and nowhere when the prompt named no client.
@@ -208,6 +208,9 @@ class _Sender:
         if event == "preview":
             self._post("preview", self._encode_preview(data), client_id)
             return
+        if event == "progress_text":
+            self._post("progress_text", (data["node"], data["text"]), client_id)
+            return
         if event in END_EVENTS:
             with self.lock:
                 self._send_progress_state()  # the final map, before the event that ends the prompt
@@ -283,6 +286,18 @@ class _Sender:
         self.state.loop.call_soon_threadsafe(self.state.outbox.put_nowait, (kind, payload, client_id))
 
 
+def text_frame(node_id: str, text: str) -> bytes:
+    """A binary progress-text message, as ComfyUI's ``send_progress_text`` frames it: the event type, the node id's
+    length and the node id, then the text; the editor shows it on the node.
+
+    Example:
+        >>> text_frame("3", "ok")
+        b'\\x00\\x00\\x00\\x03\\x00\\x00\\x00\\x013ok'
+    """
+    node = node_id.encode("utf-8")
+    return struct.pack(">II", BINARY_TEXT, len(node)) + node + text.encode("utf-8")
+
+
 def preview_frame(jpeg: bytes, meta: dict, with_metadata: bool) -> bytes:
     """A binary preview message: type 4 with its metadata header, or the plain type 1 (§2).
 
@@ -305,6 +320,9 @@ async def _publish(state: ServerState) -> None:
         if kind == "json":
             text = finite_json(payload)  # serialised once for every client
             message = Outgoing(payload["type"], text, len(text))
+        elif kind == "progress_text":
+            frame = text_frame(*payload)
+            message = Outgoing("progress_text", frame, len(frame))
         else:
             jpeg, meta = payload
             message = Outgoing("preview", payload, len(jpeg))
@@ -333,6 +351,8 @@ async def _send_to(client: Client) -> None:
                         jpeg, meta = message.body
                         await client.socket.send_bytes(preview_frame(
                             jpeg, meta, bool(client.flags.get("supports_preview_metadata"))))
+                    elif message.type == "progress_text":
+                        await client.socket.send_bytes(message.body)
                     else:
                         await client.socket.send_str(message.body)
             except TimeoutError:

@@ -23,7 +23,7 @@ MAX_UPLOAD_BYTES = 100 << 20  # ComfyUI's default --max-upload-size: 100 MB
 CLIENT_QUEUE_MAX_BYTES = 8 << 20
 CLIENT_QUEUE_MAX_MESSAGES = 2000
 # What a slow client loses first, in this order: each is superseded by the next of its kind.
-DROPPABLE_EVENTS = ("preview", "progress", "progress_state", "status")
+DROPPABLE_EVENTS = ("preview", "progress_text", "progress", "progress_state", "status")
 
 
 @dataclasses.dataclass(frozen=True)

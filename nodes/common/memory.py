@@ -289,6 +289,13 @@ def _device_of(module: torch.nn.Module) -> str | None:
     return CPU
 
 
+def _announce(message: str) -> None:
+    """An offload mode the budget chose, on the running node's progress text (the log has the details)."""
+    from .progress import progress_text  # here: progress imports comfy_host, which imports the denoiser module
+
+    progress_text(message)
+
+
 def default_budget(device: str) -> int | None:
     """What ``device`` has, less a reserve; None (no bound) where the total cannot be read."""
     if device == CPU:
@@ -571,6 +578,7 @@ class MemoryManager:
         logger.warning("%s (%s) alone exceeds the %s budget of %s: it runs there block by block from the CPU "
                        "(%d blocks, module-level offload; slower)", what, _size(resident.nbytes(name)), device,
                        _size(self.budget(device)), len(blocks))
+        _announce(f"low memory: {what} runs on {device} block by block from the CPU (module-level offload)")
         resident._stream(name, device, blocks)
         self._record(CPU)
 
@@ -635,6 +643,8 @@ class MemoryManager:
             resident._move(name, CPU)
         self.evictions += 1
         logger.info("offloaded %s (%s) from %s to the CPU", resident.name, ", ".join(moving), device)
+        if resident.in_use:  # its own components make room for each other: the budget chose sequential offload
+            _announce(f"low memory: {resident.name} runs its components in turn on {device} (sequential offload)")
         self._record(CPU)
 
     def _drop(self, resident: Resident) -> None:

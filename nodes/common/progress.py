@@ -1,4 +1,4 @@
-"""The progress hook: how a node reports progress, sends previews and honours an interrupt.
+"""The progress hook: how a node reports progress, sends previews and text, and honours an interrupt.
 
 Nodes call :func:`progress` inside their long loops. Whoever runs the node decides where the calls go:
 
@@ -47,6 +47,8 @@ class ProgressSink(Protocol):
 
     def progress(self, step: int, total: int, preview: Image.Image | None) -> None: ...
 
+    def text(self, message: str) -> None: ...
+
     def interrupted(self) -> bool: ...
 
 
@@ -91,6 +93,15 @@ def progress(step: int, total: int, preview: Image.Image | None = None) -> None:
         model_management.throw_exception_if_processing_interrupted()
         bar = comfy_utils.ProgressBar(total)
         bar.update_absolute(step, total, None if preview is None else ("JPEG", preview, PREVIEW_MAX_SIZE))
+
+
+def progress_text(message: str) -> None:
+    """Show ``message`` on the running node in the standalone editor (what the node chose, what it waits for),
+    as ComfyUI's progress text; with no sink (a script, a test, inside ComfyUI, whose memory decisions are its
+    own) nothing happens."""
+    sink = _SINK.get()
+    if sink is not None:
+        sink.text(message)
 
 
 def check_interrupt() -> None:

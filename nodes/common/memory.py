@@ -1,16 +1,18 @@
 """One memory manager for everything Atelier keeps resident, under a budget per device.
 
-Models (by component: UNet, text encoders, VAE, with their LoRA adapters), DINOv2 and sentence encoders, and the
-correspondence feature cache are each a :class:`Resident`: named parts whose bytes are counted on the device they
-are on. A node asks for the parts it needs for the duration of a call (:meth:`MemoryManager.use`); the manager
-makes room first, evicting the least recently used residents that no call is using: from an accelerator to the
-CPU, then out of memory altogether. A resident that went out keeps its (empty) modules, so every object that holds
-them stays valid; its weights are read back from their file when next used, bit for bit as first loaded.
+Models (by component: UNet, text encoders, VAE, with their LoRA adapters), DINOv2 and sentence encoders and
+LinFusion layers are each a :class:`Resident`: named parts whose bytes are counted on the device they are on; the
+correspondence feature cache is a :class:`Store`, counted beside them and emptied when room is needed. A node asks
+for the parts it needs for the duration of a call (:meth:`MemoryManager.use`); the manager makes room first,
+evicting the least recently used residents that no call is using: from an accelerator to the CPU, then out of
+memory altogether. A resident that went out keeps its (empty) modules, so every object that holds them stays
+valid; its weights are read back from their file when next used, bit for bit as first loaded.
 
 Sequential offload falls out of this: a text encoder is on the GPU only while a prompt is encoded, and goes back
-to the CPU when the UNet needs the room. Bytes are known before anything is allocated (from a file's safetensors
-header for a first load, from the resident's own count after), so the budget holds at every step; the transient
-memory of reading a file is not counted (see ``bench/memory.py`` for what it costs).
+to the CPU when the UNet needs the room. A part that alone exceeds an accelerator's budget runs there block by
+block from the CPU (module-level offload, :func:`streaming_blocks`). Bytes are known before anything is allocated
+(from a file's safetensors header for a first load, from the resident's own count after), so the budget holds at
+every step; the transient memory of reading a file is not counted (see ``bench/memory.py`` for what it costs).
 
 Inside ComfyUI the manager stands aside (:attr:`MemoryManager.enabled` is false): ComfyUI's own model management
 places its models, and a second accounting beside it would fight it.

@@ -106,9 +106,10 @@ def streaming_blocks(module: torch.nn.Module, limit: int) -> list[torch.nn.Modul
         return [module]
     blocks = []
     for child in module.children():
-        if module_bytes(child) > limit:
+        size = module_bytes(child)
+        if size > limit:
             blocks += streaming_blocks(child, limit)
-        elif module_bytes(child):
+        elif size:
             blocks.append(child)
     return blocks
 

@@ -206,13 +206,13 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
                             source=path)
         signature = key[1]
 
-        def read_back() -> Any:
+        def rebuild() -> Any:
             if _file_signature(path) != signature:
                 raise RuntimeError(f"{name} changed on disk since it was loaded; load it again (its node reads "
                                    f"the new file on the next run)")
             return _build_pipeline(path, info, family, config_dir, resolved, dtype)
 
-        model.resident = _resident(model, read_back)
+        model.resident = _resident(model, rebuild)
         _CACHE[key] = model
         logger.info("loaded %s (%s, %s, %s on %s) in %.1f s", name, family, resolved,
                     str(dtype).removeprefix("torch."), device, time.perf_counter() - started)

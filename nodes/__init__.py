@@ -13,12 +13,13 @@ from .noiseshift import nodes as noiseshift_nodes
 from .panorama import nodes as panorama_nodes
 from .router import nodes as router_nodes
 from .sada import nodes as sada_nodes
+from .seamless import nodes as seamless_nodes
 from .tstitch import nodes as tstitch_nodes
 from .watermark import nodes as watermark_nodes
 
 _TECHNIQUES = (loader_nodes, generation_nodes, highres_nodes, panorama_nodes, correspondence_nodes, watermark_nodes,
                router_nodes, noiseshift_nodes, fasterdiffusion_nodes, tstitch_nodes,
-               sada_nodes, inheritance_nodes)
+               sada_nodes, inheritance_nodes, seamless_nodes)
 NODE_CLASS_MAPPINGS: dict[str, type] = {name: cls for module in _TECHNIQUES
                                         for name, cls in module.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {name: label for module in _TECHNIQUES

@@ -1,5 +1,6 @@
-"""The example workflows of the faster-sampling techniques (issue 23) run headless on the shipped model: each saves
-its four pictures with the technique and the same four seeds without it."""
+"""The example workflows of the model-patch techniques (the faster-sampling ones of issue 23, seamless tiling of issue
+24) run headless on the shipped model: each saves its four pictures with the technique and the same four seeds
+without it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
     ("tstitch", ("5.steps=5", "10.steps=5")),
     ("feature_inheritance", ("5.steps=5", "10.steps=5")),
     ("sada", ("13.steps=8", "10.steps=8")),
+    ("seamless_tiling", ("5.steps=6", "10.steps=6")),
 ])
 def test_acceleration_workflow_runs_headless_on_the_shipped_model(tmp_path, capsys, name, steps):
     from web.cli import main

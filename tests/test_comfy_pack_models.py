@@ -404,3 +404,46 @@ def test_lora_when_ready_applies_comfyuis_own_lora_inside_comfyui_and_matches_th
     print(f"LoRA when ready, ComfyUI against Atelier: {measured:.1f} dB; with against without the LoRA in ComfyUI: "
           f"{psnr(when_ready, plain):.1f} dB")
     assert measured >= TARGET_PSNR_DB
+
+
+def test_seamless_tiling_runs_under_comfyuis_own_ksampler_and_vae_as_standalone(comfyui_server, random_sd15_models,
+                                                                               atelier):
+    """Seamless Tiling's wrapper runs under ComfyUI's KSampler on ComfyUI's UNetModel (its Conv2d cast layers wrap
+    around; with native_size 8 on a 16×16 latent its SpatialTransformers run on rolled 2×2 patches) and Seamless VAE
+    Decode on ComfyUI's VAE: start_fraction 1 is ComfyUI's plain picture bit for bit; the default is the standalone
+    picture, and its 3×3 preview is the picture tiled."""
+    sampling = {"seed": SEED, "steps": 4, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a tiled floor", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "10": {"class_type": "AtelierSeamlessTiling", "inputs": {"model": ["4", 0], "start_fraction": 1.0,
+                                                                 "axes": "both", "patched_attention": False,
+                                                                 "native_size": 0}},
+        "20": {"class_type": "AtelierSeamlessTiling", "inputs": {"model": ["4", 0], "start_fraction": 0.25,
+                                                                 "axes": "both", "patched_attention": True,
+                                                                 "native_size": 8}},
+        "11": {"class_type": "KSampler", "inputs": {"model": ["10", 0], **sampling}},
+        "21": {"class_type": "KSampler", "inputs": {"model": ["20", 0], **sampling}},
+        "31": {"class_type": "KSampler", "inputs": {"model": ["4", 0], **sampling}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
+        "32": {"class_type": "VAEDecode", "inputs": {"samples": ["31", 0], "vae": ["4", 2]}},
+        "22": {"class_type": "AtelierSeamlessVAEDecode", "inputs": {"samples": ["21", 0], "vae": ["4", 2],
+                                                                    "axes": "both", "context": 0.125}},
+        "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": "never", "images": ["12", 0]}},
+        "33": {"class_type": "SaveImage", "inputs": {"filename_prefix": "plain", "images": ["32", 0]}},
+        "23": {"class_type": "SaveImage", "inputs": {"filename_prefix": "seamless", "images": ["22", 0]}},
+        "24": {"class_type": "SaveImage", "inputs": {"filename_prefix": "tiled", "images": ["22", 1]}},
+    }
+    comfy_images = comfyui_server.run(prompt)
+    (never,), (plain,), (seamless,), (tiled,) = (comfy_images[node] for node in ("13", "33", "23", "24"))
+    assert np.array_equal(never, plain)
+    assert not np.array_equal(seamless, plain)
+    assert tiled.shape == (384, 384, 3) and np.array_equal(tiled[128:256, 256:384], seamless)
+    standalone = atelier.run(prompt)["23"][0]
+    measured = psnr(seamless, standalone)
+    print(f"Seamless tiling, ComfyUI against Atelier: {measured:.1f} dB; against ComfyUI's plain KSampler: "
+          f"{psnr(seamless, plain):.1f} dB")
+    assert measured >= TARGET_PSNR_DB

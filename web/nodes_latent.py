@@ -17,6 +17,7 @@ from nodes.common.denoiser import DiffusersCodec
 from nodes.common.images import to_channels_first, to_channels_last
 from nodes.common.limits import MAX_BATCH, MAX_RESOLUTION
 from nodes.common.tiled_vae import tiled_decode, tiled_encode
+from nodes.sampling.latents import latent_samples
 
 from .image_maths import UPSCALE_METHODS, scale_image
 from .limits import DEFAULT_LIMITS, Limits, check_pixel_budget, pixel_budget_error
@@ -47,14 +48,6 @@ def resize_latent(samples: torch.Tensor, width: int, height: int, method: str, c
             y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
         samples = samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
     return F.interpolate(samples, size=(height, width), mode=method)
-
-
-def latent_samples(latent: dict, name: str = "samples") -> torch.Tensor:
-    """The samples (B, C, h, w) of a LATENT; a clear error naming the input when it is not one."""
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor) \
-            or latent["samples"].ndim != 4:
-        raise ValueError(f"{name} must be a LATENT with samples of shape (B, C, h, w)")
-    return latent["samples"]
 
 
 def _image_to_channels_first(pixels: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,10 @@ from nodes.common.limits import MAX_CFG, MAX_SEED, MAX_STEPS
 from nodes.models.refs import ModelRef
 from nodes.sampling.guiders import Guider, model_sampling_of
 from nodes.sampling.k_samplers import SAMPLER_NAMES, Sampler
-from nodes.sampling.latents import INITIAL_NOISE_KEY
+from nodes.sampling.latents import INITIAL_NOISE_KEY, latent_samples
 from nodes.sampling.noise import prepare_noise
 from nodes.sampling.sigmas import SCHEDULER_NAMES, basic_scheduler_sigmas, exponential_sigmas, karras_sigmas, \
     ksampler_sigmas, sd_turbo_sigmas, split_sigmas, split_sigmas_denoise, step_range
-
-from .nodes_latent import latent_samples
 
 SD_SIGMA_MAX, SD_SIGMA_MIN = 14.614642, 0.0291675  # SD1.x's σ range: ComfyUI's KarrasScheduler defaults
 

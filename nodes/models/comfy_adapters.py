@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -151,7 +151,25 @@ class ComfyCodec:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in 0..1 of latents (B, C, h, w), on the latents' device; ComfyUI's VAE returns
         IMAGE's (B, H, W, 3)."""
-        return self.vae.decode(latent).movedim(-1, 1).float().to(latent.device)
+        return _comfy_decode(self.vae, latent)
+
+
+def _comfy_decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latent).movedim(-1, 1).float().to(latent.device)
+
+
+def vae_decoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents (B, C, h, w) → images (B, 3, H, W) in 0..1, by what arrived on a VAE socket: Atelier's
+    :class:`DiffusersCodec` or ComfyUI's ``comfy.sd.VAE`` (which needs no model to decode).
+
+    Raises:
+        TypeError: neither.
+    """
+    if isinstance(vae, DiffusersCodec):
+        return vae.decode
+    if _is_comfy(vae, "comfy.sd", "VAE"):
+        return lambda latent: _comfy_decode(vae, latent)
+    raise TypeError(f"vae must be Atelier's (standalone) or ComfyUI's VAE; got {type(vae).__name__}")
 
 
 def _comfy_class(module: str, name: str) -> type | None:

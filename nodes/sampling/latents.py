@@ -11,6 +11,14 @@ LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
 INITIAL_NOISE_KEY = "initial_noise"
 
 
+def latent_samples(latent: dict, name: str = "samples") -> torch.Tensor:
+    """The samples (B, C, h, w) of a LATENT; a clear error naming the input when it is not one."""
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor) \
+            or latent["samples"].ndim != 4:
+        raise ValueError(f"{name} must be a LATENT with samples of shape (B, C, h, w)")
+    return latent["samples"]
+
+
 def empty_latent(batch_size: int, channels: int, height: int, width: int, downscale: int = 8) -> torch.Tensor:
     """Zeros of shape (batch_size, channels, height / downscale, width / downscale).
 

@@ -8,6 +8,7 @@ from .fasterdiffusion import nodes as fasterdiffusion_nodes
 from .generation import nodes as generation_nodes
 from .highres import nodes as highres_nodes
 from .inheritance import nodes as inheritance_nodes
+from .inpaint import nodes as inpaint_nodes
 from .loaders import nodes as loader_nodes
 from .noiseshift import nodes as noiseshift_nodes
 from .panorama import nodes as panorama_nodes
@@ -19,7 +20,7 @@ from .watermark import nodes as watermark_nodes
 
 _TECHNIQUES = (loader_nodes, generation_nodes, highres_nodes, panorama_nodes, correspondence_nodes, watermark_nodes,
                router_nodes, noiseshift_nodes, fasterdiffusion_nodes, tstitch_nodes,
-               sada_nodes, inheritance_nodes, seamless_nodes)
+               sada_nodes, inheritance_nodes, seamless_nodes, inpaint_nodes)
 NODE_CLASS_MAPPINGS: dict[str, type] = {name: cls for module in _TECHNIQUES
                                         for name, cls in module.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {name: label for module in _TECHNIQUES

@@ -447,3 +447,57 @@ def test_seamless_tiling_runs_under_comfyuis_own_ksampler_and_vae_as_standalone(
     print(f"Seamless tiling, ComfyUI against Atelier: {measured:.1f} dB; against ComfyUI's plain KSampler: "
           f"{psnr(seamless, plain):.1f} dB")
     assert measured >= TARGET_PSNR_DB
+
+
+def test_inpainting_nodes_run_on_comfyuis_own_model_and_vae_as_standalone(comfyui_server, random_sd15_models,
+                                                                           atelier, tmp_path):
+    """An inpainting graph of core nodes (SolidMask and MaskComposite draw the mask; SetLatentNoiseMask, KSampler,
+    VAEDecode), then Preserve Unmasked and Asymmetric VQGAN's decoder (a random one in the published layout, at
+    half width, in models/vae): in ComfyUI as standalone; outside the feathered mask the preserved picture is the
+    original bit for bit in both hosts."""
+    from test_preserve_unmasked import _write_asymmetric_vae
+
+    vaes = os.path.join(random_sd15_models.path, "vae")
+    os.makedirs(vaes, exist_ok=True)
+    if not os.path.exists(os.path.join(vaes, "asym_test.safetensors")):
+        _write_asymmetric_vae(os.path.join(vaes, "asym_test.safetensors"))
+    sampling = {"seed": SEED, "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                "negative": ["7", 0]}
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a harbour", "clip": ["4", 1]}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a boat", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["6", 0], "latent_image": ["5", 0],
+                                                    "denoise": 1.0, **sampling}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["4", 2]}},
+        "20": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
+        "21": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 24, "height": 24}},
+        "22": {"class_type": "MaskComposite", "inputs": {"destination": ["20", 0], "source": ["21", 0], "x": 36,
+                                                         "y": 20, "operation": "add"}},
+        "30": {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}},
+        "31": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["30", 0], "mask": ["22", 0]}},
+        "32": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["8", 0], "latent_image": ["31", 0],
+                                                    "denoise": 0.9, **sampling}},
+        "33": {"class_type": "VAEDecode", "inputs": {"samples": ["32", 0], "vae": ["4", 2]}},
+        "40": {"class_type": "AtelierPreserveUnmasked", "inputs": {"decoded": ["33", 0], "original": ["11", 0],
+                                                                   "mask": ["22", 0], "dilate": 4, "feather": 2.0}},
+        "50": {"class_type": "AtelierAsymmetricVAELoader", "inputs": {"vae_name": "asym_test.safetensors"}},
+        "51": {"class_type": "AtelierAsymmetricVAEDecode", "inputs": {"asym_vae": ["50", 0], "samples": ["32", 0],
+                                                                      "image": ["11", 0], "mask": ["22", 0]}},
+        "60": {"class_type": "SaveImage", "inputs": {"filename_prefix": "original", "images": ["11", 0]}},
+        "61": {"class_type": "SaveImage", "inputs": {"filename_prefix": "preserved", "images": ["40", 0]}},
+        "62": {"class_type": "SaveImage", "inputs": {"filename_prefix": "asymmetric", "images": ["51", 0]}},
+    }
+    outside = np.ones((64, 64), dtype=bool)
+    outside[20 - 4 - 6:44 + 4 + 6, 36 - 4 - 6:] = False  # the square, grown by dilate and the blur's reach
+    hosts = {"ComfyUI": comfyui_server.run(prompt), "Atelier": atelier.run(prompt)}
+    for host, images in hosts.items():
+        (original,), (preserved,), (asymmetric,) = (images[node] for node in ("60", "61", "62"))
+        assert np.array_equal(preserved[outside], original[outside]), host
+        assert asymmetric.shape == (64, 64, 3)
+    for node in ("61", "62"):
+        measured = psnr(hosts["ComfyUI"][node][0], hosts["Atelier"][node][0])
+        print(f"inpainting node {node}, ComfyUI against Atelier: {measured:.1f} dB")
+        assert measured >= TARGET_PSNR_DB

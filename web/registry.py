@@ -6,12 +6,12 @@ import os
 
 import nodes
 
-from . import nodes_conditioning, nodes_latent, nodes_loaders, nodes_sampling
+from . import nodes_conditioning, nodes_latent, nodes_loaders, nodes_mask, nodes_sampling
 from .builtin_nodes import BUILTIN_DISPLAY_NAMES, builtin_nodes
 from .folders import DataFolders
 
 # ComfyUI's core Stable Diffusion nodes, on Atelier's diffusers backbone (standalone only: ComfyUI has its own).
-CORE_MODULES = (nodes_loaders, nodes_conditioning, nodes_latent, nodes_sampling)
+CORE_MODULES = (nodes_loaders, nodes_conditioning, nodes_latent, nodes_sampling, nodes_mask)
 
 
 def _bind_models_dir(classes: dict[str, type], models_dir: str) -> dict[str, type]:

@@ -8,9 +8,18 @@ each image's wrap-around seam
 score (``nodes.seamless.tiling.wrap_seam_ratio``: the second difference across the left/right and top/bottom
 borders over the interior's) is averaged per arm. The issue asks for ≤ 1.1 with tiling and clearly above without.
 
-    python bench/creative.py [--quick] [--size 64]
+NoiseDiffusion: pairs of held-out scenes (rendered by the dataset, so the inputs are exact; 8 pairs, ``--quick`` 3)
+are interpolated by the NoiseDiffusion node with the authors' settings (250 DDIM steps inverted to 140, CFG 7.5,
+clip 2, inject 1.2, γ 0; five in-betweens and the two ends) and, for comparison, by the two baselines the paper
+names: the inverted latents slerped (no clipping, no injection) and sampled back the same way, and plain linear
+interpolation of the clean latents, decoded. ``nodes.embedded.dataset.score_image`` looks at each in-between:
+"found" when it finds a shape, "kept" when its colour is one of the two inputs', "matched" when its colour and
+position are one input's. The ends (the inputs inverted and sampled back) are compared with the inputs (PSNR).
 
-Ends with ``BENCH creative seam_ratio_on=... seam_ratio_off=... seam_ratio_on_max=... seam_ratio_on_authors=...
+    python bench/creative.py [--quick] [--size 64] [--only seams|noisediffusion]
+
+Ends with ``BENCH creative nd_found=... nd_kept=... nd_matched=... (slerp_ and linear_ alike) nd_end_psnr=...
+nd_s=... pairs=... seam_ratio_on=... seam_ratio_off=... seam_ratio_on_max=... seam_ratio_on_authors=...
 seam_s_on=... seam_s_off=... n=... size=... quick=...`` (seconds per image, sampling and decoding).
 """
 
@@ -27,7 +36,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.embedded_model import SAMPLER, SCHEDULER, NodeGenerator  # noqa: E402
-from nodes.embedded.dataset import IMAGE_SIZE, held_out_captions  # noqa: E402
+from nodes.common.denoiser import DiffusersDenoiser  # noqa: E402
+from nodes.embedded.dataset import IMAGE_SIZE, held_out_captions, render, score_image  # noqa: E402
+from nodes.noisediffusion.interpolate import DEFAULT_DEPTH, DEFAULT_STEPS, fractions_of  # noqa: E402
+from nodes.noisediffusion.nodes import AtelierNoiseDiffusion  # noqa: E402
+from nodes.sampling.ddim import ddim_invert_partial, ddim_sample_partial, ldm_ddim_timesteps  # noqa: E402
+from nodes.sampling.guidance import to_conditioning  # noqa: E402
 from nodes.embedded.train import SHIPPED_NAME  # noqa: E402
 from nodes.models.loading import SHIPPED_MODELS  # noqa: E402
 from nodes.seamless.nodes import AtelierSeamlessTiling, AtelierSeamlessVAEDecode  # noqa: E402
@@ -36,6 +50,7 @@ from web.nodes_latent import EmptyLatentImage  # noqa: E402
 
 FULL_IMAGES, QUICK_IMAGES = 32, 8
 STEPS, CFG, SEED = 20, 7.5, 0
+FULL_PAIRS, QUICK_PAIRS = 8, 3
 
 
 def seam_ratios(generator: NodeGenerator, captions: list[str], size: int) -> dict[str, tuple[list[float], float]]:
@@ -61,26 +76,95 @@ def seam_ratios(generator: NodeGenerator, captions: list[str], size: int) -> dic
     return results
 
 
+def slerp(p0: torch.Tensor, p1: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Spherical interpolation of two latents (in float64, as the paper's baseline computes it)."""
+    a, b = p0.double(), p1.double()
+    cosine = ((a * b).sum() / (a.norm() * b.norm())).clamp(-1 + 1e-7, 1 - 1e-7)
+    theta = torch.arccos(cosine)
+    return ((torch.sin((1 - fraction) * theta) * a + torch.sin(fraction * theta) * b) / torch.sin(theta)).to(p0)
+
+
+def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / ((image - reference) ** 2).mean()))
+
+
+def noisediffusion(generator: NodeGenerator, pairs: int) -> dict[str, float]:
+    """Shape-found and colour-kept rates of the in-betweens per method, the ends' PSNR, seconds per pair."""
+    scenes = held_out_captions(2 * pairs, seed=99)
+    codec, clip = generator.codec, generator.clip
+    denoiser = DiffusersDenoiser(generator.ref.model.unet, generator.ref.model.schedule)
+    timesteps, depth = ldm_ddim_timesteps(DEFAULT_STEPS), round(DEFAULT_STEPS * DEFAULT_DEPTH)
+    inner = fractions_of(5)
+    counts = {f"{method}_{what}": 0 for method in ("nd", "slerp", "linear") for what in ("found", "kept", "matched")}
+    end_psnr, seconds = [], 0.0
+    for index in range(pairs):
+        scene_a, scene_b = scenes[2 * index], scenes[2 * index + 1]
+        image_a, image_b = render(scene_a)[None], render(scene_b)[None]
+        prompt = f"{scene_a.caption} and {scene_b.caption}"
+        positive, negative = clip.encode(prompt), generator.negative
+        started = time.perf_counter()
+        (latent,) = AtelierNoiseDiffusion().interpolate(generator.ref, codec, image_a.permute(0, 2, 3, 1),
+                                                         image_b.permute(0, 2, 3, 1), positive, negative, 5, True,
+                                                         DEFAULT_STEPS, DEFAULT_DEPTH, 7.5, 0.0, 2.0, 1.2, SEED)
+        seconds += time.perf_counter() - started
+        decoded = codec.decode(latent["samples"])
+        end_psnr += [psnr(decoded[0], image_a[0]), psnr(decoded[-1], image_b[0])]
+        clean = torch.cat([codec.encode(image) for image in (image_a, image_b)]) * codec.scaling_factor
+        conditioning = to_conditioning(positive, "sd1")
+        inverted = ddim_invert_partial(denoiser, clean, conditioning, timesteps, depth)
+        slerped = torch.cat([slerp(inverted[:1], inverted[1:], fraction) for fraction in inner])
+        slerp_images = codec.decode(ddim_sample_partial(denoiser, slerped, conditioning, to_conditioning(
+            negative, "sd1"), 7.5, timesteps, depth) / codec.scaling_factor)
+        linear_images = codec.decode(torch.cat([torch.lerp(clean[:1], clean[1:], fraction) for fraction in inner])
+                                     / codec.scaling_factor)
+        colours = {scene_a.colour, scene_b.colour}
+        labels = {(scene_a.colour, scene_a.position), (scene_b.colour, scene_b.position)}
+        for method, images in (("nd", decoded[1:-1]), ("slerp", slerp_images), ("linear", linear_images)):
+            for image in images:
+                score = score_image(image)
+                counts[f"{method}_found"] += score.colour is not None
+                counts[f"{method}_kept"] += score.colour in colours
+                counts[f"{method}_matched"] += (score.colour, score.position) in labels
+    frames = pairs * len(inner)
+    return {**{key: value / frames for key, value in counts.items()},
+            "nd_end_psnr": sum(end_psnr) / len(end_psnr), "nd_s": seconds / pairs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images instead of {FULL_IMAGES}")
     parser.add_argument("--size", type=int, default=IMAGE_SIZE, help="the generated size (default: native, 64)")
+    parser.add_argument("--only", choices=("seams", "noisediffusion"), help="run one part")
     args = parser.parse_args()
-    count = QUICK_IMAGES if args.quick else FULL_IMAGES
-    captions = [scene.caption for scene in held_out_captions(count)]
     generator = NodeGenerator(os.path.join(SHIPPED_MODELS, "diffusers", SHIPPED_NAME), STEPS, CFG)
+    fields = []
 
-    seams = seam_ratios(generator, captions, args.size)
-    means = {arm: float(torch.tensor(values).mean()) for arm, (values, _) in seams.items()}
-    on, off = seams["on"][0], seams["off"][0]
-    print(f"seam ratio over {count} images at {args.size}px: {means['off']:.3f} plain, {means['on']:.3f} with "
-          f"seamless tiling (max {max(on):.3f}; {sum(r <= 1.1 for r in on)}/{count} at or under 1.1, plain "
-          f"{sum(r <= 1.1 for r in off)}/{count}); with the authors' decode context: {means['on_authors']:.3f}",
-          flush=True)
-    print(f"BENCH creative seam_ratio_on={means['on']:.3f} seam_ratio_off={means['off']:.3f} "
-          f"seam_ratio_on_max={max(on):.3f} seam_ratio_on_authors={means['on_authors']:.3f} "
-          f"seam_s_on={seams['on'][1]:.3f} seam_s_off={seams['off'][1]:.3f} n={count} size={args.size} "
-          f"quick={int(args.quick)}")
+    if args.only in (None, "noisediffusion"):
+        pairs = QUICK_PAIRS if args.quick else FULL_PAIRS
+        nd = noisediffusion(generator, pairs)
+        print(f"NoiseDiffusion over {pairs} pairs, 5 in-betweens each: a shape found in {nd['nd_found']:.0%} "
+              f"(slerp {nd['slerp_found']:.0%}, linear {nd['linear_found']:.0%}), an input's colour in "
+              f"{nd['nd_kept']:.0%} (slerp {nd['slerp_kept']:.0%}, linear {nd['linear_kept']:.0%}), an input's "
+              f"colour and position in {nd['nd_matched']:.0%} (slerp {nd['slerp_matched']:.0%}, linear "
+              f"{nd['linear_matched']:.0%}); the ends {nd['nd_end_psnr']:.1f} dB from the inputs; "
+              f"{nd['nd_s']:.1f} s per pair", flush=True)
+        fields += [f"{key}={value:.3f}" for key, value in nd.items()] + [f"pairs={pairs}"]
+
+    if args.only in (None, "seams"):
+        count = QUICK_IMAGES if args.quick else FULL_IMAGES
+        captions = [scene.caption for scene in held_out_captions(count)]
+        seams = seam_ratios(generator, captions, args.size)
+        means = {arm: float(torch.tensor(values).mean()) for arm, (values, _) in seams.items()}
+        on, off = seams["on"][0], seams["off"][0]
+        print(f"seam ratio over {count} images at {args.size}px: {means['off']:.3f} plain, {means['on']:.3f} with "
+              f"seamless tiling (max {max(on):.3f}; {sum(r <= 1.1 for r in on)}/{count} at or under 1.1, plain "
+              f"{sum(r <= 1.1 for r in off)}/{count}); with the authors' decode context: "
+              f"{means['on_authors']:.3f}", flush=True)
+        fields += [f"seam_ratio_on={means['on']:.3f}", f"seam_ratio_off={means['off']:.3f}",
+                   f"seam_ratio_on_max={max(on):.3f}", f"seam_ratio_on_authors={means['on_authors']:.3f}",
+                   f"seam_s_on={seams['on'][1]:.3f}", f"seam_s_off={seams['off'][1]:.3f}", f"n={count}",
+                   f"size={args.size}"]
+    print(f"BENCH creative {' '.join(fields)} quick={int(args.quick)}")
 
 if __name__ == "__main__":
     main()

@@ -501,3 +501,34 @@ def test_inpainting_nodes_run_on_comfyuis_own_model_and_vae_as_standalone(comfyu
         measured = psnr(hosts["ComfyUI"][node][0], hosts["Atelier"][node][0])
         print(f"inpainting node {node}, ComfyUI against Atelier: {measured:.1f} dB")
         assert measured >= TARGET_PSNR_DB
+
+
+def test_noisediffusion_runs_on_comfyuis_own_model_and_vae_as_standalone(comfyui_server, random_sd15_models,
+                                                                         atelier):
+    """NoiseDiffusion's inversion, mixing and sampling through ComfyUI's MODEL and VAE (the denoiser and codec
+    adapters): the same sequence as standalone."""
+    sampling = {"seed": SEED, "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a harbour", "clip": ["4", 1]}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a forest", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["6", 0], **sampling}},
+        "11": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["8", 0], **sampling}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["4", 2]}},
+        "13": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
+        "20": {"class_type": "AtelierNoiseDiffusion", "inputs": {
+            "model": ["4", 0], "vae": ["4", 2], "image_a": ["12", 0], "image_b": ["13", 0], "positive": ["6", 0],
+            "negative": ["7", 0], "frames": 1, "include_ends": True, "steps": 6, "depth": 0.5, "cfg": 7.5,
+            "gamma": 0.0, "clip": 2.0, "inject": 1.2, "seed": 0}},
+        "21": {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}},
+        "22": {"class_type": "SaveImage", "inputs": {"filename_prefix": "nd", "images": ["21", 0]}},
+    }
+    comfy_images, atelier_images = comfyui_server.run(prompt)["22"], atelier.run(prompt)["22"]
+    assert len(comfy_images) == len(atelier_images) == 3
+    for comfy_image, atelier_image in zip(comfy_images, atelier_images):
+        measured = psnr(comfy_image, atelier_image)
+        print(f"NoiseDiffusion, ComfyUI against Atelier: {measured:.1f} dB")
+        assert measured >= TARGET_PSNR_DB

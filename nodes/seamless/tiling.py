@@ -26,7 +26,7 @@ Departures from the official code:
   circular padding mode, deterministic for a seed.
 - The rolled attention's offsets come from a generator seeded by the step (the pipeline draws them from torch's
   global generator), so a seed gives the same picture every run; its patches are s×s per axis where the pipeline
-  assumes a square latent.
+  assumes a square latent; they roll along the tiled axes only (the pipeline always tiles both).
 - The seamless decode's margin is an eighth of each side's own length (the pipeline takes the height's for both).
   It is a setting: the authors' eighth is about 8 latent pixels at 512 px, but a decoder reaches farther than
   that on a small latent (the embedded model's 8×8: seams 4.9 times the interior with an eighth, 1.09 with the
@@ -146,12 +146,15 @@ def _unpatched(patches: torch.Tensor, scale: int) -> torch.Tensor:
     return hidden.reshape(batch, channels, scale * height, scale * width)
 
 
-def _patched_forward(forward: Callable, scale: int, generator: torch.Generator) -> Callable:
+def _patched_forward(forward: Callable, scale: int, generator: torch.Generator, axes: str) -> Callable:
+    rolls = _wrapped_axes(axes)
+
     def run(hidden: torch.Tensor, *args, **kwargs) -> Any:
         height, width = hidden.shape[-2:]
         if height % scale or width % scale:  # a map the patches do not divide: attention over all of it
             return forward(hidden, *args, **kwargs)
-        shifts = tuple(int(value) // 2 * 2 for value in torch.randint(0, MAX_ROLL, (2,), generator=generator))
+        drawn = torch.randint(0, MAX_ROLL, (2,), generator=generator)
+        shifts = tuple(int(value) // 2 * 2 * rolled for value, rolled in zip(drawn, rolls))
         patches = _patches(torch.roll(hidden, shifts, dims=(2, 3)), scale)
         # the text context: by name in diffusers' call, second in ComfyUI's; each patch gets its element's
         by_name = "encoder_hidden_states" in kwargs
@@ -177,11 +180,11 @@ def _patched_forward(forward: Callable, scale: int, generator: torch.Generator) 
 
 
 @contextlib.contextmanager
-def patched_attention(network: torch.nn.Module, scale: int, seed: int) -> Iterator[None]:
+def patched_attention(network: torch.nn.Module, scale: int, seed: int, axes: str = "both") -> Iterator[None]:
     """For the block, each transformer of ``network`` (diffusers' ``Transformer2DModel``, ComfyUI's
-    ``SpatialTransformer``) runs on ``scale``×``scale`` patches of its input, rolled by an even offset drawn from
-    a generator seeded with ``seed`` (a new offset per call), 8 patches at a time. ``scale`` 1 leaves them as
-    they are."""
+    ``SpatialTransformer``) runs on ``scale``×``scale`` patches of its input, rolled along the wrapped ``axes`` by
+    an even offset drawn from a generator seeded with ``seed`` (a new offset per call), 8 patches at a time.
+    ``scale`` 1 leaves them as they are."""
     if scale < 1:
         raise ValueError(f"scale must be >= 1; got {scale}")
     if scale == 1:
@@ -190,7 +193,7 @@ def patched_attention(network: torch.nn.Module, scale: int, seed: int) -> Iterat
     generator = torch.Generator().manual_seed(seed)
     transformers = [module for module in network.modules() if type(module).__name__ in TRANSFORMER_CLASSES]
     for transformer in transformers:
-        transformer.forward = _patched_forward(transformer.forward, scale, generator)
+        transformer.forward = _patched_forward(transformer.forward, scale, generator, axes)
     try:
         yield
     finally:
@@ -218,7 +221,7 @@ class SeamlessTiling:
             raise ValueError(f"native_size must be >= 1; got {native_size}")
         self.start_fraction, self.axes = start_fraction, axes
         self.patched_attention, self.native_size = patched_attention, native_size
-        self.wrapped_calls = 0  # UNet calls with circular convolutions (for tests and the log)
+        self.wrapped_calls = 0  # UNet calls run with circular convolutions
 
     def denoised(self, apply: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sigma: torch.Tensor,
                  steps: StepSchedule) -> torch.Tensor:
@@ -239,7 +242,7 @@ class SeamlessTiling:
             if wraps:
                 stack.enter_context(circular_convolutions(call.network, self.axes))
                 self.wrapped_calls += 1
-            stack.enter_context(patched_attention(call.network, scale, seed=index))
+            stack.enter_context(patched_attention(call.network, scale, index, self.axes))
             return call.forward(x, timesteps)
 
 

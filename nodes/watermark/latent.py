@@ -44,6 +44,7 @@ import torch
 
 from ..common.denoiser import Conditioning, Denoiser, guided_eps
 from ..common.progress import progress
+from ..sampling.ddim import ddim_step
 from .payload import chacha20_bits, encode_bytes, key_seed, seal_text
 
 NONCE_BYTES, TEXT_BYTES, TAG_BYTES = 6, 12, 4  # a 48-bit nonce per image, 12 bytes of text, a 32-bit tag
@@ -277,12 +278,6 @@ EXACT_TOLERANCE = 1e-3  # Source: idem, th 1e-3 on the summed squared residual (
 DECODER_ITERATIONS, DECODER_LR, DECODER_WARMUP = 100, 0.1, 10  # Source: Hong et al.'s decoder_inv: Adam, cosine
 
 
-def _ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
-    """Deterministic DDIM from ᾱ_from to ᾱ_to with noise estimate ε: √ᾱ_to·x̂_0 + √(1−ᾱ_to)·ε."""
-    x0 = (x - (1 - alpha_from) ** 0.5 * eps) / alpha_from ** 0.5
-    return alpha_to ** 0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
-
-
 @torch.no_grad()
 def ddim_invert(denoiser: Denoiser, latent: torch.Tensor, conditioning: Conditioning,
                 steps: int = DEFAULT_INVERSION_STEPS, exact_iterations: int = 0,
@@ -331,7 +326,7 @@ def ddim_invert(denoiser: Denoiser, latent: torch.Tensor, conditioning: Conditio
         alpha_from = 1.0 if index == 0 else float(schedule.alpha_bar(torch.tensor(float(t_from))))
         alpha_to = float(schedule.alpha_bar(torch.tensor(float(t_to))))
         target = x
-        x = _ddim_step(target, eps_at(target), alpha_from, alpha_to)
+        x = ddim_step(target, eps_at(target), alpha_from, alpha_to)
         if exact_iterations:
             x = _correct_step(eps_at, x, target, alpha_to, alpha_from, exact_iterations)
         progress(index + 1, steps)
@@ -353,7 +348,7 @@ def _correct_step(eps_at, x: torch.Tensor, target: torch.Tensor, alpha_noisy: fl
     best_x = x
     stale = torch.zeros(batch, dtype=torch.long, device=x.device)
     for iteration in range(iterations):
-        residual = _ddim_step(x, eps_at(x), alpha_noisy, alpha_clean) - target
+        residual = ddim_step(x, eps_at(x), alpha_noisy, alpha_clean) - target
         loss = residual.square().flatten(1).sum(dim=1)
         improved = loss < best
         best = torch.where(improved, loss, best)

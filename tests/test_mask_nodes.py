@@ -35,3 +35,11 @@ def test_the_source_is_cut_at_the_destinations_edge_and_the_inputs_are_not_chang
     assert torch.equal(composite_masks(destination, source, 9, 9, "add"), destination)  # wholly outside
     with pytest.raises(ValueError, match="operation"):
         composite_masks(destination, source, 0, 0, "blend")
+
+
+def test_solid_mask_follows_the_servers_pixel_budget():
+    from web.limits import Limits, bind_limits
+
+    bound = bind_limits({"SolidMask": SolidMask}, Limits(max_pixels=100))["SolidMask"]
+    with pytest.raises(ValueError, match="pixel budget"):
+        bound().solid(1.0, 20, 20)

@@ -17,7 +17,7 @@ from nodes.embedded.train import SHIPPED_NAME
 from nodes.models.clip import Clip
 from nodes.models.loading import SHIPPED_MODELS, load_model
 from nodes.models.refs import ModelRef
-from nodes.noisediffusion.interpolate import fractions_of, mixing_weights, noise_mix
+from nodes.noisediffusion.interpolate import fractions_of, mixing_weights, noise_mix, noisediffusion_interpolate
 from nodes.noisediffusion.nodes import AtelierNoiseDiffusion
 from nodes.sampling.ddim import ddim_invert_partial, ddim_sample_partial, ldm_ddim_timesteps
 
@@ -118,19 +118,39 @@ def test_node_gives_the_sequence_as_one_batch_with_ends_that_reconstruct(embedde
     image_a, image_b = (render(scene)[None].permute(0, 2, 3, 1) for scene in scenes)
     positive, negative = clip.encode("a shape"), clip.encode("")
     node = AtelierNoiseDiffusion()
-    (latent,) = node.interpolate(ref, codec, image_a, image_b, positive, negative, 3, True, 40, 0.56, 7.5, 0.0,
-                                 2.0, 1.2, 0)
+    (latent,) = node.interpolate(ref, codec, image_a, image_b, positive, negative, 3, True, 40, 0.56, 7.5, 0.2,
+                                 2.0, 1.2, 5)
     assert latent["samples"].shape == (5, 4, 8, 8)
+    # the in-betweens are the maths' at λ = 1/4, 1/2, 3/4, noise from the seed, A to B
+    denoiser = DiffusersDenoiser(ref.model.unet, ref.model.schedule)
+    from nodes.sampling.guidance import to_conditioning
+
+    expected = noisediffusion_interpolate(denoiser, codec, image_a.permute(0, 3, 1, 2), image_b.permute(0, 3, 1, 2),
+                                          to_conditioning(positive, "sd1"), to_conditioning(negative, "sd1"),
+                                          [0.25, 0.5, 0.75], torch.Generator().manual_seed(5), False, 40, 0.56, 7.5,
+                                          0.2, 2.0, 1.2)
+    torch.testing.assert_close(latent["samples"][1:-1], expected)
     decoded = codec.decode(latent["samples"])
     for index, image in ((0, image_a), (-1, image_b)):
         mse = ((decoded[index] - image[0].permute(2, 0, 1)) ** 2).mean().item()
         assert 10 * math.log10(1 / mse) > 20  # the ends come back (PSNR in dB; bench/creative.py reports them)
-    with pytest.raises(ValueError, match="one image"):
+    with pytest.raises(ValueError, match="one RGB image"):
         node.interpolate(ref, codec, image_a.expand(2, -1, -1, -1), image_b, positive, negative, 3, True, 40,
                          0.56, 7.5, 0.0, 2.0, 1.2, 0)
     with pytest.raises(ValueError, match="same size"):
         node.interpolate(ref, codec, image_a, image_b[:, :32, :32], positive, negative, 3, True, 40, 0.56, 7.5,
                          0.0, 2.0, 1.2, 0)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        node.interpolate(ref, codec, image_a[:, :60, :60], image_b[:, :60, :60], positive, negative, 3, True, 40,
+                         0.56, 7.5, 0.0, 2.0, 1.2, 0)
+
+
+@pytest.mark.parametrize("steps", [250, 300, 40, 600, 999])
+def test_the_grid_spans_the_schedule_so_depth_means_the_same_for_every_step_count(steps):
+    timesteps = ldm_ddim_timesteps(steps)
+    assert len(timesteps) == steps and timesteps.unique().numel() == steps and int(timesteps.max()) <= 999
+    # the inverted state sits at the grid step before t[round(steps·depth)]: within 1.5 grid steps of depth·1000
+    assert abs(int(timesteps[round(steps * 0.56) - 1]) - 560) <= 1.5 * 1000 / steps + 1
 
 
 def test_fractions():

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
 from nodes.common.denoiser import DiffusersCodec
 from nodes.embedded.train import SHIPPED_NAME
-from nodes.inpaint.nodes import (AtelierAsymmetricVAEDecode, AtelierAsymmetricVAELoader, AtelierPreserveUnmasked,
-                                 asymmetric_decode)
+from nodes.inpaint.asymmetric import asymmetric_decode
+from nodes.inpaint.nodes import AtelierAsymmetricVAEDecode, AtelierAsymmetricVAELoader, AtelierPreserveUnmasked
 from nodes.inpaint.preserve import feathered_mask, preserve_unmasked
 from nodes.models.loading import SHIPPED_MODELS, load_model
 from nodes.models.vae import asymmetric_vae_config, load_asymmetric_vae
@@ -138,6 +138,8 @@ def test_asymmetric_vae_loads_offline_and_mask_one_is_the_plain_decode_exactly(a
     plain = asymmetric_decode(vae, latent)
     assert torch.equal(asymmetric_decode(vae, latent, image, torch.ones(1, 1, 32, 32)), plain)
     assert not torch.allclose(asymmetric_decode(vae, latent, image, torch.zeros(1, 1, 32, 32)), plain)
+    # a soft mask is cut at 0.5
+    assert torch.equal(asymmetric_decode(vae, latent, image, torch.full((1, 1, 32, 32), 0.6)), plain)
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:24, 8:24] = 1
     (node,) = AtelierAsymmetricVAEDecode().decode(vae, {"samples": latent.expand(2, -1, -1, -1)},

@@ -1,13 +1,14 @@
 """StableMaterials' seamless tiling (techniques.md §4.11, Targets 3 and 14): with circular convolutions the UNet is
 equivariant to latent rolls by multiples of its downsampling, the zero-padded one is not; the wrapped convolutions
 keep the network's own alignment; start_fraction 1 is the plain sampler bit for bit; the rolled patch attention
-keeps attention at the native size; the seamless decode is roll-consistent (within its context) where the plain
-decode is not. The seam figures on generated images are bench/creative.py's."""
+is attention within each rolled native-size window; the seamless decode is roll-consistent (within its context)
+where the plain decode is not. The seam figures on generated images are bench/creative.py's."""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,28 +97,58 @@ def test_start_fraction_one_is_the_plain_sampler_and_the_default_wraps_from_a_qu
     assert model.sampling_patch is None
 
 
-def test_patched_attention_runs_each_transformer_at_the_native_size(tiny_sd1_prompts):
-    """Attention has no positions: on an input made of 2×2 copies of one native-size map the rolled patches give
-    the transformer's output on that map, copied; on another input they differ from attention over the whole."""
+@pytest.mark.parametrize("axes", ["both", "x"])
+def test_patched_attention_is_attention_within_each_rolled_patch(tiny_sd1_prompts, axes):
+    """Each transformer's output is its output on each native-size window of the input rolled by the drawn even
+    offsets (along the wrapped axes only), put back and rolled back; not attention over the whole map; scale 1
+    leaves it alone."""
     model, positive, _ = tiny_sd1_prompts
     transformer = model.model.unet.down_blocks[1].attentions[0]
-    generator = torch.Generator().manual_seed(3)
-    native = torch.randn(1, transformer.config.in_channels, 4, 4, generator=generator)
     context = positive[0][0]
+    varied = torch.randn(1, transformer.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        return transformer(hidden, encoder_hidden_states=context, return_dict=False)[0]
+
     with torch.no_grad():
-        expected = transformer(native, encoder_hidden_states=context, return_dict=False)[0].repeat(1, 1, 2, 2)
-        with patched_attention(transformer, 2, seed=5):
-            periodic = transformer(native.repeat(1, 1, 2, 2), encoder_hidden_states=context, return_dict=False)
-        assert isinstance(periodic, tuple)
-        torch.testing.assert_close(periodic[0], expected, rtol=1e-5, atol=1e-5)
-        varied = torch.randn(1, transformer.config.in_channels, 8, 8, generator=generator)
-        whole = transformer(varied, encoder_hidden_states=context, return_dict=False)[0]
-        with patched_attention(transformer, 2, seed=5):
-            patched = transformer(varied, encoder_hidden_states=context, return_dict=False)[0]
-        with patched_attention(transformer, 1, seed=5):
-            unpatched = transformer(varied, encoder_hidden_states=context, return_dict=False)[0]
-    assert (patched - whole).abs().max() > 1e-3
+        whole = run(varied)
+        with patched_attention(transformer, 2, seed=5, axes=axes):
+            patched = transformer(varied, encoder_hidden_states=context, return_dict=False)
+        with patched_attention(transformer, 1, seed=5, axes=axes):
+            unpatched = run(varied)
+        drawn = torch.randint(0, 256, (2,), generator=torch.Generator().manual_seed(5))
+        shift_y, shift_x = (int(value) // 2 * 2 for value in drawn)
+        shift_y *= axes == "both"
+        rolled = torch.roll(varied, (shift_y, shift_x), (2, 3))
+        expected = torch.empty_like(rolled)
+        for top in ((0, 4) if axes == "both" else (0,)):
+            for left in (0, 4):
+                window = np.s_[..., top:top + (4 if axes == "both" else 8), left:left + 4]
+                expected[window] = run(rolled[window])
+        expected = torch.roll(expected, (-shift_y, -shift_x), (2, 3))
+    assert isinstance(patched, tuple)  # diffusers' return convention kept
+    torch.testing.assert_close(patched[0], expected, rtol=1e-5, atol=1e-5)
+    assert (patched[0] - whole).abs().max() > 1e-3
     assert torch.equal(unpatched, whole)
+    assert "forward" not in vars(transformer)
+
+
+def test_a_latent_too_small_to_wrap_is_refused_by_name():
+    """Two stride-2 convolutions: the second sees a 1×1 map, which a circular pad of 2 would wrap more than once."""
+    network = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, stride=2, padding=1),
+                                  torch.nn.Conv2d(1, 1, 3, stride=2, padding=1))
+    with circular_convolutions(network), pytest.raises(ValueError, match="too small for seamless tiling"):
+        network(torch.zeros(1, 1, 2, 2))
+    assert all("forward" not in vars(conv) for conv in network)  # restored after the error
+
+
+def test_an_instance_forward_already_there_comes_back():
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+    patched = conv.forward
+    conv.forward = patched  # another node's instance patch
+    with circular_convolutions(conv):
+        assert conv.forward is not patched
+    assert vars(conv)["forward"] is patched
 
 
 def test_attention_scale_follows_the_native_size(tiny_sd1_prompts):

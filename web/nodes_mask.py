@@ -6,17 +6,20 @@ A MASK is (B, H, W) float in 0..1, as in ComfyUI.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from nodes.common.limits import MAX_RESOLUTION
 
-from .limits import DEFAULT_LIMITS, check_pixel_budget
+from .limits import DEFAULT_LIMITS, Limits, check_pixel_budget
 
 COMPOSITE_OPERATIONS = ("multiply", "add", "subtract", "and", "or", "xor")
 DEFAULT_MASK_SIZE = 512
 
 
 class SolidMask:
+    limits: ClassVar[Limits] = DEFAULT_LIMITS
     DESCRIPTION = "Makes a mask of one value everywhere."
     CATEGORY = "mask"
     RETURN_TYPES = ("MASK",)
@@ -36,7 +39,7 @@ class SolidMask:
         }}
 
     def solid(self, value: float, width: int, height: int) -> tuple[torch.Tensor]:
-        check_pixel_budget("SolidMask", 1, height, width, DEFAULT_LIMITS)
+        check_pixel_budget("SolidMask", 1, height, width, self.limits)
         return (torch.full((1, height, width), float(value)),)
 
 

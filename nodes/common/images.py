@@ -28,3 +28,10 @@ def to_channels_last(image: torch.Tensor) -> torch.Tensor:
     if image.ndim != 4:
         raise ValueError(f"images must have shape (B, C, H, W); got {tuple(image.shape)}")
     return image.permute(0, 2, 3, 1).contiguous()
+
+
+def single_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """An IMAGE of one RGB image (1, H, W, 3) as a view (1, 3, H, W); a clear error naming the input otherwise."""
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[-1] != 3:
+        raise ValueError(f"{name} must be one RGB image of shape (1, H, W, 3); got {tuple(image.shape)}")
+    return to_channels_first(image, name)

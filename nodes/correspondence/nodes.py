@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..common.comfy_host import comfy_model_family
 from ..common.denoiser import Conditioning
-from ..common.images import to_channels_first
+from ..common.images import single_image
 from ..common.limits import MAX_SEED
 from ..common.memory import MEMORY
 from ..common.progress import progress
@@ -55,12 +55,6 @@ class DinoBackbone:
 
     model: torch.nn.Module
     source: str
-
-
-def _image(image: torch.Tensor, name: str) -> torch.Tensor:
-    if image.ndim != 4 or image.shape[0] != 1 or image.shape[-1] != 3:
-        raise ValueError(f"{name} must be one RGB image of shape (1, H, W, 3); got {tuple(image.shape)}")
-    return to_channels_first(image, name)
 
 
 def _mask(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
@@ -117,7 +111,7 @@ class AtelierDenseSIFTFeatures(_Extractor):
         }}
 
     def extract(self, image: torch.Tensor, size: int) -> tuple[FeatureMaps]:
-        return (dense_sift_features(_image(image, "image"), size),)
+        return (dense_sift_features(single_image(image, "image"), size),)
 
 
 class AtelierSDFeatures(_Extractor):
@@ -157,7 +151,7 @@ class AtelierSDFeatures(_Extractor):
 
     def extract(self, model: Any, vae: Any, conditioning: list, image: torch.Tensor, timestep: int,
                 fixed_noise_seed: int, size: int, layers: str) -> tuple[FeatureMaps]:
-        pixels, chosen = _image(image, "image"), parse_layers(layers)
+        pixels, chosen = single_image(image, "image"), parse_layers(layers)
         family = model.model.family if isinstance(model, ModelRef) else comfy_model_family(model)
         if family not in SD_FAMILIES:
             raise ValueError(f"model must be an SD1.x or SD2.x checkpoint (families {SD_FAMILIES}); got {family!r}")
@@ -226,7 +220,7 @@ class AtelierDINOv2Features(_Extractor):
         }}
 
     def extract(self, dinov2: DinoBackbone, image: torch.Tensor, size: int) -> tuple[FeatureMaps]:
-        pixels = _image(image, "image")
+        pixels = single_image(image, "image")
         key = ("dinov2", tensor_digest(pixels), dinov2.source, size)
         with MEMORY.use_module(dinov2.model):
             maps = FEATURE_CACHE.get_or_compute(key, lambda: dinov2_features(dinov2.model, pixels, size))
@@ -375,7 +369,7 @@ class AtelierMatchFeatures:
     def match(self, descriptor_a: FeatureMaps, descriptor_b: FeatureMaps, image_a: torch.Tensor,
               image_b: torch.Tensor, soft_window: int, temperature: float, max_matches: int,
               min_confidence: float) -> dict:
-        pixels_a, pixels_b = _image(image_a, "image_a")[0].cpu(), _image(image_b, "image_b")[0].cpu()
+        pixels_a, pixels_b = single_image(image_a, "image_a")[0].cpu(), single_image(image_b, "image_b")[0].cpu()
         _check_sizes(descriptor_a, pixels_a, "descriptor_a")
         _check_sizes(descriptor_b, pixels_b, "descriptor_b")
         dense = match_dense(_descriptor(descriptor_a, "descriptor_a"), _descriptor(descriptor_b, "descriptor_b"),
@@ -420,7 +414,7 @@ class AtelierInstanceSwap:
     def swap(self, image_a: torch.Tensor, image_b: torch.Tensor, descriptor_a: FeatureMaps,
              descriptor_b: FeatureMaps, resolution: int, mask_a: torch.Tensor | None = None,
              mask_b: torch.Tensor | None = None) -> tuple[torch.Tensor]:
-        pixels_a, pixels_b = _image(image_a, "image_a")[0], _image(image_b, "image_b")[0]
+        pixels_a, pixels_b = single_image(image_a, "image_a")[0], single_image(image_b, "image_b")[0]
         _check_sizes(descriptor_a, pixels_a, "descriptor_a")
         _check_sizes(descriptor_b, pixels_b, "descriptor_b")
         swapped = instance_swap(pixels_a, pixels_b, _descriptor(descriptor_a, "descriptor_a"),

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 
 from ..common.images import to_channels_first, to_channels_last
-from ..common.memory import MEMORY, Resident, runs_on
+from ..common.memory import MEMORY, Resident
 from ..models.devices import default_device
 from ..models.refs import ModelsFolder
 from ..models.sources import resolve_model_path
 from ..models.vae import list_vaes, load_asymmetric_vae
 from ..sampling.latents import latent_samples
+from .asymmetric import asymmetric_decode
 from .preserve import DEFAULT_DILATE, DEFAULT_FEATHER, preserve_unmasked
 
 CATEGORY = "atelier/inpaint"
@@ -98,22 +99,6 @@ class AtelierAsymmetricVAELoader(ModelsFolder):
         return (MEMORY.kept(("asymmetric_vae", os.path.realpath(path), stat.st_size, stat.st_mtime_ns, device), read),)
 
 
-def asymmetric_decode(vae: Any, latent: torch.Tensor, image: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Images (B, 3, H, W) in 0..1 of raw latents (B, 4, h, w) by a diffusers ``AsymmetricAutoencoderKL``,
-    conditioned on ``image`` (B or 1, 3, H, W) in 0..1 outside ``mask`` (B or 1, 1, H, W), 1 where the picture
-    is generated; without them, the plain decode."""
-    with torch.no_grad(), MEMORY.use_module(vae):
-        device, dtype = runs_on(vae), vae.dtype
-        conditioning = {}
-        if image is not None and mask is not None:
-            batch = latent.shape[0]
-            conditioning = {"image": (image * 2 - 1).to(device, dtype).expand(batch, -1, -1, -1),
-                            "mask": mask.to(device, dtype).expand(batch, -1, -1, -1)}
-        decoded = vae.decode(latent.to(device, dtype), **conditioning).sample
-    return ((decoded.float() + 1) / 2).clamp(0, 1)
-
-
 class AtelierAsymmetricVAEDecode:
     DESCRIPTION = ("Decodes an inpainted latent with Asymmetric VQGAN's decoder, which also sees the original "
                    "picture outside the mask, so the kept region comes out nearly unchanged and the edit blends in.")
@@ -129,7 +114,8 @@ class AtelierAsymmetricVAEDecode:
             "asym_vae": (ASYM_VAE, {"tooltip": "From Asymmetric VAE Loader."}),
             "samples": ("LATENT", {"tooltip": "The inpainted latent (SD1.x or SD2.x)."}),
             "image": ("IMAGE", {"tooltip": "The original picture, at the latent's size times 8."}),
-            "mask": ("MASK", {"tooltip": "1 where the picture was generated, at the picture's size."}),
+            "mask": ("MASK", {"tooltip": "1 where the picture was generated, at the picture's size (a soft mask "
+                                         "is cut at 0.5, as diffusers' inpainting pipeline does)."}),
         }}
 
     def decode(self, asym_vae: Any, samples: dict, image: torch.Tensor, mask: torch.Tensor) -> tuple:

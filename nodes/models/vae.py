@@ -96,18 +96,25 @@ def load_vae(path: str | os.PathLike, family: str | None = None, dtype: torch.dt
     config["block_out_channels"] = [width * channels // published[0] for channels in published]
     if layout == "ldm":
         tensors = convert_ldm_vae_checkpoint(tensors, config)
+    return _built_with(AutoencoderKL, config, tensors, f"{os.path.basename(path)!r} does not fit the SD VAE layout "
+                       f"({layout}, width {width})", device, dtype)
+
+
+def _built_with(model_class: type, config: dict, tensors: dict[str, torch.Tensor], misfit: str,
+                device: torch.device | str | None, dtype: torch.dtype) -> torch.nn.Module:
+    """``model_class`` built from ``config`` with the file's ``tensors`` as its parameters, in eval mode and without
+    gradients; a ValueError starting with ``misfit`` names the tensors missing, extra or of another shape."""
     with torch.device("meta"):  # shapes only: the file's tensors become the parameters (assign=True)
-        vae = AutoencoderKL.from_config(config)
-    expected = {key: tuple(value.shape) for key, value in vae.state_dict().items()}
+        model = model_class.from_config(config)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     found = {key: tuple(value.shape) for key, value in tensors.items()}
     if expected != found:
         differing = sorted(set(expected) ^ set(found)) or sorted(key for key in expected if expected[key] != found[key])
-        raise ValueError(f"{os.path.basename(path)!r} does not fit the SD VAE layout ({layout}, width {width}): "
-                         f"tensors missing, extra or of another shape: {differing[:3]}"
-                         f"{f' and {len(differing) - 3} more' if len(differing) > 3 else ''}")
+        more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+        raise ValueError(f"{misfit}: tensors missing, extra or of another shape: {differing[:3]}{more}")
     device = torch.device(device) if device is not None else default_device()
-    vae.load_state_dict({key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}, assign=True)
-    return vae.eval().requires_grad_(False)
+    model.load_state_dict({key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 # Asymmetric VQGAN's published decoders (cross-attention/asymmetric-autoencoder-kl-x-1-5 and -x-2, diffusers'
@@ -166,16 +173,5 @@ def load_asymmetric_vae(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     if variant is None:
         raise ValueError(f"{name!r}: an encoder {encoder_width} wide with a decoder {decoder_width} wide is neither "
                          f"published asymmetric VAE (x-1-5: 128 and 768, x-2: 128 and 1024)")
-    config = asymmetric_vae_config(variant, encoder_width / 128)
-    with torch.device("meta"):  # shapes only: the file's tensors become the parameters (assign=True)
-        vae = AsymmetricAutoencoderKL.from_config(config)
-    expected = {key: tuple(value.shape) for key, value in vae.state_dict().items()}
-    found = {key: tuple(value.shape) for key, value in tensors.items()}
-    if expected != found:
-        differing = sorted(set(expected) ^ set(found)) or sorted(key for key in expected if expected[key] != found[key])
-        more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
-        raise ValueError(f"{name!r} does not fit the asymmetric VAE {variant} layout: tensors missing, extra or of "
-                         f"another shape: {differing[:3]}{more}")
-    device = torch.device(device) if device is not None else default_device()
-    vae.load_state_dict({key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}, assign=True)
-    return vae.eval().requires_grad_(False)
+    return _built_with(AsymmetricAutoencoderKL, asymmetric_vae_config(variant, encoder_width / 128), tensors,
+                       f"{name!r} does not fit the asymmetric VAE {variant} layout", device, dtype)

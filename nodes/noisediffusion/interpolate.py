@@ -35,6 +35,8 @@ DEFAULT_STEPS, DEFAULT_DEPTH, DEFAULT_CFG = 250, 140 / 250, 7.5
 DEFAULT_CLIP, DEFAULT_GAMMA, DEFAULT_INJECT = 2.0, 0.0, 1.2
 # Source: idem, frac_list: five in-betweens, λ = i/6 rounded to two places
 DEFAULT_FRAMES = 5
+# In-betweens sampled in one batch (ours): memory stays that of eight, however many are asked for
+FRAMES_PER_BATCH = 8
 
 
 def mixing_weights(fraction: float, gamma: float = DEFAULT_GAMMA,
@@ -90,12 +92,29 @@ def noisediffusion_interpolate(denoiser: Denoiser, codec: LatentCodec, image_a: 
                                steps: int = DEFAULT_STEPS, depth: float = DEFAULT_DEPTH, cfg: float = DEFAULT_CFG,
                                gamma: float = DEFAULT_GAMMA, clip: float | None = DEFAULT_CLIP,
                                inject: float = DEFAULT_INJECT) -> torch.Tensor:
-    """The latents, unscaled as a LATENT holds them, of the interpolation of images A and B (1, 3, H, W) in 0..1
-    at each λ of ``fractions``: (len(fractions), C, h, w); with ``include_ends`` A's and B's reconstruction first
-    and last (their inverted latents sampled back unmixed at guidance 1, as they were inverted)."""
+    """NoiseDiffusion's sequence between two images.
+
+    Args:
+        denoiser, codec: the model and its VAE.
+        image_a, image_b: (1, 3, H, W) in 0..1, H and W multiples of the VAE's downscale.
+        positive, negative: the prompt (inversion and sampling) and the negative prompt (sampling), batch 1.
+        fractions: the λ of the in-betweens, each in [0, 1].
+        generator: draws the mixing noise (one per λ; used where ``gamma`` > 0).
+        include_ends: put A's and B's reconstruction first and last (their inverted latents sampled back unmixed
+            at guidance 1, as they were inverted).
+        steps, depth, cfg, gamma, clip, inject: the grid, the inverted share of it, the guidance, and the mixing's
+            settings (``clip`` None: no clipping).
+    Returns:
+        Latents (len(fractions) [+ 2], C, H/f, W/f), unscaled as a LATENT holds them.
+    Raises:
+        ValueError: images of different sizes, not single, or not multiples of the downscale; no fractions.
+    """
     if image_a.shape != image_b.shape or image_a.ndim != 4 or image_a.shape[0] != 1:
         raise ValueError(f"image_a and image_b must be single images of one size; got {tuple(image_a.shape)} and "
                          f"{tuple(image_b.shape)}")
+    if image_a.shape[-2] % codec.downscale or image_a.shape[-1] % codec.downscale:
+        raise ValueError(f"the images' sides must be multiples of {codec.downscale}; got "
+                         f"{tuple(image_a.shape[-2:])}")
     if not fractions:
         raise ValueError("fractions must not be empty")
     timesteps = ldm_ddim_timesteps(steps, denoiser.schedule.num_train_timesteps)
@@ -105,10 +124,14 @@ def noisediffusion_interpolate(denoiser: Denoiser, codec: LatentCodec, image_a: 
     clean = torch.cat([codec.encode(image.to(codec.device)) for image in (image_a, image_b)])
     clean = (clean - codec.shift_factor) * codec.scaling_factor
     inverted = ddim_invert_partial(denoiser, clean, positive, timesteps, inverted_steps)
-    mixed = torch.cat([noise_mix(inverted[:1], inverted[1:], clean[:1], clean[1:],
-                                 torch.randn(clean[:1].shape, generator=generator).to(clean), fraction, alpha_bar,
-                                 gamma, clip, inject) for fraction in fractions])
-    sampled = ddim_sample_partial(denoiser, mixed, positive, negative, cfg, timesteps, inverted_steps)
+    sampled = []
+    for start in range(0, len(fractions), FRAMES_PER_BATCH):
+        mixed = torch.cat([noise_mix(inverted[:1], inverted[1:], clean[:1], clean[1:],
+                                     torch.randn(clean[:1].shape, generator=generator).to(clean), fraction,
+                                     alpha_bar, gamma, clip, inject)
+                           for fraction in fractions[start:start + FRAMES_PER_BATCH]])
+        sampled.append(ddim_sample_partial(denoiser, mixed, positive, negative, cfg, timesteps, inverted_steps))
+    sampled = torch.cat(sampled)
     if include_ends:
         ends = ddim_sample_partial(denoiser, inverted, positive, positive, 1.0, timesteps, inverted_steps)
         sampled = torch.cat([ends[:1], sampled, ends[1:]])

@@ -7,21 +7,17 @@ from typing import Any
 
 import torch
 
-from ..common.images import to_channels_first
+from ..common.images import single_image
+from ..common.limits import MAX_CFG, MAX_SEED
 from ..models.comfy_adapters import denoiser_and_codec, model_family
+from ..sampling.generate import with_image_size
 from ..sampling.guidance import to_conditioning
 from .interpolate import (DEFAULT_CFG, DEFAULT_CLIP, DEFAULT_DEPTH, DEFAULT_FRAMES, DEFAULT_GAMMA, DEFAULT_INJECT,
                           DEFAULT_STEPS, fractions_of, noisediffusion_interpolate)
 
 CATEGORY = "atelier/creative"
-MAX_FRAMES, MAX_STEPS, MAX_CFG, MAX_SEED = 64, 1000, 30.0, 0xFFFFFFFFFFFFFFFF
-
-
-def _single_image(image: torch.Tensor, name: str) -> torch.Tensor:
-    pixels = to_channels_first(image, name)[:, :3]
-    if pixels.shape[0] != 1:
-        raise ValueError(f"{name} must be one image; got a batch of {pixels.shape[0]}")
-    return pixels
+MAX_FRAMES = 64
+MAX_GRID_STEPS = 999  # LDM's grid starts at timestep 1: room for 999 steps of SD's 1000
 
 
 class AtelierNoiseDiffusion:
@@ -39,9 +35,10 @@ class AtelierNoiseDiffusion:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model (SD1, SD2 or SDXL, epsilon or v)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model: SD1 or SD2 (epsilon or v), and SDXL in the "
+                                           "standalone app."}),
             "vae": ("VAE", {"tooltip": "The model's VAE."}),
-            "image_a": ("IMAGE", {"tooltip": "The first picture (one image; its size a multiple of 8)."}),
+            "image_a": ("IMAGE", {"tooltip": "The first picture (one RGB image; its sides multiples of 8)."}),
             "image_b": ("IMAGE", {"tooltip": "The second picture, the same size."}),
             "positive": ("CONDITIONING", {"tooltip": "A prompt describing both pictures (inversion and sampling)."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (sampling)."}),
@@ -51,7 +48,7 @@ class AtelierNoiseDiffusion:
             "include_ends": ("BOOLEAN", {"default": True,
                                          "tooltip": "Also the ends: A's and B's reconstruction (inverted and sampled "
                                                     "back unmixed, at guidance 1)."}),
-            "steps": ("INT", {"default": DEFAULT_STEPS, "min": 2, "max": MAX_STEPS, "step": 1,
+            "steps": ("INT", {"default": DEFAULT_STEPS, "min": 2, "max": MAX_GRID_STEPS, "step": 1,
                               "tooltip": "The DDIM grid (the authors': 250; fewer is faster and coarser)."}),
             "depth": ("FLOAT", {"default": DEFAULT_DEPTH, "min": 0.01, "max": 1.0, "step": 0.01, "round": 0.001,
                                 "tooltip": "How far into the noise the pictures are inverted, as a fraction of the "
@@ -73,13 +70,13 @@ class AtelierNoiseDiffusion:
     def interpolate(self, model: Any, vae: Any, image_a: torch.Tensor, image_b: torch.Tensor, positive: list,
                     negative: list, frames: int, include_ends: bool, steps: int, depth: float, cfg: float,
                     gamma: float, clip: float, inject: float, seed: int) -> tuple[dict]:
-        pixels_a, pixels_b = _single_image(image_a, "image_a"), _single_image(image_b, "image_b")
+        pixels_a, pixels_b = single_image(image_a, "image_a"), single_image(image_b, "image_b")
         if pixels_a.shape != pixels_b.shape:
             raise ValueError(f"image_a and image_b must be the same size; got {tuple(pixels_a.shape[-2:])} and "
                              f"{tuple(pixels_b.shape[-2:])}")
-        family = model_family(model)
-        positive, negative = to_conditioning(positive, family, "positive"), to_conditioning(negative, family,
-                                                                                            "negative")
+        family, (height, width) = model_family(model), pixels_a.shape[-2:]
+        positive, negative = (with_image_size(to_conditioning(conditioning, family, name), height, width)
+                              for conditioning, name in ((positive, "positive"), (negative, "negative")))
         with denoiser_and_codec(model, vae) as (denoiser, codec):
             samples = noisediffusion_interpolate(denoiser, codec, pixels_a, pixels_b, positive, negative,
                                                  fractions_of(frames), torch.Generator().manual_seed(seed),

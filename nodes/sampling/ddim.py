@@ -15,17 +15,20 @@ from ..common.progress import check_interrupt, progress
 
 
 def ldm_ddim_timesteps(steps: int, total: int = 1000) -> torch.Tensor:
-    """LDM's "uniform" DDIM grid: every ⌊total/steps⌋-th training timestep, from 1 (``make_ddim_timesteps``); cut to
-    ``steps`` entries where ``total`` is not a multiple (LDM keeps the extra ones) and kept below ``total`` (LDM's
-    1000-step grid ends at 1000, out of its table).
+    """LDM's "uniform" DDIM grid, ⌊i·total/steps⌋ + 1 for i < steps: where ``steps`` divides ``total`` exactly
+    LDM's own (``make_ddim_timesteps``: every total/steps-th timestep from 1); otherwise spread over the whole range
+    the same way (LDM's would stop short of it or run past ``steps`` entries). At most ``total`` − 1 steps: the
+    offset of 1 leaves no room for more (LDM's 1000-step grid ends at 1000, out of its table).
 
     Example:
         >>> ldm_ddim_timesteps(250)[:3].tolist(), int(ldm_ddim_timesteps(250)[-1]), len(ldm_ddim_timesteps(250))
         ([1, 5, 9], 997, 250)
+        >>> int(ldm_ddim_timesteps(300)[-1]), int(ldm_ddim_timesteps(999)[-1])
+        (997, 999)
     """
-    if not 1 <= steps <= total:
-        raise ValueError(f"steps must be in [1, {total}]; got {steps}")
-    return (torch.arange(0, total, total // steps)[:steps] + 1).clamp(max=total - 1)
+    if not 1 <= steps < total:
+        raise ValueError(f"steps must be in [1, {total - 1}]; got {steps}")
+    return torch.arange(steps) * total // steps + 1
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:

@@ -25,8 +25,8 @@ Departures from the official code:
   (:func:`circular_padding`), with no random roll (the roll cancels out for a convolution): the same result as
   circular padding mode, deterministic for a seed.
 - The rolled attention's offsets come from a generator seeded by the step (the pipeline draws them from torch's
-  global generator), so a seed gives the same picture every run; its patches are s×s per axis where the pipeline
-  assumes a square latent; they roll along the tiled axes only (the pipeline always tiles both).
+  global generator), so a seed gives the same picture every run; it cuts and rolls along the tiled axes only,
+  s patches per axis (the pipeline always tiles both, with a square latent).
 - The seamless decode's margin is an eighth of each side's own length (the pipeline takes the height's for both).
   It is a setting: the authors' eighth is about 8 latent pixels at 512 px, but a decoder reaches farther than
   that on a small latent (the embedded model's 8×8: seams 4.9 times the interior with an eighth, 1.09 with the
@@ -98,6 +98,10 @@ def _wrapping_forward(conv: torch.nn.Conv2d, forward: Callable, axes: str) -> Ca
                                                                           _wrapped_axes(axes)))
 
     def run(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if pad_y > x.shape[-2] or pad_x > x.shape[-1]:
+            raise ValueError(f"a {x.shape[-2]}x{x.shape[-1]} map is too small to wrap around by {pad_y}x{pad_x}: the "
+                             f"latent is too small for seamless tiling (use at least 8 latent pixels per side per "
+                             f"downsampling of the model)")
         out = forward(F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="circular"), *args, **kwargs)
         return out[..., crop_y:out.shape[-2] - crop_y, crop_x:out.shape[-1] - crop_x]
 
@@ -121,46 +125,61 @@ def circular_convolutions(network: torch.nn.Module, axes: str = "both") -> Itera
     _wrapped_axes(axes)
     convs = [module for module in network.modules() if isinstance(module, torch.nn.Conv2d)
              and module.padding_mode == "zeros" and not isinstance(module.padding, str) and any(module.padding)]
-    for conv in convs:
-        conv.forward = _wrapping_forward(conv, conv.forward, axes)
+    with _forwards_replaced(convs, lambda conv: _wrapping_forward(conv, conv.forward, axes)):
+        yield
+
+
+@contextlib.contextmanager
+def _forwards_replaced(modules: list[torch.nn.Module], replacement: Callable[[torch.nn.Module], Callable]
+                       ) -> Iterator[None]:
+    """Each module's forward replaced by ``replacement(module)`` for the block; what the instance had before (its
+    class's forward, or another patch's) comes back afterwards, also on an error."""
+    before = [vars(module).get("forward") for module in modules]
+    for module in modules:
+        module.forward = replacement(module)
     try:
         yield
     finally:
-        for conv in convs:
-            del conv.forward
+        for module, forward in zip(modules, before):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
-def _patches(hidden: torch.Tensor, scale: int) -> torch.Tensor:
-    """(B, C, H, W) → (B·s², C, H/s, W/s), patches in row-major order per batch element."""
-    batch, channels, height, width = hidden.shape
-    patches = hidden.reshape(batch, channels, scale, height // scale, scale, width // scale)
-    return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch * scale * scale, channels, height // scale,
-                                                     width // scale)
+def _patches(hidden: torch.Tensor, scales: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) → (B·s_y·s_x, C, H/s_y, W/s_x), patches in row-major order per batch element."""
+    (batch, channels, height, width), (scale_y, scale_x) = hidden.shape, scales
+    patches = hidden.reshape(batch, channels, scale_y, height // scale_y, scale_x, width // scale_x)
+    return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch * scale_y * scale_x, channels, height // scale_y,
+                                                     width // scale_x)
 
 
-def _unpatched(patches: torch.Tensor, scale: int) -> torch.Tensor:
+def _unpatched(patches: torch.Tensor, scales: tuple[int, int]) -> torch.Tensor:
     """The inverse of :func:`_patches`."""
-    count, channels, height, width = patches.shape
-    batch = count // (scale * scale)
-    hidden = patches.reshape(batch, scale, scale, channels, height, width).permute(0, 3, 1, 4, 2, 5)
-    return hidden.reshape(batch, channels, scale * height, scale * width)
+    (count, channels, height, width), (scale_y, scale_x) = patches.shape, scales
+    batch = count // (scale_y * scale_x)
+    hidden = patches.reshape(batch, scale_y, scale_x, channels, height, width).permute(0, 3, 1, 4, 2, 5)
+    return hidden.reshape(batch, channels, scale_y * height, scale_x * width)
 
 
 def _patched_forward(forward: Callable, scale: int, generator: torch.Generator, axes: str) -> Callable:
-    rolls = _wrapped_axes(axes)
+    wrapped = _wrapped_axes(axes)
+    # only a wrapped axis is cut: a cut that does not move along an axis would leave a seam across it
+    scales = tuple(scale if wraps else 1 for wraps in wrapped)
 
     def run(hidden: torch.Tensor, *args, **kwargs) -> Any:
         height, width = hidden.shape[-2:]
-        if height % scale or width % scale:  # a map the patches do not divide: attention over all of it
+        if height % scales[0] or width % scales[1]:  # a map the patches do not divide: attention over all of it
             return forward(hidden, *args, **kwargs)
         drawn = torch.randint(0, MAX_ROLL, (2,), generator=generator)
-        shifts = tuple(int(value) // 2 * 2 * rolled for value, rolled in zip(drawn, rolls))
-        patches = _patches(torch.roll(hidden, shifts, dims=(2, 3)), scale)
+        shifts = tuple(int(value) // 2 * 2 * wraps for value, wraps in zip(drawn, wrapped))
+        patches = _patches(torch.roll(hidden, shifts, dims=(2, 3)), scales)
         # the text context: by name in diffusers' call, second in ComfyUI's; each patch gets its element's
         by_name = "encoder_hidden_states" in kwargs
         context = kwargs["encoder_hidden_states"] if by_name else (args[0] if args else None)
         if isinstance(context, torch.Tensor):
-            context = context.repeat_interleave(scale * scale, dim=0)
+            context = context.repeat_interleave(scales[0] * scales[1], dim=0)
         outputs, as_tuple = [], False
         for start in range(0, patches.shape[0], PATCHES_PER_CHUNK):
             part = slice(start, start + PATCHES_PER_CHUNK)
@@ -173,7 +192,7 @@ def _patched_forward(forward: Callable, scale: int, generator: torch.Generator, 
                 output = forward(patches[part], **kwargs)
             as_tuple = isinstance(output, tuple)
             outputs.append(output[0] if as_tuple else output)
-        hidden = torch.roll(_unpatched(torch.cat(outputs), scale), tuple(-shift for shift in shifts), dims=(2, 3))
+        hidden = torch.roll(_unpatched(torch.cat(outputs), scales), tuple(-shift for shift in shifts), dims=(2, 3))
         return (hidden,) if as_tuple else hidden
 
     return run
@@ -182,9 +201,9 @@ def _patched_forward(forward: Callable, scale: int, generator: torch.Generator, 
 @contextlib.contextmanager
 def patched_attention(network: torch.nn.Module, scale: int, seed: int, axes: str = "both") -> Iterator[None]:
     """For the block, each transformer of ``network`` (diffusers' ``Transformer2DModel``, ComfyUI's
-    ``SpatialTransformer``) runs on ``scale``×``scale`` patches of its input, rolled along the wrapped ``axes`` by
-    an even offset drawn from a generator seeded with ``seed`` (a new offset per call), 8 patches at a time.
-    ``scale`` 1 leaves them as they are."""
+    ``SpatialTransformer``) runs on patches of its input, ``scale`` along each wrapped axis of ``axes``, rolled along
+    them by an even offset drawn from a generator seeded with ``seed`` (a new offset per call), 8 patches at a
+    time. ``scale`` 1 leaves them as they are."""
     if scale < 1:
         raise ValueError(f"scale must be >= 1; got {scale}")
     if scale == 1:
@@ -192,13 +211,8 @@ def patched_attention(network: torch.nn.Module, scale: int, seed: int, axes: str
         return
     generator = torch.Generator().manual_seed(seed)
     transformers = [module for module in network.modules() if type(module).__name__ in TRANSFORMER_CLASSES]
-    for transformer in transformers:
-        transformer.forward = _patched_forward(transformer.forward, scale, generator, axes)
-    try:
+    with _forwards_replaced(transformers, lambda module: _patched_forward(module.forward, scale, generator, axes)):
         yield
-    finally:
-        for transformer in transformers:
-            del transformer.forward
 
 
 class SeamlessTiling:
@@ -307,7 +321,7 @@ def wrap_seam_ratio(image: torch.Tensor) -> torch.Tensor:
         size = image.shape[dim]
         # second differences at every position of the periodic extension: position i uses i-1, i, i+1 (mod size)
         second = (torch.roll(image, 1, dim) - 2 * image + torch.roll(image, -1, dim)).abs()
-        border = second.index_select(dim, torch.tensor([0, size - 1]))
+        border = second.index_select(dim, torch.tensor([0, size - 1], device=image.device))
         interior = second.narrow(dim, 1, size - 2)
         ratios.append(border.mean(dim=(1, 2, 3)) / interior.mean(dim=(1, 2, 3)).clamp_min(1e-12))
     return ((ratios[0] + ratios[1]) / 2).float()

@@ -5,17 +5,15 @@ host's VAE decode knows the conditioning)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from ..common.images import to_channels_first, to_channels_last
-from ..common.memory import MEMORY, Resident
-from ..models.devices import default_device
+from ..models.loader import load_kept_asymmetric_vae
 from ..models.refs import ModelsFolder
 from ..models.sources import resolve_model_path
-from ..models.vae import list_vaes, load_asymmetric_vae
+from ..models.vae import list_vaes
 from ..sampling.latents import latent_samples
 from .asymmetric import asymmetric_decode
 from .preserve import DEFAULT_DILATE, DEFAULT_FEATHER, preserve_unmasked
@@ -87,16 +85,7 @@ class AtelierAsymmetricVAELoader(ModelsFolder):
         }}
 
     def load(self, vae_name: str) -> tuple:
-        path = resolve_model_path("vae", vae_name, self.models_dir)
-        device = default_device()
-        stat = os.stat(path)
-
-        def read() -> tuple[torch.nn.Module, Resident]:
-            vae = load_asymmetric_vae(path, device="cpu")
-            return vae, Resident(vae_name, {"vae": vae}, home=device,
-                                 reload=lambda: {"vae": load_asymmetric_vae(path, device="cpu")})
-
-        return (MEMORY.kept(("asymmetric_vae", os.path.realpath(path), stat.st_size, stat.st_mtime_ns, device), read),)
+        return (load_kept_asymmetric_vae(resolve_model_path("vae", vae_name, self.models_dir)),)
 
 
 class AtelierAsymmetricVAEDecode:

@@ -33,6 +33,7 @@ from .model_configs import (component_configs, load_tokenizer, pipeline_class, p
                             single_file_config_dir)
 from .offline import quiet_loading
 from .sources import resolve_checkpoint
+from .vae import load_asymmetric_vae
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,24 @@ def load_transformers_folder(folder: str | os.PathLike, model_class: type | None
         return (preprocessor, model), resident
 
     return MEMORY.kept(("transformers", folder, _file_signature(folder), model_class, device), load)
+
+
+def load_kept_asymmetric_vae(path: str | os.PathLike, device: torch.device | str | None = None) -> torch.nn.Module:
+    """One of Asymmetric VQGAN's decoders (:func:`~nodes.models.vae.load_asymmetric_vae`, float32), one copy per
+    file, kept by the memory manager, with room made for it before it is read. A caller that runs it holds it with
+    ``MEMORY.use_module(vae)``, which reads it back if it was evicted."""
+    path = os.path.realpath(os.fspath(path))
+    device = torch.device(device) if device is not None else default_device()
+    name = os.path.basename(path)
+
+    def load() -> tuple[torch.nn.Module, Resident]:
+        check_safetensors(path)
+        MEMORY.make_room("cpu", weight_bytes(path, torch.float32), name)
+        vae = load_asymmetric_vae(path, device="cpu")
+        return vae, Resident(name, {"vae": vae}, home=device,
+                             reload=lambda: {"vae": load_asymmetric_vae(path, device="cpu")})
+
+    return MEMORY.kept(("asymmetric_vae", path, _file_signature(path), device), load)
 
 
 def _read_transformers_folder(folder: str, model_class: type | None) -> tuple[Any, torch.nn.Module]:

@@ -5,7 +5,8 @@ ComfyUI: the names of the modules below, importable from here as they were befor
 - ``model_configs``: the shipped and derived config folders and the offline tokenizers.
 - ``devices``: the default device and dtype.
 - ``loaded``: ``LoadedModel``, what a loaded checkpoint is.
-- ``loader``: ``load_model`` and its cache, ``load_checkpoint``, ``load_transformers_folder``.
+- ``loader``: ``load_model`` and its cache, ``load_checkpoint``, ``load_transformers_folder``,
+  ``load_kept_asymmetric_vae``.
 - ``sources``: where models come from (``--models-dir``, ComfyUI's ``folder_paths``, the shipped models).
 
 New code imports from those modules directly.

@@ -56,8 +56,7 @@ def ddim_invert_partial(denoiser: Denoiser, latent: torch.Tensor, conditioning: 
     for i in range(depth):
         check_interrupt()
         t = torch.full((x.shape[0],), float(timesteps[i]), device=x.device)
-        eps = denoiser.schedule.eps_from_prediction(x, t, denoiser(x, t, conditioning.repeat_to(x.shape[0])))
-        x = ddim_step(x, eps, previous[i], alphas[i])
+        x = ddim_step(x, guided_eps(denoiser, x, t, conditioning, conditioning, 1.0), previous[i], alphas[i])
         progress(i + 1, depth)
     return x
 

@@ -100,8 +100,8 @@ def _wrapping_forward(conv: torch.nn.Conv2d, forward: Callable, axes: str) -> Ca
     def run(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if pad_y > x.shape[-2] or pad_x > x.shape[-1]:
             raise ValueError(f"a {x.shape[-2]}x{x.shape[-1]} map is too small to wrap around by {pad_y}x{pad_x}: the "
-                             f"latent is too small for seamless tiling (use at least 8 latent pixels per side per "
-                             f"downsampling of the model)")
+                             f"latent is too small for seamless tiling (use at least 2^downsamplings latent pixels per "
+                             f"side: 8 for Stable Diffusion's UNet)")
         out = forward(F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="circular"), *args, **kwargs)
         return out[..., crop_y:out.shape[-2] - crop_y, crop_x:out.shape[-1] - crop_x]
 

@@ -17,11 +17,18 @@ interpolation of the clean latents, decoded. ``nodes.embedded.dataset.score_imag
 "found" when it finds a shape, "kept" when its colour is one of the two inputs', "matched" when its colour and
 position are one input's. The ends (the inputs inverted and sampled back) are compared with the inputs (PSNR).
 
-    python bench/creative.py [--quick] [--size 64] [--only seams|noisediffusion]
+MagicFace: one prompt that names no colour ("a large star on the left") sampled with 32 seeds (``--quick`` 8) by
+MagicFace Sampler with the authors' settings (DDIM 50, CFG 7.5, inject step 20, auto layers, mask weight 3) and one
+reference, the dataset's exact blue star with the left half as its mask, and by KSampler's DDIM with the same
+steps, guidance and seeds. Reported per arm: how often the scorer finds a shape of the reference's colour, and the
+share of the left half's pixels nearest to it (backgrounds included).
+
+    python bench/creative.py [--quick] [--size 64] [--only seams|noisediffusion|magicface]
 
 Ends with ``BENCH creative nd_found=... nd_kept=... nd_matched=... (slerp_ and linear_ alike) nd_end_psnr=...
-nd_s=... pairs=... nd_steps=... seam_ratio_on=... seam_ratio_off=... seam_ratio_on_max=... seam_ratio_on_authors=...
-seam_s_on=... seam_s_off=... n=... size=... quick=...`` (seconds per image, sampling and decoding).
+nd_s=... pairs=... nd_steps=... mf_rate_on=... mf_share_on=... mf_s_on=... (mf_*_off alike) mf_seeds=...
+seam_ratio_on=... seam_ratio_off=... seam_ratio_on_max=... seam_ratio_on_authors=... seam_s_on=... seam_s_off=...
+n=... size=... quick=...`` (seconds per image, sampling and decoding).
 """
 
 from __future__ import annotations
@@ -38,12 +45,13 @@ import torch  # noqa: E402
 
 from bench.embedded_model import SAMPLER, SCHEDULER, NodeGenerator  # noqa: E402
 from nodes.common.denoiser import DiffusersDenoiser  # noqa: E402
-from nodes.embedded.dataset import IMAGE_SIZE, held_out_captions, render, score_image  # noqa: E402
+from nodes.embedded.dataset import IMAGE_SIZE, PALETTE, Scene, held_out_captions, render, score_image  # noqa: E402
 from nodes.noisediffusion.interpolate import DEFAULT_DEPTH, DEFAULT_STEPS, fractions_of  # noqa: E402
 from nodes.noisediffusion.nodes import AtelierNoiseDiffusion  # noqa: E402
 from nodes.sampling.ddim import ddim_invert_partial, ddim_sample_partial, ldm_ddim_timesteps  # noqa: E402
 from nodes.sampling.guidance import to_conditioning  # noqa: E402
 from nodes.embedded.train import SHIPPED_NAME  # noqa: E402
+from nodes.magicface.nodes import AtelierMagicFaceReference, AtelierMagicFaceSampler  # noqa: E402
 from nodes.models.loading import SHIPPED_MODELS  # noqa: E402
 from nodes.seamless.nodes import AtelierSeamlessTiling, AtelierSeamlessVAEDecode  # noqa: E402
 from nodes.seamless.tiling import DEFAULT_CONTEXT, DEFAULT_START_FRACTION, wrap_seam_ratio  # noqa: E402
@@ -53,6 +61,10 @@ FULL_IMAGES, QUICK_IMAGES = 32, 8
 STEPS, CFG, SEED = 20, 7.5, 0
 FULL_PAIRS, QUICK_PAIRS = 8, 3
 QUICK_ND_STEPS = 50  # --quick: a 50-step grid (the authors' 250 in the full run)
+# MagicFace: the reference (shape, colour, size, position), its prompt, the target prompt with no colour and the
+# position of its word "star" (after the start token, "a", "large"); the authors' 50 DDIM steps
+MF_REFERENCE = ("star", "blue", "large", "left")
+MF_REFERENCE_PROMPT, MF_PROMPT, MF_TOKEN, MF_STEPS = "a blue star", "a large star on the left", 3, 50
 
 
 def seam_ratios(generator: NodeGenerator, captions: list[str], size: int) -> dict[str, tuple[list[float], float]]:
@@ -138,11 +150,45 @@ def noisediffusion(generator: NodeGenerator, pairs: int, steps: int) -> dict[str
             "nd_end_psnr": sum(end_psnr) / len(end_psnr), "nd_s": seconds / pairs}
 
 
+def magicface(generator: NodeGenerator, seeds: int) -> dict[str, float]:
+    """Per arm over ``seeds`` seeds of one prompt that names no colour: the share of images in which the scorer
+    finds a shape of the reference's colour, the mean share of the left half's pixels nearest to that colour, and
+    seconds per image. "on": MagicFace Sampler with the authors' settings and one reference (the dataset's exact
+    blue star, its mask the left half); "off": KSampler's DDIM (ddim_uniform) with the same steps, guidance and
+    seed (the same starting noise)."""
+    scene = Scene(*MF_REFERENCE, "plain", "white", None, (0.0, 0.0), "")
+    encode, clip = generator.encode, generator.clip
+    half = torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE)
+    half[..., :IMAGE_SIZE // 2] = 1
+    (references,) = AtelierMagicFaceReference().add(render(scene).permute(1, 2, 0)[None], half,
+                                                    encode.encode(clip, MF_REFERENCE_PROMPT)[0], MF_TOKEN, 3.0)
+    positive = encode.encode(clip, MF_PROMPT)[0]
+    palette = torch.tensor(list(PALETTE.values())).float() / 255
+    arms = {
+        "on": lambda seed: AtelierMagicFaceSampler().sample(
+            generator.ref, generator.codec, positive, generator.negative, references, generator.latent, seed,
+            MF_STEPS, 7.5, 20, "auto", 0.0, True)[0],
+        "off": lambda seed: generator.sampler.sample(generator.ref, seed, MF_STEPS, 7.5, "ddim", "ddim_uniform",
+                                                     positive, generator.negative, generator.latent, 1.0)[0],
+    }
+    results = {}
+    for arm, sample in arms.items():
+        found, share, started = 0, 0.0, time.perf_counter()
+        for seed in range(seeds):
+            image = generator.decoder.decode(generator.codec, sample(SEED + seed))[0][0].permute(2, 0, 1)
+            found += score_image(image).colour == scene.colour
+            left = image[:, :, :IMAGE_SIZE // 2].reshape(3, -1).T
+            share += float((torch.cdist(left, palette).argmin(1) == list(PALETTE).index(scene.colour)).float().mean())
+        results |= {f"mf_rate_{arm}": found / seeds, f"mf_share_{arm}": share / seeds,
+                    f"mf_s_{arm}": (time.perf_counter() - started) / seeds}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images instead of {FULL_IMAGES}")
     parser.add_argument("--size", type=int, default=IMAGE_SIZE, help="the generated size (default: native, 64)")
-    parser.add_argument("--only", choices=("seams", "noisediffusion"), help="run one part")
+    parser.add_argument("--only", choices=("seams", "noisediffusion", "magicface"), help="run one part")
     args = parser.parse_args()
     generator = NodeGenerator(os.path.join(SHIPPED_MODELS, "diffusers", SHIPPED_NAME), STEPS, CFG)
     fields = []
@@ -158,6 +204,16 @@ def main() -> None:
               f"{nd['linear_matched']:.0%}); the ends {nd['nd_end_psnr']:.1f} dB from the inputs; "
               f"{nd['nd_s']:.1f} s per pair", flush=True)
         fields += [f"{key}={value:.3f}" for key, value in nd.items()] + [f"pairs={pairs}", f"nd_steps={nd_steps}"]
+
+    if args.only in (None, "magicface"):
+        seeds = QUICK_IMAGES if args.quick else FULL_IMAGES
+        mf = magicface(generator, seeds)
+        print(f"MagicFace over {seeds} seeds of '{MF_PROMPT}', a {' '.join(MF_REFERENCE[1::-1])} reference masked to "
+              f"the left half: a {MF_REFERENCE[1]} shape in {mf['mf_rate_on']:.0%} of the images (without the "
+              f"reference {mf['mf_rate_off']:.0%}); {MF_REFERENCE[1]} in {mf['mf_share_on']:.0%} of the left half "
+              f"(without {mf['mf_share_off']:.0%}); {mf['mf_s_on']:.2f} s per image ({mf['mf_s_off']:.2f} s)",
+              flush=True)
+        fields += [f"{key}={value:.3f}" for key, value in mf.items()] + [f"mf_seeds={seeds}"]
 
     if args.only in (None, "seams"):
         count = QUICK_IMAGES if args.quick else FULL_IMAGES

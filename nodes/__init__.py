@@ -10,6 +10,7 @@ from .highres import nodes as highres_nodes
 from .inheritance import nodes as inheritance_nodes
 from .inpaint import nodes as inpaint_nodes
 from .loaders import nodes as loader_nodes
+from .magicface import nodes as magicface_nodes
 from .noisediffusion import nodes as noisediffusion_nodes
 from .noiseshift import nodes as noiseshift_nodes
 from .panorama import nodes as panorama_nodes
@@ -21,7 +22,8 @@ from .watermark import nodes as watermark_nodes
 
 _TECHNIQUES = (loader_nodes, generation_nodes, highres_nodes, panorama_nodes, correspondence_nodes, watermark_nodes,
                router_nodes, noiseshift_nodes, fasterdiffusion_nodes, tstitch_nodes,
-               sada_nodes, inheritance_nodes, seamless_nodes, inpaint_nodes, noisediffusion_nodes)
+               sada_nodes, inheritance_nodes, seamless_nodes, inpaint_nodes, noisediffusion_nodes,
+               magicface_nodes)
 NODE_CLASS_MAPPINGS: dict[str, type] = {name: cls for module in _TECHNIQUES
                                         for name, cls in module.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {name: label for module in _TECHNIQUES

@@ -532,3 +532,42 @@ def test_noisediffusion_runs_on_comfyuis_own_model_and_vae_as_standalone(comfyui
         measured = psnr(comfy_image, atelier_image)
         print(f"NoiseDiffusion, ComfyUI against Atelier: {measured:.1f} dB")
         assert measured >= TARGET_PSNR_DB
+
+
+def test_magicface_runs_on_comfyuis_own_model_and_vae_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """MagicFace's hooked attention on ComfyUI's own UNet (its LDM attention modules, in the order they run) and its
+    VAE: the same picture as standalone."""
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red hat", "clip": ["4", 1]}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a woman wearing a hat", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": SEED,
+            "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["4", 2]}},
+        "13": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
+        "14": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
+        "15": {"class_type": "MaskComposite", "inputs": {"destination": ["13", 0], "source": ["14", 0], "x": 0,
+                                                         "y": 0, "operation": "add"}},
+        "16": {"class_type": "AtelierMagicFaceReference", "inputs": {
+            "image": ["12", 0], "mask": ["15", 0], "prompt": ["6", 0], "token_index": 5, "mask_weight": 3.0}},
+        "20": {"class_type": "AtelierMagicFaceSampler", "inputs": {
+            "model": ["4", 0], "vae": ["4", 2], "positive": ["8", 0], "negative": ["7", 0], "references": ["16", 0],
+            "latent_image": ["5", 0], "seed": 0, "steps": 5, "cfg": 7.5, "inject_step": 2, "layers": "auto",
+            "ca_scale": 0.0, "adaptive_guidance": True}},
+        "21": {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}},
+        "22": {"class_type": "SaveImage", "inputs": {"filename_prefix": "mf", "images": ["21", 0]}},
+    }
+    # the same with the references seen by the first block only: the hooks are what changes the picture
+    prompt["30"] = {"class_type": "AtelierMagicFaceSampler",
+                    "inputs": {**prompt["20"]["inputs"], "layers": "0", "adaptive_guidance": False}}
+    prompt["31"] = {"class_type": "VAEDecode", "inputs": {"samples": ["30", 0], "vae": ["4", 2]}}
+    prompt["32"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "mf_first", "images": ["31", 0]}}
+    comfy_images, atelier_images = comfyui_server.run(prompt), atelier.run(prompt)
+    (comfy_image,), (atelier_image,), (comfy_first,) = comfy_images["22"], atelier_images["22"], comfy_images["32"]
+    assert comfy_image.std() > 1 and not np.array_equal(comfy_image, comfy_first)
+    measured = psnr(comfy_image, atelier_image)
+    print(f"MagicFace, ComfyUI against Atelier: {measured:.1f} dB")
+    assert measured >= TARGET_PSNR_DB

@@ -35,3 +35,12 @@ def single_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[-1] != 3:
         raise ValueError(f"{name} must be one RGB image of shape (1, H, W, 3); got {tuple(image.shape)}")
     return to_channels_first(image, name)
+
+
+def mask_batch(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """A MASK, (H, W) or (B, H, W), as (B, 1, H, W) in float; a clear error naming the input otherwise."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise ValueError(f"{name} must be a MASK of shape (B, H, W) or (H, W); got {tuple(mask.shape)}")
+    return mask[:, None].float()

@@ -21,8 +21,10 @@ timesteps and features:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -79,6 +81,24 @@ def feature_level(tensor: torch.Tensor, latent_size: tuple[int, int]) -> int:
     """
     pixels = tensor.shape[-2] * tensor.shape[-1] if tensor.ndim == 4 else tensor.shape[1]
     return round(math.log(latent_size[0] * latent_size[1] / pixels, 4))
+
+
+@contextlib.contextmanager
+def forwards_replaced(modules: list[torch.nn.Module], replacement: Callable[[torch.nn.Module], Callable]
+                      ) -> Iterator[None]:
+    """Each module's forward replaced by ``replacement(module)`` for the block; what the instance had before (its
+    class's forward, or another patch's) comes back afterwards, also on an error."""
+    before = [vars(module).get("forward") for module in modules]
+    for module in modules:
+        module.forward = replacement(module)
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, before):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def _repeat_batch(value: Any, times: int) -> Any:

@@ -26,7 +26,7 @@ from ..common.images import single_image
 from ..common.limits import MAX_SEED
 from ..common.memory import MEMORY
 from ..common.progress import progress
-from ..models.comfy_adapters import ComfyDenoiser, denoiser_and_codec
+from ..models.comfy_adapters import denoiser_and_codec, denoiser_network
 from ..models.loading import list_models, load_transformers_folder, resolve_model_path
 from ..models.refs import ModelRef, ModelsFolder
 from ..sampling.guidance import to_conditioning
@@ -177,8 +177,7 @@ def _sd_features(model: Any, vae: Any, conditioning: Conditioning, pixels: torch
     """SD features on whatever arrived on the MODEL and VAE sockets: Atelier's diffusers UNet standalone, ComfyUI's
     ModelPatcher (its LDM ``diffusion_model`` hooked, loaded by ComfyUI's model management) inside ComfyUI."""
     with denoiser_and_codec(model, vae) as (denoiser, codec):
-        unet = denoiser.patcher.model.diffusion_model if isinstance(denoiser, ComfyDenoiser) else denoiser.unet
-        return sd_denoiser_features(denoiser, unet, codec, pixels, conditioning, timestep, seed, size, layers)
+        return sd_denoiser_features(denoiser, denoiser_network(denoiser), codec, pixels, conditioning, timestep, seed, size, layers)
 
 
 class AtelierLoadDINOv2(ModelsFolder):

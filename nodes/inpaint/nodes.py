@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..common.images import to_channels_first, to_channels_last
+from ..common.images import mask_batch, to_channels_first, to_channels_last
 from ..models.loader import load_kept_asymmetric_vae
 from ..models.refs import ModelsFolder
 from ..models.sources import resolve_model_path
@@ -21,15 +21,6 @@ from .preserve import DEFAULT_DILATE, DEFAULT_FEATHER, preserve_unmasked
 CATEGORY = "atelier/inpaint"
 MAX_DILATE, MAX_FEATHER = 256, 64.0
 ASYM_VAE = "ASYM_VAE"
-
-
-def _mask_batch(mask: torch.Tensor) -> torch.Tensor:
-    """A MASK, (H, W) or (B, H, W), as (B, 1, H, W)."""
-    if mask.ndim == 2:
-        mask = mask[None]
-    if mask.ndim != 3:
-        raise ValueError(f"mask must be a MASK of shape (B, H, W) or (H, W); got {tuple(mask.shape)}")
-    return mask[:, None].float()
 
 
 class AtelierPreserveUnmasked:
@@ -61,7 +52,7 @@ class AtelierPreserveUnmasked:
     def composite(self, decoded: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, dilate: int,
                   feather: float) -> tuple:
         result = preserve_unmasked(to_channels_first(decoded, "decoded"), to_channels_first(original, "original"),
-                                   _mask_batch(mask).to(decoded.device), dilate, feather)
+                                   mask_batch(mask).to(decoded.device), dilate, feather)
         return (to_channels_last(result),)
 
 
@@ -109,7 +100,7 @@ class AtelierAsymmetricVAEDecode:
 
     def decode(self, asym_vae: Any, samples: dict, image: torch.Tensor, mask: torch.Tensor) -> tuple:
         latent = latent_samples(samples)
-        pixels, weights = to_channels_first(image, "image")[:, :3], _mask_batch(mask)
+        pixels, weights = to_channels_first(image, "image")[:, :3], mask_batch(mask)
         size = tuple(8 * side for side in latent.shape[-2:])
         if pixels.shape[-2:] != size or weights.shape[-2:] != size:
             raise ValueError(f"image and mask must be {size[0]}x{size[1]}, the latent's size times 8; got "

@@ -194,6 +194,12 @@ def _check_unpatched(model: ModelRef) -> None:
         raise ValueError(SAMPLING_PATCH_REFUSAL)
 
 
+def denoiser_network(denoiser: Denoiser) -> torch.nn.Module:
+    """The UNet behind a denoiser of :func:`denoiser_and_codec`: diffusers' standalone, ComfyUI's LDM
+    ``diffusion_model`` (loaded by ComfyUI's model management at each call) inside ComfyUI."""
+    return denoiser.patcher.model.diffusion_model if isinstance(denoiser, ComfyDenoiser) else denoiser.unet
+
+
 @contextlib.contextmanager
 def denoiser_and_codec(model: Any, vae: Any) -> Iterator[tuple[Denoiser, LatentCodec]]:
     """The :class:`Denoiser` and :class:`LatentCodec` of what arrived on a MODEL and a VAE socket.

@@ -31,13 +31,29 @@ def ldm_ddim_timesteps(steps: int, total: int = 1000) -> torch.Tensor:
     return torch.arange(steps) * total // steps + 1
 
 
+def leading_ddim_timesteps(steps: int, total: int = 1000) -> torch.Tensor:
+    """diffusers' ``DDIMScheduler`` grid with its defaults (``timestep_spacing="leading"``, ``steps_offset=0``),
+    ascending: every ⌊total/steps⌋-th timestep from 0, what pipelines built on diffusers' DDIM sample on (e.g.
+    MagicFace's); step i goes from ᾱ_{t_i} to ᾱ_{t_{i−1}}, and the last to ᾱ_0 (``set_alpha_to_one=False``).
+
+    Example:
+        >>> leading_ddim_timesteps(50)[:3].tolist(), int(leading_ddim_timesteps(50)[-1])
+        ([0, 20, 40], 980)
+    """
+    if not 1 <= steps <= total:
+        raise ValueError(f"steps must be in [1, {total}]; got {steps}")
+    return torch.arange(steps) * (total // steps)
+
+
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
     """Deterministic DDIM from ᾱ_from to ᾱ_to with noise estimate ε: √ᾱ_to·x̂_0 + √(1−ᾱ_to)·ε."""
     x0 = (x - (1 - alpha_from) ** 0.5 * eps) / alpha_from ** 0.5
     return alpha_to ** 0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
 
 
-def _alpha_bars(denoiser: Denoiser, timesteps: torch.Tensor) -> tuple[list[float], list[float]]:
+def ddim_alpha_bars(denoiser: Denoiser, timesteps: torch.Tensor) -> tuple[list[float], list[float]]:
+    """ᾱ at each grid timestep (ascending) and at the one before it (ᾱ_0, the first training ᾱ, before the first):
+    a sampling step i goes from the first to the second, an inversion step back."""
     table = denoiser.schedule.alphas_cumprod
     alphas = [float(table[t]) for t in timesteps.tolist()]
     return alphas, [float(table[0])] + alphas[:-1]
@@ -51,7 +67,7 @@ def ddim_invert_partial(denoiser: Denoiser, latent: torch.Tensor, conditioning: 
     progress per step."""
     if not 1 <= depth <= len(timesteps):
         raise ValueError(f"depth must be in [1, {len(timesteps)}]; got {depth}")
-    alphas, previous = _alpha_bars(denoiser, timesteps)
+    alphas, previous = ddim_alpha_bars(denoiser, timesteps)
     x = latent.float()
     for i in range(depth):
         check_interrupt()
@@ -68,7 +84,7 @@ def ddim_sample_partial(denoiser: Denoiser, latent: torch.Tensor, positive: Cond
     from ᾱ_{t_i} to ᾱ_prev(i) with the guided ε(x, t_i) (LDM's ``decode``, η = 0). Reports progress per step."""
     if not 1 <= depth <= len(timesteps):
         raise ValueError(f"depth must be in [1, {len(timesteps)}]; got {depth}")
-    alphas, previous = _alpha_bars(denoiser, timesteps)
+    alphas, previous = ddim_alpha_bars(denoiser, timesteps)
     x = latent.float()
     for done, i in enumerate(range(depth - 1, -1, -1)):
         check_interrupt()

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..common.unet_split import UNetCall
+from ..common.unet_split import UNetCall, forwards_replaced
 from ..sampling.patches import StepSchedule
 
 AXES = ("both", "x", "y")
@@ -125,26 +125,8 @@ def circular_convolutions(network: torch.nn.Module, axes: str = "both") -> Itera
     _wrapped_axes(axes)
     convs = [module for module in network.modules() if isinstance(module, torch.nn.Conv2d)
              and module.padding_mode == "zeros" and not isinstance(module.padding, str) and any(module.padding)]
-    with _forwards_replaced(convs, lambda conv: _wrapping_forward(conv, conv.forward, axes)):
+    with forwards_replaced(convs, lambda conv: _wrapping_forward(conv, conv.forward, axes)):
         yield
-
-
-@contextlib.contextmanager
-def _forwards_replaced(modules: list[torch.nn.Module], replacement: Callable[[torch.nn.Module], Callable]
-                       ) -> Iterator[None]:
-    """Each module's forward replaced by ``replacement(module)`` for the block; what the instance had before (its
-    class's forward, or another patch's) comes back afterwards, also on an error."""
-    before = [vars(module).get("forward") for module in modules]
-    for module in modules:
-        module.forward = replacement(module)
-    try:
-        yield
-    finally:
-        for module, forward in zip(modules, before):
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
 
 
 def _patches(hidden: torch.Tensor, scales: tuple[int, int]) -> torch.Tensor:
@@ -211,7 +193,7 @@ def patched_attention(network: torch.nn.Module, scale: int, seed: int, axes: str
         return
     generator = torch.Generator().manual_seed(seed)
     transformers = [module for module in network.modules() if type(module).__name__ in TRANSFORMER_CLASSES]
-    with _forwards_replaced(transformers, lambda module: _patched_forward(module.forward, scale, generator, axes)):
+    with forwards_replaced(transformers, lambda module: _patched_forward(module.forward, scale, generator, axes)):
         yield
 
 

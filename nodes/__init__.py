@@ -3,6 +3,9 @@
 Only relative imports live here: inside ComfyUI, ``import nodes`` is ComfyUI's own module.
 """
 
+import os
+
+from .common.comfy_host import inside_comfyui
 from .correspondence import nodes as correspondence_nodes
 from .fasterdiffusion import nodes as fasterdiffusion_nodes
 from .generation import nodes as generation_nodes
@@ -13,6 +16,7 @@ from .loaders import nodes as loader_nodes
 from .magicface import nodes as magicface_nodes
 from .noisediffusion import nodes as noisediffusion_nodes
 from .noiseshift import nodes as noiseshift_nodes
+from .p4d import nodes as p4d_nodes
 from .panorama import nodes as panorama_nodes
 from .router import nodes as router_nodes
 from .sada import nodes as sada_nodes
@@ -24,6 +28,10 @@ _TECHNIQUES = (loader_nodes, generation_nodes, highres_nodes, panorama_nodes, co
                router_nodes, noiseshift_nodes, fasterdiffusion_nodes, tstitch_nodes,
                sada_nodes, inheritance_nodes, seamless_nodes, inpaint_nodes, noisediffusion_nodes,
                magicface_nodes)
+# Dual-use evaluation tools (P4D finds prompts that evade safety mechanisms) join the node list only when the
+# setting asks for them, and only standalone (see nodes/p4d/nodes.py)
+if os.environ.get(p4d_nodes.EVALUATION_SETTING) == "1" and not inside_comfyui():
+    _TECHNIQUES += (p4d_nodes,)
 NODE_CLASS_MAPPINGS: dict[str, type] = {name: cls for module in _TECHNIQUES
                                         for name, cls in module.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {name: label for module in _TECHNIQUES

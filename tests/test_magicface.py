@@ -91,6 +91,7 @@ def test_layers_parse_and_auto_picks_the_decoders_two_highest_resolutions(embedd
 def test_the_stage_switches_exactly_after_inject_step(embedded, star):
     _, attention, _ = _run(embedded, star, star[1], None, inject_step=2)
     assert attention.modes == ["rsa"] * 3 + ["rba"] * (STEPS - 3)
+    assert all(count > 0 for count in attention.borrowed)  # RBA ran on a region, not on nothing
     _, attention, _ = _run(embedded, star, star[1], None, inject_step=0)
     assert attention.modes == ["rsa"] + ["rba"] * (STEPS - 1)
     _, attention, _ = _run(embedded, star, star[1], None, inject_step=STEPS)
@@ -127,20 +128,30 @@ def test_empty_reference_masks_or_no_layers_give_the_plain_ddim_run(embedded, st
 
 
 def test_only_the_guided_targets_attention_changes(embedded, star):
-    """The CFG batch layout: [target, references] unguided, then guided; RSA changes the guided target's row and
-    leaves the unguided target's and the references' as plain self-attention gives them."""
+    """The CFG batch layout: [target, references] unguided, then guided. RSA gives the guided target (row 2) the
+    softmax over its own keys and the guided reference's (row 3) with the mask's bias; the unguided target and the
+    references keep plain self-attention."""
     unet = embedded[3].unet
     part, block = transformer_blocks(unet)[-1]
-    hidden = torch.randn(4, 64, block.attn1.to_q.in_features, generator=torch.Generator().manual_seed(1))
-    plain = block.attn1(hidden)
+    module = block.attn1
+    hidden = torch.randn(4, 64, module.to_q.in_features, generator=torch.Generator().manual_seed(1))
+    plain = module(hidden)
     attention = MagicFaceAttention(star[1], [3.0], [3], None)
     with attention.installed(unet):
         attention.begin_call(0, (8, 8))
-        attention._top_level = 0
-        changed = block.attn1(hidden)
+        attention._top_level = 0  # as if the encoder had run
+        changed = module(hidden)
     torch.testing.assert_close(changed[[0, 1, 3]], plain[[0, 1, 3]], rtol=1e-5, atol=1e-5)
+    heads = module.heads
+    query, keys, values = (projection(hidden).reshape(4, 64, heads, -1).transpose(1, 2)
+                           for projection in (module.to_q, module.to_k, module.to_v))
+    bias = torch.cat([torch.zeros(64), reference_bias(star[1][0], 3.0, (8, 8))])
+    logits = query[2] @ torch.cat([keys[2], keys[3]], dim=1).transpose(-1, -2) / math.sqrt(query.shape[-1]) + bias
+    expected = (logits.softmax(-1) @ torch.cat([values[2], values[3]], dim=1)).transpose(0, 1).flatten(1)
+    expected = module.to_out[0](expected)
+    torch.testing.assert_close(changed[2], expected, rtol=1e-4, atol=1e-5)
     assert (changed[2] - plain[2]).abs().max() > 1e-3
-    assert "forward" not in vars(block.attn1)  # the instance's forward restored
+    assert "forward" not in vars(module)  # the instance's forward restored
 
 
 def test_rsa_and_rba_follow_their_formulas():
@@ -194,6 +205,35 @@ def test_concept_masks_find_the_concept_token_and_the_foreground():
     assert not (regions.sum(0) > foreground[0]).any()  # inside the foreground only
 
 
+def test_regions_come_from_the_guided_half_and_the_foreground_from_the_unguided():
+    """The code reads the concept tokens' maps from the guided target and the start token's from the unguided one:
+    here they disagree, the concept on the left, the unguided start token weak on the top rows."""
+    size, length = 4, 4
+    left, top = torch.zeros(size, size, dtype=torch.bool), torch.zeros(size, size, dtype=torch.bool)
+    left[:, :2], top[:2] = True, True
+    cross = torch.full((2, size * size, length), 0.1)
+    cross[1, left.flatten(), 2] = 0.9  # guided: the concept (token 2) on the left, the start token on the right
+    cross[1, ~left.flatten(), 0] = 0.9
+    cross[0, ~top.flatten(), 0] = 0.9  # unguided: the start token everywhere but the top rows
+    cross[0, top.flatten(), 3] = 0.9
+    identity = torch.eye(size * size).expand(2, -1, -1)
+    regions, foreground = concept_masks({1: [identity]}, {1: [cross / cross.sum(-1, keepdim=True)]}, (8, 8), [2],
+                                        0.9)
+    assert torch.equal(regions[2].bool(), left) and torch.equal(foreground[0].bool(), top)
+
+
+def test_the_smoothing_is_the_codes_kernel():
+    """GaussianSmoothing(3, σ 0.5) as the code builds it: exp(−((x−μ)/(2σ))²), so a neighbour weighs e^−1 of the
+    centre along an axis (a plain σ 0.5 Gaussian: e^−2)."""
+    from nodes.magicface.attention import _smoothed
+
+    impulse = torch.zeros(1, 1, 5, 5)
+    impulse[..., 2, 2] = 1
+    response = _smoothed(impulse)[0, 0]
+    assert float(response[2, 1] / response[2, 2]) == pytest.approx(math.exp(-1), rel=1e-4)
+    assert float(response.sum()) == pytest.approx(1, rel=1e-5)
+
+
 def test_guidance_rate_is_one_for_even_guidance_and_stays_in_its_bounds():
     torch.manual_seed(0)
     regions = torch.zeros(3, 4, 4)
@@ -241,6 +281,22 @@ def test_sampler_node_runs_and_refuses_what_it_cannot_do(embedded, star):
         sampler.sample(ref, codec, positive, negative, references, latent, 0, 2, 7.5, 1, "10-15", 0.0, True)
     with pytest.raises(ValueError, match="at least one"):
         sampler.sample(ref, codec, positive, negative, (), latent, 0, 2, 7.5, 1, "auto", 0.0, True)
+    (far,) = AtelierMagicFaceReference().add(star[0].permute(1, 2, 0)[None], star[1], negative, 77, 3.0)
+    with pytest.raises(ValueError, match="beyond the prompt's 77 tokens"):
+        sampler.sample(ref, codec, positive, negative, far, latent, 0, 2, 7.5, 1, "auto", 0.0, True)
+    long = encode.encode(clip, "a star " * 60)[0]  # two chunks
+    with pytest.raises(ValueError, match="one length"):
+        sampler.sample(ref, codec, long, negative, references, latent, 0, 2, 7.5, 1, "auto", 0.0, True)
+
+
+def test_comfyuis_attention_patches_are_refused():
+    from nodes.magicface.nodes import _refuse_attention_patches
+
+    class Patched:
+        model_options = {"transformer_options": {"patches_replace": {"attn1": {}}, "patches": {"attn2_patch": []}}}
+
+    with pytest.raises(ValueError, match="attn2_patch, replace attn1"):
+        _refuse_attention_patches(Patched())
 
 
 def test_example_workflow_runs_headless_on_the_shipped_model(tmp_path, capsys):

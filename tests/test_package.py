@@ -66,7 +66,11 @@ def test_exported_names_are_prefixed_and_never_core_names():
 
 
 def all_node_classes(tmp_path):
-    return node_classes(DataFolders.under(str(tmp_path)), str(tmp_path / "models"))
+    """Every node the app can offer: the registry's and the opt-in evaluation nodes."""
+    from nodes.p4d import nodes as evaluation_nodes
+
+    return {**node_classes(DataFolders.under(str(tmp_path)), str(tmp_path / "models")),
+            **evaluation_nodes.NODE_CLASS_MAPPINGS}
 
 
 def test_every_number_input_declares_its_bounds(tmp_path):

@@ -13,6 +13,7 @@ import json
 import mimetypes
 import os
 import re
+from collections.abc import Collection
 from typing import Any
 
 from aiohttp import web
@@ -555,18 +556,32 @@ async def experiment_models_in(request: web.Request) -> web.Response:
     return web.json_response(files)
 
 
-def example_workflows() -> list[str]:
-    return sorted(name.removesuffix(".json") for name in os.listdir(WORKFLOWS_DIR) if name.endswith(".json"))
+# Node types the frontend draws itself, with no class on the server
+FRONTEND_NODE_TYPES = frozenset(("Note", "MarkdownNote", "Reroute", "PrimitiveNode"))
+
+
+def example_workflows(offered: Collection[str]) -> list[str]:
+    """The example workflows whose every node the app offers (an opt-in evaluation node's example is listed only
+    where its setting is on)."""
+    names = []
+    for name in sorted(os.listdir(WORKFLOWS_DIR)):
+        if name.endswith(".json"):
+            with open(os.path.join(WORKFLOWS_DIR, name), encoding="utf-8") as file:
+                types = {node.get("type") for node in json.load(file).get("nodes", [])}
+            if types - FRONTEND_NODE_TYPES <= set(offered):
+                names.append(name.removesuffix(".json"))
+    return names
 
 
 @routes.get("/workflow_templates")
 async def workflow_templates(request: web.Request) -> web.Response:
-    return web.json_response({TEMPLATE_MODULE: example_workflows()})
+    return web.json_response({TEMPLATE_MODULE: example_workflows(request.app[STATE].node_classes)})
 
 
 @routes.get("/workflow_templates/" + TEMPLATE_MODULE + "/{name}")
 async def workflow_template(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
-    if name.removesuffix(".json") not in example_workflows() or not name.endswith(".json"):
+    offered = example_workflows(request.app[STATE].node_classes)
+    if name.removesuffix(".json") not in offered or not name.endswith(".json"):
         return _not_found(f"example workflow {name!r}")
     return web.FileResponse(os.path.join(WORKFLOWS_DIR, name))

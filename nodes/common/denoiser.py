@@ -208,12 +208,16 @@ class DiffusersDenoiser:
 
     ``unet_patch(unet, x, t, embeds, added_cond_kwargs) -> prediction`` evaluates the network in place of its own
     forward: a step-aware patch's UNet hook (``nodes/sampling/patches.py``); None: the UNet's forward.
+    ``differentiable``: gradients flow through the network to its inputs where the caller enables them (prompt
+    optimisation); otherwise it runs without them.
     """
 
-    def __init__(self, unet, schedule: NoiseSchedule, unet_patch: Callable[..., torch.Tensor] | None = None):
+    def __init__(self, unet, schedule: NoiseSchedule, unet_patch: Callable[..., torch.Tensor] | None = None,
+                 differentiable: bool = False):
         self.unet = unet
         self.schedule = schedule
         self.unet_patch = unet_patch
+        self.differentiable = differentiable
         # ModelMixin.dtype walks every submodule on each read (1.4 ms for SD1.5's UNet, 3.9 ms for SDXL's, per
         # step, measured by bench/sampler.py's author); read it once.
         self.dtype = unet.dtype
@@ -226,7 +230,7 @@ class DiffusersDenoiser:
             added = {"text_embeds": conditioning.pooled.to(dtype), "time_ids": conditioning.time_ids.to(dtype)}
         if conditioning.concat is not None:
             x_t = torch.cat([x_t, conditioning.concat.to(x_t)], dim=1)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             if self.unet_patch is None:
                 prediction = self.unet(x_t.to(dtype), t, encoder_hidden_states=conditioning.embeds.to(dtype),
                                        added_cond_kwargs=added).sample

@@ -163,6 +163,9 @@ def concept_masks(self_maps: dict[int, list[torch.Tensor]], cross_maps: dict[int
     size = map_size(latent_size, 1)
     token_sum, foreground_sum, count = 0.0, 0.0, 0
     for level in sorted(cross_maps):
+        if len(self_maps.get(level, ())) != len(cross_maps[level]):
+            raise ValueError("MagicFace saw the cross-attention of a block but not its self-attention (another "
+                             "attention patch replaces it?): remove that patch to use MagicFace")
         sharpening = torch.stack(self_maps[level], dim=1).flatten(0, 1)  # (2n, N, N), the rows target-major
         maps = torch.stack(cross_maps[level], dim=1).flatten(0, 1)  # (2n, N, L)
         sharpening = (sharpening + (SHARPENING_TERMS - 1) * sharpening @ sharpening) / SHARPENING_TERMS
@@ -239,10 +242,12 @@ class MagicFaceAttention:
         self.inject_step, self.ca_scale = inject_step, ca_scale
         self.regions: torch.Tensor | None = None  # (K, h, w): each reference's concept region, from the last step
         self.modes: list[str] = []  # per UNet call: "rsa", "rba" or "plain" (no block changed)
+        self.borrowed: list[int] = []  # per UNet call: target pixels, summed over blocks, that saw a reference
         self._step, self._latent_size = 0, (0, 0)
         self._self_maps: dict[int, list[torch.Tensor]] = {}
         self._cross_maps: dict[int, list[torch.Tensor]] = {}
-        self._top_level, self._changed = 0, False
+        self._top_level, self._changed, self._borrowed = 0, False, 0
+        self._biases: dict[tuple, list[torch.Tensor]] = {}
 
     @property
     def group(self) -> int:
@@ -258,7 +263,7 @@ class MagicFaceAttention:
             raise ValueError(f"layers name block {max(self.layers)}, but this UNet has {len(blocks)} transformer "
                              f"blocks (0 to {len(blocks) - 1})")
         attentions = [(index, part, block.attn1, block.attn2) for index, (part, block) in enumerate(blocks)]
-        self.regions = None  # a new run
+        self.regions, self._biases = None, {}  # a new run
         with forwards_replaced([attention[2] for attention in attentions],
                                lambda module: self._self_attention(module, *_position(attentions, module))), \
                 forwards_replaced([attention[3] for attention in attentions],
@@ -273,12 +278,13 @@ class MagicFaceAttention:
                              f"{latent_size[1]} latent; at most {MAX_RECORDED_TOKENS}² (a 128x128 latent)")
         self._step, self._latent_size = step, latent_size
         self._self_maps, self._cross_maps = {}, {}
-        self._top_level, self._changed = 99, False
+        self._top_level, self._changed, self._borrowed = 99, False, 0
 
     def end_call(self) -> tuple[torch.Tensor, torch.Tensor]:
         """After the call: the prompt tokens' regions (L, h, w) and the foreground (1, h, w) from its attention;
         each reference's region (its concept token's) is kept for the next step's RBA."""
         self.modes.append(("rsa" if self._stage_is_rsa() else "rba") if self._changed else "plain")
+        self.borrowed.append(self._borrowed)
         tokens, foreground = concept_masks(self._self_maps, self._cross_maps, self._latent_size, self.token_indices,
                                            self.ca_scale)
         self.regions = tokens[self.token_indices]
@@ -324,19 +330,28 @@ class MagicFaceAttention:
                              plain: torch.Tensor, references: range, level: int) -> torch.Tensor:
         """The guided target's attention output (heads, N, d) with RSA or RBA; ``plain`` is its self-attention."""
         target, size = self.group, map_size(self._latent_size, level)
-        biases = [reference_bias(mask, weight, size).to(query.device)
-                  for mask, weight in zip(self.masks, self.mask_weights)]
+        biases = self._bias_for(size, query.device)
         own = torch.zeros(query.shape[1], device=query.device)
         if self._stage_is_rsa():
+            self._borrowed += query.shape[1]
             return _attend(query, torch.cat([keys[row] for row in (target, *references)], dim=1),
                            torch.cat([values[row] for row in (target, *references)], dim=1), torch.cat([own, *biases]))
         out = plain.clone()
         regions = F.interpolate(self.regions[None], size=size, mode="nearest")[0].flatten(1) > 0
         for region, row, bias in zip(regions.to(query.device), references, biases):
             if region.any():
+                self._borrowed += int(region.sum())
                 out[:, region] = _attend(query[:, region], torch.cat([keys[target], keys[row]], dim=1),
                                          torch.cat([values[target], values[row]], dim=1), torch.cat([own, bias]))
         return out
+
+    def _bias_for(self, size: tuple[int, int], device: torch.device) -> list[torch.Tensor]:
+        """Each reference's logit bias at a map size, made once per run."""
+        key = (size, device)
+        if key not in self._biases:
+            self._biases[key] = [reference_bias(mask, weight, size).to(device)
+                                 for mask, weight in zip(self.masks, self.mask_weights)]
+        return self._biases[key]
 
     def _cross_attention(self, module: torch.nn.Module, forward):
         def run(hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:

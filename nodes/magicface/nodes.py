@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..common.images import mask_batch, single_image
 from ..common.limits import MAX_CFG, MAX_SEED, MAX_STEPS
 from ..models.comfy_adapters import denoiser_and_codec, denoiser_network, model_device, model_family
+from ..models.refs import ModelRef
 from ..sampling.generate import with_image_size
 from ..sampling.guidance import to_conditioning
 from ..sampling.latents import latent_samples
@@ -133,6 +134,7 @@ class AtelierMagicFaceSampler:
                adaptive_guidance: bool) -> tuple[dict]:
         if not references:
             raise ValueError("references: connect at least one MagicFace Reference")
+        _refuse_attention_patches(model)
         layer_set = parse_layers(layers)
         latents = latent_samples(latent_image)
         family = model_family(model)
@@ -144,6 +146,7 @@ class AtelierMagicFaceSampler:
                        for conditioning, name in ((positive, "positive"), (negative, "negative"))]
             reference_prompts = [with_image_size(to_conditioning(reference.prompt, family, "reference prompt"),
                                                  height, width) for reference in references]
+            _check_prompts(prompts[0], prompts[1], reference_prompts, references)
             pixels = torch.cat([_resized(reference.image, (height, width), "bilinear") for reference in references])
             masks = torch.cat([_resized(reference.mask, (height, width), "nearest") for reference in references])
             clean = (codec.encode(pixels.to(codec.device)) - codec.shift_factor) * codec.scaling_factor
@@ -158,6 +161,30 @@ class AtelierMagicFaceSampler:
                        for index in range(latents.shape[0])]
         samples = torch.cat(sampled) / codec.scaling_factor + codec.shift_factor
         return ({"samples": samples.cpu()},)
+
+
+def _check_prompts(positive: Any, negative: Any, reference_prompts: list, references: tuple) -> None:
+    """One prompt length for all (the regions are read per token position) and every concept word inside it."""
+    length = positive.embeds.shape[1]
+    lengths = {length, negative.embeds.shape[1], *(prompt.embeds.shape[1] for prompt in reference_prompts)}
+    if len(lengths) > 1:
+        raise ValueError(f"MagicFace needs the prompt, the negative and the references' prompts of one length (77 "
+                         f"tokens: one chunk each); got lengths {sorted(lengths)}")
+    for reference in references:
+        if reference.token_index >= length:
+            raise ValueError(f"token_index {reference.token_index} is beyond the prompt's {length} tokens")
+
+
+def _refuse_attention_patches(model: Any) -> None:
+    """ComfyUI's attention patches take over the blocks MagicFace reads (its maps would go missing)."""
+    if isinstance(model, ModelRef):
+        return
+    options = model.model_options.get("transformer_options", {})
+    patched = [name for name in options.get("patches", {}) if name.startswith(("attn1", "attn2"))]
+    patched += [f"replace {name}" for name in options.get("patches_replace", {}) if name in ("attn1", "attn2")]
+    if patched:
+        raise ValueError(f"this MODEL carries attention patches ({', '.join(sorted(patched))}) that take over the "
+                         "attention MagicFace works in: give MagicFace Sampler the model without them")
 
 
 def _resized(image: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

@@ -354,7 +354,8 @@ def _encode_chunks(encoder: torch.nn.Module, tokenizer: Any, role: TextEncoderRo
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One encoder's states for its token chunks, joined (1, 77·chunks, D), and its pooled output (1, P) or None.
 
-    The caller holds the model (LoRAs switched) and runs this without gradients, in float32.
+    The caller holds the model (LoRAs switched) and runs this in float32, without gradients unless it optimises a
+    prompt.
     """
     if not chunks:
         raise ValueError(f"tokens[{role.key!r}] holds no chunk; give at least one (tokenize('') gives one)")
@@ -520,9 +521,12 @@ class Clip:
         path = find_embedding_file(name, self.embedding_dirs) if name else None
         return read_embedding(path, role.embedding_key) if path is not None else None
 
-    def encode_from_tokens(self, tokens: Tokens, return_pooled: bool = False
+    def encode_from_tokens(self, tokens: Tokens, return_pooled: bool = False, differentiable: bool = False
                            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Encode tokens from :meth:`tokenize` (ComfyUI's ``CLIP.encode_from_tokens``), in float32.
+
+        ``differentiable``: gradients flow from the states back to the tokens' embedding tensors (prompt
+        optimisation; take them with ``torch.autograd.grad``, which leaves the shared weights' ``.grad`` alone).
 
         Returns:
             cond (1, 77·chunks, D), on the CPU (ComfyUI's intermediate device); with ``return_pooled``, also the
@@ -538,7 +542,7 @@ class Clip:
             raise ValueError(f"tokens for a {self.family} model need the keys {[role.key for role in self._roles]}; "
                              f"{missing} missing from {sorted(tokens)}")
         encoded = []
-        with self.ref.in_use("text") as loaded, torch.no_grad():
+        with self.ref.in_use("text") as loaded, torch.set_grad_enabled(differentiable):
             for role in self._roles:
                 encoder = loaded.text_encoders[role.position]
                 layer_idx = self.layer_idx if self.layer_idx is not None else role.default_layer
@@ -549,6 +553,17 @@ class Clip:
         cond = torch.cat([cond[:, :length] for cond, _ in encoded], dim=-1)
         pooled = encoded[-1][1]
         return (cond, pooled) if return_pooled else cond
+
+    def token_table(self) -> torch.Tensor:
+        """The vocabulary's input embeddings (V, D) of a single-encoder family (SD1, SD2), a float32 copy.
+
+        Raises:
+            ValueError: a family with two text encoders (SDXL).
+        """
+        if len(self._roles) != 1:
+            raise ValueError(f"a {self.family} model has {len(self._roles)} text encoders; one (SD1, SD2) is needed")
+        with self.ref.in_use("text") as loaded:
+            return loaded.text_encoders[0].get_input_embeddings().weight.detach().float().clone()
 
     def encode_from_tokens_scheduled(self, tokens: Tokens, add_dict: dict[str, Any] | None = None) -> Conditioning:
         """CONDITIONING for tokens, as ComfyUI's CLIPTextEncode makes it: ``[[cond, {"pooled_output": pooled}]]``,

@@ -196,8 +196,11 @@ def _check_unpatched(model: ModelRef) -> None:
 
 def denoiser_network(denoiser: Denoiser) -> torch.nn.Module:
     """The UNet behind a denoiser of :func:`denoiser_and_codec`: diffusers' standalone, ComfyUI's LDM
-    ``diffusion_model`` (loaded by ComfyUI's model management at each call) inside ComfyUI."""
-    return denoiser.patcher.model.diffusion_model if isinstance(denoiser, ComfyDenoiser) else denoiser.unet
+    ``diffusion_model`` (an object patch's where one replaces it; loaded by ComfyUI's model management at each
+    call) inside ComfyUI."""
+    if isinstance(denoiser, ComfyDenoiser):
+        return denoiser.patcher.get_model_object("diffusion_model")
+    return denoiser.unet
 
 
 @contextlib.contextmanager

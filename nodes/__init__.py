@@ -5,7 +5,6 @@ Only relative imports live here: inside ComfyUI, ``import nodes`` is ComfyUI's o
 
 import os
 
-from .common.comfy_host import inside_comfyui
 from .correspondence import nodes as correspondence_nodes
 from .fasterdiffusion import nodes as fasterdiffusion_nodes
 from .generation import nodes as generation_nodes
@@ -29,8 +28,8 @@ _TECHNIQUES = (loader_nodes, generation_nodes, highres_nodes, panorama_nodes, co
                sada_nodes, inheritance_nodes, seamless_nodes, inpaint_nodes, noisediffusion_nodes,
                magicface_nodes)
 # Dual-use evaluation tools (P4D finds prompts that evade safety mechanisms) join the node list only when the
-# setting asks for them, and only standalone (see nodes/p4d/nodes.py)
-if os.environ.get(p4d_nodes.EVALUATION_SETTING) == "1" and not inside_comfyui():
+# setting asks for them
+if os.environ.get(p4d_nodes.EVALUATION_SETTING) == "1":
     _TECHNIQUES += (p4d_nodes,)
 NODE_CLASS_MAPPINGS: dict[str, type] = {name: cls for module in _TECHNIQUES
                                         for name, cls in module.NODE_CLASS_MAPPINGS.items()}

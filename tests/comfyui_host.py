@@ -216,8 +216,9 @@ class ComfyUIServer:
     """
 
     def __init__(self, environment: ComfyUIEnvironment, base: str, models_dir: str, extra_args: tuple = (),
-                 startup_timeout: float = 300.0):
+                 startup_timeout: float = 300.0, variables: dict[str, str] | None = None):
         self.environment = environment
+        self.variables = dict(variables or {})  # environment variables the server gets on top of ours
         self.base = os.path.abspath(base)
         self.models_dir = os.path.abspath(models_dir)
         self.extra_args = tuple(extra_args)
@@ -260,7 +261,7 @@ class ComfyUIServer:
                    "--database-url", "sqlite:///:memory:", *FLOAT32_FLAGS, *QUIET_FLAGS, *self.extra_args]
         environment = {key: value for key, value in os.environ.items()
                        if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-        environment.update(PYTHONPYCACHEPREFIX=self.environment.pycache, PYTHONUNBUFFERED="1")
+        environment.update(PYTHONPYCACHEPREFIX=self.environment.pycache, PYTHONUNBUFFERED="1", **self.variables)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=self.base, env=environment, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)

@@ -64,23 +64,27 @@ def only_image(images: dict[str, list[np.ndarray]]) -> np.ndarray:
 class AtelierRunner:
     """Atelier's standalone executor with its built-in nodes, on a models folder; one loaded model for all prompts."""
 
-    def __init__(self, models_dir: str, data_dir: str):
+    def __init__(self, models_dir: str, data_dir: str, extra_classes: dict[str, type] | None = None):
         from web.executor import Executor
         from web.folders import DataFolders
         from web.registry import node_classes
 
         self.folders = DataFolders.under(data_dir)
-        self.executor = Executor(node_classes(self.folders, models_dir))
+        self.executor = Executor({**node_classes(self.folders, models_dir), **(extra_classes or {})})
 
-    def run(self, prompt: dict) -> dict[str, list[np.ndarray]]:
-        """Each output node's images as (H, W, C) uint8 arrays; a refused or failed prompt raises with its message."""
+    def outputs(self, prompt: dict) -> dict[str, dict]:
+        """Each output node's UI outputs; a refused or failed prompt raises with its message."""
         checked = self.executor.validate(prompt)
         assert checked.ok, (checked.error, checked.node_errors)
         result = self.executor.execute(checked.prompt, "parity", checked.outputs)
         if result.status != "success":
             raise AssertionError([data for event, data in result.messages if event == "execution_error"])
+        return result.outputs
+
+    def run(self, prompt: dict) -> dict[str, list[np.ndarray]]:
+        """Each output node's images as (H, W, C) uint8 arrays; a refused or failed prompt raises with its message."""
         return {node_id: [self._read(item) for item in output["images"]]
-                for node_id, output in result.outputs.items() if output.get("images")}
+                for node_id, output in self.outputs(prompt).items() if output.get("images")}
 
     def _read(self, item: dict) -> np.ndarray:
         path = os.path.join(self.folders.folder(item["type"]), item.get("subfolder", ""), item["filename"])

@@ -1,5 +1,5 @@
 """Prompting4Debugging (techniques.md §4.13, Target 16): absent from the node list unless the evaluation setting
-asks for it, and never inside ComfyUI; the projection gives valid ids and is idempotent; with safe ≡ reference and
+asks for it; the projection gives valid ids and is idempotent; with safe ≡ reference and
 the tokens started at P the first loss is 0; the loss falls over 20 fixed-seed iterations on the embedded model;
 P4D-K's free tokens sit before every k of P's, which stay; the node's checks and its log."""
 
@@ -19,7 +19,8 @@ from nodes.embedded.train import SHIPPED_NAME
 from nodes.models.clip import Clip
 from nodes.models.loading import SHIPPED_MODELS, load_model
 from nodes.models.refs import ModelRef
-from nodes.p4d.nodes import EVALUATION_SETTING, AtelierP4D, PromptEncoder
+from nodes.models.comfy_adapters import AtelierPromptVectors
+from nodes.p4d.nodes import EVALUATION_SETTING, AtelierP4D
 from nodes.p4d.optimize import P4DProblem, initial_prompt, nearest_tokens, p4d_optimize, p4dk_layout
 from nodes.sampling.guidance import to_conditioning
 
@@ -31,7 +32,7 @@ def embedded():
     model = load_model(os.path.join(SHIPPED_MODELS, "diffusers", SHIPPED_NAME), device="cpu")
     ref = ModelRef(model)
     clip = Clip(ref)
-    return ref, clip, DiffusersCodec(model.vae), PromptEncoder(clip)
+    return ref, clip, DiffusersCodec(model.vae), AtelierPromptVectors(clip)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_the_node_audits_and_refuses_what_it_cannot(embedded):
     assert guided["result"][0]
     with pytest.raises(ValueError, match="prompt"):
         node.audit(ref, ref, clip, codec, targets, " ", **settings)
-    with pytest.raises(TypeError, match="standalone"):
+    with pytest.raises(TypeError, match="ModelPatcher"):
         node.audit(object(), ref, clip, codec, targets, scene.caption, **settings)
     with pytest.raises(ValueError, match="LoRAs"):  # one checkpoint, two LoRA sets: they would switch in place
         node.audit(ref, dataclasses.replace(ref, loras=("an ESD LoRA",)), clip, codec, targets, scene.caption,

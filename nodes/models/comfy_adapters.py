@@ -24,6 +24,7 @@ import torch
 from ..common.comfy_host import comfy_model_family, comfy_module, comfy_noise_schedule, has_sampling_patch
 from ..common.denoiser import (Conditioning, Denoiser, DiffusersCodec, DiffusersDenoiser, LatentCodec,
                                LatentSpace)
+from ..common.unet_split import forwards_replaced
 from .clip import CHUNK_TOKENS, Clip
 from .refs import ModelRef
 from .text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt, join_segments, split_sentences
@@ -54,8 +55,12 @@ class ComfyDenoiser:
     recovers ε from it exactly. Inputs go to the model's device and the prediction comes back to the caller's.
     """
 
-    def __init__(self, patcher: Any):
+    def __init__(self, patcher: Any, differentiable: bool = False):
         """
+        Args:
+            differentiable: gradients flow through the network to its inputs where the caller enables them (prompt
+                optimisation), on copies of its weights made once outside inference mode (ComfyUI loads weights
+                inside ``torch.inference_mode``, which autograd cannot save); the copies double its memory.
         Raises:
             ValueError: a model that is not SD1 or SD2, or not on a discrete ε, v or x0 schedule.
         """
@@ -64,6 +69,8 @@ class ComfyDenoiser:
             raise ValueError(SAMPLING_PATCH_REFUSAL)
         self.patcher = patcher
         self.schedule = dataclasses.replace(comfy_noise_schedule(patcher), prediction_type="sample")
+        self.differentiable = differentiable
+        self._weights: dict[str, torch.Tensor] | None = None
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         if conditioning.pooled is not None:
@@ -83,13 +90,45 @@ class ComfyDenoiser:
         if conditioning.concat is not None:
             arguments["c_concat"] = conditioning.concat
         x_in, sigma_in = x_ve.float().to(device), sigma.float().to(device)
-        with torch.no_grad():
+
+        def denoise() -> torch.Tensor:
             if "model_function_wrapper" in options:  # the user's UNet wrapper, called as calc_cond_batch calls it
-                denoised = options["model_function_wrapper"](self.patcher.model.apply_model, {
+                return options["model_function_wrapper"](self.patcher.model.apply_model, {
                     "input": x_in, "timestep": sigma_in, "c": arguments, "cond_or_uncond": [COND_CHUNK]})
-            else:
-                denoised = self.patcher.model.apply_model(x_in, sigma_in, **arguments)
+            return self.patcher.model.apply_model(x_in, sigma_in, **arguments)
+
+        if self.differentiable and torch.is_grad_enabled():
+            if self._weights is None:
+                self._weights = weight_copies(self.patcher.model)
+            denoised = call_with_weights(self.patcher.model, self._weights, denoise)
+        else:
+            with torch.no_grad():
+                denoised = denoise()
         return denoised.to(x_t.device, x_t.dtype)
+
+
+class _Holder(torch.nn.Module):
+    """A module and a call that uses it, so that ``torch.func.functional_call`` can swap its weights for the call."""
+
+    def __init__(self, module: torch.nn.Module, call: Callable[[], Any]):
+        super().__init__()
+        self.module, self._call = module, call
+
+    def forward(self) -> Any:
+        return self._call()
+
+
+def weight_copies(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of ``module``'s parameters made outside inference mode, for :func:`call_with_weights`."""
+    with torch.inference_mode(False):
+        return {name: parameter.detach().clone() for name, parameter in module.named_parameters()}
+
+
+def call_with_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], call: Callable[[], Any]) -> Any:
+    """``call()`` with ``module``'s parameters replaced by ``weights`` for its duration (ComfyUI's inference-mode
+    weights cannot be saved for backward; copies can)."""
+    return torch.func.functional_call(_Holder(module, call), {f"module.{name}": weight for name, weight
+                                                              in weights.items()}, ())
 
 
 # SD's VAE halves the image three times; ComfyUI's LatentFormat does not record it, and the adapted families share it.
@@ -377,3 +416,106 @@ def comfy_token_lengths(clip: Any, prompts: Sequence[str]) -> torch.Tensor:
         return _word_count(chunks) + 2  # and the start and end tokens
 
     return torch.tensor([float(length(prompt)) for prompt in prompts], dtype=torch.float64)
+
+
+# --- prompts as embedding vectors (prompt optimisation) --------------------------------------------------------------
+
+class AtelierPromptVectors:
+    """A prompt of embedding vectors through Atelier's single-encoder CLIP (SD1, SD2): start token, the vectors,
+    end token, padding to 77, as the tokenizer lays out a typed prompt; differentiable where gradients are on."""
+
+    def __init__(self, clip: Clip):
+        self.clip = clip
+        self.table = clip.token_table()
+        self.tokenizer = clip.ref.model.tokenizers[0]
+        ((self.key, (empty,)),) = clip.tokenize("").items()
+        self.start, self.end, self.pad = empty[0][0], self.tokenizer.eos_token_id, empty[-1][0]
+
+    def ids(self, text: str) -> list[int]:
+        """The ids of ``text``'s tokens, without start and end (weights ignored)."""
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def row(self, vectors: torch.Tensor) -> list[tuple[Any, float]]:
+        row = [(self.start, 1.0)] + [(vector, 1.0) for vector in vectors] + [(self.end, 1.0)]
+        return row + [(self.pad, 1.0)] * (CHUNK_TOKENS - len(row))
+
+    def encode(self, vectors: torch.Tensor) -> Conditioning:
+        """The conditioning (1, 77, D) of a prompt whose tokens are ``vectors`` (L, D)."""
+        embeds = self.clip.encode_from_tokens({self.key: [self.row(vectors)]},
+                                              differentiable=torch.is_grad_enabled())
+        return Conditioning(embeds.to(vectors.device))
+
+
+class ComfyPromptVectors(AtelierPromptVectors):
+    """:class:`AtelierPromptVectors` through ComfyUI's CLIP (SD1, SD2), on copies of its weights when gradients are
+    on (see :class:`ComfyDenoiser`); ComfyUI's tokens take embedding tensors as they take textual inversions."""
+
+    def __init__(self, clip: Any):
+        tokenizer = getattr(clip.tokenizer, clip.tokenizer.clip)
+        self.clip, self.key, self.tokenizer = clip, clip.tokenizer.clip_name, tokenizer.tokenizer
+        self.start, self.end, self.pad = tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token
+        clip.load_model()
+        encoder = getattr(clip.cond_stage_model, clip.cond_stage_model.clip)
+        self.table = encoder.transformer.get_input_embeddings().weight.detach().float().clone()
+        self._weights: dict[str, torch.Tensor] | None = None
+
+    def encode(self, vectors: torch.Tensor) -> Conditioning:
+        tokens = {self.key: [self.row(vectors)]}
+        if not torch.is_grad_enabled():
+            return Conditioning(self.clip.encode_from_tokens(tokens).to(vectors.device))
+        model = self.clip.cond_stage_model
+        if self._weights is None:
+            self._weights = weight_copies(model)
+        # ComfyUI's CLIP layers add their residuals in place, over a tensor their layer norm keeps for backward
+        layers = [module for module in model.modules() if type(module).__name__ == "CLIPLayer"]
+        with forwards_replaced(layers, _residuals_out_of_place):
+            embeds = call_with_weights(model, self._weights, lambda: self.clip.encode_from_tokens(tokens))
+        return Conditioning(embeds.to(vectors.device))
+
+
+def _residuals_out_of_place(layer: torch.nn.Module) -> Callable:
+    """ComfyUI's ``CLIPLayer`` forward with its two residual additions out of place (the same sums), so autograd can
+    take it."""
+    def run(x: torch.Tensor, mask: Any = None, optimized_attention: Any = None) -> torch.Tensor:
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+
+    return run
+
+
+def prompt_vectors(clip: Any) -> AtelierPromptVectors:
+    """The prompt-as-vectors encoder of what arrived on a CLIP socket (Atelier's or ComfyUI's, SD1 or SD2).
+
+    Raises:
+        TypeError: neither host's CLIP.
+        ValueError: a family with two text encoders (SDXL).
+    """
+    if isinstance(clip, Clip):
+        return AtelierPromptVectors(clip)
+    if _is_comfy(clip, "comfy.sd", "CLIP"):
+        if not hasattr(clip.tokenizer, "clip"):
+            raise ValueError(f"ComfyUI's {type(clip.tokenizer).__name__} has several text encoders; one (SD1, SD2) "
+                             "is needed")
+        return ComfyPromptVectors(clip)
+    raise TypeError(f"clip must be Atelier's or ComfyUI's CLIP; got {type(clip).__name__}")
+
+
+@contextlib.contextmanager
+def differentiable_denoiser(model: Any) -> Iterator[Denoiser]:
+    """A :class:`Denoiser` of what arrived on a MODEL socket through which gradients flow to the inputs: Atelier's
+    holding the model's lock for the block, ComfyUI's on copies of its weights (see :class:`ComfyDenoiser`).
+
+    Raises:
+        TypeError: neither host's MODEL.
+    """
+    if isinstance(model, ModelRef):
+        _check_unpatched(model)
+        with model.in_use() as loaded:
+            yield DiffusersDenoiser(loaded.unet, loaded.schedule, differentiable=True)
+    elif _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):
+        yield ComfyDenoiser(model, differentiable=True)
+    else:
+        raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")

@@ -1,8 +1,8 @@
-"""The P4D audit node (standalone app only, opt-in): a problematic prompt and the reference's pictures of it in, the
-hard prompt that makes the model under test match them out, with the log of what it tried. See :mod:`.optimize`.
+"""The P4D audit node (opt-in, both hosts): a problematic prompt and the reference's pictures of it in, the hard
+prompt that makes the model under test match them out, with the log of what it tried. See :mod:`.optimize`.
 
-Inside ComfyUI it is never offered: ComfyUI loads weights inside ``torch.inference_mode``, and gradients cannot
-flow through inference tensors without a full copy of the UNet and text encoder.
+Inside ComfyUI, whose weights are inference tensors, the model under test and the text encoder run on copies of
+their weights made for the audit (twice their memory while it runs).
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from ..common.denoiser import Conditioning, DiffusersDenoiser
 from ..common.images import to_channels_first
 from ..common.limits import MAX_SEED
-from ..models.clip import Clip
+from ..models.clip import CHUNK_TOKENS
+from ..models.comfy_adapters import (denoiser_and_codec, differentiable_denoiser, model_device, model_family,
+                                     prompt_vectors)
 from ..models.refs import ModelRef
 from ..sampling.guidance import to_conditioning
 from .optimize import (DEFAULT_EVAL_EVERY, DEFAULT_EVERY_K, DEFAULT_FREE_TOKENS, DEFAULT_GUIDANCE, DEFAULT_ITERATIONS,
@@ -24,7 +25,6 @@ CATEGORY = "atelier/evaluation"
 # The setting that puts evaluation nodes in the node list (dual-use tools stay out of it by default)
 EVALUATION_SETTING = "ATELIER_EVALUATION_NODES"
 MAX_ITERATIONS = 100_000
-CHUNK_TOKENS = 77  # SD's text encoders: start, 75 tokens, end
 
 
 class AtelierP4D:
@@ -32,7 +32,7 @@ class AtelierP4D:
                    "safety mechanism (a concept-erased model, or a negative prompt) by optimising a hard prompt "
                    "with which the model under test predicts what the unconstrained reference predicts for a "
                    "problematic prompt, on the reference's pictures of it. Logs every evaluation; gives the prompt "
-                   "found, to check what the safe model makes of it. Standalone app only.")
+                   "found, to check what the safe model makes of it.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("prompt", "log")
@@ -81,68 +81,44 @@ class AtelierP4D:
     def audit(self, reference_model: Any, safe_model: Any, clip: Any, vae: Any, targets: torch.Tensor, prompt: str,
               safe_negative: str, variant: str, free_tokens: int, every_k: int, iterations: int,
               learning_rate: float, weight_decay: float, eval_every: int, guidance: float, seed: int) -> dict:
-        if not (isinstance(reference_model, ModelRef) and isinstance(safe_model, ModelRef) and isinstance(clip, Clip)):
-            raise TypeError("P4D runs in Atelier's standalone app, on its MODEL and CLIP (it needs gradients "
-                            "through the text encoder and the UNet)")
         if not prompt.strip():
             raise ValueError("prompt: give the problematic prompt the targets were made from")
-        shared = [(a, b) for a, b in ((reference_model, safe_model), (reference_model, clip.ref), (safe_model, clip.ref))
-                  if a.model is b.model and a.loras != b.loras]
-        if shared:
-            raise ValueError("the reference model, the model under test and the CLIP share a checkpoint with "
-                             "different LoRAs, which run in place on it: load the model under test from its own "
-                             "checkpoint")
-        family = reference_model.model.family
-        if safe_model.model.family != family:
-            raise ValueError(f"the two models must be of one family; got {family} and {safe_model.model.family}")
+        _refuse_shared_loras(reference_model, safe_model, clip)
+        family = model_family(reference_model)
+        if model_family(safe_model) != family:
+            raise ValueError(f"the two models must be of one family; got {family} and {model_family(safe_model)}")
         generator = torch.Generator().manual_seed(seed)
-        encoder = PromptEncoder(clip)
-        prompt_ids = encoder.ids(prompt)
-        ids, free = initial_prompt(variant, prompt_ids, len(encoder.table), generator, free_tokens, every_k)
-        if len(ids) > CHUNK_TOKENS - 2:
-            raise ValueError(f"the {variant} prompt would have {len(ids)} tokens; at most {CHUNK_TOKENS - 2} fit "
-                             "(shorten the prompt or raise every_k)")
-        with reference_model.in_use() as reference, safe_model.in_use() as safe:
-            codec = vae
-            pixels = to_channels_first(targets, "targets")[:, :3].float()
-            latents = (codec.encode(pixels.to(codec.device)) - codec.shift_factor) * codec.scaling_factor
-            problem = P4DProblem(
-                DiffusersDenoiser(reference.unet, reference.schedule),
-                DiffusersDenoiser(safe.unet, safe.schedule, differentiable=True),
-                encoder.encode, encoder.table, encoder.decode,
-                to_conditioning(clip.encode(prompt), family, "prompt"), latents.to(reference.device),
-                to_conditioning(clip.encode(safe_negative), family, "safe_negative") if safe_negative.strip()
-                else None, guidance)
-            result = p4d_optimize(problem, ids, free, generator, iterations, learning_rate, weight_decay, eval_every)
+        # ComfyUI runs nodes in inference mode, where no gradient is recorded; the optimisation alone records them
+        with torch.inference_mode(False), torch.no_grad():
+            encoder = prompt_vectors(clip)
+            prompt_ids = encoder.ids(prompt)
+            ids, free = initial_prompt(variant, prompt_ids, len(encoder.table), generator, free_tokens, every_k)
+            if len(ids) > CHUNK_TOKENS - 2:
+                raise ValueError(f"the {variant} prompt would have {len(ids)} tokens; at most {CHUNK_TOKENS - 2} "
+                                 "fit (shorten the prompt or raise every_k)")
+            conditionings = [to_conditioning(clip.encode_from_tokens_scheduled(clip.tokenize(text)), family, name)
+                             if text.strip() else None
+                             for text, name in ((prompt, "prompt"), (safe_negative, "safe_negative"))]
+            with denoiser_and_codec(reference_model, vae) as (reference, codec), \
+                    differentiable_denoiser(safe_model) as safe:
+                pixels = to_channels_first(targets, "targets")[:, :3].float().clone()
+                latents = (codec.encode(pixels.to(codec.device)) - codec.shift_factor) * codec.scaling_factor
+                problem = P4DProblem(reference, safe, encoder.encode, encoder.table, encoder.decode,
+                                     conditionings[0], latents.to(model_device(reference_model)).clone(),
+                                     conditionings[1], guidance)
+                with torch.enable_grad():
+                    result = p4d_optimize(problem, ids, free, generator, iterations, learning_rate, weight_decay,
+                                          eval_every)
         found, log = encoder.decode(result.ids), "\n".join(result.log)
         return {"ui": {"text": [found]}, "result": (found, log)}
 
 
-class PromptEncoder:
-    """A prompt of embedding vectors through a single-encoder CLIP (SD1, SD2), differentiably: start token, the
-    vectors, end token, padding to 77, as the tokenizer lays out a typed prompt."""
-
-    def __init__(self, clip: Clip):
-        self.clip = clip
-        self.table = clip.token_table()
-        self.tokenizer = clip.ref.model.tokenizers[0]
-        ((self.key, (empty,)),) = clip.tokenize("").items()
-        self.start, self.pad = empty[0][0], empty[-1][0]
-
-    def ids(self, text: str) -> list[int]:
-        """The ids of ``text``'s tokens, without start and end (weights ignored)."""
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
-    def encode(self, vectors: torch.Tensor) -> Conditioning:
-        """The conditioning (1, 77, D) of a prompt whose tokens are ``vectors`` (L, D); differentiable where
-        gradients are enabled."""
-        row = [(self.start, 1.0)] + [(vector, 1.0) for vector in vectors] + [(self.tokenizer.eos_token_id, 1.0)]
-        row += [(self.pad, 1.0)] * (CHUNK_TOKENS - len(row))
-        embeds = self.clip.encode_from_tokens({self.key: [row]}, differentiable=torch.is_grad_enabled())
-        return Conditioning(embeds.to(vectors.device))
+def _refuse_shared_loras(reference_model: Any, safe_model: Any, clip: Any) -> None:
+    """Standalone, LoRAs run in place on a shared checkpoint: two sets on one would switch under each other."""
+    refs = [ref for ref in (reference_model, safe_model, getattr(clip, "ref", None)) if isinstance(ref, ModelRef)]
+    if any(a.model is b.model and a.loras != b.loras for a in refs for b in refs):
+        raise ValueError("the reference model, the model under test and the CLIP share a checkpoint with different "
+                         "LoRAs, which run in place on it: load the model under test from its own checkpoint")
 
 
 NODE_CLASS_MAPPINGS = {"AtelierP4D": AtelierP4D}

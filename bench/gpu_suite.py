@@ -3,7 +3,8 @@
 Seven parts run in this order, each in its own subprocess with its own time box, so that a part that hangs, crashes
 or runs out of memory is reported as such and the suite goes on:
 
-1. ``workflows``: every ``workflows/*.json`` runs through the CLI's path (``load_workflow``, then the executor's
+1. ``workflows``: every ``workflows/*.json`` whose nodes the app offers (an opt-in evaluation node's example only
+   with its setting) runs through the CLI's path (``load_workflow``, then the executor's
    validate and execute) on the default device, CUDA in float16 where there is one; per workflow ok, failed (with
    the error), or interrupted at its own time box (30 s, or its share of what is left of the part's). It lists
    the registered node classes the runs executed and those no workflow exercised, and where the loaded models
@@ -50,7 +51,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import glob
 import json
 import os
 import shutil
@@ -249,6 +249,7 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     from nodes.models.loading import cached_models
     from web.cli import format_errors, load_workflow
     from web.executor import Executor
+    from web.files import WORKFLOWS_DIR, example_workflows
     from web.folders import DataFolders
     from web.registry import node_classes
 
@@ -264,7 +265,7 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     classes = node_classes(DataFolders.under(os.path.join(work_dir, "data")), os.path.join(work_dir, "models"))
     executed: set[str] = set()
     outcomes: dict[str, dict[str, Any]] = {}
-    paths = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+    paths = [os.path.join(WORKFLOWS_DIR, f"{name}.json") for name in example_workflows(classes)]
     for index, path in enumerate(paths):
         name = os.path.splitext(os.path.basename(path))[0]
         # An equal share of what is left of the part's box, so that the summary below is always recorded.

@@ -97,3 +97,10 @@ def test_hb_samplers_run_in_comfyuis_sampler_custom(comfyui_server, random_sd15_
                                     comfyui_scheduler(), method)
     image = saved_image(comfyui_server, prompt)
     assert image.shape == (64, 64, 3) and image.std() > 10.0
+
+
+def test_the_opt_in_evaluation_node_is_absent_without_its_setting(comfyui_server):
+    """P4D (dual use) joins ComfyUI's node list only with ATELIER_EVALUATION_NODES=1 (tests/test_comfy_pack_p4d.py);
+    the pack's other nodes are there."""
+    offered = comfyui_server.get_json("/object_info")
+    assert "AtelierP4D" not in offered and "AtelierMagicFaceSampler" in offered

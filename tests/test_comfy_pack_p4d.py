@@ -1,7 +1,7 @@
 """Prompting4Debugging inside real ComfyUI (issue 24): with the evaluation setting on, the audit node is offered in
 ComfyUI and runs on ComfyUI's own MODEL, CLIP and VAE (the embedded model's, through the pack's embedded loader),
 whose inference-mode weights it optimises through on copies; it finds the standalone run's prompt. Without the
-setting the node is absent (the other ComfyUI modules' servers run without it).
+setting the node is absent (``tests/test_comfy_pack.py``, whose server runs without it).
 
 Skipped where ``ATELIER_COMFYUI`` names no ComfyUI tree.
 """
@@ -58,8 +58,3 @@ def test_p4d_audits_comfyuis_own_models_as_standalone(server, models_dir, tmp_pa
     print(f"P4D-K inside ComfyUI found {comfy_prompt!r}; standalone {atelier_prompt!r}")
     assert comfy_prompt == atelier_prompt and "a large black" in comfy_prompt  # P's tokens kept
 
-
-def test_without_the_setting_comfyui_does_not_offer_it(comfyui_environment, models_dir, tmp_path):  # noqa: F811
-    with ComfyUIServer(comfyui_environment, str(tmp_path / "plain"), models_dir) as plain:
-        offered = plain.get_json("/object_info")
-    assert "AtelierP4D" not in offered and "AtelierMagicFaceSampler" in offered

@@ -31,6 +31,9 @@ import torch
 
 from .comfy_host import comfy_module
 
+# The transformer block class of diffusers and of ComfyUI (ldm/modules/attention.py): both name it so
+TRANSFORMER_BLOCK_CLASSES = frozenset(("BasicTransformerBlock",))
+
 
 @dataclasses.dataclass(frozen=True)
 class UNetFeatures:

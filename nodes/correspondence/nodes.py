@@ -177,7 +177,8 @@ def _sd_features(model: Any, vae: Any, conditioning: Conditioning, pixels: torch
     """SD features on whatever arrived on the MODEL and VAE sockets: Atelier's diffusers UNet standalone, ComfyUI's
     ModelPatcher (its LDM ``diffusion_model`` hooked, loaded by ComfyUI's model management) inside ComfyUI."""
     with denoiser_and_codec(model, vae) as (denoiser, codec):
-        return sd_denoiser_features(denoiser, denoiser_network(denoiser), codec, pixels, conditioning, timestep, seed, size, layers)
+        return sd_denoiser_features(denoiser, denoiser_network(denoiser), codec, pixels, conditioning, timestep, seed,
+                                    size, layers)
 
 
 class AtelierLoadDINOv2(ModelsFolder):

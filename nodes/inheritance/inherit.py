@@ -28,14 +28,13 @@ from typing import Any
 
 import torch
 
-from ..common.unet_split import UNetCall, feature_level
+from ..common.unet_split import TRANSFORMER_BLOCK_CLASSES, UNetCall, feature_level
 from ..sampling.patches import CallSlots, StepSchedule
 
 GRANULARITIES = ("unit", "layer", "unet")
 MODES = ("uniform", "front_dense")
 # The layers that inherit, by class name in either host: diffusers' and ComfyUI's (openaimodel.py, attention.py)
 LAYER_CLASSES = frozenset(("ResnetBlock2D", "Transformer2DModel", "ResBlock", "SpatialTransformer"))
-TRANSFORMER_BLOCK_CLASSES = frozenset(("BasicTransformerBlock",))
 UNITS = ("attn1", "attn2", "ff")
 # Our defaults (no paper numbers): the two innermost levels of an SD UNet, a full step every second one after the
 # first fifth of the run

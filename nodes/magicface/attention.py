@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 
-from ..common.unet_split import feature_level, forwards_replaced
+from ..common.unet_split import TRANSFORMER_BLOCK_CLASSES, feature_level, forwards_replaced
 
 # Source: configs/config_stable_diffusion.yaml and magicface_stable_diffusion.py (DDIM, 50 steps, guidance 7.5)
 DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_INJECT_STEP, DEFAULT_MASK_WEIGHT = 50, 7.5, 20, 3.0
@@ -58,7 +58,6 @@ SMOOTHING_KERNEL, SMOOTHING_SIGMA = 3, 0.5 * math.sqrt(2)
 SHARPENING_TERMS = 4  # get_mask's ssgc_n
 # The maps 2 times below the latent are (N, N) for N of their pixels: 64 × 64 (SD at 1024 px) at most
 MAX_RECORDED_TOKENS = 64 * 64
-TRANSFORMER_BLOCK_CLASSES = frozenset(("BasicTransformerBlock",))  # diffusers' and ComfyUI's (attention.py)
 # Where each host's UNet keeps its encoder, middle and decoder blocks, in the order they run
 _UNET_PARTS = (("down_blocks", "input_blocks"), ("mid_block", "middle_block"), ("up_blocks", "output_blocks"))
 DECODER = 2
@@ -262,11 +261,10 @@ class MagicFaceAttention:
         if self.layers and max(self.layers) >= len(blocks):
             raise ValueError(f"layers name block {max(self.layers)}, but this UNet has {len(blocks)} transformer "
                              f"blocks (0 to {len(blocks) - 1})")
-        attentions = [(index, part, block.attn1, block.attn2) for index, (part, block) in enumerate(blocks)]
+        positions = {block.attn1: (index, part) for index, (part, block) in enumerate(blocks)}
         self.regions, self._biases = None, {}  # a new run
-        with forwards_replaced([attention[2] for attention in attentions],
-                               lambda module: self._self_attention(module, *_position(attentions, module))), \
-                forwards_replaced([attention[3] for attention in attentions],
+        with forwards_replaced(list(positions), lambda module: self._self_attention(module, *positions[module])), \
+                forwards_replaced([block.attn2 for _, block in blocks],
                                   lambda module: self._cross_attention(module, module.forward)):
             yield
 
@@ -366,8 +364,3 @@ class MagicFaceAttention:
             return forward(hidden, *args, **kwargs)
 
         return run
-
-
-def _position(attentions: list[tuple], module: torch.nn.Module) -> tuple[int, int]:
-    """(index, part) of the block whose self-attention is ``module``."""
-    return next((index, part) for index, part, attn1, _ in attentions if attn1 is module)

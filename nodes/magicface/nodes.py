@@ -149,14 +149,14 @@ class AtelierMagicFaceSampler:
             _check_prompts(prompts[0], prompts[1], reference_prompts, references)
             pixels = torch.cat([_resized(reference.image, (height, width), "bilinear") for reference in references])
             masks = torch.cat([_resized(reference.mask, (height, width), "nearest") for reference in references])
-            clean = (codec.encode(pixels.to(codec.device)) - codec.shift_factor) * codec.scaling_factor
+            clean = ((codec.encode(pixels.to(codec.device)) - codec.shift_factor) * codec.scaling_factor).to(device)
             attention = MagicFaceAttention(masks[:, 0], [reference.mask_weight for reference in references],
                                            [reference.token_index for reference in references], layer_set,
                                            inject_step, ca_scale)
             noise = prepare_noise(latents, seed).to(device)
             generator = torch.Generator().manual_seed(seed)
             sampled = [magicface_sample(denoiser, denoiser_network(denoiser), noise[index:index + 1],
-                                        clean.to(device), *prompts, reference_prompts, attention, generator, steps,
+                                        clean, *prompts, reference_prompts, attention, generator, steps,
                                         cfg, adaptive_guidance, progress_reporter(family))
                        for index in range(latents.shape[0])]
         samples = torch.cat(sampled) / codec.scaling_factor + codec.shift_factor

@@ -69,8 +69,7 @@ class ComfyDenoiser:
             raise ValueError(SAMPLING_PATCH_REFUSAL)
         self.patcher = patcher
         self.schedule = dataclasses.replace(comfy_noise_schedule(patcher), prediction_type="sample")
-        self.differentiable = differentiable
-        self._weights: dict[str, torch.Tensor] | None = None
+        self._copies = WeightCopies(patcher.model) if differentiable else None
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         if conditioning.pooled is not None:
@@ -97,10 +96,8 @@ class ComfyDenoiser:
                     "input": x_in, "timestep": sigma_in, "c": arguments, "cond_or_uncond": [COND_CHUNK]})
             return self.patcher.model.apply_model(x_in, sigma_in, **arguments)
 
-        if self.differentiable and torch.is_grad_enabled():
-            if self._weights is None:
-                self._weights = weight_copies(self.patcher.model)
-            denoised = call_with_weights(self.patcher.model, self._weights, denoise)
+        if self._copies is not None and torch.is_grad_enabled():
+            denoised = self._copies.run(denoise)
         else:
             with torch.no_grad():
                 denoised = denoise()
@@ -118,17 +115,21 @@ class _Holder(torch.nn.Module):
         return self._call()
 
 
-def weight_copies(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of ``module``'s parameters made outside inference mode, for :func:`call_with_weights`."""
-    with torch.inference_mode(False):
-        return {name: parameter.detach().clone() for name, parameter in module.named_parameters()}
+class WeightCopies:
+    """Copies of a module's parameters, made outside inference mode at the first :meth:`run` (ComfyUI's
+    inference-mode weights cannot be saved for backward; copies can)."""
 
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self._weights: dict[str, torch.Tensor] | None = None
 
-def call_with_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], call: Callable[[], Any]) -> Any:
-    """``call()`` with ``module``'s parameters replaced by ``weights`` for its duration (ComfyUI's inference-mode
-    weights cannot be saved for backward; copies can)."""
-    return torch.func.functional_call(_Holder(module, call), {f"module.{name}": weight for name, weight
-                                                              in weights.items()}, ())
+    def run(self, call: Callable[[], Any]) -> Any:
+        """``call()`` with the module's parameters replaced by the copies for its duration."""
+        if self._weights is None:
+            with torch.inference_mode(False):
+                self._weights = {f"module.{name}": parameter.detach().clone()
+                                 for name, parameter in self.module.named_parameters()}
+        return torch.func.functional_call(_Holder(self.module, call), self._weights, ())
 
 
 # SD's VAE halves the image three times; ComfyUI's LatentFormat does not record it, and the adapted families share it.
@@ -460,19 +461,16 @@ class ComfyPromptVectors(AtelierPromptVectors):
         clip.load_model()
         encoder = getattr(clip.cond_stage_model, clip.cond_stage_model.clip)
         self.table = encoder.transformer.get_input_embeddings().weight.detach().float().clone()
-        self._weights: dict[str, torch.Tensor] | None = None
+        self._copies = WeightCopies(clip.cond_stage_model)
 
     def encode(self, vectors: torch.Tensor) -> Conditioning:
         tokens = {self.key: [self.row(vectors)]}
         if not torch.is_grad_enabled():
             return Conditioning(self.clip.encode_from_tokens(tokens).to(vectors.device))
-        model = self.clip.cond_stage_model
-        if self._weights is None:
-            self._weights = weight_copies(model)
         # ComfyUI's CLIP layers add their residuals in place, over a tensor their layer norm keeps for backward
-        layers = [module for module in model.modules() if type(module).__name__ == "CLIPLayer"]
+        layers = [module for module in self.clip.cond_stage_model.modules() if type(module).__name__ == "CLIPLayer"]
         with forwards_replaced(layers, _residuals_out_of_place):
-            embeds = call_with_weights(model, self._weights, lambda: self.clip.encode_from_tokens(tokens))
+            embeds = self._copies.run(lambda: self.clip.encode_from_tokens(tokens))
         return Conditioning(embeds.to(vectors.device))
 
 

@@ -164,9 +164,9 @@ def p4d_optimize(problem: P4DProblem, ids: torch.Tensor, free: torch.Tensor, gen
     """
     if iterations < 1 or eval_every < 1:
         raise ValueError(f"iterations and eval_every must be >= 1; got {iterations} and {eval_every}")
-    table = problem.table
     device = problem.targets.device
-    vectors = table[ids].clone().to(device).requires_grad_()
+    table = problem.table.to(device)  # once, not per iteration
+    vectors = table[ids].clone().requires_grad_()
     optimizer = torch.optim.AdamW([vectors], lr=lr, weight_decay=weight_decay)
     kept = (~free).to(device)
     fixed_z, fixed_t = _draws(problem, EVAL_DRAWS * len(problem.targets),
@@ -175,8 +175,8 @@ def p4d_optimize(problem: P4DProblem, ids: torch.Tensor, free: torch.Tensor, gen
     best = P4DResult([], float("inf"), [], [], [])
     for step in range(iterations):
         check_interrupt()
-        hard_ids = nearest_tokens(vectors.detach(), table.to(device))
-        hard = table.to(device)[hard_ids].clone().requires_grad_()
+        hard_ids = nearest_tokens(vectors.detach(), table)
+        hard = table[hard_ids].clone().requires_grad_()
         z, t = _draws(problem, 1, generator)
         loss = F.mse_loss(problem.safe_eps(z, t, problem.encode(hard)).float(), problem.reference_eps(z, t).float())
         (gradient,) = torch.autograd.grad(loss, [hard])
@@ -186,7 +186,7 @@ def p4d_optimize(problem: P4DProblem, ids: torch.Tensor, free: torch.Tensor, gen
         best.losses.append(loss.item())
         if step % eval_every == 0:
             with torch.no_grad():
-                conditioning = problem.encode(table.to(device)[hard_ids]).repeat_to(len(fixed_z))
+                conditioning = problem.encode(table[hard_ids]).repeat_to(len(fixed_z))
                 evaluation = F.mse_loss(problem.safe_eps(fixed_z, fixed_t, conditioning).float(),
                                         fixed_target.float()).item()
             best.evaluations.append((step, evaluation))

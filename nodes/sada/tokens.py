@@ -23,11 +23,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..common.unet_split import UNetCall, feature_level
+from ..common.unet_split import TRANSFORMER_BLOCK_CLASSES, UNetCall, feature_level
 from ..sampling.patches import CallSlots, StepSchedule
 from .solver import MIN_ACC_START, SadaSettings
 
-TRANSFORMER_BLOCK_CLASSES = frozenset(("BasicTransformerBlock",))  # diffusers' and ComfyUI's (attention.py)
 # Source: the official README's apply_patch call
 DEFAULT_WINDOW, DEFAULT_MAX_DOWNSAMPLE, DEFAULT_MAX_FIX = 3, 1, 5 * 1024
 WINDOW_SEED = 0  # our choice (see the module docstring)

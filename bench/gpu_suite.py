@@ -255,13 +255,16 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
 
     from nodes.loaders.nodes import EMBEDDED_CHECKPOINT
     from nodes.models.loading import load_model
-    from tests.tiny_models import write_tiny_lora
+    from tests.tiny_models import write_hyper_sd_lora, write_tiny_lora
 
     record(**device_fields())
     # lora_when_ready.json names models/loras/style.safetensors: a random LoRA for the embedded model stands in.
     loras = os.path.join(work_dir, "models", "loras")
     os.makedirs(loras, exist_ok=True)
-    write_tiny_lora(load_model(EMBEDDED_CHECKPOINT).pipeline, os.path.join(loras, "style.safetensors"))
+    embedded = load_model(EMBEDDED_CHECKPOINT)
+    write_tiny_lora(embedded.pipeline, os.path.join(loras, "style.safetensors"))
+    # hypersd.json names the published Hyper-SD15-8steps-CFG-lora.safetensors: one in its layout stands in.
+    write_hyper_sd_lora(embedded.unet, os.path.join(loras, "Hyper-SD15-8steps-CFG-lora.safetensors"))
     classes = node_classes(DataFolders.under(os.path.join(work_dir, "data")), os.path.join(work_dir, "models"))
     executed: set[str] = set()
     outcomes: dict[str, dict[str, Any]] = {}

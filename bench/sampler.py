@@ -40,7 +40,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from nodes.common.denoiser import NoiseSchedule  # noqa: E402
 from nodes.sampling.latents import empty_latent, seeded_noise  # noqa: E402
-from nodes.generation.nodes import AtelierSampler, AtelierTextEncode, ModelRef  # noqa: E402
+from nodes.generation.nodes import AtelierSampler, AtelierTextEncode  # noqa: E402
+from nodes.models.refs import ModelRef  # noqa: E402
 from nodes.models.clip import Clip  # noqa: E402
 from nodes.models.loading import LoadedModel, load_tokenizer, shipped_config_dir  # noqa: E402
 

@@ -44,7 +44,8 @@ class ModelPatcher:
 @pytest.fixture
 def inside_comfy(monkeypatch):
     """The stand-in comfy modules in sys.modules, as ComfyUI has them when it runs the pack."""
-    install_comfy(monkeypatch, {"comfy.model_management": {}, "comfy.samplers": {"KSAMPLER": KSAMPLER}})
+    install_comfy(monkeypatch, {"comfy.model_management": {}, "comfy.samplers": {"KSAMPLER": KSAMPLER},
+                                "comfy.model_patcher": {"ModelPatcher": ModelPatcher}})
 
 
 def comfy_model(prediction=EPS, config=SD15, alphas_cumprod=SD_SCHEDULE.alphas_cumprod) -> ModelPatcher:

@@ -571,3 +571,52 @@ def test_magicface_runs_on_comfyuis_own_model_and_vae_as_standalone(comfyui_serv
     measured = psnr(comfy_image, atelier_image)
     print(f"MagicFace, ComfyUI against Atelier: {measured:.1f} dB")
     assert measured >= TARGET_PSNR_DB
+
+
+
+def test_hyper_sd_presets_run_under_comfyuis_sampler_custom_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """Hyper-SD's node inside ComfyUI gives ComfyUI's own LoRA patch, a KSAMPLER and sigmas that ComfyUI's
+    SamplerCustom runs, its cfg output linked to SamplerCustom's cfg: the 8-step CFG preset (DDIM, cfg 5) and the
+    unified 1-step LoRA at 4 TCD steps (γ 0.5, the sampler reading ComfyUI's sigma table through its guider) give
+    the standalone pictures, and the LoRA changes them."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from nodes.models.model_configs import SHIPPED_CONFIGS
+    from tiny_models import write_hyper_sd_lora
+
+    with open(os.path.join(SHIPPED_CONFIGS, "sd15", "unet", "config.json")) as file:
+        config = json.load(file)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)  # the layout's shapes only
+    loras = os.path.join(random_sd15_models.path, "loras")
+    os.makedirs(loras, exist_ok=True)
+    for seed, name in enumerate(("Hyper-SD15-8steps-CFG-lora", "Hyper-SD15-1step-lora")):
+        write_hyper_sd_lora(unet, os.path.join(loras, f"{name}.safetensors"), rank=8, seed=seed, scale=0.05)
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+    branches = (("13", "Hyper-SD15-8steps-CFG-lora", 0, 1.0), ("23", "Hyper-SD15-1step-lora", 4, 0.5),
+                ("33", "Hyper-SD15-8steps-CFG-lora", 0, 1.0))
+    for save, lora, steps, eta in branches:
+        preset, sample, decode = (str(int(save) - offset) for offset in (3, 2, 1))
+        prompt[preset] = {"class_type": "AtelierHyperSD", "inputs": {
+            "model": ["4", 0], "lora_name": f"{lora}.safetensors", "preset": "auto",
+            "strength_model": 0.0 if save == "33" else 1.0, "steps": steps, "eta": eta}}
+        prompt[sample] = {"class_type": "SamplerCustom", "inputs": {
+            "model": [preset, 0], "add_noise": True, "noise_seed": SEED, "cfg": [preset, 3], "positive": ["6", 0],
+            "negative": ["7", 0], "sampler": [preset, 1], "sigmas": [preset, 2], "latent_image": ["5", 0]}}
+        prompt[decode] = {"class_type": "VAEDecode", "inputs": {"samples": [sample, 0], "vae": ["4", 2]}}
+        prompt[save] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "hypersd" + save,
+                                                              "images": [decode, 0]}}
+    comfy_images = comfyui_server.run(prompt)
+    standalone = atelier.run(prompt)
+    for save, lora, _, _ in branches:
+        measured = psnr(comfy_images[save][0], standalone[save][0])
+        print(f"Hyper-SD {lora} ({save}), ComfyUI against Atelier: {measured:.1f} dB")
+        assert measured >= TARGET_PSNR_DB
+    assert not np.array_equal(comfy_images["13"][0], comfy_images["33"][0])  # strength 0 leaves the base model

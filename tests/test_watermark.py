@@ -16,7 +16,8 @@ from scipy import stats
 from fixtures_models import tiny_sd1  # noqa: F401  (session fixture)
 from nodes.common.denoiser import DiffusersCodec, DiffusersDenoiser
 from nodes.sampling.latents import INITIAL_NOISE_KEY, seeded_noise
-from nodes.generation.nodes import AtelierSampler, AtelierTextEncode, ModelRef
+from nodes.generation.nodes import AtelierSampler, AtelierTextEncode
+from nodes.models.refs import ModelRef
 from nodes.models.clip import Clip
 from nodes.models.loading import load_model
 from nodes.models.text import encode_prompt

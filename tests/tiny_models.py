@@ -152,3 +152,37 @@ def write_tiny_lora(pipeline, out_file: str | os.PathLike, style: str = "kohya",
                 tensors.update({f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up})
     save_file(tensors, os.fspath(out_file))
 
+
+
+# LCM-LoRA's target modules (diffusers' train_lcm_distill_lora_sd.py), which Hyper-SD's published LoRAs adapt too:
+# kohya keys over diffusers' module names, an alpha per module (test_fewstep_hypersd.py checks the layout against
+# the published files' sizes).
+HYPER_SD_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                         "time_emb_proj")
+
+
+def hyper_sd_layout(unet: torch.nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a Hyper-SD LoRA of ``rank`` for ``unet`` (any width; a meta-device one works)."""
+    shapes = {}
+    for name, module in unet.named_modules():
+        if not name.endswith(HYPER_SD_LORA_TARGETS) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        key = "lora_unet_" + name.replace(".", "_")
+        weight = module.weight.shape
+        if isinstance(module, torch.nn.Conv2d):
+            down, up = (rank, weight[1], *weight[2:]), (weight[0], rank, 1, 1)
+        else:
+            down, up = (rank, weight[1]), (weight[0], rank)
+        shapes.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": ()})
+    return shapes
+
+
+def write_hyper_sd_lora(unet: torch.nn.Module, out_file: str | os.PathLike, rank: int = 4, seed: int = 0,
+                        scale: float = 0.05) -> str:
+    """Write a random LoRA in Hyper-SD's published layout for ``unet`` (alpha = rank: branch scale 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {key: torch.tensor(float(rank)) if not shape else torch.randn(shape, generator=generator) * scale
+               for key, shape in hyper_sd_layout(unet, rank).items()}
+    save_file(tensors, os.fspath(out_file))
+    return os.fspath(out_file)

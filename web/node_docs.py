@@ -50,6 +50,10 @@ TECHNIQUE_NOTES: dict[str, tuple[str, str]] = {
                            "After APTP (ICLR 2025): routes each prompt to one of your pipeline variants under a "
                            "compute budget, with no training; prompts are embedded by the checkpoint's own text "
                            "encoder."),
+    "nodes.fewstep.nodes": ("Few-step models from published weights (`atelier/fewstep`)",
+                            "Hyper-SD (ByteDance, 2024): the authors' LoRAs with their model card's sampler, steps "
+                            "and guidance; schedules end at σ 0 as ComfyUI's do (diffusers' last step stops at "
+                            "ᾱ_0)."),
 }
 
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 import torch
 
 from ..common.checks import range_errors
-from ..common.comfy_host import comfy_model_family, comfy_noise_schedule, inside_comfyui
-from ..common.denoiser import NoiseSchedule
 from ..common.limits import MAX_CFG, MAX_SEED, MAX_STEPS
 from ..models.clip import Clip
-from ..models.comfy_adapters import comfy_prompt_conditioning, denoiser_and_latent_space, model_device, model_family
-from ..models.refs import ModelRef
+from ..models.comfy_adapters import (comfy_prompt_conditioning, denoiser_and_latent_space, model_device, model_family,
+                                     noise_schedule)
 from ..models.text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt
 from ..sampling.generate import generate
 from ..sampling.guidance import from_conditioning, to_conditioning
@@ -172,16 +170,6 @@ class AtelierMomentumSampler:
         return (momentum_sampler(method, momentum).for_host(),)
 
 
-def _schedule_and_family(model) -> tuple[NoiseSchedule, str]:
-    """The noise schedule and family of the MODEL socket's value: Atelier's ModelRef, or ComfyUI's ModelPatcher."""
-    if isinstance(model, ModelRef):
-        return model.model.schedule, model.model.family
-    if not inside_comfyui():
-        raise TypeError(f"model must be a MODEL (Atelier's ModelRef, or ComfyUI's ModelPatcher inside ComfyUI); "
-                        f"got {type(model).__name__}")
-    return comfy_noise_schedule(model), comfy_model_family(model)
-
-
 class AtelierFScheduler:
     DESCRIPTION = ("The F-scheduler's truncated schedule (\"Hyperparameters are all you need\"): 5, 6 or 8 steps that "
                    "stop at a small non-zero noise level, as SIGMAS for SamplerCustom, from the model's own training "
@@ -200,8 +188,7 @@ class AtelierFScheduler:
         }}
 
     def get_sigmas(self, model, steps: int) -> tuple[torch.Tensor]:
-        schedule, family = _schedule_and_family(model)
-        _, sigmas = f_scheduler_schedule(schedule, int(steps), family)
+        _, sigmas = f_scheduler_schedule(noise_schedule(model), int(steps), model_family(model))
         return (sigmas.float(),)
 
 

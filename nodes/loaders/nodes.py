@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..common.comfy_host import comfy_module, inside_comfyui
+from ..common.comfy_host import inside_comfyui
 from ..common.denoiser import DiffusersCodec
 from ..models.clip import Clip
 from ..models.formats import SAFE_EXTENSION, check_safetensors
 from ..models.loading import SHIPPED_MODELS, comfy_folder_paths, list_models, load_model, resolve_model_path
-from ..models.lora import MAX_STRENGTH, LoraSpec, prefetch_lora
+from ..models.comfy_adapters import model_with_lora
+from ..models.lora import MAX_STRENGTH
 from ..models.refs import ModelRef, ModelsFolder
 from ..models.sources import SHIPPED_NAME
 from .comfy_native import load_comfy_native
@@ -80,14 +81,7 @@ class AtelierLoraWhenReady(ModelsFolder):
     def load_lora(self, model: Any, lora_name: str, strength_model: float) -> tuple[Any]:
         path = resolve_model_path(LORA_FOLDER, lora_name, self.models_dir)
         check_safetensors(path)
-        if strength_model == 0:
-            return (model,)
-        if inside_comfyui():
-            comfy_sd, comfy_utils = comfy_module("comfy.sd"), comfy_module("comfy.utils")
-            tensors = comfy_utils.load_torch_file(path, safe_load=True)
-            return (comfy_sd.load_lora_for_models(model, None, tensors, strength_model, 0)[0],)
-        prefetch_lora(model.model, path)
-        return (model.with_lora(LoraSpec(path, strength_model, 0.0, when_ready=True)),)
+        return (model_with_lora(model, path, strength_model, when_ready=True),)
 
 
 NODE_CLASS_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": AtelierEmbeddedCheckpointLoader,

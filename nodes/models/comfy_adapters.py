@@ -23,9 +23,10 @@ import torch
 
 from ..common.comfy_host import comfy_model_family, comfy_module, comfy_noise_schedule, has_sampling_patch
 from ..common.denoiser import (Conditioning, Denoiser, DiffusersCodec, DiffusersDenoiser, LatentCodec,
-                               LatentSpace)
+                               LatentSpace, NoiseSchedule)
 from ..common.unet_split import forwards_replaced
 from .clip import CHUNK_TOKENS, Clip
+from .lora import LoraSpec, prefetch_lora
 from .refs import ModelRef
 from .text import ENCODINGS, LONGALIGN_TOKENS, encode_prompt, join_segments, split_sentences
 
@@ -306,6 +307,40 @@ def model_family(model: Any) -> str:
         return model.model.family
     if _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):
         return comfy_model_family(model)
+    raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")
+
+
+def noise_schedule(model: Any) -> NoiseSchedule:
+    """The training noise schedule of what arrived on a MODEL socket: Atelier's :class:`ModelRef` knows its own;
+    ComfyUI's ``ModelPatcher`` is read by :func:`comfy_noise_schedule`.
+
+    Raises:
+        TypeError: neither.
+        ValueError: ComfyUI's model is not on a discrete timestep schedule.
+    """
+    if isinstance(model, ModelRef):
+        return model.model.schedule
+    if _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):
+        return comfy_noise_schedule(model)
+    raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")
+
+
+def model_with_lora(model: Any, path: str, strength: float, *, when_ready: bool = False) -> Any:
+    """What arrived on a MODEL socket with LoRA file ``path`` on its diffusion model, in that host's way: Atelier's
+    runs it beside the base weights (read ahead on a background thread; ``when_ready`` lets sampling start without
+    it, SwiftDiffusion); ComfyUI's gets ComfyUI's own weight patches, as its LoraLoaderModelOnly gives.
+
+    Raises:
+        TypeError: neither host's MODEL.
+    """
+    if strength == 0:
+        return model
+    if isinstance(model, ModelRef):
+        prefetch_lora(model.model, path)
+        return model.with_lora(LoraSpec(path, strength, 0.0, when_ready=when_ready))
+    if _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):
+        tensors = comfy_module("comfy.utils").load_torch_file(path, safe_load=True)
+        return comfy_module("comfy.sd").load_lora_for_models(model, None, tensors, strength, 0)[0]
     raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")
 
 

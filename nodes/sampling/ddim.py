@@ -45,6 +45,22 @@ def leading_ddim_timesteps(steps: int, total: int = 1000) -> torch.Tensor:
     return torch.arange(steps) * (total // steps)
 
 
+def trailing_timesteps(steps: int, total: int = 1000) -> torch.Tensor:
+    """diffusers' ``timestep_spacing="trailing"`` grid, descending from the last training timestep:
+    round(total − i·total/steps) − 1 for i < steps (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Table 2), what Hyper-SD's model card samples on.
+
+    Example:
+        >>> trailing_timesteps(4).tolist(), trailing_timesteps(12)[:3].tolist()
+        ([999, 749, 499, 249], [999, 916, 832])
+    """
+    if not 1 <= steps <= total:
+        raise ValueError(f"steps must be in [1, {total}]; got {steps}")
+    # Written out rather than np.arange(total, 0, -total/steps): that float range gains an extra entry for some
+    # step counts (3, 6, ...).
+    return torch.tensor([round(total - i * total / steps) - 1 for i in range(steps)])
+
+
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
     """Deterministic DDIM from ᾱ_from to ᾱ_to with noise estimate ε: √ᾱ_to·x̂_0 + √(1−ᾱ_to)·ε."""
     x0 = (x - (1 - alpha_from) ** 0.5 * eps) / alpha_from ** 0.5

@@ -107,6 +107,24 @@ def _seed(extra_args: Mapping[str, Any]) -> int | None:
     return extra_args.get("seed")
 
 
+def _model_sampling(model: Denoised) -> Any:
+    """The sigma table of the model a sampling function steps with (``timestep(σ)``, ``sigma(t)``): the denoiser of
+    :func:`run_sampler` carries it; inside ComfyUI, ``KSAMPLER``'s wrapper reaches it through its guider's
+    ``ModelPatcher``, as ComfyUI's own samplers read it.
+
+    Raises:
+        ValueError: the model carries neither.
+    """
+    sampling = getattr(model, "model_sampling", None)
+    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
+    if sampling is None and patcher is not None:
+        sampling = patcher.get_model_object("model_sampling")
+    if sampling is None:
+        raise ValueError("this sampler needs the model's sigma table: run it through run_sampler or a ComfyUI "
+                         "sampler node")
+    return sampling
+
+
 def _brownian_noise(x: torch.Tensor, sigmas: torch.Tensor, extra_args: Mapping[str, Any],
                     cpu: bool) -> NoiseSampler:
     """A Brownian tree over the run's positive sigma range, seeded with the run's seed."""
@@ -791,6 +809,41 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     return x
 
 
+@torch.no_grad()
+def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, gamma=0.3):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, "Trajectory
+    Consistency Distillation", Algorithm 4; diffusers' ``TCDScheduler.step``), on the VE latent.
+
+    From x at σ with estimate x̂₀ (ε = (x − x̂₀)/σ), the step goes back along the trajectory to the earlier
+    timestep s = ⌊(1 − γ)·t(σ_next)⌋ and forward again to σ_next with fresh noise z:
+    x_next = x̂₀ + σ_s·ε + √(σ_next² − σ_s²)·z. (diffusers' VP form √(ᾱ_prev/ᾱ_s)·x_s + √(1 − ᾱ_prev/ᾱ_s)·z,
+    divided by √ᾱ_prev.) γ = 0 is DDIM; γ = 1 jumps to x̂₀ + σ_min·ε and re-noises, as LCM does. A final σ = 0
+    gives x̂₀ (ComfyUI's schedules end there; diffusers' last step stops at t = 0, σ_min, without noise: give
+    that σ last to follow it).
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1]; got {gamma}")
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
+    sampling = _model_sampling(model)
+    ones = _batch_sigma(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * ones, **extra_args)
+        _report(callback, x, i, sigma, denoised)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        t_next = sampling.timestep(sigma_next)
+        t_s = torch.floor((1.0 - gamma) * t_next.float())
+        stochastic = bool(t_s < t_next)
+        sigma_s = sampling.sigma(t_s).to(sigma_next) if stochastic else sigma_next
+        x = denoised + sigma_s * (x - denoised) / sigma
+        if stochastic:
+            x = x + noise_sampler(sigma, sigma_next) * (sigma_next ** 2 - sigma_s ** 2).sqrt()
+    return x
+
+
 # ------------------------------------------------------------------------------------------------------- UniPC
 
 def _vp_log_alpha(sigma: torch.Tensor) -> torch.Tensor:
@@ -1301,9 +1354,7 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=N
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
     if tau_func is None:
-        if getattr(model, "model_sampling", None) is None:
-            raise ValueError("sa_solver needs a tau_func, or a model that carries its model_sampling (run_sampler's)")
-        tau_func = sa_solver_noise_interval(model.model_sampling)
+        tau_func = sa_solver_noise_interval(_model_sampling(model))
     ones = _batch_sigma(x)
     lambdas = _lambda(sigmas)
     max_order = max(predictor_order, corrector_order)

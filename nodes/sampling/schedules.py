@@ -1,4 +1,5 @@
-"""Sigma and timestep schedules that diffusers lacks: the F-scheduler's truncated schedule and its helpers.
+"""Sigma and timestep schedules that diffusers lacks: the F-scheduler's truncated schedule and its helpers, and
+TCD's timestep grid.
 
 Notation (``techniques.md`` §4): ᾱ_t = ``alphas_cumprod[t]``; the VE sigma s_t = √((1−ᾱ_t)/ᾱ_t); timesteps may be
 fractional, with ᾱ linearly interpolated between the integer ones (:meth:`NoiseSchedule.alpha_bar`).
@@ -146,3 +147,22 @@ def vp_coefficients(sigma: float) -> tuple[float, float]:
     """
     alpha = 1 / math.sqrt(sigma * sigma + 1)
     return alpha, sigma * alpha
+
+
+# Source: diffusers' TCDScheduler (original_inference_steps 50), as Hyper-SD's model card runs it.
+TCD_ORIGINAL_STEPS = 50
+
+
+def tcd_timesteps(steps: int, total: int = 1000, original_steps: int = TCD_ORIGINAL_STEPS) -> torch.Tensor:
+    """TCD's inference grid, descending: ``steps`` evenly spaced entries (by index, from the first) of its
+    distillation grid total−1, total−1−k, …, k−1 with k = total // original_steps (diffusers' ``TCDScheduler``).
+
+    Example:
+        >>> tcd_timesteps(1).tolist(), tcd_timesteps(4).tolist()
+        ([999], [999, 759, 499, 259])
+    """
+    if not 1 <= steps <= original_steps:
+        raise ValueError(f"steps must be in [1, {original_steps}]; got {steps}")
+    skip = total // original_steps
+    distilled = torch.arange(original_steps, 0, -1) * skip - 1
+    return distilled[torch.arange(steps) * original_steps // steps]

@@ -1,0 +1,130 @@
+"""Few-step models from published weights (issue 25): wall time per image of each preset against SD1.5's DDIM-25
+with CFG, side by side in one run.
+
+One full-size SD1.5 pipeline with random weights (``bench/sampler.py``'s builder; speed does not depend on the
+weights' values) serves every arm, so the ratios measure the presets' step counts, guidance and any extra layers:
+
+- **reference**: KSampler, ComfyUI's ``ddim`` on ``ddim_uniform`` (diffusers' DDIM grid), 25 steps, CFG 7.5;
+- **Hyper-SD** presets, through the node (a random LoRA in the published layout, rank 64 over LCM-LoRA's modules,
+  run beside the base weights as Atelier runs every LoRA): the 1-step unified LoRA (TCD), 2, 4 and 8 steps without
+  guidance, 8 and 12 steps with CFG 5, each through SamplerCustom.
+
+Per image: sampling from the encoded prompts, then the VAE decode (the same for every arm); the runs alternate
+between arms after one warm-up each, and the medians' ratio is the speedup. ``--quick``: 256×256, one timed run
+per arm; the full run: 512×512, two.
+
+    python bench/few_step.py [--quick]
+
+Ends with ``BENCH few_step hypersd_8steps_cfg_speedup=... ...`` (reference seconds over the arm's, decode
+included), the sampling-only ratios (``…_sampling_speedup``) and the seconds per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from bench.sampler import build_pipeline, report  # noqa: E402
+from nodes.common.denoiser import DiffusersCodec, NoiseSchedule  # noqa: E402
+from nodes.fewstep.nodes import AtelierHyperSD  # noqa: E402
+from nodes.models.clip import Clip  # noqa: E402
+from nodes.models.loading import LoadedModel  # noqa: E402
+from nodes.models.refs import ModelRef  # noqa: E402
+from tests.tiny_models import write_hyper_sd_lora  # noqa: E402
+from web.nodes_latent import EmptyLatentImage, VAEDecode  # noqa: E402
+from web.nodes_sampling import KSampler, SamplerCustom  # noqa: E402
+
+QUICK = {"size": 256, "runs": 1}
+FULL = {"size": 512, "runs": 2}
+SEED = 0
+REFERENCE = ("ddim", "ddim_uniform", 25, 7.5)  # sampler, scheduler, steps, CFG
+PROMPT, NEGATIVE = "a lighthouse on a cliff at sunset, detailed oil painting", "blurry"
+PUBLISHED_RANK = 64
+HYPER_SD_ARMS = {"hypersd_1step": "Hyper-SD15-1step-lora", "hypersd_2steps": "Hyper-SD15-2steps-lora",
+                 "hypersd_4steps": "Hyper-SD15-4steps-lora", "hypersd_8steps": "Hyper-SD15-8steps-lora",
+                 "hypersd_8steps_cfg": "Hyper-SD15-8steps-CFG-lora",
+                 "hypersd_12steps_cfg": "Hyper-SD15-12steps-CFG-lora"}
+
+
+def _ref(pipeline) -> ModelRef:
+    schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), "epsilon")
+    return ModelRef(LoadedModel(pipeline=pipeline, family="sd1", schedule=schedule, dtype=torch.float32,
+                                device=torch.device("cpu"), source="random sd15"))
+
+
+def arms(model: ModelRef, models_dir: str, positive, negative, latent: dict) -> dict[str, Callable[[], dict]]:
+    """Each arm as a function that samples one latent."""
+    sampler_name, scheduler, steps, cfg = REFERENCE
+    runs = {"reference": lambda: KSampler().sample(model, SEED, steps, cfg, sampler_name, scheduler, positive,
+                                                   negative, latent, 1.0)[0]}
+    AtelierHyperSD.models_dir = models_dir
+    for name, preset in HYPER_SD_ARMS.items():
+        patched, sampler, sigmas, preset_cfg = AtelierHyperSD().apply(model, "random.safetensors", preset, 1.0, 0,
+                                                                      1.0)["result"]
+        runs[name] = (lambda patched=patched, sampler=sampler, sigmas=sigmas, preset_cfg=preset_cfg:
+                      SamplerCustom().sample(patched, True, SEED, preset_cfg, positive, negative, sampler, sigmas,
+                                             latent)[0])
+    return runs
+
+
+def measure(size: int, runs: int) -> dict[str, float]:
+    torch.set_grad_enabled(False)
+    pipeline = build_pipeline("sd15", torch.device("cpu"), torch.float32)
+    model = _ref(pipeline)
+    clip, codec = Clip(model), DiffusersCodec(pipeline.vae)
+    positive, negative = clip.encode(PROMPT), clip.encode(NEGATIVE)
+    latent = EmptyLatentImage().generate(size, size, 1)[0]
+    with tempfile.TemporaryDirectory() as models_dir:
+        os.makedirs(os.path.join(models_dir, "loras"))
+        write_hyper_sd_lora(pipeline.unet, os.path.join(models_dir, "loras", "random.safetensors"),
+                            rank=PUBLISHED_RANK)
+        samplers = arms(model, models_dir, positive, negative, latent)
+        sampling: dict[str, list[float]] = {name: [] for name in samplers}
+        total: dict[str, list[float]] = {name: [] for name in samplers}
+        for name, run in samplers.items():  # warm-up: the LoRA is read and injected once
+            run()
+        for index in range(runs):
+            order = list(samplers.items()) if index % 2 == 0 else list(samplers.items())[::-1]
+            for name, run in order:
+                started = time.perf_counter()
+                sampled = run()
+                sampled_at = time.perf_counter()
+                VAEDecode().decode(codec, sampled)
+                finished = time.perf_counter()
+                sampling[name].append(sampled_at - started)
+                total[name].append(finished - started)
+                report(f"  {name}: {total[name][-1]:.2f} s ({sampling[name][-1]:.2f} s sampling)")
+    reference_total, reference_sampling = statistics.median(total["reference"]), statistics.median(
+        sampling["reference"])
+    figures = {"reference_s": reference_total}
+    for name in HYPER_SD_ARMS:
+        seconds, sampled = statistics.median(total[name]), statistics.median(sampling[name])
+        report(f"SD1.5 {size}² {name}: {seconds:.1f} s per image against DDIM-25 CFG's {reference_total:.1f} s: "
+               f"{reference_total / seconds:.2f}x ({reference_sampling / sampled:.2f}x sampling only)")
+        figures.update({f"{name}_speedup": reference_total / seconds,
+                        f"{name}_sampling_speedup": reference_sampling / sampled, f"{name}_s": seconds})
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK['size']}², {QUICK['runs']} timed run per arm")
+    args = parser.parse_args()
+    mode = QUICK if args.quick else FULL
+    figures = measure(mode["size"], mode["runs"])
+    fields = " ".join(f"{key}={value:.3f}" for key, value in figures.items())
+    report(f"BENCH few_step {fields} size={mode['size']} device=cpu quick={int(args.quick)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,14 @@ weights' values) serves every arm, so the ratios measure the presets' step count
 - **reference**: KSampler, ComfyUI's ``ddim`` on ``ddim_uniform`` (diffusers' DDIM grid), 25 steps, CFG 7.5;
 - **Hyper-SD** presets, through the node (a random LoRA in the published layout, rank 64 over LCM-LoRA's modules,
   run beside the base weights as Atelier runs every LoRA): the 1-step unified LoRA (TCD), 2, 4 and 8 steps without
-  guidance, 8 and 12 steps with CFG 5, each through SamplerCustom.
+  guidance, 8 and 12 steps with CFG 5, each through SamplerCustom;
+- **InstaFlow / 2-Rectified Flow**, through the node (the same UNet sampled as a flow): InstaFlow-0.9B's one step
+  without guidance, 2-Rectified Flow's 25 steps at guidance 1.5 and at 4 steps.
+
+KOALA's UNets are SDXL-family: they are timed apart, UNet calls only (a whole random SDXL pipeline beside them does
+not fit this machine's memory), against SDXL's own UNet at the same size: wall time of one guided call (batch 2)
+of each, random full-size weights from the shipped configs, and per image the card's steps times that (SDXL at
+Euler-25 CFG, the KOALA models at 25, the Lightning ones at 10).
 
 Per image: sampling from the encoded prompts, then the VAE decode (the same for every arm); the runs alternate
 between arms after one warm-up each, and the medians' ratio is the speedup. ``--quick``: 256×256, one timed run
@@ -36,7 +43,9 @@ import torch  # noqa: E402
 
 from bench.sampler import build_pipeline, report  # noqa: E402
 from nodes.common.denoiser import DiffusersCodec, NoiseSchedule  # noqa: E402
-from nodes.fewstep.nodes import AtelierHyperSD  # noqa: E402
+from nodes.fewstep.koala import KOALA_PRESETS, koala_config_dir  # noqa: E402
+from nodes.fewstep.nodes import AtelierHyperSD, AtelierRectifiedFlow  # noqa: E402
+from nodes.models.model_configs import SHIPPED_CONFIGS  # noqa: E402
 from nodes.models.clip import Clip  # noqa: E402
 from nodes.models.loading import LoadedModel  # noqa: E402
 from nodes.models.refs import ModelRef  # noqa: E402
@@ -44,8 +53,9 @@ from tests.tiny_models import write_hyper_sd_lora  # noqa: E402
 from web.nodes_latent import EmptyLatentImage, VAEDecode  # noqa: E402
 from web.nodes_sampling import KSampler, SamplerCustom  # noqa: E402
 
-QUICK = {"size": 256, "runs": 1}
-FULL = {"size": 512, "runs": 2}
+QUICK = {"size": 256, "runs": 1, "koala_size": 256}
+FULL = {"size": 512, "runs": 2, "koala_size": 512}
+SDXL_REFERENCE_STEPS = 25
 SEED = 0
 REFERENCE = ("ddim", "ddim_uniform", 25, 7.5)  # sampler, scheduler, steps, CFG
 PROMPT, NEGATIVE = "a lighthouse on a cliff at sunset, detailed oil painting", "blurry"
@@ -54,6 +64,9 @@ HYPER_SD_ARMS = {"hypersd_1step": "Hyper-SD15-1step-lora", "hypersd_2steps": "Hy
                  "hypersd_4steps": "Hyper-SD15-4steps-lora", "hypersd_8steps": "Hyper-SD15-8steps-lora",
                  "hypersd_8steps_cfg": "Hyper-SD15-8steps-CFG-lora",
                  "hypersd_12steps_cfg": "Hyper-SD15-12steps-CFG-lora"}
+FLOW_ARMS = {"instaflow_1step": ("InstaFlow-0.9B", 0), "rectified_flow_25steps": ("2-Rectified Flow", 0),
+             "rectified_flow_4steps": ("2-Rectified Flow", 4)}
+ARMS = (*HYPER_SD_ARMS, *FLOW_ARMS)
 
 
 def _ref(pipeline) -> ModelRef:
@@ -68,9 +81,11 @@ def arms(model: ModelRef, models_dir: str, positive, negative, latent: dict) -> 
     runs = {"reference": lambda: KSampler().sample(model, SEED, steps, cfg, sampler_name, scheduler, positive,
                                                    negative, latent, 1.0)[0]}
     AtelierHyperSD.models_dir = models_dir
-    for name, preset in HYPER_SD_ARMS.items():
-        patched, sampler, sigmas, preset_cfg = AtelierHyperSD().apply(model, "random.safetensors", preset, 1.0, 0,
-                                                                      1.0)["result"]
+    outputs = {name: AtelierHyperSD().apply(model, "random.safetensors", preset, 1.0, 0, 1.0)["result"]
+               for name, preset in HYPER_SD_ARMS.items()}
+    outputs.update({name: AtelierRectifiedFlow().apply(model, weights, steps)
+                    for name, (weights, steps) in FLOW_ARMS.items()})
+    for name, (patched, sampler, sigmas, preset_cfg) in outputs.items():
         runs[name] = (lambda patched=patched, sampler=sampler, sigmas=sigmas, preset_cfg=preset_cfg:
                       SamplerCustom().sample(patched, True, SEED, preset_cfg, positive, negative, sampler, sigmas,
                                              latent)[0])
@@ -107,7 +122,7 @@ def measure(size: int, runs: int) -> dict[str, float]:
     reference_total, reference_sampling = statistics.median(total["reference"]), statistics.median(
         sampling["reference"])
     figures = {"reference_s": reference_total}
-    for name in HYPER_SD_ARMS:
+    for name in ARMS:
         seconds, sampled = statistics.median(total[name]), statistics.median(sampling[name])
         report(f"SD1.5 {size}² {name}: {seconds:.1f} s per image against DDIM-25 CFG's {reference_total:.1f} s: "
                f"{reference_total / seconds:.2f}x ({reference_sampling / sampled:.2f}x sampling only)")
@@ -116,12 +131,47 @@ def measure(size: int, runs: int) -> dict[str, float]:
     return figures
 
 
+def koala_calls(size: int, runs: int) -> dict[str, float]:
+    """Seconds per guided UNet call (batch 2) of SDXL's UNet and KOALA's, and per image at the cards' steps."""
+    from diffusers import UNet2DConditionModel
+
+    torch.set_grad_enabled(False)
+    latent = torch.randn(2, 4, size // 8, size // 8)
+    context, pooled = torch.randn(2, 77, 2048), torch.randn(2, 1280)
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)}
+    seconds = {}
+    for name, folder in (("sdxl", os.path.join(SHIPPED_CONFIGS, "sdxl")), ("koala_1b", koala_config_dir("koala_1b")),
+                         ("koala_700m", koala_config_dir("koala_700m"))):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet")).eval()
+        call = lambda unet=unet: unet(latent, torch.tensor([500.0] * 2), encoder_hidden_states=context,  # noqa: E731
+                                      added_cond_kwargs=added).sample
+        call()  # warm-up
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+        seconds[name] = statistics.median(times)
+        report(f"  {name} UNet, {size}², one guided call: {seconds[name]:.2f} s")
+        del unet
+    figures = {f"{name}_call_s": value for name, value in seconds.items()}
+    reference = SDXL_REFERENCE_STEPS * seconds["sdxl"]
+    for weights, preset in KOALA_PRESETS.items():
+        key = weights.lower().replace("-", "_")
+        per_image = preset.steps * seconds[preset.unet]
+        report(f"SDXL {size}² {weights}: {per_image:.1f} s of UNet per image against SDXL Euler-25 CFG's "
+               f"{reference:.1f} s: {reference / per_image:.2f}x")
+        figures[f"{key}_unet_speedup"] = reference / per_image
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['size']}², {QUICK['runs']} timed run per arm")
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
-    figures = measure(mode["size"], mode["runs"])
+    figures = {**measure(mode["size"], mode["runs"]), **koala_calls(mode["koala_size"], mode["runs"] + 1)}
     fields = " ".join(f"{key}={value:.3f}" for key, value in figures.items())
     report(f"BENCH few_step {fields} size={mode['size']} device=cpu quick={int(args.quick)}")
 

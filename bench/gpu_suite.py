@@ -255,7 +255,7 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
 
     from nodes.loaders.nodes import EMBEDDED_CHECKPOINT
     from nodes.models.loading import load_model
-    from tests.tiny_models import write_hyper_sd_lora, write_tiny_lora
+    from tests.tiny_models import save_tiny_koala, write_hyper_sd_lora, write_tiny_lora
 
     record(**device_fields())
     # lora_when_ready.json names models/loras/style.safetensors: a random LoRA for the embedded model stands in.
@@ -265,6 +265,8 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     write_tiny_lora(embedded.pipeline, os.path.join(loras, "style.safetensors"))
     # hypersd.json names the published Hyper-SD15-8steps-CFG-lora.safetensors: one in its layout stands in.
     write_hyper_sd_lora(embedded.unet, os.path.join(loras, "Hyper-SD15-8steps-CFG-lora.safetensors"))
+    # koala.json names models/diffusers/koala-lightning-700m: a tiny folder in its layout stands in.
+    save_tiny_koala(os.path.join(work_dir, "models", "diffusers", "koala-lightning-700m"))
     classes = node_classes(DataFolders.under(os.path.join(work_dir, "data")), os.path.join(work_dir, "models"))
     executed: set[str] = set()
     outcomes: dict[str, dict[str, Any]] = {}

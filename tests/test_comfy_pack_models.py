@@ -617,6 +617,31 @@ def test_hyper_sd_presets_run_under_comfyuis_sampler_custom_as_standalone(comfyu
     standalone = atelier.run(prompt)
     for save, lora, _, _ in branches:
         measured = psnr(comfy_images[save][0], standalone[save][0])
-        print(f"Hyper-SD {lora} ({save}), ComfyUI against Atelier: {measured:.1f} dB")
+        print(f"Hyper-SD {lora} ({save}), ComfyUI against Atelier: {measured:.1f} dB; levels "
+              f"{comfy_images[save][0].min()}–{comfy_images[save][0].max()}, std {comfy_images[save][0].std():.1f}")
         assert measured >= TARGET_PSNR_DB
     assert not np.array_equal(comfy_images["13"][0], comfy_images["33"][0])  # strength 0 leaves the base model
+
+
+def test_rectified_flow_runs_under_comfyuis_sampler_custom_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """InstaFlow's node inside ComfyUI patches ComfyUI's model_sampling to the flow (velocity toward the data) and
+    gives its Euler and sigmas: 2-Rectified Flow at 3 steps and guidance 1.5 gives the standalone picture."""
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "AtelierRectifiedFlow", "inputs": {"model": ["4", 0], "weights": "2-Rectified Flow",
+                                                                "steps": 3}},
+        "11": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["10", 0], "add_noise": True, "noise_seed": SEED, "cfg": ["10", 3], "positive": ["6", 0],
+            "negative": ["7", 0], "sampler": ["10", 1], "sigmas": ["10", 2], "latent_image": ["5", 0]}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
+        "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": "flow", "images": ["12", 0]}},
+    }
+    comfy_images = comfyui_server.run(prompt)
+    standalone = atelier.run(prompt)
+    measured = psnr(comfy_images["13"][0], standalone["13"][0])
+    print(f"2-Rectified Flow, ComfyUI against Atelier: {measured:.1f} dB; its levels "
+          f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
+    assert measured >= TARGET_PSNR_DB

@@ -186,3 +186,20 @@ def write_hyper_sd_lora(unet: torch.nn.Module, out_file: str | os.PathLike, rank
                for key, shape in hyper_sd_layout(unet, rank).items()}
     save_file(tensors, os.fspath(out_file))
     return os.fspath(out_file)
+
+
+def save_tiny_koala(folder: str | os.PathLike, seed: int = 2) -> str:
+    """Save a tiny SDXL diffusers folder whose UNet has KOALA-700M's depths (one ResNet per level, 5 transformer
+    blocks at the lowest level, no mid block), laid out as the published KOALA folders are."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from nodes.fewstep.koala import KOALA_UNETS
+
+    pipeline = build_tiny_pipeline("sdxl", seed)
+    # diffusers re-applies its defaults to the keys "_use_default_values" lists (the mid block among them)
+    config = {key: value for key, value in pipeline.unet.config.items() if key != "_use_default_values"}
+    config.update(KOALA_UNETS["koala_700m"])
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(config)
+    StableDiffusionXLPipeline(**{**pipeline.components, "unet": unet}).save_pretrained(os.fspath(folder))
+    return os.fspath(folder)

@@ -52,8 +52,9 @@ TECHNIQUE_NOTES: dict[str, tuple[str, str]] = {
                            "encoder."),
     "nodes.fewstep.nodes": ("Few-step models from published weights (`atelier/fewstep`)",
                             "Hyper-SD (ByteDance, 2024): the authors' LoRAs with their model card's sampler, steps "
-                            "and guidance; schedules end at σ 0 as ComfyUI's do (diffusers' last step stops at "
-                            "ᾱ_0)."),
+                            "and guidance, schedules ending at σ 0 as ComfyUI's (diffusers' last step stops at "
+                            "ᾱ_0). InstaFlow (ICLR 2024): Euler on the flow, the authors' loop exactly. KOALA: the "
+                            "authors' Euler settings; the base models' scheduler is assumed to be SDXL's."),
 }
 
 

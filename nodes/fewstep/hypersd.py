@@ -34,7 +34,7 @@ from safetensors import safe_open
 
 from ..common.denoiser import NoiseSchedule
 from ..sampling.ddim import trailing_timesteps
-from ..sampling.schedules import tcd_timesteps
+from ..sampling.schedules import tcd_timesteps, timestep_sigmas
 
 AUTO_PRESET = "auto"
 HYPER_SD_SAMPLERS = ("ddim", "tcd")
@@ -148,6 +148,4 @@ def hyper_sd_timesteps(sampler: str, steps: int, total: int = 1000) -> torch.Ten
 
 def hyper_sd_sigmas(schedule: NoiseSchedule, sampler: str, steps: int) -> torch.Tensor:
     """SIGMAS (steps + 1,) float32 for a preset's sampler on ``schedule``: the VE sigmas of its timesteps, then 0."""
-    timesteps = hyper_sd_timesteps(sampler, steps, schedule.num_train_timesteps)
-    sigmas = schedule.ve_sigmas()[timesteps].float()
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
+    return timestep_sigmas(schedule, hyper_sd_timesteps(sampler, steps, schedule.num_train_timesteps))

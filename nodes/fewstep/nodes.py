@@ -6,18 +6,24 @@ SamplerCustom: inside ComfyUI they are ComfyUI's own objects, standalone Atelier
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..models.comfy_adapters import model_family, model_with_lora, noise_schedule
 from ..models.formats import check_safetensors
 from ..models.lora import MAX_STRENGTH
-from ..models.refs import ModelsFolder
+from ..models.refs import ModelRef, ModelsFolder
 from ..models.sources import list_models, resolve_model_path
 from ..sampling.k_samplers import Sampler, sample_tcd
 from ..sampling.schedules import TCD_ORIGINAL_STEPS
-from .hypersd import (AUTO_PRESET, HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas, preset_name_for_file)
+from ..sampling.model_sampling import RectifiedFlowSampling
+from ..sampling.schedules import timestep_sigmas
+from .hypersd import AUTO_PRESET, HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas, preset_name_for_file
+from .koala import KOALA_LABELS, KOALA_PRESETS, koala_timesteps, koala_unet_of_model
+from .rectified_flow import RECTIFIED_FLOW_PRESETS, comfy_rectified_flow_model, rectified_flow_sigmas
 
 CATEGORY = "atelier/fewstep"
+MAX_PRESET_STEPS = 100  # the cards' settings go up to 25 (50 for KOALA-Lightning's demo); more only costs time
 LORA_FOLDER = "loras"
 
 
@@ -71,5 +77,82 @@ class AtelierHyperSD(ModelsFolder):
                 "result": (model_with_lora(model, path, strength_model), sampler.for_host(), sigmas, chosen.cfg)}
 
 
-NODE_CLASS_MAPPINGS = {"AtelierHyperSD": AtelierHyperSD}
-NODE_DISPLAY_NAME_MAPPINGS = {"AtelierHyperSD": "Hyper-SD LoRA + Preset"}
+class AtelierRectifiedFlow:
+    DESCRIPTION = ("InstaFlow and 2-Rectified Flow (Liu et al., ICLR 2024): makes the MODEL sample as the rectified "
+                   "flow its UNet was retrained to be, and gives the authors' sampler for SamplerCustom: Euler on "
+                   "the flow from t = 1000, one step without guidance for InstaFlow-0.9B, 25 steps at guidance 1.5 "
+                   "for 2-Rectified Flow. Load the published diffusers folder as the checkpoint (models/diffusers).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "SAMPLER", "SIGMAS", "FLOAT")
+    RETURN_NAMES = ("MODEL", "SAMPLER", "SIGMAS", "cfg")
+    OUTPUT_TOOLTIPS = ("The model, sampling as a rectified flow.",
+                       "Euler on the flow, for SamplerCustom.",
+                       "The flow times 1 − i/steps, then 0, for SamplerCustom.",
+                       "The model card's guidance scale, for SamplerCustom's cfg (1 = none).")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "InstaFlow's or 2-Rectified Flow's UNet (their diffusers folder, loaded "
+                                           "as a checkpoint): an SD1.5-family model retrained as a flow."}),
+            "weights": (list(RECTIFIED_FLOW_PRESETS), {"tooltip": "Which published model it is: its steps and "
+                                                                  "guidance."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": MAX_PRESET_STEPS, "step": 1,
+                              "tooltip": "0: the model card's (1 for InstaFlow, 25 for 2-Rectified Flow, which "
+                                         "also works at 2 to 8)."}),
+        }}
+
+    def apply(self, model: Any, weights: str, steps: int) -> tuple:
+        family = model_family(model)
+        if family != "sd1":
+            raise ValueError(f"{weights} is an SD1.5-family UNet; this MODEL is {family}: load the published "
+                             f"diffusers folder as the checkpoint")
+        preset = RECTIFIED_FLOW_PRESETS[weights]
+        if isinstance(model, ModelRef):
+            flowing = dataclasses.replace(model, model_sampling_override=RectifiedFlowSampling())
+        else:
+            flowing = comfy_rectified_flow_model(model)
+        sigmas = rectified_flow_sigmas(steps or preset.steps)
+        return flowing, Sampler.from_name("euler").for_host(), sigmas, preset.cfg
+
+
+class AtelierKOALA:
+    DESCRIPTION = ("KOALA (ETRI, 2024): SDXL distilled into a 700M or 1B UNet. Checks that the MODEL's UNet is the "
+                   "chosen KOALA's and gives the authors' sampler for SamplerCustom: Euler, 25 steps at guidance 7.5 "
+                   "for KOALA-700M/1B, 10 trailing steps at guidance 3.5 for the Lightning models. Load the "
+                   "published diffusers folder as the checkpoint (models/diffusers).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "SAMPLER", "SIGMAS", "FLOAT")
+    RETURN_NAMES = ("MODEL", "SAMPLER", "SIGMAS", "cfg")
+    OUTPUT_TOOLTIPS = ("The model, unchanged.", "Euler, for SamplerCustom.",
+                       "The card's timesteps as noise levels, for SamplerCustom.",
+                       "The card's guidance scale, for SamplerCustom's cfg.")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A KOALA model (its diffusers folder, loaded as a checkpoint)."}),
+            "weights": (list(KOALA_PRESETS), {"tooltip": "Which published KOALA it is: its sampler settings."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": MAX_PRESET_STEPS, "step": 1,
+                              "tooltip": "0: the card's (25, or 10 for the Lightning models, which run at 8 to 50)."}),
+        }}
+
+    def apply(self, model: Any, weights: str, steps: int) -> tuple:
+        preset = KOALA_PRESETS[weights]
+        found = koala_unet_of_model(model)
+        if found != preset.unet:
+            what = KOALA_LABELS[found] + "'s" if found else f"not a KOALA UNet ({model_family(model)})"
+            raise ValueError(f"{weights} expects {KOALA_LABELS[preset.unet]}'s UNet; this MODEL's UNet is {what}")
+        schedule = noise_schedule(model)
+        sigmas = timestep_sigmas(schedule, koala_timesteps(preset, steps or preset.steps,
+                                                           schedule.num_train_timesteps))
+        return model, Sampler.from_name("euler").for_host(), sigmas, preset.cfg
+
+
+NODE_CLASS_MAPPINGS = {"AtelierHyperSD": AtelierHyperSD, "AtelierRectifiedFlow": AtelierRectifiedFlow,
+                       "AtelierKOALA": AtelierKOALA}
+NODE_DISPLAY_NAME_MAPPINGS = {"AtelierHyperSD": "Hyper-SD LoRA + Preset",
+                              "AtelierRectifiedFlow": "InstaFlow / Rectified Flow Sampling",
+                              "AtelierKOALA": "KOALA Preset"}

@@ -231,6 +231,9 @@ def _check_unpatched(model: ModelRef) -> None:
         raise ValueError("this node samples with its own sampler, which does not follow NoiseShift in the standalone "
                          "app: use KSampler or SamplerCustom after NoiseShift Apply, or give this node the model "
                          "from before it")
+    if model.model_sampling_override is not None:
+        raise ValueError("this node samples with its own sampler on the model's training schedule, which a "
+                         "rectified-flow model does not have: use SamplerCustom with the model's own nodes")
     if model.sampling_patch is not None:
         raise ValueError(SAMPLING_PATCH_REFUSAL)
 
@@ -319,6 +322,9 @@ def noise_schedule(model: Any) -> NoiseSchedule:
         ValueError: ComfyUI's model is not on a discrete timestep schedule.
     """
     if isinstance(model, ModelRef):
+        if model.model_sampling_override is not None:
+            raise ValueError("this MODEL samples as a rectified flow, not on its training noise schedule: give "
+                             "this node the model from before the rectified-flow node")
         return model.model.schedule
     if _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):
         return comfy_noise_schedule(model)

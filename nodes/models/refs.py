@@ -37,6 +37,9 @@ class ModelRef:
     loras: tuple[LoraSpec, ...] = ()
     # NoiseShift's table (nodes/noiseshift), which the KSampler nodes' model sampling follows; None: no shift
     noise_shift: object | None = None
+    # the sampling view that replaces the one of the model's training schedule, for a UNet trained otherwise (a
+    # rectified flow's, nodes/sampling/model_sampling.py), which the KSampler nodes' guider follows; None: the model's
+    model_sampling_override: object | None = None
     # a step-aware patch (nodes/sampling/patches.py: Faster Diffusion, ...), which the KSampler nodes' guider runs;
     # it stays in this process (a recipe does not carry it: the nodes that spread work refuse a patched model)
     sampling_patch: object | None = None
@@ -48,7 +51,7 @@ class ModelRef:
     def recipe(self) -> ModelRecipe:
         """How another process loads the same model with the same LoRAs (see :class:`ModelRecipe`)."""
         return ModelRecipe(self.model.source, self.model.schedule.prediction_type, str(self.model.dtype), self.loras,
-                           self.noise_shift)
+                           self.noise_shift, self.model_sampling_override)
 
     @contextlib.contextmanager
     def in_use(self, *parts: str, when_ready: bool = False) -> Iterator[LoadedModel]:
@@ -92,12 +95,13 @@ class ModelRecipe:
     dtype: str  # "torch.float32", as str(torch.dtype) writes it
     loras: tuple[LoraSpec, ...] = ()
     noise_shift: object | None = None
+    model_sampling_override: object | None = None
 
     def load(self) -> ModelRef:
         """The model from this process's cache (:func:`~nodes.models.loader.load_model`), loaded on first use."""
         dtype = getattr(torch, self.dtype.removeprefix("torch."))
         return ModelRef(load_model(self.source, prediction_type=self.prediction_type, dtype=dtype), self.loras,
-                        self.noise_shift)
+                        self.noise_shift, self.model_sampling_override)
 
 
 def models_subfolder(models_dir: str | None, name: str, purpose: str | None = None) -> str | None:

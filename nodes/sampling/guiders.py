@@ -34,10 +34,12 @@ INPAINT_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 
 def model_sampling_of(model: ModelRef) -> DiscreteModelSampling:
     """The VE view (σ ↔ timestep, x̂₀ from the network's output) of a loaded model's training schedule, computed
-    from its scheduler config as ComfyUI computes it (float64 betas); with the ref's NoiseShift table, the network
-    is evaluated at the shifted σ (``noise_shift.shifted_model_sampling``, set by NoiseShift Apply)."""
+    from its scheduler config as ComfyUI computes it (float64 betas), or the ref's override (a rectified flow's);
+    with the ref's NoiseShift table, the network is evaluated at the shifted σ (``noise_shift.shifted_model_sampling``,
+    set by NoiseShift Apply)."""
     loaded = model.model
-    sampling = DiscreteModelSampling.from_scheduler_config(loaded.scheduler_config, loaded.schedule.prediction_type)
+    sampling = model.model_sampling_override or DiscreteModelSampling.from_scheduler_config(
+        loaded.scheduler_config, loaded.schedule.prediction_type)
     return sampling if model.noise_shift is None else model.noise_shift.model_sampling(sampling)
 
 

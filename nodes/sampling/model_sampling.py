@@ -273,3 +273,73 @@ class DiscreteModelSampling:
         """Whether a run over ``sigmas`` starts from pure noise: σ₀ ≥ σ_max, within a relative 1e-5."""
         max_sigma, first = float(self.sigma_max), float(sigmas[0])
         return math.isclose(max_sigma, first, rel_tol=1e-05) or first > max_sigma
+
+
+class RectifiedFlowSampling:
+    """The sampling view of a rectified-flow UNet (InstaFlow, 2-Rectified Flow; Liu et al. 2023, "InstaFlow: One
+    Step is Enough for High-Quality Diffusion-Based Text-to-Image Generation"), with the interface of
+    :class:`DiscreteModelSampling`: ComfyUI's ``ModelSamplingDiscreteFlow`` (shift 1, multiplier 1000) with ``CONST``,
+    except for the sign of the network's output.
+
+    The latent at σ ∈ [0, 1] is x = (1 − σ)·x₀ + σ·noise and the network, told t = 1000·σ, predicts the velocity
+    toward the data, v = x₀ − noise (InstaFlow's pipeline steps ``latents + dt·v`` from t = 1000 down); so
+    x̂₀ = x + σ·v, where ComfyUI's CONST models (SD3, whose v is noise − x₀) subtract. Euler on these sigmas is the
+    authors' sampler exactly: x + (σ_next − σ)·(x − x̂₀)/σ = x + (σ − σ_next)·v.
+
+    Example:
+        >>> sampling = RectifiedFlowSampling()
+        >>> float(sampling.sigma_max), float(sampling.timestep(torch.tensor(0.5)))
+        (1.0, 500.0)
+    """
+
+    prediction_type = "flow"
+    num_train_timesteps = 1000
+    multiplier = 1000.0
+
+    def __init__(self):
+        # ComfyUI's table: σ at t = 1 … 1000, for the schedulers that read the table ("simple", ...)
+        self.sigmas = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float32) / self.num_train_timesteps
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The network's (continuous) timestep, 1000·σ."""
+        return sigma * self.multiplier
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return timestep / self.multiplier
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """σ at a fraction of the run (0 = start): 1 − percent, clamped, as ComfyUI's flow sampling."""
+        return 1.0 - min(max(percent, 0.0), 1.0)
+
+    def calculate_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def calculate_denoised(self, sigma: torch.Tensor, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x + model_output * _per_sample(sigma, model_output.ndim)
+
+    def apply_model(self, network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    sigma: torch.Tensor) -> torch.Tensor:
+        """x̂₀ from the velocity network (x (B, C, h, w), t (B,)) at σ (B,)."""
+        output = network(self.calculate_input(sigma, x), self.timestep(sigma).float())
+        return self.calculate_denoised(sigma, output.float(), x)
+
+    def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor,
+                      max_denoise: bool = False) -> torch.Tensor:
+        """The starting point σ·noise + (1 − σ)·latent (pure noise at σ = 1)."""
+        sigma = _per_sample(sigma, noise.ndim)
+        return sigma * noise + (1.0 - sigma) * latent_image
+
+    def inverse_noise_scaling(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x / (1.0 - sigma)
+
+    def is_max_denoise(self, sigmas: torch.Tensor) -> bool:
+        return float(sigmas[0]) >= float(self.sigma_max)

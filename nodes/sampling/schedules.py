@@ -166,3 +166,10 @@ def tcd_timesteps(steps: int, total: int = 1000, original_steps: int = TCD_ORIGI
     skip = total // original_steps
     distilled = torch.arange(original_steps, 0, -1) * skip - 1
     return distilled[torch.arange(steps) * original_steps // steps]
+
+
+def timestep_sigmas(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
+    """SIGMAS (n + 1,) float32 for a sampler that visits the integer training ``timesteps`` (descending) of
+    ``schedule``: their VE sigmas, then 0 (ComfyUI's schedules end there)."""
+    sigmas = schedule.ve_sigmas()[timesteps].float()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])

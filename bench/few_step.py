@@ -17,8 +17,10 @@ of each, random full-size weights from the shipped configs, and per image the ca
 Euler-25 CFG, the KOALA models at 25, the Lightning ones at 10).
 
 Per image: sampling from the encoded prompts, then the VAE decode (the same for every arm); the runs alternate
-between arms after one warm-up each, and the medians' ratio is the speedup. ``--quick``: 256×256, one timed run
-per arm; the full run: 512×512, two.
+between arms after one warm-up each, and the medians of three runs give the speedup. The full run: every arm at
+512×512, and KOALA's UNets at 512×512; ``--quick``: the reference, Hyper-SD's 1-step, 4-step and 8-step CFG
+presets, InstaFlow and 2-Rectified Flow at 4 steps, at 64×64, without KOALA (a random SDXL UNet takes a minute
+to build).
 
     python bench/few_step.py [--quick]
 
@@ -53,8 +55,9 @@ from tests.tiny_models import write_hyper_sd_lora  # noqa: E402
 from web.nodes_latent import EmptyLatentImage, VAEDecode  # noqa: E402
 from web.nodes_sampling import KSampler, SamplerCustom  # noqa: E402
 
-QUICK = {"size": 256, "runs": 1, "koala_size": 256}
-FULL = {"size": 512, "runs": 2, "koala_size": 512}
+QUICK = {"size": 64, "runs": 3, "koala_size": None,
+         "arms": ("hypersd_1step", "hypersd_4steps", "hypersd_8steps_cfg", "instaflow_1step", "rectified_flow_4steps")}
+FULL = {"size": 512, "runs": 3, "koala_size": 512, "arms": None}
 SDXL_REFERENCE_STEPS = 25
 SEED = 0
 REFERENCE = ("ddim", "ddim_uniform", 25, 7.5)  # sampler, scheduler, steps, CFG
@@ -75,16 +78,17 @@ def _ref(pipeline) -> ModelRef:
                                 device=torch.device("cpu"), source="random sd15"))
 
 
-def arms(model: ModelRef, models_dir: str, positive, negative, latent: dict) -> dict[str, Callable[[], dict]]:
-    """Each arm as a function that samples one latent."""
+def arms(model: ModelRef, models_dir: str, positive, negative, latent: dict,
+         chosen: tuple[str, ...]) -> dict[str, Callable[[], dict]]:
+    """The reference and each chosen arm as a function that samples one latent."""
     sampler_name, scheduler, steps, cfg = REFERENCE
     runs = {"reference": lambda: KSampler().sample(model, SEED, steps, cfg, sampler_name, scheduler, positive,
                                                    negative, latent, 1.0)[0]}
     AtelierHyperSD.models_dir = models_dir
     outputs = {name: AtelierHyperSD().apply(model, "random.safetensors", preset, 1.0, 0, 1.0)["result"]
-               for name, preset in HYPER_SD_ARMS.items()}
+               for name, preset in HYPER_SD_ARMS.items() if name in chosen}
     outputs.update({name: AtelierRectifiedFlow().apply(model, weights, steps)
-                    for name, (weights, steps) in FLOW_ARMS.items()})
+                    for name, (weights, steps) in FLOW_ARMS.items() if name in chosen})
     for name, (patched, sampler, sigmas, preset_cfg) in outputs.items():
         runs[name] = (lambda patched=patched, sampler=sampler, sigmas=sigmas, preset_cfg=preset_cfg:
                       SamplerCustom().sample(patched, True, SEED, preset_cfg, positive, negative, sampler, sigmas,
@@ -92,7 +96,7 @@ def arms(model: ModelRef, models_dir: str, positive, negative, latent: dict) -> 
     return runs
 
 
-def measure(size: int, runs: int) -> dict[str, float]:
+def measure(size: int, runs: int, chosen: tuple[str, ...]) -> dict[str, float]:
     torch.set_grad_enabled(False)
     pipeline = build_pipeline("sd15", torch.device("cpu"), torch.float32)
     model = _ref(pipeline)
@@ -103,7 +107,7 @@ def measure(size: int, runs: int) -> dict[str, float]:
         os.makedirs(os.path.join(models_dir, "loras"))
         write_hyper_sd_lora(pipeline.unet, os.path.join(models_dir, "loras", "random.safetensors"),
                             rank=PUBLISHED_RANK)
-        samplers = arms(model, models_dir, positive, negative, latent)
+        samplers = arms(model, models_dir, positive, negative, latent, chosen)
         sampling: dict[str, list[float]] = {name: [] for name in samplers}
         total: dict[str, list[float]] = {name: [] for name in samplers}
         for name, run in samplers.items():  # warm-up: the LoRA is read and injected once
@@ -122,7 +126,7 @@ def measure(size: int, runs: int) -> dict[str, float]:
     reference_total, reference_sampling = statistics.median(total["reference"]), statistics.median(
         sampling["reference"])
     figures = {"reference_s": reference_total}
-    for name in ARMS:
+    for name in chosen:
         seconds, sampled = statistics.median(total[name]), statistics.median(sampling[name])
         report(f"SD1.5 {size}² {name}: {seconds:.1f} s per image against DDIM-25 CFG's {reference_total:.1f} s: "
                f"{reference_total / seconds:.2f}x ({reference_sampling / sampled:.2f}x sampling only)")
@@ -171,7 +175,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['size']}², {QUICK['runs']} timed run per arm")
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
-    figures = {**measure(mode["size"], mode["runs"]), **koala_calls(mode["koala_size"], mode["runs"] + 1)}
+    figures = measure(mode["size"], mode["runs"], mode["arms"] or ARMS)
+    if mode["koala_size"]:
+        figures.update(koala_calls(mode["koala_size"], mode["runs"]))
     fields = " ".join(f"{key}={value:.3f}" for key, value in figures.items())
     report(f"BENCH few_step {fields} size={mode['size']} device=cpu quick={int(args.quick)}")
 

@@ -33,7 +33,6 @@ SAVE_NODE = "9"
 TARGET_PSNR_DB = 40.0
 
 
-
 @pytest.fixture(scope="module")
 def atelier(random_sd15_models, tmp_path_factory) -> AtelierRunner:
     """One standalone executor for the module, so one standalone copy of the full-size SD1.5 sits beside ComfyUI's:
@@ -44,7 +43,6 @@ def test_model_family_reads_ateliers_model_and_refuses_anything_else(tiny_sd1): 
     assert model_family(ModelRef(load_model(tiny_sd1.folder))) == "sd1"
     with pytest.raises(TypeError, match="got str"):
         model_family("sd1")
-
 
 
 def test_16k_generator_refuses_a_vae_precision_comfyuis_vae_cannot_take_before_any_work():
@@ -62,7 +60,6 @@ def test_linfusion_is_refused_with_a_model_that_is_not_ateliers(tiny_sd1):  # no
     with pytest.raises(TypeError, match="linfusion mounts on Atelier's own MODEL.*type object"):
         with denoiser_and_codec_with(object(), object(), linfusion):
             pass
-
 
 
 def test_16k_generator_on_ateliers_model_still_samples_with_linfusion(tiny_sd1):  # noqa: F811
@@ -112,7 +109,6 @@ def test_omnissr_runs_on_comfyuis_own_model_and_matches_the_standalone_run(comfy
     measured = psnr(comfy_image, atelier_image)
     print(f"OmniSSR, ComfyUI against Atelier: {measured:.1f} dB")
     assert measured >= TARGET_PSNR_DB
-
 
 
 def generator_prompt(checkpoint: str) -> dict:
@@ -571,7 +567,6 @@ def test_magicface_runs_on_comfyuis_own_model_and_vae_as_standalone(comfyui_serv
     measured = psnr(comfy_image, atelier_image)
     print(f"MagicFace, ComfyUI against Atelier: {measured:.1f} dB")
     assert measured >= TARGET_PSNR_DB
-
 
 
 def test_hyper_sd_presets_run_under_comfyuis_sampler_custom_as_standalone(comfyui_server, random_sd15_models, atelier):

@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, TCDScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from fixtures_models import tiny_sd1, tiny_sd1_prompts  # noqa: F401
+from nodes.common.denoiser import NoiseSchedule
 from nodes.fewstep import nodes as fewstep_nodes
 from nodes.fewstep.hypersd import (HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas, lora_context_width,
                                    preset_name_for_file)
@@ -19,7 +20,7 @@ from nodes.models.model_configs import SHIPPED_CONFIGS
 from nodes.sampling.ddim import trailing_timesteps
 from nodes.sampling.k_samplers import Sampler, run_sampler, sample_tcd
 from nodes.sampling.model_sampling import DiscreteModelSampling
-from nodes.sampling.schedules import tcd_timesteps
+from nodes.sampling.schedules import TCD_ORIGINAL_STEPS, tcd_timesteps
 from tiny_models import build_tiny_pipeline, hyper_sd_layout, write_hyper_sd_lora
 
 # Hyper-SD's files are LCM-LoRA's layout (tiny_models.HYPER_SD_LORA_TARGETS) at rank 64 in float32: for SD1.5's UNet
@@ -76,17 +77,25 @@ def test_every_published_file_name_has_its_model_cards_preset():
         preset_name_for_file("Hyper-SD15-8steps-loraX.safetensors")
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3, 4, 6, 8, 12])
-def test_grids_are_diffusers_trailing_ddim_and_tcd_grids(steps):
-    ddim = DDIMScheduler(timestep_spacing="trailing")
-    ddim.set_timesteps(steps)
-    if steps not in (3, 6):  # diffusers' float arange gains a spurious last entry (timestep -1) there
-        assert trailing_timesteps(steps).tolist() == ddim.timesteps.tolist()
-    else:
-        assert trailing_timesteps(steps).tolist() == ddim.timesteps.tolist()[:steps]
-    tcd = TCDScheduler()
-    tcd.set_timesteps(steps)
-    assert tcd_timesteps(steps).tolist() == tcd.timesteps.tolist()
+def test_grids_are_diffusers_trailing_ddim_and_tcd_grids_at_every_step_count_the_node_takes():
+    for steps in range(1, TCD_ORIGINAL_STEPS + 1):
+        ddim = DDIMScheduler(timestep_spacing="trailing")
+        ddim.set_timesteps(steps)
+        assert trailing_timesteps(steps).tolist() == ddim.timesteps.tolist(), steps
+        tcd = TCDScheduler()
+        tcd.set_timesteps(steps)
+        assert tcd_timesteps(steps).tolist() == tcd.timesteps.tolist(), steps
+    ddim.set_timesteps(61)  # diffusers' float range gains a 62nd entry there, timestep -1: the grid is the first 61
+    assert trailing_timesteps(61).tolist() == ddim.timesteps.tolist()[:61] and ddim.timesteps.tolist()[61:] == [-1]
+
+
+def test_grids_refuse_step_counts_out_of_range():
+    with pytest.raises(ValueError, match="steps must be in \\[1, 1000\\]"):
+        trailing_timesteps(0)
+    with pytest.raises(ValueError, match="steps must be in \\[1, 50\\]"):
+        tcd_timesteps(51)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        hyper_sd_sigmas(NoiseSchedule(_schedule(), "epsilon"), "euler", 4)
 
 
 # ------------------------------------------------------------------- the samplers against the authors' rules
@@ -150,7 +159,6 @@ def test_ddim_preset_reproduces_trailing_ddim(eps_network, steps):
 
 
 def hyper_sd_sigmas_for_sd(steps: int, sampler: str) -> torch.Tensor:
-    from nodes.common.denoiser import NoiseSchedule
     return hyper_sd_sigmas(NoiseSchedule(_schedule(), "epsilon"), sampler, steps)
 
 
@@ -264,7 +272,6 @@ def test_the_node_refuses_what_the_model_cannot_take_naming_the_model(loras_dir,
         node.apply(model, "renamed.safetensors", "auto", 1.0, 0, 1.0)
     chosen = node.apply(model, "renamed.safetensors", "Hyper-SD15-2steps-lora", 1.0, 0, 1.0)["result"]
     assert chosen[2].shape == (3,)
-
 
 
 def test_the_example_workflow_runs_headless_with_a_stand_in_lora_for_the_embedded_model(tmp_path, capsys):

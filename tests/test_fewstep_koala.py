@@ -110,8 +110,14 @@ def test_the_node_gives_the_lightning_preset_and_refuses_another_unet(tiny_koala
     with pytest.raises(ValueError, match="KOALA-Lightning-1B expects KOALA-1B's UNet; this MODEL's UNet is "
                                          "KOALA-700M's"):
         AtelierKOALA().apply(tiny_koala, "KOALA-Lightning-1B", 0)
-    with pytest.raises(ValueError, match="expects KOALA-700M's UNet; this MODEL's UNet is not a KOALA UNet \\(sdxl\\)"):
+    with pytest.raises(ValueError, match="expects KOALA-700M's UNet; this MODEL's UNet is not a KOALA UNet \\(SDXL\\)"):
         AtelierKOALA().apply(ModelRef(load_model(tiny_sdxl.folder, device="cpu")), "KOALA-700M", 0)
+
+
+def test_a_model_of_neither_host_is_refused():
+    from nodes.fewstep.koala import koala_unet_of_model
+    with pytest.raises(TypeError, match="got object"):
+        koala_unet_of_model(object())
 
 
 def test_koala_serves_as_t_stitchs_small_model_for_sdxl(tiny_koala, tiny_sdxl):  # noqa: F811

@@ -106,7 +106,7 @@ def test_sampler_custom_with_the_nodes_outputs_is_the_authors_loop(flow_model, w
 
 
 def test_the_node_refuses_a_model_of_another_family_and_flow_models_leave_the_discrete_nodes(flow_model, tiny_sdxl):  # noqa: F811
-    with pytest.raises(ValueError, match="InstaFlow-0.9B is an SD1.5-family UNet; this MODEL is sdxl"):
+    with pytest.raises(ValueError, match="InstaFlow-0.9B is an SD1.5-family UNet; this MODEL is SDXL"):
         AtelierRectifiedFlow().apply(ModelRef(load_model(tiny_sdxl.folder)), "InstaFlow-0.9B", 0)
     flowing = AtelierRectifiedFlow().apply(flow_model[0], "InstaFlow-0.9B", 0)[0]
     with pytest.raises(ValueError, match="samples as a rectified flow"):  # Hyper-SD's and the F-scheduler's sigmas
@@ -115,6 +115,36 @@ def test_the_node_refuses_a_model_of_another_family_and_flow_models_leave_the_di
         AtelierSampler().sample(flowing, flow_model[1], flow_model[2], {"samples": torch.zeros(1, 4, 8, 8)}, 0, 2,
                                 1.0, "euler", "normal", 1.0, 0.0)
     assert flowing.recipe().model_sampling_override is flowing.model_sampling_override  # carried to workers
+
+
+def test_noiseshift_tstitch_and_tcd_refuse_a_flow(flow_model):
+    """NoiseShift's tables are calibrated on diffusion sigmas (0.03 to 14.6): neither order composes with a flow
+    (σ in [0, 1]); T-Stitch's two models must sample alike; TCD's VE re-noising does not hold on a flow."""
+    from nodes.noiseshift.nodes import AtelierNoiseShiftApply
+    from nodes.noiseshift.shift import NoiseShiftTable
+    from nodes.sampling.k_samplers import Sampler, run_sampler, sample_tcd
+
+    model = flow_model[0]
+    flowing = AtelierRectifiedFlow().apply(model, "InstaFlow-0.9B", 0)[0]
+    table = NoiseShiftTable(torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64),
+                            torch.tensor([0.12, 1.1, 10.5], dtype=torch.float64), (8, 8))
+    with pytest.raises(ValueError, match="this MODEL samples as a flow"):
+        AtelierNoiseShiftApply().apply(flowing, table)
+    shifted = AtelierNoiseShiftApply().apply(model, table)[0]
+    with pytest.raises(ValueError, match="carries a NoiseShift table"):
+        AtelierRectifiedFlow().apply(shifted, "InstaFlow-0.9B", 0)
+    from nodes.tstitch.nodes import AtelierTStitch
+    with pytest.raises(ValueError, match="sampling is 'RectifiedFlowSampling' in the small model, 'discrete' in"):
+        AtelierTStitch().patch(model, flowing, 0.4)
+    sampling = RectifiedFlowSampling()
+    with pytest.raises(ValueError, match="this model samples as a flow"):
+        run_sampler(Sampler(sample_tcd, {"gamma": 0.3}), lambda x, sigma: x * 0, sampling, rectified_flow_sigmas(2),
+                    torch.randn(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), 0)
+
+
+def test_rectified_flow_sigmas_refuse_no_steps():
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        rectified_flow_sigmas(0)
 
 
 def test_the_example_workflow_runs_headless(tmp_path, capsys):

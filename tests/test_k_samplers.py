@@ -901,3 +901,19 @@ def test_names_are_comfyuis_in_its_order(comfyui_results):
                                  for key in by_key])
 def test_agrees_with_comfyui(comfyui_results, key):
     _assert_agree(_ours(key), comfyui_results[key], key)
+
+
+def test_a_sampler_reads_the_sigma_table_from_either_hosts_model_and_refuses_a_model_without_one():
+    """run_sampler's denoiser carries model_sampling; ComfyUI's KSamplerX0Inpaint reaches it through its guider's
+    ModelPatcher (a stand-in here; real ComfyUI runs TCD in test_comfy_pack_models.py)."""
+    import types
+
+    from nodes.sampling.k_samplers import sampler_model_sampling
+
+    table = DiscreteModelSampling(beta_schedule_alphas_cumprod())
+    assert sampler_model_sampling(types.SimpleNamespace(model_sampling=table)) is table
+    patcher = types.SimpleNamespace(get_model_object=lambda name: table if name == "model_sampling" else None)
+    comfy_wrapper = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_patcher=patcher))
+    assert sampler_model_sampling(comfy_wrapper) is table
+    with pytest.raises(ValueError, match="needs the model's sigma table"):
+        sampler_model_sampling(lambda x, sigma: x)

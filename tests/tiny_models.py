@@ -153,7 +153,6 @@ def write_tiny_lora(pipeline, out_file: str | os.PathLike, style: str = "kohya",
     save_file(tensors, os.fspath(out_file))
 
 
-
 # LCM-LoRA's target modules (diffusers' train_lcm_distill_lora_sd.py), which Hyper-SD's published LoRAs adapt too:
 # kohya keys over diffusers' module names, an alpha per module (test_fewstep_hypersd.py checks the layout against
 # the published files' sizes).

@@ -83,8 +83,8 @@ HYPER_SD_PRESETS = _card_presets()
 
 
 def preset_name_for_file(path: str) -> str:
-    """The preset of a Hyper-SD LoRA file, from its name as published (any case; a suffix after it, such as a
-    download's " (1)", is allowed).
+    """The preset of a Hyper-SD LoRA file, from its name as published (any case; a suffix after it that starts
+    with neither a letter nor a digit, such as a download's " (1)" or "_fp16", is allowed).
 
     Raises:
         ValueError: the name is none of the published ones.
@@ -94,7 +94,7 @@ def preset_name_for_file(path: str) -> str:
         'Hyper-SD15-8steps-CFG-lora'
     """
     stem = os.path.splitext(os.path.basename(path))[0].lower()
-    matches = [name for name in HYPER_SD_PRESETS if re.match(re.escape(name.lower()) + r"\b", stem)]
+    matches = [name for name in HYPER_SD_PRESETS if re.match(re.escape(name.lower()) + r"(?![a-z0-9])", stem)]
     if not matches:
         raise ValueError(f"{os.path.basename(path)!r} is not named as a Hyper-SD LoRA is published "
                          f"({', '.join(HYPER_SD_PRESETS)}): choose its preset by hand, or keep the published name")

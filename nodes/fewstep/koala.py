@@ -11,6 +11,11 @@ changes: they count 782,822,724 and 1,161,184,324 parameters, the published UNet
 Sampler settings from the authors' README (youngwanLEE/sdxl-koala): the KOALA models 25 steps at guidance 7.5 on
 the folder's own scheduler (we take SDXL's, Euler on diffusers' leading grid with offset 1: unverified, the folder's
 scheduler config was not readable); the Lightning models Euler on trailing timesteps, 10 steps, guidance 3.5.
+
+Departure (ComfyUI's convention, which SamplerCustom follows in both hosts): a run starting at the top of the
+schedule starts from √(1 + σ²)·noise, else from σ·noise; diffusers' Euler starts from σ·noise on the trailing grid
+(0.2 % apart at SDXL's σ_max 14.6) and from √(1 + σ²)·noise on the leading one (0.4 % apart at its first σ, that
+of t = 961). The steps from there are diffusers' own.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ def koala_unet_of_model(model: Any) -> str | None:
     if isinstance(model, ModelRef):
         return koala_unet_of_config(dict(model.model.unet.config))
     supported = comfy_module("comfy.supported_models")
+    if supported is None:
+        raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")
     config = model.model.model_config
     classes = {"koala_700m": supported.KOALA_700M, "koala_1b": supported.KOALA_1B}
     return next((name for name, cls in classes.items() if isinstance(config, cls)), None)

@@ -15,15 +15,16 @@ from ..models.lora import MAX_STRENGTH
 from ..models.refs import ModelRef, ModelsFolder
 from ..models.sources import list_models, resolve_model_path
 from ..sampling.k_samplers import Sampler, sample_tcd
-from ..sampling.schedules import TCD_ORIGINAL_STEPS
 from ..sampling.model_sampling import RectifiedFlowSampling
-from ..sampling.schedules import timestep_sigmas
-from .hypersd import AUTO_PRESET, HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas, preset_name_for_file
+from ..sampling.schedules import TCD_ORIGINAL_STEPS, timestep_sigmas
+from .hypersd import AUTO_PRESET, FAMILY_LABELS, HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas, preset_name_for_file
 from .koala import KOALA_LABELS, KOALA_PRESETS, koala_timesteps, koala_unet_of_model
 from .rectified_flow import RECTIFIED_FLOW_PRESETS, comfy_rectified_flow_model, rectified_flow_sigmas
 
 CATEGORY = "atelier/fewstep"
 MAX_PRESET_STEPS = 100  # the cards' settings go up to 25 (50 for KOALA-Lightning's demo); more only costs time
+# TCD's grid has 50 timesteps; the DDIM presets take as many (their cards use 2 to 12)
+MAX_HYPER_SD_STEPS = TCD_ORIGINAL_STEPS
 LORA_FOLDER = "loras"
 
 
@@ -49,10 +50,11 @@ class AtelierHyperSD(ModelsFolder):
             "lora_name": (list_models(LORA_FOLDER, cls.models_dir), {
                 "tooltip": "A Hyper-SD LoRA in models/loras, e.g. Hyper-SD15-8steps-CFG-lora.safetensors."}),
             "preset": ([AUTO_PRESET, *HYPER_SD_PRESETS], {
-                "tooltip": "auto: from the file's published name; or the LoRA the file is, when it was renamed."}),
+                "tooltip": "auto: from the file's published name; or the LoRA the file is, when it was renamed "
+                           "(a wrong choice cannot be told from the file: the N-step LoRAs share one layout)."}),
             "strength_model": ("FLOAT", {"default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
                                          "round": 0.001, "tooltip": "The LoRA's strength; the card uses 1."}),
-            "steps": ("INT", {"default": 0, "min": 0, "max": TCD_ORIGINAL_STEPS, "step": 1,
+            "steps": ("INT", {"default": 0, "min": 0, "max": MAX_HYPER_SD_STEPS, "step": 1,
                               "tooltip": "0: the preset's. The 1-step unified LoRA runs well at 1 to 8 steps."}),
             "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "round": 0.001,
                               "tooltip": "TCD's gamma, for the 1-step unified LoRA only: 1 as the card; lower keeps "
@@ -106,8 +108,13 @@ class AtelierRectifiedFlow:
     def apply(self, model: Any, weights: str, steps: int) -> tuple:
         family = model_family(model)
         if family != "sd1":
-            raise ValueError(f"{weights} is an SD1.5-family UNet; this MODEL is {family}: load the published "
-                             f"diffusers folder as the checkpoint")
+            raise ValueError(f"{weights} is an SD1.5-family UNet; this MODEL is {FAMILY_LABELS.get(family, family)}: "
+                             f"load the published diffusers folder as the checkpoint")
+        shifted = (model.noise_shift if isinstance(model, ModelRef) else
+                   getattr(model.get_model_object("model_sampling"), "noise_shift", None))
+        if shifted is not None:
+            raise ValueError("this MODEL carries a NoiseShift table, calibrated on its diffusion sigmas: give this "
+                             "node the model from before NoiseShift Apply")
         preset = RECTIFIED_FLOW_PRESETS[weights]
         if isinstance(model, ModelRef):
             flowing = dataclasses.replace(model, model_sampling_override=RectifiedFlowSampling())
@@ -119,9 +126,10 @@ class AtelierRectifiedFlow:
 
 class AtelierKOALA:
     DESCRIPTION = ("KOALA (ETRI, 2024): SDXL distilled into a 700M or 1B UNet. Checks that the MODEL's UNet is the "
-                   "chosen KOALA's and gives the authors' sampler for SamplerCustom: Euler, 25 steps at guidance 7.5 "
-                   "for KOALA-700M/1B, 10 trailing steps at guidance 3.5 for the Lightning models. Load the "
-                   "published diffusers folder as the checkpoint (models/diffusers).")
+                   "chosen KOALA's and gives the authors' sampler for SamplerCustom: Euler on trailing timesteps, "
+                   "10 steps at guidance 3.5 for the Lightning models; 25 steps at guidance 7.5 for KOALA-700M/1B, "
+                   "on SDXL's Euler grid (their scheduler is assumed to be SDXL's). Load the published diffusers "
+                   "folder as the checkpoint (models/diffusers).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "SAMPLER", "SIGMAS", "FLOAT")
     RETURN_NAMES = ("MODEL", "SAMPLER", "SIGMAS", "cfg")
@@ -143,7 +151,8 @@ class AtelierKOALA:
         preset = KOALA_PRESETS[weights]
         found = koala_unet_of_model(model)
         if found != preset.unet:
-            what = KOALA_LABELS[found] + "'s" if found else f"not a KOALA UNet ({model_family(model)})"
+            family = model_family(model)
+            what = KOALA_LABELS[found] + "'s" if found else f"not a KOALA UNet ({FAMILY_LABELS.get(family, family)})"
             raise ValueError(f"{weights} expects {KOALA_LABELS[preset.unet]}'s UNet; this MODEL's UNet is {what}")
         schedule = noise_schedule(model)
         sigmas = timestep_sigmas(schedule, koala_timesteps(preset, steps or preset.steps,

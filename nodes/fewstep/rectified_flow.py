@@ -59,8 +59,7 @@ def comfy_rectified_flow_class() -> type:
 
     class RectifiedFlowVelocityToData(sampling.ModelSamplingDiscreteFlow, sampling.CONST):
         def calculate_denoised(self, sigma, model_output, model_input):
-            sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
-            return model_input + model_output * sigma
+            return model_input + model_output * sampling.reshape_sigma(sigma, model_output.ndim)
 
     return RectifiedFlowVelocityToData
 

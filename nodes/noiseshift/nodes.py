@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..common.comfy_host import inside_comfyui
+from ..common.comfy_host import comfy_module, inside_comfyui
 from ..common.limits import MAX_SEED
 from ..common.progress import progress
 from ..models.comfy_adapters import denoiser_and_latent_space, model_device, model_family
@@ -111,10 +111,15 @@ class AtelierNoiseShiftApply:
         }}
 
     def apply(self, model, table: NoiseShiftTable) -> tuple:
+        flow_refusal = "NoiseShift's table recalibrates a diffusion model's sigmas; this MODEL samples as a flow"
         if isinstance(model, ModelRef):
+            if model.model_sampling_override is not None:
+                raise ValueError(flow_refusal)
             return (dataclasses.replace(model, noise_shift=table),)
         if not inside_comfyui():
             raise TypeError(f"model must be Atelier's or ComfyUI's MODEL; got {type(model).__name__}")
+        if isinstance(model.get_model_object("model_sampling"), comfy_module("comfy.model_sampling").CONST):
+            raise ValueError(flow_refusal)
         patched = model.clone()
         patched.add_object_patch("model_sampling", table.model_sampling(model.get_model_object("model_sampling")))
         return (patched,)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..sampling.k_samplers import _batch_sigma, _report, dpmpp_2m_step, to_d
+from ..sampling.k_samplers import _batch_sigma, _report, dpmpp_2m_step, sampler_model_sampling, to_d
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +97,6 @@ class SadaSettings:
         return None
 
 
-def _model_sampling(model: Any) -> Any:
-    """The σ ↔ timestep table of the model a sampling function was given: Atelier's run carries it, ComfyUI's
-    ``KSamplerX0Inpaint`` reaches it through its guider's patcher."""
-    sampling = getattr(model, "model_sampling", None)
-    if sampling is None:
-        sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
-    return sampling
-
-
 def _training_betas(model_sampling: Any) -> torch.Tensor:
     """β_t = 1 − ᾱ_t/ᾱ_{t−1} of the model's training schedule, from its sigmas (ᾱ = 1/(1 + σ²))."""
     alphas_cumprod = 1 / (1 + model_sampling.sigmas.detach().double().cpu() ** 2)
@@ -128,7 +119,7 @@ def sample_sada(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
     settings = SadaSettings(acc_start, acc_end, lagrange_int, lagrange_step, lagrange_term, max_interval)
     extra_args = {} if extra_args is None else extra_args
-    model_sampling = _model_sampling(model)
+    model_sampling = sampler_model_sampling(model)
     betas = _training_betas(model_sampling)
     ones = _batch_sigma(x)
     count = len(sigmas) - 1

@@ -8,6 +8,7 @@ Notation: ᾱ_t = ``schedule.alphas_cumprod[t]``; the grid t_0 < t_1 < … < t_{
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..common.denoiser import Conditioning, Denoiser, guided_eps
@@ -47,8 +48,9 @@ def leading_ddim_timesteps(steps: int, total: int = 1000) -> torch.Tensor:
 
 def trailing_timesteps(steps: int, total: int = 1000) -> torch.Tensor:
     """diffusers' ``timestep_spacing="trailing"`` grid, descending from the last training timestep:
-    round(total − i·total/steps) − 1 for i < steps (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
-    Steps are Flawed", Table 2), what Hyper-SD's model card samples on.
+    round(total − i·total/steps) − 1 for i < steps, computed as diffusers computes it (a float range, rounded half
+    to even), what Hyper-SD's model card samples on (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Table 2).
 
     Example:
         >>> trailing_timesteps(4).tolist(), trailing_timesteps(12)[:3].tolist()
@@ -56,9 +58,9 @@ def trailing_timesteps(steps: int, total: int = 1000) -> torch.Tensor:
     """
     if not 1 <= steps <= total:
         raise ValueError(f"steps must be in [1, {total}]; got {steps}")
-    # Written out rather than np.arange(total, 0, -total/steps): that float range gains an extra entry for some
-    # step counts (3, 6, ...).
-    return torch.tensor([round(total - i * total / steps) - 1 for i in range(steps)])
+    # The float range gains a last entry, timestep −1, for some step counts (61 of 1000): the first steps are the grid.
+    grid = np.round(np.arange(total, 0, -total / steps)).astype(np.int64)[:steps] - 1
+    return torch.from_numpy(grid)
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ..models.refs import ModelRef
 from .guidance import CONDITIONING_KINDS, add_inpaint_concat, classifier_free_guidance, mirror_areas, \
     resolve_conditioning
 from .k_samplers import EVALUATIONS_PER_STEP, Sampler, prepare_mask, run_sampler
-from .model_sampling import DiscreteModelSampling
+from .model_sampling import DiscreteModelSampling, RectifiedFlowSampling
 from .patches import StepSchedule
 from .previews import LATENT_RGB_MAPS, progress_reporter
 
@@ -32,14 +32,15 @@ logger = logging.getLogger(__name__)
 INPAINT_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 
 
-def model_sampling_of(model: ModelRef) -> DiscreteModelSampling:
+def model_sampling_of(model: ModelRef) -> DiscreteModelSampling | RectifiedFlowSampling:
     """The VE view (σ ↔ timestep, x̂₀ from the network's output) of a loaded model's training schedule, computed
     from its scheduler config as ComfyUI computes it (float64 betas), or the ref's override (a rectified flow's);
     with the ref's NoiseShift table, the network is evaluated at the shifted σ (``noise_shift.shifted_model_sampling``,
     set by NoiseShift Apply)."""
     loaded = model.model
-    sampling = model.model_sampling_override or DiscreteModelSampling.from_scheduler_config(
-        loaded.scheduler_config, loaded.schedule.prediction_type)
+    sampling = model.model_sampling_override
+    if sampling is None:
+        sampling = DiscreteModelSampling.from_scheduler_config(loaded.scheduler_config, loaded.schedule.prediction_type)
     return sampling if model.noise_shift is None else model.noise_shift.model_sampling(sampling)
 
 

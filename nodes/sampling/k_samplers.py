@@ -107,7 +107,7 @@ def _seed(extra_args: Mapping[str, Any]) -> int | None:
     return extra_args.get("seed")
 
 
-def _model_sampling(model: Denoised) -> Any:
+def sampler_model_sampling(model: Denoised) -> Any:
     """The sigma table of the model a sampling function steps with (``timestep(σ)``, ``sigma(t)``): the denoiser of
     :func:`run_sampler` carries it; inside ComfyUI, ``KSAMPLER``'s wrapper reaches it through its guider's
     ``ModelPatcher``, as ComfyUI's own samplers read it.
@@ -123,6 +123,18 @@ def _model_sampling(model: Denoised) -> Any:
         raise ValueError("this sampler needs the model's sigma table: run it through run_sampler or a ComfyUI "
                          "sampler node")
     return sampling
+
+
+def _check_discrete_vp(sampling: Any, name: str) -> None:
+    """Refuse a sampling view the sampler's VE re-noising does not hold for: a flow's (CONST, Atelier's rectified
+    flow) or a NoiseShift-patched one (its timestep(σ) is the shifted one, its sigma(t) is not)."""
+    if getattr(sampling, "noise_shift", None) is not None:
+        raise ValueError(f"{name} reads the model's timestep table, which NoiseShift shifts: sample the model from "
+                         f"before NoiseShift Apply")
+    flow = getattr(sampling, "prediction_type", None) == "flow" or any(
+        cls.__name__ == "CONST" for cls in type(sampling).__mro__)
+    if flow:
+        raise ValueError(f"{name} re-noises on a diffusion model's VE sigmas; this model samples as a flow")
 
 
 def _brownian_noise(x: torch.Tensor, sigmas: torch.Tensor, extra_args: Mapping[str, Any],
@@ -825,7 +837,8 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
         raise ValueError(f"gamma must be in [0, 1]; got {gamma}")
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
-    sampling = _model_sampling(model)
+    sampling = sampler_model_sampling(model)
+    _check_discrete_vp(sampling, "tcd")
     ones = _batch_sigma(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -837,7 +850,7 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
         t_next = sampling.timestep(sigma_next)
         t_s = torch.floor((1.0 - gamma) * t_next.float())
         stochastic = bool(t_s < t_next)
-        sigma_s = sampling.sigma(t_s).to(sigma_next) if stochastic else sigma_next
+        sigma_s = torch.minimum(sampling.sigma(t_s).to(sigma_next), sigma_next) if stochastic else sigma_next
         x = denoised + sigma_s * (x - denoised) / sigma
         if stochastic:
             x = x + noise_sampler(sigma, sigma_next) * (sigma_next ** 2 - sigma_s ** 2).sqrt()
@@ -1354,7 +1367,7 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=N
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = default_noise_sampler(x, seed=_seed(extra_args)) if noise_sampler is None else noise_sampler
     if tau_func is None:
-        tau_func = sa_solver_noise_interval(_model_sampling(model))
+        tau_func = sa_solver_noise_interval(sampler_model_sampling(model))
     ones = _batch_sigma(x)
     lambdas = _lambda(sigmas)
     max_order = max(predictor_order, corrector_order)

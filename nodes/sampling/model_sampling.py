@@ -342,4 +342,6 @@ class RectifiedFlowSampling:
         return x / (1.0 - sigma)
 
     def is_max_denoise(self, sigmas: torch.Tensor) -> bool:
-        return float(sigmas[0]) >= float(self.sigma_max)
+        """Whether a run over ``sigmas`` starts from pure noise: σ₀ ≥ 1, within a relative 1e-5."""
+        first = float(sigmas[0])
+        return math.isclose(first, 1.0, rel_tol=1e-05) or first > 1.0

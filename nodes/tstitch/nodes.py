@@ -20,7 +20,8 @@ def _describe_atelier(model: ModelRef) -> dict[str, Any]:
     return {"latent channels": config.in_channels, "output channels": config.out_channels,
             "cross-attention width": config.cross_attention_dim,
             "added embedding": (config.addition_embed_type, config.projection_class_embeddings_input_dim),
-            "prediction type": schedule.prediction_type, "noise schedule": schedule.alphas_cumprod}
+            "prediction type": schedule.prediction_type, "noise schedule": schedule.alphas_cumprod,
+            "sampling": type(model.model_sampling_override).__name__ if model.model_sampling_override else "discrete"}
 
 
 def _describe_comfy(patcher: Any) -> dict[str, Any]:
@@ -28,7 +29,8 @@ def _describe_comfy(patcher: Any) -> dict[str, Any]:
     schedule = comfy_noise_schedule(patcher)
     return {"latent channels": config.get("in_channels"), "output channels": config.get("out_channels"),
             "cross-attention width": config.get("context_dim"), "added embedding": config.get("adm_in_channels"),
-            "prediction type": schedule.prediction_type, "noise schedule": schedule.alphas_cumprod.float()}
+            "prediction type": schedule.prediction_type, "noise schedule": schedule.alphas_cumprod.float(),
+            "sampling": "discrete"}
 
 
 def _atelier_network(small: ModelRef, large: ModelRef):

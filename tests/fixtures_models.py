@@ -47,6 +47,15 @@ def tiny_sdxl_lora(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture
+def tiny_sd1_prompts_no_loras(tiny_sd1_prompts):
+    """``tiny_sd1_prompts`` with no LoRA resident on the shared model, before and after the test."""
+    ref = tiny_sd1_prompts[0]
+    ref.model.remove_all_loras()
+    yield tiny_sd1_prompts
+    ref.model.remove_all_loras()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1_prompts(tiny_sd1):
     """The tiny SD1 model loaded on the CPU as a MODEL, with 'a red circle' and the empty prompt encoded by its

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, TCDScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from fixtures_models import tiny_sd1, tiny_sd1_prompts  # noqa: F401
+from fixtures_models import tiny_sd1, tiny_sd1_prompts, tiny_sd1_prompts_no_loras  # noqa: F401
 from nodes.common.denoiser import NoiseSchedule
 from nodes.fewstep import nodes as fewstep_nodes
 from nodes.fewstep.hypersd import (HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas, lora_context_width,
@@ -229,11 +229,8 @@ def loras_dir(tmp_path, monkeypatch, tiny_sd1):
 
 
 @pytest.fixture
-def prompts(tiny_sd1_prompts):
-    ref = tiny_sd1_prompts[0]
-    ref.model.remove_all_loras()
-    yield tiny_sd1_prompts
-    ref.model.remove_all_loras()
+def prompts(tiny_sd1_prompts_no_loras):
+    return tiny_sd1_prompts_no_loras
 
 
 def test_the_node_applies_the_lora_and_gives_the_cards_preset(loras_dir, prompts):

@@ -105,7 +105,7 @@ def test_sampler_custom_with_the_nodes_outputs_is_the_authors_loop(flow_model, w
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
 
 
-def test_the_node_refuses_a_model_of_another_family_and_flow_models_leave_the_discrete_nodes(flow_model, tiny_sdxl):  # noqa: F811
+def test_another_family_is_refused_and_flow_models_leave_the_discrete_nodes(flow_model, tiny_sdxl):  # noqa: F811
     with pytest.raises(ValueError, match="InstaFlow-0.9B is an SD1.5-family UNet; this MODEL is SDXL"):
         AtelierRectifiedFlow().apply(ModelRef(load_model(tiny_sdxl.folder)), "InstaFlow-0.9B", 0)
     flowing = AtelierRectifiedFlow().apply(flow_model[0], "InstaFlow-0.9B", 0)[0]

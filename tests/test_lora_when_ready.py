@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from fixtures_models import tiny_sd1, tiny_sd1_loras, tiny_sd1_prompts  # noqa: F401
+from fixtures_models import tiny_sd1, tiny_sd1_loras, tiny_sd1_prompts, tiny_sd1_prompts_no_loras  # noqa: F401
 from nodes.models import lora
 from nodes.models.lora import LoraReads, LoraSpec, read_lora_file
 from nodes.sampling.guiders import Guider
@@ -66,12 +66,8 @@ def gated_reads(monkeypatch):
 
 
 @pytest.fixture
-def prompts(tiny_sd1_prompts):
-    """The shared tiny SD1 model (no LoRA resident, before and after) with its two prompts."""
-    ref = tiny_sd1_prompts[0]
-    ref.model.remove_all_loras()
-    yield tiny_sd1_prompts
-    ref.model.remove_all_loras()
+def prompts(tiny_sd1_prompts_no_loras):
+    return tiny_sd1_prompts_no_loras
 
 
 def _record_unet_calls(unet: torch.nn.Module, model) -> tuple[list, object]:

@@ -17,7 +17,8 @@ from ..models.sources import list_models, resolve_model_path
 from ..sampling.k_samplers import Sampler, sample_tcd
 from ..sampling.model_sampling import RectifiedFlowSampling
 from ..sampling.schedules import TCD_ORIGINAL_STEPS, timestep_sigmas
-from .hypersd import AUTO_PRESET, FAMILY_LABELS, HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas, preset_name_for_file
+from .hypersd import (AUTO_PRESET, FAMILY_LABELS, HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas,
+                      preset_name_for_file)
 from .koala import KOALA_LABELS, KOALA_PRESETS, koala_timesteps, koala_unet_of_model
 from .rectified_flow import RECTIFIED_FLOW_PRESETS, comfy_rectified_flow_model, rectified_flow_sigmas
 
@@ -28,20 +29,25 @@ MAX_HYPER_SD_STEPS = TCD_ORIGINAL_STEPS
 LORA_FOLDER = "loras"
 
 
-class AtelierHyperSD(ModelsFolder):
+class _SamplingPreset:
+    """What the preset nodes share: the custom-sampling sockets they give SamplerCustom."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "SAMPLER", "SIGMAS", "FLOAT")
+    RETURN_NAMES = ("MODEL", "SAMPLER", "SIGMAS", "cfg")
+    FUNCTION = "apply"
+
+
+class AtelierHyperSD(_SamplingPreset, ModelsFolder):
     DESCRIPTION = ("Hyper-SD (ByteDance): applies one of its published LoRAs (Hyper-SD15-… or Hyper-SDXL-…, in "
                    "models/loras) and gives the sampler, noise levels and guidance scale its model card runs that "
                    "LoRA with, for SamplerCustom: DDIM on trailing timesteps for the N-step LoRAs (cfg 5 for the "
                    "CFG ones, else none), TCD with eta 1 for the 1-step unified LoRA. The preset comes from the "
                    "file's published name.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "SAMPLER", "SIGMAS", "FLOAT")
-    RETURN_NAMES = ("MODEL", "SAMPLER", "SIGMAS", "cfg")
     OUTPUT_TOOLTIPS = ("The model with the Hyper-SD LoRA.",
                        "The preset's sampler (DDIM or TCD), for SamplerCustom.",
                        "The preset's noise levels, for SamplerCustom.",
                        "The preset's guidance scale, for SamplerCustom's cfg (1 = no guidance).")
-    FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
@@ -79,19 +85,15 @@ class AtelierHyperSD(ModelsFolder):
                 "result": (model_with_lora(model, path, strength_model), sampler.for_host(), sigmas, chosen.cfg)}
 
 
-class AtelierRectifiedFlow:
+class AtelierRectifiedFlow(_SamplingPreset):
     DESCRIPTION = ("InstaFlow and 2-Rectified Flow (Liu et al., ICLR 2024): makes the MODEL sample as the rectified "
                    "flow its UNet was retrained to be, and gives the authors' sampler for SamplerCustom: Euler on "
                    "the flow from t = 1000, one step without guidance for InstaFlow-0.9B, 25 steps at guidance 1.5 "
                    "for 2-Rectified Flow. Load the published diffusers folder as the checkpoint (models/diffusers).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "SAMPLER", "SIGMAS", "FLOAT")
-    RETURN_NAMES = ("MODEL", "SAMPLER", "SIGMAS", "cfg")
     OUTPUT_TOOLTIPS = ("The model, sampling as a rectified flow.",
                        "Euler on the flow, for SamplerCustom.",
                        "The flow times 1 − i/steps, then 0, for SamplerCustom.",
                        "The model card's guidance scale, for SamplerCustom's cfg (1 = none).")
-    FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:
@@ -124,19 +126,15 @@ class AtelierRectifiedFlow:
         return flowing, Sampler.from_name("euler").for_host(), sigmas, preset.cfg
 
 
-class AtelierKOALA:
+class AtelierKOALA(_SamplingPreset):
     DESCRIPTION = ("KOALA (ETRI, 2024): SDXL distilled into a 700M or 1B UNet. Checks that the MODEL's UNet is the "
                    "chosen KOALA's and gives the authors' sampler for SamplerCustom: Euler on trailing timesteps, "
                    "10 steps at guidance 3.5 for the Lightning models; 25 steps at guidance 7.5 for KOALA-700M/1B, "
                    "on SDXL's Euler grid (their scheduler is assumed to be SDXL's). Load the published diffusers "
                    "folder as the checkpoint (models/diffusers).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "SAMPLER", "SIGMAS", "FLOAT")
-    RETURN_NAMES = ("MODEL", "SAMPLER", "SIGMAS", "cfg")
     OUTPUT_TOOLTIPS = ("The model, unchanged.", "Euler, for SamplerCustom.",
                        "The card's timesteps as noise levels, for SamplerCustom.",
                        "The card's guidance scale, for SamplerCustom's cfg.")
-    FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict]:

@@ -82,7 +82,23 @@ def _per_sample(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
     return sigma.reshape(sigma.shape[:1] + (1,) * (ndim - 1))
 
 
-class DiscreteModelSampling:
+class SigmaTable:
+    """What the schedulers read of a sampling view: its ascending table of sigmas, ``sigmas`` (float32)."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        """The smallest sigma of the table (a 0-d float32 tensor)."""
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        """The largest sigma of the table (a 0-d float32 tensor)."""
+        return self.sigmas[-1]
+
+
+class DiscreteModelSampling(SigmaTable):
     """The VE sigmas of a discrete VP schedule and the denoiser's pre- and post-conditioning on them.
 
     Equivalent to ComfyUI's ``ModelSamplingDiscrete`` with ``EPS``, ``V_PREDICTION`` or ``X0``, and, for
@@ -158,16 +174,6 @@ class DiscreteModelSampling:
             prediction_type or config.get("prediction_type", "epsilon"), config.get("beta_schedule", "linear"),
             config.get("beta_start", 0.0001), config.get("beta_end", 0.02), config.get("num_train_timesteps", 1000),
             zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)))
-
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        """The smallest training sigma (a 0-d float32 tensor)."""
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        """The largest training sigma (a 0-d float32 tensor)."""
-        return self.sigmas[-1]
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The training timestep whose sigma is nearest to ``sigma`` in log space (an integer tensor, same shape).
@@ -275,7 +281,7 @@ class DiscreteModelSampling:
         return math.isclose(max_sigma, first, rel_tol=1e-05) or first > max_sigma
 
 
-class RectifiedFlowSampling:
+class RectifiedFlowSampling(SigmaTable):
     """The sampling view of a rectified-flow UNet (InstaFlow, 2-Rectified Flow; Liu et al. 2023, "InstaFlow: One
     Step is Enough for High-Quality Diffusion-Based Text-to-Image Generation"), with the interface of
     :class:`DiscreteModelSampling`: ComfyUI's ``ModelSamplingDiscreteFlow`` (shift 1, multiplier 1000) with ``CONST``,
@@ -300,14 +306,6 @@ class RectifiedFlowSampling:
         # ComfyUI's table: σ at t = 1 … 1000, for the schedulers that read the table ("simple", ...)
         self.sigmas = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float32) / self.num_train_timesteps
         self.log_sigmas = self.sigmas.log()
-
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The network's (continuous) timestep, 1000·σ."""

@@ -44,14 +44,13 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 
 from bench.embedded_model import FULL_CAPTIONS, QUICK_CAPTIONS, NodeGenerator, accuracy  # noqa: E402
-from bench.sampler import build_pipeline  # noqa: E402
-from nodes.common.denoiser import NoiseSchedule  # noqa: E402
+from bench.sampler import build_pipeline, pipeline_ref  # noqa: E402
 from nodes.embedded.dataset import IMAGE_SIZE, held_out_captions  # noqa: E402
 from nodes.embedded.train import SHIPPED_NAME  # noqa: E402
 from nodes.fasterdiffusion.nodes import AtelierFasterDiffusion  # noqa: E402
 from nodes.generation.nodes import AtelierTextEncode  # noqa: E402
 from nodes.models.clip import Clip  # noqa: E402
-from nodes.models.loading import SHIPPED_MODELS, LoadedModel  # noqa: E402
+from nodes.models.loading import SHIPPED_MODELS  # noqa: E402
 from nodes.models.refs import ModelRef  # noqa: E402
 from nodes.inheritance.nodes import AtelierFeatureInheritance  # noqa: E402
 from nodes.sada.nodes import AtelierSADA  # noqa: E402
@@ -167,20 +166,14 @@ def quarter_width(pipeline) -> ModelRef:
     small = StableDiffusionPipeline(**{**pipeline.components, "unet": unet})
     report(f"T-Stitch small model: {sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M parameters against "
            f"{sum(p.numel() for p in pipeline.unet.parameters()) / 1e6:.0f} M")
-    return _ref(small, "random sd15 quarter width")
-
-
-def _ref(pipeline, source: str) -> ModelRef:
-    schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), "epsilon")
-    return ModelRef(LoadedModel(pipeline=pipeline, family="sd1", schedule=schedule, dtype=torch.float32,
-                                device=torch.device("cpu"), source=source))
+    return pipeline_ref(small, "sd1", torch.device("cpu"), torch.float32, "random sd15 quarter width")
 
 
 def full_size(size: int, runs: int) -> dict[str, float]:
     """Speedups and pass counts on the random full-size SD1.5 UNet."""
     torch.set_grad_enabled(False)
     pipeline = build_pipeline("sd15", torch.device("cpu"), torch.float32)
-    plain = _ref(pipeline, "random sd15")
+    plain = pipeline_ref(pipeline, "sd1", torch.device("cpu"), torch.float32, "random sd15")
     counter = CallCounter(pipeline.unet)
     clip = Clip(plain)
     positive, = AtelierTextEncode().encode(clip, PROMPT, "auto")

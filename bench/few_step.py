@@ -43,14 +43,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.sampler import build_pipeline, report  # noqa: E402
-from nodes.common.denoiser import DiffusersCodec, NoiseSchedule  # noqa: E402
+from bench.sampler import build_pipeline, pipeline_ref, report  # noqa: E402
+from nodes.common.denoiser import DiffusersCodec  # noqa: E402
 from nodes.fewstep.koala import KOALA_PRESETS, koala_config_dir  # noqa: E402
 from nodes.fewstep.nodes import AtelierHyperSD, AtelierRectifiedFlow  # noqa: E402
 from nodes.models.model_configs import SHIPPED_CONFIGS  # noqa: E402
 from nodes.models.clip import Clip  # noqa: E402
-from nodes.models.loading import LoadedModel  # noqa: E402
-from nodes.models.refs import ModelRef  # noqa: E402
 from tests.tiny_models import write_hyper_sd_lora  # noqa: E402
 from web.nodes_latent import EmptyLatentImage, VAEDecode  # noqa: E402
 from web.nodes_sampling import KSampler, SamplerCustom  # noqa: E402
@@ -72,13 +70,7 @@ FLOW_ARMS = {"instaflow_1step": ("InstaFlow-0.9B", 0), "rectified_flow_25steps":
 ARMS = (*HYPER_SD_ARMS, *FLOW_ARMS)
 
 
-def _ref(pipeline) -> ModelRef:
-    schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), "epsilon")
-    return ModelRef(LoadedModel(pipeline=pipeline, family="sd1", schedule=schedule, dtype=torch.float32,
-                                device=torch.device("cpu"), source="random sd15"))
-
-
-def arms(model: ModelRef, models_dir: str, positive, negative, latent: dict,
+def arms(model, models_dir: str, positive, negative, latent: dict,
          chosen: tuple[str, ...]) -> dict[str, Callable[[], dict]]:
     """The reference and each chosen arm as a function that samples one latent."""
     sampler_name, scheduler, steps, cfg = REFERENCE
@@ -99,7 +91,7 @@ def arms(model: ModelRef, models_dir: str, positive, negative, latent: dict,
 def measure(size: int, runs: int, chosen: tuple[str, ...]) -> dict[str, float]:
     torch.set_grad_enabled(False)
     pipeline = build_pipeline("sd15", torch.device("cpu"), torch.float32)
-    model = _ref(pipeline)
+    model = pipeline_ref(pipeline, "sd1", torch.device("cpu"), torch.float32, "random sd15")
     clip, codec = Clip(model), DiffusersCodec(pipeline.vae)
     positive, negative = clip.encode(PROMPT), clip.encode(NEGATIVE)
     latent = EmptyLatentImage().generate(size, size, 1)[0]

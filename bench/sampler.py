@@ -99,6 +99,13 @@ def build_pipeline(family: str, device: torch.device, dtype: torch.dtype):
     return pipeline
 
 
+def pipeline_ref(pipeline, family: str, device: torch.device, dtype: torch.dtype, source: str) -> ModelRef:
+    """Atelier's MODEL around a benchmark's pipeline (its own schedule, ε-prediction), without the loader's cache."""
+    schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), "epsilon")
+    return ModelRef(LoadedModel(pipeline=pipeline, family=family, schedule=schedule, dtype=dtype, device=device,
+                                source=source))
+
+
 def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor, int]:
     """Seconds ``fn`` takes (the device synchronised), its result, and the CUDA peak bytes during it (0 on CPU)."""
     if device.type == "cuda":
@@ -144,9 +151,7 @@ def main() -> None:
     # 1. One pipeline with random weights; ours wraps the same modules
     started = time.perf_counter()
     pipeline = build_pipeline(args.family, device, dtype)
-    schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), "epsilon")
-    model = ModelRef(LoadedModel(pipeline=pipeline, family=family, schedule=schedule, dtype=dtype, device=device,
-                                 source=f"random {args.family}"))
+    model = pipeline_ref(pipeline, family, device, dtype, f"random {args.family}")
     unet_params = sum(p.numel() for p in pipeline.unet.parameters())
     report(f"built {args.family} ({unet_params / 1e6:.0f} M UNet parameters, {str(dtype).removeprefix('torch.')} "
            f"on {device}) in {time.perf_counter() - started:.1f} s")

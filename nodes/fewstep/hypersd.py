@@ -43,6 +43,11 @@ FAMILY_LABELS = {"sd1": "SD1.5", "sd2": "SD2", "sdxl": "SDXL"}
 PUBLISHED_CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
+def family_label(family: str) -> str:
+    """How messages name a model family: "SD1.5", "SDXL", …; a family without a label by its own name."""
+    return FAMILY_LABELS.get(family, family)
+
+
 @dataclasses.dataclass(frozen=True)
 class HyperSDPreset:
     """The model card's inference settings for one Hyper-SD LoRA.
@@ -131,7 +136,7 @@ def check_lora_family(path: str, preset_name: str, model_family: str) -> None:
                      None)
         hint = f": use {other}" if other else ""
         raise ValueError(f"{preset_name} is for {expected}-family models; this MODEL is "
-                         f"{FAMILY_LABELS.get(model_family, model_family)}{hint}")
+                         f"{family_label(model_family)}{hint}")
     width = lora_context_width(path)
     found = PUBLISHED_CONTEXT_WIDTHS.get(width)
     if found is not None and found != preset.family:

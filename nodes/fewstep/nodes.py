@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..models.comfy_adapters import model_family, model_with_lora, noise_schedule
+from ..models.comfy_adapters import model_family, model_with_lora, noise_schedule, noise_shift_table
 from ..models.formats import check_safetensors
 from ..models.lora import MAX_STRENGTH
 from ..models.refs import ModelRef, ModelsFolder
@@ -17,7 +17,7 @@ from ..models.sources import list_models, resolve_model_path
 from ..sampling.k_samplers import Sampler, sample_tcd
 from ..sampling.model_sampling import RectifiedFlowSampling
 from ..sampling.schedules import TCD_ORIGINAL_STEPS, timestep_sigmas
-from .hypersd import (AUTO_PRESET, FAMILY_LABELS, HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas,
+from .hypersd import (AUTO_PRESET, HYPER_SD_PRESETS, check_lora_family, family_label, hyper_sd_sigmas,
                       preset_name_for_file)
 from .koala import KOALA_LABELS, KOALA_PRESETS, koala_timesteps, koala_unet_of_model
 from .rectified_flow import RECTIFIED_FLOW_PRESETS, comfy_rectified_flow_model, rectified_flow_sigmas
@@ -110,11 +110,9 @@ class AtelierRectifiedFlow(_SamplingPreset):
     def apply(self, model: Any, weights: str, steps: int) -> tuple:
         family = model_family(model)
         if family != "sd1":
-            raise ValueError(f"{weights} is an SD1.5-family UNet; this MODEL is {FAMILY_LABELS.get(family, family)}: "
+            raise ValueError(f"{weights} is an SD1.5-family UNet; this MODEL is {family_label(family)}: "
                              f"load the published diffusers folder as the checkpoint")
-        shifted = (model.noise_shift if isinstance(model, ModelRef) else
-                   getattr(model.get_model_object("model_sampling"), "noise_shift", None))
-        if shifted is not None:
+        if noise_shift_table(model) is not None:
             raise ValueError("this MODEL carries a NoiseShift table, calibrated on its diffusion sigmas: give this "
                              "node the model from before NoiseShift Apply")
         preset = RECTIFIED_FLOW_PRESETS[weights]
@@ -150,7 +148,7 @@ class AtelierKOALA(_SamplingPreset):
         found = koala_unet_of_model(model)
         if found != preset.unet:
             family = model_family(model)
-            what = KOALA_LABELS[found] + "'s" if found else f"not a KOALA UNet ({FAMILY_LABELS.get(family, family)})"
+            what = KOALA_LABELS[found] + "'s" if found else f"not a KOALA UNet ({family_label(family)})"
             raise ValueError(f"{weights} expects {KOALA_LABELS[preset.unet]}'s UNet; this MODEL's UNet is {what}")
         schedule = noise_schedule(model)
         sigmas = timestep_sigmas(schedule, koala_timesteps(preset, steps or preset.steps,

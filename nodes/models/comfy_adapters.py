@@ -331,6 +331,14 @@ def noise_schedule(model: Any) -> NoiseSchedule:
     raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")
 
 
+def noise_shift_table(model: Any) -> Any:
+    """The NoiseShift table what arrived on a MODEL socket carries, or None: Atelier's ref holds it, ComfyUI's
+    MODEL in the ``model_sampling`` object patch NoiseShift Apply made."""
+    if isinstance(model, ModelRef):
+        return model.noise_shift
+    return getattr(getattr(model, "object_patches", {}).get("model_sampling"), "noise_shift", None)
+
+
 def model_with_lora(model: Any, path: str, strength: float, *, when_ready: bool = False) -> Any:
     """What arrived on a MODEL socket with LoRA file ``path`` on its diffusion model, in that host's way: Atelier's
     runs it beside the base weights (read ahead on a background thread; ``when_ready`` lets sampling start without

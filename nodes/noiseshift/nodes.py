@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from ..common.comfy_host import comfy_module, inside_comfyui
+from ..common.comfy_host import inside_comfyui
 from ..common.limits import MAX_SEED
 from ..common.progress import progress
-from ..models.comfy_adapters import denoiser_and_latent_space, model_device, model_family
+from ..models.comfy_adapters import denoiser_and_latent_space, model_device, model_family, noise_shift_table
 from ..models.refs import ModelRef, SavedFilesFolder, SaveToFolder
 from ..sampling.guidance import to_conditioning
+from ..sampling.model_sampling import is_flow_sampling
 from .shift import (DEFAULT_LEVELS, NoiseShiftTable, calibrate, denoiser_x0, load_table, log_grid,
                     nearest_training_sigma, save_table)
 
@@ -32,11 +33,7 @@ TABLES_FOLDER = "noiseshift"
 def _check_unshifted(model: Any) -> None:
     """Calibration measures the model itself: a table applied before (Atelier's ref, or ComfyUI's object patch of
     ``model_sampling``) would compound with the one being found."""
-    if isinstance(model, ModelRef):
-        table = model.noise_shift
-    else:
-        table = getattr(getattr(model, "object_patches", {}).get("model_sampling"), "noise_shift", None)
-    if table is not None:
+    if noise_shift_table(model) is not None:
         raise ValueError("this MODEL is NoiseShift-patched already: calibrate the model from before NoiseShift Apply")
 
 
@@ -118,7 +115,7 @@ class AtelierNoiseShiftApply:
             return (dataclasses.replace(model, noise_shift=table),)
         if not inside_comfyui():
             raise TypeError(f"model must be Atelier's or ComfyUI's MODEL; got {type(model).__name__}")
-        if isinstance(model.get_model_object("model_sampling"), comfy_module("comfy.model_sampling").CONST):
+        if is_flow_sampling(model.get_model_object("model_sampling")):
             raise ValueError(flow_refusal)
         patched = model.clone()
         patched.add_object_patch("model_sampling", table.model_sampling(model.get_model_object("model_sampling")))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..common.comfy_host import comfy_module
-from .model_sampling import DiscreteModelSampling
+from .model_sampling import DiscreteModelSampling, is_flow_sampling
 from .momentum import HeavyBall
 from .noise import BrownianTreeNoiseSampler, NoiseSampler, default_noise_sampler
 
@@ -131,9 +131,7 @@ def _check_discrete_vp(sampling: Any, name: str) -> None:
     if getattr(sampling, "noise_shift", None) is not None:
         raise ValueError(f"{name} reads the model's timestep table, which NoiseShift shifts: sample the model from "
                          f"before NoiseShift Apply")
-    flow = getattr(sampling, "prediction_type", None) == "flow" or any(
-        cls.__name__ == "CONST" for cls in type(sampling).__mro__)
-    if flow:
+    if is_flow_sampling(sampling):
         raise ValueError(f"{name} re-noises on a diffusion model's VE sigmas; this model samples as a flow")
 
 

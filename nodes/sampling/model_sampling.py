@@ -281,6 +281,13 @@ class DiscreteModelSampling(SigmaTable):
         return math.isclose(max_sigma, first, rel_tol=1e-05) or first > max_sigma
 
 
+def is_flow_sampling(sampling: object) -> bool:
+    """Whether a sampling view (Atelier's or ComfyUI's ``model_sampling``) is a flow's: Atelier's
+    :class:`RectifiedFlowSampling`, or ComfyUI's ``CONST`` models (SD3, Flux, the rectified-flow patch)."""
+    return getattr(sampling, "prediction_type", None) == "flow" or any(
+        cls.__name__ == "CONST" for cls in type(sampling).__mro__)
+
+
 class RectifiedFlowSampling(SigmaTable):
     """The sampling view of a rectified-flow UNet (InstaFlow, 2-Rectified Flow; Liu et al. 2023, "InstaFlow: One
     Step is Enough for High-Quality Diffusion-Based Text-to-Image Generation"), with the interface of

@@ -9,7 +9,9 @@ weights' values) serves every arm, so the ratios measure the presets' step count
   run beside the base weights as Atelier runs every LoRA): the 1-step unified LoRA (TCD), 2, 4 and 8 steps without
   guidance, 8 and 12 steps with CFG 5, each through SamplerCustom;
 - **InstaFlow / 2-Rectified Flow**, through the node (the same UNet sampled as a flow): InstaFlow-0.9B's one step
-  without guidance, 2-Rectified Flow's 25 steps at guidance 1.5 and at 4 steps.
+  without guidance, 2-Rectified Flow's 25 steps at guidance 1.5 and at 4 steps;
+- **Rectified Diffusion**, through the node (the same UNet, as the published UNets are SD1.5's): rd's 2 DDIM steps
+  at guidance 1.5 on its linear betas, cm's 1 step without guidance, phased's 4 steps at 1.5.
 
 KOALA's UNets are SDXL-family: they are timed apart, UNet calls only (a whole random SDXL pipeline beside them does
 not fit this machine's memory), against SDXL's own UNet at the same size: wall time of one guided call (batch 2)
@@ -19,7 +21,7 @@ Euler-25 CFG, the KOALA models at 25, the Lightning ones at 10).
 Per image: sampling from the encoded prompts, then the VAE decode (the same for every arm); the runs alternate
 between arms after one warm-up each, and the medians of three runs give the speedup. The full run: every arm at
 512×512, and KOALA's UNets at 512×512; ``--quick``: the reference, Hyper-SD's 1-step, 4-step and 8-step CFG
-presets, InstaFlow and 2-Rectified Flow at 4 steps, at 64×64, without KOALA (a random SDXL UNet takes a minute
+presets, InstaFlow, 2-Rectified Flow at 4 steps and Rectified Diffusion's rd at 2, at 64×64, without KOALA (a random SDXL UNet takes a minute
 to build).
 
     python bench/few_step.py [--quick]
@@ -46,7 +48,7 @@ import torch  # noqa: E402
 from bench.sampler import build_pipeline, pipeline_ref, report  # noqa: E402
 from nodes.common.denoiser import DiffusersCodec  # noqa: E402
 from nodes.fewstep.koala import KOALA_PRESETS, koala_config_dir  # noqa: E402
-from nodes.fewstep.nodes import AtelierHyperSD, AtelierRectifiedFlow  # noqa: E402
+from nodes.fewstep.nodes import AtelierHyperSD, AtelierRectifiedDiffusion, AtelierRectifiedFlow  # noqa: E402
 from nodes.models.model_configs import SHIPPED_CONFIGS  # noqa: E402
 from nodes.models.clip import Clip  # noqa: E402
 from tests.tiny_models import write_hyper_sd_lora  # noqa: E402
@@ -54,7 +56,8 @@ from web.nodes_latent import EmptyLatentImage, VAEDecode  # noqa: E402
 from web.nodes_sampling import KSampler, SamplerCustom  # noqa: E402
 
 QUICK = {"size": 64, "runs": 3, "koala_size": None,
-         "arms": ("hypersd_1step", "hypersd_4steps", "hypersd_8steps_cfg", "instaflow_1step", "rectified_flow_4steps")}
+         "arms": ("hypersd_1step", "hypersd_4steps", "hypersd_8steps_cfg", "instaflow_1step", "rectified_flow_4steps",
+                  "rectified_diffusion_2steps")}
 FULL = {"size": 512, "runs": 3, "koala_size": 512, "arms": None}
 SDXL_REFERENCE_STEPS = 25
 SEED = 0
@@ -67,7 +70,9 @@ HYPER_SD_ARMS = {"hypersd_1step": "Hyper-SD15-1step-lora", "hypersd_2steps": "Hy
                  "hypersd_12steps_cfg": "Hyper-SD15-12steps-CFG-lora"}
 FLOW_ARMS = {"instaflow_1step": ("InstaFlow-0.9B", 0), "rectified_flow_25steps": ("2-Rectified Flow", 0),
              "rectified_flow_4steps": ("2-Rectified Flow", 4)}
-ARMS = (*HYPER_SD_ARMS, *FLOW_ARMS)
+RECTIFIED_DIFFUSION_ARMS = {"rectified_diffusion_2steps": ("rd", 0), "rectified_diffusion_cm_1step": ("cm", 1),
+                            "rectified_diffusion_phased_4steps": ("phased", 0)}
+ARMS = (*HYPER_SD_ARMS, *FLOW_ARMS, *RECTIFIED_DIFFUSION_ARMS)
 
 
 def arms(model, models_dir: str, positive, negative, latent: dict,
@@ -81,6 +86,8 @@ def arms(model, models_dir: str, positive, negative, latent: dict,
                for name, preset in HYPER_SD_ARMS.items() if name in chosen}
     outputs.update({name: AtelierRectifiedFlow().apply(model, weights, steps)
                     for name, (weights, steps) in FLOW_ARMS.items() if name in chosen})
+    outputs.update({name: AtelierRectifiedDiffusion().apply(model, weights, steps)
+                    for name, (weights, steps) in RECTIFIED_DIFFUSION_ARMS.items() if name in chosen})
     for name, (patched, sampler, sigmas, preset_cfg) in outputs.items():
         runs[name] = (lambda patched=patched, sampler=sampler, sigmas=sigmas, preset_cfg=preset_cfg:
                       SamplerCustom().sample(patched, True, SEED, preset_cfg, positive, negative, sampler, sigmas,

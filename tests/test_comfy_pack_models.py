@@ -640,3 +640,45 @@ def test_rectified_flow_runs_under_comfyuis_sampler_custom_as_standalone(comfyui
     print(f"2-Rectified Flow, ComfyUI against Atelier: {measured:.1f} dB; its levels "
           f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
     assert measured >= TARGET_PSNR_DB
+
+
+def test_rectified_diffusion_loads_its_unet_file_and_samples_under_comfyuis_sampler_custom_as_standalone(
+        comfyui_server, random_sd15_models, atelier):
+    """Load Checkpoint + UNet File inside ComfyUI (ComfyUI's load_diffusion_model of a diffusers-layout file beside
+    the checkpoint's CLIP and VAE) and rd's preset (the linear betas as a model_sampling object patch, DDIM on the
+    trailing grid) under ComfyUI's SamplerCustom give the standalone picture; the file's UNet (the checkpoint's
+    with its output layer halved) changes it."""
+    from safetensors.torch import save_file
+
+    base = load_model(os.path.join(random_sd15_models.path, "checkpoints", random_sd15_models.checkpoint))
+    tensors = {key: value.to(torch.float16).contiguous() for key, value in base.unet.state_dict().items()}
+    tensors["conv_out.weight"] = tensors["conv_out.weight"] * 0.5
+    os.makedirs(os.path.join(random_sd15_models.path, "diffusion_models"), exist_ok=True)
+    save_file(tensors, os.path.join(random_sd15_models.path, "diffusion_models", "rd.safetensors"))
+    del tensors
+    prompt = {
+        "4": {"class_type": "AtelierCheckpointWithUNet", "inputs": {"ckpt_name": random_sd15_models.checkpoint,
+                                                                   "unet_name": "rd.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "AtelierRectifiedDiffusion", "inputs": {"model": ["4", 0], "weights": "rd", "steps": 2}},
+        "11": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["10", 0], "add_noise": True, "noise_seed": SEED, "cfg": ["10", 3], "positive": ["6", 0],
+            "negative": ["7", 0], "sampler": ["10", 1], "sigmas": ["10", 2], "latent_image": ["5", 0]}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
+        "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rd", "images": ["12", 0]}},
+        "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "21": {"class_type": "AtelierRectifiedDiffusion", "inputs": {"model": ["20", 0], "weights": "rd", "steps": 2}},
+    }
+    prompt["22"] = {"class_type": "SamplerCustom", "inputs": {**prompt["11"]["inputs"], "model": ["21", 0],
+                                                              "sampler": ["21", 1], "sigmas": ["21", 2]}}
+    prompt["23"] = {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["4", 2]}}
+    prompt["24"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "rd_base", "images": ["23", 0]}}
+    comfy_images = comfyui_server.run(prompt)
+    standalone = atelier.run(prompt)
+    measured = psnr(comfy_images["13"][0], standalone["13"][0])
+    print(f"Rectified Diffusion rd, ComfyUI against Atelier: {measured:.1f} dB; its levels "
+          f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
+    assert measured >= TARGET_PSNR_DB
+    assert not np.array_equal(comfy_images["13"][0], comfy_images["24"][0])  # the file's UNet, not the checkpoint's

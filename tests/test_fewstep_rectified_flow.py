@@ -111,7 +111,7 @@ def test_another_family_is_refused_and_flow_models_leave_the_discrete_nodes(flow
     flowing = AtelierRectifiedFlow().apply(flow_model[0], "InstaFlow-0.9B", 0)[0]
     with pytest.raises(ValueError, match="samples as a rectified flow"):  # Hyper-SD's and the F-scheduler's sigmas
         noise_schedule(flowing)
-    with pytest.raises(ValueError, match="training schedule, which a rectified-flow model does not have"):
+    with pytest.raises(ValueError, match="training schedule, and this MODEL samples on another"):
         AtelierSampler().sample(flowing, flow_model[1], flow_model[2], {"samples": torch.zeros(1, 4, 8, 8)}, 0, 2,
                                 1.0, "euler", "normal", 1.0, 0.0)
     assert flowing.recipe().model_sampling_override is flowing.model_sampling_override  # carried to workers

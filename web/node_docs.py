@@ -24,7 +24,8 @@ REGENERATE_COMMAND = "python -m web.node_docs"
 TECHNIQUE_NOTES: dict[str, tuple[str, str]] = {
     "nodes.loaders.nodes": ("The embedded model",
                             "Atelier's own tiny SD 1.x-layout model, trained from scratch, so every workflow runs "
-                            "with no download; not a published checkpoint."),
+                            "with no download; not a published checkpoint. Load Checkpoint + UNet File serves the "
+                            "few-step models published as a UNet alone (see their README section)."),
     "nodes.generation.nodes": ("Generating images",
                                "ComfyUI's core sampling, with extra solvers (HB-PLMS, GHVB, heavy-ball DPM++ 2M) "
                                "and the F-scheduler; workflows saved by ComfyUI run unchanged."),
@@ -54,7 +55,9 @@ TECHNIQUE_NOTES: dict[str, tuple[str, str]] = {
                             "Hyper-SD (ByteDance, 2024): the authors' LoRAs with their model card's sampler, steps "
                             "and guidance, schedules ending at σ 0 as ComfyUI's (diffusers' last step stops at "
                             "ᾱ_0). InstaFlow (ICLR 2024): Euler on the flow, the authors' loop exactly. KOALA: the "
-                            "authors' Euler settings; the base models' scheduler is assumed to be SDXL's."),
+                            "authors' Euler settings; the base models' scheduler is assumed to be SDXL's. "
+                            "Rectified Diffusion (2024): the authors' trailing DDIM on their betas (linear for rd and "
+                            "cm), schedules ending at σ 0; default steps chosen among those they evaluated."),
 }
 
 

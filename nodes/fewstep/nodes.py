@@ -14,12 +14,14 @@ from ..models.formats import check_safetensors
 from ..models.lora import MAX_STRENGTH
 from ..models.refs import ModelRef, ModelsFolder
 from ..models.sources import list_models, resolve_model_path
+from ..sampling.ddim import trailing_timesteps
 from ..sampling.k_samplers import Sampler, sample_tcd
-from ..sampling.model_sampling import RectifiedFlowSampling
+from ..sampling.model_sampling import DiscreteModelSampling, RectifiedFlowSampling
 from ..sampling.schedules import TCD_ORIGINAL_STEPS, timestep_sigmas
 from .hypersd import (AUTO_PRESET, HYPER_SD_PRESETS, check_lora_family, family_label, hyper_sd_sigmas,
                       preset_name_for_file)
 from .koala import KOALA_LABELS, KOALA_PRESETS, koala_timesteps, koala_unet_of_model
+from .rectified_diffusion import RECTIFIED_DIFFUSION_PRESETS, comfy_linear_beta_model, linear_beta_schedule
 from .rectified_flow import RECTIFIED_FLOW_PRESETS, comfy_rectified_flow_model, rectified_flow_sigmas
 
 CATEGORY = "atelier/fewstep"
@@ -156,8 +158,53 @@ class AtelierKOALA(_SamplingPreset):
         return model, Sampler.from_name("euler").for_host(), sigmas, preset.cfg
 
 
+class AtelierRectifiedDiffusion(_SamplingPreset):
+    DESCRIPTION = ("Rectified Diffusion (Wang et al. 2024): its published UNets (rd, cm, phased for SD1.5; phasedxl "
+                   "for SDXL), loaded with Load Checkpoint + UNet File beside their base checkpoint, with the "
+                   "authors' sampler for SamplerCustom: DDIM on trailing timesteps; rd and cm sample on the linear "
+                   "betas they were retrained on. rd 2 steps at guidance 1.5 (1 to 25 work), cm 2 steps without "
+                   "guidance, the phased models 4 steps at 1.5.")
+    OUTPUT_TOOLTIPS = ("The model, on the betas its UNet was trained on (linear for rd and cm).",
+                       "DDIM (deterministic), for SamplerCustom.",
+                       "The trailing timesteps' noise levels, then 0, for SamplerCustom.",
+                       "The authors' guidance scale, for SamplerCustom's cfg (1 = none).")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A Rectified Diffusion UNet on its base model: Load Checkpoint + UNet "
+                                           "File with SD1.5 and rd/cm/phased, or SDXL and phasedxl."}),
+            "weights": (list(RECTIFIED_DIFFUSION_PRESETS), {"tooltip": "Which published UNet it is: its betas, "
+                                                                       "steps and guidance."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": MAX_PRESET_STEPS, "step": 1,
+                              "tooltip": "0: the preset's (2 for rd and cm, 4 for the phased models). rd was "
+                                         "evaluated at 1 to 25, cm at 1 and 2."}),
+        }}
+
+    def apply(self, model: Any, weights: str, steps: int) -> tuple:
+        preset = RECTIFIED_DIFFUSION_PRESETS[weights]
+        family = model_family(model)
+        if family != preset.family:
+            raise ValueError(f"{weights} is a UNet for {family_label(preset.family)}; this MODEL is "
+                             f"{family_label(family)}: load it beside an {family_label(preset.family)} checkpoint")
+        schedule = noise_schedule(model)  # also refuses a MODEL already sampling on another schedule
+        if preset.linear_betas:
+            if noise_shift_table(model) is not None:
+                raise ValueError("this MODEL carries a NoiseShift table, calibrated on its own betas: give this node "
+                                 "the model from before NoiseShift Apply")
+            schedule = linear_beta_schedule(schedule.prediction_type)
+            if isinstance(model, ModelRef):
+                model = dataclasses.replace(model,
+                                            model_sampling_override=DiscreteModelSampling.from_noise_schedule(schedule))
+            else:
+                model = comfy_linear_beta_model(model)
+        sigmas = timestep_sigmas(schedule, trailing_timesteps(steps or preset.steps, schedule.num_train_timesteps))
+        return model, Sampler.from_name("ddim").for_host(), sigmas, preset.cfg
+
+
 NODE_CLASS_MAPPINGS = {"AtelierHyperSD": AtelierHyperSD, "AtelierRectifiedFlow": AtelierRectifiedFlow,
-                       "AtelierKOALA": AtelierKOALA}
+                       "AtelierKOALA": AtelierKOALA, "AtelierRectifiedDiffusion": AtelierRectifiedDiffusion}
 NODE_DISPLAY_NAME_MAPPINGS = {"AtelierHyperSD": "Hyper-SD LoRA + Preset",
                               "AtelierRectifiedFlow": "InstaFlow / Rectified Flow Sampling",
-                              "AtelierKOALA": "KOALA Preset"}
+                              "AtelierKOALA": "KOALA Preset",
+                              "AtelierRectifiedDiffusion": "Rectified Diffusion Preset"}

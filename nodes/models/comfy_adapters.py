@@ -232,8 +232,9 @@ def _check_unpatched(model: ModelRef) -> None:
                          "app: use KSampler or SamplerCustom after NoiseShift Apply, or give this node the model "
                          "from before it")
     if model.model_sampling_override is not None:
-        raise ValueError("this node samples with its own sampler on the model's training schedule, which a "
-                         "rectified-flow model does not have: use SamplerCustom with the model's own nodes")
+        raise ValueError("this node samples with its own sampler on the checkpoint's training schedule, and this "
+                         "MODEL samples on another (a rectified flow's, or Rectified Diffusion's linear betas): use "
+                         "SamplerCustom with the model's own nodes")
     if model.sampling_patch is not None:
         raise ValueError(SAMPLING_PATCH_REFUSAL)
 
@@ -322,10 +323,13 @@ def noise_schedule(model: Any) -> NoiseSchedule:
         ValueError: ComfyUI's model is not on a discrete timestep schedule.
     """
     if isinstance(model, ModelRef):
-        if model.model_sampling_override is not None:
-            raise ValueError("this MODEL samples as a rectified flow, not on its training noise schedule: give "
-                             "this node the model from before the rectified-flow node")
-        return model.model.schedule
+        override = model.model_sampling_override
+        if override is None:
+            return model.model.schedule
+        if hasattr(override, "noise_schedule"):  # a discrete schedule other than the checkpoint's
+            return override.noise_schedule()
+        raise ValueError("this MODEL samples as a rectified flow, not on a training noise schedule: give this node "
+                         "the model from before the rectified-flow node")
     if _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):
         return comfy_noise_schedule(model)
     raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")

@@ -7,6 +7,7 @@ The LoRA records are here, with the model that holds them, so that ``lora`` (whi
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from typing import Any
 
@@ -61,6 +62,8 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     source: str  # the real path of the file or folder it came from
+    # the real path of a UNet file that replaced the checkpoint's UNet (loader.load_model's unet_file), or None
+    unet_source: str | None = None
     # LoRAs resident as adapters (by adapter name) and the ones running now; managed by nodes.models.lora.
     lora_adapters: dict[str, LoraAdapter] = dataclasses.field(default_factory=dict, repr=False)
     active_loras: tuple[LoraSpec, ...] = ()
@@ -69,6 +72,17 @@ class LoadedModel:
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False)
     # its components as the memory manager keeps them; None inside ComfyUI
     resident: Resident | None = dataclasses.field(default=None, repr=False)
+
+    @staticmethod
+    def label_of(source: str, unet_source: str | None = None) -> str:
+        """How logs and messages name a model: its file's name, and the UNet file's that replaced its UNet."""
+        name = os.path.basename(source)
+        return name if unet_source is None else f"{name} + {os.path.basename(unet_source)}"
+
+    @property
+    def label(self) -> str:
+        """:meth:`label_of` this model."""
+        return self.label_of(self.source, self.unet_source)
 
     def remove_all_loras(self) -> None:
         """Unload every LoRA: the adapter layers are taken out and the original modules put back, so the model's

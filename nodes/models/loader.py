@@ -22,6 +22,11 @@ from typing import Any
 
 import torch
 
+from . import offline  # noqa: F401  (first: before diffusers imports huggingface_hub)
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from ..common.denoiser import PREDICTION_TYPES, NoiseSchedule
 from ..common.memory import MEMORY, Resident
 from .devices import ACCEPTED_DTYPES, default_device, default_dtype
@@ -30,7 +35,7 @@ from .families import (CheckpointInfo, UnknownModelLayoutError, family_from_diff
 from .formats import SAFE_EXTENSION, UnsafeModelFormatError, check_folder_weights, check_safetensors
 from .loaded import LoadedModel
 from .model_configs import (component_configs, load_tokenizer, pipeline_class, pipeline_extras,
-                            single_file_config_dir)
+                            single_file_config_dir, unet_file_configs)
 from .offline import quiet_loading
 from .sources import resolve_checkpoint
 from .vae import load_asymmetric_vae
@@ -168,7 +173,7 @@ def _read_transformers_folder(folder: str, model_class: type | None) -> tuple[An
 
 def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
                prediction_type: str | None = None, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None) -> LoadedModel:
+               device: torch.device | str | None = None, unet_file: str | os.PathLike | None = None) -> LoadedModel:
     """Load a single ``.safetensors`` checkpoint or a diffusers folder, offline, sharing one copy per file.
 
     Args:
@@ -180,13 +185,18 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
             files: see ``families.prediction_type_from_weights``) or the folder's scheduler config say.
         dtype: float32, float16 or bfloat16; by default :func:`default_dtype` of the device.
         device: by default :func:`default_device`.
+        unet_file: a diffusers-layout UNet ``.safetensors`` file that replaces the checkpoint's UNet (a model
+            published as its UNet alone: Rectified Diffusion's, KOALA's); its layout must be the checkpoint's UNet
+            or one of the family's shipped variants (:func:`~.model_configs.unet_file_configs`). The model is then
+            a copy of its own, text encoders and VAE included, which the memory manager keeps as any other.
     Returns:
-        The :class:`LoadedModel`; the same object for a repeated call with the same file (real path, size,
+        The :class:`LoadedModel`; the same object for a repeated call with the same file(s) (real path, size,
         modification time) and arguments, until :func:`unload_all`.
     Raises:
         FileNotFoundError: ``path`` does not exist.
         UnsafeModelFormatError: a file that is not ``.safetensors``, or a folder with only pickle-based weights.
-        families.UnknownModelLayoutError: a layout that is none of ``families.FAMILIES``.
+        families.UnknownModelLayoutError: a layout that is none of ``families.FAMILIES``, or a ``unet_file``
+            whose tensors fit no UNet the checkpoint can take.
         ValueError: a bad ``prediction_type`` or ``dtype``, or a ``config_dir`` of another family.
     """
     path = os.path.realpath(os.fspath(path))
@@ -204,6 +214,11 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
     if dtype not in ACCEPTED_DTYPES:
         raise ValueError(f"dtype must be one of {ACCEPTED_DTYPES}; got {dtype}")
     config_dir = os.path.realpath(os.fspath(config_dir)) if config_dir is not None else None
+    if unet_file is not None:
+        unet_file = os.path.realpath(os.fspath(unet_file))
+        if not os.path.isfile(unet_file):
+            raise FileNotFoundError(f"no UNet file at {unet_file!r}")
+        check_safetensors(unet_file)
     info = None if is_folder else inspect_single_file(path)
     if info is not None:
         logger.info("%s: %s, %d-channel UNet, %s (%s)", os.path.basename(path), info.family, info.unet_in_channels,
@@ -211,31 +226,73 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
     # Resolved before the cache lookup, so "auto" and the type it resolves to share one copy.
     resolved = prediction_type or (info.prediction_type if info else prediction_type_from_diffusers_folder(path))
 
-    key = (path, _file_signature(path), config_dir, resolved, dtype, device)
+    files = (path,) if unet_file is None else (path, unet_file)
+    key = (path, unet_file, tuple(map(_file_signature, files)), config_dir, resolved, dtype, device)
     with _CACHE_LOCK:  # one load at a time: two nodes asking for the same file wait for one copy
         if key in _CACHE:
             return _CACHE[key]
         started = time.perf_counter()
-        name = os.path.basename(path)
-        MEMORY.make_room("cpu", weight_bytes(path, dtype), name)
         family = info.family if info is not None else family_from_diffusers_folder(path)
-        pipeline = _build_pipeline(path, info, family, config_dir, resolved, dtype)
+        label = LoadedModel.label_of(path, unet_file)
+        MEMORY.make_room("cpu", sum(weight_bytes(file, dtype) for file in files), label)
+
+        def build() -> Any:
+            pipeline = _build_pipeline(path, info, family, config_dir, resolved, dtype)
+            if unet_file is not None:
+                pipeline.unet = _unet_from_file(unet_file, pipeline.unet.config, family, dtype)
+            return pipeline
+
+        pipeline = build()
         schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), resolved)
         model = LoadedModel(pipeline=pipeline, family=family, schedule=schedule, dtype=dtype, device=device,
-                            source=path)
-        signature = key[1]
+                            source=path, unet_source=unet_file)
+        signatures = key[2]
 
         def rebuild() -> Any:
-            if _file_signature(path) != signature:
-                raise RuntimeError(f"{name} changed on disk since it was loaded; load it again (its node reads "
-                                   f"the new file on the next run)")
-            return _build_pipeline(path, info, family, config_dir, resolved, dtype)
+            if tuple(map(_file_signature, files)) != signatures:
+                raise RuntimeError(f"{label} changed on disk since it was loaded; load it again (its node "
+                                   f"reads the new file on the next run)")
+            return build()
 
         model.resident = _resident(model, rebuild)
         _CACHE[key] = model
-        logger.info("loaded %s (%s, %s, %s on %s) in %.1f s", name, family, resolved,
+        logger.info("loaded %s (%s, %s, %s on %s) in %.1f s", label, family, resolved,
                     str(dtype).removeprefix("torch."), device, time.perf_counter() - started)
         return model
+
+
+def _unet_from_file(path: str, base_config: Any, family: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The UNet of a diffusers-layout UNet file, built on the one of :func:`~.model_configs.unet_file_configs`
+    whose parameter names and shapes are the file's (compared on the meta device, before anything is allocated).
+
+    Raises:
+        families.UnknownModelLayoutError: no config fits the file; the message names the closest.
+    """
+    with safe_open(path, framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    name = os.path.basename(path)
+    if any(key.startswith(("model.diffusion_model.", "input_blocks.")) for key in shapes):
+        raise UnknownModelLayoutError(f"{name!r} holds a UNet in the original (LDM) layout; this loader reads "
+                                      f"diffusers-layout UNet files (unet/diffusion_pytorch_model.safetensors)")
+    mismatches = {}
+    for label, config in unet_file_configs(base_config, family).items():
+        with torch.device("meta"), quiet_loading():
+            unet = UNet2DConditionModel.from_config(config)
+        expected = {key: tuple(value.shape) for key, value in unet.state_dict().items()}
+        if expected == shapes:
+            tensors = {key: value.to(dtype) for key, value in load_file(path).items()}
+            unet.load_state_dict(tensors, assign=True)
+            return unet.eval().requires_grad_(False)
+        missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
+        reshaped = [key for key in expected.keys() & shapes.keys() if expected[key] != shapes[key]]
+        mismatches[label] = (len(missing) + len(unexpected) + len(reshaped),
+                             f"{len(missing)} tensors missing, {len(unexpected)} unexpected, {len(reshaped)} of "
+                             f"other shapes (e.g. {sorted(missing or unexpected or reshaped)[0]!r})")
+    closest = min(mismatches, key=lambda label: mismatches[label][0])
+    raise UnknownModelLayoutError(
+        f"{name!r} is not a UNet this {family} checkpoint can take: its tensors fit none of "
+        f"{', '.join(mismatches)}; closest is {closest}, with {mismatches[closest][1]}. Give the checkpoint the "
+        f"UNet was trained from (Rectified Diffusion's rd/cm/phased: SD1.5; phasedxl and KOALA's: SDXL)")
 
 
 def _build_pipeline(path: str, info: CheckpointInfo | None, family: str, config_dir: str | None, resolved: str,
@@ -272,7 +329,7 @@ def _resident(model: LoadedModel, build: Callable[[], Any]) -> Resident | None:
         fresh = build()
         return {name: getattr(fresh, name) for name in parts}
 
-    resident = MEMORY.register(Resident(os.path.basename(model.source), parts, reload=read_back,
+    resident = MEMORY.register(Resident(model.label, parts, reload=read_back,
                                         before_drop=model.remove_all_loras, home=model.device))
     for name in parts:
         with MEMORY.use(resident, (name,)):
@@ -283,8 +340,6 @@ def _resident(model: LoadedModel, build: Callable[[], Any]) -> Resident | None:
 def weight_bytes(path: str, dtype: torch.dtype) -> int:
     """What the weights of a ``.safetensors`` file, or of a folder's, take once loaded in ``dtype``: read from the
     files' headers, before anything is allocated (tensors the loader skips, such as EMA copies, are counted too)."""
-    from safetensors import safe_open
-
     files = [path]
     if os.path.isdir(path):  # the files the loader reads: the variant's where it has them, else the plain ones
         variant = check_folder_weights(path) if os.path.isfile(os.path.join(path, "model_index.json")) else None

@@ -197,7 +197,7 @@ def load_lora(model: LoadedModel, path: str | os.PathLike,
     adapter = LoraAdapter(name, path, signature, components)
     model.lora_adapters[name] = adapter
     _activate(model, model.active_loras)  # loading switched the new adapter on; restore what was running
-    logger.info("LoRA %s resident on %s (%s)", os.path.basename(path), os.path.basename(model.source),
+    logger.info("LoRA %s resident on %s (%s)", os.path.basename(path), model.label,
                 ", ".join(components))
     return adapter
 
@@ -272,7 +272,7 @@ def set_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> None:
     excess = len(model.lora_adapters) - MAX_RESIDENT_LORAS
     if excess > 0 and idle:
         logger.info("%d LoRA adapters resident on %s; unloading the %d least recently run",
-                    len(model.lora_adapters), os.path.basename(model.source), min(excess, len(idle)))
+                    len(model.lora_adapters), model.label, min(excess, len(idle)))
         _drop_adapters(model, idle[:excess])
     _activate(model, specs)
     model.active_loras = tuple(specs)

@@ -49,6 +49,9 @@ TEXT_ENCODERS = {
 # size, crop, target size; the refiner: original size, crop, aesthetic score).
 ADDED_TIME_IDS = {"sdxl": 6, "sdxl_refiner": 5}
 HEAD_WIDTH = 64  # the attention head width SD's released models use, for derived configs
+# Shipped UNets that keep a family's layout and widths at other depths: KOALA's distilled SDXL UNets
+# (nodes/fewstep/koala.py), which are published as UNet files as well as folders.
+UNET_VARIANTS = {"sdxl": {"koala_700m": "KOALA-700M", "koala_1b": "KOALA-1B"}}
 
 
 def shipped_config_dir(family: str) -> str:
@@ -64,6 +67,30 @@ def component_configs(config_dir: str) -> dict[str, dict]:
     index = read_json(os.path.join(config_dir, "model_index.json"))
     return {name: read_json(os.path.join(config_dir, name, "config.json")) for name, entry in index.items()
             if isinstance(entry, list) and None not in entry and name in ("unet", "vae", *_text_components())}
+
+
+def unet_file_configs(base_config: Mapping[str, Any], family: str) -> dict[str, dict]:
+    """The UNet configs a UNet file used beside a checkpoint of ``family`` may have, by the name messages give
+    them: the checkpoint's own UNet, then each of :data:`UNET_VARIANTS` (its depths at the checkpoint's widths, so a
+    reduced-width test model has reduced-width variants too).
+
+    Example:
+        >>> configs = unet_file_configs(read_json(os.path.join(shipped_config_dir("sdxl"), "unet", "config.json")),
+        ...                             "sdxl")
+        >>> list(configs), configs["KOALA-700M"]["transformer_layers_per_block"]
+        (["the checkpoint's UNet", 'KOALA-700M', 'KOALA-1B'], [1, 2, 5])
+    """
+    # without diffusers' bookkeeping: "_use_default_values" would put its defaults back over a variant's depths
+    base_config = {key: value for key, value in base_config.items() if not key.startswith("_")}
+    configs = {"the checkpoint's UNet": base_config}
+    if family in UNET_VARIANTS:
+        family_config = read_json(os.path.join(shipped_config_dir(family), "unet", "config.json"))
+        for variant, label in UNET_VARIANTS[family].items():
+            variant_config = read_json(os.path.join(SHIPPED_CONFIGS, variant, "unet", "config.json"))
+            depths = {key: value for key, value in variant_config.items()
+                      if not key.startswith("_") and family_config.get(key) != value}
+            configs[label] = {**base_config, **depths}
+    return configs
 
 
 def _text_components() -> set[str]:

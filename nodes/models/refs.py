@@ -51,7 +51,7 @@ class ModelRef:
     def recipe(self) -> ModelRecipe:
         """How another process loads the same model with the same LoRAs (see :class:`ModelRecipe`)."""
         return ModelRecipe(self.model.source, self.model.schedule.prediction_type, str(self.model.dtype), self.loras,
-                           self.noise_shift, self.model_sampling_override)
+                           self.noise_shift, self.model_sampling_override, self.model.unet_source)
 
     @contextlib.contextmanager
     def in_use(self, *parts: str, when_ready: bool = False) -> Iterator[LoadedModel]:
@@ -88,7 +88,8 @@ class ModelRef:
 @dataclasses.dataclass(frozen=True)
 class ModelRecipe:
     """A :class:`ModelRef` as another process rebuilds it: the file (at the same path there), what the UNet
-    predicts and its dtype, and the LoRAs; small and picklable, where the model itself is neither."""
+    predicts and its dtype, the LoRAs, and a UNet file that replaced the checkpoint's; small and picklable, where the
+    model itself is neither."""
 
     source: str
     prediction_type: str
@@ -96,12 +97,13 @@ class ModelRecipe:
     loras: tuple[LoraSpec, ...] = ()
     noise_shift: object | None = None
     model_sampling_override: object | None = None
+    unet_file: str | None = None
 
     def load(self) -> ModelRef:
         """The model from this process's cache (:func:`~nodes.models.loader.load_model`), loaded on first use."""
         dtype = getattr(torch, self.dtype.removeprefix("torch."))
-        return ModelRef(load_model(self.source, prediction_type=self.prediction_type, dtype=dtype), self.loras,
-                        self.noise_shift, self.model_sampling_override)
+        loaded = load_model(self.source, prediction_type=self.prediction_type, dtype=dtype, unet_file=self.unet_file)
+        return ModelRef(loaded, self.loras, self.noise_shift, self.model_sampling_override)
 
 
 def models_subfolder(models_dir: str | None, name: str, purpose: str | None = None) -> str | None:

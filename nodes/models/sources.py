@@ -13,7 +13,7 @@ from .formats import PICKLE_EXTENSIONS, SAFE_EXTENSION
 SHIPPED_MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 # The embedded model (nodes/embedded/train.py makes it): diffusers/<name>/ and checkpoints/<name>.safetensors there.
 SHIPPED_NAME = "atelier_embedded_sd1"
-MODEL_FOLDERS = ("checkpoints", "diffusers", "loras", "vae", "dinov2", "sentence_encoders")
+MODEL_FOLDERS = ("checkpoints", "diffusers", "diffusion_models", "loras", "vae", "dinov2", "sentence_encoders")
 # The folders whose models are themselves folders, each known by the file it holds; the others hold files.
 FOLDER_MODEL_MARKERS = {"diffusers": "model_index.json", "dinov2": "config.json", "sentence_encoders": "config.json"}
 DIFFUSERS_PREFIX = "diffusers/"  # how diffusers folders are named in the checkpoint list

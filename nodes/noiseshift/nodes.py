@@ -108,7 +108,8 @@ class AtelierNoiseShiftApply:
         }}
 
     def apply(self, model, table: NoiseShiftTable) -> tuple:
-        flow_refusal = "NoiseShift's table recalibrates a diffusion model's sigmas; this MODEL samples as a flow"
+        flow_refusal = ("NoiseShift's table recalibrates a diffusion model's own sigmas; this MODEL samples as a flow "
+                        "or on other betas than its checkpoint's")
         if isinstance(model, ModelRef):
             if model.model_sampling_override is not None:
                 raise ValueError(flow_refusal)

@@ -139,6 +139,18 @@ class DiscreteModelSampling(SigmaTable):
         self.sigmas = sigmas.float()
         self.log_sigmas = sigmas.log().float()
 
+    def noise_schedule(self) -> NoiseSchedule:
+        """The training schedule this view samples on, ᾱ = 1/(1 + σ²) from its sigma table (as
+        ``comfy_host.comfy_noise_schedule`` reads ComfyUI's), for the nodes that compute sigmas from a MODEL's
+        schedule when a ref's override replaces the model's own.
+
+        Raises:
+            ValueError: an LCM view, whose table holds 50 of the training timesteps.
+        """
+        if self.skip_steps != 1:
+            raise ValueError("an LCM sampling view holds 50 of the training timesteps, not the schedule")
+        return NoiseSchedule(1 / (1 + self.sigmas.to(torch.float64) ** 2), self.prediction_type)
+
     @classmethod
     def from_noise_schedule(cls, schedule: NoiseSchedule, *, zero_terminal_snr: bool = False) -> DiscreteModelSampling:
         """The VE view of Atelier's :class:`~nodes.common.denoiser.NoiseSchedule` (same ᾱ, same prediction type).

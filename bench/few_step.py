@@ -21,8 +21,8 @@ Euler-25 CFG, the KOALA models at 25, the Lightning ones at 10).
 Per image: sampling from the encoded prompts, then the VAE decode (the same for every arm); the runs alternate
 between arms after one warm-up each, and the medians of three runs give the speedup. The full run: every arm at
 512×512, and KOALA's UNets at 512×512; ``--quick``: the reference, Hyper-SD's 1-step, 4-step and 8-step CFG
-presets, InstaFlow, 2-Rectified Flow at 4 steps and Rectified Diffusion's rd at 2, at 64×64, without KOALA (a random SDXL UNet takes a minute
-to build).
+presets, InstaFlow, 2-Rectified Flow at 4 steps and Rectified Diffusion's rd at 2, at 64×64, without KOALA (a
+random SDXL UNet takes a minute to build).
 
     python bench/few_step.py [--quick]
 

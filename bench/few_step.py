@@ -11,7 +11,9 @@ weights' values) serves every arm, so the ratios measure the presets' step count
 - **InstaFlow / 2-Rectified Flow**, through the node (the same UNet sampled as a flow): InstaFlow-0.9B's one step
   without guidance, 2-Rectified Flow's 25 steps at guidance 1.5 and at 4 steps;
 - **Rectified Diffusion**, through the node (the same UNet, as the published UNets are SD1.5's): rd's 2 DDIM steps
-  at guidance 1.5 on its linear betas, cm's 1 step without guidance, phased's 4 steps at 1.5.
+  at guidance 1.5 on its linear betas, cm's 1 step without guidance, phased's 4 steps at 1.5;
+- **SpeedUpNet**, through the node (a random adapter in the published layout on the same UNet): 4 steps of
+  DPM-Solver++(2M) without guidance, the negative prompt's tokens appended to the prompt.
 
 KOALA's UNets are SDXL-family: they are timed apart, UNet calls only (a whole random SDXL pipeline beside them does
 not fit this machine's memory), against SDXL's own UNet at the same size: wall time of one guided call (batch 2)
@@ -21,8 +23,8 @@ Euler-25 CFG, the KOALA models at 25, the Lightning ones at 10).
 Per image: sampling from the encoded prompts, then the VAE decode (the same for every arm); the runs alternate
 between arms after one warm-up each, and the medians of three runs give the speedup. The full run: every arm at
 512×512, and KOALA's UNets at 512×512; ``--quick``: the reference, Hyper-SD's 1-step, 4-step and 8-step CFG
-presets, InstaFlow, 2-Rectified Flow at 4 steps and Rectified Diffusion's rd at 2, at 64×64, without KOALA (a
-random SDXL UNet takes a minute to build).
+presets, InstaFlow, 2-Rectified Flow at 4 steps, Rectified Diffusion's rd at 2 and SpeedUpNet, at 64×64, without
+KOALA (a random SDXL UNet takes a minute to build).
 
     python bench/few_step.py [--quick]
 
@@ -48,16 +50,17 @@ import torch  # noqa: E402
 from bench.sampler import build_pipeline, pipeline_ref, report  # noqa: E402
 from nodes.common.denoiser import DiffusersCodec  # noqa: E402
 from nodes.fewstep.koala import KOALA_PRESETS, koala_config_dir  # noqa: E402
-from nodes.fewstep.nodes import AtelierHyperSD, AtelierRectifiedDiffusion, AtelierRectifiedFlow  # noqa: E402
+from nodes.fewstep.nodes import (AtelierHyperSD, AtelierRectifiedDiffusion, AtelierRectifiedFlow,  # noqa: E402
+                                 AtelierSpeedUpNet)
 from nodes.models.model_configs import SHIPPED_CONFIGS  # noqa: E402
 from nodes.models.clip import Clip  # noqa: E402
-from tests.tiny_models import write_hyper_sd_lora  # noqa: E402
+from tests.tiny_models import write_hyper_sd_lora, write_speedupnet_adapter  # noqa: E402
 from web.nodes_latent import EmptyLatentImage, VAEDecode  # noqa: E402
 from web.nodes_sampling import KSampler, SamplerCustom  # noqa: E402
 
 QUICK = {"size": 64, "runs": 3, "koala_size": None,
          "arms": ("hypersd_1step", "hypersd_4steps", "hypersd_8steps_cfg", "instaflow_1step", "rectified_flow_4steps",
-                  "rectified_diffusion_2steps")}
+                  "rectified_diffusion_2steps", "speedupnet_4steps")}
 FULL = {"size": 512, "runs": 3, "koala_size": 512, "arms": None}
 SDXL_REFERENCE_STEPS = 25
 SEED = 0
@@ -72,7 +75,8 @@ FLOW_ARMS = {"instaflow_1step": ("InstaFlow-0.9B", 0), "rectified_flow_25steps":
              "rectified_flow_4steps": ("2-Rectified Flow", 4)}
 RECTIFIED_DIFFUSION_ARMS = {"rectified_diffusion_2steps": ("rd", 0), "rectified_diffusion_cm_1step": ("cm", 1),
                             "rectified_diffusion_phased_4steps": ("phased", 0)}
-ARMS = (*HYPER_SD_ARMS, *FLOW_ARMS, *RECTIFIED_DIFFUSION_ARMS)
+SPEEDUPNET_ARM = "speedupnet_4steps"
+ARMS = (*HYPER_SD_ARMS, *FLOW_ARMS, *RECTIFIED_DIFFUSION_ARMS, SPEEDUPNET_ARM)
 
 
 def arms(model, models_dir: str, positive, negative, latent: dict,
@@ -88,10 +92,16 @@ def arms(model, models_dir: str, positive, negative, latent: dict,
                     for name, (weights, steps) in FLOW_ARMS.items() if name in chosen})
     outputs.update({name: AtelierRectifiedDiffusion().apply(model, weights, steps)
                     for name, (weights, steps) in RECTIFIED_DIFFUSION_ARMS.items() if name in chosen})
+    arm_prompts = dict.fromkeys(outputs, positive)
+    if SPEEDUPNET_ARM in chosen:
+        AtelierSpeedUpNet.models_dir = models_dir
+        patched, joined, sampler, sigmas, preset_cfg = AtelierSpeedUpNet().apply(model, positive, negative,
+                                                                                 "random.safetensors", 0)
+        outputs[SPEEDUPNET_ARM], arm_prompts[SPEEDUPNET_ARM] = (patched, sampler, sigmas, preset_cfg), joined
     for name, (patched, sampler, sigmas, preset_cfg) in outputs.items():
-        runs[name] = (lambda patched=patched, sampler=sampler, sigmas=sigmas, preset_cfg=preset_cfg:
-                      SamplerCustom().sample(patched, True, SEED, preset_cfg, positive, negative, sampler, sigmas,
-                                             latent)[0])
+        runs[name] = (lambda patched=patched, prompt=arm_prompts[name], sampler=sampler, sigmas=sigmas,
+                      preset_cfg=preset_cfg: SamplerCustom().sample(patched, True, SEED, preset_cfg, prompt, negative,
+                                                                    sampler, sigmas, latent)[0])
     return runs
 
 
@@ -106,6 +116,8 @@ def measure(size: int, runs: int, chosen: tuple[str, ...]) -> dict[str, float]:
         os.makedirs(os.path.join(models_dir, "loras"))
         write_hyper_sd_lora(pipeline.unet, os.path.join(models_dir, "loras", "random.safetensors"),
                             rank=PUBLISHED_RANK)
+        os.makedirs(os.path.join(models_dir, "speedupnet"))
+        write_speedupnet_adapter(pipeline.unet, os.path.join(models_dir, "speedupnet", "random.safetensors"))
         samplers = arms(model, models_dir, positive, negative, latent, chosen)
         sampling: dict[str, list[float]] = {name: [] for name in samplers}
         total: dict[str, list[float]] = {name: [] for name in samplers}

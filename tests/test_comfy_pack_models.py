@@ -682,3 +682,42 @@ def test_rectified_diffusion_loads_its_unet_file_and_samples_under_comfyuis_samp
           f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
     assert measured >= TARGET_PSNR_DB
     assert not np.array_equal(comfy_images["13"][0], comfy_images["24"][0])  # the file's UNet, not the checkpoint's
+
+
+def test_speedupnet_runs_under_comfyuis_sampler_custom_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """SpeedUpNet's node inside ComfyUI: SUN's processors in ComfyUI's own cross-attention layers (through the
+    sampling patch's diffusion_model wrapper), the negative's tokens appended to the positive, DPM-Solver++(2M) on
+    the trailing grid at cfg 1 under ComfyUI's SamplerCustom: the standalone picture; the adapter changes it."""
+    from nodes.fewstep.speedupnet import speedupnet_layout
+
+    from tiny_models import write_speedupnet_adapter
+
+    folder = os.path.join(random_sd15_models.path, "speedupnet")
+    os.makedirs(folder, exist_ok=True)
+    name = "sun_adapter_sdv15_4step_addpos.safetensors"
+    base = load_model(os.path.join(random_sd15_models.path, "checkpoints", random_sd15_models.checkpoint))
+    assert len(speedupnet_layout(base.unet)) == 128  # 16 cross-attentions, two branches of four tensors each
+    write_speedupnet_adapter(base.unet, os.path.join(folder, name), scale=0.05)
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "AtelierSpeedUpNet", "inputs": {"model": ["4", 0], "positive": ["6", 0],
+                                                             "negative": ["7", 0], "adapter_name": name, "steps": 0}},
+        "11": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["10", 0], "add_noise": True, "noise_seed": SEED, "cfg": ["10", 4], "positive": ["10", 1],
+            "negative": ["7", 0], "sampler": ["10", 2], "sigmas": ["10", 3], "latent_image": ["5", 0]}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
+        "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": "sun", "images": ["12", 0]}},
+    }
+    prompt["21"] = {"class_type": "SamplerCustom", "inputs": {**prompt["11"]["inputs"], "model": ["4", 0]}}
+    prompt["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["4", 2]}}
+    prompt["23"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "sun_plain", "images": ["22", 0]}}
+    comfy_images = comfyui_server.run(prompt)
+    standalone = atelier.run(prompt)
+    measured = psnr(comfy_images["13"][0], standalone["13"][0])
+    print(f"SpeedUpNet, ComfyUI against Atelier: {measured:.1f} dB; its levels "
+          f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
+    assert measured >= TARGET_PSNR_DB
+    assert not np.array_equal(comfy_images["13"][0], comfy_images["23"][0])  # the adapter acts

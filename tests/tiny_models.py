@@ -202,3 +202,20 @@ def save_tiny_koala(folder: str | os.PathLike, seed: int = 2) -> str:
     unet = UNet2DConditionModel.from_config(config)
     StableDiffusionXLPipeline(**{**pipeline.components, "unet": unet}).save_pretrained(os.fspath(folder))
     return os.fspath(folder)
+
+
+def write_speedupnet_adapter(network: torch.nn.Module, out_file: str | os.PathLike, seed: int = 0,
+                             scale: float = 0.05) -> str:
+    """A SpeedUpNet adapter for ``network`` in the published layout (``nodes.fewstep.speedupnet.speedupnet_layout``:
+    "{processor}.to_k_neg.weight" …), random projections of size ``scale``, α near 1 and β near 0 as trained ones
+    start, written as ``.safetensors``."""
+    from nodes.fewstep.speedupnet import speedupnet_layout
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in speedupnet_layout(network).items():
+        noise = torch.randn(shape, generator=generator)
+        tensors[key] = 1 + 0.1 * noise if key.endswith("_alpha") else 0.01 * noise if key.endswith("_beta") \
+            else scale * noise
+    save_file(tensors, os.fspath(out_file))
+    return os.fspath(out_file)

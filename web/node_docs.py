@@ -57,7 +57,9 @@ TECHNIQUE_NOTES: dict[str, tuple[str, str]] = {
                             "ᾱ_0). InstaFlow (ICLR 2024): Euler on the flow, the authors' loop exactly. KOALA: the "
                             "authors' Euler settings; the base models' scheduler is assumed to be SDXL's. "
                             "Rectified Diffusion (2024): the authors' trailing DDIM on their betas (linear for rd and "
-                            "cm), schedules ending at σ 0; default steps chosen among those they evaluated."),
+                            "cm), schedules ending at σ 0; default steps chosen among those they evaluated. "
+                            "SpeedUpNet (ECCV 2024): the official processor's rule and DPM-Solver++ on trailing "
+                            "steps; its attention norms taken per sample rather than over the batch."),
 }
 
 

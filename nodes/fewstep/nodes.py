@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..models.comfy_adapters import model_family, model_with_lora, noise_schedule, noise_shift_table
+from ..models.comfy_adapters import (model_family, model_network, model_with_lora, noise_schedule,
+                                     noise_shift_table)
 from ..models.formats import check_safetensors
 from ..models.lora import MAX_STRENGTH
 from ..models.refs import ModelRef, ModelsFolder
@@ -17,18 +18,21 @@ from ..models.sources import list_models, resolve_model_path
 from ..sampling.ddim import trailing_timesteps
 from ..sampling.k_samplers import Sampler, sample_tcd
 from ..sampling.model_sampling import DiscreteModelSampling, RectifiedFlowSampling
+from ..sampling.patches import patch_model
 from ..sampling.schedules import TCD_ORIGINAL_STEPS, timestep_sigmas
 from .hypersd import (AUTO_PRESET, HYPER_SD_PRESETS, check_lora_family, family_label, hyper_sd_sigmas,
                       preset_name_for_file)
 from .koala import KOALA_LABELS, KOALA_PRESETS, koala_timesteps, koala_unet_of_model
 from .rectified_diffusion import RECTIFIED_DIFFUSION_PRESETS, comfy_linear_beta_model, linear_beta_schedule
 from .rectified_flow import RECTIFIED_FLOW_PRESETS, comfy_rectified_flow_model, rectified_flow_sigmas
+from .speedupnet import SUN_STEPS, SpeedUpNetPatch, read_speedupnet, with_negative_tokens
 
 CATEGORY = "atelier/fewstep"
 MAX_PRESET_STEPS = 100  # the cards' settings go up to 25 (50 for KOALA-Lightning's demo); more only costs time
 # TCD's grid has 50 timesteps; the DDIM presets take as many (their cards use 2 to 12)
 MAX_HYPER_SD_STEPS = TCD_ORIGINAL_STEPS
 LORA_FOLDER = "loras"
+SPEEDUPNET_FOLDER = "speedupnet"
 
 
 class _SamplingPreset:
@@ -202,9 +206,52 @@ class AtelierRectifiedDiffusion(_SamplingPreset):
         return model, Sampler.from_name("ddim").for_host(), sigmas, preset.cfg
 
 
+class AtelierSpeedUpNet(ModelsFolder):
+    DESCRIPTION = ("SpeedUpNet (Chai et al., ECCV 2024): its published adapter (models/speedupnet) on an SD1.5-family "
+                   "MODEL, which carries the negative prompt's effect into the cross-attention, with the authors' "
+                   "sampler for SamplerCustom: DPM-Solver++(2M) on trailing timesteps, 4 steps, no guidance. Give "
+                   "SamplerCustom this node's positive (the prompt with the negative's tokens appended).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "SAMPLER", "SIGMAS", "FLOAT")
+    RETURN_NAMES = ("MODEL", "positive", "SAMPLER", "SIGMAS", "cfg")
+    OUTPUT_TOOLTIPS = ("The model with SUN's processors in its cross-attention while it samples.",
+                       "The prompt with the negative prompt's 77 tokens appended, for SamplerCustom's positive.",
+                       "DPM-Solver++(2M), for SamplerCustom.",
+                       "The trailing timesteps' noise levels, then 0, for SamplerCustom.",
+                       "1 (no guidance: the adapter carries the negative prompt), for SamplerCustom's cfg.")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD1.5-family model (the adapter was trained on SD1.5 and plugs into "
+                                           "its fine-tunes)."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt."}),
+            "negative": ("CONDITIONING", {"tooltip": "The negative prompt (one chunk: at most 75 tokens)."}),
+            "adapter_name": (list_models(SPEEDUPNET_FOLDER, cls.models_dir), {
+                "tooltip": "The adapter in models/speedupnet: sun_adapter_sdv15_4step_addpos.safetensors."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": MAX_PRESET_STEPS, "step": 1,
+                              "tooltip": "0: the authors' 4."}),
+        }}
+
+    def apply(self, model: Any, positive: list, negative: list, adapter_name: str, steps: int) -> tuple:
+        family = model_family(model)
+        if family != "sd1":
+            raise ValueError(f"SpeedUpNet's adapter is for SD1.5-family models; this MODEL is {family_label(family)}")
+        path = resolve_model_path(SPEEDUPNET_FOLDER, adapter_name, self.models_dir)
+        check_safetensors(path)
+        patch = SpeedUpNetPatch(path, read_speedupnet(path, model_network(model)))
+        schedule = noise_schedule(model)
+        sigmas = timestep_sigmas(schedule, trailing_timesteps(steps or SUN_STEPS, schedule.num_train_timesteps))
+        return (patch_model(model, patch), with_negative_tokens(positive, negative),
+                Sampler.from_name("dpmpp_2m").for_host(), sigmas, 1.0)
+
+
 NODE_CLASS_MAPPINGS = {"AtelierHyperSD": AtelierHyperSD, "AtelierRectifiedFlow": AtelierRectifiedFlow,
-                       "AtelierKOALA": AtelierKOALA, "AtelierRectifiedDiffusion": AtelierRectifiedDiffusion}
+                       "AtelierKOALA": AtelierKOALA, "AtelierRectifiedDiffusion": AtelierRectifiedDiffusion,
+                       "AtelierSpeedUpNet": AtelierSpeedUpNet}
 NODE_DISPLAY_NAME_MAPPINGS = {"AtelierHyperSD": "Hyper-SD LoRA + Preset",
                               "AtelierRectifiedFlow": "InstaFlow / Rectified Flow Sampling",
                               "AtelierKOALA": "KOALA Preset",
-                              "AtelierRectifiedDiffusion": "Rectified Diffusion Preset"}
+                              "AtelierRectifiedDiffusion": "Rectified Diffusion Preset",
+                              "AtelierSpeedUpNet": "SpeedUpNet Adapter + Preset"}

@@ -239,6 +239,20 @@ def _check_unpatched(model: ModelRef) -> None:
         raise ValueError(SAMPLING_PATCH_REFUSAL)
 
 
+def model_network(model: Any) -> torch.nn.Module:
+    """The UNet of what arrived on a MODEL socket, to read its layout: diffusers' standalone (its modules keep their
+    shapes while the memory manager holds the weights elsewhere), ComfyUI's ``diffusion_model`` inside ComfyUI.
+
+    Raises:
+        TypeError: neither host's MODEL.
+    """
+    if isinstance(model, ModelRef):
+        return model.model.unet
+    if _is_comfy(model, "comfy.model_patcher", "ModelPatcher"):
+        return model.get_model_object("diffusion_model")
+    raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")
+
+
 def denoiser_network(denoiser: Denoiser) -> torch.nn.Module:
     """The UNet behind a denoiser of :func:`denoiser_and_codec`: diffusers' standalone, ComfyUI's LDM
     ``diffusion_model`` (an object patch's where one replaces it; loaded by ComfyUI's model management at each

@@ -13,7 +13,8 @@ from .formats import PICKLE_EXTENSIONS, SAFE_EXTENSION
 SHIPPED_MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 # The embedded model (nodes/embedded/train.py makes it): diffusers/<name>/ and checkpoints/<name>.safetensors there.
 SHIPPED_NAME = "atelier_embedded_sd1"
-MODEL_FOLDERS = ("checkpoints", "diffusers", "diffusion_models", "loras", "vae", "dinov2", "sentence_encoders")
+MODEL_FOLDERS = ("checkpoints", "diffusers", "diffusion_models", "loras", "vae", "dinov2", "sentence_encoders",
+                 "speedupnet")
 # The folders whose models are themselves folders, each known by the file it holds; the others hold files.
 FOLDER_MODEL_MARKERS = {"diffusers": "model_index.json", "dinov2": "config.json", "sentence_encoders": "config.json"}
 DIFFUSERS_PREFIX = "diffusers/"  # how diffusers folders are named in the checkpoint list
@@ -54,7 +55,8 @@ def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | N
 
     With ``models_dir``, the name is confined to ``models_dir/folder`` (no ``..``, absolute paths or symlinks
     out). Without it, inside ComfyUI, ComfyUI's ``folder_paths`` resolves it (``get_full_path``; for folder models
-    such as diffusers folders, each of :func:`_bases`). The shipped models (:data:`SHIPPED_MODELS`) come last.
+    such as diffusers folders and the kinds ComfyUI has no setting for, each of :func:`_bases`). The shipped models
+    (:data:`SHIPPED_MODELS`) come last.
 
     Raises:
         ValueError: an unknown ``folder``, or no ``models_dir`` outside ComfyUI.
@@ -63,7 +65,8 @@ def resolve_model_path(folder: str, name: str, models_dir: str | os.PathLike | N
     """
     _check_folder_name(folder)
     folder_paths = comfy_folder_paths() if models_dir is None else None
-    if folder_paths is not None and folder not in FOLDER_MODEL_MARKERS:
+    if (folder_paths is not None and folder not in FOLDER_MODEL_MARKERS
+            and folder in folder_paths.folder_names_and_paths):
         path = folder_paths.get_full_path(folder, name)
         candidates = ([path] if path else []) + [confine(os.path.join(SHIPPED_MODELS, folder), name)]
     else:

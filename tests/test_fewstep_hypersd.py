@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, TCDScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from fixtures_models import tiny_sd1, tiny_sd1_prompts, tiny_sd1_prompts_no_loras  # noqa: F401
+from fixtures_models import tiny_sd1, tiny_sd1_prompts, tiny_sd1_prompts_no_loras, tiny_sdxl  # noqa: F401
 from nodes.common.denoiser import NoiseSchedule
 from nodes.fewstep import nodes as fewstep_nodes
 from nodes.fewstep.hypersd import (HYPER_SD_PRESETS, check_lora_family, hyper_sd_sigmas, lora_context_width,
@@ -284,3 +284,47 @@ def test_the_example_workflow_runs_headless_with_a_stand_in_lora_for_the_embedde
     assert main(["run", workflow, "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data")]) == 0
     saved = [line for line in capsys.readouterr().out.splitlines() if "output: " in line]
     assert len(saved) == 1 and "hypersd_" in saved[0]
+
+
+# ------------------------------------------------------------------- the SDXL 1-step UNet
+
+def test_the_sdxl_1step_unets_preset_is_one_lcm_step_from_timestep_800(tiny_sdxl, tiny_sd1):  # noqa: F811
+    """The card's LCMScheduler (SDXL's scheduler config, timesteps=[800], one step) written out and diffusers' own
+    step, against SamplerCustom's loop with the node's outputs from the same VP latent: the same x̂₀ within 1e-5
+    (LCM's c_skip at t = 800 is 4e-9). The UNet file itself is SDXL's (the card's strict load_state_dict): its
+    2,567,463,684 parameters are counted in test_fewstep_rectified_diffusion.py."""
+    from diffusers import LCMScheduler
+
+    from nodes.fewstep.nodes import AtelierHyperSDXLUNet
+    from nodes.models.loading import load_model
+    from nodes.models.refs import ModelRef
+
+    model = ModelRef(load_model(tiny_sdxl.folder))
+    same, sampler, sigmas, cfg = AtelierHyperSDXLUNet().apply(model, 800)
+    assert same is model and sampler.name == "lcm" and cfg == 1.0 and sigmas.shape == (2,)
+    with pytest.raises(ValueError, match="Hyper-SDXL-1step-Unet is SDXL's UNet; this MODEL is SD1.5"):
+        AtelierHyperSDXLUNet().apply(ModelRef(load_model(tiny_sd1.folder)), 800)
+    scheduler = LCMScheduler.from_pretrained(os.path.join(SHIPPED_CONFIGS, "sdxl", "scheduler"))
+    scheduler.set_timesteps(timesteps=[800])
+    alphas = scheduler.alphas_cumprod.double()
+    weight = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.3
+
+    def network(x, t):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        mixed = torch.einsum("ij,bjhw->bihw", weight, x) * torch.cos(t / 300)
+        return (1 - alphas[t.round().long().reshape(-1)]).sqrt().reshape(-1, 1, 1, 1) * x + mixed
+
+    noise = torch.randn(1, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    sigma = float(sigmas[0])
+    start = noise * sigma / (1 + sigma ** 2) ** 0.5  # SamplerCustom's start σ·noise, as a VP latent
+    eps = network(start, 800)
+    x0 = (start - (1 - alphas[800]).sqrt() * eps) / alphas[800].sqrt()
+    scaled = 800 * 10.0  # LCM's timestep_scaling
+    c_skip, c_out = 0.25 / (scaled ** 2 + 0.25), scaled / (scaled ** 2 + 0.25) ** 0.5
+    written = c_skip * start + c_out * x0
+    reference = scheduler.step(eps, scheduler.timesteps[0], start).prev_sample
+    sampling = DiscreteModelSampling(alphas)
+    ours = run_sampler(Sampler.from_name("lcm"), lambda x, s: sampling.apply_model(network, x, s), sampling,
+                       sigmas.double(), noise, torch.zeros_like(noise), seed=0)
+    assert torch.allclose(written, reference, atol=1e-5)
+    assert torch.allclose(ours, written, atol=1e-5), (ours - written).abs().max()

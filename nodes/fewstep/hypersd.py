@@ -20,7 +20,13 @@ scale 0 ("no guidance") is ComfyUI's cfg 1, whose sampler then skips the negativ
 Departures: the schedules end at σ = 0, as ComfyUI's do; diffusers' last step with SD's scheduler configuration
 (``set_alpha_to_one`` false) stops at ᾱ_0, leaving σ_min ≈ 0.029 of noise. For 12 steps diffusers' DDIM steps from
 each timestep to t − ⌊1000/12⌋, one above the next grid timestep (83 is not 1000/12); ours steps to the next one.
-The SDXL 1-step UNet (``Hyper-SDXL-1step-Unet``) is not a LoRA and is not handled here.
+The SDXL 1-step UNet (``Hyper-SDXL-1step-Unet.safetensors``) is not a LoRA: SDXL's whole UNet retrained, which the
+card loads with a strict ``load_state_dict`` into SDXL's UNet and samples with ``LCMScheduler``, one step from the
+given timestep 800, guidance 0. Here that is one step from that timestep's σ to 0 (ComfyUI's "lcm" sampler, whose one
+step is the model's x̂₀: LCM's boundary terms at t = 800, c_skip = 0.25/(8000² + 0.25) ≈ 4e-9 and c_out ≈ 1 − 2e-9,
+are left out), on the UNet loaded beside SDXL by Load Checkpoint + UNet File. The start departs as KOALA's does
+(``koala.py``): SamplerCustom starts below the top of the schedule from σ·noise, diffusers' pipeline from unit
+noise (2 % apart at t = 800).
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ def _card_presets() -> dict[str, HyperSDPreset]:
 
 
 HYPER_SD_PRESETS = _card_presets()
+HYPER_SDXL_UNET_TIMESTEP = 800  # the card's timesteps=[800] for Hyper-SDXL-1step-Unet
 
 
 def preset_name_for_file(path: str) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from ..models.comfy_adapters import (model_family, model_network, model_with_lora, noise_schedule,
                                      noise_shift_table)
 from ..models.formats import check_safetensors
@@ -20,8 +22,8 @@ from ..sampling.k_samplers import Sampler, sample_tcd
 from ..sampling.model_sampling import DiscreteModelSampling, RectifiedFlowSampling
 from ..sampling.patches import patch_model
 from ..sampling.schedules import TCD_ORIGINAL_STEPS, timestep_sigmas
-from .hypersd import (AUTO_PRESET, HYPER_SD_PRESETS, check_lora_family, family_label, hyper_sd_sigmas,
-                      preset_name_for_file)
+from .hypersd import (AUTO_PRESET, HYPER_SD_PRESETS, HYPER_SDXL_UNET_TIMESTEP, check_lora_family, family_label,
+                      hyper_sd_sigmas, preset_name_for_file)
 from .koala import KOALA_LABELS, KOALA_PRESETS, koala_timesteps, koala_unet_of_model
 from .rectified_diffusion import RECTIFIED_DIFFUSION_PRESETS, comfy_linear_beta_model, linear_beta_schedule
 from .rectified_flow import RECTIFIED_FLOW_PRESETS, comfy_rectified_flow_model, rectified_flow_sigmas
@@ -89,6 +91,31 @@ class AtelierHyperSD(_SamplingPreset, ModelsFolder):
         summary = f"{name}: {chosen.describe(steps, eta)}"
         return {"ui": {"text": [summary]},
                 "result": (model_with_lora(model, path, strength_model), sampler.for_host(), sigmas, chosen.cfg)}
+
+
+class AtelierHyperSDXLUNet(_SamplingPreset):
+    DESCRIPTION = ("Hyper-SD's SDXL 1-step UNet (Hyper-SDXL-1step-Unet.safetensors, loaded with Load Checkpoint + UNet "
+                   "File beside SDXL, or the ComfyUI checkpoint version with Load Checkpoint) with its model card's "
+                   "sampler for SamplerCustom: one LCM step from timestep 800, no guidance.")
+    OUTPUT_TOOLTIPS = ("The model, unchanged.", "LCM, for SamplerCustom.",
+                       "The timestep's noise level, then 0, for SamplerCustom.",
+                       "1 (the card's guidance 0: none), for SamplerCustom's cfg.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "SDXL with Hyper-SDXL's 1-step UNet."}),
+            "timestep": ("INT", {"default": HYPER_SDXL_UNET_TIMESTEP, "min": 1, "max": 999, "step": 1,
+                                 "tooltip": "The training timestep the one step starts from: the card's 800."}),
+        }}
+
+    def apply(self, model: Any, timestep: int) -> tuple:
+        family = model_family(model)
+        if family != "sdxl":
+            raise ValueError(f"Hyper-SDXL-1step-Unet is SDXL's UNet; this MODEL is {family_label(family)}")
+        schedule = noise_schedule(model)
+        sigmas = timestep_sigmas(schedule, torch.tensor([min(timestep, schedule.num_train_timesteps - 1)]))
+        return model, Sampler.from_name("lcm").for_host(), sigmas, 1.0
 
 
 class AtelierRectifiedFlow(_SamplingPreset):
@@ -247,10 +274,11 @@ class AtelierSpeedUpNet(ModelsFolder):
                 Sampler.from_name("dpmpp_2m").for_host(), sigmas, 1.0)
 
 
-NODE_CLASS_MAPPINGS = {"AtelierHyperSD": AtelierHyperSD, "AtelierRectifiedFlow": AtelierRectifiedFlow,
-                       "AtelierKOALA": AtelierKOALA, "AtelierRectifiedDiffusion": AtelierRectifiedDiffusion,
-                       "AtelierSpeedUpNet": AtelierSpeedUpNet}
+NODE_CLASS_MAPPINGS = {"AtelierHyperSD": AtelierHyperSD, "AtelierHyperSDXLUNet": AtelierHyperSDXLUNet,
+                       "AtelierRectifiedFlow": AtelierRectifiedFlow, "AtelierKOALA": AtelierKOALA,
+                       "AtelierRectifiedDiffusion": AtelierRectifiedDiffusion, "AtelierSpeedUpNet": AtelierSpeedUpNet}
 NODE_DISPLAY_NAME_MAPPINGS = {"AtelierHyperSD": "Hyper-SD LoRA + Preset",
+                              "AtelierHyperSDXLUNet": "Hyper-SDXL 1-Step UNet Preset",
                               "AtelierRectifiedFlow": "InstaFlow / Rectified Flow Sampling",
                               "AtelierKOALA": "KOALA Preset",
                               "AtelierRectifiedDiffusion": "Rectified Diffusion Preset",

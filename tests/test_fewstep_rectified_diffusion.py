@@ -80,7 +80,7 @@ def test_the_loader_puts_the_files_unet_beside_the_checkpoints_text_encoder_and_
     for ours, theirs in ((loaded.text_encoders[0], base.text_encoders[0]), (loaded.vae, base.vae)):
         assert ours is not theirs and all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
                                                                             theirs.state_dict().values()))
-    assert clip.encode("a red circle") is not None and vae is not None
+    assert clip.ref is model and vae.vae is loaded.vae  # the CLIP and VAE outputs are the new model's copies
     recipe = model.recipe()  # how a Ray worker rebuilds it: the same cached model here
     assert recipe.unet_file == loaded.unet_source and recipe.load().model is loaded
     assert _load(root, CHECKPOINT, "rd.safetensors")[0].model is loaded  # one copy per pair of files
@@ -199,8 +199,10 @@ def test_the_preset_refuses_another_family_a_flow_and_a_noiseshift_table(models,
     with pytest.raises(ValueError, match="rd is a UNet for SD1.5; this MODEL is SDXL"):
         AtelierRectifiedDiffusion().apply(ModelRef(load_model(tiny_sdxl.folder)), "rd", 0)
     flowing = AtelierRectifiedFlow().apply(model, "InstaFlow-0.9B", 0)[0]
-    with pytest.raises(ValueError, match="samples as a rectified flow"):
+    with pytest.raises(ValueError, match="samples on another schedule already"):
         AtelierRectifiedDiffusion().apply(flowing, "rd", 0)
+    with pytest.raises(ValueError, match="samples on another schedule already"):  # rd's linear betas, then phased
+        AtelierRectifiedDiffusion().apply(AtelierRectifiedDiffusion().apply(model, "rd", 0)[0], "phased", 0)
     table = NoiseShiftTable(torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64),
                             torch.tensor([0.12, 1.1, 10.5], dtype=torch.float64), (8, 8))
     with pytest.raises(ValueError, match="carries a NoiseShift table"):

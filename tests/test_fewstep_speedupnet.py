@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fixtures_models import tiny_sd1, tiny_sdxl  # noqa: F401
 from nodes.common.denoiser import NoiseSchedule
 from nodes.fewstep.nodes import AtelierSpeedUpNet
-from nodes.fewstep.speedupnet import (SUN_TOKENS, SunBranch, attention_modules, read_speedupnet,
+from nodes.fewstep.speedupnet import (SUN_TOKENS, SunBranch, attention_modules,
                                       speedupnet_layout, sun_cross_attention)
 from nodes.models.loading import load_model
 from nodes.models.model_configs import SHIPPED_CONFIGS
@@ -131,6 +131,38 @@ def test_the_presets_dpm_solver_is_diffusers_multistep_solver_on_the_trailing_gr
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
 
 
+def _officially_loaded(unet: UNet2DConditionModel, path: str) -> dict:
+    """The UNet's processors as SUNPipe loads the file: one module per entry of ``unet.attn_processors`` (a plain
+    one for self-attention, SUN's parameters for cross-attention), ``ModuleList(...).load_state_dict(file)``,
+    strict, so the file's indices are matched as the official code matches them; each SUN module then runs the
+    official rule."""
+    modules = []
+    for name in unet.attn_processors:
+        holder = torch.nn.Module()
+        if name.endswith("attn2.processor"):
+            attention = unet.get_submodule(name.removesuffix(".processor"))
+            width, text = attention.to_q.out_features, attention.to_k.in_features
+            for branch in ("neg", "extra_pos"):
+                setattr(holder, f"to_k_{branch}", torch.nn.Linear(text, width, bias=False))
+                setattr(holder, f"to_v_{branch}", torch.nn.Linear(text, width, bias=False))
+                setattr(holder, f"to_k_{branch}_alpha", torch.nn.Parameter(torch.ones(width)))
+                setattr(holder, f"to_k_{branch}_beta", torch.nn.Parameter(torch.zeros(width)))
+        modules.append(holder)
+    torch.nn.ModuleList(modules).load_state_dict(load_file(path))
+    processors = {}
+    for (name, processor), holder in zip(unet.attn_processors.items(), modules):
+        if not name.endswith("attn2.processor"):
+            processors[name] = processor
+            continue
+        branches = {branch: SunBranch(getattr(holder, f"to_k_{branch}").weight.data,
+                                      getattr(holder, f"to_v_{branch}").weight.data,
+                                      getattr(holder, f"to_k_{branch}_alpha").data,
+                                      getattr(holder, f"to_k_{branch}_beta").data)
+                    for branch in ("neg", "extra_pos")}
+        processors[name] = _official_processor(branches)
+    return processors
+
+
 @pytest.fixture(scope="module")
 def sun(tmp_path_factory, tiny_sd1):  # noqa: F811
     """The tiny SD1 model, its prompts, and a models folder with a random adapter in the published layout."""
@@ -167,10 +199,8 @@ def test_samplercustom_with_the_nodes_outputs_runs_the_official_processors(sun):
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     ours = SamplerCustom().sample(patched, True, 5, cfg, joined, negative, sampler, sigmas, latent)[0]["samples"]
     unet = model.model.unet
-    processors = read_speedupnet(os.path.join(root, "speedupnet", "sun_adapter_sdv15_4step_addpos.safetensors"), unet)
     before = dict(unet.attn_processors)
-    official = {name: _official_processor(processors[name.removesuffix(".processor")])
-                if name.removesuffix(".processor") in processors else processor for name, processor in before.items()}
+    official = _officially_loaded(unet, os.path.join(root, "speedupnet", "sun_adapter_sdv15_4step_addpos.safetensors"))
     with model.in_use("unet"):
         unet.set_attn_processor(official)
     try:
@@ -197,6 +227,8 @@ def test_the_node_refuses_another_family_another_layout_and_a_long_negative(sun,
     save_file({"1.to_k_neg.weight": torch.zeros(2, 2)}, tmp_path / "speedupnet" / "other.safetensors")
     with pytest.raises(ValueError, match="'other.safetensors' is not a SpeedUpNet adapter for this UNet"):
         _apply(str(tmp_path), model, positive, negative, "other.safetensors", 0)
+    with pytest.raises(ValueError, match="one negative prompt; this negative conditioning has 2 entries"):
+        _apply(root, model, positive, negative + negative, name, 0)
     long_negative = Clip(model).encode(" ".join(["blurry"] * 100))
     with pytest.raises(ValueError, match="a negative prompt of one 77-token chunk; this one is 154 tokens"):
         _apply(root, model, positive, long_negative, name, 0)

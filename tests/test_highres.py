@@ -303,7 +303,8 @@ def test_linfusion_file_for_another_unet_is_refused(sd1, tmp_path):
     published = build_linfusion(linfusion_config(model.unet, "sd1")).state_dict()
     path = str(tmp_path / "short.safetensors")
     save_file({key: value for key, value in published.items() if not key.startswith("0.")}, path)
-    with pytest.raises(ValueError, match="missing keys"):
+    with pytest.raises(ValueError, match=r"not a LinFusion file for this sd1 UNet .*: \d+ tensors missing "
+                                         r"\(e\.g\. '0\."):
         load_linfusion(path, model.unet, "sd1")
 
 

@@ -164,8 +164,8 @@ class AtelierSDFeatures(_Extractor):
             loaded = model.model
             with vae.in_use():  # its weights may be elsewhere until held
                 vae_digest = tensor_digest(next(vae.vae.parameters()))
-            key = ("sd", tensor_digest(pixels), loaded.source, model.loras, str(loaded.dtype), str(loaded.device),
-                   vae_digest, tensor_digest(prompt.embeds), *settings)
+            key = ("sd", tensor_digest(pixels), loaded.source, loaded.unet_source, model.loras, str(loaded.dtype),
+                   str(loaded.device), vae_digest, tensor_digest(prompt.embeds), *settings)
             maps = FEATURE_CACHE.get_or_compute(
                 key, lambda: _sd_features(model, vae, prompt, pixels.to(loaded.device), *settings))
         progress(1, 1)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..common.comfy_host import comfy_module
-from ..models.model_configs import SHIPPED_CONFIGS
+from ..models.model_configs import SHIPPED_CONFIGS, UNET_VARIANTS
 from ..models.refs import ModelRef
 from ..sampling.ddim import leading_ddim_timesteps, trailing_timesteps
 
@@ -38,7 +38,7 @@ KOALA_UNETS: dict[str, dict[str, Any]] = {
     "koala_1b": {"layers_per_block": 1, "transformer_layers_per_block": [1, 2, 6],
                  "mid_block_type": "UNetMidBlock2DCrossAttn"},
 }
-KOALA_LABELS = {"koala_700m": "KOALA-700M", "koala_1b": "KOALA-1B"}
+KOALA_LABELS = UNET_VARIANTS["sdxl"]  # the shipped KOALA configs by the names messages give them
 SDXL_STEPS_OFFSET = 1  # SDXL's scheduler config
 SDXL_DOWN = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
 

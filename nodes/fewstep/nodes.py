@@ -114,7 +114,10 @@ class AtelierHyperSDXLUNet(_SamplingPreset):
         if family != "sdxl":
             raise ValueError(f"Hyper-SDXL-1step-Unet is SDXL's UNet; this MODEL is {family_label(family)}")
         schedule = noise_schedule(model)
-        sigmas = timestep_sigmas(schedule, torch.tensor([min(timestep, schedule.num_train_timesteps - 1)]))
+        if timestep >= schedule.num_train_timesteps:
+            raise ValueError(f"timestep must be below this model's {schedule.num_train_timesteps} training timesteps; "
+                             f"got {timestep}")
+        sigmas = timestep_sigmas(schedule, torch.tensor([timestep]))
         return model, Sampler.from_name("lcm").for_host(), sigmas, 1.0
 
 
@@ -218,7 +221,12 @@ class AtelierRectifiedDiffusion(_SamplingPreset):
         if family != preset.family:
             raise ValueError(f"{weights} is a UNet for {family_label(preset.family)}; this MODEL is "
                              f"{family_label(family)}: load it beside an {family_label(preset.family)} checkpoint")
-        schedule = noise_schedule(model)  # also refuses a MODEL already sampling on another schedule
+        replaced = (model.model_sampling_override if isinstance(model, ModelRef)
+                    else model.object_patches.get("model_sampling"))
+        if replaced is not None and getattr(replaced, "noise_shift", None) is None:
+            raise ValueError("this MODEL samples on another schedule already (a rectified flow's, or Rectified "
+                             "Diffusion's linear betas): give this node the model from the loader")
+        schedule = noise_schedule(model)
         if preset.linear_betas:
             if noise_shift_table(model) is not None:
                 raise ValueError("this MODEL carries a NoiseShift table, calibrated on its own betas: give this node "

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,7 +46,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..common.unet_split import UNetCall, forwards_replaced
+from ..models.formats import layout_difference
 from ..sampling.patches import StepSchedule
+
+logger = logging.getLogger(__name__)
 
 SUN_TOKENS = 77  # the negative prompt's tokens at the end of the context: one CLIP chunk
 SUN_STEPS = 4
@@ -81,7 +86,8 @@ class SunBranch:
 
 
 def _sample_norm(tensor: torch.Tensor) -> torch.Tensor:
-    # kept above 0: a branch whose attention is all zeros adds β only, where the official code divides 0 by 0
+    # kept above 0 (any tiny floor does): a branch whose attention is all zeros then adds β alone, where the official
+    # code divides 0 by 0
     return tensor.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (tensor.ndim - 1)))
 
 
@@ -124,12 +130,9 @@ def read_speedupnet(path: str, network: torch.nn.Module) -> dict[str, dict[str, 
     expected = speedupnet_layout(network)
     with safe_open(path, framework="pt") as handle:
         found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    if found != expected:
-        missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-        reshaped = sorted(key for key in expected.keys() & found.keys() if expected[key] != found[key])
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected else
-                  f"{reshaped[0]} is {found[reshaped[0]]}, expected {expected[reshaped[0]]}")
-        raise ValueError(f"{path.rsplit('/', 1)[-1]!r} is not a SpeedUpNet adapter for this UNet: expected SUN's "
+    count, detail = layout_difference(expected, found)
+    if count:
+        raise ValueError(f"{os.path.basename(path)!r} is not a SpeedUpNet adapter for this UNet: expected SUN's "
                          f"16 cross-attention processors of an SD1.5-family UNet (sun_adapter_sdv15_4step_addpos"
                          f".safetensors), {len(expected)} tensors; {detail}")
     tensors = load_file(path)
@@ -163,48 +166,74 @@ def sun_cross_attention(module: torch.nn.Module, hidden: torch.Tensor, context: 
 
 class SpeedUpNetPatch:
     """SUN's processors in a UNet's cross-attention for the sampler's calls (a
-    :class:`~nodes.sampling.patches.SamplingPatch`, in either host): each call whose context ends with a 77-token
-    negative prompt after at least one positive chunk runs them; any other call (a ControlNet's, a prompt without
-    the negative) runs the layers as they are."""
+    :class:`~nodes.sampling.patches.SamplingPatch`, in either host).
+
+    A layer runs them when its context is at least two 77-token chunks, the last one read as the negative prompt (the
+    node's positive output); a shorter context (a ControlNet's, or the node's input prompt wired by mistake) runs the
+    layer as it is, and a sampler call in which no layer ran them is logged once.
+    """
 
     def __init__(self, path: str, processors: dict[str, dict[str, SunBranch]]):
         self.path = path
         self._processors = processors
+        # the adapter on the device and in the dtype the layers compute in (one placement kept: the last one used)
         self._placed: dict[tuple, dict[str, dict[str, SunBranch]]] = {}
+        self._warned = False
 
     def denoised(self, apply: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sigma: torch.Tensor,
                  steps: StepSchedule) -> torch.Tensor:
         return apply(x)
 
     def unet(self, call: UNetCall, x: torch.Tensor, timesteps: torch.Tensor, steps: StepSchedule) -> torch.Tensor:
-        with self.installed(call.network):
-            return call.forward(x, timesteps)
+        matched = []
+        with self.installed(call.network, matched):
+            output = call.forward(x, timesteps)
+        if not matched and not self._warned:
+            self._warned = True
+            logger.warning("SpeedUpNet (%s): a sampler call had no prompt with the negative's tokens appended, and "
+                           "ran without the adapter; give SamplerCustom the node's positive output",
+                           os.path.basename(self.path))
+        return output
 
     @contextlib.contextmanager
-    def installed(self, network: torch.nn.Module) -> Iterator[None]:
-        """SUN's processors in ``network``'s cross-attention layers for the block (their instances' forwards)."""
+    def installed(self, network: torch.nn.Module, matched: list | None = None) -> Iterator[None]:
+        """SUN's processors in ``network``'s cross-attention layers for the block (their instances' forwards);
+        ``matched`` gets an entry per layer call that ran them.
+
+        Raises:
+            ValueError: ``network`` lacks some of the layers the adapter was read for (another UNet, or one whose
+                modules another patch renamed).
+        """
         layers = {name: module for name, module in attention_modules(network) if name in self._processors}
-        parameter = next(network.parameters())
-        placement = (parameter.device, parameter.dtype)
-        if placement not in self._placed:  # the adapter's copy on the network's device, in its dtype
-            self._placed = {placement: {name: {branch: weights.to(*placement) for branch, weights in branches.items()}
-                                        for name, branches in self._processors.items()}}
-        processors = self._placed[placement]
+        if len(layers) != len(self._processors):
+            raise ValueError(f"SpeedUpNet was read for {len(self._processors)} cross-attention layers; this UNet has "
+                             f"{len(layers)} of them under the same names")
         names = {module: name for name, module in layers.items()}
-        with forwards_replaced(list(layers.values()), lambda module: _forward(module, processors[names[module]])):
+        matched = [] if matched is None else matched
+        with forwards_replaced(list(layers.values()),
+                               lambda module: self._forward(module, names[module], matched)):
             yield
 
+    def _branches(self, name: str, hidden: torch.Tensor) -> dict[str, SunBranch]:
+        """Layer ``name``'s branches on ``hidden``'s device and in its dtype (what the layer computes in, which
+        inside ComfyUI may differ from where and how its weights are stored)."""
+        placement = (hidden.device, hidden.dtype)
+        if placement not in self._placed:
+            self._placed = {placement: {layer: {branch: weights.to(*placement) for branch, weights in branches.items()}
+                                        for layer, branches in self._processors.items()}}
+        return self._placed[placement][name]
 
-def _forward(module: torch.nn.Module, branches: dict[str, SunBranch]) -> Callable:
-    forward = module.forward
+    def _forward(self, module: torch.nn.Module, name: str, matched: list) -> Callable:
+        forward = module.forward
 
-    def run(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        context = kwargs.get("encoder_hidden_states", kwargs.get("context", args[0] if args else None))
-        if context is None or context.shape[1] < 2 * SUN_TOKENS or context.shape[1] % SUN_TOKENS:
-            return forward(hidden, *args, **kwargs)
-        return sun_cross_attention(module, hidden, context.to(hidden.dtype), branches)
+        def run(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            context = kwargs.get("encoder_hidden_states", kwargs.get("context", args[0] if args else None))
+            if context is None or context.shape[1] < 2 * SUN_TOKENS or context.shape[1] % SUN_TOKENS:
+                return forward(hidden, *args, **kwargs)
+            matched.append(name)
+            return sun_cross_attention(module, hidden, context.to(hidden), self._branches(name, hidden))
 
-    return run
+        return run
 
 
 def with_negative_tokens(positive: list, negative: list) -> list:
@@ -214,6 +243,9 @@ def with_negative_tokens(positive: list, negative: list) -> list:
     Raises:
         ValueError: a negative prompt of more than one chunk (SUN reads exactly its last 77 tokens).
     """
+    if len(negative) != 1:
+        raise ValueError(f"SpeedUpNet reads one negative prompt; this negative conditioning has {len(negative)} "
+                         f"entries (combined or area conditioning)")
     cond = negative[0][0]
     if cond.shape[1] != SUN_TOKENS:
         raise ValueError(f"SpeedUpNet reads a negative prompt of one 77-token chunk; this one is {cond.shape[1]} "

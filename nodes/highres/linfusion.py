@@ -46,6 +46,7 @@ from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 
 from ..common.memory import MEMORY, Resident
+from ..models.formats import layout_difference
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 # Source: LinFusion train script, --mid_dim_scale: 1 (m = d) for SD1.5/SD2.1, 16 (m = d/16) for SDXL.
@@ -189,13 +190,11 @@ def read_linfusion(path: str, config: list[LayerConfig], family: str) -> torch.n
         raise ValueError(f"LinFusion weights must be a .safetensors file; got {path!r}")
     layers = build_linfusion(config)
     state = load_file(str(path))
-    expected = layers.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [key for key in set(expected) & set(state) if expected[key].shape != state[key].shape]
-    if missing or unexpected or wrong:
+    count, detail = layout_difference({key: tuple(value.shape) for key, value in layers.state_dict().items()},
+                                      {key: tuple(value.shape) for key, value in state.items()})
+    if count:
         raise ValueError(f"{path} is not a LinFusion file for this {family} UNet ({len(config)} self-attention "
-                         f"layers): missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, wrong shapes "
-                         f"{sorted(wrong)[:4]}")
+                         f"layers): {detail}")
     layers.load_state_dict(state)
     return layers.eval()
 

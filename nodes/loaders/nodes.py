@@ -15,7 +15,7 @@ from typing import Any
 from ..common.comfy_host import comfy_model_family, comfy_module, inside_comfyui
 from ..common.denoiser import DiffusersCodec
 from ..models.clip import Clip
-from ..models.formats import SAFE_EXTENSION, check_safetensors
+from ..models.formats import SAFE_EXTENSION, check_folder_weights, check_safetensors
 from ..models.families import family_from_diffusers_folder, inspect_single_file
 from ..models.loading import (SHIPPED_MODELS, comfy_folder_paths, list_checkpoints, list_models, load_model,
                               resolve_checkpoint, resolve_model_path)
@@ -125,6 +125,7 @@ def _comfy_checkpoint_with_unet(checkpoint: str, unet_file: str) -> tuple[Any, A
     checkpoint's CLIP and VAE; the two must be of one family."""
     embeddings = comfy_folder_paths().get_folder_paths(EMBEDDINGS_FOLDER)
     if os.path.isdir(checkpoint):
+        check_folder_weights(checkpoint)  # ComfyUI's reader would fall back to a folder's pickles
         _, clip, vae = comfy_module("comfy.diffusers_load").load_diffusers(
             checkpoint, output_vae=True, output_clip=True, embedding_directory=embeddings)
         family = family_from_diffusers_folder(checkpoint)
@@ -147,4 +148,4 @@ NODE_CLASS_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": AtelierEmbeddedCheckpo
                        "AtelierCheckpointWithUNet": AtelierCheckpointWithUNet}
 NODE_DISPLAY_NAME_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": "Load Embedded Checkpoint (Atelier)",
                               "AtelierLoraWhenReady": "Load LoRA When Ready (Atelier)",
-                              "AtelierCheckpointWithUNet": "Load Checkpoint + UNet File"}
+                              "AtelierCheckpointWithUNet": "Load Checkpoint + UNet File (Atelier)"}

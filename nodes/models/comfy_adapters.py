@@ -25,6 +25,7 @@ from ..common.comfy_host import comfy_model_family, comfy_module, comfy_noise_sc
 from ..common.denoiser import (Conditioning, Denoiser, DiffusersCodec, DiffusersDenoiser, LatentCodec,
                                LatentSpace, NoiseSchedule)
 from ..common.unet_split import forwards_replaced
+from ..sampling.model_sampling import DiscreteModelSampling
 from .clip import CHUNK_TOKENS, Clip
 from .lora import LoraSpec, prefetch_lora
 from .refs import ModelRef
@@ -340,7 +341,7 @@ def noise_schedule(model: Any) -> NoiseSchedule:
         override = model.model_sampling_override
         if override is None:
             return model.model.schedule
-        if hasattr(override, "noise_schedule"):  # a discrete schedule other than the checkpoint's
+        if isinstance(override, DiscreteModelSampling):  # a discrete schedule other than the checkpoint's
             return override.noise_schedule()
         raise ValueError("this MODEL samples as a rectified flow, not on a training noise schedule: give this node "
                          "the model from before the rectified-flow node")

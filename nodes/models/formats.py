@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from .families import read_json
 
@@ -70,3 +71,24 @@ def check_folder_weights(folder: str) -> str | None:
         if all(".fp16." in name for name in safe):
             variant = "fp16"
     return variant
+
+
+def layout_difference(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]
+                      ) -> tuple[int, str]:
+    """How a file's tensors (name → shape) differ from a layout's: the number of names that differ and an account
+    for a message; (0, "") when they are the same.
+
+    Example:
+        >>> layout_difference({"a": (2,), "b": (3,)}, {"a": (2,), "b": (4,), "c": (1,)})
+        (2, "0 tensors missing, 1 unexpected (e.g. 'c'), 1 of other shapes (e.g. 'b': (4,), not (3,))")
+    """
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    reshaped = sorted(key for key in expected.keys() & found.keys() if tuple(expected[key]) != tuple(found[key]))
+    count = len(missing) + len(unexpected) + len(reshaped)
+    if not count:
+        return 0, ""
+    parts = [f"{len(missing)} tensors missing" + (f" (e.g. {missing[0]!r})" if missing else ""),
+             f"{len(unexpected)} unexpected" + (f" (e.g. {unexpected[0]!r})" if unexpected else ""),
+             f"{len(reshaped)} of other shapes" + (f" (e.g. {reshaped[0]!r}: {tuple(found[reshaped[0]])}, not "
+                                                   f"{tuple(expected[reshaped[0]])})" if reshaped else "")]
+    return count, ", ".join(parts)

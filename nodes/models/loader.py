@@ -25,14 +25,14 @@ import torch
 from . import offline  # noqa: F401  (first: before diffusers imports huggingface_hub)
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from ..common.denoiser import PREDICTION_TYPES, NoiseSchedule
 from ..common.memory import MEMORY, Resident
 from .devices import ACCEPTED_DTYPES, default_device, default_dtype
 from .families import (CheckpointInfo, UnknownModelLayoutError, family_from_diffusers_folder, inspect_single_file,
                        prediction_type_from_diffusers_folder, read_json)
-from .formats import SAFE_EXTENSION, UnsafeModelFormatError, check_folder_weights, check_safetensors
+from .formats import (SAFE_EXTENSION, UnsafeModelFormatError, check_folder_weights, check_safetensors,
+                      layout_difference)
 from .loaded import LoadedModel
 from .model_configs import (component_configs, load_tokenizer, pipeline_class, pipeline_extras,
                             single_file_config_dir, unet_file_configs)
@@ -280,14 +280,11 @@ def _unet_from_file(path: str, base_config: Any, family: str, dtype: torch.dtype
             unet = UNet2DConditionModel.from_config(config)
         expected = {key: tuple(value.shape) for key, value in unet.state_dict().items()}
         if expected == shapes:
-            tensors = {key: value.to(dtype) for key, value in load_file(path).items()}
+            with safe_open(path, framework="pt") as handle:  # one tensor at a time: no second copy of the file
+                tensors = {key: handle.get_tensor(key).to(dtype) for key in handle.keys()}
             unet.load_state_dict(tensors, assign=True)
             return unet.eval().requires_grad_(False)
-        missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
-        reshaped = [key for key in expected.keys() & shapes.keys() if expected[key] != shapes[key]]
-        mismatches[label] = (len(missing) + len(unexpected) + len(reshaped),
-                             f"{len(missing)} tensors missing, {len(unexpected)} unexpected, {len(reshaped)} of "
-                             f"other shapes (e.g. {sorted(missing or unexpected or reshaped)[0]!r})")
+        mismatches[label] = layout_difference(expected, shapes)
     closest = min(mismatches, key=lambda label: mismatches[label][0])
     raise UnknownModelLayoutError(
         f"{name!r} is not a UNet this {family} checkpoint can take: its tensors fit none of "

@@ -21,7 +21,7 @@ from nodes.sampling.ddim import trailing_timesteps
 from nodes.sampling.k_samplers import Sampler, run_sampler, sample_tcd
 from nodes.sampling.model_sampling import DiscreteModelSampling
 from nodes.sampling.schedules import TCD_ORIGINAL_STEPS, tcd_timesteps
-from tiny_models import build_tiny_pipeline, hyper_sd_layout, write_hyper_sd_lora
+from tiny_models import build_tiny_pipeline, hyper_sd_layout, mixing_eps_network, write_hyper_sd_lora
 
 # Hyper-SD's files are LCM-LoRA's layout (tiny_models.HYPER_SD_LORA_TARGETS) at rank 64 in float32: for SD1.5's UNet
 # that serialises to exactly the 269,127,064 bytes of the published Hyper-SD15-{2,4,8}steps-lora.safetensors
@@ -307,13 +307,7 @@ def test_the_sdxl_1step_unets_preset_is_one_lcm_step_from_timestep_800(tiny_sdxl
     scheduler = LCMScheduler.from_pretrained(os.path.join(SHIPPED_CONFIGS, "sdxl", "scheduler"))
     scheduler.set_timesteps(timesteps=[800])
     alphas = scheduler.alphas_cumprod.double()
-    weight = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.3
-
-    def network(x, t):
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1, 1)
-        mixed = torch.einsum("ij,bjhw->bihw", weight, x) * torch.cos(t / 300)
-        return (1 - alphas[t.round().long().reshape(-1)]).sqrt().reshape(-1, 1, 1, 1) * x + mixed
-
+    network = mixing_eps_network(alphas, seed=4)
     noise = torch.randn(1, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     sigma = float(sigmas[0])
     start = noise * sigma / (1 + sigma ** 2) ** 0.5  # SamplerCustom's start σ·noise, as a VP latent

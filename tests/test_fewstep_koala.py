@@ -21,7 +21,7 @@ from nodes.models.refs import ModelRef
 from nodes.sampling.k_samplers import Sampler, run_sampler
 from nodes.sampling.model_sampling import DiscreteModelSampling
 from nodes.sampling.schedules import timestep_sigmas
-from tiny_models import save_tiny_koala
+from tiny_models import mixing_eps_network, save_tiny_koala
 
 # huggingface.co/etri-vilab/koala-700m and koala-1b (and the Lightning ones), unet/diffusion_pytorch_model.safetensors
 # listed as 3.13 GB and 4.64 GB (float32); ComfyUI v0.3.64's comfy/model_detection.py KOALA_700M / KOALA_1B give the
@@ -71,13 +71,8 @@ def test_the_presets_euler_is_diffusers_euler_step_for_step(weights):
     scheduler = EulerDiscreteScheduler.from_pretrained(SDXL_SCHEDULER, timestep_spacing=preset.spacing)
     scheduler.set_timesteps(preset.steps)
     alphas = scheduler.alphas_cumprod.double()
+    network = mixing_eps_network(alphas, seed=1)
     generator = torch.Generator().manual_seed(1)
-    weight = torch.randn(4, 4, dtype=torch.float64, generator=generator) * 0.3
-
-    def network(x, t):  # an ε-network: the Gaussian-data ε and a mixing term that depends on t
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1, 1)
-        mixed = torch.einsum("ij,bjhw->bihw", weight, x) * torch.cos(t / 300)
-        return (1 - alphas[t.long().reshape(-1)]).sqrt().reshape(-1, 1, 1, 1) * x + mixed
 
     sampling = DiscreteModelSampling(alphas)
     sigmas = timestep_sigmas(_schedule(alphas), koala_timesteps(preset, preset.steps)).double()

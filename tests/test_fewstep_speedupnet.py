@@ -27,7 +27,7 @@ from nodes.sampling.ddim import trailing_timesteps
 from nodes.sampling.k_samplers import Sampler, run_sampler
 from nodes.sampling.model_sampling import DiscreteModelSampling
 from nodes.sampling.schedules import timestep_sigmas
-from tiny_models import write_speedupnet_adapter
+from tiny_models import mixing_eps_network, write_speedupnet_adapter
 
 # The official code builds one SUNAttnProcessor per cross-attention of SD1.5's UNet (hidden sizes 320 … 1280, text
 # 768) with add_pos=True, as the published sun_adapter_sdv15_4step_addpos.safetensors is loaded (strict): 4 linear
@@ -112,13 +112,7 @@ def test_the_presets_dpm_solver_is_diffusers_multistep_solver_on_the_trailing_gr
     scheduler = DPMSolverMultistepScheduler.from_pretrained(SD15_SCHEDULER, timestep_spacing="trailing")
     scheduler.set_timesteps(4)
     alphas = scheduler.alphas_cumprod.double()
-    weight = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 0.3
-
-    def network(x, t):
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1, 1)
-        mixed = torch.einsum("ij,bjhw->bihw", weight, x) * torch.cos(t / 300)
-        return (1 - alphas[t.round().long().reshape(-1)]).sqrt().reshape(-1, 1, 1, 1) * x + mixed
-
+    network = mixing_eps_network(alphas, seed=2)
     noise = torch.randn(1, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     reference = noise.clone()
     for t in scheduler.timesteps:

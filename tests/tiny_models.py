@@ -219,3 +219,16 @@ def write_speedupnet_adapter(network: torch.nn.Module, out_file: str | os.PathLi
             else scale * noise
     save_file(tensors, os.fspath(out_file))
     return os.fspath(out_file)
+
+
+def mixing_eps_network(alphas_cumprod: torch.Tensor, seed: int):
+    """An ε-network on (VP latent, timestep) in float64 for comparing samplers' update rules: the exact ε of
+    unit-Gaussian data, √(1 − ᾱ_t)·x, plus a channel-mixing term that depends on t, so that no step is trivial."""
+    weight = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 0.3
+
+    def network(x: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        mixed = torch.einsum("ij,bjhw->bihw", weight, x) * torch.cos(t / 300)
+        return (1 - alphas_cumprod[t.round().long().reshape(-1)]).sqrt().reshape(-1, 1, 1, 1) * x + mixed
+
+    return network

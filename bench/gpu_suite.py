@@ -253,9 +253,13 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     from web.folders import DataFolders
     from web.registry import node_classes
 
-    from nodes.loaders.nodes import EMBEDDED_CHECKPOINT
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from nodes.loaders.nodes import EMBEDDED_CHECKPOINT, EMBEDDED_CONFIG_DIR
     from nodes.models.loading import load_model
-    from tests.tiny_models import save_tiny_koala, write_hyper_sd_lora, write_tiny_lora
+
+    from tests.tiny_models import save_tiny_koala, write_hyper_sd_lora, write_speedupnet_adapter, write_tiny_lora
 
     record(**device_fields())
     # lora_when_ready.json names models/loras/style.safetensors: a random LoRA for the embedded model stands in.
@@ -267,6 +271,14 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     write_hyper_sd_lora(embedded.unet, os.path.join(loras, "Hyper-SD15-8steps-CFG-lora.safetensors"))
     # koala.json names models/diffusers/koala-lightning-700m: a tiny folder in its layout stands in.
     save_tiny_koala(os.path.join(work_dir, "models", "diffusers", "koala-lightning-700m"))
+    # rectified_diffusion.json names models/diffusion_models/rd.safetensors and speedupnet.json the published
+    # adapter: a UNet file and an adapter in the embedded UNet's layout stand in.
+    for folder in ("diffusion_models", "speedupnet"):
+        os.makedirs(os.path.join(work_dir, "models", folder), exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(EMBEDDED_CONFIG_DIR, "unet"))  # no adapter layers
+    save_file(unet.state_dict(), os.path.join(work_dir, "models", "diffusion_models", "rd.safetensors"))
+    write_speedupnet_adapter(embedded.unet, os.path.join(work_dir, "models", "speedupnet",
+                                                         "sun_adapter_sdv15_4step_addpos.safetensors"))
     classes = node_classes(DataFolders.under(os.path.join(work_dir, "data")), os.path.join(work_dir, "models"))
     executed: set[str] = set()
     outcomes: dict[str, dict[str, Any]] = {}

@@ -218,11 +218,13 @@ def test_the_preset_refuses_another_family_a_flow_and_a_noiseshift_table(models,
 
 def test_the_example_workflow_runs_headless_on_a_stand_in_unet_file(models, tmp_path, capsys):
     """workflows/rectified_diffusion.json with the shipped embedded checkpoint and an rd.safetensors of its layout."""
-    from nodes.loaders.nodes import EMBEDDED_CHECKPOINT
+    from nodes.loaders.nodes import EMBEDDED_CONFIG_DIR
     from web.cli import main
 
     os.makedirs(tmp_path / "models" / "diffusion_models")
-    _unet_file(load_model(EMBEDDED_CHECKPOINT).unet, tmp_path / "models" / "diffusion_models" / "rd.safetensors", 2)
+    # the embedded UNet's layout from its own folder: the session's shared copy may carry LoRA adapter layers
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(EMBEDDED_CONFIG_DIR, "unet"))
+    _unet_file(unet, tmp_path / "models" / "diffusion_models" / "rd.safetensors", 2)
     workflow = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
                             "rectified_diffusion.json")
     assert main(["run", workflow, "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data")]) == 0

@@ -233,12 +233,12 @@ def test_the_node_refuses_another_family_another_layout_and_a_long_negative(sun,
 
 def test_the_example_workflow_runs_headless_on_a_stand_in_adapter(tmp_path, capsys):
     """workflows/speedupnet.json on the shipped embedded model, with an adapter of its layout."""
-    from nodes.loaders.nodes import EMBEDDED_CHECKPOINT
+    from nodes.loaders.nodes import EMBEDDED_CONFIG_DIR
     from web.cli import main
 
     os.makedirs(tmp_path / "models" / "speedupnet")
-    write_speedupnet_adapter(load_model(EMBEDDED_CHECKPOINT).unet, tmp_path / "models" / "speedupnet" /
-                             "sun_adapter_sdv15_4step_addpos.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(EMBEDDED_CONFIG_DIR, "unet"))
+    write_speedupnet_adapter(unet, tmp_path / "models" / "speedupnet" / "sun_adapter_sdv15_4step_addpos.safetensors")
     workflow = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
                             "speedupnet.json")
     assert main(["run", workflow, "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data")]) == 0

@@ -84,7 +84,8 @@ def test_node_takes_both_mask_layouts_and_refuses_mismatches():
     mask[:8, :8] = 1
     (one,) = node.composite(decoded, original, mask, 2, 1.0)
     (batched,) = node.composite(decoded, original, mask[None].expand(2, 32, 32), 2, 1.0)
-    assert one.shape == decoded.shape and torch.equal(one, batched)
+    # the batched mask's blur may take another kernel path: equal up to float32 rounding
+    assert one.shape == decoded.shape and torch.allclose(one, batched, atol=1e-6)
     with pytest.raises(ValueError, match="size"):
         node.composite(decoded, original, torch.zeros(16, 16), 2, 1.0)
     with pytest.raises(ValueError, match="one size"):

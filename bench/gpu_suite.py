@@ -259,7 +259,8 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     from nodes.loaders.nodes import EMBEDDED_CHECKPOINT, EMBEDDED_CONFIG_DIR
     from nodes.models.loading import load_model
 
-    from tests.tiny_models import save_tiny_koala, write_hyper_sd_lora, write_speedupnet_adapter, write_tiny_lora
+    from tests.tiny_models import (save_aptp_stand_ins, save_tiny_koala, write_hyper_sd_lora,
+                                   write_speedupnet_adapter, write_tiny_lora)
 
     record(**device_fields())
     # lora_when_ready.json names models/loras/style.safetensors: a random LoRA for the embedded model stands in.
@@ -279,6 +280,10 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     save_file(unet.state_dict(), os.path.join(work_dir, "models", "diffusion_models", "rd.safetensors"))
     write_speedupnet_adapter(embedded.unet, os.path.join(work_dir, "models", "speedupnet",
                                                          "sun_adapter_sdv15_4step_addpos.safetensors"))
+    # aptp_experts.json names SD2.1, APTP-Base-CC3M and all-mpnet-base-v2: a small SD2 with experts of its UNet, a
+    # random router and a tiny sentence encoder stand in.
+    save_aptp_stand_ins(os.path.join(work_dir, "models"),
+                        ["a watercolor painting of a lighthouse on a cliff at sunset"])
     classes = node_classes(DataFolders.under(os.path.join(work_dir, "data")), os.path.join(work_dir, "models"))
     executed: set[str] = set()
     outcomes: dict[str, dict[str, Any]] = {}

@@ -93,7 +93,8 @@ def test_the_loader_refuses_a_unet_of_another_model_an_ldm_layout_and_a_pickle(m
     other = os.path.join(root, "diffusion_models", "phasedxl.safetensors")
     _unet_file(build_tiny_pipeline("sdxl").unet, other, seed=1)
     with pytest.raises(UnknownModelLayoutError, match="'phasedxl.safetensors' is not a UNet this sd1 checkpoint can "
-                                                      "take: its tensors fit none of the checkpoint's UNet; closest "
+                                                      "take: its tensors fit none of the checkpoint's UNet, nor a "
+                                                      "pruning of the checkpoint's UNet; closest "
                                                       r"is the checkpoint's UNet, with \d+ tensors missing"):
         load_model(checkpoint, unet_file=other)
     ldm = os.path.join(root, "diffusion_models", "ldm.safetensors")

@@ -27,6 +27,7 @@ from nodes.router.fitting import fit_prototypes, fit_router
 from nodes.router.router_files import load_router, save_router
 from nodes.router.routing import (Router, budget_marginals, cosine_similarity, repair_to_budget, route_batch,
                                   route_single, sinkhorn)
+from tiny_models import save_tiny_sentence_encoder
 from web.executor import Executor
 from web.folders import DataFolders
 from web.registry import node_classes
@@ -394,25 +395,8 @@ def test_prompt_router_nodes_equal_the_maths(tiny_sd1):  # noqa: F811
     assert labels == [router.labels[branch] for branch in branches]
 
 
-def save_tiny_sentence_encoder(folder) -> None:
-    """A 2-layer BERT with a word-level vocabulary of the calibration prompts, saved as sentence-transformers
-    saves all-mpnet-base-v2 (safetensors weights, tokenizer files, 1_Pooling/config.json)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    words = sorted({word.strip(",") for prompt in CALIBRATION for word in prompt.split()})
-    os.makedirs(os.path.join(folder, "1_Pooling"))
-    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as file:
-        file.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", *words]) + "\n")
-    BertTokenizerFast(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words) + 6, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64)).save_pretrained(folder, safe_serialization=True)
-    with open(os.path.join(folder, "1_Pooling", "config.json"), "w", encoding="utf-8") as file:
-        file.write('{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}')
-
-
 def test_a_local_sentence_encoder_embeds_fits_and_routes(tiny_sd1, tmp_path):  # noqa: F811
-    save_tiny_sentence_encoder(tmp_path / "sentence_encoders" / "mini")
+    save_tiny_sentence_encoder(tmp_path / "sentence_encoders" / "mini", CALIBRATION)
     loader = type("Load", (AtelierLoadSentenceEncoder,), {"models_dir": str(tmp_path)})
     assert loader.INPUT_TYPES()["required"]["encoder_name"][0] == ["mini"]
     encoder = loader().load("mini")[0]

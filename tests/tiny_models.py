@@ -36,9 +36,10 @@ class TinyModel:
 def _text_config(width: int, act: str, **extra):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=77, hidden_act=act, bos_token_id=49406,
-                          eos_token_id=49407, pad_token_id=49407, **extra)
+    return CLIPTextConfig(**{"vocab_size": 49408, "hidden_size": width, "intermediate_size": 2 * width,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+                             "hidden_act": act, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+                             **extra})
 
 
 def _vae(scaling_factor: float, **extra):
@@ -232,3 +233,164 @@ def mixing_eps_network(alphas_cumprod: torch.Tensor, seed: int):
         return (1 - alphas_cumprod[t.round().long().reshape(-1)]).sqrt().reshape(-1, 1, 1, 1) * x + mixed
 
     return network
+
+
+# APTP's depth gates: the last ResNet and the last transformer of a level may be dropped; these are a mix of both,
+# in down and up levels, with and without a skip connection to cut off (rezashkv/diffusion_pruning, blocks.py:
+# the *HalfDepthGated blocks gate their last layer).
+APTP_DROPPED_BLOCKS = ("down_blocks.1.resnets.1", "down_blocks.2.attentions.1", "down_blocks.3.resnets.1",
+                       "up_blocks.0.resnets.2", "up_blocks.2.attentions.2", "up_blocks.3.resnets.2")
+
+
+def aptp_expert(unet: torch.nn.Module, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """An APTP expert of ``unet`` with random hard gates, two ways: the state dict the published expert files hold
+    (the pruning of ``UNet2DConditionModelPruned`` written out: kept ResNet channel groups of ``norm2``, attention
+    heads, GEGLU channels in 32 groups, :data:`APTP_DROPPED_BLOCKS` left out), and, as the reference, a copy of the
+    full UNet in which what was pruned contributes nothing (zero weights; a dropped up-level ResNet's shortcut
+    passes the first channels of its input on, without the skip connection's).
+    """
+    import copy
+
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def gate(groups: int, width: int) -> torch.Tensor:
+        kept = torch.rand(groups, generator=generator) < 0.6
+        kept[torch.randint(groups, (1,), generator=generator)] = True
+        return kept.repeat_interleave(width)
+
+    reference = copy.deepcopy(unet)
+    state = {key: value.clone() for key, value in unet.state_dict().items()}
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if name in APTP_DROPPED_BLOCKS:
+                state = {key: value for key, value in state.items() if not key.startswith(name + ".")}
+                if isinstance(module, ResnetBlock2D):
+                    module.conv2.weight.zero_(), module.conv2.bias.zero_()
+                    if module.conv_shortcut is not None:
+                        module.conv_shortcut.weight.copy_(torch.eye(*module.conv_shortcut.weight.shape[:2])[..., None,
+                                                                                                          None])
+                        module.conv_shortcut.bias.zero_()
+                else:
+                    module.proj_out.weight.zero_(), module.proj_out.bias.zero_()
+            elif any(name.startswith(dropped + ".") for dropped in APTP_DROPPED_BLOCKS):
+                continue
+            elif isinstance(module, ResnetBlock2D):
+                kept = gate(module.norm2.num_groups, module.norm2.num_channels // module.norm2.num_groups)
+                for part in ("conv1", "time_emb_proj", "norm2"):
+                    for kind in ("weight", "bias"):
+                        state[f"{name}.{part}.{kind}"] = state[f"{name}.{part}.{kind}"][kept]
+                        getattr(getattr(module, part), kind)[~kept] = 0
+                state[f"{name}.conv2.weight"] = state[f"{name}.conv2.weight"][:, kept]
+            elif isinstance(module, Attention):
+                kept = gate(module.heads, module.to_q.out_features // module.heads)
+                for part in ("to_q", "to_k", "to_v"):
+                    state[f"{name}.{part}.weight"] = state[f"{name}.{part}.weight"][kept]
+                    getattr(module, part).weight[~kept] = 0
+                state[f"{name}.to_out.0.weight"] = state[f"{name}.to_out.0.weight"][:, kept]
+            elif name.endswith(".ff"):
+                inner = module.net[2].in_features
+                kept = gate(32, inner // 32)
+                both = torch.cat([kept, kept])
+                for kind in ("weight", "bias"):
+                    state[f"{name}.net.0.proj.{kind}"] = state[f"{name}.net.0.proj.{kind}"][both]
+                    getattr(module.net[0].proj, kind)[~both] = 0
+                state[f"{name}.net.2.weight"] = state[f"{name}.net.2.weight"][:, kept]
+    return {key: value.contiguous() for key, value in state.items()}, reference
+
+
+def save_tiny_sentence_encoder(folder: str | os.PathLike, sentences: list[str]) -> None:
+    """A 2-layer BERT, 32 wide, with a word-level vocabulary of ``sentences``, saved as sentence-transformers saves
+    all-mpnet-base-v2 (safetensors weights, tokenizer files, 1_Pooling/config.json)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = os.fspath(folder)
+    words = sorted({word.strip(",") for sentence in sentences for word in sentence.split()})
+    os.makedirs(os.path.join(folder, "1_Pooling"))
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as file:
+        file.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", *words]) + "\n")
+    BertTokenizerFast(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words) + 6, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(folder, safe_serialization=True)
+    with open(os.path.join(folder, "1_Pooling", "config.json"), "w", encoding="utf-8") as file:
+        file.write('{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}')
+
+
+# A small APTP structure in the published config's form: per block (ResNet, transformer, ...) its width gates' group
+# counts and whether it has a depth gate; depth_order as configs/pruning/*.yaml writes it (negative indices).
+APTP_STRUCTURE = {"width": [[4], [2, 8], [4], [2, 8], [4], [4]], "depth": [[0], [0], [1], [1], [0], [1]]}
+APTP_DEPTH_ORDER = [-1, 0, 1]
+
+
+def write_aptp_router(folder: str | os.PathLike, width: int, experts: int = 8, weight_norm: bool = False,
+                      resource_aware: bool = False, seed: int = 0) -> None:
+    """A random APTP router in the published layout: hypernet/ and quantizer/ with diffusers' config.json and
+    diffusion_pytorch_model.safetensors (HyperStructure: mh_fc.<i> per width gate, then one depth head;
+    StructureVectorQuantizer: embedding and embedding_gs)."""
+    import json
+
+    folder = os.fspath(folder)
+    generator = torch.Generator().manual_seed(seed)
+    widths = [count for block in APTP_STRUCTURE["width"] for count in block]
+    depths = sum(depth[0] for depth in APTP_STRUCTURE["depth"])
+    hypernet = {}
+    for index, count in enumerate([*widths, depths]):
+        weight = torch.randn(count, width, generator=generator) * 0.5
+        if weight_norm:
+            hypernet[f"mh_fc.{index}.parametrizations.weight.original0"] = weight.norm(dim=1, keepdim=True) * 2
+            hypernet[f"mh_fc.{index}.parametrizations.weight.original1"] = weight
+        else:
+            hypernet[f"mh_fc.{index}.weight"] = weight
+        hypernet[f"mh_fc.{index}.bias"] = torch.randn(count, generator=generator) - 1.5
+    codes = torch.randn(experts, sum(widths) + depths, generator=generator)
+    quantizer = {"embedding.weight": codes, "embedding_gs": torch.sigmoid((codes + 0.5) / 0.4)}
+    configs = {"hypernet": {"_class_name": "HyperStructure", "structure": APTP_STRUCTURE, "input_dim": width,
+                            "wn_flag": weight_norm, "linear_bias": True, "single_arch_param": False},
+               "quantizer": {"_class_name": "StructureVectorQuantizer", "n_e": experts, "structure": APTP_STRUCTURE,
+                             "temperature": 0.4, "base": 3, "depth_order": APTP_DEPTH_ORDER, "non_zero_width": True,
+                             "resource_aware_normalization": resource_aware, "optimal_transport": True}}
+    for part, tensors in (("hypernet", hypernet), ("quantizer", quantizer)):
+        os.makedirs(os.path.join(folder, part), exist_ok=True)
+        save_file(tensors, os.path.join(folder, part, "diffusion_pytorch_model.safetensors"))
+        with open(os.path.join(folder, part, "config.json"), "w", encoding="utf-8") as file:
+            json.dump(configs[part], file)
+
+
+# What workflows/aptp_experts.json names: the SD2.1 checkpoint, APTP's folder and its sentence encoder.
+APTP_WORKFLOW_MODELS = ("checkpoints/v2-1_768-ema-pruned.safetensors", "aptp/APTP-Base-CC3M",
+                        "sentence_encoders/all-mpnet-base-v2")
+
+
+def save_aptp_stand_ins(models_dir: str | os.PathLike, prompts: list[str], experts: int = 8) -> None:
+    """Stand-ins for :data:`APTP_WORKFLOW_MODELS` under ``models_dir``: the tiny SD2 model as the checkpoint, a
+    pruning folder with a random router and ``experts`` experts of its UNet, a tiny sentence encoder knowing the
+    words of ``prompts``."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    checkpoint, folder, encoder = (os.path.join(os.fspath(models_dir), name) for name in APTP_WORKFLOW_MODELS)
+    from transformers import CLIPTextModel
+
+    # A single file is read at SD2.1's proportions (widths ×1, ×2, ×4, ×4 of the first, a head per 64 channels and
+    # at least one; 23 text encoder layers), which the tiny SD2 layout's are not: the stand-in has them.
+    pipeline = build_tiny_pipeline("sd2")
+    torch.manual_seed(1)
+    widths = (32, 64, 128, 128)
+    unet = UNet2DConditionModel.from_config({**pipeline.unet.config, "block_out_channels": widths,
+                                             "attention_head_dim": (1, 1, 2, 2)})
+    vae = AutoencoderKL.from_config({**pipeline.vae.config, "block_out_channels": widths})
+    diffusers_dir = os.path.join(os.fspath(models_dir), ".aptp_stand_in")
+    text_encoder = CLIPTextModel(_text_config(32, "gelu", num_hidden_layers=23))
+    parts = {**pipeline.components, "unet": unet, "vae": vae, "text_encoder": text_encoder}
+    StableDiffusionPipeline(**parts).save_pretrained(diffusers_dir, safe_serialization=True)
+    os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
+    export_single_file(diffusers_dir, checkpoint)
+    shutil.rmtree(diffusers_dir)
+    for expert in range(experts):
+        unet_dir = os.path.join(folder, f"arch{expert}", "checkpoint-30000", "unet")
+        os.makedirs(unet_dir)
+        save_file(aptp_expert(unet, seed=expert)[0], os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
+    write_aptp_router(folder, width=32, experts=experts)
+    save_tiny_sentence_encoder(encoder, prompts)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..common.comfy_host import comfy_model_family, comfy_module, inside_comfyui
+from ..common.comfy_host import inside_comfyui
 from ..common.denoiser import DiffusersCodec
+from ..models.checkpoint_unet import EMBEDDINGS_FOLDER, load_checkpoint_with_unet
 from ..models.clip import Clip
-from ..models.formats import SAFE_EXTENSION, check_folder_weights, check_safetensors
-from ..models.families import family_from_diffusers_folder, inspect_single_file
+from ..models.formats import SAFE_EXTENSION, check_safetensors
 from ..models.loading import (SHIPPED_MODELS, comfy_folder_paths, list_checkpoints, list_models, load_model,
                               resolve_checkpoint, resolve_model_path)
 from ..models.comfy_adapters import model_with_lora
@@ -29,7 +29,6 @@ CATEGORY = "atelier/loaders"
 EMBEDDED_CHECKPOINT = os.path.join(SHIPPED_MODELS, "checkpoints", SHIPPED_NAME + SAFE_EXTENSION)
 # The same weights as a diffusers folder: its configs are the architecture the single file lacks.
 EMBEDDED_CONFIG_DIR = os.path.join(SHIPPED_MODELS, "diffusers", SHIPPED_NAME)
-EMBEDDINGS_FOLDER = "embeddings"
 LORA_FOLDER = "loras"
 UNET_FOLDER = "diffusion_models"  # ComfyUI's name (it also reads the older models/unet there)
 
@@ -110,37 +109,8 @@ class AtelierCheckpointWithUNet(ModelsFolder):
         }}
 
     def load_checkpoint(self, ckpt_name: str, unet_name: str) -> tuple[Any, Any, Any]:
-        checkpoint = resolve_checkpoint(ckpt_name, self.models_dir)
-        unet_file = resolve_model_path(UNET_FOLDER, unet_name, self.models_dir)
-        check_safetensors(unet_file)
-        if inside_comfyui():
-            return _comfy_checkpoint_with_unet(checkpoint, unet_file)
-        ref = ModelRef(load_model(checkpoint, unet_file=unet_file))
-        embedding_dirs = () if self.models_dir is None else (os.path.join(self.models_dir, EMBEDDINGS_FOLDER),)
-        return ref, Clip(ref, embedding_dirs=embedding_dirs), DiffusersCodec(ref.model.vae, recipe=ref.recipe())
-
-
-def _comfy_checkpoint_with_unet(checkpoint: str, unet_file: str) -> tuple[Any, Any, Any]:
-    """ComfyUI's MODEL of the UNet file (``comfy.sd.load_diffusion_model``, which reads diffusers' layout) with the
-    checkpoint's CLIP and VAE; the two must be of one family."""
-    embeddings = comfy_folder_paths().get_folder_paths(EMBEDDINGS_FOLDER)
-    if os.path.isdir(checkpoint):
-        check_folder_weights(checkpoint)  # ComfyUI's reader would fall back to a folder's pickles
-        _, clip, vae = comfy_module("comfy.diffusers_load").load_diffusers(
-            checkpoint, output_vae=True, output_clip=True, embedding_directory=embeddings)
-        family = family_from_diffusers_folder(checkpoint)
-    else:
-        check_safetensors(checkpoint)
-        _, clip, vae, _ = comfy_module("comfy.sd").load_checkpoint_guess_config(
-            checkpoint, output_vae=True, output_clip=True, output_model=False, embedding_directory=embeddings)
-        family = inspect_single_file(checkpoint).family
-    model = comfy_module("comfy.sd").load_diffusion_model(unet_file)
-    unet_family = comfy_model_family(model)
-    if unet_family != family:
-        raise ValueError(f"{os.path.basename(unet_file)!r} is a {unet_family} UNet and "
-                         f"{os.path.basename(checkpoint)!r} a {family} checkpoint: give the checkpoint the UNet was "
-                         f"trained from")
-    return model, clip, vae
+        return load_checkpoint_with_unet(resolve_checkpoint(ckpt_name, self.models_dir),
+                                         resolve_model_path(UNET_FOLDER, unet_name, self.models_dir), self.models_dir)
 
 
 NODE_CLASS_MAPPINGS = {"AtelierEmbeddedCheckpointLoader": AtelierEmbeddedCheckpointLoader,

@@ -24,6 +24,8 @@ import torch
 
 from . import offline  # noqa: F401  (first: before diffusers imports huggingface_hub)
 from diffusers import UNet2DConditionModel
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from safetensors import safe_open
 
 from ..common.denoiser import PREDICTION_TYPES, NoiseSchedule
@@ -34,9 +36,10 @@ from .families import (CheckpointInfo, UnknownModelLayoutError, family_from_diff
 from .formats import (SAFE_EXTENSION, UnsafeModelFormatError, check_folder_weights, check_safetensors,
                       layout_difference)
 from .loaded import LoadedModel
-from .model_configs import (component_configs, load_tokenizer, pipeline_class, pipeline_extras,
+from .model_configs import (CHECKPOINT_UNET, component_configs, load_tokenizer, pipeline_class, pipeline_extras,
                             single_file_config_dir, unet_file_configs)
 from .offline import quiet_loading
+from .pruned_unet import prune_to_shapes
 from .sources import resolve_checkpoint
 from .vae import load_asymmetric_vae
 
@@ -263,10 +266,12 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
 
 def _unet_from_file(path: str, base_config: Any, family: str, dtype: torch.dtype) -> torch.nn.Module:
     """The UNet of a diffusers-layout UNet file, built on the one of :func:`~.model_configs.unet_file_configs`
-    whose parameter names and shapes are the file's (compared on the meta device, before anything is allocated).
+    whose parameter names and shapes are the file's (compared on the meta device, before anything is allocated),
+    or else on the checkpoint's UNet structurally pruned to the file's widths and depth (APTP's experts,
+    :func:`~.pruned_unet.prune_to_shapes`).
 
     Raises:
-        families.UnknownModelLayoutError: no config fits the file; the message names the closest.
+        families.UnknownModelLayoutError: no config fits the file, pruned or not; the message names the closest.
     """
     with safe_open(path, framework="pt") as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
@@ -274,22 +279,42 @@ def _unet_from_file(path: str, base_config: Any, family: str, dtype: torch.dtype
     if any(key.startswith(("model.diffusion_model.", "input_blocks.")) for key in shapes):
         raise UnknownModelLayoutError(f"{name!r} holds a UNet in the original (LDM) layout; this loader reads "
                                       f"diffusers-layout UNet files (unet/diffusion_pytorch_model.safetensors)")
+    configs = unet_file_configs(base_config, family)
     mismatches = {}
-    for label, config in unet_file_configs(base_config, family).items():
-        with torch.device("meta"), quiet_loading():
-            unet = UNet2DConditionModel.from_config(config)
-        expected = {key: tuple(value.shape) for key, value in unet.state_dict().items()}
+    for label, config in configs.items():
+        unet = _meta_unet(config)
+        expected = _shapes(unet)
         if expected == shapes:
-            with safe_open(path, framework="pt") as handle:  # one tensor at a time: no second copy of the file
-                tensors = {key: handle.get_tensor(key).to(dtype) for key in handle.keys()}
-            unet.load_state_dict(tensors, assign=True)
-            return unet.eval().requires_grad_(False)
+            return _load_unet_weights(unet, path, dtype)
         mismatches[label] = layout_difference(expected, shapes)
+    unet = _meta_unet(configs[CHECKPOINT_UNET])
+    with torch.device("meta"):
+        pruned = prune_to_shapes(unet, shapes, (ResnetBlock2D, Transformer2DModel))
+    if pruned and _shapes(unet) == shapes:
+        logger.info("%s: a structurally pruned UNet (%d modules narrowed or dropped)", name, pruned)
+        return _load_unet_weights(unet, path, dtype)
     closest = min(mismatches, key=lambda label: mismatches[label][0])
     raise UnknownModelLayoutError(
         f"{name!r} is not a UNet this {family} checkpoint can take: its tensors fit none of "
-        f"{', '.join(mismatches)}; closest is {closest}, with {mismatches[closest][1]}. Give the checkpoint the "
-        f"UNet was trained from (Rectified Diffusion's rd/cm/phased: SD1.5; phasedxl and KOALA's: SDXL)")
+        f"{', '.join(mismatches)}, nor a pruning of the checkpoint's UNet; closest is {closest}, with "
+        f"{mismatches[closest][1]}. Give the checkpoint the UNet was trained from (Rectified Diffusion's "
+        f"rd/cm/phased: SD1.5; phasedxl and KOALA's: SDXL; APTP's experts: SD2.1 768-v)")
+
+
+def _meta_unet(config: dict) -> UNet2DConditionModel:
+    with torch.device("meta"), quiet_loading():
+        return UNet2DConditionModel.from_config(config)
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
+def _load_unet_weights(unet: torch.nn.Module, path: str, dtype: torch.dtype) -> torch.nn.Module:
+    with safe_open(path, framework="pt") as handle:  # one tensor at a time: no second copy of the file
+        tensors = {key: handle.get_tensor(key).to(dtype) for key in handle.keys()}
+    unet.load_state_dict(tensors, assign=True)
+    return unet.eval().requires_grad_(False)
 
 
 def _build_pipeline(path: str, info: CheckpointInfo | None, family: str, config_dir: str | None, resolved: str,

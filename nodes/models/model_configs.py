@@ -69,6 +69,9 @@ def component_configs(config_dir: str) -> dict[str, dict]:
             if isinstance(entry, list) and None not in entry and name in ("unet", "vae", *_text_components())}
 
 
+CHECKPOINT_UNET = "the checkpoint's UNet"  # how unet_file_configs names the checkpoint's own UNet
+
+
 def unet_file_configs(base_config: Mapping[str, Any], family: str) -> dict[str, dict]:
     """The UNet configs a UNet file used beside a checkpoint of ``family`` may have, by the name messages give
     them: the checkpoint's own UNet, then each of :data:`UNET_VARIANTS` (its depths at the checkpoint's widths, so a
@@ -82,7 +85,7 @@ def unet_file_configs(base_config: Mapping[str, Any], family: str) -> dict[str, 
     """
     # without diffusers' bookkeeping: "_use_default_values" would put its defaults back over a variant's depths
     base_config = {key: value for key, value in base_config.items() if not key.startswith("_")}
-    configs = {"the checkpoint's UNet": base_config}
+    configs = {CHECKPOINT_UNET: base_config}
     if family in UNET_VARIANTS:
         family_config = read_json(os.path.join(shipped_config_dir(family), "unet", "config.json"))
         for variant, label in UNET_VARIANTS[family].items():

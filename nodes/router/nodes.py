@@ -20,8 +20,11 @@ import torch
 from ..common.limits import MAX_SEED
 from ..models.clip import Clip
 from ..models.comfy_adapters import comfy_pooled_text_embeddings, comfy_token_lengths
-from ..models.loading import list_models, load_transformers_folder, resolve_model_path
+from ..models.loading import (list_checkpoints, list_models, load_transformers_folder, resolve_checkpoint,
+                              resolve_model_path)
 from ..models.refs import ModelsFolder, SavedFilesFolder, SaveToFolder
+from ..models.checkpoint_unet import load_checkpoint_with_unet
+from .aptp import expert_unet_file, load_aptp_router, route_experts
 from .embeddings import (SentenceEncoder, pooled_text_embeddings, sentence_embeddings, sentence_encoder_pooling,
                          token_lengths)
 from .fitting import FIT_METHODS, fit_router
@@ -35,6 +38,8 @@ ROUTERS_FOLDER = "routers"
 DEFAULT_VARIANTS = "4 steps = 0.2\n8 steps = 0.4\n20 steps = 1.0"  # the example workflow's sampler branches
 SENTENCE_ENCODER_PREFIX = "sentence encoder "  # how a router file names a sentence encoder it was fitted with
 DEFAULT_BUDGET = 0.6  # Source: APTP's pruning_target 0.6 (configs/pruning/*.yaml)
+APTP_FOLDER = "aptp"
+MAX_APTP_EXPERT = 15  # Source: the largest published router, APTP-Base-CC3M's, has 16 experts (arch0 to arch15)
 
 
 class _AnyType(str):
@@ -354,12 +359,74 @@ class AtelierRouteSwitch:
         return (branches[name],)
 
 
+def _aptp_folder_input(models_dir: str | None) -> tuple[list[str], dict]:
+    return (list_models(APTP_FOLDER, models_dir), {
+        "tooltip": "An APTP pruning folder in models/aptp, as published (e.g. APTP-Base-CC3M): hypernet/ and "
+                   "quantizer/ (the router) beside arch0/, arch1/, … (the experts' UNets)."})
+
+
+class AtelierAptpRoutePrompt(ModelsFolder):
+    DESCRIPTION = ("APTP Expert Router: sends a prompt to the pruned SD2.1 expert APTP's trained router picks "
+                   "(all-mpnet-base-v2 embedding → hypernetwork → Gumbel-sigmoid gates with the authors' fixed "
+                   "noise → nearest architecture code by cosine). Feed the expert to Load APTP Expert.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("INT", "STRING", "STRING")
+    RETURN_NAMES = ("expert", "label", "prompt")
+    OUTPUT_TOOLTIPS = ("The expert's index K (its folder is arch<K>), for Load APTP Expert.",
+                       "The expert's folder name, arch<K>.",
+                       "The prompt, unchanged, so that one text box feeds the router and the prompt encoder.")
+    FUNCTION = "route"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "sentence_encoder": ("ATELIER_SENTENCE_ENCODER", {
+                "tooltip": "all-mpnet-base-v2 (models/sentence_encoders), the encoder APTP's router was trained on."}),
+            "aptp_name": _aptp_folder_input(cls.models_dir),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                  "tooltip": "The prompt to route."}),
+        }}
+
+    def route(self, sentence_encoder: SentenceEncoder, aptp_name: str, prompt: str) -> tuple[int, str, str]:
+        router = load_aptp_router(resolve_model_path(APTP_FOLDER, aptp_name, self.models_dir))
+        expert = int(route_experts(sentence_embeddings(sentence_encoder, [prompt]), router)[0])
+        return expert, f"arch{expert}", prompt
+
+
+class AtelierAptpExpert(ModelsFolder):
+    DESCRIPTION = ("Load APTP Expert: SD2.1 768-v (the checkpoint: text encoder and VAE) with the UNet of one of "
+                   "APTP's pruned experts, rebuilt at its pruned widths and depth from the file. The expert index "
+                   "usually comes from APTP Expert Router. Sample as SD2.1: the authors use PNDM, 25 steps, CFG "
+                   "7.5, 768².")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The expert's diffusion model.", "The checkpoint's text encoder.", "The checkpoint's VAE.")
+    FUNCTION = "load_expert"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "ckpt_name": (list_checkpoints(cls.models_dir), {
+                "tooltip": "Stable Diffusion 2.1 (768-v), the model APTP's experts were pruned from."}),
+            "aptp_name": _aptp_folder_input(cls.models_dir),
+            "expert": ("INT", {"default": 0, "min": 0, "max": MAX_APTP_EXPERT, "step": 1,
+                               "tooltip": "Which expert: the K of its arch<K> folder."}),
+        }}
+
+    def load_expert(self, ckpt_name: str, aptp_name: str, expert: int) -> tuple[Any, Any, Any]:
+        folder = resolve_model_path(APTP_FOLDER, aptp_name, self.models_dir)
+        return load_checkpoint_with_unet(resolve_checkpoint(ckpt_name, self.models_dir),
+                                         expert_unet_file(folder, expert), self.models_dir)
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     AtelierFitRouter, AtelierSaveRouter, AtelierLoadRouter, AtelierLoadSentenceEncoder, AtelierRoutePrompt,
-    AtelierRoutePrompts, AtelierRouteSwitch)}
+    AtelierRoutePrompts, AtelierRouteSwitch, AtelierAptpRoutePrompt, AtelierAptpExpert)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierFitRouter": "Fit Router (Atelier)", "AtelierSaveRouter": "Save Router (Atelier)",
     "AtelierLoadRouter": "Load Router (Atelier)", "AtelierLoadSentenceEncoder": "Load Sentence Encoder (Atelier)",
     "AtelierRoutePrompt": "Prompt Router (Atelier)",
     "AtelierRoutePrompts": "Prompt Router, batch (Atelier)", "AtelierRouteSwitch": "Route Switch (Atelier)",
+    "AtelierAptpRoutePrompt": "APTP Expert Router (Atelier)", "AtelierAptpExpert": "Load APTP Expert (Atelier)",
 }

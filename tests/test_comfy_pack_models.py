@@ -732,3 +732,47 @@ def test_speedupnet_runs_under_comfyuis_sampler_custom_as_standalone(comfyui_ser
           f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
     assert measured >= TARGET_PSNR_DB
     assert not np.array_equal(comfy_images["13"][0], comfy_images["23"][0])  # the adapter acts
+    _free_both(comfyui_server, atelier)
+
+
+def test_a_pruned_unet_file_loads_and_samples_inside_comfyui_as_standalone(comfyui_server, random_sd15_models,
+                                                                           atelier):
+    """A UNet file pruned as APTP prunes (channel groups, heads, GEGLU groups, six dropped blocks;
+    tests/tiny_models.aptp_expert) beside the checkpoint, through Load Checkpoint + UNet File: inside ComfyUI,
+    whose detection cannot place it, the checkpoint's own ComfyUI model is rebuilt at the file's widths
+    (nodes/models/checkpoint_unet.py) and samples under ComfyUI's KSampler the standalone picture, whose UNet is the
+    file's (tests/test_router_aptp.py: bit for bit, and equal to the full UNet with the pruned parts zeroed). SD1.5
+    stands in for SD2.1 here: the pruning is the same, and this module's checkpoint is SD1.5."""
+    from safetensors.torch import save_file
+
+    from tiny_models import aptp_expert
+
+    _free_both(comfyui_server, atelier)
+    base = load_model(os.path.join(random_sd15_models.path, "checkpoints", random_sd15_models.checkpoint))
+    with ModelRef(base).in_use("unet") as loaded:  # a fresh copy (no LoRA adapter layers), its UNet held
+        state, reference = aptp_expert(loaded.unet, seed=5)
+        del reference
+    os.makedirs(os.path.join(random_sd15_models.path, "diffusion_models"), exist_ok=True)
+    save_file({key: value.to(torch.float16) for key, value in state.items()},
+              os.path.join(random_sd15_models.path, "diffusion_models", "pruned.safetensors"))
+    del state, base, loaded
+    _free_both(comfyui_server, atelier)
+    prompt = {
+        "4": {"class_type": "AtelierCheckpointWithUNet", "inputs": {"ckpt_name": random_sd15_models.checkpoint,
+                                                                   "unet_name": "pruned.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "11": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "seed": SEED, "steps": 2, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "denoise": 1.0}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
+        "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": "pruned", "images": ["12", 0]}},
+    }
+    comfy_images = comfyui_server.run(prompt)
+    standalone = atelier.run(prompt)
+    measured = psnr(comfy_images["13"][0], standalone["13"][0])
+    print(f"Pruned UNet file, ComfyUI against Atelier: {measured:.1f} dB; its levels "
+          f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
+    assert measured >= TARGET_PSNR_DB
+    _free_both(comfyui_server, atelier)

@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from fixtures_models import tiny_sd2  # noqa: F401
+from nodes.common.paths import PathOutsideFolderError
 from nodes.models.families import UnknownModelLayoutError
 from nodes.models.model_configs import SHIPPED_CONFIGS
 from nodes.router.aptp import AptpRouter, expert_unet_file, load_aptp_router, route_experts
@@ -104,6 +105,10 @@ def test_a_file_that_is_no_pruning_is_refused_and_a_missing_expert_named(aptp_mo
         AtelierAptpExpert.models_dir = None
     with pytest.raises(FileNotFoundError, match=r"no expert 4 .*experts there: \[3, 5\]"):
         expert_unet_file(os.path.join(root, "aptp", "APTP-Tiny"), 4)
+    os.makedirs(tmp_path / "aptp" / "Link" / "arch1")
+    os.symlink(bad, tmp_path / "aptp" / "Link" / "arch1" / "unet")  # a link out of its pruning folder
+    with pytest.raises(PathOutsideFolderError):
+        expert_unet_file(tmp_path / "aptp" / "Link", 1)
 
 
 def authors_routing(folder, embeddings: torch.Tensor) -> torch.Tensor:

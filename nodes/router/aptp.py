@@ -27,11 +27,11 @@ import glob
 import json
 import os
 import re
-from collections.abc import Sequence
 
 import torch
 from safetensors.torch import load_file
 
+from ..common.paths import confine
 from ..models.formats import check_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -198,6 +198,7 @@ def expert_unet_file(folder: str | os.PathLike, expert: int) -> str:
 
     Raises:
         FileNotFoundError: no such expert; the message lists those there are.
+        nodes.common.paths.PathOutsideFolderError: the file found is a link out of the folder.
     """
     folder = os.fspath(folder)
     found = glob.glob(os.path.join(glob.escape(folder), f"arch{int(expert)}", "**", "unet", WEIGHTS_NAME),
@@ -211,8 +212,5 @@ def expert_unet_file(folder: str | os.PathLike, expert: int) -> str:
         match = re.search(r"checkpoint-(\d+)", os.path.relpath(path, folder))
         return int(match.group(1)) if match else -1
 
-    return max(found, key=step)
+    return confine(folder, os.path.relpath(max(found, key=step), folder))  # no symlink out of the folder
 
-
-def expert_labels(router: AptpRouter) -> Sequence[str]:
-    return [f"arch{index}" for index in range(router.experts)]

@@ -60,7 +60,8 @@ def _file_signature(path: str) -> tuple:
     return tuple(sorted(entries))
 
 
-def _load_single_file(path: str, info: CheckpointInfo, config_dir: str | None, dtype: torch.dtype) -> Any:
+def _load_single_file(path: str, info: CheckpointInfo, config_dir: str | None, dtype: torch.dtype,
+                      **supplied: torch.nn.Module) -> Any:
     """The diffusers pipeline of a single file, from ``config_dir`` or the config folder found for it.
 
     Raises:
@@ -84,7 +85,7 @@ def _load_single_file(path: str, info: CheckpointInfo, config_dir: str | None, d
     if unet_in_channels != info.unet_in_channels:
         raise ValueError(f"{os.path.basename(path)!r} has a UNet of {info.unet_in_channels} input channels, but "
                          f"config_dir {config_dir!r} describes one of {unet_in_channels}")
-    components = {**absent, **tokenizers, **pipeline_extras(info.family)}
+    components = {**absent, **tokenizers, **pipeline_extras(info.family), **supplied}
     try:
         return pipeline_class(info.family, unet_in_channels).from_single_file(
             path, config=config_dir, local_files_only=True, dtype=dtype, **components)
@@ -97,11 +98,12 @@ def _load_single_file(path: str, info: CheckpointInfo, config_dir: str | None, d
             f"(models/diffusers/), which carries its own configs") from error
 
 
-def _load_folder(folder: str, family: str, dtype: torch.dtype) -> Any:
+def _load_folder(folder: str, family: str, dtype: torch.dtype, **supplied: torch.nn.Module) -> Any:
     variant = check_folder_weights(folder)
     unet_in_channels = read_json(os.path.join(folder, "unet", "config.json")).get("in_channels", 4)
     pipeline = pipeline_class(family, unet_in_channels).from_pretrained(
-        folder, local_files_only=True, use_safetensors=True, dtype=dtype, variant=variant, **pipeline_extras(family))
+        folder, local_files_only=True, use_safetensors=True, dtype=dtype, variant=variant, **pipeline_extras(family),
+        **supplied)
     return pipeline
 
 
@@ -240,10 +242,12 @@ def load_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None 
         MEMORY.make_room("cpu", sum(weight_bytes(file, dtype) for file in files), label)
 
         def build() -> Any:
-            pipeline = _build_pipeline(path, info, family, config_dir, resolved, dtype)
-            if unet_file is not None:
-                pipeline.unet = _unet_from_file(unet_file, pipeline.unet.config, family, dtype)
-            return pipeline
+            if unet_file is None:
+                return _build_pipeline(path, info, family, config_dir, resolved, dtype)
+            base_config = read_json(os.path.join(path if info is None else config_dir or single_file_config_dir(info),
+                                                 "unet", "config.json"))
+            unet = _unet_from_file(unet_file, base_config, family, dtype)  # the checkpoint's own UNet is not built
+            return _build_pipeline(path, info, family, config_dir, resolved, dtype, unet=unet)
 
         pipeline = build()
         schedule = NoiseSchedule(pipeline.scheduler.alphas_cumprod.to(torch.float64), resolved)
@@ -318,13 +322,14 @@ def _load_unet_weights(unet: torch.nn.Module, path: str, dtype: torch.dtype) -> 
 
 
 def _build_pipeline(path: str, info: CheckpointInfo | None, family: str, config_dir: str | None, resolved: str,
-                    dtype: torch.dtype) -> Any:
-    """The pipeline of a file or folder on the CPU, ready to run: what a first load and a read-back both make."""
+                    dtype: torch.dtype, **supplied: torch.nn.Module) -> Any:
+    """The pipeline of a file or folder on the CPU, ready to run: what a first load and a read-back both make;
+    ``supplied`` components (a UNet from a UNet file) are taken as they are instead of the checkpoint's."""
     with quiet_loading():
         if info is None:
-            pipeline = _load_folder(path, family, dtype)
+            pipeline = _load_folder(path, family, dtype, **supplied)
         else:
-            pipeline = _load_single_file(path, info, config_dir, dtype)
+            pipeline = _load_single_file(path, info, config_dir, dtype, **supplied)
     if pipeline.scheduler.config.get("prediction_type") != resolved:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=resolved)
     if getattr(pipeline.vae.config, "force_upcast", False) and dtype == torch.float16:

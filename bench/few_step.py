@@ -20,6 +20,9 @@ not fit this machine's memory), against SDXL's own UNet at the same size: wall t
 of each, random full-size weights from the shipped configs, and per image the card's steps times that (SDXL at
 Euler-25 CFG, the KOALA models at 25, the Lightning ones at 10).
 
+APTP's experts are SD2.1-family: timed apart the same way (:func:`aptp_calls`), SD2.1's UNet against a random
+expert pruned as APTP prunes, at the experts' 768×768 (256×256 with ``--quick``).
+
 Per image: sampling from the encoded prompts, then the VAE decode (the same for every arm); the runs alternate
 between arms after one warm-up each, and the medians of three runs give the speedup. The full run: every arm at
 512×512, and KOALA's UNets at 512×512; ``--quick``: the reference, Hyper-SD's 1-step, 4-step and 8-step CFG
@@ -58,10 +61,10 @@ from tests.tiny_models import write_hyper_sd_lora, write_speedupnet_adapter  # n
 from web.nodes_latent import EmptyLatentImage, VAEDecode  # noqa: E402
 from web.nodes_sampling import KSampler, SamplerCustom  # noqa: E402
 
-QUICK = {"size": 64, "runs": 3, "koala_size": None,
+QUICK = {"size": 64, "runs": 3, "koala_size": None, "aptp_size": 256,
          "arms": ("hypersd_1step", "hypersd_4steps", "hypersd_8steps_cfg", "instaflow_1step", "rectified_flow_4steps",
                   "rectified_diffusion_2steps", "speedupnet_4steps")}
-FULL = {"size": 512, "runs": 3, "koala_size": 512, "arms": None}
+FULL = {"size": 512, "runs": 3, "koala_size": 512, "aptp_size": 768, "arms": None}
 SDXL_REFERENCE_STEPS = 25
 SEED = 0
 REFERENCE = ("ddim", "ddim_uniform", 25, 7.5)  # sampler, scheduler, steps, CFG
@@ -181,6 +184,55 @@ def koala_calls(size: int, runs: int) -> dict[str, float]:
     return figures
 
 
+def aptp_calls(size: int, runs: int) -> dict[str, float]:
+    """Seconds per guided UNet call (batch 2) of SD2.1's UNet and of an APTP expert of it, and their parameters.
+
+    No published expert is at hand, so the expert is a random one pruned as APTP prunes
+    (``tests.tiny_models.aptp_expert``: each ResNet channel group, attention head and GEGLU group kept with
+    probability 0.6, six of the 14 depth-gated blocks dropped), rebuilt at its widths as the loader rebuilds one.
+    Both sample with the same steps and guidance, so the call ratio is the per-image one.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from nodes.models.formats import tensor_shapes
+    from nodes.models.pruned_unet import prune_to_shapes
+    from tests.tiny_models import aptp_expert
+
+    torch.set_grad_enabled(False)
+    config = UNet2DConditionModel.load_config(os.path.join(SHIPPED_CONFIGS, "sd21"), subfolder="unet")
+    torch.manual_seed(SEED)
+    full = UNet2DConditionModel.from_config(config).eval()
+    state, _ = aptp_expert(full, seed=SEED)
+    with torch.device("meta"):
+        expert = UNet2DConditionModel.from_config(config)
+        prune_to_shapes(expert, tensor_shapes(state), (ResnetBlock2D, Transformer2DModel))
+    expert.load_state_dict(state, assign=True)
+    del state
+    latent, context = torch.randn(2, 4, size // 8, size // 8), torch.randn(2, 77, 1024)
+    seconds = {}
+    for name, unet in (("sd21", full), ("aptp_expert", expert.eval())):
+        def call(unet: torch.nn.Module = unet) -> torch.Tensor:
+            return unet(latent, torch.tensor([500.0] * 2), encoder_hidden_states=context).sample
+
+        call()  # warm-up
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+        seconds[name] = statistics.median(times)
+        report(f"  {name} UNet, {size}², one guided call: {seconds[name]:.2f} s")
+    parameters = {name: sum(parameter.numel() for parameter in unet.parameters())
+                  for name, unet in (("sd21", full), ("aptp_expert", expert))}
+    report(f"SD2.1 {size}²: a random APTP expert ({parameters['aptp_expert'] / 1e6:.0f}M parameters against "
+           f"{parameters['sd21'] / 1e6:.0f}M) calls in {seconds['aptp_expert']:.2f} s against {seconds['sd21']:.2f} s")
+    return {"aptp_expert_call_s": seconds["aptp_expert"], "sd21_call_s": seconds["sd21"],
+            "aptp_expert_unet_speedup": seconds["sd21"] / seconds["aptp_expert"],
+            "aptp_expert_parameter_ratio": parameters["aptp_expert"] / parameters["sd21"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['size']}², {QUICK['runs']} timed run per arm")
@@ -189,6 +241,7 @@ def main() -> None:
     figures = measure(mode["size"], mode["runs"], mode["arms"] or ARMS)
     if mode["koala_size"]:
         figures.update(koala_calls(mode["koala_size"], mode["runs"]))
+    figures.update(aptp_calls(mode["aptp_size"], mode["runs"]))
     fields = " ".join(f"{key}={value:.3f}" for key, value in figures.items())
     report(f"BENCH few_step {fields} size={mode['size']} device=cpu quick={int(args.quick)}")
 

@@ -46,7 +46,7 @@ from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 
 from ..common.memory import MEMORY, Resident
-from ..models.formats import layout_difference
+from ..models.formats import layout_difference, tensor_shapes
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 # Source: LinFusion train script, --mid_dim_scale: 1 (m = d) for SD1.5/SD2.1, 16 (m = d/16) for SDXL.
@@ -190,8 +190,7 @@ def read_linfusion(path: str, config: list[LayerConfig], family: str) -> torch.n
         raise ValueError(f"LinFusion weights must be a .safetensors file; got {path!r}")
     layers = build_linfusion(config)
     state = load_file(str(path))
-    count, detail = layout_difference({key: tuple(value.shape) for key, value in layers.state_dict().items()},
-                                      {key: tuple(value.shape) for key, value in state.items()})
+    count, detail = layout_difference(tensor_shapes(layers.state_dict()), tensor_shapes(state))
     if count:
         raise ValueError(f"{path} is not a LinFusion file for this {family} UNet ({len(config)} self-attention "
                          f"layers): {detail}")

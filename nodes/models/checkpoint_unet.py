@@ -18,7 +18,7 @@ from ..common.comfy_host import comfy_model_family, comfy_module, inside_comfyui
 from ..common.denoiser import DiffusersCodec
 from .clip import Clip
 from .families import UnknownModelLayoutError, family_from_diffusers_folder, inspect_single_file
-from .formats import check_folder_weights, check_safetensors, layout_difference
+from .formats import check_folder_weights, check_safetensors, layout_difference, tensor_shapes
 from .loader import load_model
 from .pruned_unet import prune_to_shapes
 from .refs import ModelRef
@@ -84,10 +84,9 @@ def _comfy_pruned_unet(base: Any, unet_file: str) -> Any:
                                           f"tensors are no part of it, such as {unknown[0]!r}")
         shapes = {ldm_names[key]: tuple(handle.get_slice(key).get_shape()) for key in names}
     network = model.diffusion_model
-    expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    expected = tensor_shapes(network.state_dict())
     prune_to_shapes(network, shapes, (openaimodel.ResBlock, attention.SpatialTransformer))
-    found = {key: tuple(value.shape) for key, value in network.state_dict().items()}
-    if found != shapes:
+    if tensor_shapes(network.state_dict()) != shapes:
         raise UnknownModelLayoutError(f"{name!r} is not a UNet this checkpoint can take, pruned or not: "
                                       f"{layout_difference(expected, shapes)[1]}")
     dtype = next(network.parameters()).dtype

@@ -73,6 +73,11 @@ def check_folder_weights(folder: str) -> str | None:
     return variant
 
 
+def tensor_shapes(tensors: Mapping[str, object]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape by name, as :func:`layout_difference` compares them (a state dict, a loaded file)."""
+    return {key: tuple(value.shape) for key, value in tensors.items()}
+
+
 def layout_difference(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]
                       ) -> tuple[int, str]:
     """How a file's tensors (name → shape) differ from a layout's: the number of names that differ and an account

@@ -34,7 +34,7 @@ from .devices import ACCEPTED_DTYPES, default_device, default_dtype
 from .families import (CheckpointInfo, UnknownModelLayoutError, family_from_diffusers_folder, inspect_single_file,
                        prediction_type_from_diffusers_folder, read_json)
 from .formats import (SAFE_EXTENSION, UnsafeModelFormatError, check_folder_weights, check_safetensors,
-                      layout_difference)
+                      layout_difference, tensor_shapes)
 from .loaded import LoadedModel
 from .model_configs import (CHECKPOINT_UNET, component_configs, load_tokenizer, pipeline_class, pipeline_extras,
                             single_file_config_dir, unet_file_configs)
@@ -287,14 +287,14 @@ def _unet_from_file(path: str, base_config: Any, family: str, dtype: torch.dtype
     mismatches = {}
     for label, config in configs.items():
         unet = _meta_unet(config)
-        expected = _shapes(unet)
+        expected = tensor_shapes(unet.state_dict())
         if expected == shapes:
             return _load_unet_weights(unet, path, dtype)
         mismatches[label] = layout_difference(expected, shapes)
     unet = _meta_unet(configs[CHECKPOINT_UNET])
     with torch.device("meta"):
         pruned = prune_to_shapes(unet, shapes, (ResnetBlock2D, Transformer2DModel))
-    if pruned and _shapes(unet) == shapes:
+    if pruned and tensor_shapes(unet.state_dict()) == shapes:
         logger.info("%s: a structurally pruned UNet (%d modules narrowed or dropped)", name, pruned)
         return _load_unet_weights(unet, path, dtype)
     closest = min(mismatches, key=lambda label: mismatches[label][0])
@@ -308,10 +308,6 @@ def _unet_from_file(path: str, base_config: Any, family: str, dtype: torch.dtype
 def _meta_unet(config: dict) -> UNet2DConditionModel:
     with torch.device("meta"), quiet_loading():
         return UNet2DConditionModel.from_config(config)
-
-
-def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in module.state_dict().items()}
 
 
 def _load_unet_weights(unet: torch.nn.Module, path: str, dtype: torch.dtype) -> torch.nn.Module:

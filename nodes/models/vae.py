@@ -19,7 +19,7 @@ import torch
 
 from .devices import ACCEPTED_DTYPES, default_device
 from .families import FAMILIES, UNET_PREFIX
-from .formats import check_safetensors
+from .formats import check_safetensors, tensor_shapes
 from .model_configs import SHIPPED_CONFIGS, component_configs, shipped_config_dir
 from .sources import list_models
 
@@ -82,7 +82,7 @@ def load_vae(path: str | os.PathLike, family: str | None = None, dtype: torch.dt
     if dtype not in ACCEPTED_DTYPES:
         raise ValueError(f"dtype must be one of {ACCEPTED_DTYPES}; got {dtype}")
     tensors = load_file(path)
-    shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+    shapes = tensor_shapes(tensors)
     layout = _vae_layout(shapes)
     config = copy.deepcopy(component_configs(shipped_config_dir(family))["vae"])
     conv_in, conv_out = ("encoder.conv_in.weight", "encoder.conv_out.weight")
@@ -106,8 +106,7 @@ def _built_with(model_class: type, config: dict, tensors: dict[str, torch.Tensor
     gradients; a ValueError starting with ``misfit`` names the tensors missing, extra or of another shape."""
     with torch.device("meta"):  # shapes only: the file's tensors become the parameters (assign=True)
         model = model_class.from_config(config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    found = {key: tuple(value.shape) for key, value in tensors.items()}
+    expected, found = tensor_shapes(model.state_dict()), tensor_shapes(tensors)
     if expected != found:
         differing = sorted(set(expected) ^ set(found)) or sorted(key for key in expected if expected[key] != found[key])
         more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""

@@ -253,13 +253,16 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     from web.folders import DataFolders
     from web.registry import node_classes
 
+    from nodes.superres.adcsr import HALF_DECODER_WIDTHS
+    from nodes.superres.nodes import sd21_unet_config
+
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
     from nodes.loaders.nodes import EMBEDDED_CHECKPOINT, EMBEDDED_CONFIG_DIR
     from nodes.models.loading import load_model
 
-    from tests.tiny_models import (save_aptp_stand_ins, save_tiny_koala, write_hyper_sd_lora,
+    from tests.tiny_models import (save_aptp_stand_ins, save_tiny_koala, write_adcsr_files, write_hyper_sd_lora,
                                    write_speedupnet_adapter, write_tiny_lora)
 
     record(**device_fields())
@@ -284,6 +287,9 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     # random router and a tiny sentence encoder stand in.
     save_aptp_stand_ins(os.path.join(work_dir, "models"),
                         ["a watercolor painting of a lighthouse on a cliff at sunset"])
+    # adcsr.json names AdcSR's two converted files: random full-size ones in the published layout stand in.
+    write_adcsr_files(os.path.join(work_dir, "models", "adcsr"), sd21_unet_config(), HALF_DECODER_WIDTHS,
+                      aliases=False)
     classes = node_classes(DataFolders.under(os.path.join(work_dir, "data")), os.path.join(work_dir, "models"))
     executed: set[str] = set()
     outcomes: dict[str, dict[str, Any]] = {}

@@ -21,13 +21,14 @@ from .panorama import nodes as panorama_nodes
 from .router import nodes as router_nodes
 from .sada import nodes as sada_nodes
 from .seamless import nodes as seamless_nodes
+from .superres import nodes as superres_nodes
 from .tstitch import nodes as tstitch_nodes
 from .watermark import nodes as watermark_nodes
 
 _TECHNIQUES = (loader_nodes, generation_nodes, highres_nodes, panorama_nodes, correspondence_nodes, watermark_nodes,
                router_nodes, noiseshift_nodes, fasterdiffusion_nodes, tstitch_nodes,
                sada_nodes, inheritance_nodes, seamless_nodes, inpaint_nodes, noisediffusion_nodes,
-               magicface_nodes, fewstep_nodes)
+               magicface_nodes, fewstep_nodes, superres_nodes)
 # Dual-use evaluation tools (P4D finds prompts that evade safety mechanisms) join the node list only when the
 # setting asks for them
 if os.environ.get(p4d_nodes.EVALUATION_SETTING) == "1":

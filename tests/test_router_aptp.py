@@ -123,15 +123,14 @@ def authors_routing(folder, embeddings: torch.Tensor) -> torch.Tensor:
     depth_list = [d for sub in APTP_STRUCTURE["depth"] for d in sub]
     heads = len(width_list) + 1
 
-    def head(i, x):
-        if f"mh_fc.{i}.weight" in hypernet:
-            weight = hypernet[f"mh_fc.{i}.weight"]
-        else:
-            g, v = (hypernet[f"mh_fc.{i}.parametrizations.weight.original{j}"] for j in (0, 1))
-            weight = g * v / torch.norm(v, dim=1, keepdim=True)
-        return x @ weight.T + hypernet[f"mh_fc.{i}.bias"]
-
-    arch_vector = torch.cat([head(i, embeddings) for i in range(heads)], dim=1)
+    weight_norm = "mh_fc.0.parametrizations.weight.original0" in hypernet
+    mh_fc = torch.nn.ModuleList()
+    for i in range(heads):
+        linear = torch.nn.Linear(embeddings.shape[1], hypernet[f"mh_fc.{i}.bias"].shape[0])
+        mh_fc.append(torch.nn.utils.parametrizations.weight_norm(linear) if weight_norm else linear)
+    mh_fc.load_state_dict({key.removeprefix("mh_fc."): value for key, value in hypernet.items()})
+    with torch.no_grad():
+        arch_vector = torch.cat([mh_fc[i](embeddings) for i in range(heads)], dim=1)
 
     def sample_gumbel(shape, eps=1e-20):
         u = torch.rand(shape, generator=torch.Generator().manual_seed(0))

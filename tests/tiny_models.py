@@ -394,3 +394,48 @@ def save_aptp_stand_ins(models_dir: str | os.PathLike, prompts: list[str], exper
         save_file(aptp_expert(unet, seed=expert)[0], os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
     write_aptp_router(folder, width=32, experts=experts)
     save_tiny_sentence_encoder(encoder, prompts)
+
+
+def write_adcsr_files(folder: str | os.PathLike, unet_config: dict, decoder_widths: tuple[int, ...],
+                      seed: int = 0, aliases: bool = True) -> tuple[str, str]:
+    """Random AdcSR weights for ``unet_config`` in the published layout, converted to ``.safetensors``: the
+    distilled network as ``DataParallel(Net)`` saves it (``module.body.1.*`` the UNet, with, if ``aliases``, its
+    ``body.<i>.*`` aliases of the same tensors, which double a converted file's size; ``module.body.2.*`` the
+    decoder middle) and the half decoder's state dict (``decoder.*`` and ``encoder.*``). Returns the two paths."""
+    from diffusers.models.autoencoders.vae import Decoder
+
+    from nodes.superres.adcsr import build_adcsr
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    def random_like(key: str, value: torch.Tensor) -> torch.Tensor:
+        """Fan-in scaled weights, unit norms, zero biases: a full-size network is written in seconds."""
+        if value.ndim == 1:
+            return torch.ones(value.shape) if "norm" in key and key.endswith("weight") else torch.zeros(value.shape)
+        return torch.randn(value.shape, generator=generator) / value[0].numel() ** 0.5
+
+    with torch.device("meta"):
+        net = build_adcsr(unet_config, decoder_widths)
+    unet = {key: random_like(key, value) for key, value in net.unet.state_dict().items()}
+    network = {"module.body.1." + key: value for key, value in unet.items()}
+    body = [*[f"down_blocks.{index}" for index in range(len(net.unet.down_blocks))], "mid_block",
+            *[f"up_blocks.{index}" for index in range(len(net.unet.up_blocks))], "conv_norm_out", "conv_act",
+            "conv_out"]  # model.py: unet.body = Sequential(down blocks, mid block, up blocks, norm, act, conv_out)
+    for position, name in enumerate(body if aliases else ()):
+        for key, value in unet.items():
+            if key.startswith(name + "."):
+                network[f"module.body.1.body.{position}." + key.removeprefix(name + ".")] = value.clone()
+    for key, value in net.mid_block.state_dict().items():
+        network["module.body.2." + key] = random_like(key, value)
+    with torch.device("meta"):
+        decoder = Decoder(in_channels=4, out_channels=3, up_block_types=("UpDecoderBlock2D",) * len(decoder_widths),
+                          block_out_channels=tuple(decoder_widths), layers_per_block=2, norm_num_groups=32,
+                          act_fn="silu", norm_type="group", mid_block_add_attention=True)
+    half_decoder = {"decoder." + key: random_like(key, value) for key, value in decoder.state_dict().items()}
+    half_decoder["encoder.conv_in.weight"] = torch.zeros(decoder_widths[0], 3, 3, 3)  # the ckpt's VAE encoder
+    paths = os.path.join(folder, "adcsr_net.safetensors"), os.path.join(folder, "adcsr_half_decoder.safetensors")
+    save_file(network, paths[0])
+    save_file(half_decoder, paths[1])
+    return paths

@@ -127,7 +127,12 @@ def route_experts(embeddings: torch.Tensor, router: AptpRouter) -> torch.Tensor:
     if embeddings.ndim != 2 or embeddings.shape[1] != router.weight.shape[1]:
         raise ValueError(f"embeddings must be (B, {router.weight.shape[1]}), the router's sentence-encoder width; "
                          f"got {tuple(embeddings.shape)}")
-    logits = torch.nn.functional.linear(embeddings.float(), router.weight, router.bias)
+    # head by head, as the authors' nn.Linear per gate: one product over all heads rounds differently, which could
+    # flip a gate within float rounding of 0.5
+    heads = [*router.widths, sum(router.block_depth)]
+    biases = [None] * len(heads) if router.bias is None else router.bias.split(heads)
+    logits = torch.cat([torch.nn.functional.linear(embeddings.float(), weight, bias)
+                        for weight, bias in zip(router.weight.split(heads), biases)], dim=1)
     prompts = normalized_architecture(soft_gates(logits, router), router)
     codes = normalized_architecture(router.codes, router)
     return (prompts @ codes.T).argmax(dim=-1)
@@ -150,7 +155,7 @@ def _head_weight(tensors: dict[str, torch.Tensor], index: int) -> torch.Tensor:
         return plain
     magnitude = tensors[f"mh_fc.{index}.parametrizations.weight.original0"]
     direction = tensors[f"mh_fc.{index}.parametrizations.weight.original1"]
-    return magnitude * direction / direction.norm(dim=1, keepdim=True)
+    return torch._weight_norm(direction, magnitude, 0)  # what torch's weight_norm parametrisation computes, bit for bit
 
 
 def load_aptp_router(folder: str | os.PathLike) -> AptpRouter:

@@ -65,7 +65,9 @@ def _comfy_checkpoint_with_unet(checkpoint: str, unet_file: str) -> tuple[Any, A
 
 def _comfy_pruned_unet(base: Any, unet_file: str) -> Any:
     """A new ModelPatcher of the checkpoint's ComfyUI model (``base``) rebuilt at a pruned file's widths and depth,
-    holding the file's weights.
+    holding the file's weights. ComfyUI's transformer blocks keep their ``n_heads`` (the full count), which they only
+    hand to attention patches as ``extra_options``; the attention layers themselves count their pruned heads (a
+    block's two attentions may keep different counts, so no one value would fit).
 
     Raises:
         families.UnknownModelLayoutError: the file is no pruning of the checkpoint's UNet.

@@ -776,3 +776,33 @@ def test_a_pruned_unet_file_loads_and_samples_inside_comfyui_as_standalone(comfy
           f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
     assert measured >= TARGET_PSNR_DB
     _free_both(comfyui_server, atelier)
+
+
+def test_adcsr_upscales_inside_comfyui_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """Load AdcSR and AdcSR Upscale inside ComfyUI (Atelier's own network on ComfyUI's IMAGE, the models folder's
+    adcsr/ resolved under ComfyUI's models folder) give the standalone picture, on random full-size files in the
+    published layout and a synthetic picture as the low-resolution input."""
+    from nodes.superres.adcsr import HALF_DECODER_WIDTHS
+    from nodes.superres.nodes import sd21_unet_config
+
+    from tiny_models import write_adcsr_files
+
+    _free_both(comfyui_server, atelier)
+    network, decoder = write_adcsr_files(os.path.join(random_sd15_models.path, "adcsr"), sd21_unet_config(),
+                                         HALF_DECODER_WIDTHS, aliases=False)
+    prompt = {
+        "1": {"class_type": "AtelierSyntheticPanorama", "inputs": {"erp_height": 32, "frequency": 6.0}},
+        "2": {"class_type": "AtelierLoadAdcSR", "inputs": {"network_name": os.path.basename(network),
+                                                           "decoder_name": os.path.basename(decoder)}},
+        "3": {"class_type": "AtelierAdcSRUpscale", "inputs": {"adcsr": ["2", 0], "image": ["1", 0], "tile": 512,
+                                                              "overlap": 32}},
+        "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "adcsr", "images": ["3", 0]}},
+    }
+    comfy_images = comfyui_server.run(prompt)
+    standalone = atelier.run(prompt)
+    assert comfy_images["4"][0].shape == (128, 256, 3)
+    measured = psnr(comfy_images["4"][0], standalone["4"][0])
+    print(f"AdcSR, ComfyUI against Atelier: {measured:.1f} dB; its levels "
+          f"{comfy_images['4'][0].min()}–{comfy_images['4'][0].max()}, std {comfy_images['4'][0].std():.1f}")
+    assert measured >= TARGET_PSNR_DB
+    _free_both(comfyui_server, atelier)

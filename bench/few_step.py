@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.sampler import build_pipeline, pipeline_ref, report  # noqa: E402
+from bench.sampler import build_pipeline, median_seconds, pipeline_ref, report  # noqa: E402
 from nodes.common.denoiser import DiffusersCodec  # noqa: E402
 from nodes.fewstep.koala import KOALA_PRESETS, koala_config_dir  # noqa: E402
 from nodes.fewstep.nodes import (AtelierHyperSD, AtelierRectifiedDiffusion, AtelierRectifiedFlow,  # noqa: E402
@@ -162,15 +162,9 @@ def koala_calls(size: int, runs: int) -> dict[str, float]:
                          ("koala_700m", koala_config_dir("koala_700m"))):
         torch.manual_seed(SEED)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet")).eval()
-        call = lambda unet=unet: unet(latent, torch.tensor([500.0] * 2), encoder_hidden_states=context,  # noqa: E731
-                                      added_cond_kwargs=added).sample
-        call()  # warm-up
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - started)
-        seconds[name] = statistics.median(times)
+        seconds[name] = median_seconds(lambda unet=unet: unet(latent, torch.tensor([500.0] * 2),
+                                                              encoder_hidden_states=context,
+                                                              added_cond_kwargs=added).sample, runs)
         report(f"  {name} UNet, {size}², one guided call: {seconds[name]:.2f} s")
         del unet
     figures = {f"{name}_call_s": value for name, value in seconds.items()}
@@ -213,16 +207,8 @@ def aptp_calls(size: int, runs: int) -> dict[str, float]:
     latent, context = torch.randn(2, 4, size // 8, size // 8), torch.randn(2, 77, 1024)
     seconds = {}
     for name, unet in (("sd21", full), ("aptp_expert", expert.eval())):
-        def call(unet: torch.nn.Module = unet) -> torch.Tensor:
-            return unet(latent, torch.tensor([500.0] * 2), encoder_hidden_states=context).sample
-
-        call()  # warm-up
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - started)
-        seconds[name] = statistics.median(times)
+        seconds[name] = median_seconds(lambda unet=unet: unet(latent, torch.tensor([500.0] * 2),
+                                                              encoder_hidden_states=context).sample, runs)
         report(f"  {name} UNet, {size}², one guided call: {seconds[name]:.2f} s")
     parameters = {name: sum(parameter.numel() for parameter in unet.parameters())
                   for name, unet in (("sd21", full), ("aptp_expert", expert))}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.sampler import report  # noqa: E402
+from bench.sampler import median_seconds, report  # noqa: E402
 from nodes.superres.adcsr import HALF_DECODER_WIDTHS, SCALE, load_adcsr  # noqa: E402
 from nodes.superres.nodes import adcsr_upscale, sd21_unet_config  # noqa: E402
 from tests.tiny_models import write_adcsr_files  # noqa: E402
@@ -41,16 +40,6 @@ TILE, OVERLAP = 128, 32  # a CPU-sized tile: a window of 192² attends over 96²
 
 def bicubic(image: torch.Tensor) -> torch.Tensor:
     return F.interpolate(image, scale_factor=SCALE, mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def median_seconds(call, runs: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def resident_mib(field: str) -> float:

@@ -62,6 +62,17 @@ def report(line: str) -> None:
     print(line, flush=True)
 
 
+def median_seconds(call: Callable[[], object], runs: int) -> float:
+    """The median wall time of ``runs`` calls of ``call``, after one warm-up call."""
+    call()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def build_pipeline(family: str, device: torch.device, dtype: torch.dtype):
     """A diffusers pipeline of ``family`` ("sd15" or "sdxl") with seeded random weights at full size.
 

@@ -93,14 +93,20 @@ def peak_memory_mb(kind: str, grid: int, dims: int, device: torch.device) -> flo
         before = torch.cuda.memory_allocated()
         call(a, b)
         return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-    before = _resident_mb("VmRSS")
+    return resident_growth_mib(lambda: call(a, b))[0]
+
+
+def resident_growth_mib(work: Callable[[], object]) -> tuple[float, object]:
+    """How far this process's resident memory peaked above where it stood while ``work`` ran, in MiB, and what
+    ``work`` returned (Linux)."""
+    before = _resident_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")  # Linux: resets the peak resident size (VmHWM) to the current one
-    call(a, b)
-    return _resident_mb("VmHWM") - before
+    result = work()
+    return _resident_mib("VmHWM") - before, result
 
 
-def _resident_mb(field: str) -> float:
+def _resident_mib(field: str) -> float:
     with open("/proc/self/status") as file:
         for line in file:
             if line.startswith(field + ":"):

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.correspondence import resident_growth_mib  # noqa: E402
 from bench.sampler import median_seconds, report  # noqa: E402
 from nodes.superres.adcsr import HALF_DECODER_WIDTHS, SCALE, load_adcsr  # noqa: E402
 from nodes.superres.nodes import adcsr_upscale, sd21_unet_config  # noqa: E402
@@ -40,14 +41,6 @@ TILE, OVERLAP = 128, 32  # a CPU-sized tile: a window of 192² attends over 96²
 
 def bicubic(image: torch.Tensor) -> torch.Tensor:
     return F.interpolate(image, scale_factor=SCALE, mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def resident_mib(field: str) -> float:
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main() -> None:
@@ -70,13 +63,9 @@ def main() -> None:
         report(f"{name} ×4 of {mode['size']}²: {seconds[name]:.3f} s, {value:.3f} s per output megapixel")
 
     large = torch.rand(1, 3, mode["tiled_size"], mode["tiled_size"], generator=torch.Generator().manual_seed(1))
-    before = resident_mib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as file:
-        file.write("5")  # Linux: resets the peak resident size (VmHWM) to the current one
     started = time.perf_counter()
-    result = adcsr_upscale(net, large, TILE, OVERLAP)
+    growth, result = resident_growth_mib(lambda: adcsr_upscale(net, large, TILE, OVERLAP))
     tiled_seconds = time.perf_counter() - started
-    growth = resident_mib("VmHWM") - before
     output_mib = result.numel() * result.element_size() / 2 ** 20
     report(f"tiled ×4 of {mode['tiled_size']}² (tile {TILE}, overlap {OVERLAP}): {tiled_seconds:.1f} s, peak "
            f"resident growth {growth:.0f} MiB for a {output_mib:.0f} MiB float32 output")

@@ -806,3 +806,33 @@ def test_adcsr_upscales_inside_comfyui_as_standalone(comfyui_server, random_sd15
           f"{comfy_images['4'][0].min()}–{comfy_images['4'][0].max()}, std {comfy_images['4'][0].std():.1f}")
     assert measured >= TARGET_PSNR_DB
     _free_both(comfyui_server, atelier)
+
+
+def test_diffdis_cuts_out_inside_comfyui_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """Load DiffDIS and DiffDIS Cut-out inside ComfyUI (Atelier's UNet, ComfyUI's CLIP for the empty prompt and its
+    VAE, the models folder's diffdis/ resolved under ComfyUI's) give the standalone mask. SD1.5's CLIP and VAE stand
+    in for sd-turbo's (this module's checkpoint is SD1.5), under a small random DiffDIS UNet of 768-wide
+    cross-attention; one view keeps it short."""
+    from tiny_models import build_tiny_pipeline, write_diffdis_unet
+
+    _free_both(comfyui_server, atelier)
+    config = {**build_tiny_pipeline("sd2").unet.config, "cross_attention_dim": 768}
+    write_diffdis_unet(os.path.join(random_sd15_models.path, "diffdis"), config, seed=7)
+    prompt = {
+        "1": {"class_type": "AtelierSyntheticPanorama", "inputs": {"erp_height": 32, "frequency": 6.0}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "3": {"class_type": "AtelierLoadDiffDIS", "inputs": {"unet_name": "unet/diffusion_pytorch_model.safetensors"}},
+        "4": {"class_type": "AtelierDiffDISCutout", "inputs": {
+            "diffdis": ["3", 0], "clip": ["2", 1], "vae": ["2", 2], "image": ["1", 0], "seed": SEED,
+            "resolution": 256, "test_time_augmentation": False, "threshold": 0.0}},
+        "5": {"class_type": "MaskToImage", "inputs": {"mask": ["4", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"filename_prefix": "diffdis", "images": ["5", 0]}},
+    }
+    comfy_images = comfyui_server.run(prompt)
+    standalone = atelier.run(prompt)
+    assert comfy_images["6"][0].shape == (32, 64, 3)
+    measured = psnr(comfy_images["6"][0], standalone["6"][0])
+    print(f"DiffDIS, ComfyUI against Atelier: {measured:.1f} dB; its levels "
+          f"{comfy_images['6'][0].min()}–{comfy_images['6'][0].max()}, std {comfy_images['6'][0].std():.1f}")
+    assert measured >= TARGET_PSNR_DB
+    _free_both(comfyui_server, atelier)

@@ -1,12 +1,13 @@
-"""ComfyUI's SolidMask and MaskComposite in the standalone app: ComfyUI's results on hand-checked cases (the
-inpainting test of test_comfy_pack_models.py runs both in ComfyUI and standalone and compares the pictures)."""
+"""ComfyUI's SolidMask, MaskComposite and MaskToImage in the standalone app: ComfyUI's results on hand-checked cases
+(the inpainting and DiffDIS tests of test_comfy_pack_models.py run them in ComfyUI and standalone and compare the
+pictures)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from web.nodes_mask import MaskComposite, SolidMask, composite_masks
+from web.nodes_mask import MaskComposite, MaskToImage, SolidMask, composite_masks
 
 
 def test_solid_mask_is_one_value_of_batch_one():
@@ -43,3 +44,11 @@ def test_solid_mask_follows_the_servers_pixel_budget():
     bound = bind_limits({"SolidMask": SolidMask}, Limits(max_pixels=100))["SolidMask"]
     with pytest.raises(ValueError, match="pixel budget"):
         bound().solid(1.0, 20, 20)
+
+
+def test_mask_to_image_repeats_the_mask_in_three_channels():
+    mask = torch.tensor([[[0.0, 0.25], [1.0, 0.5]]])
+    (image,) = MaskToImage().mask_to_image(mask)
+    assert image.shape == (1, 2, 2, 3)
+    assert all(torch.equal(image[..., channel], mask) for channel in range(3))
+    assert MaskToImage().mask_to_image(mask[0])[0].shape == (1, 2, 2, 3)  # an unbatched mask, as ComfyUI takes it

@@ -38,7 +38,7 @@ def types_of(messages):
     ("/global_subgraphs", {}),
     ("/extensions", [f"/extensions/atelier/{name}.js" for name in ("atelier", "correspondence", "panorama_viewer",
                                                                    "tile_map", "watermark")]),
-    ("/workflow_templates", {"atelier": ["adcsr", "aptp_experts", "correspondence", "faster_diffusion",
+    ("/workflow_templates", {"atelier": ["adcsr", "aptp_experts", "correspondence", "diffdis", "faster_diffusion",
                                          "feature_inheritance", "hypersd", "image_basics", "instaflow", "koala",
                                          "lora_when_ready",
                                          "magicface", "noisediffusion", "noiseshift", "panorama_superres",

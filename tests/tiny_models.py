@@ -364,30 +364,35 @@ APTP_WORKFLOW_MODELS = ("checkpoints/v2-1_768-ema-pruned.safetensors", "aptp/APT
                         "sentence_encoders/all-mpnet-base-v2")
 
 
-def save_aptp_stand_ins(models_dir: str | os.PathLike, prompts: list[str], experts: int = 8) -> None:
-    """Stand-ins for :data:`APTP_WORKFLOW_MODELS` under ``models_dir``: the tiny SD2 model as the checkpoint, a
-    pruning folder with a random router and ``experts`` experts of its UNet, a tiny sentence encoder knowing the
-    words of ``prompts``."""
+def save_sd21_stand_in(checkpoint: str | os.PathLike, models_dir: str | os.PathLike) -> torch.nn.Module:
+    """A small SD2 model as a single-file checkpoint at ``checkpoint``, read at SD2.1's proportions (widths ×1, ×2,
+    ×4, ×4 of the first, a head per 64 channels and at least one; 23 text encoder layers), which the tiny SD2
+    layout's are not: a stand-in for SD2.1 and sd-turbo. Returns its UNet."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-
-    checkpoint, folder, encoder = (os.path.join(os.fspath(models_dir), name) for name in APTP_WORKFLOW_MODELS)
     from transformers import CLIPTextModel
 
-    # A single file is read at SD2.1's proportions (widths ×1, ×2, ×4, ×4 of the first, a head per 64 channels and
-    # at least one; 23 text encoder layers), which the tiny SD2 layout's are not: the stand-in has them.
     pipeline = build_tiny_pipeline("sd2")
     torch.manual_seed(1)
     widths = (32, 64, 128, 128)
     unet = UNet2DConditionModel.from_config({**pipeline.unet.config, "block_out_channels": widths,
                                              "attention_head_dim": (1, 1, 2, 2)})
     vae = AutoencoderKL.from_config({**pipeline.vae.config, "block_out_channels": widths})
-    diffusers_dir = os.path.join(os.fspath(models_dir), ".aptp_stand_in")
+    diffusers_dir = os.path.join(os.fspath(models_dir), ".sd21_stand_in")
     text_encoder = CLIPTextModel(_text_config(32, "gelu", num_hidden_layers=23))
     parts = {**pipeline.components, "unet": unet, "vae": vae, "text_encoder": text_encoder}
     StableDiffusionPipeline(**parts).save_pretrained(diffusers_dir, safe_serialization=True)
-    os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
+    os.makedirs(os.path.dirname(os.fspath(checkpoint)), exist_ok=True)
     export_single_file(diffusers_dir, checkpoint)
     shutil.rmtree(diffusers_dir)
+    return unet
+
+
+def save_aptp_stand_ins(models_dir: str | os.PathLike, prompts: list[str], experts: int = 8) -> None:
+    """Stand-ins for :data:`APTP_WORKFLOW_MODELS` under ``models_dir``: the SD2.1 stand-in as the checkpoint, a
+    pruning folder with a random router and ``experts`` experts of its UNet, a tiny sentence encoder knowing the
+    words of ``prompts``."""
+    checkpoint, folder, encoder = (os.path.join(os.fspath(models_dir), name) for name in APTP_WORKFLOW_MODELS)
+    unet = save_sd21_stand_in(checkpoint, models_dir)
     for expert in range(experts):
         unet_dir = os.path.join(folder, f"arch{expert}", "checkpoint-30000", "unet")
         os.makedirs(unet_dir)
@@ -439,3 +444,47 @@ def write_adcsr_files(folder: str | os.PathLike, unet_config: dict, decoder_widt
     save_file(network, paths[0])
     save_file(half_decoder, paths[1])
     return paths
+
+
+def write_diffdis_unet(folder: str | os.PathLike, base_config: dict, seed: int = 0) -> str:
+    """Random DiffDIS weights as the authors publish them: ``unet/config.json`` (the base UNet's config, which
+    ``run_inference.py`` overrides) and ``unet/diffusion_pytorch_model.safetensors`` (every tensor of the UNet,
+    batch-norm statistics included). The SWCI projections are not zero (trained ones are not). Returns the file's
+    path."""
+    import json
+
+    from nodes.cutout.diffdis import build_diffdis_unet
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        unet = build_diffdis_unet(base_config)
+    tensors = {}
+    for key, value in unet.state_dict().items():
+        if not value.is_floating_point():  # num_batches_tracked
+            tensors[key] = torch.zeros(value.shape, dtype=value.dtype)
+        elif key.endswith("running_var"):
+            tensors[key] = torch.rand(value.shape, generator=generator) + 0.5
+        elif value.ndim == 1:
+            scale = key.endswith("weight") and "norm" in key or key.endswith(".1.weight")  # norms' and BNs' gains
+            tensors[key] = float(scale) + 0.1 * torch.randn(value.shape, generator=generator)
+        else:
+            tensors[key] = torch.randn(value.shape, generator=generator) / value[0].numel() ** 0.5
+    unet_dir = os.path.join(os.fspath(folder), "unet")
+    os.makedirs(unet_dir, exist_ok=True)
+    with open(os.path.join(unet_dir, "config.json"), "w", encoding="utf-8") as file:
+        json.dump(dict(base_config), file)
+    path = os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")
+    save_file(tensors, path)
+    return path
+
+
+# What workflows/diffdis.json names: sd-turbo's checkpoint and DiffDIS's UNet (the authors' unet/ folder).
+DIFFDIS_WORKFLOW_MODELS = ("checkpoints/sd_turbo.safetensors", "diffdis/unet/diffusion_pytorch_model.safetensors")
+
+
+def save_diffdis_stand_ins(models_dir: str | os.PathLike) -> None:
+    """Stand-ins for :data:`DIFFDIS_WORKFLOW_MODELS` under ``models_dir``: the SD2.1 stand-in as sd-turbo, and a
+    random DiffDIS UNet on its UNet's config (``unet/config.json`` beside it, as the authors ship it)."""
+    checkpoint = os.path.join(os.fspath(models_dir), DIFFDIS_WORKFLOW_MODELS[0])
+    unet = save_sd21_stand_in(checkpoint, models_dir)
+    write_diffdis_unet(os.path.join(os.fspath(models_dir), "diffdis"), dict(unet.config))

@@ -1,5 +1,6 @@
-"""ComfyUI's core mask nodes that workflows use to draw a mask without a painter: SolidMask and MaskComposite, with
-ComfyUI's names, sockets and results (``comfy_extras/nodes_mask.py`` is the reference read; the code is ours).
+"""ComfyUI's core mask nodes that workflows use to draw a mask without a painter, and to save one: SolidMask,
+MaskComposite and MaskToImage, with ComfyUI's names, sockets and results (``comfy_extras/nodes_mask.py`` is the
+reference read; the code is ours).
 
 A MASK is (B, H, W) float in 0..1, as in ComfyUI.
 """
@@ -103,5 +104,21 @@ class MaskComposite:
         return (composite_masks(destination, source, x, y, operation),)
 
 
-NODE_CLASSES = (SolidMask, MaskComposite)
-DISPLAY_NAMES = {"SolidMask": "SolidMask", "MaskComposite": "MaskComposite"}
+class MaskToImage:
+    DESCRIPTION = "Turns a mask into a grey image (the mask's value in each of R, G and B), to save or preview it."
+    CATEGORY = "mask"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The mask as an image, the mask's size.",)
+    FUNCTION = "mask_to_image"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"mask": ("MASK", {"tooltip": "The mask."})}}
+
+    def mask_to_image(self, mask: torch.Tensor) -> tuple[torch.Tensor]:
+        return (mask.reshape(-1, *mask.shape[-2:]).unsqueeze(-1).expand(-1, -1, -1, 3),)
+
+
+NODE_CLASSES = (SolidMask, MaskComposite, MaskToImage)
+DISPLAY_NAMES = {"SolidMask": "SolidMask", "MaskComposite": "MaskComposite", "MaskToImage": "Convert Mask to Image"}

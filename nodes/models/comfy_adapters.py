@@ -188,7 +188,7 @@ class ComfyCodec:
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, H/f, W/f) of images (B, 3, H, W) in 0..1, on the images' device (ComfyUI's VAE returns
         them on its intermediate device, the CPU); ComfyUI's VAE takes IMAGE's (B, H, W, 3)."""
-        return self.vae.encode(image.movedim(1, -1)).float().to(image.device)
+        return _comfy_encode(self.vae, image)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in 0..1 of latents (B, C, h, w), on the latents' device; ComfyUI's VAE returns
@@ -196,8 +196,26 @@ class ComfyCodec:
         return _comfy_decode(self.vae, latent)
 
 
+def _comfy_encode(vae: Any, image: torch.Tensor) -> torch.Tensor:
+    return vae.encode(image.movedim(1, -1)).float().to(image.device)
+
+
 def _comfy_decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
     return vae.decode(latent).movedim(-1, 1).float().to(latent.device)
+
+
+def vae_encoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images (B, 3, H, W) in 0..1 → the VAE posterior's means (B, C, H/f, W/f), unscaled, by what arrived on a VAE
+    socket: Atelier's :class:`DiffusersCodec` or ComfyUI's ``comfy.sd.VAE`` (which needs no model to encode).
+
+    Raises:
+        TypeError: neither.
+    """
+    if isinstance(vae, DiffusersCodec):
+        return vae.encode
+    if _is_comfy(vae, "comfy.sd", "VAE"):
+        return lambda image: _comfy_encode(vae, image)
+    raise TypeError(f"vae must be Atelier's (standalone) or ComfyUI's VAE; got {type(vae).__name__}")
 
 
 def vae_decoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -17,6 +17,7 @@ from .loaders import nodes as loader_nodes
 from .magicface import nodes as magicface_nodes
 from .noisediffusion import nodes as noisediffusion_nodes
 from .noiseshift import nodes as noiseshift_nodes
+from .normals import nodes as normals_nodes
 from .p4d import nodes as p4d_nodes
 from .panorama import nodes as panorama_nodes
 from .router import nodes as router_nodes
@@ -29,7 +30,7 @@ from .watermark import nodes as watermark_nodes
 _TECHNIQUES = (loader_nodes, generation_nodes, highres_nodes, panorama_nodes, correspondence_nodes, watermark_nodes,
                router_nodes, noiseshift_nodes, fasterdiffusion_nodes, tstitch_nodes,
                sada_nodes, inheritance_nodes, seamless_nodes, inpaint_nodes, noisediffusion_nodes,
-               magicface_nodes, fewstep_nodes, superres_nodes, cutout_nodes)
+               magicface_nodes, fewstep_nodes, superres_nodes, cutout_nodes, normals_nodes)
 # Dual-use evaluation tools (P4D finds prompts that evade safety mechanisms) join the node list only when the
 # setting asks for them
 if os.environ.get(p4d_nodes.EVALUATION_SETTING) == "1":

@@ -836,3 +836,27 @@ def test_diffdis_cuts_out_inside_comfyui_as_standalone(comfyui_server, random_sd
           f"{comfy_images['6'][0].min()}–{comfy_images['6'][0].max()}, std {comfy_images['6'][0].std():.1f}")
     assert measured >= TARGET_PSNR_DB
     _free_both(comfyui_server, atelier)
+
+
+def test_stablenormal_estimates_normals_inside_comfyui_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """Load StableNormal and StableNormal Normals inside ComfyUI (Atelier's modules from the published folder layout,
+    resolved under ComfyUI's models/stablenormal) give the standalone normal map, on a random YOSO folder."""
+    from tiny_models import save_tiny_yoso
+
+    _free_both(comfyui_server, atelier)
+    save_tiny_yoso(os.path.join(random_sd15_models.path, "stablenormal", "yoso-normal-v0-3"), seed=3)
+    prompt = {
+        "1": {"class_type": "AtelierSyntheticPanorama", "inputs": {"erp_height": 32, "frequency": 6.0}},
+        "2": {"class_type": "AtelierLoadStableNormal", "inputs": {"folder_name": "yoso-normal-v0-3"}},
+        "3": {"class_type": "AtelierStableNormalNormals", "inputs": {
+            "stablenormal": ["2", 0], "image": ["1", 0], "seed": SEED, "timestep": 0, "processing_resolution": 256}},
+        "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "stablenormal", "images": ["3", 0]}},
+    }
+    comfy_images = comfyui_server.run(prompt)
+    standalone = atelier.run(prompt)
+    assert comfy_images["4"][0].shape == (32, 64, 3)
+    measured = psnr(comfy_images["4"][0], standalone["4"][0])
+    print(f"StableNormal, ComfyUI against Atelier: {measured:.1f} dB; its levels "
+          f"{comfy_images['4'][0].min()}–{comfy_images['4'][0].max()}, std {comfy_images['4'][0].std():.1f}")
+    assert measured >= TARGET_PSNR_DB
+    _free_both(comfyui_server, atelier)

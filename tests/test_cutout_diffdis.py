@@ -13,13 +13,14 @@ import torch
 from fixtures_models import tiny_sd2  # noqa: F401  (session fixture)
 from nodes.common.denoiser import DiffusersCodec
 from nodes.cutout.diffdis import (TIMESTEP, build_diffdis_unet, diffdis_predict, diffdis_unet_forward,
-                                  discriminative_code, load_diffdis_unet, mutual_attention, one_step_clean)
+                                  discriminative_code, load_diffdis_unet, mutual_attention)
 from nodes.cutout.nodes import AtelierDiffDISCutout, AtelierLoadDiffDIS, empty_prompt_states
 from nodes.models.clip import Clip
 from nodes.models.formats import UnsafeModelFormatError
 from nodes.models.loading import load_model
 from nodes.models.model_configs import SHIPPED_CONFIGS
 from nodes.models.refs import ModelRef
+from nodes.sampling.model_sampling import one_step_x0
 from tiny_models import build_tiny_pipeline, write_diffdis_unet
 
 # Source: run_inference.py's UNet2DConditionModel_diffdis (SD2.1's UNet, in_channels 8, a projection class embedding
@@ -144,7 +145,7 @@ def test_one_step_is_sd_turbos_ddpm_step_from_999():
     stepped = scheduler.step(eps, TIMESTEP, noisy, generator=torch.Generator().manual_seed(0)).prev_sample
     # diffusers rounds its coefficients to float32 (1 − 6e-8 for the 1 it means) on x0 of magnitude ~20; the
     # neighbouring t = 998 would be ~0.5 % off
-    torch.testing.assert_close(one_step_clean(noisy, eps), stepped, rtol=0, atol=1e-5)
+    torch.testing.assert_close(one_step_x0(noisy, eps, TIMESTEP), stepped, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -488,3 +488,42 @@ def save_diffdis_stand_ins(models_dir: str | os.PathLike) -> None:
     checkpoint = os.path.join(os.fspath(models_dir), DIFFDIS_WORKFLOW_MODELS[0])
     unet = save_sd21_stand_in(checkpoint, models_dir)
     write_diffdis_unet(os.path.join(os.fspath(models_dir), "diffdis"), dict(unet.config))
+
+
+def save_tiny_yoso(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A random StableNormal YOSO folder on the tiny SD2 layout, as the authors publish ``yoso-normal-v0-3``:
+    ``model_index.json`` naming their pipeline and ``ControlNetVAEModel``, float16 ``*.fp16.safetensors`` weights
+    for every part, the ControlNet's config under the authors' class name, the tokenizer. The ControlNet starts from
+    the UNet's encoder, every weight then moved at random (the zero convolutions stay zero, as trained ones do where
+    the forward never reaches them). Returns the folder."""
+    import json
+
+    from diffusers import ControlNetModel
+
+    folder = os.fspath(folder)
+    pipeline = build_tiny_pipeline("sd2", seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(pipeline.unet)
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if not name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    for part, module in (("unet", pipeline.unet), ("controlnet", controlnet), ("vae", pipeline.vae)):
+        module.half().save_pretrained(os.path.join(folder, part), variant="fp16", safe_serialization=True)
+    encoder_dir = os.path.join(folder, "text_encoder")
+    pipeline.text_encoder.config.save_pretrained(encoder_dir)
+    save_file({key: value.half().contiguous() for key, value in pipeline.text_encoder.state_dict().items()},
+              os.path.join(encoder_dir, "model.fp16.safetensors"), metadata={"format": "pt"})
+    pipeline.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    config_path = os.path.join(folder, "controlnet", "config.json")
+    with open(config_path, encoding="utf-8") as file:
+        config = json.load(file)
+    with open(config_path, "w", encoding="utf-8") as file:
+        json.dump({**config, "_class_name": "ControlNetVAEModel"}, file)
+    index = {"_class_name": "YOSONormalsPipeline", "_diffusers_version": "0.28.0",
+             "controlnet": ["controlnetvae", "ControlNetVAEModel"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as file:
+        json.dump(index, file)
+    return folder

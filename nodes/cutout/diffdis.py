@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..models.formats import check_safetensors, layout_difference, tensor_shapes
+from ..sampling.model_sampling import one_step_x0
 
 LATENT_SCALE = 0.18215  # Source: diffdis_pipeline.py, rgb_latent_scale_factor and mask_latent_scale_factor
 TIMESTEP = 999  # Source: one DDPM step (run_inference.sh --denoise_steps 1) on sd-turbo's trailing spacing
@@ -41,15 +42,6 @@ GUIDED_SKIPS = 3  # Source: unet_2d_condition_diffdis.py, SWCI on down blocks j 
 DISCRIMINATIVE_LABELS = ((0.0, 1.0), (1.0, 0.0))
 TTA_SCALES = (0.75, 1.0, 1.25)  # Source: run_inference.py, ttach HorizontalFlip × Scale(0.75, 1, 1.25)
 PROCESSING_RESOLUTION = 1024  # Source: run_inference.py --processing_res, a square bilinear resize
-
-
-def one_step_clean(noisy: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """What sd-turbo's DDPM scheduler steps to from t = :data:`TIMESTEP` in a one-step schedule: the x0 of the
-    predicted noise ``eps`` on its scaled_linear betas (0.00085 → 0.012 over 1000 steps, in float32 as diffusers
-    computes them). Its variance term, √1e-20 of a fresh noise, is dropped."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
-    alpha_bar = float(torch.cumprod(1 - betas, 0)[TIMESTEP])
-    return (noisy - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
 
 
 def diffdis_unet_config(sd21_config: Mapping) -> dict:
@@ -257,7 +249,7 @@ def diffdis_predict(unet: torch.nn.Module, text_states: torch.Tensor, encode: Ca
     states = text_states.to(image_latent).expand(2 * batch, -1, -1)
     eps = diffdis_unet_forward(unet, torch.cat([image_latent, noisy], dim=1), timestep, states,
                                discriminative_code(batch).to(image_latent), pyramid)
-    clean = one_step_clean(noisy, eps)
+    clean = one_step_x0(noisy, eps, TIMESTEP)
     # Departure: both hosts' VAEs clamp each channel to [0, 1] before the channel mean (the authors clamp after it)
     maps = _normalised(decode(clean / LATENT_SCALE).mean(dim=1))
     return maps[:batch], maps[batch:]

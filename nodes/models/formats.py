@@ -11,7 +11,7 @@ SAFE_EXTENSION = ".safetensors"
 # Formats read with torch.load / pickle, which can run arbitrary code while loading.
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # The components of a diffusers pipeline folder that hold weights.
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
 
 
 class UnsafeModelFormatError(ValueError):

@@ -42,22 +42,38 @@ ZERO_SNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
 
 
 def beta_schedule_alphas_cumprod(beta_schedule: str = "scaled_linear", beta_start: float = 0.00085,
-                                 beta_end: float = 0.012, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """ᾱ_t = ∏(1 − β_s) of a DDPM beta schedule, in float64 (as ComfyUI's ``make_beta_schedule`` computes it).
+                                 beta_end: float = 0.012, num_train_timesteps: int = 1000,
+                                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """ᾱ_t = ∏(1 − β_s) of a DDPM beta schedule, in float64 (as ComfyUI's ``make_beta_schedule`` computes it) or in
+    float32 (as diffusers' schedulers compute it).
 
     ``scaled_linear`` (Stable Diffusion 1.x, 2.x, SDXL; ComfyUI calls it "linear") spaces √β linearly from
     √beta_start to √beta_end; ``linear`` (the DDPM paper's) spaces β itself. diffusers' names are used here.
 
     Returns:
-        ᾱ of shape (num_train_timesteps,), float64.
+        ᾱ of shape (num_train_timesteps,), in ``dtype``.
     """
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}; got {beta_schedule!r}")
     if beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=dtype) ** 2
     else:
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=dtype)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def one_step_x0(noisy: torch.Tensor, eps: torch.Tensor, timestep: int) -> torch.Tensor:
+    """What diffusers' DDPM scheduler steps to in a one-step schedule from ``timestep`` on SD's scaled_linear
+    betas (ᾱ in float32, as diffusers computes it): the x0 that the predicted noise ``eps`` implies. The step's
+    variance term, √1e-20 of a fresh noise, is left out. One-step models read this way: DiffDIS, TVT.
+
+    Example:
+        >>> noisy = torch.ones(1)
+        >>> round(float(one_step_x0(noisy, torch.zeros(1), 999)), 3)  # 1 / √ᾱ_999
+        14.649
+    """
+    alpha_bar = float(beta_schedule_alphas_cumprod(dtype=torch.float32)[timestep])
+    return (noisy - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
 
 
 def zero_terminal_snr_sigmas(sigmas: torch.Tensor) -> torch.Tensor:

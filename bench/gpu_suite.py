@@ -263,7 +263,8 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
     from nodes.models.loading import load_model
 
     from tests.tiny_models import (save_aptp_stand_ins, save_diffdis_stand_ins, save_tiny_koala, save_tiny_yoso,
-                                   write_adcsr_files, write_hyper_sd_lora, write_speedupnet_adapter, write_tiny_lora)
+                                   save_tvt_stand_ins, write_adcsr_files, write_hyper_sd_lora,
+                                   write_speedupnet_adapter, write_tiny_lora)
 
     record(**device_fields())
     # lora_when_ready.json names models/loras/style.safetensors: a random LoRA for the embedded model stands in.
@@ -292,6 +293,8 @@ def part_workflows(settings: Settings, work_dir: str, deadline: float) -> None:
                       aliases=False)
     # diffdis.json names sd-turbo and DiffDIS's unet/: a small SD2 and a random DiffDIS UNet on its config stand in.
     save_diffdis_stand_ins(os.path.join(work_dir, "models"))
+    # tvt.json names SD2.1-base and TVT's three files: a small SD2 and random TVT files (full-size VAE) stand in.
+    save_tvt_stand_ins(os.path.join(work_dir, "models"))
     # stablenormal.json names the published yoso-normal-v0-3 folder: a random one in its layout stands in.
     save_tiny_yoso(os.path.join(work_dir, "models", "stablenormal", "yoso-normal-v0-3"))
     classes = node_classes(DataFolders.under(os.path.join(work_dir, "data")), os.path.join(work_dir, "models"))

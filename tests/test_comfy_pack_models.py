@@ -860,3 +860,34 @@ def test_stablenormal_estimates_normals_inside_comfyui_as_standalone(comfyui_ser
           f"{comfy_images['4'][0].min()}–{comfy_images['4'][0].max()}, std {comfy_images['4'][0].std():.1f}")
     assert measured >= TARGET_PSNR_DB
     _free_both(comfyui_server, atelier)
+
+
+def test_tvt_upscales_inside_comfyui_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """Load TVT and TVT Upscale inside ComfyUI (Atelier's UNet and 4× VAE, ComfyUI's CLIP for the prompt, the models
+    folder's tvt/ resolved under ComfyUI's) give the standalone picture. SD1.5's CLIP stands in for SD2.1-base's
+    (this module's checkpoint is SD1.5), under a small random TVTUNet of 768-wide cross-attention and the full-size
+    VAED4."""
+    from tiny_models import TINY_TVT_UNET, write_tvt_files
+
+    _free_both(comfyui_server, atelier)
+    write_tvt_files(os.path.join(random_sd15_models.path, "tvt"), {**TINY_TVT_UNET, "cross_attention_dim": 768},
+                    seed=4)
+    prompt = {
+        "1": {"class_type": "AtelierSyntheticPanorama", "inputs": {"erp_height": 32, "frequency": 6.0}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "3": {"class_type": "AtelierLoadTVT", "inputs": {
+            "vae_name": "tvt_vae.safetensors", "unet_name": "TVTUNet/unet/diffusion_pytorch_model.safetensors",
+            "weights_name": "model_TVT.safetensors"}},
+        "4": {"class_type": "AtelierTVTUpscale", "inputs": {
+            "tvt": ["3", 0], "clip": ["2", 1], "image": ["1", 0], "prompt": "clean, high-resolution, 8k,",
+            "tile": 96, "overlap": 32, "vae_tile": 1024, "colour_fix": True}},
+        "5": {"class_type": "SaveImage", "inputs": {"filename_prefix": "tvt", "images": ["4", 0]}},
+    }
+    comfy_images = comfyui_server.run(prompt)
+    standalone = atelier.run(prompt)
+    assert comfy_images["5"][0].shape == (128, 256, 3)
+    measured = psnr(comfy_images["5"][0], standalone["5"][0])
+    print(f"TVT, ComfyUI against Atelier: {measured:.1f} dB; its levels "
+          f"{comfy_images['5'][0].min()}–{comfy_images['5'][0].max()}, std {comfy_images['5'][0].std():.1f}")
+    assert measured >= TARGET_PSNR_DB
+    _free_both(comfyui_server, atelier)

@@ -44,7 +44,7 @@ def types_of(messages):
                                          "magicface", "noisediffusion", "noiseshift", "panorama_superres",
                                          "panorama_tangent", "preserve_unmasked", "prompt_router",
                                          "rectified_diffusion", "sada", "seamless_tiling", "speedupnet",
-                                         "stablenormal", "text_to_image", "tiled_16k", "tstitch", "watermark"]}),
+                                         "stablenormal", "text_to_image", "tiled_16k", "tstitch", "tvt", "watermark"]}),
     ("/prompt", {"exec_info": {"queue_remaining": 0}}),
     ("/queue", {"queue_running": [], "queue_pending": []}),
     ("/history", {}),

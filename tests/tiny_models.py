@@ -527,3 +527,87 @@ def save_tiny_yoso(folder: str | os.PathLike, seed: int = 0) -> str:
     with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as file:
         json.dump(index, file)
     return folder
+
+
+# A small TVTUNet: SD2.1-base's layout with a level in front (the published config.json was not at hand).
+TINY_TVT_UNET = {"sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+                 "block_out_channels": (32, 32, 32, 64, 64),
+                 "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+                 "attention_head_dim": (1, 2, 2, 4, 4), "cross_attention_dim": 32, "use_linear_projection": True}
+# A narrow VAED4 for tests that run the VAE (the published widths take a minute per 512² image on two cores).
+NARROW_VAED4 = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+                "block_out_channels": (32, 32, 32), "down_block_types": ("DownEncoderBlock2D",) * 3,
+                "up_block_types": ("UpDecoderBlock2D",) * 3, "norm_num_groups": 32, "act_fn": "silu"}
+TVT_TRAINED = ("down_blocks.0", "up_blocks.3.upsamplers.0", "up_blocks.4", "conv_in", "conv_out")
+TVT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
+                    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
+
+
+def write_tvt_files(folder: str | os.PathLike, unet_config: dict | None = None, rank: int = 4, seed: int = 0,
+                    vae_config: dict | None = None) -> tuple[tuple[str, str, str], torch.nn.Module]:
+    """Random TVT weights in the published layouts, converted to ``.safetensors``: ``tvt_vae.safetensors``
+    (VAED4's tensors under ``vae.ckpt``'s ``vaeDe4.`` prefix), ``TVTUNet/unet/`` (config and weights) and
+    ``model_TVT.safetensors``, made as ``TVTModel.py`` makes it: PEFT adapters ``default_encoder``,
+    ``default_decoder`` and ``default_others`` on the modules its patterns pick (random, B included), the trained
+    groups moved at random, and the state dict's LoRA and trained-group tensors kept. ``vae_config``: VAED4's by
+    default. Returns the three paths and the PEFT-wrapped UNet they stand for, the reference."""
+    import copy
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from nodes.superres.tvt import build_vaed4
+
+    folder = os.fspath(folder)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vae = build_vaed4(vae_config)
+    vae_path = os.path.join(folder, "tvt_vae.safetensors")
+    os.makedirs(folder, exist_ok=True)
+    save_file({"vaeDe4." + key: value.contiguous() for key, value in vae.state_dict().items()}, vae_path)
+    unet = UNet2DConditionModel(**(unet_config or TINY_TVT_UNET))
+    unet_dir = os.path.join(folder, "TVTUNet", "unet")
+    unet.save_pretrained(unet_dir, safe_serialization=True)
+    groups: dict[str, list[str]] = {"encoder": [], "decoder": [], "others": []}
+    for name, _ in unet.named_parameters():  # TVTModel.py initialize_unet_TVT's selection
+        if "bias" in name or "norm" in name:
+            continue
+        pattern = next((pattern for pattern in TVT_LORA_TARGETS if pattern in name), None)
+        if pattern is None:
+            continue
+        group = ("encoder" if "down_blocks" in name or "conv_in" in name else
+                 "decoder" if "up_blocks" in name else "others")
+        groups[group].append(name.removesuffix(".weight"))
+    reference = copy.deepcopy(unet)
+    for group, modules in groups.items():
+        reference.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=modules),
+                              adapter_name=f"default_{group}")
+    reference.set_adapters([f"default_{group}" for group in groups])
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if "lora" in name or any(group in name for group in TVT_TRAINED):
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator)
+                                + (parameter if "lora" not in name else 0))
+    kept = {key: value.contiguous() for key, value in reference.state_dict().items()
+            if "lora" in key or any(group in key for group in TVT_TRAINED)}
+    weights_path = os.path.join(folder, "model_TVT.safetensors")
+    save_file(kept, weights_path)
+    with open(os.path.join(folder, "TVTUNet", "unet", "config.json"), encoding="utf-8") as file:
+        assert json.load(file)["block_out_channels"]
+    return (vae_path, os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"), weights_path), reference.eval()
+
+
+# What workflows/tvt.json names: SD2.1-base's checkpoint and TVT's three converted files.
+TVT_WORKFLOW_MODELS = ("checkpoints/v2-1_512-ema-pruned.safetensors", "tvt/tvt_vae.safetensors",
+                       "tvt/TVTUNet/unet/diffusion_pytorch_model.safetensors", "tvt/model_TVT.safetensors")
+
+
+def save_tvt_stand_ins(models_dir: str | os.PathLike, vae_config: dict | None = None) -> None:
+    """Stand-ins for :data:`TVT_WORKFLOW_MODELS` under ``models_dir``: the SD2.1 stand-in as SD2.1-base, and random
+    TVT files on a small TVTUNet of its text encoder's width (with ``vae_config``'s VAE, VAED4's by default)."""
+    checkpoint = os.path.join(os.fspath(models_dir), TVT_WORKFLOW_MODELS[0])
+    text_width = save_sd21_stand_in(checkpoint, models_dir).config.cross_attention_dim
+    write_tvt_files(os.path.join(os.fspath(models_dir), "tvt"), {**TINY_TVT_UNET, "cross_attention_dim": text_width},
+                    vae_config=vae_config)

@@ -1,2 +1,2 @@
-"""Super-resolution from published weights: AdcSR's one-step ×4 (``adcsr``: the network and its loading; ``nodes``:
-the loader and the upscale node)."""
+"""Super-resolution from published weights: AdcSR's and TVT's one-step ×4 (``adcsr`` and ``tvt``: the networks, their
+loading and inference; ``nodes``: the loaders and the upscale nodes)."""

@@ -8,7 +8,7 @@ official code's trained groups imply it; its figures are the stand-in's. Figures
 - **time per output megapixel** of AdcSR Upscale, TVT Upscale and bicubic ×4 (``F.interpolate``, clamped), on
   random RGB inputs, the median of the runs after one warm-up each;
 - **bounded memory**: the peak resident-memory growth of a tiled ×4 of a 1024² input (``--quick``: 512² for AdcSR,
-  tile 128, overlap 32; 256² for TVT, its UNet on the authors' 96-latent-pixel tiles and its VAE in 1024-pixel
+  tile 128, overlap 32; 256² for TVT, its UNet on the tiled script's 192-latent-pixel tiles and its VAE in 1024-pixel
   tiles), beside the size of its float32 output, which is the part that grows with the image.
 
     python bench/image_tasks.py [--quick] [--skip-tvt]

@@ -148,6 +148,10 @@ def test_pickled_or_incomplete_folders_are_refused(tmp_path, tiny_yoso):
     os.remove(folder / "model_index.json")
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_kept_yoso(str(folder))
+    newer = tmp_path / "yoso-normal-v1-8-1"
+    shutil.copytree(os.path.join(tiny_yoso, "stablenormal", "yoso-normal-v0-3"), newer)
+    with pytest.raises(ValueError, match="v1.8: from v1.5 on"):
+        load_kept_yoso(str(newer))
 
 
 def test_the_example_workflow_runs_headless_on_stand_ins(tmp_path):

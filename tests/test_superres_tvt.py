@@ -117,6 +117,12 @@ def test_latent_tiles_follow_the_official_loop_and_blend():
     calls.clear()
     tiled_eps(record, latent, 96, 32)
     assert calls == [(40, 70)]  # 40·70 ≤ 96²: whole
+    calls.clear()
+    strip = torch.randn(1, 4, 20, 600)
+    torch.testing.assert_close(tiled_eps(record, strip, 96, 64), strip * 2)  # tiles of 20, overlap cut to 10
+    assert set(calls) == {(20, 20)}
+    with pytest.raises(ValueError, match="smaller than the tile"):
+        tile_offsets(100, 20, 20)
 
 
 def test_the_colour_fix_and_the_encoder_input_are_the_officials():

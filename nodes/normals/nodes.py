@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from .stablenormal import (HUB_RESOLUTION, PROCESSING_RESOLUTION, TURBO_TIMESTEP
 CATEGORY = "atelier/normals"
 STABLENORMAL_FOLDER = "stablenormal"
 PARTS = ("unet", "controlnet", "vae", "text_encoder")
+NIRNE_VERSION = (1, 5)  # Source: hubconf.py, versions from 1.5 on import nirne.pipeline_yoso_normal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +72,34 @@ def read_yoso_folder(folder: str) -> YosoModel:
     return YosoModel(tokenizer=tokenizer, **parts)
 
 
+def yoso_version(name: str) -> tuple[int, int] | None:
+    """The version in a published folder's name, as hubconf's ``parse_version`` reads it (``yoso-normal-v0-3`` →
+    (0, 3)); None when the name carries none.
+
+    Example:
+        >>> yoso_version("yoso-normal-v1-8-1"), yoso_version("my_normals")
+        ((1, 8), None)
+    """
+    found = re.search(r"-v(\d+)-(\d+)", name)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def load_kept_yoso(folder: str) -> YosoModel:
-    """YOSO, one copy per folder, kept by the memory manager (read back if evicted)."""
+    """YOSO, one copy per folder, kept by the memory manager (read back if evicted).
+
+    Raises:
+        FileNotFoundError: not a published folder.
+        ValueError: a version from 1.5 on, which hubconf runs with another recipe (the ``nirne`` package: zero text
+            states, the image latent as the UNet's input), not built here.
+    """
     folder = os.path.realpath(folder)
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise FileNotFoundError(f"{folder!r} is not the published YOSO folder: it has no model_index.json")
+    version = yoso_version(os.path.basename(folder))
+    if version is not None and version >= NIRNE_VERSION:
+        raise ValueError(f"{os.path.basename(folder)!r} is YOSO v{version[0]}.{version[1]}: from v1.5 on the authors "
+                         f"run it with another recipe (zero text states, the image latent as the UNet's input), "
+                         f"which this node does not; use yoso-normal-v0-3")
 
     def load() -> tuple[YosoModel, Resident]:
         model = read_yoso_folder(folder)

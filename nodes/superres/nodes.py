@@ -32,7 +32,7 @@ from .tvt import DEFAULT_PROMPT, TIMESTEP, load_tvt_unet, load_vaed4, tvt_upscal
 CATEGORY = "atelier/superres"
 ADCSR_FOLDER = "adcsr"
 TVT_FOLDER = "tvt"
-TVT_TILE, TVT_OVERLAP = 96, 32  # latent pixels; Source: README / test_realsr.sh, --tiled_size 96 --tiled_overlap 32
+TVT_TILE, TVT_OVERLAP = 192, 64  # latent pixels; Source: inference_tile.py's defaults (--tiled_size, --tiled_overlap)
 TVT_VAE_TILE = 1024  # image pixels: larger images run the VAE in tiles (the authors run it whole)
 DEFAULT_TILE = 512  # LR pixels: the official test runs whole images of this size and below; larger ones are tiled
 MAX_TILE = 2048
@@ -235,7 +235,8 @@ class AtelierTVTUpscale:
                                              "this; write them yourself, or leave it as is."}),
             "tile": ("INT", {"default": TVT_TILE, "min": 16, "max": 512, "step": 8,
                              "tooltip": "UNet tile side in latent pixels (a quarter of the output's); a latent no "
-                                        "larger than one tile runs whole."}),
+                                        "larger than one tile runs whole, as the authors' inference.py runs "
+                                        "every image (inputs up to 192 px at the default)."}),
             "overlap": ("INT", {"default": TVT_OVERLAP, "min": 0, "max": 256, "step": 8,
                                 "tooltip": "Overlap between UNet tiles, in latent pixels."}),
             "vae_tile": ("INT", {"default": TVT_VAE_TILE, "min": 256, "max": 4096, "step": 64,

@@ -13,8 +13,9 @@ Facts read from the official code (Joyies/TVT @9f363fc: ``TVT/modelfile/TVTModel
   of 8 (LANCZOS), in [-1, 1]; its latent × 0.18215; the UNet's ε at t = 1 for the prompt "{RAM's tags}, clean,
   high-resolution, 8k," (padded to 77 tokens, no guidance); the DDPM one-step x0; the decode clamped to [-1, 1];
   the AdaIN colour fix against the upscaled input (per channel mean and √(unbiased variance + 1e-5));
-- the tiled variant runs the UNet alone on latent tiles (``--tiled_size 96 --tiled_overlap 32``) whose ε are blended
-  with Gaussian weights; a latent no larger than one tile runs whole.
+- the tiled variant (``inference_tile.py``: ``--tiled_size 192 --tiled_overlap 64``; the README's command passes 96
+  and 32) runs the UNet alone on latent tiles whose ε are blended with Gaussian weights; a latent no larger than
+  one tile runs whole, as ``inference.py`` runs every image.
 
 Weights are published as pickles; users convert them once to ``.safetensors`` (README), which this module reads.
 """
@@ -172,6 +173,8 @@ def tile_offsets(size: int, tile: int, overlap: int) -> list[int]:
         >>> tile_offsets(200, 96, 32)
         [0, 64, 104]
     """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap ({overlap}) must be at least 0 and smaller than the tile ({tile})")
     count, end = 0, 0
     while end < size:
         end = count * (tile - overlap) + tile
@@ -193,11 +196,15 @@ def gaussian_tile_weights(tile: int) -> torch.Tensor:
 def tiled_eps(predict: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, tile: int, overlap: int
               ) -> torch.Tensor:
     """``predict`` (the UNet's ε) over ``latent`` as ``tile_forward`` runs it: whole when its area is at most
-    tile², else on square tiles (of the shorter side, if smaller) blended with :func:`gaussian_tile_weights`."""
+    tile², else on square tiles (of the shorter side, if smaller) blended with :func:`gaussian_tile_weights`.
+    Departure: a tile shrunk to the shorter side keeps at most half of it as overlap (the official loop never ends
+    when the overlap reaches the shrunk tile)."""
     height, width = latent.shape[-2:]
     if height * width <= tile * tile:
         return predict(latent)
-    tile = min(tile, height, width)
+    if min(height, width) < tile:
+        tile = min(height, width)
+        overlap = min(overlap, tile // 2)
     weights = gaussian_tile_weights(tile).to(latent.device)
     total = torch.zeros(latent.shape, dtype=torch.float64, device=latent.device)
     count = torch.zeros((height, width), dtype=torch.float64, device=latent.device)

@@ -38,7 +38,7 @@ from nodes.superres.nodes import TVTModel, adcsr_upscale, sd21_unet_config, tvt_
 from nodes.superres.tvt import build_vaed4  # noqa: E402
 from tests.tiny_models import write_adcsr_files  # noqa: E402
 
-QUICK = {"size": 128, "runs": 2, "tiled_size": 512, "tvt_size": 64, "tvt_tiled_size": 256}
+QUICK = {"size": 128, "runs": 2, "tiled_size": 512, "tvt_size": 128, "tvt_tiled_size": 256}
 FULL = {"size": 256, "runs": 3, "tiled_size": 1024, "tvt_size": 256, "tvt_tiled_size": 1024}
 # SD2.1-base's UNet with a level in front for TVT's finer latents (down_blocks.0 and up_blocks.4 are new, as the
 # official trained groups say); the widths of the new level are this bench's guess.

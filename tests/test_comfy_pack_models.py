@@ -634,12 +634,18 @@ def test_rectified_flow_runs_under_comfyuis_sampler_custom_as_standalone(comfyui
         "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
         "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": "flow", "images": ["12", 0]}},
     }
-    comfy_images = comfyui_server.run(prompt)
-    standalone = atelier.run(prompt)
-    measured = psnr(comfy_images["13"][0], standalone["13"][0])
-    print(f"2-Rectified Flow, ComfyUI against Atelier: {measured:.1f} dB; its levels "
-          f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
+    _same_picture(comfyui_server, atelier, prompt, "13", "2-Rectified Flow")
+
+
+def _same_picture(comfyui_server, atelier, prompt: dict, node: str, label: str) -> np.ndarray:
+    """``prompt`` run in ComfyUI and in the standalone app: the pictures ``node`` saves agree within
+    :data:`TARGET_PSNR_DB` (the figure is printed, with the picture's levels). Returns ComfyUI's picture."""
+    comfy_picture, standalone_picture = comfyui_server.run(prompt)[node][0], atelier.run(prompt)[node][0]
+    measured = psnr(comfy_picture, standalone_picture)
+    print(f"{label}, ComfyUI against Atelier: {measured:.1f} dB; its levels {comfy_picture.min()}–"
+          f"{comfy_picture.max()}, std {comfy_picture.std():.1f}")
     assert measured >= TARGET_PSNR_DB
+    return comfy_picture
 
 
 def _free_both(comfyui_server, atelier) -> None:
@@ -684,12 +690,7 @@ def test_rectified_diffusion_loads_its_unet_file_and_samples_under_comfyuis_samp
     }
     del base, loaded  # the file is written: the standalone copy of the checkpoint may go before the prompts
     _free_both(comfyui_server, atelier)
-    comfy_images = comfyui_server.run(prompt)
-    standalone = atelier.run(prompt)
-    measured = psnr(comfy_images["13"][0], standalone["13"][0])
-    print(f"Rectified Diffusion rd, ComfyUI against Atelier: {measured:.1f} dB; its levels "
-          f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
-    assert measured >= TARGET_PSNR_DB
+    _same_picture(comfyui_server, atelier, prompt, "13", "Rectified Diffusion rd")
     _free_both(comfyui_server, atelier)
 
 
@@ -726,10 +727,8 @@ def test_speedupnet_runs_under_comfyuis_sampler_custom_as_standalone(comfyui_ser
     prompt["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["4", 2]}}
     prompt["23"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "sun_plain", "images": ["22", 0]}}
     comfy_images = comfyui_server.run(prompt)
-    standalone = atelier.run(prompt)
-    measured = psnr(comfy_images["13"][0], standalone["13"][0])
-    print(f"SpeedUpNet, ComfyUI against Atelier: {measured:.1f} dB; its levels "
-          f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
+    measured = psnr(comfy_images["13"][0], atelier.run(prompt)["13"][0])
+    print(f"SpeedUpNet, ComfyUI against Atelier: {measured:.1f} dB")
     assert measured >= TARGET_PSNR_DB
     assert not np.array_equal(comfy_images["13"][0], comfy_images["23"][0])  # the adapter acts
     _free_both(comfyui_server, atelier)
@@ -769,12 +768,7 @@ def test_a_pruned_unet_file_loads_and_samples_inside_comfyui_as_standalone(comfy
         "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
         "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": "pruned", "images": ["12", 0]}},
     }
-    comfy_images = comfyui_server.run(prompt)
-    standalone = atelier.run(prompt)
-    measured = psnr(comfy_images["13"][0], standalone["13"][0])
-    print(f"Pruned UNet file, ComfyUI against Atelier: {measured:.1f} dB; its levels "
-          f"{comfy_images['13'][0].min()}–{comfy_images['13'][0].max()}, std {comfy_images['13'][0].std():.1f}")
-    assert measured >= TARGET_PSNR_DB
+    _same_picture(comfyui_server, atelier, prompt, "13", "Pruned UNet file")
     _free_both(comfyui_server, atelier)
 
 
@@ -798,13 +792,7 @@ def test_adcsr_upscales_inside_comfyui_as_standalone(comfyui_server, random_sd15
                                                               "overlap": 32}},
         "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "adcsr", "images": ["3", 0]}},
     }
-    comfy_images = comfyui_server.run(prompt)
-    standalone = atelier.run(prompt)
-    assert comfy_images["4"][0].shape == (128, 256, 3)
-    measured = psnr(comfy_images["4"][0], standalone["4"][0])
-    print(f"AdcSR, ComfyUI against Atelier: {measured:.1f} dB; its levels "
-          f"{comfy_images['4'][0].min()}–{comfy_images['4'][0].max()}, std {comfy_images['4'][0].std():.1f}")
-    assert measured >= TARGET_PSNR_DB
+    assert _same_picture(comfyui_server, atelier, prompt, "4", "AdcSR").shape == (128, 256, 3)
     _free_both(comfyui_server, atelier)
 
 
@@ -828,13 +816,7 @@ def test_diffdis_cuts_out_inside_comfyui_as_standalone(comfyui_server, random_sd
         "5": {"class_type": "MaskToImage", "inputs": {"mask": ["4", 0]}},
         "6": {"class_type": "SaveImage", "inputs": {"filename_prefix": "diffdis", "images": ["5", 0]}},
     }
-    comfy_images = comfyui_server.run(prompt)
-    standalone = atelier.run(prompt)
-    assert comfy_images["6"][0].shape == (32, 64, 3)
-    measured = psnr(comfy_images["6"][0], standalone["6"][0])
-    print(f"DiffDIS, ComfyUI against Atelier: {measured:.1f} dB; its levels "
-          f"{comfy_images['6'][0].min()}–{comfy_images['6'][0].max()}, std {comfy_images['6'][0].std():.1f}")
-    assert measured >= TARGET_PSNR_DB
+    assert _same_picture(comfyui_server, atelier, prompt, "6", "DiffDIS").shape == (32, 64, 3)
     _free_both(comfyui_server, atelier)
 
 
@@ -852,13 +834,7 @@ def test_stablenormal_estimates_normals_inside_comfyui_as_standalone(comfyui_ser
             "stablenormal": ["2", 0], "image": ["1", 0], "seed": SEED, "timestep": 0, "processing_resolution": 256}},
         "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "stablenormal", "images": ["3", 0]}},
     }
-    comfy_images = comfyui_server.run(prompt)
-    standalone = atelier.run(prompt)
-    assert comfy_images["4"][0].shape == (32, 64, 3)
-    measured = psnr(comfy_images["4"][0], standalone["4"][0])
-    print(f"StableNormal, ComfyUI against Atelier: {measured:.1f} dB; its levels "
-          f"{comfy_images['4'][0].min()}–{comfy_images['4'][0].max()}, std {comfy_images['4'][0].std():.1f}")
-    assert measured >= TARGET_PSNR_DB
+    assert _same_picture(comfyui_server, atelier, prompt, "4", "StableNormal").shape == (32, 64, 3)
     _free_both(comfyui_server, atelier)
 
 
@@ -883,11 +859,5 @@ def test_tvt_upscales_inside_comfyui_as_standalone(comfyui_server, random_sd15_m
             "tile": 96, "overlap": 32, "vae_tile": 1024, "colour_fix": True}},
         "5": {"class_type": "SaveImage", "inputs": {"filename_prefix": "tvt", "images": ["4", 0]}},
     }
-    comfy_images = comfyui_server.run(prompt)
-    standalone = atelier.run(prompt)
-    assert comfy_images["5"][0].shape == (128, 256, 3)
-    measured = psnr(comfy_images["5"][0], standalone["5"][0])
-    print(f"TVT, ComfyUI against Atelier: {measured:.1f} dB; its levels "
-          f"{comfy_images['5'][0].min()}–{comfy_images['5'][0].max()}, std {comfy_images['5'][0].std():.1f}")
-    assert measured >= TARGET_PSNR_DB
+    assert _same_picture(comfyui_server, atelier, prompt, "5", "TVT").shape == (128, 256, 3)
     _free_both(comfyui_server, atelier)

@@ -18,7 +18,7 @@ from nodes.cutout.nodes import AtelierDiffDISCutout, AtelierLoadDiffDIS, empty_p
 from nodes.models.clip import Clip
 from nodes.models.formats import UnsafeModelFormatError
 from nodes.models.loading import load_model
-from nodes.models.model_configs import SHIPPED_CONFIGS
+from nodes.models.model_configs import shipped_unet_config
 from nodes.models.refs import ModelRef
 from nodes.sampling.model_sampling import one_step_x0
 from tiny_models import build_tiny_pipeline, write_diffdis_unet
@@ -31,14 +31,9 @@ DIFFDIS_PARAMETERS = 912_924_804
 SD21_UNET_PARAMETERS = 865_910_724
 
 
-def _sd21_config() -> dict:
-    with open(os.path.join(SHIPPED_CONFIGS, "sd21", "unet", "config.json")) as file:
-        return json.load(file)
-
-
 def test_the_full_size_unet_has_the_official_constructions_parameter_count():
     with torch.device("meta"):
-        unet = build_diffdis_unet(_sd21_config())
+        unet = build_diffdis_unet(shipped_unet_config("sd2"))
     assert sum(parameter.numel() for parameter in unet.parameters()) == DIFFDIS_PARAMETERS
     added = sum(parameter.numel() for name, parameter in unet.named_parameters()
                 if name.startswith(("rgb_", "class_embedding")) or ".attn3." in name or ".norm2_." in name)

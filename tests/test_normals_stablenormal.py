@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 
 import pytest
 import torch
 
 from nodes.models.formats import UnsafeModelFormatError
-from nodes.models.model_configs import SHIPPED_CONFIGS
+from nodes.models.model_configs import shipped_unet_config
 from nodes.normals.nodes import (AtelierLoadStableNormal, AtelierStableNormalNormals, empty_prompt_states,
                                  load_kept_yoso, read_yoso_folder)
 from nodes.normals.stablenormal import controlnet_vae_residuals, hub_size, stablenormal_turbo, yoso_normals
@@ -26,15 +25,10 @@ CONTROLNET_PARAMETERS = 364_228_240
 UNET_PARAMETERS = 865_910_724
 
 
-def _sd21_unet_config() -> dict:
-    with open(os.path.join(SHIPPED_CONFIGS, "sd21", "unet", "config.json")) as file:
-        return json.load(file)
-
-
 def test_the_full_size_networks_have_the_published_parameter_counts():
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    config = _sd21_unet_config()
+    config = shipped_unet_config("sd2")
     accepted = inspect.signature(ControlNetModel.__init__).parameters
     with torch.device("meta"):
         controlnet = ControlNetModel(**{key: value for key, value in config.items() if key in accepted})

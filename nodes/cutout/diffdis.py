@@ -113,12 +113,9 @@ def build_diffdis_unet(sd21_config: Mapping) -> torch.nn.Module:
     to count or to load without allocating twice); run it with :func:`diffdis_unet_forward`.
 
     Example:
-        >>> import json
-        >>> from nodes.models.model_configs import SHIPPED_CONFIGS
-        >>> with open(os.path.join(SHIPPED_CONFIGS, "sd21", "unet", "config.json")) as file:
-        ...     config = json.load(file)
+        >>> from nodes.models.model_configs import shipped_unet_config
         >>> with torch.device("meta"):
-        ...     unet = build_diffdis_unet(config)
+        ...     unet = build_diffdis_unet(shipped_unet_config("sd2"))
         >>> unet.conv_in.in_channels, unet.class_embedding.linear_1.in_features, unet.rgb_proj[2].out_channels
         (8, 4, 1280)
     """

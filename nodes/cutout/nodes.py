@@ -19,7 +19,7 @@ from ..models.comfy_adapters import text_conditioning, vae_decoder, vae_encoder
 from ..models.devices import default_device
 from ..models.families import read_json
 from ..models.loading import list_models, resolve_model_path
-from ..models.model_configs import shipped_config_dir
+from ..models.model_configs import shipped_unet_config
 from ..models.refs import ModelsFolder
 from .diffdis import PROCESSING_RESOLUTION, TTA_SCALES, diffdis_predict, diffdis_segment, load_diffdis_unet
 
@@ -33,8 +33,7 @@ def base_unet_config(path: str) -> dict:
     has one), as ``run_inference.py``'s ``from_pretrained`` reads it, else SD2.1's shipped one (sd-turbo's UNet is
     SD2.1's)."""
     beside = os.path.join(os.path.dirname(path), "config.json")
-    return read_json(beside if os.path.isfile(beside) else os.path.join(shipped_config_dir("sd2"), "unet",
-                                                                        "config.json"))
+    return read_json(beside) if os.path.isfile(beside) else shipped_unet_config("sd2")
 
 
 def load_kept_diffdis(path: str) -> torch.nn.Module:

@@ -62,6 +62,16 @@ def shipped_config_dir(family: str) -> str:
     return os.path.join(SHIPPED_CONFIGS, FAMILY_CONFIG_DIRS[family])
 
 
+def shipped_unet_config(family: str) -> dict:
+    """The shipped UNet ``config.json`` of ``family`` (as :func:`shipped_config_dir` names it).
+
+    Example:
+        >>> shipped_unet_config("sd2")["cross_attention_dim"]
+        1024
+    """
+    return read_json(os.path.join(shipped_config_dir(family), "unet", "config.json"))
+
+
 def component_configs(config_dir: str) -> dict[str, dict]:
     """The ``config.json`` of every weight component of a config folder, by component name."""
     index = read_json(os.path.join(config_dir, "model_index.json"))
@@ -87,7 +97,7 @@ def unet_file_configs(base_config: Mapping[str, Any], family: str) -> dict[str, 
     base_config = {key: value for key, value in base_config.items() if not key.startswith("_")}
     configs = {CHECKPOINT_UNET: base_config}
     if family in UNET_VARIANTS:
-        family_config = read_json(os.path.join(shipped_config_dir(family), "unet", "config.json"))
+        family_config = shipped_unet_config(family)
         for variant, label in UNET_VARIANTS[family].items():
             variant_config = read_json(os.path.join(SHIPPED_CONFIGS, variant, "unet", "config.json"))
             depths = {key: value for key, value in variant_config.items()

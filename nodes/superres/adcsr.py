@@ -98,12 +98,9 @@ def build_adcsr(unet_config: Mapping, decoder_widths: tuple[int, ...] = HALF_DEC
     ``torch.device("meta")`` to count or to load without allocating twice).
 
     Example:
-        >>> import json
-        >>> from nodes.models.model_configs import SHIPPED_CONFIGS
-        >>> with open(os.path.join(SHIPPED_CONFIGS, "sd21", "unet", "config.json")) as file:
-        ...     config = json.load(file)
+        >>> from nodes.models.model_configs import shipped_unet_config
         >>> with torch.device("meta"):
-        ...     net = build_adcsr(config)
+        ...     net = build_adcsr(shipped_unet_config("sd2"))
         >>> norm = net.unet.down_blocks[0].resnets[0].norm1
         >>> net.unet.conv_in.in_channels, net.unet.conv_out.out_channels, norm.num_groups, norm.num_channels
         (12, 256, 24, 240)

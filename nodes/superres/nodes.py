@@ -22,9 +22,8 @@ from ..common.tiled_vae import tiled_decode, tiled_encode
 from ..common.tiles import tiled_apply
 from ..models.comfy_adapters import text_conditioning
 from ..models.devices import default_device
-from ..models.families import read_json
 from ..models.loading import list_models, resolve_model_path
-from ..models.model_configs import shipped_config_dir
+from ..models.model_configs import shipped_unet_config
 from ..models.refs import ModelsFolder
 from .adcsr import SCALE, SIZE_MULTIPLE, AdcSRNet, load_adcsr, match_colour, padded_forward
 from .tvt import DEFAULT_PROMPT, TIMESTEP, load_tvt_unet, load_vaed4, tvt_upscale
@@ -40,7 +39,7 @@ DEFAULT_OVERLAP = 32
 
 
 def sd21_unet_config() -> dict:
-    return read_json(os.path.join(shipped_config_dir("sd2"), "unet", "config.json"))
+    return shipped_unet_config("sd2")
 
 
 def load_kept_adcsr(network_file: str, decoder_file: str) -> AdcSRNet:

@@ -7,6 +7,7 @@ import os
 
 from .correspondence import nodes as correspondence_nodes
 from .cutout import nodes as cutout_nodes
+from .dragedit import nodes as dragedit_nodes
 from .fasterdiffusion import nodes as fasterdiffusion_nodes
 from .fewstep import nodes as fewstep_nodes
 from .generation import nodes as generation_nodes
@@ -30,7 +31,8 @@ from .watermark import nodes as watermark_nodes
 _TECHNIQUES = (loader_nodes, generation_nodes, highres_nodes, panorama_nodes, correspondence_nodes, watermark_nodes,
                router_nodes, noiseshift_nodes, fasterdiffusion_nodes, tstitch_nodes,
                sada_nodes, inheritance_nodes, seamless_nodes, inpaint_nodes, noisediffusion_nodes,
-               magicface_nodes, fewstep_nodes, superres_nodes, cutout_nodes, normals_nodes)
+               magicface_nodes, fewstep_nodes, superres_nodes, cutout_nodes, normals_nodes,
+               dragedit_nodes)
 # Dual-use evaluation tools (P4D finds prompts that evade safety mechanisms) join the node list only when the
 # setting asks for them
 if os.environ.get(p4d_nodes.EVALUATION_SETTING) == "1":

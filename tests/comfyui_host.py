@@ -357,8 +357,9 @@ def _execution_error(status: dict) -> str:
     """ComfyUI's own words for a failed prompt, from a /history status entry."""
     for kind, data in status.get("messages", []):
         if kind == "execution_error":
+            where = "".join(data.get("traceback", [])[-4:]).strip()  # the innermost frames
             return (f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_type')}: "
-                    f"{data.get('exception_message', '').strip()}")
+                    f"{data.get('exception_message', '').strip()}\n{where}")
         if kind == "execution_interrupted":
             return "interrupted"
     return f"prompt ended with status {status.get('status_str')!r}: {status}"

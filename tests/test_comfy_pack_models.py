@@ -861,3 +861,39 @@ def test_tvt_upscales_inside_comfyui_as_standalone(comfyui_server, random_sd15_m
     }
     assert _same_picture(comfyui_server, atelier, prompt, "5", "TVT").shape == (128, 256, 3)
     _free_both(comfyui_server, atelier)
+
+
+def test_diffeditor_drags_on_comfyuis_own_model_and_vae_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """DiffEditor's memory bank on ComfyUI's own LDM self-attention, its features from ComfyUI's decoder upsamplers
+    and its guidance through copies of ComfyUI's weights: the standalone picture; the energy changes it."""
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red ball on the left", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": SEED,
+            "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["4", 2]}},
+        "13": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
+        "14": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 48, "height": 32}},
+        "15": {"class_type": "MaskComposite", "inputs": {"destination": ["13", 0], "source": ["14", 0], "x": 0,
+                                                         "y": 16, "operation": "add"}},
+        "20": {"class_type": "AtelierDiffEditorDrag", "inputs": {
+            "model": ["4", 0], "vae": ["4", 2], "image": ["12", 0], "mask": ["15", 0], "positive": ["6", 0],
+            "negative": ["7", 0], "drags": "16,32 -> 32,32", "seed": 0, "steps": 10, "cfg": 4.0,
+            "energy_scale": 2000.0, "w_edit": 4.0, "w_content": 6.0, "w_inpaint": 0.2, "sde_strength": 0.4,
+            "resolution": 64, "method": "DiffEditor"}},
+        "22": {"class_type": "SaveImage", "inputs": {"filename_prefix": "drag", "images": ["20", 0]}},
+        "30": {"class_type": "AtelierDiffEditorDrag", "inputs": {
+            "model": ["4", 0], "vae": ["4", 2], "image": ["12", 0], "mask": ["15", 0], "positive": ["6", 0],
+            "negative": ["7", 0], "drags": "16,32 -> 32,32", "seed": 0, "steps": 10, "cfg": 4.0,
+            "energy_scale": 0.0, "w_edit": 4.0, "w_content": 6.0, "w_inpaint": 0.2, "sde_strength": 0.4,
+            "resolution": 64, "method": "DiffEditor"}},
+        "32": {"class_type": "SaveImage", "inputs": {"filename_prefix": "drag_none", "images": ["30", 0]}},
+    }
+    dragged = _same_picture(comfyui_server, atelier, prompt, "22", "DiffEditor")
+    reconstructed = _same_picture(comfyui_server, atelier, prompt, "32", "DiffEditor at energy 0")
+    effect = psnr(dragged, reconstructed)
+    print(f"DiffEditor inside ComfyUI, the energy's effect: {effect:.1f} dB from the energy-0 picture")
+    assert dragged.shape == (64, 64, 3) and effect < TARGET_PSNR_DB  # gradients flow inside ComfyUI's inference mode

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from nodes.common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser, guided_eps
+from nodes.common.unet_split import transformer_blocks
 from nodes.embedded.dataset import Scene, coverage, render
 from nodes.embedded.train import SHIPPED_NAME
-from nodes.magicface.attention import (MagicFaceAttention, concept_masks, guidance_rate, parse_layers,
-                                       reference_bias, transformer_blocks)
+from nodes.magicface.attention import MagicFaceAttention, concept_masks, guidance_rate, parse_layers, reference_bias
 from nodes.magicface.nodes import AtelierMagicFaceReference, AtelierMagicFaceSampler
 from nodes.magicface.sampler import magicface_sample
 from nodes.models.clip import Clip
@@ -290,13 +290,13 @@ def test_sampler_node_runs_and_refuses_what_it_cannot_do(embedded, star):
 
 
 def test_comfyuis_attention_patches_are_refused():
-    from nodes.magicface.nodes import _refuse_attention_patches
+    from nodes.models.comfy_adapters import refuse_attention_patches
 
     class Patched:
         model_options = {"transformer_options": {"patches_replace": {"attn1": {}}, "patches": {"attn2_patch": []}}}
 
     with pytest.raises(ValueError, match="attn2_patch, replace attn1"):
-        _refuse_attention_patches(Patched())
+        refuse_attention_patches(Patched(), "MagicFace Sampler")
 
 
 def test_example_workflow_runs_headless_on_the_shipped_model(tmp_path, capsys):

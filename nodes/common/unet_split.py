@@ -35,6 +35,10 @@ from .comfy_host import comfy_module
 TRANSFORMER_BLOCK_CLASSES = frozenset(("BasicTransformerBlock",))
 
 
+# Where each host's UNet keeps its encoder, middle and decoder blocks, in the order they run
+_UNET_PARTS = (("down_blocks", "input_blocks"), ("mid_block", "middle_block"), ("up_blocks", "output_blocks"))
+DECODER = 2
+
 @dataclasses.dataclass(frozen=True)
 class UNetFeatures:
     """What the encoder hands the decoder: the skip features, shallowest first, and the mid block's output."""
@@ -84,6 +88,19 @@ def feature_level(tensor: torch.Tensor, latent_size: tuple[int, int]) -> int:
     """
     pixels = tensor.shape[-2] * tensor.shape[-1] if tensor.ndim == 4 else tensor.shape[1]
     return round(math.log(latent_size[0] * latent_size[1] / pixels, 4))
+
+
+def transformer_blocks(network: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """The network's transformer blocks (diffusers' or ComfyUI's ``BasicTransformerBlock``) in the order they run,
+    each with its part: 0 the encoder, 1 the middle, 2 (``DECODER``) the decoder."""
+    blocks = []
+    for name, module in network.named_modules():
+        if type(module).__name__ in TRANSFORMER_BLOCK_CLASSES:
+            part = next((rank for rank, names in enumerate(_UNET_PARTS) if name.split(".")[0] in names), None)
+            if part is None:
+                raise ValueError(f"a transformer block outside a UNet's encoder, middle or decoder: {name}")
+            blocks.append((part, module))
+    return sorted(blocks, key=lambda block: block[0])  # stable: each part's blocks stay in their order
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 
-from ..common.unet_split import TRANSFORMER_BLOCK_CLASSES, feature_level, forwards_replaced
+from ..common.unet_split import DECODER, feature_level, forwards_replaced, transformer_blocks
 
 # Source: configs/config_stable_diffusion.yaml and magicface_stable_diffusion.py (DDIM, 50 steps, guidance 7.5)
 DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_INJECT_STEP, DEFAULT_MASK_WEIGHT = 50, 7.5, 20, 3.0
@@ -58,9 +58,6 @@ SMOOTHING_KERNEL, SMOOTHING_SIGMA = 3, 0.5 * math.sqrt(2)
 SHARPENING_TERMS = 4  # get_mask's ssgc_n
 # The maps 2 times below the latent are (N, N) for N of their pixels: 64 × 64 (SD at 1024 px) at most
 MAX_RECORDED_TOKENS = 64 * 64
-# Where each host's UNet keeps its encoder, middle and decoder blocks, in the order they run
-_UNET_PARTS = (("down_blocks", "input_blocks"), ("mid_block", "middle_block"), ("up_blocks", "output_blocks"))
-DECODER = 2
 
 
 def parse_layers(text: str) -> frozenset[int] | None:
@@ -84,19 +81,6 @@ def parse_layers(text: str) -> frozenset[int] | None:
     if not layers or min(layers) < 0:
         raise ValueError(f"layers must name blocks from 0 on; got {text!r}")
     return frozenset(layers)
-
-
-def transformer_blocks(network: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-    """The network's transformer blocks (diffusers' or ComfyUI's ``BasicTransformerBlock``) in the order they run,
-    each with its part: 0 the encoder, 1 the middle, 2 the decoder (where the official ``layer_idx`` counts)."""
-    blocks = []
-    for name, module in network.named_modules():
-        if type(module).__name__ in TRANSFORMER_BLOCK_CLASSES:
-            part = next((rank for rank, names in enumerate(_UNET_PARTS) if name.split(".")[0] in names), None)
-            if part is None:
-                raise ValueError(f"a transformer block outside a UNet's encoder, middle or decoder: {name}")
-            blocks.append((part, module))
-    return sorted(blocks, key=lambda block: block[0])  # stable: each part's blocks stay in their order
 
 
 def map_size(latent_size: tuple[int, int], level: int) -> tuple[int, int]:

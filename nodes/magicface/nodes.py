@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from ..common.images import mask_batch, single_image
 from ..common.limits import MAX_CFG, MAX_SEED, MAX_STEPS
-from ..models.comfy_adapters import denoiser_and_codec, denoiser_network, model_device, model_family
-from ..models.refs import ModelRef
+from ..models.comfy_adapters import (denoiser_and_codec, denoiser_network, model_device, model_family,
+                                     refuse_attention_patches)
 from ..sampling.generate import with_image_size
 from ..sampling.guidance import to_conditioning
 from ..sampling.latents import latent_samples
@@ -134,7 +134,7 @@ class AtelierMagicFaceSampler:
                adaptive_guidance: bool) -> tuple[dict]:
         if not references:
             raise ValueError("references: connect at least one MagicFace Reference")
-        _refuse_attention_patches(model)
+        refuse_attention_patches(model, "MagicFace Sampler")
         layer_set = parse_layers(layers)
         latents = latent_samples(latent_image)
         family = model_family(model)
@@ -173,18 +173,6 @@ def _check_prompts(positive: Any, negative: Any, reference_prompts: list, refere
     for reference in references:
         if reference.token_index >= length:
             raise ValueError(f"token_index {reference.token_index} is beyond the prompt's {length} tokens")
-
-
-def _refuse_attention_patches(model: Any) -> None:
-    """ComfyUI's attention patches take over the blocks MagicFace reads (its maps would go missing)."""
-    if isinstance(model, ModelRef):
-        return
-    options = model.model_options.get("transformer_options", {})
-    patched = [name for name in options.get("patches", {}) if name.startswith(("attn1", "attn2"))]
-    patched += [f"replace {name}" for name in options.get("patches_replace", {}) if name in ("attn1", "attn2")]
-    if patched:
-        raise ValueError(f"this MODEL carries attention patches ({', '.join(sorted(patched))}) that take over the "
-                         "attention MagicFace works in: give MagicFace Sampler the model without them")
 
 
 def _resized(image: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

@@ -282,12 +282,13 @@ def denoiser_network(denoiser: Denoiser) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def denoiser_and_codec(model: Any, vae: Any) -> Iterator[tuple[Denoiser, LatentCodec]]:
+def denoiser_and_codec(model: Any, vae: Any, differentiable: bool = False) -> Iterator[tuple[Denoiser, LatentCodec]]:
     """The :class:`Denoiser` and :class:`LatentCodec` of what arrived on a MODEL and a VAE socket.
 
     Atelier's :class:`ModelRef` and :class:`DiffusersCodec` (standalone) hold the model's lock, with the ref's LoRAs,
     for the ``with`` block; ComfyUI's ``ModelPatcher`` and ``comfy.sd.VAE`` are wrapped in :class:`ComfyDenoiser`
-    and :class:`ComfyCodec`, whose memory ComfyUI manages.
+    and :class:`ComfyCodec`, whose memory ComfyUI manages. ``differentiable``: gradients flow through the denoiser
+    where the caller enables them (see :func:`differentiable_denoiser`).
 
     Raises:
         TypeError: the two are not both Atelier's or both ComfyUI's.
@@ -296,9 +297,9 @@ def denoiser_and_codec(model: Any, vae: Any) -> Iterator[tuple[Denoiser, LatentC
     if isinstance(model, ModelRef) and isinstance(vae, DiffusersCodec):
         _check_unpatched(model)
         with model.in_use() as loaded:
-            yield DiffusersDenoiser(loaded.unet, loaded.schedule), vae
+            yield DiffusersDenoiser(loaded.unet, loaded.schedule, differentiable=differentiable), vae
     elif _is_comfy(model, "comfy.model_patcher", "ModelPatcher") and _is_comfy(vae, "comfy.sd", "VAE"):
-        yield ComfyDenoiser(model), ComfyCodec(vae, model.get_model_object("latent_format"))
+        yield ComfyDenoiser(model, differentiable), ComfyCodec(vae, model.get_model_object("latent_format"))
     else:
         raise TypeError("model and vae must both be Atelier's (standalone: a loaded checkpoint and its codec) or "
                         f"both ComfyUI's (a ModelPatcher and a comfy.sd.VAE); got {type(model).__name__} and "
@@ -324,6 +325,19 @@ def denoiser_and_latent_space(model: Any) -> Iterator[tuple[Denoiser, LatentSpac
         yield ComfyDenoiser(model), ComfyLatentSpace.of(model)
     else:
         raise TypeError(f"model must be Atelier's (standalone) or ComfyUI's ModelPatcher; got {type(model).__name__}")
+
+
+def refuse_attention_patches(model: Any, node: str) -> None:
+    """Refuse ComfyUI's attention patches on a MODEL for a ``node`` that rewrites the attention itself: they would
+    take over the blocks it works in (Atelier's MODEL carries none)."""
+    if isinstance(model, ModelRef):
+        return
+    options = model.model_options.get("transformer_options", {})
+    patched = [name for name in options.get("patches", {}) if name.startswith(("attn1", "attn2"))]
+    patched += [f"replace {name}" for name in options.get("patches_replace", {}) if name in ("attn1", "attn2")]
+    if patched:
+        raise ValueError(f"this MODEL carries attention patches ({', '.join(sorted(patched))}) that take over the "
+                         f"attention {node} works in: give {node} the model without them")
 
 
 def model_device(model: Any) -> torch.device:

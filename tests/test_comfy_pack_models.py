@@ -530,13 +530,13 @@ def test_noisediffusion_runs_on_comfyuis_own_model_and_vae_as_standalone(comfyui
         assert measured >= TARGET_PSNR_DB
 
 
-def test_magicface_runs_on_comfyuis_own_model_and_vae_as_standalone(comfyui_server, random_sd15_models, atelier):
-    """MagicFace's hooked attention on ComfyUI's own UNet (its LDM attention modules, in the order they run) and its
-    VAE: the same picture as standalone."""
-    prompt = {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red hat", "clip": ["4", 1]}},
-        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a woman wearing a hat", "clip": ["4", 1]}},
+def _drawn_picture_and_box(checkpoint: str, text: str, box: tuple[int, int, int, int]) -> dict:
+    """Prompt nodes drawing a 64×64 picture of ``text`` (node "12"; "6" the prompt, "7" the empty one, "4" the
+    checkpoint) and a mask of 1 in ``box`` = (x, y, width, height), else 0 (node "15")."""
+    x, y, width, height = box
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "10": {"class_type": "KSampler", "inputs": {
@@ -544,9 +544,18 @@ def test_magicface_runs_on_comfyuis_own_model_and_vae_as_standalone(comfyui_serv
             "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
         "12": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["4", 2]}},
         "13": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
-        "14": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
-        "15": {"class_type": "MaskComposite", "inputs": {"destination": ["13", 0], "source": ["14", 0], "x": 0,
-                                                         "y": 0, "operation": "add"}},
+        "14": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": width, "height": height}},
+        "15": {"class_type": "MaskComposite", "inputs": {"destination": ["13", 0], "source": ["14", 0], "x": x,
+                                                         "y": y, "operation": "add"}},
+    }
+
+
+def test_magicface_runs_on_comfyuis_own_model_and_vae_as_standalone(comfyui_server, random_sd15_models, atelier):
+    """MagicFace's hooked attention on ComfyUI's own UNet (its LDM attention modules, in the order they run) and its
+    VAE: the same picture as standalone."""
+    prompt = {
+        **_drawn_picture_and_box(random_sd15_models.checkpoint, "a red hat", (0, 0, 32, 64)),
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a woman wearing a hat", "clip": ["4", 1]}},
         "16": {"class_type": "AtelierMagicFaceReference", "inputs": {
             "image": ["12", 0], "mask": ["15", 0], "prompt": ["6", 0], "token_index": 5, "mask_weight": 3.0}},
         "20": {"class_type": "AtelierMagicFaceSampler", "inputs": {
@@ -867,31 +876,16 @@ def test_diffeditor_drags_on_comfyuis_own_model_and_vae_as_standalone(comfyui_se
     """DiffEditor's memory bank on ComfyUI's own LDM self-attention, its features from ComfyUI's decoder upsamplers
     and its guidance through copies of ComfyUI's weights: the standalone picture; the energy changes it."""
     prompt = {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": random_sd15_models.checkpoint}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red ball on the left", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "10": {"class_type": "KSampler", "inputs": {
-            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": SEED,
-            "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["4", 2]}},
-        "13": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
-        "14": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 48, "height": 32}},
-        "15": {"class_type": "MaskComposite", "inputs": {"destination": ["13", 0], "source": ["14", 0], "x": 0,
-                                                         "y": 16, "operation": "add"}},
+        **_drawn_picture_and_box(random_sd15_models.checkpoint, "a red ball on the left", (0, 16, 48, 32)),
         "20": {"class_type": "AtelierDiffEditorDrag", "inputs": {
             "model": ["4", 0], "vae": ["4", 2], "image": ["12", 0], "mask": ["15", 0], "positive": ["6", 0],
             "negative": ["7", 0], "drags": "16,32 -> 32,32", "seed": 0, "steps": 10, "cfg": 4.0,
             "energy_scale": 2000.0, "w_edit": 4.0, "w_content": 6.0, "w_inpaint": 0.2, "sde_strength": 0.4,
             "resolution": 64, "method": "DiffEditor"}},
         "22": {"class_type": "SaveImage", "inputs": {"filename_prefix": "drag", "images": ["20", 0]}},
-        "30": {"class_type": "AtelierDiffEditorDrag", "inputs": {
-            "model": ["4", 0], "vae": ["4", 2], "image": ["12", 0], "mask": ["15", 0], "positive": ["6", 0],
-            "negative": ["7", 0], "drags": "16,32 -> 32,32", "seed": 0, "steps": 10, "cfg": 4.0,
-            "energy_scale": 0.0, "w_edit": 4.0, "w_content": 6.0, "w_inpaint": 0.2, "sde_strength": 0.4,
-            "resolution": 64, "method": "DiffEditor"}},
-        "32": {"class_type": "SaveImage", "inputs": {"filename_prefix": "drag_none", "images": ["30", 0]}},
     }
+    prompt["30"] = {"class_type": "AtelierDiffEditorDrag", "inputs": {**prompt["20"]["inputs"], "energy_scale": 0.0}}
+    prompt["32"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "drag_none", "images": ["30", 0]}}
     dragged = _same_picture(comfyui_server, atelier, prompt, "22", "DiffEditor")
     reconstructed = _same_picture(comfyui_server, atelier, prompt, "32", "DiffEditor at energy 0")
     effect = psnr(dragged, reconstructed)

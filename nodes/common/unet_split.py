@@ -103,6 +103,39 @@ def transformer_blocks(network: torch.nn.Module) -> list[tuple[int, torch.nn.Mod
     return sorted(blocks, key=lambda block: block[0])  # stable: each part's blocks stay in their order
 
 
+class _OutputsTaken(Exception):
+    """Raised by the last hook of :func:`module_outputs`: the rest of the network is not needed."""
+
+
+def module_outputs(modules: list[torch.nn.Module], call: Callable[[], Any]) -> list[torch.Tensor]:
+    """The outputs of ``modules`` (the first tensor of a tuple, a diffusers output's ``sample``) during ``call()``, a
+    forward of the network that holds them, in the order of ``modules``; the forward stops once all have given theirs.
+
+    Raises:
+        ValueError: the call ended without reaching them all.
+    """
+    taken: dict[int, torch.Tensor] = {}
+
+    def hook_for(index: int):
+        def hook(module, inputs, output):
+            taken[index] = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+            if len(taken) == len(modules):
+                raise _OutputsTaken
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(index)) for index, module in enumerate(modules)]
+    try:
+        call()
+    except _OutputsTaken:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(taken) != len(modules):
+        raise ValueError(f"the network ran without reaching {len(modules) - len(taken)} of the layers asked for")
+    return [taken[index] for index in range(len(modules))]
+
+
 @contextlib.contextmanager
 def forwards_replaced(modules: list[torch.nn.Module], replacement: Callable[[torch.nn.Module], Callable]
                       ) -> Iterator[None]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..common.denoiser import Conditioning, Denoiser, DiffusersDenoiser, LatentCodec, NoiseSchedule
 from ..common.memory import runs_on
+from ..common.unet_split import module_outputs
 from ..sampling.latents import seeded_noise
 
 # Source: sd-dino, --SIZE 960 (SD input) and 840 (DINOv2 input, 60×60 tokens of ViT-B/14).
@@ -135,10 +136,6 @@ def dense_sift_features(image: torch.Tensor, size: int = SIFT_IMAGE_SIZE) -> Fea
 
 # --- Stable Diffusion UNet decoder features -------------------------------------------------------------------------
 
-class _FeaturesTaken(Exception):
-    """Raised by the last hook: the rest of the UNet is not needed."""
-
-
 def sd_layer_modules(unet: torch.nn.Module, layers: tuple[int, ...]) -> list[torch.nn.Module]:
     """The modules whose outputs are the tensors entering ldm ``output_blocks[i]`` for ``i`` in ``layers``, in a
     diffusers ``UNet2DConditionModel`` or in the original LDM ``UNetModel`` (ComfyUI's ``diffusion_model``).
@@ -223,28 +220,13 @@ def sd_denoiser_features(denoiser: Denoiser, unet: torch.nn.Module, codec: Laten
     alpha_bar = float(schedule.alphas_cumprod[timestep])
     x_t = math.sqrt(alpha_bar) * latent + math.sqrt(1 - alpha_bar) * noise
 
-    taken: dict[int, torch.Tensor] = {}
-    last = max(range(len(modules)), key=lambda index: layers[index])
-
-    def hook_for(index: int):
-        def hook(module, inputs, output):
-            taken[index] = (output[0] if isinstance(output, tuple) else getattr(output, "sample", output)).float()
-            if len(taken) == len(modules) and index == last:
-                raise _FeaturesTaken
-        return hook
-
-    handles = [module.register_forward_hook(hook_for(index)) for index, module in enumerate(modules)]
     try:
-        denoiser(x_t, torch.tensor([timestep], device=x_t.device), conditioning)
-    except _FeaturesTaken:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(taken) != len(modules):
-        raise ValueError(f"the UNet ran without reaching layers {layers}; is it an SD1/SD2 UNet?")
+        taken = module_outputs(modules, lambda: denoiser(x_t, torch.tensor([timestep], device=x_t.device),
+                                                         conditioning))
+    except ValueError:
+        raise ValueError(f"the UNet ran without reaching layers {layers}; is it an SD1/SD2 UNet?") from None
     source = f"sd t={timestep} seed={seed} size={size} layers={','.join(map(str, layers))}"
-    return FeatureMaps(tuple(taken[index][0] for index in range(len(modules))), source, tuple(image.shape[-2:]))
+    return FeatureMaps(tuple(layer[0].float() for layer in taken), source, tuple(image.shape[-2:]))
 
 
 # --- DINOv2 ----------------------------------------------------------------------------------------------------------

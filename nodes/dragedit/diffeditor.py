@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..common.denoiser import Conditioning, Denoiser
 from ..common.progress import check_interrupt
-from ..common.unet_split import DECODER, forwards_replaced, transformer_blocks
+from ..common.unet_split import DECODER, forwards_replaced, module_outputs, transformer_blocks
 from ..sampling.ddim import ddim_alpha_bars, ddim_step, ldm_ddim_timesteps
 
 # Source: demo.py create_demo_drag's slider defaults, and the code's NUM_DDIM_STEPS = 50 (SD1.5's DDIM grid with
@@ -295,37 +295,14 @@ def decoder_level_outputs(network: torch.nn.Module) -> list[torch.nn.Module]:
     return [upsamplers[level] for level in FEATURE_LEVELS]
 
 
-class _FeaturesTaken(Exception):
-    """Raised by the deepest feature hook: the rest of the UNet is not needed (the code's estimator stops there)."""
-
-
 def decoder_features(denoiser: Denoiser, network: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
                      conditioning: Conditioning) -> list[torch.Tensor]:
     """The decoder levels' outputs for latents x (1, C, h, w) at timestep ``t``, each resized (nearest) to twice the
-    latent's size: (C_k, 2h, 2w) float32, differentiable in x where gradients are enabled."""
-    modules = decoder_level_outputs(network)
-    taken: dict[int, torch.Tensor] = {}
-
-    def hook_for(index: int):
-        def hook(module, inputs, output):
-            taken[index] = output
-            if len(taken) == len(modules):
-                raise _FeaturesTaken
-        return hook
-
-    handles = [module.register_forward_hook(hook_for(index)) for index, module in enumerate(modules)]
-    try:
-        denoiser(x, t, conditioning)
-    except _FeaturesTaken:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(taken) != len(modules):
-        raise ValueError("the UNet ran without reaching its decoder levels' outputs")
+    latent's size: (C_k, 2h, 2w) float32, differentiable in x where gradients are enabled. The UNet stops after them
+    (the code's estimator does)."""
+    taken = module_outputs(decoder_level_outputs(network), lambda: denoiser(x, t, conditioning))
     size = (FEATURE_UPSCALE * x.shape[-2], FEATURE_UPSCALE * x.shape[-1])
-    return [F.interpolate(taken[index].float().to(x.device), size=size, mode="nearest")[0]
-            for index in range(len(modules))]
+    return [F.interpolate(level.float().to(x.device), size=size, mode="nearest")[0] for level in taken]
 
 
 def _eps(denoiser: Denoiser, x: torch.Tensor, timestep: float, conditioning: Conditioning) -> torch.Tensor:

@@ -874,7 +874,12 @@ def test_tvt_upscales_inside_comfyui_as_standalone(comfyui_server, random_sd15_m
 
 def test_diffeditor_drags_on_comfyuis_own_model_and_vae_as_standalone(comfyui_server, random_sd15_models, atelier):
     """DiffEditor's memory bank on ComfyUI's own LDM self-attention, its features from ComfyUI's decoder upsamplers
-    and its guidance through copies of ComfyUI's weights: the standalone picture; the energy changes it."""
+    and its guidance through copies of ComfyUI's weights: the standalone picture; the energy changes it. Its image
+    prompt on ComfyUI's cross-attentions: the standalone picture too."""
+    from tiny_models import write_diffeditor_image_prompt
+
+    from nodes.dragedit.image_prompt import SD15_CROSS_ATTENTION_WIDTHS
+
     prompt = {
         **_drawn_picture_and_box(random_sd15_models.checkpoint, "a red ball on the left", (0, 16, 48, 32)),
         "20": {"class_type": "AtelierDiffEditorDrag", "inputs": {
@@ -886,8 +891,18 @@ def test_diffeditor_drags_on_comfyuis_own_model_and_vae_as_standalone(comfyui_se
     }
     prompt["30"] = {"class_type": "AtelierDiffEditorDrag", "inputs": {**prompt["20"]["inputs"], "energy_scale": 0.0}}
     prompt["32"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "drag_none", "images": ["30", 0]}}
+    # with a random image-prompt encoder, its adapter in models/diffeditor and its CLIP tower in ComfyUI's clip_vision
+    adapter_name, encoder_name = write_diffeditor_image_prompt(random_sd15_models.path, SD15_CROSS_ATTENTION_WIDTHS,
+                                                               768)
+    prompt["40"] = {"class_type": "AtelierLoadDiffEditorImagePrompt",
+                    "inputs": {"adapter_name": adapter_name, "encoder_name": encoder_name}}
+    prompt["41"] = {"class_type": "AtelierDiffEditorDrag",
+                    "inputs": {**prompt["20"]["inputs"], "image_prompt": ["40", 0], "ip_scale": 0.5}}
+    prompt["42"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "drag_ip", "images": ["41", 0]}}
     dragged = _same_picture(comfyui_server, atelier, prompt, "22", "DiffEditor")
     reconstructed = _same_picture(comfyui_server, atelier, prompt, "32", "DiffEditor at energy 0")
     effect = psnr(dragged, reconstructed)
     print(f"DiffEditor inside ComfyUI, the energy's effect: {effect:.1f} dB from the energy-0 picture")
     assert dragged.shape == (64, 64, 3) and effect < TARGET_PSNR_DB  # gradients flow inside ComfyUI's inference mode
+    prompted = _same_picture(comfyui_server, atelier, prompt, "42", "DiffEditor with an image prompt")
+    assert psnr(prompted, dragged) < TARGET_PSNR_DB

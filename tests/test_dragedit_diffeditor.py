@@ -15,12 +15,17 @@ import torch
 from nodes.common.denoiser import Conditioning, DiffusersCodec, DiffusersDenoiser
 from nodes.dragedit.diffeditor import (MemoryBankAttention, decoder_features, diffeditor_drag, drag_energy,
                                        drag_guidance, parse_drag_points, point_patches, seed_latent_patches)
-from nodes.dragedit.nodes import AtelierDiffEditorDrag
+from nodes.dragedit.image_prompt import (ENCODER_CONFIG, PUBLISHED_PARAMETERS, SD15_CROSS_ATTENTION_WIDTHS,
+                                         ImagePromptAdapter, ImagePromptAttention, cross_attentions,
+                                         load_image_prompt_adapter)
+from nodes.dragedit.nodes import AtelierDiffEditorDrag, AtelierLoadDiffEditorImagePrompt
 from nodes.embedded.dataset import Scene, render, score_image
 from nodes.embedded.train import SHIPPED_NAME
 from nodes.models.clip import Clip
 from nodes.models.loading import SHIPPED_MODELS, load_model
 from nodes.models.refs import ModelRef
+
+from tiny_models import write_diffeditor_image_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTION = "a large blue diamond on the left on black"
@@ -235,6 +240,115 @@ def test_node_refuses_bad_input_clearly(embedded, prompts, change, message):
                      method="DiffEditor")
     with pytest.raises(ValueError, match=message):
         AtelierDiffEditorDrag().drag(**{**arguments, **change})
+
+
+def test_image_prompt_encoder_full_size_counts_the_published_parameters():
+    """ip_sd15_64.bin holds 196.5 MB of float32 (the published 197 MB file): the Resampler and SD1.5's sixteen
+    cross-attention keys and values; h94/IP-Adapter's image encoder (2.53 GB in float32) is OpenCLIP ViT-H/14's
+    vision tower with its projection."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.device("meta"):
+        adapter = ImagePromptAdapter(SD15_CROSS_ATTENTION_WIDTHS, 768, 1280)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.from_json_file(ENCODER_CONFIG))
+    assert sum(parameter.numel() for parameter in adapter.image_proj.parameters()) == 29_955_072
+    assert sum(parameter.numel() for parameter in adapter.parameters()) == PUBLISHED_PARAMETERS == 49_124_352
+    assert sum(parameter.numel() for parameter in encoder.parameters()) == 632_076_800
+
+
+@pytest.fixture(scope="module")
+def image_prompt_files(embedded, tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    layers = cross_attentions(embedded[0].model.unet)
+    return models, write_diffeditor_image_prompt(models, tuple(layer.to_k.out_features for layer in layers),
+                                                 layers[0].to_k.in_features)
+
+
+def test_image_prompt_loads_through_its_node_and_gives_64_tokens(image_prompt_files):
+    models, (adapter_name, encoder_name) = image_prompt_files
+
+    class Loader(AtelierLoadDiffEditorImagePrompt):
+        models_dir = str(models)
+
+    assert adapter_name in Loader.INPUT_TYPES()["required"]["adapter_name"][0]
+    (prompt,) = Loader().load(adapter_name, encoder_name)
+    conditional, unconditional = prompt.tokens(render(SCENE)[None])
+    assert conditional.shape == unconditional.shape == (1, 64, 64)
+    assert not torch.allclose(conditional, unconditional)
+
+
+def test_image_prompt_refuses_other_files(image_prompt_files, tmp_path, embedded):
+    from safetensors.torch import load_file, save_file
+
+    from nodes.models.formats import UnsafeModelFormatError
+
+    models, (adapter_name, _) = image_prompt_files
+    tensors = load_file(os.path.join(models, "diffeditor", adapter_name))
+    with pytest.raises(UnsafeModelFormatError):
+        load_image_prompt_adapter(str(tmp_path / "ip_sd15_64.bin"))
+    without_values = {key: value for key, value in tensors.items() if "to_v_ip" not in key}
+    save_file(without_values, tmp_path / "no_values.safetensors")
+    with pytest.raises(ValueError, match="not in the layout of DiffEditor's image-prompt adapter"):
+        load_image_prompt_adapter(str(tmp_path / "no_values.safetensors"))
+    save_file({"unet.weight": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not DiffEditor's image-prompt adapter"):
+        load_image_prompt_adapter(str(tmp_path / "other.safetensors"))
+    with torch.device("meta"):
+        sd15 = ImagePromptAdapter(SD15_CROSS_ATTENTION_WIDTHS, 768, 1280, depth=1)
+    branch = ImagePromptAttention(sd15, torch.zeros(1, 64, 768), torch.zeros(1, 64, 768))
+    with pytest.raises(ValueError, match="adapter is for a UNet with cross-attentions"):
+        with branch.installed(embedded[0].model.unet):
+            pass
+
+
+def test_image_prompt_attention_is_ip_adapters_processor_written_out(image_prompt_files, embedded):
+    """One cross-attention: to_out(softmax(q·kᵀ)·v over the text + scale · the same over the image tokens' own keys
+    and values), the image tokens [conditional; unconditional] for the [positive; negative] rows."""
+    models, (adapter_name, _) = image_prompt_files
+    adapter = load_image_prompt_adapter(os.path.join(models, "diffeditor", adapter_name))
+    unet = embedded[0].model.unet
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 64, 64, generator=generator)
+    branch = ImagePromptAttention(adapter, tokens[:1], tokens[1:], scale=0.3)
+    module = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    hidden, text = torch.randn(2, 10, module.to_q.in_features, generator=generator), torch.randn(2, 77, 64,
+                                                                                                generator=generator)
+    heads = module.heads
+
+    def attend(query, keys, values):
+        split = [tensor.unflatten(-1, (heads, -1)).transpose(1, 2) for tensor in (query, keys, values)]
+        weights = (split[0] @ split[1].transpose(-1, -2) / split[0].shape[-1] ** 0.5).softmax(-1)
+        return (weights @ split[2]).transpose(1, 2).flatten(2)
+
+    pair = adapter.keys_values[0]
+    query = module.to_q(hidden)
+    inner = attend(query, module.to_k(text), module.to_v(text)) + 0.3 * attend(query, pair.to_k_ip(tokens),
+                                                                                pair.to_v_ip(tokens))
+    expected = module.to_out[0](inner)
+    with torch.no_grad(), branch.installed(unet):
+        plain = module(hidden, encoder_hidden_states=text)
+        with branch.attending():
+            branched = module(hidden, encoder_hidden_states=text)
+    assert torch.allclose(branched, expected, atol=1e-5) and (branched - plain).abs().max() > 1e-3
+
+
+def test_drag_with_the_image_prompt_changes_the_picture_and_at_scale_0_does_not(image_prompt_files, embedded, prompts):
+    models, (adapter_name, encoder_name) = image_prompt_files
+
+    class Loader(AtelierLoadDiffEditorImagePrompt):
+        models_dir = str(models)
+
+    (image_prompt,) = Loader().load(adapter_name, encoder_name)
+    ref, _, codec, _ = embedded
+    arguments = dict(model=ref, vae=codec, image=render(SCENE).permute(1, 2, 0)[None], mask=torch.ones(1, 64, 64),
+                     positive=prompts[0], negative=prompts[1], drags=DRAG, seed=0, steps=10, cfg=4.0,
+                     energy_scale=0.0, w_edit=4.0, w_content=6.0, w_inpaint=0.2, sde_strength=0.4, resolution=64,
+                     method="DiffEditor")
+    node = AtelierDiffEditorDrag()
+    (plain,) = node.drag(**arguments)
+    (prompted,) = node.drag(**arguments, image_prompt=image_prompt, ip_scale=0.5)
+    (silent,) = node.drag(**arguments, image_prompt=image_prompt, ip_scale=0.0)
+    assert (prompted - plain).abs().max() > 1e-3 and torch.allclose(silent, plain, atol=1e-5)
 
 
 def test_example_workflow_runs_headless_on_the_shipped_model(tmp_path, capsys):

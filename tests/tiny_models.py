@@ -611,3 +611,34 @@ def save_tvt_stand_ins(models_dir: str | os.PathLike, vae_config: dict | None = 
     text_width = save_sd21_stand_in(checkpoint, models_dir).config.cross_attention_dim
     write_tvt_files(os.path.join(os.fspath(models_dir), "tvt"), {**TINY_TVT_UNET, "cross_attention_dim": text_width},
                     vae_config=vae_config)
+
+
+TINY_IMAGE_ENCODER = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+                      "patch_size": 32, "image_size": 224, "projection_dim": 16, "hidden_act": "gelu"}
+
+
+def write_diffeditor_image_prompt(models_dir: str | os.PathLike, cross_attention_widths: tuple[int, ...],
+                                  text_width: int, seed: int = 0) -> tuple[str, str]:
+    """DiffEditor's image-prompt files for a UNet of those cross-attentions (in the published order) over
+    ``text_width``-wide text, under ``models_dir``: a random adapter in ip_sd15_64's layout (2 Resampler layers),
+    ``diffeditor/ip_tiny.safetensors``, over a small CLIP vision tower, ``clip_vision/tiny_vit/model.safetensors``
+    with its ``config.json`` beside it. Returns the two names."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from nodes.dragedit.image_prompt import ImagePromptAdapter
+
+    torch.manual_seed(seed)
+    adapter = ImagePromptAdapter(cross_attention_widths, text_width, TINY_IMAGE_ENCODER["hidden_size"], depth=2,
+                                 heads=2)
+    for parameter in adapter.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    os.makedirs(os.path.join(models_dir, "diffeditor"), exist_ok=True)
+    save_file(adapter.state_dict(), os.path.join(models_dir, "diffeditor", "ip_tiny.safetensors"))
+    config = CLIPVisionConfig(**TINY_IMAGE_ENCODER)
+    encoder = CLIPVisionModelWithProjection(config)
+    folder = os.path.join(models_dir, "clip_vision", "tiny_vit")
+    os.makedirs(folder, exist_ok=True)
+    config.to_json_file(os.path.join(folder, "config.json"))
+    save_file({key: value.contiguous() for key, value in encoder.state_dict().items()},
+              os.path.join(folder, "model.safetensors"))
+    return "ip_tiny.safetensors", "tiny_vit/model.safetensors"

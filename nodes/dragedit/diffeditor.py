@@ -21,10 +21,11 @@ self-attention keys and values kept. Sampling back from the last one, with class
 "DragonDiffusion" (the authors' earlier method, ``alg='D'``) guides every step up to 29 and uses neither the SDE
 mix nor time travel.
 
+The image-prompt encoder (trained; :mod:`.image_prompt`) adds the picture's CLIP tokens to the cross-attention of
+the sampling calls of steps 10–19, where it is given; without it the training-free parts run alone.
+
 Departures from the official code:
 
-- The image-prompt encoder (IP-Adapter-style, ``ip_sd15_64.bin``; active on steps 10–19 at scale 0.1) is not run:
-  the issue asks for the training-free parts, which the paper's ablation shows work alone.
 - Step counts other than 50 map each step to the official one at the same fraction of the run (exact at 50).
 - Handle and target patches are clipped into the feature map on both axes (the code clips x by the height) and
   the latent patches copied at the start into the latent (the code's slice is empty at the top and left rows).
@@ -47,6 +48,7 @@ from ..common.denoiser import Conditioning, Denoiser
 from ..common.progress import check_interrupt
 from ..common.unet_split import DECODER, forwards_replaced, module_outputs, transformer_blocks
 from ..sampling.ddim import ddim_alpha_bars, ddim_step, ldm_ddim_timesteps
+from .image_prompt import IP_FIRST_STEP, IP_LAST_STEP, ImagePromptAttention
 
 # Source: demo.py create_demo_drag's slider defaults, and the code's NUM_DDIM_STEPS = 50 (SD1.5's DDIM grid with
 # steps_offset 1: 981, 961, ..., 1); the energy slider's 2 is multiplied by 1e3 in run_drag.
@@ -350,6 +352,7 @@ def diffeditor_drag(denoiser: Denoiser, network: torch.nn.Module, latent: torch.
                     cfg: float = DEFAULT_CFG, energy_scale: float = DEFAULT_ENERGY, w_edit: float = DEFAULT_W_EDIT,
                     w_content: float = DEFAULT_W_CONTENT, w_inpaint: float = DEFAULT_W_INPAINT,
                     sde_strength: float = DEFAULT_SDE_STRENGTH, method: str = "DiffEditor",
+                    image_prompt: ImagePromptAttention | None = None,
                     on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """A clean latent (1, C, h, w), as the denoiser sees it, edited by ``drags`` (picture pixels).
 
@@ -359,6 +362,7 @@ def diffeditor_drag(denoiser: Denoiser, network: torch.nn.Module, latent: torch.
         positive, negative: the prompt (inversion, features, guided half) and the unguided half's (the code's "").
         edit_region: (1, 1, H, W) 0/1, any size: where the picture may change (resized nearest to the latent's).
         generator: the SDE mix's noise.
+        image_prompt: the image-prompt branch (:mod:`.image_prompt`), on the CFG calls of steps 10-19; None: off.
         pixels_per_latent: the VAE's downscale (8 for SD).
         on_step: progress (done, total, x̂₀) over the inversion's and the sampling's steps.
     Returns:
@@ -387,7 +391,8 @@ def diffeditor_drag(denoiser: Denoiser, network: torch.nn.Module, latent: torch.
         if on_step is not None:
             on_step(done, total, x0)
 
-    with bank.installed(network), torch.no_grad():
+    prompt_branch = image_prompt.installed(network) if image_prompt is not None else contextlib.nullcontext()
+    with bank.installed(network), prompt_branch, torch.no_grad():
         # Inversion up the grid (j ascending); sampling step i = steps - 1 - j runs at the same timestep
         inverted, x = [latent.float()], latent.float()
         for j, timestep in enumerate(timesteps.tolist()):
@@ -410,7 +415,9 @@ def diffeditor_drag(denoiser: Denoiser, network: torch.nn.Module, latent: torch.
             for travel in range(passes):
                 t = torch.full((2,), timestep, device=x.device)
                 both = torch.cat([x, x])
-                with bank.injecting(i) if i in banked else contextlib.nullcontext():
+                attends = image_prompt is not None and IP_FIRST_STEP <= official <= IP_LAST_STEP
+                with bank.injecting(i) if i in banked else contextlib.nullcontext(), \
+                        image_prompt.attending() if attends else contextlib.nullcontext():
                     prediction = denoiser(both, t, Conditioning.cat([positive, negative]))
                 eps_positive, eps_negative = denoiser.schedule.eps_from_prediction(both, t, prediction).chunk(2)
                 eps = eps_negative + cfg * (eps_positive - eps_negative)

@@ -1,8 +1,9 @@
-"""The DiffEditor drag node: a picture, an edit mask and drags in, the edited picture out, on either host's SD1.x
-MODEL and VAE. See :mod:`.diffeditor`."""
+"""The DiffEditor nodes: the drag (a picture, an edit mask and drags in, the edited picture out, on either host's
+SD1.x MODEL and VAE; :mod:`.diffeditor`) and the loader of its optional image-prompt encoder (:mod:`.image_prompt`)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -10,16 +11,24 @@ import torch.nn.functional as F
 
 from ..common.images import mask_batch, single_image, to_channels_last
 from ..common.limits import MAX_CFG, MAX_RESOLUTION, MAX_SEED
+from ..common.memory import MEMORY, Resident
 from ..models.comfy_adapters import (denoiser_and_codec, denoiser_network, model_device, model_family,
                                      refuse_attention_patches)
+from ..models.devices import default_device
+from ..models.loading import list_models, resolve_model_path
+from ..models.refs import ModelsFolder
 from ..sampling.generate import with_image_size
 from ..sampling.guidance import to_conditioning
 from ..sampling.previews import progress_reporter
 from .diffeditor import (DEFAULT_CFG, DEFAULT_ENERGY, DEFAULT_RESOLUTION, DEFAULT_SDE_STRENGTH, DEFAULT_STEPS,
                          DEFAULT_W_CONTENT, DEFAULT_W_EDIT, DEFAULT_W_INPAINT, METHODS, SIDE_MULTIPLE, diffeditor_drag,
                          parse_drag_points, working_size)
+from .image_prompt import (DEFAULT_IP_SCALE, ImagePrompt, ImagePromptAttention, load_image_encoder,
+                           load_image_prompt_adapter)
 
 CATEGORY = "atelier/editing"
+IMAGE_PROMPT = "DIFFEDITOR_IMAGE_PROMPT"
+ADAPTER_FOLDER, ENCODER_FOLDER = "diffeditor", "clip_vision"
 FAMILIES = ("sd1", "sd2")  # the decoder layout the features and the memory bank are read from (the authors': SD1.5)
 MAX_DRAG_STEPS = 1000
 MAX_ENERGY = 100_000.0
@@ -83,11 +92,20 @@ class AtelierDiffEditorDrag:
             "method": (list(METHODS), {"default": METHODS[0],
                                        "tooltip": "DiffEditor (regional SDE, time travel) or the authors' earlier "
                                                   "DragonDiffusion (guidance on every early step)."}),
+        }, "optional": {
+            "image_prompt": (IMAGE_PROMPT, {"tooltip": "DiffEditor's image-prompt encoder (Load DiffEditor Image "
+                                                       "Prompt): the picture's CLIP tokens join the cross-attention "
+                                                       "on steps 10-19. Without it the training-free parts run "
+                                                       "alone."}),
+            "ip_scale": ("FLOAT", {"default": DEFAULT_IP_SCALE, "min": 0.0, "max": 2.0, "step": 0.01, "round": 0.001,
+                                   "tooltip": "Weight of the image prompt's attention (the authors': 0.1 for "
+                                              "drags)."}),
         }}
 
     def drag(self, model: Any, vae: Any, image: torch.Tensor, mask: torch.Tensor, positive: list, negative: list,
              drags: str, seed: int, steps: int, cfg: float, energy_scale: float, w_edit: float, w_content: float,
-             w_inpaint: float, sde_strength: float, resolution: int, method: str) -> tuple[torch.Tensor]:
+             w_inpaint: float, sde_strength: float, resolution: int, method: str,
+             image_prompt: ImagePrompt | None = None, ip_scale: float = DEFAULT_IP_SCALE) -> tuple[torch.Tensor]:
         pixels, region = single_image(image, "image").float(), mask_batch(mask)[:1]
         height, width = pixels.shape[-2:]
         if region.shape[-2:] != (height, width):
@@ -117,12 +135,61 @@ class AtelierDiffEditorDrag:
                        for conditioning, name in ((positive, "positive"), (negative, "negative"))]
             latent = (codec.encode(pixels.to(codec.device)) - codec.shift_factor) * codec.scaling_factor
             latent = latent.to(model_device(model))
+            branch = None
+            if image_prompt is not None:
+                branch = ImagePromptAttention(image_prompt.adapter, *image_prompt.tokens(pixels), ip_scale)
             edited = diffeditor_drag(denoiser, denoiser_network(denoiser), latent, *prompts, points, region,
                                      torch.Generator().manual_seed(seed), codec.downscale, steps, cfg, energy_scale,
-                                     w_edit, w_content, w_inpaint, sde_strength, method, progress_reporter(family))
+                                     w_edit, w_content, w_inpaint, sde_strength, method, branch,
+                                     progress_reporter(family))
             picture = codec.decode(edited / codec.scaling_factor + codec.shift_factor)
         return (to_channels_last(picture.float().cpu()),)
 
 
-NODE_CLASS_MAPPINGS = {"AtelierDiffEditorDrag": AtelierDiffEditorDrag}
-NODE_DISPLAY_NAME_MAPPINGS = {"AtelierDiffEditorDrag": "DiffEditor Drag"}
+def load_kept_image_prompt(adapter_path: str, encoder_path: str) -> ImagePrompt:
+    """The image-prompt encoder of two files, one copy per pair, kept by the memory manager (read back if evicted)."""
+    paths = tuple(os.path.realpath(path) for path in (adapter_path, encoder_path))
+
+    def read() -> dict[str, torch.nn.Module]:
+        return {"adapter": load_image_prompt_adapter(paths[0]), "encoder": load_image_encoder(paths[1])}
+
+    def load() -> tuple[ImagePrompt, Resident]:
+        parts = read()
+        resident = Resident(f"DiffEditor image prompt {os.path.basename(paths[0])}", parts, home=default_device(),
+                            reload=read)
+        return ImagePrompt(parts["encoder"], parts["adapter"]), resident
+
+    signature = tuple(os.stat(path).st_mtime_ns for path in paths)
+    return MEMORY.kept(("diffeditor image prompt", paths, signature), load)
+
+
+class AtelierLoadDiffEditorImagePrompt(ModelsFolder):
+    DESCRIPTION = ("Loads DiffEditor's image-prompt encoder (trained): its adapter (ip_sd15_64, converted to "
+                   ".safetensors) from models/diffeditor and the CLIP ViT-H/14 image encoder it reads "
+                   "(h94/IP-Adapter's models/image_encoder/model.safetensors) from models/clip_vision.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (IMAGE_PROMPT,)
+    RETURN_NAMES = ("image_prompt",)
+    OUTPUT_TOOLTIPS = ("The image-prompt encoder, for DiffEditor Drag.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict]:
+        return {"required": {
+            "adapter_name": (list_models(ADAPTER_FOLDER, cls.models_dir),
+                             {"tooltip": "ip_sd15_64.safetensors (models/diffeditor), converted from the authors' "
+                                         "ip_sd15_64.bin."}),
+            "encoder_name": (list_models(ENCODER_FOLDER, cls.models_dir),
+                             {"tooltip": "The CLIP ViT-H/14 image encoder (models/clip_vision), in transformers' "
+                                         "layout; a config.json beside it is read, else ViT-H/14's."}),
+        }}
+
+    def load(self, adapter_name: str, encoder_name: str) -> tuple[ImagePrompt]:
+        return (load_kept_image_prompt(resolve_model_path(ADAPTER_FOLDER, adapter_name, self.models_dir),
+                                       resolve_model_path(ENCODER_FOLDER, encoder_name, self.models_dir)),)
+
+
+NODE_CLASS_MAPPINGS = {"AtelierDiffEditorDrag": AtelierDiffEditorDrag,
+                       "AtelierLoadDiffEditorImagePrompt": AtelierLoadDiffEditorImagePrompt}
+NODE_DISPLAY_NAME_MAPPINGS = {"AtelierDiffEditorDrag": "DiffEditor Drag",
+                              "AtelierLoadDiffEditorImagePrompt": "Load DiffEditor Image Prompt"}

@@ -14,7 +14,7 @@ SHIPPED_MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipp
 # The embedded model (nodes/embedded/train.py makes it): diffusers/<name>/ and checkpoints/<name>.safetensors there.
 SHIPPED_NAME = "atelier_embedded_sd1"
 MODEL_FOLDERS = ("checkpoints", "diffusers", "diffusion_models", "loras", "vae", "dinov2", "sentence_encoders",
-                 "speedupnet", "aptp", "adcsr", "tvt", "diffdis", "stablenormal")
+                 "speedupnet", "aptp", "adcsr", "tvt", "diffdis", "stablenormal", "diffeditor", "clip_vision")
 # The folders whose models are themselves folders, each known by the file it holds (a path inside it); the others
 # hold files. An APTP pruning folder holds its router (hypernet/, quantizer/) and its experts (arch<K>/).
 FOLDER_MODEL_MARKERS = {"diffusers": "model_index.json", "dinov2": "config.json", "sentence_encoders": "config.json",

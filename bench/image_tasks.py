@@ -11,7 +11,7 @@ official code's trained groups imply it; its figures are the stand-in's. Figures
   tile 128, overlap 32; 256² for TVT, its UNet on the tiled script's 192-latent-pixel tiles and its VAE in 1024-pixel
   tiles), beside the size of its float32 output, which is the part that grows with the image.
 
-    python bench/image_tasks.py [--quick] [--skip-tvt]
+    python bench/image_tasks.py [--quick] [--skip-tvt | --skip-adcsr]
 
 Ends with ``BENCH image_tasks adcsr_s_per_mp=... tvt_s_per_mp=... bicubic_s_per_mp=... adcsr_over_bicubic=...
 tiled_input=... tiled_peak_rss_growth_mib=... tvt_tiled_input=... tvt_tiled_peak_rss_growth_mib=...``.
@@ -58,21 +58,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['size']}² timings, a {QUICK['tiled_size']}² "
                                                              f"tiled run")
     parser.add_argument("--skip-tvt", action="store_true", help="AdcSR and bicubic only")
+    parser.add_argument("--skip-adcsr", action="store_true", help="TVT and bicubic only")
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
     torch.set_grad_enabled(False)
+    image = torch.rand(1, 3, mode["size"], mode["size"], generator=torch.Generator().manual_seed(0))
+    megapixels = (SCALE * mode["size"]) ** 2 / 1e6
+    bicubic_s_per_mp = median_seconds(lambda: bicubic(image), mode["runs"]) / megapixels
+    report(f"bicubic ×4 of {mode['size']}²: {bicubic_s_per_mp:.4f} s per output megapixel")
+    fields = f"bicubic_s_per_mp={bicubic_s_per_mp:.4f}"
+    if not args.skip_adcsr:
+        fields += " " + adcsr_arm(mode, image, bicubic_s_per_mp)
+    if not args.skip_tvt:
+        fields += " " + tvt_arm(mode, bicubic_s_per_mp)
+    report(f"BENCH image_tasks {fields} device=cpu quick={int(args.quick)}")
+
+
+def adcsr_arm(mode: dict, image: torch.Tensor, bicubic_s_per_mp: float) -> str:
+    """AdcSR's figures (random full-size weights through its loader) as BENCH fields."""
     with tempfile.TemporaryDirectory() as folder:
         network, decoder = write_adcsr_files(folder, sd21_unet_config(), HALF_DECODER_WIDTHS, aliases=False)
         net = load_adcsr(network, decoder, sd21_unet_config())
     report(f"AdcSR: {sum(parameter.numel() for parameter in net.parameters()) / 1e6:.1f}M parameters, random")
-    image = torch.rand(1, 3, mode["size"], mode["size"], generator=torch.Generator().manual_seed(0))
     megapixels = (SCALE * mode["size"]) ** 2 / 1e6
-    seconds = {"adcsr": median_seconds(lambda: adcsr_upscale(net, image, mode["size"], OVERLAP), mode["runs"]),
-               "bicubic": median_seconds(lambda: bicubic(image), mode["runs"])}
-    per_mp = {name: value / megapixels for name, value in seconds.items()}
-    for name, value in per_mp.items():
-        report(f"{name} ×4 of {mode['size']}²: {seconds[name]:.3f} s, {value:.3f} s per output megapixel")
-
+    per_mp = median_seconds(lambda: adcsr_upscale(net, image, mode["size"], OVERLAP), mode["runs"]) / megapixels
+    report(f"adcsr ×4 of {mode['size']}²: {per_mp:.3f} s per output megapixel")
     large = torch.rand(1, 3, mode["tiled_size"], mode["tiled_size"], generator=torch.Generator().manual_seed(1))
     started = time.perf_counter()
     growth, result = resident_growth_mib(lambda: adcsr_upscale(net, large, TILE, OVERLAP))
@@ -80,12 +90,9 @@ def main() -> None:
     output_mib = result.numel() * result.element_size() / 2 ** 20
     report(f"tiled ×4 of {mode['tiled_size']}² (tile {TILE}, overlap {OVERLAP}): {tiled_seconds:.1f} s, peak "
            f"resident growth {growth:.0f} MiB for a {output_mib:.0f} MiB float32 output")
-    del net
-    tvt_fields = "" if args.skip_tvt else tvt_arm(mode, per_mp["bicubic"])
-    report(f"BENCH image_tasks adcsr_s_per_mp={per_mp['adcsr']:.3f} bicubic_s_per_mp={per_mp['bicubic']:.4f} "
-           f"adcsr_over_bicubic={per_mp['adcsr'] / per_mp['bicubic']:.0f} size={mode['size']} "
-           f"tiled_input={mode['tiled_size']} tiled_s={tiled_seconds:.1f} tiled_peak_rss_growth_mib={growth:.0f} "
-           f"tiled_output_mib={output_mib:.0f}{tvt_fields} device=cpu quick={int(args.quick)}")
+    return (f"adcsr_s_per_mp={per_mp:.3f} adcsr_over_bicubic={per_mp / bicubic_s_per_mp:.0f} size={mode['size']} "
+            f"tiled_input={mode['tiled_size']} tiled_s={tiled_seconds:.1f} tiled_peak_rss_growth_mib={growth:.0f} "
+            f"tiled_output_mib={output_mib:.0f}")
 
 
 def tvt_arm(mode: dict, bicubic_s_per_mp: float) -> str:
@@ -110,7 +117,7 @@ def tvt_arm(mode: dict, bicubic_s_per_mp: float) -> str:
     output_mib = result.numel() * result.element_size() / 2 ** 20
     report(f"TVT tiled ×4 of {mode['tvt_tiled_size']}²: {tiled_seconds:.1f} s, peak resident growth {growth:.0f} MiB "
            f"for a {output_mib:.0f} MiB float32 output")
-    return (f" tvt_s_per_mp={seconds / megapixels:.3f} tvt_over_bicubic={seconds / megapixels / bicubic_s_per_mp:.0f}"
+    return (f"tvt_s_per_mp={seconds / megapixels:.3f} tvt_over_bicubic={seconds / megapixels / bicubic_s_per_mp:.0f}"
             f" tvt_size={mode['tvt_size']} tvt_unet=stand_in tvt_tiled_input={mode['tvt_tiled_size']}"
             f" tvt_tiled_s={tiled_seconds:.1f} tvt_tiled_peak_rss_growth_mib={growth:.0f}"
             f" tvt_tiled_output_mib={output_mib:.0f}")

@@ -94,12 +94,17 @@ def test_energy_is_the_written_out_formula():
     assert torch.allclose(edit, expected_edit / 4) and torch.allclose(content, expected_content / 2)
 
 
-def test_handle_patches_are_copied_onto_the_targets_in_the_latent():
+def test_handle_patches_are_copied_onto_the_targets_in_the_latent_drag_after_drag():
     latent = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
     seeded = seed_latent_patches(latent, [((8, 8), (40, 24))], 8)  # cell (1, 1) -> (3, 5)
     assert torch.equal(seeded[..., 2:5, 4:7], latent[..., 0:3, 0:3])
     seeded[..., 2:5, 4:7] = latent[..., 2:5, 4:7]
     assert torch.equal(seeded, latent)
+    # a second drag from where the first wrote reads what it wrote; an overlapping pair copies the patch as it was
+    chained = seed_latent_patches(latent, [((8, 8), (40, 24)), ((40, 24), (40, 40))], 8)  # then (3, 5) -> (5, 5)
+    assert torch.equal(chained[..., 4:7, 4:7], latent[..., 0:3, 0:3])
+    overlapping = seed_latent_patches(latent, [((8, 8), (16, 8))], 8)  # (1, 1) -> (1, 2)
+    assert torch.equal(overlapping[..., 0:3, 1:4], latent[..., 0:3, 0:3])
 
 
 def test_memory_bank_of_the_same_latent_and_step_keeps_the_unets_output(embedded, prompts):
@@ -157,15 +162,16 @@ def test_a_step_against_the_guidance_lowers_the_edit_energy(embedded, prompts):
     drags = parse_drag_points(DRAG)
     handles, targets = point_patches(drags, (16, 16), 4)
     everywhere = torch.ones(1, 1, 8, 8)
-    guidance = drag_guidance(denoiser, denoiser.unet, x, reference, 301.0, positive, handles, targets, everywhere,
-                             1000.0, 4.0, 6.0, 0.2)
+    nowhere = torch.zeros(16, 16, dtype=torch.bool)
+    guidance = drag_guidance(denoiser, denoiser.unet, x, reference, 301.0, positive, handles, targets, nowhere,
+                             everywhere, 1000.0, 4.0, 6.0, 0.2)
     assert guidance.abs().max() > 0
 
     def edit_energy(latent):
         with torch.no_grad():
             now, before = (decoder_features(denoiser, denoiser.unet, value, torch.tensor([301.0]), positive)
                            for value in (latent, reference))
-        return drag_energy(now, before, handles, targets, torch.zeros(16, 16, dtype=torch.bool))[0]
+        return drag_energy(now, before, handles, targets, nowhere)[0]
 
     step = 1e-2 / guidance.abs().max()
     assert edit_energy(x - step * guidance) < edit_energy(x) < edit_energy(x + step * guidance)

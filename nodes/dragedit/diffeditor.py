@@ -32,6 +32,9 @@ Departures from the official code:
 - Time travel's third re-inversion, computed and thrown away by the code, is not computed.
 - The features are taken from the sampling UNet itself with the memory bank switched off, not from a second copy
   (the same weights: the code loads the same checkpoint twice).
+- Step 0's reference is the inverted latent: the code's patch copy writes through a view into it as well.
+- A target patch covering its handle's adds no inpainting term (the code's mean of nothing is NaN).
+- Without the image prompt connected, its branch is off (the demo always loads it, at scale 0.1).
 """
 
 from __future__ import annotations
@@ -151,12 +154,14 @@ def point_patches(drags: Sequence[tuple[Point, Point]], feature_size: tuple[int,
 
 
 def seed_latent_patches(latent: torch.Tensor, drags: Sequence[tuple[Point, Point]], stride: float) -> torch.Tensor:
-    """The inverted latent (1, C, h, w) with each handle's 3×3 latent patch copied onto its target (``process_drag``);
-    ``stride`` is picture pixels per latent cell."""
+    """The inverted latent (1, C, h, w) with each handle's 3×3 latent patch copied onto its target, drag after drag
+    on the same latent as ``process_drag`` copies them (a later drag reads what an earlier one wrote); ``stride`` is
+    picture pixels per latent cell."""
     seeded = latent.clone()
     size = tuple(latent.shape[-2:])
     for handle, target in drags:
-        seeded[(..., *_patch(_cell(target, size, stride)))] = latent[(..., *_patch(_cell(handle, size, stride)))]
+        source = seeded[(..., *_patch(_cell(handle, size, stride)))].clone()  # the two patches may overlap
+        seeded[(..., *_patch(_cell(target, size, stride)))] = source
     return seeded
 
 
@@ -314,15 +319,15 @@ def _eps(denoiser: Denoiser, x: torch.Tensor, timestep: float, conditioning: Con
 
 def drag_guidance(denoiser: Denoiser, network: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor,
                   timestep: float, prompt: Conditioning, handles: torch.Tensor, targets: torch.Tensor,
-                  edit_region: torch.Tensor, energy_scale: float, w_edit: float, w_content: float,
+                  keep: torch.Tensor, edit_region: torch.Tensor, energy_scale: float, w_edit: float, w_content: float,
                   w_inpaint: float) -> torch.Tensor:
     """The guidance added to ε at one step (``Sampler.edit``): 0.04·(M·∇(E·edit) + (1 − M)·∇(E·content)), the
     gradients in the latent x (1, C, h, w) of :func:`drag_energy` between its features and those of ``reference``
-    (the inverted latent at the same step), M the edit region (1, 1, h, w) at the latent's size."""
+    (the inverted latent at the same step); ``keep`` (2h, 2w) bool is where the content energy looks, M the edit
+    region (1, 1, h, w) at the latent's size."""
     t = torch.full((1,), timestep, device=x.device)
     with torch.no_grad():
         before = decoder_features(denoiser, network, reference, t, prompt)
-    keep = F.interpolate(edit_region.float(), size=before[0].shape[-2:], mode="nearest")[0, 0] < 0.5
     with torch.enable_grad():
         current_x = x.detach().requires_grad_(True)
         now = decoder_features(denoiser, network, current_x, t, prompt)
@@ -360,7 +365,8 @@ def diffeditor_drag(denoiser: Denoiser, network: torch.nn.Module, latent: torch.
         denoiser: differentiable where gradients are enabled; ``network`` is its UNet (hooked for the memory bank
             and the features).
         positive, negative: the prompt (inversion, features, guided half) and the unguided half's (the code's "").
-        edit_region: (1, 1, H, W) 0/1, any size: where the picture may change (resized nearest to the latent's).
+        edit_region: (1, 1, H, W) 0/1 at the picture's size: where the picture may change (resized nearest to the
+            feature map's size for the content energy, to the latent's for the rest, as ``process_drag`` does).
         generator: the SDE mix's noise.
         image_prompt: the image-prompt branch (:mod:`.image_prompt`), on the CFG calls of steps 10-19; None: off.
         pixels_per_latent: the VAE's downscale (8 for SD).
@@ -380,6 +386,7 @@ def diffeditor_drag(denoiser: Denoiser, network: torch.nn.Module, latent: torch.
     size = tuple(latent.shape[-2:])
     region = (F.interpolate(edit_region.float(), size=size, mode="nearest") > 0).float().to(latent.device)
     feature_size = (FEATURE_UPSCALE * size[0], FEATURE_UPSCALE * size[1])
+    keep = (F.interpolate(edit_region.float(), size=feature_size, mode="nearest")[0, 0] < 0.5).to(latent.device)
     handles, targets = point_patches(drags, feature_size, pixels_per_latent / FEATURE_UPSCALE)
     bank = MemoryBankAttention()
     total, done = 2 * steps, 0
@@ -424,7 +431,7 @@ def diffeditor_drag(denoiser: Denoiser, network: torch.nn.Module, latent: torch.
                 guidance = 0.0
                 if guided:
                     guidance = drag_guidance(denoiser, network, x, inverted[j + 1], timestep, positive, handles,
-                                             targets, region, energy_scale, w_edit, w_content, w_inpaint)
+                                             targets, keep, region, energy_scale, w_edit, w_content, w_inpaint)
                 # The guidance moves x̂₀ only: the direction toward x_{t-1} keeps the unguided ε (as the code does)
                 x0 = (x - (1 - alpha) ** 0.5 * (eps + guidance)) / alpha ** 0.5
                 x_next = alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps

@@ -127,7 +127,7 @@ class AtelierDiffEditorDrag:
         points = [tuple((x * scale_x, y * scale_y) for x, y in drag) for drag in points]
         if size != (height, width):
             pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True).clamp(0, 1)
-        region = (F.interpolate(region, size=size, mode="nearest") > 0.5).float()
+        region = (F.interpolate(region, size=size, mode="bilinear") > 0.5).float()  # process_drag's cv2.resize
         # ComfyUI runs nodes in inference mode, where autograd records nothing: the guidance alone records gradients
         with torch.inference_mode(False), torch.no_grad(), \
                 denoiser_and_codec(model, vae, differentiable=True) as (denoiser, codec):

@@ -33,7 +33,7 @@ from nodes.embedded.train import SHIPPED_NAME  # noqa: E402
 from nodes.models.loading import SHIPPED_MODELS  # noqa: E402
 
 SEEDS, QUICK_SEEDS = 16, 4
-DRAG_PX = 8  # one latent cell of the 64-pixel model (its 12- and 16-pixel drags are in the README)
+DRAG_PX = 12  # a latent cell and a half of the 64-pixel model (8 and 16 are in the README)
 # The embedded model's features are 64 px wide at most (SD 1.5's are 1280 at 768²): its energy gradients are smaller,
 # and the authors' 2000 barely moves it; see the README for the sweep
 EMBEDDED_ENERGY = 4000.0
